@@ -1,0 +1,147 @@
+"""PTR phase 2: offline fine-tuning on a handful of target demonstrations (paper Section IV-A, "Phase 2").
+
+    python finetune.py --ckpt runs/pre/ckpt_00500000.pt --prior bridge/ --target my_task/ --task new \
+        --mix 0.9 --steps 50000 --save_every 5000 --out runs/ft_my_task
+
+The very same learner resumes on batches that mix a fraction tau (--mix) of prior data with 1 - tau of target
+data, so the few target transitions are seen often without forgetting the prior (Section IV-A). The target
+task either takes a fresh one-hot slot (--task new; a slot reserved at pre-training with --extra_tasks is used
+first, otherwise the one-hot input grows) or re-targets an existing task (--task put_sushi_in_pot).
+--algo bc | awbc gives the baselines (BC finetune from a BC checkpoint; advantage-weighted BC, Table IX).
+
+Every --save_every steps a checkpoint and the Q-values of both heads along every held-out target trajectory
+(the target's val split) are written to the run folder; select_ckpt.py ranks checkpoints from them
+(Section IV-B, "Cross-validation during offline fine-tuning", Figure 3).
+"""
+import argparse
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from data import MixedSampler, Sampler, target_task_ids
+from train import (SHAPE_KEYS, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
+                   check_compatible, init_distributed, is_reserved, load_checkpoint, open_store, prepare_out_dir,
+                   restore_run, resume_state, run_cli, store_task_ids, train_loop, write_config)
+
+QTRACE_PATTERN = "qvalues_{:08d}.json"
+
+
+def q_traces(agent, sampler, traj_ids):
+    """Q(s_t, a_t) of both heads along whole held-out trajectories, with the rewards and MC returns beside them."""
+    traces = []
+    for tid in traj_ids:
+        traj = sampler.trajectory(int(tid))
+        batch = {k: v.to(agent.device) for k, v in traj.items()}
+        q = agent.q_values(batch).float().cpu()
+        assert q.shape == (len(traj["reward"]), 2), q.shape
+        traces.append({"traj_id": int(tid), "q": q.T.tolist(), "reward": traj["reward"].tolist(),
+                       "mc_return": traj["mc_return"].tolist()})
+    return traces
+
+
+def write_q_traces(agent, sampler, traj_ids, step, out, task):
+    doc = {"step": step, "task": task, "trajectories": q_traces(agent, sampler, traj_ids)}
+    atomic_write_text(json.dumps(doc) + "\n", os.path.join(out, QTRACE_PATTERN.format(step)))
+
+
+def assign_target_slots(task_names, target_names, task):
+    """Global one-hot index of each target task, and the checkpoint's task list after the assignment."""
+    real = [n for n in task_names if not is_reserved(n)]
+    if task != "new" and task not in real:
+        raise SystemExit(f"--task {task!r}: not a task of the checkpoint; its tasks are {real}")
+    ids, _ = target_task_ids(real, list(target_names), task)
+    names = list(task_names)
+    if task == "new":  # reserved slots sit right after the real tasks, so they are taken first
+        for name, slot in zip(target_names, ids):
+            if slot < len(names):
+                names[slot] = name
+            else:
+                names.append(name)
+    return [int(i) for i in ids], names
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="pre-trained checkpoint (not needed with --resume)")
+    p.add_argument("--prior", required=True, help="the prior (pre-training) data")
+    p.add_argument("--target", required=True, help="the target task's demonstrations (Bridge format)")
+    p.add_argument("--mix", type=float, default=0.9, help="tau: fraction of each batch from the prior data")
+    p.add_argument("--task", default="new", help="'new' (fresh one-hot slot) or an existing task name (re-target)")
+    p.add_argument("--algo", default=None, choices=["cql", "bc", "awbc"], help="default: the checkpoint's")
+    p.add_argument("--alpha", type=float, default=None, help="CQL alpha (default: the checkpoint's)")
+    p.add_argument("--prior_store", default=None)
+    p.add_argument("--target_store", default=None)
+    add_run_args(p, steps=50_000, save_every=5_000)
+    add_data_args(p)
+    args = p.parse_args(argv)
+    if not args.out:
+        args.out = os.path.join("runs", "ft_" + os.path.basename(os.path.normpath(args.target)))
+    if not args.resume and not args.ckpt:
+        p.error("--ckpt is required (or --resume with an --out folder that holds checkpoints)")
+
+    _, _, device = init_distributed(args.device)
+    prepare_out_dir(args.out, args.resume)
+    resumed = resume_state(args, {})
+    if resumed is None and not args.ckpt:
+        raise SystemExit(f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning")
+    source = resumed if resumed is not None else load_checkpoint(args.ckpt)
+    source_path = args.ckpt or args.out
+    cfg = source["agent_config"]
+    if args.image_size is not None and args.image_size != cfg["image_size"]:
+        raise CheckpointError(f"{source_path}: checkpoint has image_size={cfg['image_size']} but --image_size is "
+                              f"{args.image_size}")
+    args.image_size = cfg["image_size"]
+    target = open_store(args.target, args, args.target_store, prior=False)
+    prior = open_store(args.prior, args, args.prior_store)
+    agent = agent_from_checkpoint(source, device, source_path)
+
+    algo = args.algo or agent.cfg.algo
+    if (algo == "bc") != (agent.cfg.algo == "bc"):
+        raise SystemExit(f"--algo {algo} cannot fine-tune a {agent.cfg.algo} checkpoint (BC and CQL learners "
+                         f"have different networks)")
+    agent.cfg.algo = algo
+    if args.alpha is not None:
+        agent.cfg.alpha = args.alpha
+
+    if resumed is not None:
+        names, target_ids = resumed["task_names"], resumed["target_task_ids"]
+    else:
+        target_ids, names = assign_target_slots(source["task_names"], target.task_names, args.task)
+        if len(names) > agent.cfg.num_tasks:
+            agent.grow_tasks(len(names))
+    low, high = source["action_low"], source["action_high"]
+    gamma = agent.cfg.gamma
+    prior_sampler = Sampler(prior, "train", gamma=gamma, task_ids=store_task_ids(prior, names, args.prior),
+                            action_low=low, action_high=high, seed=args.seed)
+    target_kw = dict(gamma=gamma, task_ids=target_ids, action_low=low, action_high=high)
+    target_sampler = Sampler(target, "train", seed=args.seed + 7919, **target_kw)
+    sampler = MixedSampler([prior_sampler, target_sampler], [args.mix, 1.0 - args.mix])
+    val_sampler = Sampler(target, "val", seed=0, **target_kw)
+    val_ids = target.trajectory_ids("val")
+    if len(val_ids) == 0:
+        print(f"warning: {args.target} has no held-out (val) trajectory: no Q-value traces for select_ckpt.py")
+
+    torch.manual_seed(args.seed)
+    start = 0
+    if resumed is not None:
+        check_compatible(resumed, args.out, {k: getattr(agent.cfg, k) for k in SHAPE_KEYS})
+        start = restore_run(resumed, agent, sampler)
+    payload = {"kind": "finetune", "agent_config": asdict(agent.cfg), "task_names": names,
+               "action_low": low, "action_high": high, "target_task_ids": target_ids,
+               "target_tasks": list(target.task_names), "source_ckpt": str(source.get("source_ckpt", source_path))}
+    write_config(args.out, args, {"num_tasks": agent.cfg.num_tasks, "task_names": names,
+                                  "target_task_ids": target_ids, "algo": algo})
+    print(f"fine-tuning {agent.cfg.arch} on {list(target.task_names)} -> one-hot {target_ids} of {agent.cfg.num_tasks}; "
+          f"{target.num_transitions('train')} target / {prior.num_transitions('train')} prior transitions, tau={args.mix}")
+
+    def on_save(step):
+        if len(val_ids):
+            write_q_traces(agent, val_sampler, val_ids, step, args.out, target_ids[0])
+
+    train_loop(agent, sampler, args, payload, start_step=start, on_save=on_save)
+
+
+if __name__ == "__main__":
+    run_cli(main)

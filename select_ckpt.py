@@ -1,0 +1,148 @@
+"""PTR checkpoint selection from Q-values on held-out target demos (paper Section IV-B, Figure 3).
+
+    python select_ckpt.py runs/ft_my_task            # ranked table, selection.json, qvalues.png, chosen path
+
+The paper picks, by eye, the fine-tuning checkpoint whose Q-values on held-out target demonstrations rise most
+monotonically along each trajectory: a valid Q-function of a successful demonstration estimates the discounted
+return-to-go, which grows as the task nears completion. Early checkpoints fluctuate, over-trained ones go flat.
+The paper calls a metric for this future work; ours is
+
+    score(checkpoint) = mean over held-out trajectories of  rho * min(1, spread(Q) / spread(G))
+
+- rho is Spearman's rank correlation between time t and Q_t (min over the two heads, the value the actor
+  maximises): +1 for a strictly rising curve, -1 for a falling one, insensitive to the scale of Q, so it judges
+  the shape alone, which is what the paper looks at;
+- spread(.) is max - min along the trajectory and G the Monte-Carlo return-to-go of the same demonstration under
+  the training rewards: the rise a correct Q-function would show. The factor penalises flat curves (the
+  over-trained checkpoints of Figure 3) whose tiny wiggles can still be monotone; it saturates at 1 so a curve
+  steeper than the true return is not rewarded for it.
+Scores lie in [-1, 1]: rising > flat > falling. Ties go to the earlier checkpoint (fewer steps on 10 demos).
+"""
+import argparse
+import glob
+import json
+import os
+import re
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from finetune import QTRACE_PATTERN
+from train import atomic_write_text, list_checkpoints, run_cli
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127)]
+
+
+def rankdata(x):
+    """Ranks 0..n-1 with ties averaged (what Spearman's rho needs)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):
+        tie = x == value
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x, y):
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else 0.0
+
+
+def trajectory_score(q, mc_return):
+    """(score, rho, flatness factor) of one Q-value curve; see the module docstring."""
+    q, g = np.asarray(q, dtype=np.float64), np.asarray(mc_return, dtype=np.float64)
+    assert q.ndim == 1 and q.shape == g.shape, (q.shape, g.shape)
+    rho = spearman(np.arange(len(q)), q)
+    ref = g.max() - g.min()
+    factor = min(1.0, (q.max() - q.min()) / ref) if ref > 0 else 1.0
+    return rho * factor, rho, factor
+
+
+def checkpoint_score(traces):
+    parts = np.array([trajectory_score(np.min(t["q"], axis=0), t["mc_return"]) for t in traces["trajectories"]])
+    return {"score": float(parts[:, 0].mean()), "rho": float(parts[:, 1].mean()), "flatness": float(parts[:, 2].mean())}
+
+
+def load_traces(run_dir):
+    """{step: traces} for every Q-value file that has a checkpoint beside it."""
+    ckpts = dict(list_checkpoints(run_dir))
+    found = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, QTRACE_PATTERN.replace("{:08d}", "*")))):
+        m = re.search(r"(\d+)\.json$", path)
+        if not m or int(m.group(1)) not in ckpts:
+            continue
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+            assert doc["trajectories"] and all(len(t["q"]) == 2 for t in doc["trajectories"])
+        except (OSError, ValueError, KeyError, AssertionError, TypeError):
+            raise SystemExit(f"{path}: not a Q-value trace file written by finetune.py (expected 'trajectories' "
+                             f"with 'q' of 2 heads and 'mc_return')") from None
+        found[int(m.group(1))] = doc
+    return found, ckpts
+
+
+def rank(run_dir):
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"{run_dir}: no such run folder")
+    traces, ckpts = load_traces(run_dir)
+    if not traces:
+        raise SystemExit(f"{run_dir}: no checkpoint with Q-value traces ({QTRACE_PATTERN.format(0)} ...); "
+                         f"run finetune.py with a --target that has held-out (val) trajectories")
+    rows = [dict(step=step, ckpt=ckpts[step], **checkpoint_score(doc)) for step, doc in traces.items()]
+    rows.sort(key=lambda r: (-r["score"], r["step"]))
+    return rows, traces
+
+
+def plot(rows, traces, path, chosen_step, panel=(220, 150), cols=4):
+    """One panel per checkpoint (in step order) with the Q-curve (min head) of every held-out trajectory."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    n_rows = (len(rows) + cols - 1) // cols
+    w, h = panel
+    img = Image.new("RGB", (cols * w, n_rows * h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, row in enumerate(rows):
+        x0, y0 = (i % cols) * w, (i // cols) * h
+        box = (x0 + 34, y0 + 22, x0 + w - 8, y0 + h - 14)
+        curves = [np.min(t["q"], axis=0) for t in traces[row["step"]]["trajectories"]]
+        lo = min(float(c.min()) for c in curves)
+        hi = max(float(c.max()) for c in curves)
+        span = hi - lo if hi > lo else 1.0
+        draw.rectangle(box, outline=(200, 0, 0) if row["step"] == chosen_step else (120, 120, 120),
+                       width=3 if row["step"] == chosen_step else 1)
+        for j, c in enumerate(curves):
+            xs = np.linspace(box[0] + 2, box[2] - 2, len(c)) if len(c) > 1 else np.array([box[0] + 2.0])
+            ys = box[3] - 2 - (c - lo) / span * (box[3] - box[1] - 4)
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=COLORS[j % len(COLORS)], width=2)
+        draw.text((x0 + 4, y0 + 4), f"step {row['step']}  score {row['score']:.2f}", fill="black")
+        draw.text((x0 + 2, box[1]), f"{hi:.3g}", fill="black")
+        draw.text((x0 + 2, box[3] - 10), f"{lo:.3g}", fill="black")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a finetune.py run folder")
+    p.add_argument("--plot", default=None, help="PNG path (default RUN_DIR/qvalues.png)")
+    args = p.parse_args(argv)
+    rows, traces = rank(args.run_dir)
+    best = rows[0]
+    print(f"{'rank':>4} {'step':>9} {'score':>7} {'rho':>7} {'flat':>6}  checkpoint")
+    for i, r in enumerate(rows):
+        print(f"{i + 1:>4} {r['step']:>9} {r['score']:>7.3f} {r['rho']:>7.3f} {r['flatness']:>6.2f}  {r['ckpt']}")
+    doc = {"chosen": best["ckpt"], "step": best["step"], "score": best["score"], "ranking": rows,
+           "metric": "mean over held-out trajectories of spearman(t, min-head Q) * min(1, spread(Q) / spread(MC return))"}
+    atomic_write_text(json.dumps(doc, indent=2) + "\n", os.path.join(args.run_dir, "selection.json"))
+    plot(rows, traces, args.plot or os.path.join(args.run_dir, "qvalues.png"), best["step"])
+    print(best["ckpt"])
+
+
+if __name__ == "__main__":
+    run_cli(main)

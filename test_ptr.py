@@ -1,0 +1,1596 @@
+"""The PTR-torch test suite: CPU only, small networks and images, about two minutes on a laptop.
+
+Sections: data.py, model.py + cql.py, train/finetune/select_ckpt, sim_binsort.py, robot.py, online.py.
+Private helpers carry their section's prefix (_data_, _core_, _pipe_, _sim_, _robot_, _online_)."""
+
+import json
+import math
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import cql
+import data
+import finetune
+import model
+import robot
+import select_ckpt
+import sim_binsort as sb
+import train
+from cql import Agent, AgentConfig
+
+# The networks here are tiny: one thread beats two that spend their time synchronising, and a busy
+# machine (CI, a laptop) does not turn a 3-second test into a 100-second one.
+torch.set_num_threads(1)
+
+
+# ====================================================================================================
+# data.py
+# ====================================================================================================
+
+def _data_write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0",), seed=0):
+    """Write a tiny Bridge-format tree: root/<task path>/train/out.npy (+ val/out.npy when n_val > 0).
+    tasks: task paths like "kitchen1/put_a_in_b" (the task name is the last part). T: an int or a list of
+    lengths, cycled over each file's trajectories. cameras: e.g. ("images0", "images1"). Images are random
+    uint8 (H, H, 3), actions in the release's raw ranges. Returns {task path: {"train": [...], "val": [...]}}."""
+    rng, lengths, written = np.random.default_rng(seed), np.atleast_1d(T), {}
+    for task in tasks:
+        written[task] = {}
+        for split, n in (("train", n_traj), ("val", n_val)):
+            if n:
+                trajs = [data.synthetic_trajectory(int(lengths[i % len(lengths)]), H, rng, cameras) for i in range(n)]
+                data.write_bridge_file(os.path.join(root, task, split, "out.npy"), trajs)
+                written[task][split] = trajs
+    return written
+
+
+def _data_save(path, obj):  # np.save of anything, as a broken release file would be
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arr = np.empty(len(obj), dtype=object) if isinstance(obj, list) else obj
+    if isinstance(obj, list):
+        arr[:] = obj
+    np.save(path, arr, allow_pickle=True)
+
+
+def _data_store(tmp_path, tasks=("k1/task_a",), **kw):
+    tree = _data_write_tree(tmp_path / "tree", tasks, **kw)
+    return data.load_store(tmp_path / "tree", log=lambda *_: None), tree
+
+
+def test_data_rewards_masks_and_mc_returns_by_hand(tmp_path):
+    store, _ = _data_store(tmp_path, n_traj=1, n_val=0, T=5)
+    t = data.Sampler(store, None, gamma=0.9).trajectory(0)
+    assert t["reward"].tolist() == [-1, -1, 10, 10, 10] and t["mask"].tolist() == [1, 1, 0, 0, 0]
+    # G4 = G3 = G2 = 10 (terminal), G1 = -1 + 0.9 * 10 = 8, G0 = -1 + 0.9 * 8 = 6.2
+    assert np.allclose(t["mc_return"], [6.2, 8, 10, 10, 10])
+    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(n_last=1, scale=1, shift=0)).trajectory(0)
+    assert t["reward"].tolist() == [0, 0, 0, 0, 1] and t["mask"].tolist() == [1, 1, 1, 1, 0]
+    assert np.allclose(t["mc_return"], [0.9 ** 4, 0.9 ** 3, 0.9 ** 2, 0.9, 1])
+    # stored terminals (all 0 in the release) as the done mask: bootstrap everywhere
+    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(use_terminals=True)).trajectory(0)
+    assert t["mask"].tolist() == [1] * 5
+    assert np.allclose(t["mc_return"], [20.051, 23.39, 27.1, 19, 10])
+    # no success: the constant R / (1 - gamma) = -1 / 0.1
+    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(n_last=0)).trajectory(0)
+    assert t["reward"].tolist() == [-1] * 5 and np.allclose(t["mc_return"], -10)
+    assert t["task"].dtype == torch.int64 and t["obs"].dtype == torch.uint8 and t["obs"].shape == (5, 3, 8, 8)
+
+
+def test_data_mc_returns_several_trajectories():
+    r = np.array([0, 1, 0, 0, 0], np.float32)  # a success of 2 steps, then a failure of 3
+    R = 11 * r - 1
+    G = data.mc_returns(r, R, 1 - r, [2, 3], gamma=0.5)
+    assert np.allclose(G, [-1 + 0.5 * 10, 10, -2, -2, -2])
+
+
+def test_data_release_split_kept_and_90_10_split(tmp_path):
+    store, _ = _data_store(tmp_path, ("k1/with_val", "k2/train_only"), n_traj=20, n_val=0)
+    names = store.task_names
+    assert names == ["train_only", "with_val"]
+    val = store.trajectory_ids("val")
+    assert len(val) == 4 and set(store.traj_task[val]) == {0, 1}  # 10 % of 20 per task
+    assert len(set(val) | set(store.trajectory_ids("train"))) == 40
+    again = data.load_store(tmp_path / "tree", store=tmp_path / "other", log=lambda *_: None)
+    assert np.array_equal(again.trajectory_ids("val"), val)  # fixed seed
+    _data_write_tree(tmp_path / "t2", ["k/a"], n_traj=6, n_val=3)
+    st = data.load_store(tmp_path / "t2", log=lambda *_: None)
+    assert st.trajectory_ids("val").tolist() == [6, 7, 8]  # the release's val/ folder, nothing moved
+    assert st.num_transitions("train") == 30 and st.num_transitions() == 45
+
+
+def test_data_mixing_counts(tmp_path):
+    store, _ = _data_store(tmp_path, ("k/a", "k/b", "k/c"), n_traj=2)
+    samplers = [data.Sampler(store, "train", gamma=0.9, task_ids=np.full(3, k)) for k in range(3)]
+    assert data.MixedSampler(samplers[:2], [0.9, 0.1]).counts(64) == [57, 7]
+    assert data.MixedSampler(samplers[:2], [0.7, 0.3]).counts(10) == [7, 3]
+    mixed = data.MixedSampler(samplers, [0.35, 0.15, 0.5])
+    assert mixed.counts(64) == [22, 9, 33] and mixed.counts(100) == [35, 15, 50]
+    batch = mixed.sample(64)
+    assert torch.bincount(batch["task"], minlength=3).tolist() == [22, 9, 33]
+    assert batch["obs"].shape == (64, 3, 8, 8) and batch["reward"].shape == (64,)
+    with pytest.raises(ValueError, match="summing to 1"):
+        data.MixedSampler(samplers[:2], [0.9, 0.2])
+
+
+def test_data_aliases_and_task_ids(tmp_path):
+    _data_write_tree(tmp_path / "tree", ["k1/open_drawer_a", "k2/open_drawer_b", "k2/put_x"], n_traj=1)
+    aliases = {"open_drawer_a": "open_drawer", "open_drawer_b": "open_drawer"}
+    st = data.load_store(tmp_path / "tree", aliases=aliases, log=lambda *_: None)
+    assert st.task_names == ["open_drawer", "put_x"] and np.bincount(st.traj_task).tolist() == [4, 2]
+    (tmp_path / "aliases.json").write_text(json.dumps(aliases))
+    assert data.load_store(tmp_path / "tree", aliases=str(tmp_path / "aliases.json"), log=lambda *_: None).path == st.path
+    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "new")
+    assert ids.tolist() == [3, 4] and n == 5
+    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "b")
+    assert ids.tolist() == [1, 1] and n == 3
+    with pytest.raises(ValueError, match=r"\['a', 'b', 'c'\]"):
+        data.target_task_ids(["a", "b", "c"], ["new1"], "zzz")
+    sampler = data.Sampler(st, None, gamma=0.9, task_ids=[7, 9])
+    assert set(sampler.sample(32)["task"].tolist()) <= {7, 9}
+
+
+def test_data_images_round_trip_and_cameras(tmp_path):
+    store, tree = _data_store(tmp_path, n_traj=2, n_val=0, T=[3, 4], cameras=("images0", "images1"))
+    traj = tree["k1/task_a"]["train"][1]
+    for camera in ("images0", "images1"):
+        st = data.load_store(tmp_path / "tree", camera=camera, log=lambda *_: None)
+        t = data.Sampler(st, None, gamma=0.9).trajectory(1)
+        nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
+        assert np.array_equal(nhwc(t["obs"]), np.stack([o[camera] for o in traj["observations"]]))
+        assert np.array_equal(nhwc(t["next_obs"]), np.stack([o[camera] for o in traj["next_observations"]]))
+        assert np.allclose(t["next_state"], np.stack([o["state"] for o in traj["next_observations"]]))
+    both = data.load_store(tmp_path / "tree", camera="all", log=lambda *_: None)
+    assert both.num_transitions() == 2 * store.num_transitions() == 14
+    assert np.load(os.path.join(both.path, "images.npy"), allow_pickle=False).shape == (2 * 9, 8, 8, 3)
+
+
+def test_data_resize(tmp_path):
+    _, tree = _data_store(tmp_path, n_traj=1, n_val=0, T=2, H=16)
+    st = data.load_store(tmp_path / "tree", image_size=8, log=lambda *_: None)
+    img = tree["k1/task_a"]["train"][0]["observations"][1]["images0"]
+    expected = np.asarray(Image.fromarray(img).resize((8, 8), Image.Resampling.LANCZOS))
+    assert st.image_size == (8, 8) and np.array_equal(st.images[1], expected)
+
+
+def test_data_cache_reuse_and_rebuild(tmp_path):
+    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
+    logs = []
+    st = data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[0].startswith("converting") and ".ptr_store" in st.path
+    data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[-1].startswith("using store")  # unchanged sources: reused
+    src = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
+    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 10**9))  # touched
+    data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[-2].startswith("converting")
+    _data_write_tree(tmp_path / "tree", ["k/b"], n_traj=3, n_val=0)  # a new out.npy
+    st2 = data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[-2].startswith("converting") and st2.path == st.path and st2.task_names == ["a", "b"]
+    other = data.load_store(tmp_path / "tree", image_size=4, log=logs.append)
+    assert other.path != st.path and other.image_size == (4, 4)  # options are part of the key
+    assert data.load_store(st.path, log=logs.append).num_transitions() == 25  # a built store opens as it is
+
+
+def test_data_killed_conversion_leaves_no_store(tmp_path):
+    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
+    store = tmp_path / "store"
+    kill = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data; "
+            "data._resize = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
+            "data.load_store(sys.argv[2], store=sys.argv[3])")
+    proc = subprocess.run([sys.executable, "-c", kill, os.path.dirname(data.__file__), tmp_path / "tree", store])
+    assert proc.returncode == -signal.SIGKILL
+    assert not store.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith("store.tmp-")]
+    st = data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)  # starts clean, removes the leftover
+    assert st.num_transitions() == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
+    _data_save(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [{"actions": np.zeros((2, 7))}])
+    with pytest.raises(data.BridgeFormatError):  # a bad file: the old store is left as it was, no tmp folder
+        data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
+
+
+def test_data_augment(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last, like a batch
+    assert torch.equal(data.augment(x, pad=0, p_jitter=0), x)
+    y = data.augment(x, p_jitter=0)
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
+    shifts = set()
+    for i in range(16):  # each crop is a 12x10 window of the edge-padded image
+        found = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(padded[i, :, dy:dy + 12, dx:dx + 10], y[i])]
+        assert found, i
+        shifts.add(found[0])
+    assert len(shifts) > 4  # independent offsets per image
+    same = x[:1].expand(64, -1, -1, -1)
+    torch.manual_seed(1)
+    z = data.augment(same, pad=0)
+    assert z.shape == (64, 3, 12, 10) and z.dtype == torch.uint8
+    changed = [not torch.equal(z[i], same[i]) for i in range(64)]
+    assert 32 < sum(changed) < 64  # p_jitter 0.8: most images jittered (the others untouched), each its own way
+    assert len({tuple(z[i].float().mean((1, 2)).tolist()) for i in range(64) if changed[i]}) == sum(changed)
+    torch.manual_seed(1)
+    assert torch.equal(data.augment(same, pad=0), z)  # deterministic given the seed
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(data.augment(x, generator=g), data.augment(x, generator=torch.Generator().manual_seed(3)))
+    bright = data.augment(same, pad=0, contrast=0, saturation=0, hue=0, p_jitter=1)
+    ratio = bright.float().sum((1, 2, 3)) / same.float().sum((1, 2, 3))
+    assert ((ratio > 0.75) & (ratio < 1.25)).all() and ratio.std() > 0.01  # brightness factors in [0.8, 1.2]
+
+
+def test_data_replay_buffer_fifo_and_mc_returns():
+    rb = data.ReplayBuffer(20, 4, gamma=0.5, seed=0)
+
+    def add(T, success, tag):  # frame t of this trajectory has all pixels = tag * 10 + t
+        images = (tag * 10 + np.arange(T + 1)).astype(np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+        rb.add_trajectory(images, np.zeros((T + 1, 7)), np.zeros((T, 7)), np.r_[np.zeros(T - 1), success], tag)
+    add(5, 1, 1)
+    add(7, 0, 2)
+    assert len(rb) == 12
+    add(9, 1, 3)  # 6 + 8 + 10 frames > 20: the oldest trajectory goes
+    assert len(rb) == 16 and list(rb._lengths) == [7, 9]
+    b = rb.sample(200)
+    assert set(b["task"].tolist()) == {2, 3}
+    assert torch.equal(b["next_obs"].int(), b["obs"].int() + 1)  # next obs = the following frame, same trajectory
+    step = b["obs"][:, 0, 0, 0].int() % 10
+    fail, ok = b["task"] == 2, b["task"] == 3
+    assert torch.allclose(b["mc_return"][fail], torch.tensor(-2.0))  # no success: -1 / (1 - 0.5)
+    last = ok & (step == 8)
+    assert torch.allclose(b["mc_return"][last], torch.tensor(10.0)) and (b["mask"][last] == 0).all()
+    seven = ok & (step == 7)
+    assert torch.allclose(b["mc_return"][seven], torch.tensor(4.0))  # -1 + 0.5 * 10
+    with pytest.raises(ValueError, match="rewards"):
+        rb.add_trajectory(np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3, 7)), np.zeros((2, 7)), [0, 0.5], 0)
+    with pytest.raises(ValueError, match="empty"):
+        data.ReplayBuffer(10, 4, gamma=0.9).sample(2)
+
+
+def test_data_action_rescale(tmp_path):
+    low, high = np.array([-0.05] * 3 + [-0.25] * 3 + [0.0]), np.array([0.05] * 3 + [0.25] * 3 + [1.0])
+    a = np.array([[0.0, 0.025, -0.025, 0.1, -0.1, 0.2, 0.5], [0.06, -0.06, 0.05, 0.3, -0.3, 0.25, 1.0]])
+    s = data.rescale_actions(a, low, high)
+    assert np.allclose(s[0], [0, 0.5, -0.5, 0.4, -0.4, 0.8, 0]) and np.allclose(s[1], [0.99, -0.99] + [0.99] * 2
+                                                                                  + [-0.99, 0.99, 0.99])
+    assert np.allclose(data.unscale_actions(s[0], low, high), a[0], atol=1e-7)
+    t = data.rescale_actions(torch.tensor(a, dtype=torch.float32), low, high)
+    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), s)
+    assert np.allclose(data.unscale_actions(t, low, high)[0].numpy(), a[0], atol=1e-7)
+    store, tree = _data_store(tmp_path, n_traj=3, n_val=0)
+    raw = np.concatenate([t["actions"] for t in tree["k1/task_a"]["train"]])
+    assert np.allclose(store.action_low, raw.min(0)) and np.allclose(store.action_high, raw.max(0))
+    t0 = data.Sampler(store, None, gamma=0.9).trajectory(0)["action"]
+    assert np.allclose(t0.numpy(), data.rescale_actions(raw[:5], store.action_low, store.action_high))
+    other = data.Sampler(store, None, gamma=0.9, action_low=low, action_high=high).trajectory(0)["action"]
+    assert np.allclose(other.numpy(), data.rescale_actions(raw[:5], low, high))  # the prior's bounds
+
+
+def test_data_sampler_resume_is_exact(tmp_path):
+    store, _ = _data_store(tmp_path)
+    s = data.Sampler(store, "train", gamma=0.9, seed=3)
+    s.sample(4)
+    state = json.loads(json.dumps(s.state_dict()))  # python ints and strings only
+    first = s.sample(16)
+    s.load_state_dict(state)
+    again = s.sample(16)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def _data_error(tmp_path, trajectories, match, **kw):
+    path = str(tmp_path / "bad" / "k" / "a" / "train" / "out.npy")
+    _data_save(path, trajectories)
+    with pytest.raises(data.BridgeFormatError, match=match) as e:
+        data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None, **kw)
+    assert path in str(e.value)
+    assert not os.path.exists(tmp_path / "s") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_data_bad_input_errors(tmp_path):
+    good = lambda T=3: data.synthetic_trajectory(T, 8, np.random.default_rng(0))  # noqa: E731
+    t = good()
+    del t["actions"]
+    _data_error(tmp_path, [good(), t], r"trajectory 1: field 'actions': expected a key")
+    t = good()
+    t["next_observations"] = t["next_observations"][:2]
+    _data_error(tmp_path, [t], r"trajectory 0: field 'next_observations': expected a list of 3 .* got 2 entries")
+    t = good()
+    t["observations"][1] = dict(t["observations"][1], images0=np.zeros((8, 9, 3), np.uint8))
+    _data_error(tmp_path, [t], r"field 'observations\[1\].images0': expected a uint8 image of shape \(8, 8, 3\)")
+    t = good()
+    t["observations"][0] = dict(t["observations"][0], images0=np.zeros((8, 8, 3), np.float32))
+    _data_error(tmp_path, [t], r"'observations\[0\].images0': expected a uint8 image .* got float32")
+    t = good()
+    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.zeros(6))
+    _data_error(tmp_path, [t], r"'next_observations\[2\].state': expected 7 floats")
+    _data_error(tmp_path, [good(), good(0)], r"trajectory 1: field 'actions': .* got an empty trajectory")
+    _data_error(tmp_path, [good(), ["not", "a", "dict"]], r"trajectory 1: field '<trajectory>': expected a dict")
+    _data_error(tmp_path, np.zeros(3), r"field '<file>': expected a list of trajectory dicts, got float64 array")
+    _data_error(tmp_path, [good()], r"field 'observations\[0\].images1': expected .*camera missing", camera="images1")
+    path = tmp_path / "bad" / "k" / "a" / "train" / "out.npy"
+    _data_save(str(path), [good(), good()])
+    path.write_bytes(path.read_bytes()[:-500])  # truncated
+    with pytest.raises(data.BridgeFormatError, match=r"out.npy: field '<file>': expected a complete .* unreadable"):
+        data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None)
+
+
+def test_data_skip_bad_and_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    bad = data.synthetic_trajectory(3, 8, rng)
+    del bad["observations"]
+    _data_save(str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"),
+               [data.synthetic_trajectory(3, 8, rng), bad, data.synthetic_trajectory(4, 8, rng)])
+    logs = []
+    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
+    assert st.num_transitions() == 7 and st.meta["skipped"] == 1 and "skipped 1 bad" in logs[-1]
+    cli = [sys.executable, data.__file__]
+    proc = subprocess.run(cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "trajectory 1: field 'observations': expected a key" in proc.stderr
+    proc = subprocess.run(cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s", "--skip_bad"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "skipped 1 bad" in proc.stdout
+    proc = subprocess.run(cli + ["info", tmp_path / "s"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "2 trajectories, 7 transitions" in proc.stdout and " a" in proc.stdout
+
+
+# ====================================================================================================
+# model.py and cql.py
+# ====================================================================================================
+
+def _core_cfg(**kw):
+    base = dict(arch="small", image_size=32, num_tasks=3, hidden=32, embed_dim=32, seed=0)
+    base.update(kw)
+    return AgentConfig(**base)
+
+
+def _core_images(b, size=32, seed=0):
+    return torch.randint(0, 256, (b, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- model.py
+def test_core_resnet34_structure():
+    enc = model.make_encoder("resnet34", "spatial", "group", 128, 256)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in enc.modules())
+    norms = [m for m in enc.trunk.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_groups == 4 for m in norms)
+    conv = sum(p.numel() for m in enc.trunk.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+    assert abs(conv - 21.3e6) < 0.1e6, conv          # SPEC section 4: 21.3 M parameters
+    with torch.no_grad():
+        f = enc.trunk(torch.zeros(1, 3, 128, 128))
+        assert f.shape == (1, 512, 16, 16) and enc.feature_shape == (512, 16, 16)
+        z = enc.proj(enc.pool(f))
+    assert z.shape == (1, 256) and z.abs().max() <= 1      # tanh output
+    assert enc.pool.kernel.shape == (512, 16 * 16, 8)     # K = 8 learned spatial maps per channel
+
+
+@pytest.mark.parametrize("arch", ["small", "impala", "resnet18"])
+def test_core_encoders_any_size(arch):
+    for head in model.HEADS:
+        for size in (32, 48):
+            enc = model.make_encoder(arch, head, "group", size, 16)
+            assert enc(_core_images(2, size)).shape == (2, 16)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.make_encoder(arch, norm="batch", image_size=32).modules())
+
+
+def test_core_encoder_errors():
+    with pytest.raises(ValueError, match="model.py: arch='vgg'"):
+        model.make_encoder("vgg")
+    with pytest.raises(ValueError, match="head='max'"):
+        model.make_encoder("small", head="max")
+    with pytest.raises(ValueError, match="norm='layer'"):
+        model.make_encoder("small", norm="layer")
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.make_encoder("small", image_size=16)
+    with pytest.raises(ValueError, match="uint8"):
+        model.make_encoder("small", image_size=32)(torch.zeros(1, 3, 32, 32))
+
+
+def _core_qnet(every_layer):
+    torch.manual_seed(0)
+    return model.QNetwork(model.make_encoder("small", image_size=32, embed_dim=16), 3, 7, 32, 3, every_layer)
+
+
+@pytest.mark.parametrize("every_layer", [True, False])
+def test_core_action_reaches_every_layer(every_layer):
+    q = _core_qnet(every_layer)
+    z, a, t = torch.randn(5, 16), torch.rand(5, 7) * 2 - 1, torch.eye(3)[[0, 1, 2, 0, 1]]
+    q.heads(z, a, t).sum().backward()
+    assert len(q.layers) == 4   # 3 hidden + output
+    for i, layer in enumerate(q.layers):
+        cols = q.action_columns(i)
+        if every_layer or i == 0:
+            assert layer.weight.grad[:, cols].abs().sum(-1).min() > 0, f"layer {i} gets no action gradient"
+        else:
+            assert cols is None and layer.weight.shape[1] == 32 + 16   # [hidden, embedding]
+    # cut the action's input path: the action still matters only when it is fed to the later layers
+    with torch.no_grad():
+        q.layers[0].weight[:, q.action_columns(0)] = 0
+    a.requires_grad_(True)
+    (g,) = torch.autograd.grad(q.heads(z, a, t).sum(), a)
+    assert (g.abs().sum() > 0) == every_layer
+
+
+def test_core_qnetwork_shapes_and_detached_heads():
+    q = _core_qnet(True)
+    z, t = torch.randn(4, 16), torch.eye(3)[[0, 1, 2, 0]]
+    a = torch.rand(4, 5, 7) * 2 - 1
+    many = q.heads(z, a, t)
+    assert many.shape == (4, 5, 2)
+    assert torch.allclose(many[:, 3], q.heads(z, a[:, 3], t), atol=1e-6)   # N actions == one by one
+    assert not torch.equal(many[..., 0], many[..., 1])                    # 2 independently initialised heads
+    a.requires_grad_(True)
+    q.heads(z, a, t, detach_params=True).sum().backward()
+    assert a.grad.abs().sum() > 0 and all(p.grad is None for p in q.parameters())
+    with pytest.raises(AssertionError, match="task one-hot"):
+        q.heads(z, a, torch.eye(4))
+
+
+def test_core_tanh_gaussian_log_prob():
+    g = torch.Generator().manual_seed(0)
+    mean, log_std = torch.randn(64, 7, generator=g) * 0.5, torch.rand(64, 7, generator=g) - 1.0
+    a, logp = model.tanh_gaussian_sample(mean, log_std, generator=g)
+    ref = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()])
+    assert torch.allclose(logp, ref.log_prob(a).sum(-1), atol=1e-3)
+    assert torch.allclose(model.tanh_gaussian_log_prob(mean, log_std, a), logp, atol=1e-3)
+    other = model.tanh_gaussian_log_prob(mean, log_std, a.flip(0))
+    assert (other - logp).abs().min() > 0                                  # depends on the action
+    a4, logp4 = model.tanh_gaussian_sample(mean, log_std, num_samples=4, generator=g)
+    assert a4.shape == (64, 4, 7) and logp4.shape == (64, 4) and a4.abs().max() <= 1
+    u = torch.tensor([[20.0, -20.0, 0.0]])                                 # stable where 1 - tanh^2 underflows
+    assert torch.allclose(model.tanh_log_det(u), torch.tensor(4 * math.log(2) - 80.0 + 0.0), atol=1e-4)
+
+
+def test_core_policy_log_std_clip_and_deterministic():
+    torch.manual_seed(0)
+    pi = model.TanhGaussianPolicy(model.make_encoder("small", image_size=32, embed_dim=16), 2, 7, 7, 32, 2)
+    with torch.no_grad():
+        pi.net[-1].bias[7:] = 100.0
+    z, s, t = torch.randn(3, 16), torch.randn(3, 7), torch.eye(2)[[0, 1, 1]]
+    mean, log_std = pi.dist(z, s, t)
+    assert torch.all(log_std == model.LOG_STD_MAX)
+    with torch.no_grad():
+        pi.net[-1].bias[7:] = -100.0
+    assert torch.all(pi.dist(z, s, t)[1] == model.LOG_STD_MIN)
+    assert torch.equal(pi.deterministic(z, s, t), torch.tanh(pi.dist(z, s, t)[0]))
+
+
+# ---------------------------------------------------------------------------------------------- cql.py losses
+def test_core_importance_logsumexp_closed_form():
+    c, log_pi = 3.0, torch.tensor([[-1.0, 0.5, 2.0, -3.0]])
+    q_pi, q_rand = torch.full((1, 4, 2), c), torch.full((1, 4, 2), c)
+    log_rand = cql.uniform_log_density(7)
+    assert log_rand == pytest.approx(7 * math.log(0.5))
+    for temp in (1.0, 2.0):   # temp * log( sum_j exp((c - l_j) / temp) + N exp((c - 7 log 0.5) / temp) )
+        s = sum(math.exp(-l / temp) for l in log_pi[0].tolist()) + 4 * 2 ** (7 / temp)
+        got = cql.importance_logsumexp(q_pi, log_pi, q_rand, log_rand, temp)
+        assert torch.allclose(got, torch.full((1, 2), c + temp * math.log(s)), atol=1e-5)
+
+
+def test_core_penalty_gradients():
+    g = torch.Generator().manual_seed(1)
+    q_data = torch.randn(1, 2, generator=g).requires_grad_(True)
+    q_pi = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
+    q_rand = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
+    pen, _ = cql.cql_penalty(q_data, q_pi, torch.randn(1, 4, generator=g), q_rand, cql.uniform_log_density(7), 1.0)
+    assert pen.shape == (2,)
+    pen.sum().backward()
+    sampled = q_pi.grad.sum(1) + q_rand.grad.sum(1)                        # per head: softmax weights sum to 1
+    assert torch.allclose(sampled, torch.ones(1, 2), atol=1e-6)
+    assert torch.allclose(q_data.grad, -torch.ones(1, 2))
+    assert q_pi.grad.min() > 0 and q_rand.grad.min() > 0
+
+
+def test_core_calql_bound_zero_gradient_below():
+    q_pi = torch.tensor([[[-30.0, 5.0], [0.0, -40.0]]], requires_grad=True)   # (B=1, N=2, heads=2)
+    mc = torch.tensor([-25.0])
+    log_pi, q_rand = torch.zeros(1, 2), torch.zeros(1, 2, 2)
+    pen, _ = cql.cql_penalty(torch.zeros(1, 2), q_pi, log_pi, q_rand, 0.0, 1.0, mc_return=mc)
+    pen.sum().backward()
+    below = q_pi.detach() < mc
+    assert torch.all(q_pi.grad[below] == 0) and torch.all(q_pi.grad[~below] > 0)
+    clipped = torch.tensor([[[-25.0, 5.0], [0.0, -25.0]]])
+    ref, _ = cql.cql_penalty(torch.zeros(1, 2), clipped, log_pi, q_rand, 0.0, 1.0)
+    assert torch.allclose(pen, ref)
+
+
+def test_core_td_target_hand_values():
+    next_q = torch.tensor([[[1.0, 2.0], [5.0, 3.0], [0.0, 9.0]],      # min over heads: 1, 3, 0 -> max 3
+                           [[4.0, 4.0], [-1.0, 7.0], [2.0, 2.5]]])    # 4, -1, 2 -> max 4
+    reward, mask = torch.tensor([-1.0, 10.0]), torch.tensor([1.0, 0.0])
+    assert torch.allclose(cql.td_target(reward, mask, next_q, 0.5), torch.tensor([-1.0 + 1.5, 10.0]))
+    first = cql.td_target(reward, torch.ones(2), next_q, 0.5, max_backup=False)
+    assert torch.allclose(first, torch.tensor([-0.5, 12.0]))
+
+
+def test_core_actor_temperature_bc_losses():
+    q = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])                    # min over heads: 1, 0
+    loss, _ = cql.actor_loss(q, torch.tensor([[-2.0, 4.0]]), 0.5)    # mean(0.5 * [-2, 4] - [1, 0]) = 0
+    assert loss.item() == pytest.approx(0.0)
+    log_temp = torch.zeros((), requires_grad=True)
+    loss, info = cql.temperature_loss(log_temp, torch.tensor([[5.0, 7.0]]), -7.0)   # entropy -6, target -7
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0) and log_temp.grad > 0   # entropy above target -> temperature goes down
+    pred, act = torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    assert cql.bc_loss(pred, act)[0].item() == pytest.approx((1 + 1 + 4 + 0) / 4)
+    q_samples = torch.tensor([[[1.0, 2.0], [-1.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]])   # min, max over N: 1; 1
+    w = cql.awbc_weights(torch.tensor([[0.0, 1.0], [5.0, 6.0]]), q_samples, 20.0)
+    assert torch.allclose(w, torch.tensor([math.exp(-1.0), 20.0]))    # exp(0 - 1); exp(5 - 1) clipped at 20
+    assert cql.bc_loss(pred, act, w)[0].item() == pytest.approx((math.exp(-1.0) * 1.0 + 20.0 * 2.0) / 2)
+
+
+def test_core_tabular_cql_fixed_point():
+    """One state, two actions a0, a1, each once in the data, both looping back to the state (mask 1); the
+    'sampled' actions are the two actions themselves, with density 1/2 (uniform on [-1, 1], action_dim 1).
+    Per head, the gradient of TD + alpha * penalty wrt Q(a) is (Q(a) - y(a)) + alpha (p(a) - 1/2) with
+    p = softmax(Q) and y(a) = r(a) + gamma Q(a0). Choosing r0 - r1 = log 3 + alpha / 2 makes
+    p = (3/4, 1/4) consistent: Q(a0) = (r0 - alpha / 4) / (1 - gamma), Q(a1) = r1 + gamma Q(a0) + alpha / 4."""
+    alpha, gamma, r1 = 2.0, 0.5, 0.0
+    r0 = math.log(3) + alpha / 2
+    cfg = AgentConfig(alpha=alpha, gamma=gamma, action_dim=1, num_actions=2)
+    table = torch.zeros(2, 2, requires_grad=True)    # (heads, actions)
+    with torch.no_grad():
+        table[1] = torch.tensor([1.0, -1.0])        # heads start apart; min over heads must not matter at the end
+    batch = {"reward": torch.tensor([r0, r1]), "mask": torch.ones(2), "mc_return": torch.zeros(2)}
+    log_pi = torch.full((2, 2), math.log(0.5))
+    opt = torch.optim.SGD([table], lr=0.5)
+    for _ in range(400):
+        q_sa = table.T[None].expand(2, 2, 2)          # (B, N, heads): every action at the one state
+        loss, _ = cql.critic_loss(table.T, q_sa, log_pi, q_sa, table.detach().T[None].expand(2, 2, 2), batch, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q0 = (r0 - alpha / 4) / (1 - gamma)
+    want = torch.tensor([q0, r1 + gamma * q0 + alpha / 4])
+    assert torch.allclose(table.detach(), want.expand(2, 2), atol=1e-4), (table, want)
+    assert torch.softmax(table.detach()[0], 0)[0].item() == pytest.approx(0.75, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- cql.py agent
+def test_core_update_runs_each_encoder_once():
+    agent = Agent(_core_cfg(algo="awbc"))
+    calls = {}
+    for name, net in agent.nets.items():
+        net.encoder.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    info = agent.update(cql.random_batch(agent.cfg, 4))
+    assert calls == {"critic": 1, "target_critic": 1, "policy": 2, "bc_policy": 1}
+    for key in ("critic_loss", "td_loss", "cql_penalty", "q_data", "cql_gap", "actor_loss", "temperature",
+                "alpha", "bc_loss", "grad_norm_critic", "grad_norm_actor", "grad_norm_bc"):
+        assert info[key].dim() == 0 and not info[key].requires_grad and torch.isfinite(info[key]), key
+
+
+def test_core_conservatism_after_training():
+    """One action per state in the data: CQL must rank the data action above random ones."""
+    cfg = _core_cfg(num_tasks=1, critic_lr=1e-3, actor_lr=1e-3)
+    agent = Agent(cfg)
+    g = torch.Generator().manual_seed(3)
+    images = _core_images(4, seed=3).repeat(4, 1, 1, 1)
+    data_actions = (torch.rand(4, 7, generator=g) * 1.6 - 0.8).repeat(4, 1)
+    batch = {"obs": images, "next_obs": images.roll(1, 0), "state": torch.zeros(16, 7),
+             "next_state": torch.zeros(16, 7),
+             "action": data_actions, "reward": torch.full((16,), -1.0), "mask": torch.ones(16),
+             "mc_return": torch.full((16,), -25.0), "task": torch.zeros(16, dtype=torch.int64)}
+    for _ in range(60):
+        agent.update(batch)
+    q_data = agent.q_values(batch).mean(-1)
+    q_rand = torch.stack([agent.q_values({**batch, "action": torch.rand(16, 7, generator=g) * 2 - 1}).mean(-1)
+                          for _ in range(8)]).mean(0)
+    assert torch.all(q_data > q_rand), (q_data, q_rand)
+
+
+def test_core_save_load_continue_identical(tmp_path):
+    cfg = _core_cfg()
+    batches = [cql.random_batch(cfg, 6, seed=s) for s in range(4)]
+    a = Agent(cfg)
+    for b in batches[:2]:
+        a.update(b)
+    torch.save(a.state_dict(), tmp_path / "agent.pt")
+    d = torch.load(tmp_path / "agent.pt", weights_only=True)
+    b_agent = Agent(_core_cfg(seed=7))                 # different init: everything must come from the file
+    b_agent.load_state_dict(d)
+    x = batches[0]
+    assert torch.equal(a.q_values(x), b_agent.q_values(x))
+    assert torch.equal(a.act(x["obs"], x["state"], x["task"]), b_agent.act(x["obs"], x["state"], x["task"]))
+    for b in batches[2:]:
+        ia, ib = a.update(b), b_agent.update(b)
+        assert all(torch.equal(ia[k], ib[k]) for k in ia)
+    for (name, net) in a.nets.items():
+        for (k, p), q in zip(net.state_dict().items(), b_agent.nets[name].state_dict().values()):
+            assert torch.equal(p, q), (name, k)
+    assert torch.equal(a.log_temp, b_agent.log_temp) and a.updates == b_agent.updates == 4
+    with pytest.raises(ValueError, match="num_tasks: checkpoint 3, agent 5"):
+        Agent(_core_cfg(num_tasks=5)).load_state_dict(d)
+    with pytest.raises(ValueError, match=r"checkpoint \(algo='cql'\) has no \['bc_policy', 'bc optimizer'\]"):
+        Agent(_core_cfg(algo="awbc")).load_state_dict(d)
+    aw = Agent(_core_cfg(algo="awbc", seed=7))           # AW-BC on top of a PTR checkpoint: critic from the file
+    assert aw.load_state_dict(d, strict=False) == ["bc_policy", "bc optimizer"]
+    assert torch.equal(aw.q_values(x), Agent.from_state_dict(d).q_values(x))
+
+
+def test_core_grow_tasks_keeps_old_outputs():
+    cfg = _core_cfg(algo="awbc", num_tasks=2)
+    agent = Agent(cfg)
+    batch = cql.random_batch(cfg, 6)
+    agent.update(batch)
+    q_before = agent.q_values(batch)
+    a_before = agent.act(batch["obs"], batch["state"], batch["task"])
+    mean_before = agent.policy.dist(agent.policy.embed(batch["obs"]), batch["state"], agent._onehot(batch["task"]))[0]
+    agent.grow_tasks(5)
+    assert agent.cfg.num_tasks == 5
+    # zero weights on the new one-hot slots: the same numbers up to float summation order
+    assert torch.allclose(agent.q_values(batch), q_before, rtol=0, atol=1e-6)
+    assert torch.allclose(agent.act(batch["obs"], batch["state"], batch["task"]), a_before, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        z = agent.policy.embed(batch["obs"])
+        mean_after = agent.policy.dist(z, batch["state"], agent._onehot(batch["task"]))[0]
+    assert torch.allclose(mean_after, mean_before.detach(), rtol=0, atol=1e-6)
+    for name, params in agent.params.items():        # Adam state moved to the widened parameters
+        for p in params:
+            st = agent.optimizers[name].state[p]
+            assert st["exp_avg"].shape == st["exp_avg_sq"].shape == p.shape, name
+    w0 = agent.nets["critic"].layers[0].weight          # (heads, [task 5, action, z], hidden)
+    st = agent.optimizers["critic"].state[w0]
+    assert torch.all(st["exp_avg"][:, 2:5] == 0) and st["exp_avg"][:, :2].abs().sum() > 0
+    new = {**batch, "task": torch.tensor([4, 3, 2, 1, 0, 4])}
+    agent.update(new)                                 # new slots train
+    assert agent.nets["critic"].layers[0].weight[:, 2:5].abs().sum() > 0
+    assert agent.nets["target_critic"].layers[0].weight.shape == agent.nets["critic"].layers[0].weight.shape
+    with pytest.raises(ValueError, match="cannot shrink"):
+        agent.grow_tasks(3)
+
+
+def test_core_bc_agent():
+    cfg = _core_cfg(algo="bc", actor_lr=1e-3)
+    agent = Agent(cfg)
+    assert set(agent.nets) == {"bc_policy"} and agent.nets["bc_policy"].net[2].p == 0.4   # dropout after ReLU
+    batch = cql.random_batch(cfg, 8)
+    losses = [agent.update(batch)["bc_loss"].item() for _ in range(15)]
+    assert losses[-1] < losses[0]
+    act = agent.act(batch["obs"], batch["state"], batch["task"])
+    assert act.shape == (8, 7) and act.abs().max() <= 1
+    with pytest.raises(ValueError, match="algo='bc'"):
+        agent.q_values(batch)
+    with pytest.raises(ValueError, match="AgentConfig.algo='sac'"):
+        AgentConfig(algo="sac")
+
+
+def test_core_switch_cql_to_awbc():
+    """finetune.py sets cfg.algo = 'awbc' on an agent built from a cql checkpoint: the BC policy appears."""
+    cfg = _core_cfg()
+    agent = Agent(cfg)
+    batch = cql.random_batch(cfg, 6)
+    a_cql = agent.act(batch["obs"], batch["state"], batch["task"])
+    agent.cfg.algo = "awbc"
+    info = agent.update(batch)
+    assert agent.bc_policy is not None and "awbc_weight" in info and 0 < info["awbc_weight"] <= cfg.awbc_max_weight
+    a_bc = agent.act(batch["obs"], batch["state"], batch["task"])
+    assert a_bc.shape == a_cql.shape and not torch.allclose(a_bc, a_cql)
+    again = Agent.from_state_dict(agent.state_dict())
+    assert again.cfg.algo == "awbc" and torch.equal(again.act(batch["obs"], batch["state"], batch["task"]), a_bc)
+    bc = Agent(_core_cfg(algo="bc"))
+    bc.cfg.algo = "cql"
+    with pytest.raises(ValueError, match="algo='cql' needs a critic"):
+        bc.update(batch)
+
+
+# ====================================================================================================
+# train.py, finetune.py, select_ckpt.py
+# ====================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--arch", "small", "--image_size", "32", "--batch_size", "8", "--log_every", "1", "--device", "cpu"]
+
+
+def _pipe_run(script, *args, expect_ok=True):
+    """Run one of the CLIs as a user would, with one thread so parallel tests do not fight for the cores."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipe_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    prior, target = root / "prior", root / "target"
+    _data_write_tree(prior, ["k1/pick_a", "k1/pick_b", "k2/open_door"], n_traj=4, T=8, H=40)
+    _data_write_tree(target, ["sort_ab"], n_traj=4, T=10, H=40)
+    return root, prior, target
+
+
+@pytest.fixture(scope="module")
+def pipe_pretrained(pipe_data):
+    root, prior, _ = pipe_data
+    out = root / "pre"
+    train.main(["--data", str(prior), "--out", str(out), "--steps", "4", "--save_every", "2", "--extra_tasks", "1",
+                "--seed", "3", *TINY])
+    return out
+
+
+def test_pipeline_pretrain_writes_run_folder(pipe_pretrained):
+    out = pipe_pretrained
+    assert [s for s, _ in train.list_checkpoints(out)] == [2, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "small" and config["num_tasks"] == 4 and config["image_size"] == 32
+    assert len(config["task_names"]) == 4 and config["task_names"][3] == "<reserved 0>"
+    rows = (out / "progress.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,time,steps_per_s") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    ckpt = train.load_checkpoint(str(out / "ckpt_00000004.pt"))
+    assert ckpt["step"] == 4 and ckpt["agent_config"]["num_tasks"] == 4 and len(ckpt["action_low"]) == 7
+
+
+def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretrained):
+    root, prior, target = pipe_data
+    ckpt = pipe_pretrained / "ckpt_00000004.pt"
+    ft_new = root / "ft_new"
+    _pipe_run("finetune.py", "--ckpt", ckpt, "--prior", prior, "--target", target, "--task", "new", "--steps", "4",
+              "--save_every", "2", "--out", ft_new, *TINY[2:])
+    new = train.load_checkpoint(str(ft_new / "ckpt_00000004.pt"))
+    # the target takes the slot reserved at pre-training: the one-hot size does not change
+    assert new["task_names"][3] == "sort_ab" and new["target_task_ids"] == [3]
+    assert new["agent_config"]["num_tasks"] == 4 and new["kind"] == "finetune"
+    traces = json.loads((ft_new / "qvalues_00000002.json").read_text())
+    n_val = len(traces["trajectories"])
+    assert n_val >= 1 and len(traces["trajectories"][0]["q"]) == 2
+    assert len(traces["trajectories"][0]["q"][0]) == len(traces["trajectories"][0]["mc_return"])
+
+    ft_re = root / "ft_retarget"
+    _pipe_run("finetune.py", "--ckpt", ckpt, "--prior", prior, "--target", target, "--task", "pick_b",
+              "--steps", "2", "--save_every", "2", "--out", ft_re, *TINY[2:])
+    re = train.load_checkpoint(str(ft_re / "ckpt_00000002.pt"))
+    assert re["target_task_ids"] == [2] and re["task_names"] == new["task_names"][:3] + ["<reserved 0>"]
+
+    proc = _pipe_run("select_ckpt.py", ft_new)
+    chosen = proc.stdout.strip().splitlines()[-1]
+    selection = json.loads((ft_new / "selection.json").read_text())
+    assert chosen == selection["chosen"] and os.path.exists(chosen)
+    assert sorted(r["step"] for r in selection["ranking"]) == [2, 4]
+    assert (ft_new / "qvalues.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pipeline_finetune_grows_one_hot_without_reserved_slot(pipe_data, tmp_path):
+    root, prior, target = pipe_data
+    pre = tmp_path / "pre"
+    train.main(["--data", str(prior), "--out", str(pre), "--steps", "1", "--save_every", "1", *TINY])
+    out = tmp_path / "ft"
+    finetune.main(["--ckpt", str(pre / "ckpt_00000001.pt"), "--prior", str(prior), "--target", str(target),
+                   "--steps", "1", "--save_every", "1", "--out", str(out), *TINY[2:]])
+    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
+    assert ckpt["agent_config"]["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
+
+
+def _pipe_weights(path):
+    return {k: v for k, v in train.load_checkpoint(str(path))["agent"].items()}
+
+
+def _pipe_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_pipe_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_pipe_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_pipeline_resume_equals_uninterrupted(pipe_data, tmp_path):
+    _, prior, _ = pipe_data
+    common = ["--data", str(prior), "--save_every", "3", *TINY]
+    train.main([*common, "--out", str(tmp_path / "whole"), "--steps", "6"])
+    train.main([*common, "--out", str(tmp_path / "split"), "--steps", "3"])
+    train.main([*common, "--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
+    a, b = _pipe_weights(tmp_path / "whole" / "ckpt_00000006.pt"), _pipe_weights(tmp_path / "split" / "ckpt_00000006.pt")
+    assert _pipe_equal(a, b)
+    # and the weights did move, so equality is not trivially true
+    assert not _pipe_equal(_pipe_weights(tmp_path / "whole" / "ckpt_00000003.pt"), a)
+    rows = (tmp_path / "split" / "progress.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_pipeline_torchrun_two_processes_gloo(pipe_data, tmp_path):
+    _, prior, _ = pipe_data
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train.py"), "--data", str(prior), "--out", str(out), "--steps", "2",
+                           "--save_every", "2", *TINY], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert [s for s, _ in train.list_checkpoints(out)] == [2]
+
+
+def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrained, tmp_path):
+    root, prior, target = pipe_data
+    ckpt = pipe_pretrained / "ckpt_00000002.pt"
+    base = ["--prior", str(prior), "--target", str(target), "--steps", "1", "--out", str(tmp_path / "ft"), *TINY[2:]]
+    with pytest.raises(train.CheckpointError, match="no such checkpoint"):
+        finetune.main(["--ckpt", str(tmp_path / "missing.pt"), *base])
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(train.CheckpointError, match="truncated"):
+        finetune.main(["--ckpt", str(cut), *base])
+    with pytest.raises(train.CheckpointError, match="image_size=32 but --image_size is 48"):
+        finetune.main(["--ckpt", str(ckpt), *base[:-len(TINY[2:])], "--image_size", "48", "--batch_size", "8"])
+    empty = tmp_path / "empty_task"
+    empty.mkdir()
+    proc = _pipe_run("finetune.py", "--ckpt", ckpt, "--prior", prior, "--target", empty, "--out", tmp_path / "ft2",
+                     *TINY[2:], expect_ok=False)
+    assert proc.returncode != 0 and str(empty) in proc.stderr and "Traceback" not in proc.stderr
+    # resuming with another architecture or task count is refused, and the run's files stay as they were
+    before = {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
+    args = ["--data", str(prior), "--out", str(pipe_pretrained), "--steps", "6", "--resume", *TINY]
+    with pytest.raises(train.CheckpointError, match="arch='small' but this run uses arch='impala'"):
+        train.main([*args, "--arch", "impala"])
+    with pytest.raises(train.CheckpointError, match="num_tasks=4 but this run uses num_tasks=5"):
+        train.main([*args, "--extra_tasks", "2"])
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train.main([*args[:-len(TINY) - 1], *TINY])
+    assert before == {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
+
+
+def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    real_update = train.Agent.update
+    calls = []
+
+    def update(self, batch):
+        info = real_update(self, batch)
+        calls.append(1)
+        if len(calls) == 3:
+            info = dict(info, critic_loss=torch.tensor(float("nan")))
+        return info
+
+    monkeypatch.setattr(train.Agent, "update", update)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="critic_loss became nan at step 3"):
+        train.main(["--data", str(prior), "--out", str(out), "--steps", "5", "--save_every", "2", *TINY])
+    assert [s for s, _ in train.list_checkpoints(out)] == [2]
+
+
+def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
+    assert select_ckpt.spearman([0, 1, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
+    assert np.allclose(select_ckpt.rankdata([3, 1, 3, 2]), [2.5, 0, 2.5, 1])
+    g = np.array([-3.0, -2.0, 0.0, 10.0])
+    assert select_ckpt.trajectory_score([1, 2, 3, 4], g) == pytest.approx((1 * 3 / 13, 1.0, 3 / 13))
+    assert select_ckpt.trajectory_score(g, g)[0] == pytest.approx(1.0)
+    assert select_ckpt.trajectory_score(g[::-1], g)[0] == pytest.approx(-1.0)
+    curves = {10: g * 0.9, 20: g * 0.01, 30: g[::-1]}  # good, flat (over-trained), falling
+    for step, q in curves.items():
+        (tmp_path / train.CKPT_PATTERN.format(step)).write_bytes(b"")
+        doc = {"step": step, "task": 0, "trajectories": [{"q": [q.tolist(), (q + 1).tolist()],
+                                                          "mc_return": g.tolist(), "reward": [0, 0, 1, 1]}]}
+        (tmp_path / finetune.QTRACE_PATTERN.format(step)).write_text(json.dumps(doc))
+    rows, _ = select_ckpt.rank(str(tmp_path))
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    (tmp_path / finetune.QTRACE_PATTERN.format(10)).write_text("{}")
+    with pytest.raises(SystemExit, match="not a Q-value trace file"):
+        select_ckpt.rank(str(tmp_path))
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(SystemExit, match="no checkpoint with Q-value traces"):
+        select_ckpt.rank(str(tmp_path / "empty_run"))
+
+
+# ====================================================================================================
+# sim_binsort.py
+# ====================================================================================================
+
+_SIM_LOW = np.deg2rad([-180, -108, -123, -180, -100, -180])
+_SIM_HIGH = np.deg2rad([180, 114, 92, 180, 123, 180])
+
+
+def _sim_rot(axis, angle):
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    R = np.eye(3)
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R
+
+
+def test_sim_fk_matches_poe_at_random_joints():
+    # the reference is robot.py's product of exponentials, itself checked against hand-derived poses
+    env = sb.BinSortEnv("sort", image_size=8)
+    env.reset(seed=0)
+    for q in np.random.default_rng(0).uniform(_SIM_LOW, _SIM_HIGH, (25, 6)):
+        for j, qj in zip(env.arm_joints, q):
+            env.pb.resetJointState(env.arm, j, qj)
+        pos, R = env.ee_pose()
+        T = robot.forward_kinematics(q)
+        assert np.abs(pos - T[:3, 3]).max() < 1e-5, q  # the issue asks for 1 mm; exact up to rounding is better
+        assert np.abs(R - T[:3, :3]).max() < 1e-5, q
+        q_ik = sb.solve_ik(T[:3, 3], T[:3, :3], q + 0.05)  # IK from a nearby start recovers the pose
+        assert np.abs(robot.forward_kinematics(q_ik)[:3, 3] - T[:3, 3]).max() < 1e-3
+    env.close()
+
+
+def test_sim_reset_step_shapes_and_action_semantics():
+    env = sb.BinSortEnv("pick_cube_to_left", image_size=24, max_steps=8)
+    obs = env.reset(seed=1)
+    assert obs["image"].dtype == np.uint8 and obs["image"].shape == (24, 24, 3) and obs["image"].std() > 5
+    assert obs["state"].dtype == np.float32 and obs["state"].shape == (7,)
+    assert np.allclose(obs["state"][:6], [0.22, 0, 0.18, 0, 0, 0], atol=3e-3) and obs["state"][6] > 0.95
+    # translation in the base frame, yaw about the world z axis through the end effector
+    obs, reward, terminated, truncated, info = env.step(np.array([0.03, -0.02, 0, 0, 0, 0.25, 1.0]))
+    assert (reward, terminated, truncated) == (0.0, False, False) and isinstance(reward, float)
+    assert info["success"] is False and info["task"] == "pick_cube_to_left" and info["held"] is None
+    assert set(info["in_bin"]) == set(env.objects) and "cube" in info["in_bin"] and len(env.objects) == 2
+    assert np.allclose(obs["state"][:3], [0.25, -0.02, 0.18], atol=3e-3)
+    assert np.allclose(obs["state"][3:6], [0, 0, 0.25], atol=5e-3)
+    # then roll about the WORLD x axis: R = Rx(0.25) @ Rz(0.25) (pitch -0.061; composing the other way gives 0),
+    # and move along the BASE x axis although the gripper is now turned (in its own frame y would change by 7 mm)
+    obs = env.step(np.array([0.03, 0, 0, 0.25, 0, 0, 1.0]))[0]
+    expected = sb.mat_to_euler(_sim_rot(0, 0.25) @ _sim_rot(2, 0.25))
+    assert abs(expected[1] + 0.0612) < 1e-3 and np.allclose(obs["state"][3:6], expected, atol=5e-3)
+    assert np.allclose(obs["state"][:3], [0.28, -0.02, 0.18], atol=3e-3)
+    # gripper absolute: closing on nothing shuts the fingers; the target is clipped to the workspace
+    for _ in range(4):
+        obs, _, _, truncated, _ = env.step(np.array([0, 0, 0.05, 0, 0, 0, 0.0]))
+    assert obs["state"][6] < 0.05 and env.target_pos[2] == pytest.approx(0.33) and not truncated
+    for _ in range(2):
+        obs, _, terminated, truncated, _ = env.step(np.array([0, 0, 0.05, 0, 0, 0, 0.0]))
+    assert obs["state"][2] < 0.335 and truncated and not terminated  # 8 steps: the limit
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(7))
+    env.close()
+
+
+def test_sim_bad_action_errors():
+    env = sb.BinSortEnv("sort", image_size=8)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"sim_binsort.py: action must have shape \(7,\).*got shape \(6,\)"):
+        env.step(np.zeros(6))
+    with pytest.raises(ValueError, match=r"got shape \(1, 7\)"):
+        env.step(np.zeros((1, 7)))
+    with pytest.raises(ValueError, match=r"action\[3\] \(droll\) must be finite, got nan"):
+        env.step([0, 0, 0, np.nan, 0, 0, 1])
+    with pytest.raises(ValueError, match=r"action\[6\] \(gripper\) must be finite, got inf"):
+        env.step([0, 0, 0, 0, 0, 0, np.inf])
+    with pytest.raises(ValueError, match="7-d numeric vector"):
+        env.step(["a"] * 7)
+    with pytest.raises(ValueError, match="task must be.*'duck'"):
+        sb.BinSortEnv("pick_dragon_to_left")
+    env.close()
+
+
+def test_sim_scenes_never_hold_the_sort_pair_in_pickplace():
+    rng = np.random.default_rng(0)
+    for target in sb.OBJECTS:
+        for k in range(60):
+            scene = sb.choose_scene(rng, {target: "left"}, 1 + k % 3, sb.SORT_PAIR)
+            assert scene[0] == target and len(set(scene)) == len(scene) == 2 + k % 3
+            assert not set(sb.SORT_PAIR) <= set(scene), scene
+    assert sb.choose_scene(rng, dict(zip(sb.SORT_PAIR, ("left", "right"))), 1, sb.SORT_PAIR) == list(sb.SORT_PAIR)
+    assert sb.parse_task("sort") == ("sort", {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"})
+    assert sb.parse_task("pick_duck_to_right") == ("pick", {"duck": "right"}) and sb.parse_task("pickplace")[1] is None
+    assert sb.task_name(*sb.parse_task("sort_lego_ball")) == "sort_lego_ball"
+
+
+def test_sim_scripted_pickplace_succeeds():
+    env = sb.BinSortEnv("pickplace", image_size=8, terminate_on_success=False)
+    wins = [sb.run_episode(env, "pickplace", seed, noise=0.1)[3] for seed in range(5)]
+    assert sum(wins) >= 4, wins
+    # the default env ends the episode at its first successful step, with reward 1 and the object in its bin
+    env = sb.BinSortEnv("pick_lego_to_right", image_size=8)
+    obs = env.reset(seed=5)
+    policy = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(5))
+    for _ in range(40):
+        obs, reward, terminated, truncated, info = env.step(policy(obs))
+        if terminated or truncated:
+            break
+    assert terminated and reward == 1.0 and info["in_bin"]["lego"] == "right" and info["success"]
+    env.close()
+
+
+def test_sim_scripted_sort_succeeds():
+    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
+    wins = []
+    for seed in range(3):
+        observations, actions, rewards, ok = sb.run_episode(env, "sort", seed, noise=0.1)
+        wins.append(ok)
+        assert len(actions) > 40  # two pick-and-places: longer than any pick-place demo
+    assert sum(wins) >= 2, wins
+    assert env.info()["in_bin"] == {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"} or not wins[-1]
+    env.close()
+
+
+def test_sim_episodes_are_deterministic():
+    """Same seed, same episode (collection with several workers relies on it); another seed, another scene."""
+    env = sb.BinSortEnv("pickplace", image_size=8)
+    runs = []
+    for seed in (7, 7, 8):
+        obs = env.reset(seed=seed)
+        policy, frames = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(seed)), [obs]
+        for _ in range(6):
+            frames.append(env.step(policy(frames[-1]))[0])
+        runs.append((env.task_name, np.stack([f["state"] for f in frames]), np.stack([f["image"] for f in frames])))
+    assert runs[0][0] == runs[1][0]
+    assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])
+    assert not np.array_equal(runs[0][2][0], runs[2][2][0])
+    env.close()
+
+
+def test_sim_collect_writes_bridge_format(tmp_path):
+    summary = sb.collect("pick_duck_to_left", 2, str(tmp_path), seed=3, image_size=16, min_val=1, log=None)
+    assert summary["tasks"] == {"pick_duck_to_left": {"train": 2, "val": 1}}
+    for split, n in (("train", 2), ("val", 1)):
+        folder = tmp_path / "pick_duck_to_left" / split
+        assert os.listdir(folder) == ["out.npy"]  # no temporary files left behind
+        trajs = np.load(folder / "out.npy", allow_pickle=True)
+        assert trajs.dtype == object and trajs.shape == (n,)
+        for traj in trajs:
+            assert {"observations", "next_observations", "actions", "terminals"} <= set(traj)
+            T = len(traj["actions"])
+            assert 15 <= T <= 40 and len(traj["observations"]) == len(traj["next_observations"]) == T
+            assert traj["actions"].dtype == np.float32 and traj["actions"].shape == (T, 7)
+            assert np.all(sb.ACTION_LOW - 1e-6 <= traj["actions"]) and np.all(traj["actions"] <= sb.ACTION_HIGH + 1e-6)
+            assert traj["terminals"].shape == (T,) and not traj["terminals"].any()
+            assert np.array_equal(traj["rewards"][-3:], [1, 1, 1]) and traj["rewards"][0] == 0  # ends 3 steps in
+            for t, (o, o2) in enumerate(zip(traj["observations"], traj["next_observations"])):
+                assert o["images0"].dtype == np.uint8 and o["images0"].shape == (16, 16, 3)
+                assert o["state"].dtype == np.float32 and o["state"].shape == (7,) and 0 <= o["state"][6] <= 1
+                if t + 1 < T:
+                    assert np.array_equal(o2["images0"], traj["observations"][t + 1]["images0"])
+                    assert np.array_equal(o2["state"], traj["observations"][t + 1]["state"])
+            dz = traj["next_observations"][0]["state"][2] - traj["observations"][0]["state"][2]
+            assert abs(dz - traj["actions"][0][2]) < 5e-3  # the state moves by the action (base frame)
+    # and data.py reads what the simulator wrote: same frames, same actions, the task name from the folder
+    store = data.load_store(tmp_path, log=lambda *_: None)
+    assert store.task_names == ["pick_duck_to_left"] and store.num_transitions("val") == len(trajs[0]["actions"])
+    traj = data.Sampler(store, "val", gamma=0.98).trajectory(store.trajectory_ids("val")[0])
+    first = trajs[0]["observations"][0]["images0"]
+    assert np.array_equal(traj["obs"][0].permute(1, 2, 0).numpy(), first)
+    raw = data.unscale_actions(traj["action"].numpy(), store.action_low, store.action_high)
+    # rescaling clips to +-0.99, so an action at a bound comes back within 1% of the half range
+    assert np.all(np.abs(raw - trajs[0]["actions"]) <= 0.005 * (store.action_high - store.action_low) + 1e-6)
+
+
+# ====================================================================================================
+# robot.py
+# ====================================================================================================
+
+class _RobotPtyPort:
+    """The driver's end of the pseudo-terminal: the read/write/reset_input_buffer a serial port offers."""
+
+    def __init__(self, fd):
+        self.fd, self.name = fd, "/dev/pts/fake"
+
+    def read(self, n):
+        return os.read(self.fd, n) if select.select([self.fd], [], [], 0.01)[0] else b""
+
+    def write(self, data):
+        os.write(self.fd, data)
+
+    def reset_input_buffer(self):
+        import termios
+        termios.tcflush(self.fd, termios.TCIFLUSH)
+
+    def close(self):
+        os.close(self.fd)
+
+
+_ROBOT_MECH = {3: 7, 5: -5}   # how far each shadow's horn sits from its mirrored master (ticks)
+_ROBOT_TIMEOUT = 0.5   # generous: the fake's thread shares 2 busy cores; only the timeout test uses a short one
+
+
+class _RobotFakeBus:
+    """Servos 1-9 behind a pseudo-terminal, served by a thread. Each servo has a control table (factory
+    defaults), a raw encoder position and the XM430 rules the driver depends on: Present Position = raw + Homing
+    Offset, mirrored when Drive Mode bit 0 is set; EEPROM (< 64) locked while torque is on; goals beyond the
+    position limits refused; a Secondary ID executes writes silently. Shadows 3 and 5 are bolted to their
+    masters (mirrored, a few ticks off): a shadow whose goal disagrees with where it is gets a recorded fight."""
+
+    def __init__(self, joints=robot.SLEEP_JOINTS):
+        import tty
+        master, slave = os.openpty()
+        tty.setraw(slave)   # bytes as they are: no echo, no newline translation
+        self.fd, self.port = master, _RobotPtyPort(slave)
+        self.table = {i: bytearray(256) for i in robot.ALL_IDS}
+        for i, t in self.table.items():
+            struct.pack_into("<H", t, 0, 1060 if i == robot.GRIPPER_ID else 1020)
+            t[6], t[7], t[9], t[11], t[12], t[146] = 45, i, 250, 3, 255, 38   # firmware, ID, delay, mode, 2nd ID, C
+            struct.pack_into("<i", t, 48, 4095)
+        ticks = robot.rad_to_ticks(joints)
+        self.raw = {i: int(t) for i, t in zip(robot.JOINT_IDS, ticks)}
+        self.raw[7] = 4095 - self.raw[7]   # the wrist angle is mounted mirrored: it reads right once reversed
+        self.raw[robot.GRIPPER_ID] = 2048
+        self._couple()
+        self.packets, self.raw_in, self.fights = [], b"", []
+        self.silent, self.corrupt, self._stop = set(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _couple(self):
+        for shadow, master in robot.SHADOWS.items():
+            self.raw[shadow] = 4095 - self.raw[master] + _ROBOT_MECH[shadow]
+
+    def get(self, i, addr, size):
+        return struct.unpack_from({1: "<B", 2: "<h", 4: "<i"}[size], self.table[i], addr)[0]
+
+    def present(self, i):
+        p = self.raw[i] + self.get(i, 20, 4)
+        return 4095 - p if self.get(i, 10, 1) & 1 else p
+
+    def fail(self, i, bits):   # a latched hardware error: alert bit on every reply, torque off
+        self.table[i][70], self.table[i][64] = bits, 0
+
+    def close(self):
+        self._stop.set()
+        self.thread.join()
+        os.close(self.fd)
+        self.port.close()
+
+    def _serve(self):
+        buf = b""
+        while not self._stop.is_set():
+            if not select.select([self.fd], [], [], 0.01)[0]:
+                continue
+            data = os.read(self.fd, 4096)
+            self.raw_in, buf = self.raw_in + data, buf + data
+            while True:
+                try:
+                    got, buf, _ = robot.split_packet(buf)
+                except robot.PacketError:   # drop the broken packet's header and look further
+                    got, buf = None, buf[buf.find(robot.HEADER) + 1:]
+                    continue
+                if got is None:
+                    break
+                self.packets.append(got)
+                for reply in self._handle(*got):
+                    if self.corrupt:
+                        self.corrupt, reply = self.corrupt - 1, reply[:-1] + bytes([reply[-1] ^ 0xFF])
+                    os.write(self.fd, reply)
+
+    def _status(self, i, error=0, data=b""):
+        if i in self.silent:
+            return []
+        error |= 0x80 if self.table[i][70] else 0
+        return [robot.make_packet(i, robot.STATUS, bytes([error]) + data)]
+
+    def _write(self, target, addr, data):
+        """Apply a write addressed to `target` -> error code for each primary servo {id: code}."""
+        codes = {}
+        servos = [i for i in robot.ALL_IDS if target in (i, self.table[i][12], robot.BROADCAST)]
+        for i in sorted(servos, key=lambda i: i in robot.SHADOWS):   # masters move first, then shadows check
+            t, code = self.table[i], 0
+            if addr < 64 and t[64]:
+                code = 7
+            elif addr == 116:
+                goal = struct.unpack_from("<i", data)[0]
+                if not self.get(i, 52, 4) <= goal <= self.get(i, 48, 4):
+                    code = 6
+                else:
+                    t[116:120] = data
+                    if t[64] and i in robot.SHADOWS and abs(self.present(i) - goal) > 3:
+                        self.fights.append((i, goal, self.present(i)))
+                    elif t[64] and i not in robot.SHADOWS:
+                        off = self.get(i, 20, 4)
+                        self.raw[i] = (4095 - goal if t[10] & 1 else goal) - off
+                        self._couple()
+            else:
+                t[addr:addr + len(data)] = data
+                if addr == 100 and t[64]:   # PWM: the gripper runs to an end of its travel
+                    pwm = self.get(i, 100, 2)
+                    self.raw[i] = int(robot.rad_to_ticks(1.3 if pwm > 0 else -0.6)) if pwm else self.raw[i]
+            if target == i:
+                codes[i] = code
+        return codes
+
+    def _handle(self, target, inst, params):
+        if inst == robot.SYNC_READ:
+            addr, size = struct.unpack_from("<HH", params)
+            return [r for i in params[4:] for r in self._read(i, addr, size)]
+        if inst == robot.SYNC_WRITE:
+            addr, size = struct.unpack_from("<HH", params)
+            for k in range(4, len(params), size + 1):
+                self._write(params[k], addr, params[k + 1:k + 1 + size])
+            return []
+        if inst == robot.WRITE:
+            codes = self._write(target, struct.unpack_from("<H", params)[0], params[2:])
+            return [r for i, c in codes.items() for r in self._status(i, c)]
+        if target not in self.table:
+            return []
+        if inst == robot.PING:
+            return self._status(target, 0, bytes(self.table[target][0:2]) + bytes([self.table[target][6]]))
+        if inst == robot.READ:
+            return self._read(target, *struct.unpack_from("<HH", params))
+        if inst == robot.REBOOT:
+            self.table[target][70] = 0
+            return self._status(target)
+        return self._status(target, 2)
+
+    def _read(self, i, addr, size):
+        struct.pack_into("<i", self.table[i], 132, self.present(i))
+        return self._status(i, 0, bytes(self.table[i][addr:addr + size]))
+
+    def sent(self, inst, addr=None):
+        """Packets the driver sent with this instruction (and start address): [(target, params)]."""
+        return [(t, p) for t, i, p in self.packets if i == inst and (addr is None or struct.unpack_from("<H", p)[0] == addr)]
+
+
+class _RobotCamera:
+    def __init__(self, size):
+        self.frame = np.zeros(size + (3,), np.uint8)
+        self.frame[..., 0], self.frame[..., 2] = 10, 200   # BGR: a red image
+
+    def read(self):
+        return True, self.frame.copy()
+
+
+@pytest.fixture
+def robot_bus():
+    pytest.importorskip("termios")   # pseudo-terminals: Linux and macOS
+    bus = _RobotFakeBus()
+    yield bus
+    bus.close()
+
+
+def _robot_env(fake, **kw):
+    arm = robot.DynamixelArm(robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None)
+    kw = dict(camera=_RobotCamera((32, 32)), image_size=32, control_hz=100.0, watchdog_s=0, move_s=0.05,
+              log=lambda *a: None, **kw)
+    return robot.WidowXEnv(arm=arm, **kw)
+
+
+def _robot_sync_goals(fake, since=0):
+    """The goal positions of every SYNC_WRITE to 116 after packet `since`: [{id: ticks}]."""
+    out = []
+    for t, inst, p in fake.packets[since:]:
+        if inst == robot.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 116:
+            out.append({p[k]: struct.unpack_from("<i", p, k + 1)[0] for k in range(4, len(p), 5)})
+    return out
+
+
+# ---- protocol ---------------------------------------------------------------------------------------------------
+def test_robot_packets_match_the_spec_vectors(robot_bus):
+    assert robot.make_packet(1, robot.PING) == bytes.fromhex("FF FF FD 00 01 03 00 01 19 4E")
+    assert robot.make_packet(1, robot.READ, bytes([0x84, 0, 4, 0])) == \
+        bytes.fromhex("FF FF FD 00 01 07 00 02 84 00 04 00 1D 15")
+    assert robot.crc16(bytes.fromhex("FF FF FD 00 01 03 00 01")) == 0x4E19
+    bus = robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
+    assert bus.read(1, robot.PRESENT_POSITION) == 2048   # waist at 0 rad
+    assert robot_bus.raw_in == bytes.fromhex("FF FF FD 00 01 07 00 02 84 00 04 00 1D 15")   # on the wire
+    assert bus.ping(9) == 1060 and bus.ping(4) == 1020
+
+
+def test_robot_byte_stuffing_both_ways():
+    params = bytes([0x74, 0x00, 0xFF, 0xFF, 0xFD, 0x01])
+    packet = robot.make_packet(3, robot.WRITE, params)
+    assert b"\xff\xff\xfd\xfd\x01" in packet
+    assert struct.unpack_from("<H", packet, 5)[0] == 1 + len(params) + 1 + 2   # LEN counts the extra FD
+    got, rest, need = robot.split_packet(b"\x00\xff" + packet + b"\xff\xff")   # junk before, half a header after
+    assert got == (3, robot.WRITE, params) and rest == b"\xff\xff" and need == 0
+    assert robot.split_packet(rest) == (None, b"\xff\xff", 9)   # the partial header waits for the rest
+    assert robot.unstuff(robot.stuff(b"\xff\xff\xfd\xfd\xff\xff\xfd")) == b"\xff\xff\xfd\xfd\xff\xff\xfd"
+    assert robot.split_packet(packet[:9]) == (None, packet[:9], len(packet) - 9)
+    with pytest.raises(robot.PacketError, match="bad CRC"):
+        robot.split_packet(packet[:-1] + bytes([packet[-1] ^ 1]))
+
+
+# ---- the simulated bus ----------------------------------------------------------------------------------------
+def test_robot_setup_configures_the_arm_like_interbotix(robot_bus):
+    arm = robot.DynamixelArm(robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
+    arm.setup()
+    g = robot_bus.get
+    assert [g(i, 10, 1) for i in robot.ALL_IDS] == [4, 4, 5, 4, 5, 4, 5, 4, 0]     # reverse 3, 5, 7; time profile
+    assert [g(i, 12, 1) for i in robot.ALL_IDS] == [255, 255, 2, 255, 4, 255, 255, 255, 255]
+    assert [g(i, 11, 1) for i in robot.ALL_IDS] == [3] * 8 + [16]
+    assert [g(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9 and g(1, 9, 1) == 0
+    assert (g(2, 52, 4), g(2, 48, 4)) == (819, 3344)        # shoulder -108..114 deg in ticks
+    assert (g(3, 52, 4), g(3, 48, 4)) == (819, 3344)        # a shadow takes its master's limits
+    assert (g(3, 20, 4), g(5, 20, 4)) == (-7, 5)             # reversed shadows: offset = shadow - master
+    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(5) == robot_bus.present(4)
+    assert g(2, 108, 4) == 500 and g(2, 112, 4) == 2000     # a slow 2 s profile until told otherwise
+    n = len(robot_bus.packets)
+    arm.setup()   # configured already: no EEPROM register written again
+    assert all(struct.unpack_from("<H", p)[0] >= 64 for t, i, p in robot_bus.packets[n:] if i == robot.WRITE)
+    assert robot_bus.fights == []
+
+
+def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
+    arm = robot.DynamixelArm(robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
+    arm.setup()
+    q = np.array([0.3, -0.5, 0.7, -0.2, 1.0, 0.4])
+    arm.command(q, seconds=0.2)
+    joints, grip = arm.read()   # a round trip: the fake has handled the SYNC_WRITE before it
+    ticks = robot.rad_to_ticks(q)
+    assert [robot_bus.present(i) for i in robot.JOINT_IDS] == ticks.tolist()
+    assert robot_bus.present(3) == ticks[1] and robot_bus.present(5) == ticks[2]   # shadows followed their IDs
+    assert robot_bus.fights == []
+    np.testing.assert_allclose(joints, q, atol=np.pi / 2048)
+    assert robot_bus.sent(robot.SYNC_READ)[-1][1] == struct.pack("<HH", 132, 4) + bytes(range(1, 10))
+    arm.command([0, 0, 3.0, 0, 0, -4.0])   # beyond the elbow and wrist-rotate limits: clipped, never sent
+    arm.read()
+    assert robot_bus.present(4) == robot.rad_to_ticks(robot.JOINT_HIGH[2]) and robot_bus.present(8) == 0
+    arm.set_gripper(-1)
+    assert arm.read()[1] == 0.0 and robot_bus.get(9, 100, 2) == -350
+    arm.set_gripper(-1)   # closed on nothing: the motor stops at the end of the travel
+    assert robot_bus.get(9, 100, 2) == 0
+
+
+def test_robot_error_and_timeout_paths(robot_bus):
+    short = robot.DynamixelBus(robot_bus.port, timeout=0.02, retries=2)
+    robot_bus.silent.add(4)
+    n = len(robot_bus.packets)
+    with pytest.raises(robot.NoStatusError) as e:
+        short.read(4, robot.PRESENT_POSITION)
+    for part in ("ID 4", "/dev/pts/fake", "1000000 baud", "READ", "latency_timer", "power"):
+        assert part in str(e.value)
+    assert len(robot_bus.packets) - n == 2   # bounded retry
+    with pytest.raises(robot.NoStatusError, match="servo ID 4 "):
+        short.sync_read(robot.JOINT_IDS, robot.PRESENT_POSITION)
+    robot_bus.silent.clear()
+    bus = robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
+    robot_bus.corrupt = 1   # one corrupted reply: the driver asks again
+    assert bus.read(2, robot.DRIVE_MODE) == 0 and robot_bus.corrupt == 0
+    bus.write(1, robot.TORQUE_ENABLE, 1)
+    with pytest.raises(robot.ServoError, match=r"ID 1 \(waist\) answered WRITE with access error"):
+        bus.write(1, robot.DRIVE_MODE, 1)
+    with pytest.raises(robot.ServoError, match="data limit error"):
+        bus.write(1, robot.GOAL_POSITION, 5000)
+    robot_bus.fail(4, 0x20)
+    assert bus.read(4, robot.PRESENT_POSITION) > 0 and bus.alerts == {4}   # data still valid, alert noted
+    assert robot.hardware_messages(bus.read(4, robot.HARDWARE_ERROR)) == ["overload (too much load for too long)"]
+    lines = []
+    assert robot.check(bus, reboot=True, log=lines.append) is True
+    assert "XM430-W350" in lines[0] and "XL430-W250" in lines[8] and "overload" in lines[3] and "rebooted" in lines[3]
+    assert robot_bus.table[4][70] == 0 and bus.alerts == set()
+    robot_bus.silent.add(6)
+    lines.clear()
+    assert robot.check(robot.DynamixelBus(robot_bus.port, timeout=0.3, retries=1), log=lines.append) is False
+    assert "ID 6 forearm_roll" in lines[5] and "no reply" in lines[5] and "latency_timer" in lines[5]
+
+
+# ---- kinematics -------------------------------------------------------------------------------------------------
+def _robot_planar_fk(q):
+    """By hand, in the x-z plane of the arm (waist and rolls at 0): shoulder, elbow and wrist turn about y."""
+    joints = np.array([[0, 0.11065], [0.04975, 0.36065], [0.29975, 0.36065], [0.458325, 0.36065]])
+    p, phi = joints[0].copy(), 0.0
+    for k, angle in enumerate((q[1], q[2], q[4])):
+        phi += angle
+        d = joints[k + 1] - joints[k]
+        p += [d[0] * np.cos(phi) + d[1] * np.sin(phi), -d[0] * np.sin(phi) + d[1] * np.cos(phi)]
+    return p, phi
+
+
+def test_robot_forward_kinematics_at_zero_and_sleep():
+    np.testing.assert_allclose(robot.forward_kinematics(np.zeros(6)), robot.M_HOME, atol=1e-12)
+    T = robot.forward_kinematics(robot.SLEEP_JOINTS)
+    (x, z), phi = _robot_planar_fk(robot.SLEEP_JOINTS)
+    np.testing.assert_allclose(T[:3, 3], [x, 0, z], atol=1e-9)
+    np.testing.assert_allclose(T[:3, 3], [0.123, 0, 0.081], atol=1e-3)   # SPEC 6
+    np.testing.assert_allclose(T[:3, :3], [[np.cos(phi), 0, np.sin(phi)], [0, 1, 0], [-np.sin(phi), 0, np.cos(phi)]],
+                               atol=1e-9)
+    T = robot.forward_kinematics([np.pi / 2, 0, 0, 0, 0, 0])   # the waist turns the arm onto +y
+    np.testing.assert_allclose(T[:3, 3], [0, 0.458325, 0.36065], atol=1e-9)
+    state = robot.pose_to_state(robot.forward_kinematics(robot.RESET_JOINTS), 1.0)
+    np.testing.assert_allclose(state, [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-4)   # pointing down = zero euler
+    np.testing.assert_allclose(robot.euler_to_matrix([np.pi / 2, 0, np.pi / 2]), [[0, 0, 1], [1, 0, 0], [0, 1, 0]],
+                               atol=1e-12)   # Rz(90) Rx(90): x turns first, about the world axes
+    e = np.array([0.1, -0.2, 0.3])
+    T = np.eye(4)
+    T[:3, :3] = robot.euler_to_matrix(e) @ robot.DOWN
+    np.testing.assert_allclose(robot.pose_to_state(T, 0.5)[3:], [*e, 0.5], atol=1e-6)
+
+
+def test_robot_inverse_kinematics_round_trips():
+    rng = np.random.default_rng(0)
+    for _ in range(15):
+        q = rng.uniform(-1, 1, 6) * [2.5, 1.2, 1.2, 2.0, 1.2, 2.5]
+        T = robot.forward_kinematics(q)
+        q_ik = robot.inverse_kinematics(T, q + rng.normal(0, 0.15, 6))
+        T_ik = robot.forward_kinematics(q_ik)
+        assert np.linalg.norm(T_ik[:3, 3] - T[:3, 3]) < 1e-4
+        assert np.linalg.norm(robot.rotation_log(T_ik[:3, :3] @ T[:3, :3].T)) < 1e-3
+        assert np.all(q_ik >= robot.JOINT_LOW) and np.all(q_ik <= robot.JOINT_HIGH)
+    q, eps = np.array([0.3, -0.4, 0.5, 0.2, 0.6, -0.1]), 1e-6   # the Jacobian against finite differences
+    T = robot.forward_kinematics(q)
+    J = robot._jacobian(q, T[:3, 3])
+    for i in range(6):
+        T_i = robot.forward_kinematics(q + eps * np.eye(6)[i])
+        np.testing.assert_allclose(J[3:, i], (T_i[:3, 3] - T[:3, 3]) / eps, atol=1e-5)
+        np.testing.assert_allclose(J[:3, i], robot.rotation_log(T_i[:3, :3] @ T[:3, :3].T) / eps, atol=1e-5)
+    far = robot.forward_kinematics(np.zeros(6))
+    far[:3, 3] = [0.9, 0, 0.3]
+    with pytest.raises(robot.IKError, match="did not converge.*mm"):
+        robot.inverse_kinematics(far, np.zeros(6))
+    np.testing.assert_allclose(robot.rotation_log(robot._rot((0, 0, 1), np.pi)), [0, 0, np.pi], atol=1e-9)
+
+
+# ---- the environment --------------------------------------------------------------------------------------------
+def test_robot_env_moves_the_target_clips_and_limits(robot_bus):
+    env = _robot_env(robot_bus, max_steps=3, max_joint_step=0.3)
+    obs = env.reset()
+    assert obs["image"].shape == (32, 32, 3) and obs["image"].dtype == np.uint8 and obs["image"][0, 0, 0] == 200
+    assert obs["state"].dtype == np.float32
+    np.testing.assert_allclose(obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-3)   # reset pose, open
+    obs, reward, terminated, truncated, info = env.step([0.02, -0.01, 0, 0, 0, 0.1, 1])
+    np.testing.assert_allclose(obs["state"][:6], [0.27, -0.01, 0.18, 0, 0, 0.1], atol=2e-3)
+    assert (reward, terminated, truncated, info["success"]) == (0.0, False, False, False)
+    before, n = env._q.copy(), len(robot_bus.packets)
+    obs, _, _, truncated, info = env.step([0, 0, 0, 0, 0, 1.2, 1])   # a big yaw: at most 0.3 rad per joint a tick
+    (goal,) = _robot_sync_goals(robot_bus, n)
+    moved = robot.ticks_to_rad([goal[i] for i in robot.JOINT_IDS]) - before
+    assert "ik_error" not in info and abs(np.abs(moved).max() - 0.3) < 2e-3   # IK wanted more: clipped
+    assert not truncated
+    obs, _, _, truncated, _ = env.step([0, 0, -0.25, 0, 0, 0, 1])   # through the table: clipped at z = 0
+    assert truncated and env._target[2, 3] == 0.0 and obs["state"][2] >= -2e-3
+    with pytest.raises(ValueError, match="7 finite numbers"):   # a broken policy output stops the arm too
+        env.step([0, 0, 0, np.nan, 0, 0, 1])
+    env.arm.bus.ping(1)   # a round trip: the fake has handled every packet before it
+    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
+
+
+def test_robot_env_holds_when_ik_fails_and_on_the_watchdog(robot_bus):
+    env = _robot_env(robot_bus)
+    env.reset()
+    q = env._q.copy()
+    # clipped to (0.41, 0, 0.30) pointing down: the wrist would be 0.54 m from the shoulder, the arm reaches 0.50
+    env._target[:3, 3] = [0.9, 0, 0.3]
+    n = len(robot_bus.packets)
+    _, _, _, _, info = env.step([0, 0, 0, 0, 0, 0, 1])
+    assert "did not converge" in info["ik_error"]
+    (goal,) = _robot_sync_goals(robot_bus, n)
+    assert [goal[i] for i in robot.JOINT_IDS] == robot.rad_to_ticks(q).tolist()   # held where it was
+    env._target = robot.forward_kinematics(q)
+    env.step([0, 0, 0, 0, 0, 0, 0])   # closing
+    env.arm.pwm, env.arm.grip = 350, 0.5   # pretend the gripper is opening half way
+    n = len(robot_bus.packets)
+    env.watchdog_tick(time.monotonic() + 1.0)
+    assert len(_robot_sync_goals(robot_bus, n)) == 1 and robot_bus.get(9, 100, 2) == 0   # held, gripper stopped
+    env.watchdog_tick(time.monotonic() + 2.0)
+    assert len(_robot_sync_goals(robot_bus, n)) == 1   # once per stall
+    assert env.step([0, 0, 0, 0, 0, 0, 1])[4]["held_by_watchdog"]
+
+
+def test_robot_safe_stop_on_an_injected_hardware_error(robot_bus):
+    env = _robot_env(robot_bus)
+    env.reset()
+    env.step([0, 0, 0, 0, 0, 0, 0])   # close the gripper
+    assert robot_bus.get(9, 100, 2) == -350
+    robot_bus.fail(5, 0x04)   # the elbow's shadow overheats: its reply to the tick's SYNC_READ carries the alert
+    n = len(robot_bus.packets)
+    with pytest.raises(robot.HardwareError, match=r"ID 5 \(elbow_shadow\): overheating.*--reboot"):
+        env.step([0.01, 0, 0, 0, 0, 0, 0])
+    env.arm.bus.ping(1)   # a round trip: the fake has handled every packet before it
+    after = [(t, i, p) for t, i, p in robot_bus.packets[n:]]
+    pwm = [k for k, (t, i, p) in enumerate(after) if i == robot.WRITE and t == 9 and p == struct.pack("<Hh", 100, 350)]
+    sleep = robot.rad_to_ticks(robot.SLEEP_JOINTS).tolist()
+    goals = [k for k, (t, i, p) in enumerate(after) if i == robot.SYNC_WRITE and p[:2] == b"\x74\x00"
+             and [struct.unpack_from("<i", p, 5 + 5 * j)[0] for j in range(6)] == sleep]
+    torque_off = [k for k, (t, i, p) in enumerate(after) if i == robot.SYNC_WRITE
+                  and p == struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)]
+    assert pwm and goals and torque_off and pwm[0] < goals[0] < torque_off[-1]   # open, sleep pose, torque off
+    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step([0, 0, 0, 0, 0, 0, 1])
+
+
+def test_robot_ctrl_c_inside_step_stops_safely(robot_bus, monkeypatch):
+    env = _robot_env(robot_bus)
+    env.reset()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(env.arm, "command", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        env.step([0, 0, 0, 0, 0, 0, 1])
+    env.arm.bus.ping(1)
+    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9 and not env._ready
+
+
+def test_robot_record_writes_the_bridge_format(robot_bus, tmp_path):
+    env = _robot_env(robot_bus)
+    script = iter(["w", "w", " ", "", "\n",   # episode 1: 4 steps, kept
+                   "a", "\x7f",               # episode 2: discarded
+                   "r", "\n"])                # episode 3: 1 step, kept
+    kept = robot.record(env, str(tmp_path / "task"), 2, lambda: next(script), val_every=2, log=lambda *a: None)
+    assert kept == 2
+    train = np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)
+    val = np.load(tmp_path / "task" / "val" / "out.npy", allow_pickle=True)
+    assert len(train) == 1 and len(val) == 1 and os.listdir(tmp_path / "task" / "train") == ["out.npy"]
+    t = train[0]
+    assert len(t["observations"]) == len(t["next_observations"]) == 4 and t["actions"].shape == (4, 7)
+    np.testing.assert_allclose(t["actions"][0], [0.02, 0, 0, 0, 0, 0, 1])
+    np.testing.assert_allclose(t["actions"][2:, 6], [0, 0])   # space closed the gripper
+    assert t["next_observations"][0]["state"] is t["observations"][1]["state"]
+    assert t["observations"][0]["images0"].shape == (32, 32, 3) and t["observations"][0]["state"].shape == (7,)
+    assert t["next_observations"][1]["state"][0] > t["observations"][0]["state"][0] + 0.03   # moved forward
+    np.testing.assert_array_equal(t["terminals"], np.zeros(4))
+    np.testing.assert_allclose(val[0]["actions"], [[0, 0, 0.02, 0, 0, 0, 1]])
+    script = iter(["s", "\n"])
+    robot.record(env, str(tmp_path / "task"), 1, lambda: next(script), val_every=2, log=lambda *a: None)
+    assert len(np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)) == 2   # appended
+
+
+def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "serial", None)
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(ImportError, match="pip install pyserial"):
+        robot.DynamixelBus("/dev/ttyUSB0")
+    with pytest.raises(ImportError, match="pip install opencv-python"):
+        robot.open_camera(0)
+    with pytest.raises(ImportError, match="interbotix_xs_modules"):
+        robot.InterbotixArm()
+    with pytest.raises(ValueError, match="'dynamixel' or 'interbotix'"):
+        robot.make_arm("ros")
+    with pytest.raises(SystemExit):
+        robot.main(["record", "--help"])
+    assert "w/s forward/back" in capsys.readouterr().out
+
+
+def _robot_fake_interbotix(monkeypatch):
+    """Installs a stand-in for Interbotix's ROS 2 Python API -> the list of calls it receives."""
+    calls = []
+
+    class Core:
+        q = robot.SLEEP_JOINTS.copy()
+
+        def robot_get_joint_states(self):
+            names = [robot.NAMES[i] for i in robot.JOINT_IDS] + ["gripper", "left_finger", "right_finger"]
+            return types.SimpleNamespace(name=names, position=list(self.q) + [0.0, 0.037, -0.037])
+
+        def robot_torque_enable(self, cmd_type, name, enable):
+            calls.append(("torque", cmd_type, name, enable))
+
+    class Manipulator:   # bot.core, bot.arm, bot.gripper.release / grasp
+        def __init__(self, model, group, gripper):
+            assert (model, group, gripper) == ("wx250s", "arm", "gripper")
+            self.core = Core()
+            self.arm = types.SimpleNamespace(set_joint_positions=self.move)
+            self.gripper = types.SimpleNamespace(release=lambda delay: calls.append(("release", delay)),
+                                                 grasp=lambda delay: calls.append(("grasp", delay)))
+
+        def move(self, q, moving_time, accel_time, blocking):
+            calls.append(("joints", np.array(q), moving_time))
+            self.core.q = np.array(q)
+
+    module = types.ModuleType("interbotix_xs_modules.xs_robot.arm")
+    module.InterbotixManipulatorXS = Manipulator
+    for name in ("interbotix_xs_modules", "interbotix_xs_modules.xs_robot"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "interbotix_xs_modules.xs_robot.arm", module)
+    return calls
+
+
+def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
+    calls = _robot_fake_interbotix(monkeypatch)
+    env = robot.WidowXEnv(backend="interbotix", camera=None, image_size=16, control_hz=100.0, watchdog_s=0,
+                          move_s=0.01, log=lambda *a: None)
+    obs = env.reset()
+    assert obs["image"].shape == (16, 16, 3) and not obs["image"].any()
+    np.testing.assert_allclose(obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=1e-3)
+    assert calls[:2] == [("torque", "group", "all", True), ("release", 0)]
+    env.step([0.01, 0, 0, 0, 0, 0, 0.0])
+    assert calls[-1] == ("grasp", 0) and calls[-2][2] == 0.01   # one tick per command
+    np.testing.assert_allclose(env._observe()["state"][0], 0.26, atol=1e-3)
+    env.close()
+    assert calls[-1] == ("torque", "group", "all", False)
+    np.testing.assert_allclose(calls[-2][1], robot.SLEEP_JOINTS)
+
+
+def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
+    _robot_fake_interbotix(monkeypatch)
+    clock, slept = [100.0], []
+
+    def sleep(seconds):
+        slept.append(round(seconds, 6))
+        clock[0] += seconds
+    monkeypatch.setattr(robot, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    env = robot.WidowXEnv(backend="interbotix", camera=None, image_size=8, watchdog_s=0, move_s=0.5,
+                          log=lambda *a: None)
+    env.reset()
+    for policy_s in (0.0, 0.05, 0.3):   # in time, in time, late
+        clock[0] += policy_s
+        env.step([0, 0, 0, 0, 0, 0, 1])
+    assert slept == [0.55, 0.2, 0.15, 0.1]   # the reset move; the rest of each tick; half a tick after a late one

@@ -1,0 +1,444 @@
+"""PTR phase 1: multi-task offline RL pre-training (paper Section IV-A), and the baselines of Section V-A.
+
+    python train.py --data bridge/ --arch resnet34                   # PTR: multi-task CQL on all tasks
+    python train.py --data bridge/ --exclude toykitchen6             # hold a domain out, as the paper does
+    python train.py --data bridge/ --algo bc                         # BC pre-training (the "BC finetune" baseline)
+    python train.py --data bridge/ --target my_task/ --mix 0.9       # joint training from scratch (COG / BC joint)
+    torchrun --nproc_per_node=4 train.py --data bridge/              # data parallel over 4 GPUs (gloo on CPU)
+
+The run folder (--out) holds config.json (every resolved option), progress.csv, and ckpt_<step>.pt files
+written atomically every --save_every steps; --resume continues from the newest checkpoint with the same
+result as an uninterrupted run (step, optimizers, sampler and torch RNG state). finetune.py and online.py
+reuse this file's checkpoint and loop helpers, so a run of any phase looks the same on disk.
+"""
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cql import Agent, AgentConfig
+from data import BridgeFormatError, MixedSampler, Sampler, augment, load_store, target_task_ids
+
+CKPT_FORMAT = 1
+CKPT_PATTERN = "ckpt_{:08d}.pt"
+RESERVED_TASK = "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
+# Options that fix the network's shapes: a checkpoint only loads into a run that agrees on all of them.
+SHAPE_KEYS = ("arch", "head", "norm", "image_size", "num_tasks", "action_every_layer", "hidden", "depth")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def is_reserved(task_name):
+    return task_name.startswith(RESERVED_TASK.format("")[:-1])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_torch_save(obj, path):
+    """Write next to the target and rename, so a crash or Ctrl-C never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir):
+    """[(step, path)] of a run folder, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
+        m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def load_checkpoint(path):
+    """Load a PTR checkpoint on the CPU (weights_only), with a clear error for every way it can be wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a cut-off zip archive
+        raise CheckpointError(f"{path}: cannot be read, the file is truncated or not a PTR checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path}: not a PTR checkpoint (expected a dict with format={CKPT_FORMAT})")
+    missing = [k for k in ("step", "agent", "agent_config", "task_names", "action_low", "action_high") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint misses the fields {missing}")
+    return ckpt
+
+
+def check_compatible(ckpt, path, expected):
+    """Refuse a checkpoint whose network shapes differ from what this run asks for (arch, image size, tasks...)."""
+    cfg = ckpt["agent_config"]
+    for key, want in expected.items():
+        if want is not None and key in cfg and cfg[key] != want:
+            raise CheckpointError(f"{path}: checkpoint has {key}={cfg[key]!r} but this run uses {key}={want!r}; "
+                                  f"start a new --out folder or pass the checkpoint's {key}")
+
+
+def agent_from_checkpoint(ckpt, device, path="checkpoint"):
+    names = {f.name for f in fields(AgentConfig)}
+    cfg = AgentConfig(**{k: v for k, v in ckpt["agent_config"].items() if k in names})
+    agent = Agent(cfg, device=device)
+    try:
+        agent.load_state_dict(ckpt["agent"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the network its config describes ({e})") from None
+    return agent
+
+
+def capture_rng():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- batches and stores
+
+def prepare_batch(batch, device, train=True):
+    """Move a CPU batch to the device and augment both images (random crop + color jitter, Appendix B)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if train:
+        batch["obs"] = augment(batch["obs"])
+        batch["next_obs"] = augment(batch["next_obs"])
+    return batch
+
+
+def open_store(src, args, store_dir=None, prior=True):
+    """Build (first time) and open a store; --include/--exclude/--aliases select the prior data only."""
+    store = load_store(src, store=store_dir, image_size=args.image_size, camera=args.camera,
+                       include=args.include if prior else (), exclude=args.exclude if prior else (),
+                       aliases=args.aliases if prior else None, skip_bad=args.skip_bad)
+    h, w = store.image_size
+    if h != w:
+        raise SystemExit(f"{src}: images are {h}x{w}; the encoders expect square images (pass --image_size)")
+    if store.num_transitions("train") == 0:
+        raise SystemExit(f"{src}: no training trajectories found (is it a Bridge-format tree of out.npy files?)")
+    return store
+
+
+def store_task_ids(store, task_names, src):
+    """Global one-hot index of each task of a store, by name; a task the checkpoint never saw is an error."""
+    ids = []
+    for name in store.task_names:
+        if name not in task_names:
+            raise SystemExit(f"{src}: task {name!r} is not among the checkpoint's {len(task_names)} tasks "
+                             f"(use the same --include/--exclude/--aliases as in pre-training)")
+        ids.append(task_names.index(name))
+    return np.asarray(ids, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+class RunLog:
+    """progress.csv + one stdout line every --log_every steps (+ TensorBoard when asked). Rank 0 only."""
+
+    def __init__(self, out, total_steps, start_step, enabled=True, tensorboard=False):
+        self.out, self.total, self.enabled = out, total_steps, enabled
+        self.t0, self.step0 = time.time(), start_step
+        self.path = os.path.join(out, "progress.csv")
+        self.columns = None
+        self.tb = None
+        if not enabled:
+            return
+        if start_step > 0 and os.path.exists(self.path):
+            # drop rows written after the checkpoint we resume from, so the csv reads like one run
+            with open(self.path) as f:
+                rows = list(csv.DictReader(f))
+            self.columns = list(rows[0].keys()) if rows else None
+            with open(self.path, "w", newline="") as f:
+                if self.columns:
+                    writer = csv.DictWriter(f, self.columns)
+                    writer.writeheader()
+                    writer.writerows(r for r in rows if int(r["step"]) <= start_step)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(out)
+
+    def log(self, step, info):
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.t0
+        sps = (step - self.step0) / max(elapsed, 1e-9)
+        row = {"step": step, "time": round(elapsed, 3), "steps_per_s": round(sps, 3)}
+        row.update({k: float(v) for k, v in sorted(info.items())})
+        if self.columns is None:
+            self.columns = list(row.keys())
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, self.columns).writeheader()
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+        eta = (self.total - step) / max(sps, 1e-9)
+        shown = " ".join(f"{k} {row[k]:.3g}" for k in row if "loss" in k or k.startswith("q_"))
+        print(f"step {step}/{self.total} | {sps:.2f} steps/s | ETA {_hms(eta)} | {shown}", flush=True)
+
+
+def _hms(seconds):
+    seconds = int(min(seconds, 99 * 3600))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def write_config(out, args, extra):
+    config = {k: v for k, v in vars(args).items()}
+    config.update(extra)
+    atomic_write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n", os.path.join(out, "config.json"))
+
+
+def prepare_out_dir(out, resume):
+    """A fresh run refuses a folder that already holds checkpoints, so nothing is overwritten by accident."""
+    if list_checkpoints(out) and not resume:
+        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, or another --out")
+    os.makedirs(out, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed(device):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python train.py` runs as rank 0 of 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def assert_ranks_in_sync(agent):
+    """Ranks that drifted apart would silently train different networks: compare a checksum of the weights."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    total = sum(t.double().sum() for t in _tensors(agent.state_dict()) if t.is_floating_point())
+    sums = torch.tensor([float(total)], dtype=torch.float64)
+    gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    values = [float(g) for g in gathered]
+    if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
+        raise RuntimeError(f"ranks hold different weights after training (checksums {values})")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def check_finite(info, step):
+    """One device sync per step (a single stacked check); the loop over names runs only after a failure."""
+    if bool(torch.isfinite(torch.stack([v.float() for v in info.values()])).all()):
+        return
+    for name, value in info.items():
+        if not math.isfinite(float(value)):
+            raise FloatingPointError(f"{name} became {float(value)} at step {step}; the run stops here and the "
+                                     f"last good checkpoint stays (lower the learning rates or alpha)")
+
+
+def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0):
+    """Shared by pre-training and offline fine-tuning: sample, augment, update, log, checkpoint.
+
+    payload: the checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds the step,
+    the agent, the sampler's RNG and torch's RNG, which is all an exact resume needs.
+    """
+    log = RunLog(args.out, args.steps, start_step, enabled=rank == 0, tensorboard=args.tensorboard)
+
+    def save(step):
+        if rank == 0:
+            ckpt = dict(payload, format=CKPT_FORMAT, step=step, agent=agent.state_dict(),
+                        sampler=sampler.state_dict(), rng=capture_rng())
+            atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(step)))
+            if on_save is not None:
+                on_save(step)
+
+    step = start_step
+    try:
+        while step < args.steps:
+            batch = prepare_batch(sampler.sample(args.batch_size), agent.device)
+            info = agent.update(batch)
+            step += 1
+            check_finite(info, step)
+            if step % args.log_every == 0 or step == args.steps:
+                log.log(step, info)
+            if step % args.save_every == 0 or step == args.steps:
+                save(step)
+    except KeyboardInterrupt:
+        # the update of `step` finished, so this checkpoint is a consistent point to resume from
+        if step > start_step and not os.path.exists(os.path.join(args.out, CKPT_PATTERN.format(step))):
+            save(step)
+        print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    assert_ranks_in_sync(agent)
+    return step
+
+
+def resume_state(args, payload_check):
+    """Newest checkpoint of --out when --resume is given (and exists), else None."""
+    ckpts = list_checkpoints(args.out)
+    if not (args.resume and ckpts):
+        return None
+    step, path = ckpts[-1]
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, path, payload_check)
+    print(f"resuming {path} at step {step}")
+    return ckpt
+
+
+def restore_run(ckpt, agent, sampler):
+    agent.load_state_dict(ckpt["agent"])
+    sampler.load_state_dict(ckpt["sampler"])
+    restore_rng(ckpt["rng"])
+    return ckpt["step"]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_run_args(p, steps, save_every):
+    """Options of every training phase (pre-training, offline and online fine-tuning)."""
+    p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
+    p.add_argument("--steps", type=int, default=steps, help="gradient steps in total")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save_every", type=int, default=save_every)
+    p.add_argument("--log_every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
+
+
+def add_data_args(p):
+    p.add_argument("--image_size", type=int, default=None, help="resize images (default: the data's size, 128)")
+    p.add_argument("--camera", default="images0", help="images0 | images1 | images2 | all")
+    p.add_argument("--include", nargs="*", default=(), help="keep only paths containing one of these words")
+    p.add_argument("--exclude", nargs="*", default=(), help="drop paths containing one of these words")
+    p.add_argument("--aliases", default=None, help="JSON file mapping task names to merged names")
+    p.add_argument("--skip_bad", action="store_true", help="skip malformed trajectories instead of stopping")
+
+
+def add_agent_args(p):
+    """The learner's options; the defaults are AgentConfig's, i.e. the paper's (Table X)."""
+    d = AgentConfig()
+    p.add_argument("--algo", default=d.algo, choices=["cql", "bc", "awbc"])
+    p.add_argument("--arch", default=d.arch, choices=["resnet18", "resnet34", "resnet50", "impala", "small"])
+    p.add_argument("--head", default=d.head, choices=["spatial", "avgpool", "softmax"])
+    p.add_argument("--norm", default=d.norm, choices=["group", "batch"])
+    p.add_argument("--alpha", type=float, default=d.alpha, help="CQL alpha (paper: 10 real, 1 sim)")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="discount (paper: 0.96 real, 0.98 sim)")
+    p.add_argument("--calql", action="store_true", help="clip the CQL push-down at the MC return (Cal-QL)")
+    p.add_argument("--action_input_only", action="store_true", help="ablation: action at the first Q layer only")
+
+
+def agent_config(args, num_tasks, image_size):
+    return AgentConfig(num_tasks=num_tasks, arch=args.arch, head=args.head, norm=args.norm, image_size=image_size,
+                       algo=args.algo, alpha=args.alpha, gamma=args.gamma, calql=args.calql,
+                       action_every_layer=not args.action_input_only)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="Bridge-format tree, task folder, out.npy or built store")
+    p.add_argument("--store", default=None, help="where to build the store (default: inside --data)")
+    p.add_argument("--target", default=None, help="joint training: also sample this target task data")
+    p.add_argument("--mix", type=float, default=0.9, help="tau: fraction of each batch from --data with --target")
+    p.add_argument("--target_task", default="new", help="'new' one-hot slot, or an existing task name to re-target")
+    p.add_argument("--extra_tasks", type=int, default=0, help="one-hot slots reserved for future target tasks")
+    add_run_args(p, steps=500_000, save_every=20_000)
+    add_data_args(p)
+    add_agent_args(p)
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"{args.algo}_{args.arch}_{os.path.basename(os.path.normpath(args.data))}")
+
+    rank, world, device = init_distributed(args.device)
+    if rank == 0:
+        prepare_out_dir(args.out, args.resume)
+    elif world > 1:
+        dist.barrier()  # rank 0 converts the data first; the other ranks then open the cached stores
+    prior = open_store(args.data, args, args.store)
+    task_names = list(prior.task_names) + [RESERVED_TASK.format(i) for i in range(args.extra_tasks)]
+    sampler = Sampler(prior, "train", gamma=args.gamma, seed=args.seed + rank)
+    if args.target:
+        target = open_store(args.target, args, prior=False)
+        ids, _ = target_task_ids(prior.task_names, target.task_names, args.target_task)
+        if args.target_task == "new":  # fresh slots right after the prior tasks, before any reserved ones
+            task_names[len(prior.task_names):len(prior.task_names)] = target.task_names
+        t_sampler = Sampler(target, "train", gamma=args.gamma, task_ids=ids, action_low=prior.action_low,
+                            action_high=prior.action_high, seed=args.seed + 7919 + rank)
+        sampler = MixedSampler([sampler, t_sampler], [args.mix, 1.0 - args.mix])
+
+    if world > 1 and rank == 0:
+        dist.barrier()
+    torch.backends.cudnn.benchmark = True  # fixed image and batch sizes: let cuDNN pick the fastest convs once
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    cfg = agent_config(args, len(task_names), prior.image_size[0])
+    agent = Agent(cfg, device=device)
+    torch.manual_seed(args.seed + rank)  # but independent augmentation and policy samples
+    payload = {"kind": "pretrain", "agent_config": asdict(cfg), "task_names": task_names,
+               "action_low": [float(x) for x in prior.action_low], "action_high": [float(x) for x in prior.action_high],
+               "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    start = 0
+    ckpt = resume_state(args, {k: getattr(cfg, k) for k in SHAPE_KEYS if hasattr(cfg, k)})
+    if ckpt is not None:
+        start = restore_run(ckpt, agent, sampler)
+    if rank == 0:
+        write_config(args.out, args, {"num_tasks": len(task_names), "world_size": world, "image_size": cfg.image_size,
+                                      "store": prior.path, "task_names": task_names})
+        print(f"{len(prior.task_names)} tasks, {prior.num_transitions('train')} transitions, {world} process(es), "
+              f"{cfg.arch} at {cfg.image_size}px on {device}")
+    try:
+        train_loop(agent, sampler, args, payload, start_step=start, rank=rank)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run_cli(main):
+    """Entry point of every script: expected failures print one line naming the culprit, no traceback."""
+    try:
+        main()
+    except (CheckpointError, BridgeFormatError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
