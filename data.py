@@ -261,10 +261,14 @@ def convert(sources, root, store, key, options, log=print):
 
 def _read_meta(store):
     try:
-        with open(os.path.join(store, "meta.json")) as f:
-            return json.load(f)
+        return json.loads(open(os.path.join(store, "meta.json")).read())
     except (OSError, ValueError):
         return None
+
+def _key(options): return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+
+def _fresh(store, sources, key=None):  # built from these exact files (and these options, when key is given)
+    return bool(meta := _read_meta(store)) and meta.get("sources") == _stamp(sources) and key in (None, meta["key"])
 
 def load_store(src, store=None, image_size=None, camera="images0", include=(), exclude=(), aliases=None,
                skip_bad=False, log=print):
@@ -275,22 +279,23 @@ def load_store(src, store=None, image_size=None, camera="images0", include=(), e
     if _read_meta(src) is not None:  # a built store: opened as it is, the options are not checked
         return Store(src)
     if isinstance(aliases, (str, os.PathLike)):
-        with open(aliases) as f:
-            aliases = json.load(f)
+        aliases = json.loads(open(aliases).read())
     aliases = aliases or {}
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ValueError(f"aliases: expected a dict (or JSON file) task name -> task name, got {aliases!r:.200}")
     options = {"format_version": FORMAT_VERSION, "camera": camera, "image_size": _hw(image_size), "include":
                list(include), "exclude": list(exclude), "aliases": dict(sorted(aliases.items())), "skip_bad": skip_bad}
     options = json.loads(json.dumps(options))  # tuples -> lists, so that it equals the copy in meta.json
-    key = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+    key = _key(options)
     root, sources = find_sources(src, include, exclude)
     if not sources:
         raise BridgeFormatError(src, None, "out.npy", "at least one out.npy below it",
                                 f"none (include={list(include)}, exclude={list(exclude)})")
+    native = os.path.join(root, STORE_DIR, _key(dict(options, image_size=None)))
+    if store is None and _fresh(native, sources) and Store(native).image_size == _hw(image_size):
+        store, key = native, _key(dict(options, image_size=None))  # native size == the request: no second copy
     store = store or os.path.join(root, STORE_DIR, key)
-    meta = _read_meta(store)
-    if meta and meta.get("key") == key and meta.get("sources") == _stamp(sources):
+    if _fresh(store, sources, key):
         log(f"using store {store}")
     else:
         log(f"converting {len(sources)} out.npy files under {root} into {store}")
@@ -350,9 +355,8 @@ def unscale_actions(a, low, high):
     return low + (a + 1) * 0.5 * (high - low)
 
 def mc_returns(r, R, mask, lengths, gamma):
-    """Monte-Carlo return-to-go for trajectories laid out one after another, consistent with the backup's
-    masks: G_t = R_t + gamma * mask_t * G_{t+1}, G_last = R_last. A trajectory without success (all r = 0) gets
-    R / (1 - gamma) at every step (the Cal-QL convention). r binary, R scaled rewards, all (N,)."""
+    """Return-to-go of back-to-back trajectories with the backup's masks: G_t = R_t + gamma mask_t G_{t+1}, G_last =
+    R_last; a trajectory without success (all r = 0) gets R / (1 - gamma) (Cal-QL). r binary, R scaled, all (N,)."""
     lengths = np.asarray(lengths)
     traj, start = np.repeat(np.arange(len(lengths)), lengths), np.cumsum(lengths) - lengths
     step, G = np.arange(len(R)) - start[traj], np.array(R, np.float64)
@@ -459,8 +463,7 @@ class ReplayBuffer(_Seeded):
                 and np.isin(rewards, (0, 1)).all()):
             raise ValueError(f"ReplayBuffer.add_trajectory: expected images uint8 (T+1, *{self.image_size}, 3), "
                              f"states (T+1, 7), actions (T, 7), rewards (T,) in {{0, 1}}, 1 <= T < {self.capacity}; "
-                             f"got images {_describe(images)}, states {states.shape}, actions {actions.shape}, "
-                             f"rewards {rewards}")
+                             f"got {_describe(images)}, states {states.shape}, actions {actions.shape}, {rewards}")
         while self._used + T + 1 > self.capacity:  # drop the oldest trajectories until this one fits
             n = self._lengths.popleft() + 1
             self.live[(self._start + np.arange(n)) % self.capacity] = False
@@ -472,7 +475,8 @@ class ReplayBuffer(_Seeded):
         self._lengths.append(T)
         self._used += T + 1
     def sample(self, batch_size):
-        live = np.flatnonzero(self.live)
+        ring = (self._start + np.arange(self._used)) % self.capacity  # oldest first: a refilled ring samples alike
+        live = ring[self.live[ring]]
         if not len(live):
             raise ValueError("ReplayBuffer.sample: the buffer is empty")
         f = live[self._rng.integers(0, len(live), batch_size)]
@@ -516,8 +520,7 @@ def augment(images, pad=4, brightness=0.2, contrast=0.1, saturation=0.1, hue=0.0
 
 # ---------------------------------------------------------------- command line
 def info(path):
-    st = Store(path)
-    L = st.traj_length
+    L = (st := Store(path)).traj_length
     print(f"{st.path}: {len(L)} trajectories, {L.sum()} transitions of {st.image_size} images, camera "
           f"{st.meta['options']['camera']}, {len(st.meta['sources'])} files under {st.meta['root']}, "
           f"{st.meta['skipped']} skipped; length min {L.min()}, mean {L.mean():.1f}, max {L.max()}\n"
@@ -528,18 +531,16 @@ def info(path):
     print(f"action low  {np.round(st.action_low, 4)}\naction high {np.round(st.action_high, 4)}")
 
 def bench(transitions=20000, image_size=128, B=64):
-    """Conversion MB/s and peak RSS (a subprocess; tree = 4 out.npy of equal size), sampling transitions/s on
-    one core against unpickling an out.npy per batch, augmentation ms (CPU, and CUDA when present)."""
+    """Conversion MB/s and peak RSS, sampling vs unpickling transitions/s (one core), augmentation ms."""
     import torch
     torch.set_num_threads(1)
     tmp, rng, T = tempfile.mkdtemp(prefix="ptr_bench_"), np.random.default_rng(0), 35
-    per_file = math.ceil(transitions / 4 / T)  # trajectories
+    per_file = math.ceil(transitions / 4 / T)  # trajectories per file
     try:
         files = [os.path.join(tmp, "tree", f"task{k}", "train", "out.npy") for k in range(4)]
         for path in files:  # 4 files of equal size: the tree is 4x its largest out.npy
             write_bridge_file(path, [synthetic_trajectory(T, image_size, rng) for _ in range(per_file)])
-        # a small launcher runs the conversion and reports its getrusage: a child of this process would also count
-        # this process's memory (after vfork + exec, ru_maxrss keeps the parent's high-water mark)
+        # a launcher reports the conversion's own peak RSS (a direct child would inherit this process's peak)
         launcher = ("import resource, subprocess as s, sys; s.run(sys.argv[1:], check=True, stdout=s.DEVNULL); "
                     "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # KiB on Linux
         sizes, t = [os.path.getsize(p) for p in files], time.time()
@@ -586,13 +587,12 @@ def main(argv=None):
     c.add_argument("--skip_bad", action="store_true", help="skip bad trajectories / files and report the count")
     sub.add_parser("info", help="tasks, transitions, trajectory lengths, action bounds").add_argument("store")
     b = sub.add_parser("bench", help="conversion, sampling and augmentation figures")
-    b.add_argument("--transitions", type=int, default=20000, help="store size (4 out.npy of 35-step demos)")
     b.add_argument("--image_size", type=int, default=128)
     args = p.parse_args(argv)
     try:
         {"convert": lambda: load_store(args.src, args.out, args.image_size, args.camera, args.include, args.exclude,
                                        args.aliases, args.skip_bad),
-         "info": lambda: info(args.store), "bench": lambda: bench(args.transitions, args.image_size)}[args.cmd]()
+         "info": lambda: info(args.store), "bench": lambda: bench(image_size=args.image_size)}[args.cmd]()
     except (ValueError, OSError) as e:  # BridgeFormatError is a ValueError: its message names file and field
         sys.exit(f"error: {e}")
 

@@ -21,7 +21,7 @@ from dataclasses import asdict
 import torch
 
 from data import MixedSampler, Sampler, target_task_ids
-from train import (SHAPE_KEYS, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
+from train import (MIX_TAU, SHAPE_KEYS, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
                    check_compatible, init_distributed, is_reserved, load_checkpoint, open_store, prepare_out_dir,
                    restore_run, resume_state, run_cli, store_task_ids, train_loop, write_config)
 
@@ -62,12 +62,39 @@ def assign_target_slots(task_names, target_names, task):
     return [int(i) for i in ids], names
 
 
+def open_run(args):
+    """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint (--ckpt, or with
+    --resume the newest in --out), and the prior and target stores opened at its image size.
+    Returns (the resumed checkpoint or None, the source checkpoint, its path, prior store, target store)."""
+    prepare_out_dir(args.out, args.resume)
+    resumed = resume_state(args, {})
+    if resumed is None and not args.ckpt:
+        raise SystemExit(f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning")
+    source = resumed if resumed is not None else load_checkpoint(args.ckpt)
+    source_path = args.ckpt or args.out
+    cfg = source["agent_config"]
+    if args.image_size is not None and args.image_size != cfg["image_size"]:
+        raise CheckpointError(f"{source_path}: checkpoint has image_size={cfg['image_size']} but --image_size is "
+                              f"{args.image_size}")
+    args.image_size = cfg["image_size"]
+    target = open_store(args.target, args, args.target_store, prior=False)
+    prior = open_store(args.prior, args, args.prior_store)
+    return resumed, source, source_path, prior, target
+
+
+def task_samplers(prior, target, names, target_ids, source, gamma, seed, prior_src):
+    """Train-split samplers of the prior and the target data: global task ids, the checkpoint's action bounds."""
+    kw = dict(gamma=gamma, action_low=source["action_low"], action_high=source["action_high"])
+    return (Sampler(prior, "train", task_ids=store_task_ids(prior, names, prior_src), seed=seed, **kw),
+            Sampler(target, "train", task_ids=target_ids, seed=seed + 7919, **kw))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="pre-trained checkpoint (not needed with --resume)")
     p.add_argument("--prior", required=True, help="the prior (pre-training) data")
     p.add_argument("--target", required=True, help="the target task's demonstrations (Bridge format)")
-    p.add_argument("--mix", type=float, default=0.9, help="tau: fraction of each batch from the prior data")
+    p.add_argument("--mix", type=float, default=MIX_TAU, help="tau: fraction of each batch from the prior data")
     p.add_argument("--task", default="new", help="'new' (fresh one-hot slot) or an existing task name (re-target)")
     p.add_argument("--algo", default=None, choices=["cql", "bc", "awbc"], help="default: the checkpoint's")
     p.add_argument("--alpha", type=float, default=None, help="CQL alpha (default: the checkpoint's)")
@@ -82,19 +109,7 @@ def main(argv=None):
         p.error("--ckpt is required (or --resume with an --out folder that holds checkpoints)")
 
     _, _, device = init_distributed(args.device)
-    prepare_out_dir(args.out, args.resume)
-    resumed = resume_state(args, {})
-    if resumed is None and not args.ckpt:
-        raise SystemExit(f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning")
-    source = resumed if resumed is not None else load_checkpoint(args.ckpt)
-    source_path = args.ckpt or args.out
-    cfg = source["agent_config"]
-    if args.image_size is not None and args.image_size != cfg["image_size"]:
-        raise CheckpointError(f"{source_path}: checkpoint has image_size={cfg['image_size']} but --image_size is "
-                              f"{args.image_size}")
-    args.image_size = cfg["image_size"]
-    target = open_store(args.target, args, args.target_store, prior=False)
-    prior = open_store(args.prior, args, args.prior_store)
+    resumed, source, source_path, prior, target = open_run(args)
     agent = agent_from_checkpoint(source, device, source_path)
 
     algo = args.algo or agent.cfg.algo
@@ -112,13 +127,10 @@ def main(argv=None):
         if len(names) > agent.cfg.num_tasks:
             agent.grow_tasks(len(names))
     low, high = source["action_low"], source["action_high"]
-    gamma = agent.cfg.gamma
-    prior_sampler = Sampler(prior, "train", gamma=gamma, task_ids=store_task_ids(prior, names, args.prior),
-                            action_low=low, action_high=high, seed=args.seed)
-    target_kw = dict(gamma=gamma, task_ids=target_ids, action_low=low, action_high=high)
-    target_sampler = Sampler(target, "train", seed=args.seed + 7919, **target_kw)
-    sampler = MixedSampler([prior_sampler, target_sampler], [args.mix, 1.0 - args.mix])
-    val_sampler = Sampler(target, "val", seed=0, **target_kw)
+    samplers = task_samplers(prior, target, names, target_ids, source, agent.cfg.gamma, args.seed, args.prior)
+    sampler = MixedSampler(list(samplers), [args.mix, 1.0 - args.mix])
+    val_sampler = Sampler(target, "val", seed=0, gamma=agent.cfg.gamma, task_ids=target_ids, action_low=low,
+                          action_high=high)
     val_ids = target.trajectory_ids("val")
     if len(val_ids) == 0:
         print(f"warning: {args.target} has no held-out (val) trajectory: no Q-value traces for select_ckpt.py")

@@ -3,6 +3,7 @@
 Sections: data.py, model.py + cql.py, train/finetune/select_ckpt, sim_binsort.py, robot.py, online.py.
 Private helpers carry their section's prefix (_data_, _core_, _pipe_, _sim_, _robot_, _online_)."""
 
+import csv
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import types
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ import cql
 import data
 import finetune
 import model
+import online
 import robot
 import select_ckpt
 import sim_binsort as sb
@@ -181,6 +184,9 @@ def test_data_cache_reuse_and_rebuild(tmp_path):
     assert logs[-2].startswith("converting") and st2.path == st.path and st2.task_names == ["a", "b"]
     other = data.load_store(tmp_path / "tree", image_size=4, log=logs.append)
     assert other.path != st.path and other.image_size == (4, 4)  # options are part of the key
+    # asking for the size the images already have (as finetune.py does) reuses the native store: no second copy
+    assert data.load_store(tmp_path / "tree", image_size=8, log=logs.append).path == st.path
+    assert logs[-1].startswith("using store")
     assert data.load_store(st.path, log=logs.append).num_transitions() == 25  # a built store opens as it is
 
 
@@ -1594,3 +1600,260 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
         clock[0] += policy_s
         env.step([0, 0, 0, 0, 0, 0, 1])
     assert slept == [0.55, 0.2, 0.15, 0.1]   # the reset move; the rest of each tick; half a tick after a late one
+
+
+# ====================================================================================================
+# online.py
+# ====================================================================================================
+
+_ONLINE_RUN = ["--env_steps", "8", "--max_steps", "4", "--utd", "2", "--batch_size", "10", "--eval_every", "4",
+               "--eval_episodes", "1", "--save_every", "4", "--device", "cpu"]
+_ONLINE_GAMMA = 0.98
+
+
+@pytest.fixture(scope="module")
+def online_setup(tmp_path_factory):
+    """Synthetic prior (pick_a, pick_b) and target (sort_mug_cube, a task the simulator knows) at 32 px, and a
+    fine-tuned-looking checkpoint of a 'small' agent whose target task takes one-hot slot 2."""
+    root = tmp_path_factory.mktemp("online")
+    rng = np.random.default_rng(0)
+    for task, T in (("prior/k1/pick_a", 6), ("prior/k1/pick_b", 6), ("target/sort_mug_cube", 8)):
+        for split in ("train", "val"):
+            data.write_bridge_file(str(root / task / split / "out.npy"),
+                                   [data.synthetic_trajectory(T, 32, rng) for _ in range(2)])
+    prior = data.load_store(str(root / "prior"), log=lambda *a: None)
+    cfg = AgentConfig(num_tasks=3, arch="small", image_size=32, gamma=_ONLINE_GAMMA, alpha=1.0)
+    ckpt = {"format": train.CKPT_FORMAT, "kind": "finetune", "step": 0, "agent": Agent(cfg).state_dict(),
+            "agent_config": asdict(cfg), "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
+            "action_low": prior.action_low.tolist(), "action_high": prior.action_high.tolist(),
+            "target_task_ids": [2], "target_tasks": ["sort_mug_cube"]}
+    train.atomic_torch_save(ckpt, str(root / "ft.pt"))
+    return root
+
+
+def _online_args(root, out, *extra):
+    return ["finetune", "--ckpt", str(root / "ft.pt"), "--prior", str(root / "prior"), "--target",
+            str(root / "target"), "--out", str(out), *_ONLINE_RUN, *extra]
+
+
+def _online_record_updates(monkeypatch):
+    """Every Agent.update call: (alpha, calql, task ids, mc returns) of its batch, then the real update."""
+    calls, real = [], Agent.update
+
+    def update(self, batch):
+        calls.append((self.cfg.alpha, self.cfg.calql, batch["task"].tolist(), batch["mc_return"].tolist()))
+        return real(self, batch)
+    monkeypatch.setattr(Agent, "update", update)
+    return calls
+
+
+def _online_wrap_env(monkeypatch, wrap):
+    real = online.make_env
+    monkeypatch.setattr(online, "make_env", lambda *a, **k: wrap(real(*a, **k)))
+
+
+class _OnlineSucceedAt:
+    """The simulator, except that step k of every episode is a success (reward 1, terminated)."""
+
+    def __init__(self, env, k):
+        self.env, self.k, self.t = env, k, 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self.env.reset(seed=seed)
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        self.t += 1
+        if self.t == self.k:
+            return obs, 1.0, True, False, dict(info, success=True)
+        return obs, r, term, trunc, info
+
+    def close(self):
+        self.env.close()
+
+
+class _OnlineCtrlCAt:
+    """The simulator, and a Ctrl-C (SIGINT to this process) during its k-th step call, counted over episodes."""
+
+    def __init__(self, env, k):
+        self.env, self.k, self.calls = env, k, 0
+        self.reset, self.close = env.reset, env.close
+
+    def step(self, action):
+        self.calls += 1
+        if self.calls == self.k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.env.step(action)
+
+
+def _online_rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in csv.DictReader(f)]
+
+
+def test_online_wilson_interval_matches_hand_values():
+    # z = 1.96, n = 10: center = (p + z^2/20) / (1 + z^2/10), half = z / (1 + z^2/10) * sqrt(p(1-p)/10 + z^2/400)
+    assert online.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert online.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert online.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    s = online.summarize([{"success": True, "return": 1.0, "length": 3}, {"success": False, "return": 0.0, "length": 5}])
+    assert (s["successes"], s["success"], s["return"], s["length"]) == (1, 0.5, 0.5, 4.0)
+
+
+def test_online_eval_in_sim_is_reproducible_resizes_and_saves_strips(online_setup, tmp_path):
+    root = online_setup
+    args = ["eval", "--ckpt", str(root / "ft.pt"), "--episodes", "2", "--max_steps", "3", "--seed", "7",
+            "--env_image_size", "48", "--device", "cpu"]  # the env renders 48 px, the policy takes 32 px
+    a = online.main([*args, "--json", str(tmp_path / "a.json"), "--save_video", str(tmp_path / "v"),
+                     "--video_format", "png"])
+    b = online.main([*args, "--json", str(tmp_path / "b.json")])
+    ja, jb = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a == b and ja["per_episode"] == jb["per_episode"] and ja["episodes"] == 2
+    assert [e["length"] for e in ja["per_episode"]] == [3, 3] and ja["successes"] == 0
+    strips = sorted(os.listdir(tmp_path / "v"))
+    assert strips == ["episode_000_fail.png", "episode_001_fail.png"]
+    assert Image.open(tmp_path / "v" / strips[0]).size == (48 * 4, 48)  # obs 0..3 of a 3-step episode, env size
+    with pytest.raises(SystemExit, match="not a task of"):
+        online.main([*args, "--task", "open_door"])
+
+
+def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_path, monkeypatch):
+    root, out = online_setup, tmp_path / "run"
+    calls = _online_record_updates(monkeypatch)
+    online.main(_online_args(root, out))
+    assert len(calls) == 2 * 8  # UTD 2 per collected transition, 2 trajectories of 4 steps
+    for alpha, calql, task, mc in calls:
+        assert alpha == 0.5 and calql  # online alpha from the first trajectory on, Cal-QL throughout
+        # 0.35 / 0.15 / 0.5 of 10: floor 3 prior, floor 1 target, the rest (6) online, in that order
+        assert set(task[:3]) <= {0, 1} and task[3:] == [2] * 7
+        # a failed online episode has the constant MC return R / (1 - gamma) = -1 / 0.02 at every step
+        assert mc[4:] == pytest.approx([-50.0] * 6) and mc[3] != pytest.approx(-50.0)
+    assert [s for s, _ in train.list_checkpoints(out)] == [4, 8]
+    ckpt = train.load_checkpoint(str(out / "ckpt_00000008.pt"))
+    assert ckpt["kind"] == "online" and ckpt["grad_steps"] == 16 and ckpt["online_task"] == 2
+    assert ckpt["agent_config"]["calql"] and ckpt["target_task_ids"] == [2]
+    assert ckpt["loop"]["live"] == [[0, 4], [1, 4]]  # the buffer holds both trajectories
+    assert sorted(os.listdir(out / "episodes")) == ["episode_000000.npz", "episode_000001.npz"]
+    with np.load(out / "episodes" / "episode_000001.npz") as z:
+        assert z["images"].shape == (5, 32, 32, 3) and z["actions"].shape == (4, 7) and not z["rewards"].any()
+        assert np.abs(z["actions"]).max() <= 0.99 and int(z["task"]) == 2
+    rows = _online_rows(out / "progress.csv")
+    assert [r["step"] for r in rows] == ["0", "4", "8"] and [r["grad_steps"] for r in rows] == ["0.0", "8.0", "16.0"]
+    assert all(r["eval_success"] == "0.0" for r in rows) and rows[0]["critic_loss"] == "nan"
+    assert rows[2]["buffer_transitions"] == "8.0" and float(rows[2]["critic_loss"]) > 0
+    assert online.load_policy(str(out / "ckpt_00000008.pt"), "cpu").task == 2
+
+
+def test_online_calql_bound_uses_mc_returns_of_online_successes(online_setup, tmp_path, monkeypatch):
+    root, out = online_setup, tmp_path / "run"
+    calls = _online_record_updates(monkeypatch)
+    _online_wrap_env(monkeypatch, lambda env: _OnlineSucceedAt(env, 3))
+    online.main(_online_args(root, out, "--env_steps", "6", "--offline_steps", "2", "--eval_every", "0",
+                             "--buffer_capacity", "5"))  # room for one 3-step trajectory, not two
+    # the warm-up runs before any online data: alpha_offline, prior / target only at 0.7 / 0.3
+    assert [c[0] for c in calls] == [5.0, 5.0] + [0.5] * 12 and all(c[1] for c in calls)
+    assert set(calls[0][2][:7]) <= {0, 1} and calls[0][2][7:] == [2, 2, 2]
+    live = train.load_checkpoint(str(out / "ckpt_00000006.pt"))["loop"]["live"]
+    assert live == [[1, 3]]  # the first trajectory was dropped from the buffer (its file stays)
+    with np.load(out / "episodes" / "episode_000000.npz") as z:
+        assert z["rewards"].tolist() == [0, 0, 1]
+    buffer = data.ReplayBuffer(100, 32, gamma=_ONLINE_GAMMA)
+    online.refill_buffer(buffer, str(out), live)
+    assert len(buffer) == 3
+    batch = buffer.sample(64)
+    # R = (-1, -1, 10), done = r: G2 = 10, G1 = -1 + 0.98 * 10 = 8.8, G0 = -1 + 0.98 * 8.8 = 7.624
+    expected = {-1.0: (7.624, 8.8), 10.0: (10.0,)}
+    for r, g in zip(batch["reward"].tolist(), batch["mc_return"].tolist()):
+        assert min(abs(g - e) for e in expected[r]) < 1e-4
+    assert sorted({round(g, 3) for g in batch["mc_return"].tolist()}) == [7.624, 8.8, 10.0]
+
+
+def test_online_ctrl_c_then_resume_equals_uninterrupted(online_setup, tmp_path, monkeypatch):
+    root = online_setup
+    online.main(_online_args(root, tmp_path / "whole"))
+    with monkeypatch.context() as m:
+        # step calls: evaluation at env step 0 (1-4), rollout 1 (5-8), evaluation at 4 (9-12), Ctrl-C in rollout 2
+        _online_wrap_env(m, lambda env: _OnlineCtrlCAt(env, 14))
+        with pytest.raises(SystemExit) as stopped:
+            online.main(_online_args(root, tmp_path / "split"))
+    assert stopped.value.code == 130 and [s for s, _ in train.list_checkpoints(tmp_path / "split")] == [4]
+    online.main(_online_args(root, tmp_path / "split", "--resume"))
+    whole, split = (train.load_checkpoint(str(tmp_path / d / "ckpt_00000008.pt")) for d in ("whole", "split"))
+    for k, v in whole["agent"]["nets"]["critic"].items():
+        assert torch.equal(v, split["agent"]["nets"]["critic"][k]), k
+    assert whole["loop"] == split["loop"] and whole["sampler"] == split["sampler"]
+    assert _online_rows(tmp_path / "whole" / "progress.csv") == _online_rows(tmp_path / "split" / "progress.csv")
+    for name in ("episode_000000.npz", "episode_000001.npz"):
+        with np.load(tmp_path / "whole" / "episodes" / name) as a, np.load(tmp_path / "split" / "episodes" / name) as b:
+            assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_online_errors_name_the_problem(online_setup, tmp_path):
+    root = online_setup
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "ckpt_00000004.pt").write_bytes(b"")
+        online.main(_online_args(root, tmp_path / "run"))
+    with pytest.raises(SystemExit, match=r"was fine-tuned on \['sort_mug_cube'\], but --target holds \['pick_a', 'pick_b'\]"):
+        online.main(["finetune", "--ckpt", str(root / "ft.pt"), "--prior", str(root / "prior"), "--target",
+                     str(root / "prior"), "--out", str(tmp_path / "x"), "--device", "cpu"])
+    with pytest.raises(train.CheckpointError, match="episode_000003.npz: missing, but the checkpoint's replay buffer"):
+        online.refill_buffer(data.ReplayBuffer(10, 32, gamma=0.9), str(tmp_path), [[3, 4]])
+
+
+def _online_png_folder(folder, value, n, rng):
+    folder.mkdir()
+    for i in range(n):
+        img = np.clip(value + rng.integers(-20, 21, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+
+
+class _OnlineBrightAt:
+    """A stand-in environment: dark 40 px images, bright after step k, 3 steps; it never rewards by itself."""
+
+    def __init__(self, k):
+        self.k, self.t = k, 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self._obs()
+
+    def _obs(self):
+        return {"image": np.full((40, 40, 3), 220 if self.t == self.k else 30, np.uint8), "state": np.zeros(7, np.float32)}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 0.0, False, self.t >= 3, {"success": False}
+
+    def close(self):
+        pass
+
+
+def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(online_setup, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    _online_png_folder(tmp_path / "pos", 220, 10, rng)
+    _online_png_folder(tmp_path / "neg", 30, 10, rng)
+    clf = tmp_path / "clf.pt"
+    accuracy = online.main(["classifier", "--pos", str(tmp_path / "pos"), "--neg", str(tmp_path / "neg"), "--out",
+                            str(clf), "--arch", "small", "--image_size", "32", "--steps", "40", "--batch_size", "16",
+                            "--lr", "1e-3", "--device", "cpu"])
+    assert accuracy >= 0.9
+    labeler = online.load_labeler(str(clf), "cpu")
+    dark, bright = np.full((40, 40, 3), 30, np.uint8), np.full((40, 40, 3), 220, np.uint8)
+    # r_t labels the observation after action t: frames (dark, bright, dark) -> rewards (1, 0)
+    assert labeler([dark, bright, dark]).tolist() == [1.0, 0.0]
+    # rollouts labelled by the classifier (images resized 40 -> 32 for both networks): rewards (0, 1, 0)
+    monkeypatch.setattr(online, "make_env", lambda *a, **k: _OnlineBrightAt(2))
+    root, ev = online_setup, str(tmp_path / "ev.json")
+    online.main(["eval", "--ckpt", str(root / "ft.pt"), "--episodes", "1", "--classifier", str(clf), "--json", ev])
+    assert json.loads(open(ev).read())["per_episode"] == [{"success": True, "return": 1.0, "length": 3}]
+    online.main(_online_args(root, tmp_path / "run", "--env_steps", "3", "--utd", "1", "--eval_every", "0",
+                             "--classifier", str(clf)))
+    with np.load(tmp_path / "run" / "episodes" / "episode_000000.npz") as z:
+        assert z["rewards"].tolist() == [0.0, 1.0, 0.0]
+    # Bridge-format input: one group per trajectory, the last N frames of each with --pos_last N
+    data.write_bridge_file(str(tmp_path / "bridge" / "t" / "train" / "out.npy"),
+                           [data.synthetic_trajectory(5, 32, rng) for _ in range(3)])
+    images, groups = online.read_images(str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None)
+    assert images.shape == (6, 32, 32, 3) and groups.tolist() == [0, 0, 1, 1, 2, 2]

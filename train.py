@@ -31,6 +31,7 @@ from data import BridgeFormatError, MixedSampler, Sampler, augment, load_store, 
 
 CKPT_FORMAT = 1
 CKPT_PATTERN = "ckpt_{:08d}.pt"
+MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
 RESERVED_TASK = "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
 # Options that fix the network's shapes: a checkpoint only loads into a run that agrees on all of them.
 SHAPE_KEYS = ("arch", "head", "norm", "image_size", "num_tasks", "action_every_layer", "hidden", "depth")
@@ -203,13 +204,13 @@ class RunLog:
             for k, v in row.items():
                 if k != "step":
                     self.tb.add_scalar(k, v, step)
-        eta = (self.total - step) / max(sps, 1e-9)
+        eta = _hms(max(0.0, self.total - step) / sps) if sps > 0 else "?"
         shown = " ".join(f"{k} {row[k]:.3g}" for k in row if "loss" in k or k.startswith("q_"))
-        print(f"step {step}/{self.total} | {sps:.2f} steps/s | ETA {_hms(eta)} | {shown}", flush=True)
+        print(f"step {step}/{self.total} | {sps:.2f} steps/s | ETA {eta} | {shown}", flush=True)
 
 
 def _hms(seconds):
-    seconds = int(min(seconds, 99 * 3600))
+    seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
@@ -380,7 +381,7 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="Bridge-format tree, task folder, out.npy or built store")
     p.add_argument("--store", default=None, help="where to build the store (default: inside --data)")
     p.add_argument("--target", default=None, help="joint training: also sample this target task data")
-    p.add_argument("--mix", type=float, default=0.9, help="tau: fraction of each batch from --data with --target")
+    p.add_argument("--mix", type=float, default=MIX_TAU, help="tau: fraction of each batch from --data with --target")
     p.add_argument("--target_task", default="new", help="'new' one-hot slot, or an existing task name to re-target")
     p.add_argument("--extra_tasks", type=int, default=0, help="one-hot slots reserved for future target tasks")
     add_run_args(p, steps=500_000, save_every=20_000)
