@@ -10,7 +10,8 @@ the release's details, all defaults live in AgentConfig below:
           lse(s) = temp * logsumexp_j over { (Q(s,a^pi_j) - log pi(a^pi_j)) / temp,  (Q(s,a^u_j) - log 0.5^A) / temp }
           with N policy actions a^pi ~ pi(.|s) and N uniform a^u in [-1,1]^A (importance-sampled CQL(H));
           Cal-QL: Q(s,a^pi) -> max(Q(s,a^pi), mc_return) before the logsumexp.
-          The TD term is the plain MSE of the CQL code (the paper writes 1/2; the factor is absorbed by alpha).
+          The TD term is the plain MSE of the release (the paper writes 1/2 TD + alpha * penalty), so alpha here
+          weighs the penalty like 2 * alpha in the paper's equation: the release's alpha = 10 means this one.
   actor   mean [ temp * log pi(a|s) - min_heads Q(s,a) ],  a ~ pi;  temperature: temp * (entropy - target)
   bc      MSE;  awbc: MSE weighted by exp(Q(s,a) - max_j Q(s,a^pi_j)), clipped at awbc_max_weight.
 
@@ -66,7 +67,7 @@ class AgentConfig:
     target_entropy: float | None = None   # None -> -action_dim
     polyak: float = 0.005
     bc_dropout: float = 0.4           # Table XI
-    awbc_max_weight: float = 20.0     # clip of exp(advantage) (the paper's advantage clip, Table XII)
+    awbc_max_weight: float = 20.0     # ours: exp(advantage) clipped at 20 (advantage <= ln 20)
     seed: int = 0                     # network init and the agent's own sampling generator
 
     def __post_init__(self):
@@ -176,11 +177,11 @@ def _allreduce_mean_(params):
     """Average gradients over ranks (torchrun / DDP mode) in one flat all_reduce per optimizer."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
+    # only the gradients that exist (the same set on every rank): a zero-filled one would let Adam's momentum
+    # move a parameter that a single process would leave alone
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat.div_(dist.get_world_size())
@@ -421,6 +422,12 @@ class Agent:
             sd["param_groups"] = [{**gs, "fused": g["fused"], "foreach": g["foreach"], "lr": g["lr"]}
                                   for gs, g in zip(sd["param_groups"], opt.param_groups)]
             opt.load_state_dict(sd)
+            # the moments keep the layout they were saved with (channels_last on CUDA): fused Adam needs the
+            # parameter's own layout, so a checkpoint can move between CPU and GPU
+            for p, st in opt.state.items():
+                for key, v in st.items():
+                    if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                        st[key] = torch.empty_like(p).copy_(v)
         if "temp" in self.optimizers and "temp" in d["optimizers"]:
             with torch.no_grad():
                 self.log_temp.copy_(d["log_temp"])

@@ -41,8 +41,7 @@ class RewardConfig:
     shift: float = -1.0
     use_terminals: bool = False
 
-def _describe(x):
-    return f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+def _describe(x): return f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
 
 def _hw(image_size):
     return None if image_size is None else tuple(image_size) if np.ndim(image_size) else (image_size, image_size)
@@ -82,15 +81,21 @@ def parse_trajectory(traj, path, i, camera="images0"):
     terminals (T,)). Frame t < T is observations[t]; frame T is next_observations[T-1] (the final next obs)."""
     def fail(field, expected, got=None):
         return BridgeFormatError(path, i, field, expected, got)
+    def numbers(field, x, expected, shape_ok):  # x as an array of numbers whose shape passes shape_ok, or the error
+        try:
+            a = np.asarray(x)
+        except (ValueError, TypeError):  # numpy >= 1.24 refuses ragged nested lists
+            raise fail(field, expected, f"a ragged {type(x).__name__} (rows of unequal length)") from None
+        if a.dtype.kind not in "fiub" or not shape_ok(a.shape):
+            raise fail(field, expected, "nothing (key missing)" if x is None else _describe(a))
+        return a
     if not isinstance(traj, dict):
         raise fail("<trajectory>", "a dict", _describe(traj))
     for key in ("observations", "next_observations", "actions"):
         if key not in traj:
             raise fail(key, "a key of the trajectory dict", f"keys {sorted(map(str, traj))}")
-    actions = np.asarray(traj["actions"])
-    if actions.dtype.kind not in "fiub" or actions.ndim != 2 or actions.shape[1] != 7 or not len(actions):
-        raise fail("actions", "a (T, 7) float array, T >= 1", "an empty trajectory" if not actions.size
-                   else _describe(actions))
+    actions = numbers("actions", traj["actions"], "a (T, 7) float array, T >= 1",
+                      lambda s: len(s) == 2 and s[1] == 7 and s[0] >= 1)
     T = len(actions)
     for key in ("observations", "next_observations"):
         if not isinstance(traj[key], (list, tuple, np.ndarray)) or len(traj[key]) != T:
@@ -111,14 +116,10 @@ def parse_trajectory(traj, path, i, camera="images0"):
                     and (t == 0 or img.shape == shape)):
                 raise fail(f"{name}.{cam}", f"a uint8 image of shape {shape}",
                            "nothing (camera missing)" if img is None else _describe(img))
-        if np.shape(o.get("state")) != (7,):
-            raise fail(f"{name}.state", "7 floats (xyz, euler, gripper)",
-                       "nothing (key missing)" if o.get("state") is None else _describe(np.asarray(o["state"])))
-    terminals = np.asarray(traj.get("terminals", np.zeros(T)), np.float32)
-    if terminals.shape != (T,):
-        raise fail("terminals", f"shape ({T},)", _describe(terminals))
+        numbers(f"{name}.state", o.get("state"), "7 floats (xyz, euler, gripper)", lambda s: s == (7,))
+    terminals = numbers("terminals", traj.get("terminals", np.zeros(T)), f"{T} numbers", lambda s: s == (T,))
     return ({c: np.stack([o[c] for o in obs]) for c in cams}, np.array([o["state"] for o in obs], np.float32),
-            actions.astype(np.float32), terminals)
+            actions.astype(np.float32), terminals.astype(np.float32))
 
 def find_sources(src, include=(), exclude=()):
     """Every out.npy under src (a tree root, one task folder or one out.npy) -> (root, [(path, task, split)]).
@@ -153,9 +154,9 @@ def _resize(frames, size):
     return np.stack([np.asarray(Image.fromarray(f).resize(size[::-1], Image.Resampling.LANCZOS)) for f in frames])
 
 def _assign_splits(task, source, index, sources, task_names):
-    """0 train / 1 val per trajectory. A task with files in both train/ and val/ keeps the release's split;
-    any other task holds out VAL_FRACTION of its demos, chosen with a seed fixed by the task name. Demos are
-    grouped by (file, index), so the cameras of one demo (camera="all") land on the same side."""
+    """0 train / 1 val per trajectory. A task with trajectories in both train/ and val/ keeps the release's split (an
+    empty out.npy counts as none); any other holds out VAL_FRACTION of its demos, chosen with a seed fixed by the task
+    name. Demos are grouped by (file, index): the cameras of one demo (camera="all") land on one side."""
     split = np.array([sources[s][2] == "val" for s in source], np.int8)
     for k in np.unique(task):
         sel = task == k
@@ -194,8 +195,7 @@ def convert(sources, root, store, key, options, log=print):
     Images stream to disk; states, actions, terminals (~0.1 % of the bytes) are gathered and saved at the end."""
     size, aliases, store = _hw(options["image_size"]), options["aliases"], os.path.abspath(store)
     task_names = sorted({aliases.get(t, t) for _, t, _ in sources})
-    tmp = _fresh_tmp(store)
-    stamp = _stamp(sources)  # before reading: a file changed during the conversion makes the next run convert again
+    tmp, stamp = _fresh_tmp(store), _stamp(sources)  # stamped before reading: a file changed meanwhile converts again
     rows, arrays, shape, skipped, t0 = [], {"states": [], "actions": [], "terminals": []}, size, [], time.time()
     def skip(e):  # --skip_bad: note the bad trajectory (or file) and go on; otherwise the error ends it all
         if not options["skip_bad"]:
@@ -247,13 +247,15 @@ def convert(sources, root, store, key, options, log=print):
                 "num_transitions": int(length.sum()), "skipped": len(skipped), "sources": stamp}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(store):  # a folder cannot be renamed onto a full one: move the old store aside first
-            os.replace(store, f"{store}.old-{os.getpid()}")
-        os.replace(tmp, store)
+        try:
+            os.replace(tmp, store)
+        except OSError:  # a folder cannot be renamed onto a full one (ENOTEMPTY): a store that another process
+            if not _fresh(store, sources, key):  # built from the same files meanwhile is kept; an old one moves aside
+                os.replace(store, f"{store}.old-{os.getpid()}")
+                os.replace(tmp, store)
         shutil.rmtree(f"{store}.old-{os.getpid()}", ignore_errors=True)
-    except BaseException:  # Ctrl-C included: nothing half-written survives (kill -9 leaves tmp to _fresh_tmp)
+    finally:  # Ctrl-C included: nothing half-written survives (kill -9 leaves tmp to _fresh_tmp); renamed: no tmp
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     mb, dt = sum(s[1] for s in stamp) / 1e6, time.time() - t0
     log(f"converted {len(rows)} trajectories ({meta['num_transitions']} transitions) from {len(sources)} files, "
         f"{mb:.0f} MB in {dt:.1f} s ({mb / max(dt, 1e-9):.1f} MB/s); skipped {len(skipped)} bad trajectories/files"
@@ -278,9 +280,7 @@ def load_store(src, store=None, image_size=None, camera="images0", include=(), e
     a JSON file mapping task name -> task name (e.g. many open_* variants onto one task)."""
     if _read_meta(src) is not None:  # a built store: opened as it is, the options are not checked
         return Store(src)
-    if isinstance(aliases, (str, os.PathLike)):
-        aliases = json.loads(open(aliases).read())
-    aliases = aliases or {}
+    aliases = json.loads(open(aliases).read()) if isinstance(aliases, (str, os.PathLike)) else aliases or {}
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ValueError(f"aliases: expected a dict (or JSON file) task name -> task name, got {aliases!r:.200}")
     options = {"format_version": FORMAT_VERSION, "camera": camera, "image_size": _hw(image_size), "include":
@@ -413,23 +413,23 @@ class Sampler(_Seeded):
         # sorted: the memmap gather walks the file forward (the order within a batch carries no meaning)
         return self._batch(np.sort(self._idx[self._rng.integers(0, len(self._idx), batch_size)]))
     def trajectory(self, traj_id):
-        start = self.store.traj_start[traj_id]
-        return self._batch(np.arange(start, start + self.store.traj_length[traj_id]))
+        return self._batch(self.store.traj_start[traj_id] + np.arange(self.store.traj_length[traj_id]))
     def _batch(self, g):
         action = rescale_actions(np.asarray(self.store.actions[g]), self.action_low, self.action_high)
         return _make_batch(self.store.images, self.store.states, self._frame[g], self._frame[g] + 1, action,
                            self._R[g], self._mask[g], self._mc[g], self._task[g])
 
 class MixedSampler:
-    """Each batch draws floor(B * f_i) transitions from sampler i and the rest from the last one: tau = 0.9
-    prior / 0.1 target offline (Sec. IV-A), 0.35 / 0.15 / 0.5 prior / target / online (Sec. V-F)."""
+    """Each batch draws floor(B * f_i) transitions from sampler i and the rest from the last one with f_i > 0:
+    tau = 0.9 prior / 0.1 target offline (Sec. IV-A), 0.35 / 0.15 / 0.5 prior / target / online (Sec. V-F)."""
     def __init__(self, samplers, fractions):
         if len(samplers) != len(fractions) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ValueError(f"fractions: expected {len(samplers)} non-negative numbers summing to 1, got {fractions}")
         self.samplers, self.fractions = list(samplers), list(fractions)
     def counts(self, batch_size):
-        first = [math.floor(batch_size * f + 1e-9) for f in self.fractions[:-1]]  # 1e-9: 0.7 * 10 is 6.9999...
-        return first + [batch_size - sum(first)]
+        n = [math.floor(batch_size * f + 1e-9) for f in self.fractions]  # 1e-9: 0.7 * 10 is 6.9999...
+        n[np.flatnonzero(self.fractions)[-1]] += batch_size - sum(n)  # never to a 0 fraction (an empty buffer)
+        return n
     def sample(self, batch_size):
         import torch
         parts = [s.sample(n) for s, n in zip(self.samplers, self.counts(batch_size)) if n > 0]
@@ -485,10 +485,11 @@ class ReplayBuffer(_Seeded):
 
 # ---------------------------------------------------------------- augmentation (Table X: crop + color jitter)
 def augment(images, pad=4, brightness=0.2, contrast=0.1, saturation=0.1, hue=0.03, p_jitter=0.8, generator=None):
-    """Random shift (edge pad + random crop back to size), then color jitter on each image with probability
-    p_jitter, independent random parameters per image, on the images' device. Jitter: torchvision's fixed order
-    (brightness, contrast, saturation, hue) and ranges; hue rotates the chroma plane in YIQ space by hue * 2 pi
-    (linear, cheap, close to the HSV shift). uint8 (B, 3, H, W) -> same; deterministic under torch.manual_seed."""
+    """Random shift (edge pad + random crop back to size), then color jitter on each image with probability p_jitter,
+    independent random parameters per image, on the images' device. Jitter: torchvision's ranges in the fixed order
+    brightness, contrast, saturation, hue (torchvision's ColorJitter shuffles the order per call; a fixed one is simpler
+    and keeps every pass batched over the images); hue rotates the chroma plane in YIQ space by hue * 2 pi (linear,
+    cheap, close to the HSV shift). uint8 (B, 3, H, W) -> same; deterministic under torch.manual_seed."""
     import torch
     assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, (images.dtype, images.shape)
     (B, _, H, W), dev = images.shape, images.device
@@ -508,9 +509,8 @@ def augment(images, pad=4, brightness=0.2, contrast=0.1, saturation=0.1, hue=0.0
     gray = lambda x: torch.tensor(_GRAY, device=dev).view(1, 1, 3) @ x  # (B, 1, H*W)
     x = images.contiguous().float().view(B, 3, H * W)  # channels first: broadcasts and bmm ~10x faster on a CPU
     x = x.mul_(factor(brightness)).clamp_(0, 255)  # in place where possible: this also runs on CPUs
-    c = factor(contrast)
+    c, s = factor(contrast), factor(saturation)
     x = x.mul_(c).add_(gray(x).mean(2, keepdim=True) * (1 - c)).clamp_(0, 255)
-    s = factor(saturation)
     x = x.mul_(s).add_(gray(x) * (1 - s)).clamp_(0, 255)
     theta = apply.view(B) * (2 * rand(B) - 1) * hue * 2 * math.pi
     c, s, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)

@@ -22,7 +22,7 @@ import torch
 
 from data import MixedSampler, Sampler, target_task_ids
 from train import (MIX_TAU, SHAPE_KEYS, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
-                   check_compatible, init_distributed, is_reserved, load_checkpoint, open_store, prepare_out_dir,
+                   check_compatible, is_reserved, load_checkpoint, open_store, prepare_out_dir,
                    restore_run, resume_state, run_cli, store_task_ids, train_loop, write_config)
 
 QTRACE_PATTERN = "qvalues_{:08d}.json"
@@ -108,7 +108,9 @@ def main(argv=None):
     if not args.resume and not args.ckpt:
         p.error("--ckpt is required (or --resume with an --out folder that holds checkpoints)")
 
-    _, _, device = init_distributed(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # 10 demos fit one GPU; only train.py is data parallel
+        raise SystemExit("finetune.py runs in a single process: start it with python, not torchrun")
+    device = args.device
     resumed, source, source_path, prior, target = open_run(args)
     agent = agent_from_checkpoint(source, device, source_path)
 
@@ -132,7 +134,9 @@ def main(argv=None):
     val_sampler = Sampler(target, "val", seed=0, gamma=agent.cfg.gamma, task_ids=target_ids, action_low=low,
                           action_high=high)
     val_ids = target.trajectory_ids("val")
-    if len(val_ids) == 0:
+    if agent.critic is None:
+        print("note: a BC learner has no Q-function, so this run writes no Q-value traces for select_ckpt.py")
+    elif len(val_ids) == 0:
         print(f"warning: {args.target} has no held-out (val) trajectory: no Q-value traces for select_ckpt.py")
 
     torch.manual_seed(args.seed)
@@ -149,7 +153,7 @@ def main(argv=None):
           f"{target.num_transitions('train')} target / {prior.num_transitions('train')} prior transitions, tau={args.mix}")
 
     def on_save(step):
-        if len(val_ids):
+        if len(val_ids) and agent.critic is not None:
             write_q_traces(agent, val_sampler, val_ids, step, args.out, target_ids[0])
 
     train_loop(agent, sampler, args, payload, start_step=start, on_save=on_save)

@@ -19,8 +19,8 @@ Everything counts in env steps: --env_steps, ckpt_<env step>.pt, progress.csv ro
 deterministic evaluations every --eval_every env steps from step 0). Each online trajectory is written once to
 episodes/episode_<n>.npz; a checkpoint lists those its buffer holds, so --resume refills it and continues
 exactly. Ctrl-C stops at the next env or gradient step and saves (dropping an unfinished rollout); a second one
-aborts. Rewards: the simulator's, or --classifier's label of each next observation (the real robot). Resets:
-the simulator resets itself; on the robot --reset_ckpt runs a reset policy after every episode (Section V-F),
+aborts. Rewards: the simulator's; on the robot --classifier's label of each next observation, else a person's
+answer after each episode. Resets: the simulator resets itself; on the robot --reset_ckpt runs a reset policy after every episode (Section V-F),
 otherwise the program waits for Enter.
 """
 import argparse
@@ -252,6 +252,20 @@ def load_labeler(path, device):
                                                            device)) > doc["threshold"]).float().numpy()
 
 
+def make_labeler(args):
+    """Rewards where the env gives none (the real arm): the classifier, else a person judges each episode."""
+    if args.classifier:
+        return load_labeler(args.classifier, args.device)
+    if args.env != "widowx":
+        return None
+
+    def ask(frames):  # success: the last transition gets r = 1
+        rewards = np.zeros(len(frames) - 1, np.float32)
+        rewards[-1] = float(input("episode over: did the robot succeed? [y/N] ").strip().lower().startswith("y"))
+        return rewards
+    return ask
+
+
 @torch.no_grad()
 def classifier_logits(clf, images, device, chunk=256):
     """uint8 (N, H, W, 3) numpy images -> (N,) CPU logits, a chunk at a time."""
@@ -480,7 +494,7 @@ def cmd_finetune(args):
           f"{args.mix_target}/{mix_online:.2f}, UTD {args.utd}, alpha {args.alpha_online}, Cal-QL {args.calql}")
     env = make_env(args.env, args.env_image_size or size, policy.task_name, args.max_steps, args.port, args.backend)
     try:
-        labeler = load_labeler(args.classifier, args.device) if args.classifier else None
+        labeler = make_labeler(args)
         online_loop(agent, env, policy, buffer, mixed, offline, args, payload, loop, make_resetter(args, env), labeler)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}") from None
@@ -493,7 +507,7 @@ def cmd_eval(args):
     size = args.env_image_size or policy.size
     env = make_env(args.env, size, policy.task_name, args.max_steps, args.port, args.backend)
     try:
-        labeler = load_labeler(args.classifier, args.device) if args.classifier else None
+        labeler = make_labeler(args)
         results = evaluate(env, policy, args.episodes, args.seed, args.max_steps, make_resetter(args, env),
                            video=(args.save_video, args.video_format) if args.save_video else None, labeler=labeler)
     finally:

@@ -9,7 +9,6 @@ comes 16 ms late; set 1 ms after every plug-in: echo 1 | sudo tee /sys/bus/usb-s
 Usage: python robot.py check|sleep|home --port /dev/ttyUSB0; python robot.py record --out target/my_task --episodes 10
 """
 import argparse, contextlib, os, select, struct, sys, threading, time
-
 import numpy as np
 
 # ---- Dynamixel protocol 2.0 (SPEC 6) --------------------------------------------------------------------------
@@ -33,6 +32,7 @@ NAMES = {1: "waist", 2: "shoulder", 3: "shoulder_shadow", 4: "elbow", 5: "elbow_
 JOINT_IDS, ARM_IDS, GRIPPER_ID, ALL_IDS = (1, 2, 4, 6, 7, 8), (1, 2, 3, 4, 5, 6, 7, 8), 9, tuple(range(1, 10))
 SHADOWS, REVERSED = {3: 2, 5: 4}, (3, 5, 7)    # shadow -> master (its Secondary ID); Drive Mode bit 0
 JOINT_LOW, JOINT_HIGH = np.radians([-180, -108, -123, -180, -100, -180]), np.radians([180, 114, 92, 180, 123, 180])
+VELOCITY_LIMIT, CALIBRATED_TICKS, STALL_TICKS = np.pi, 5, 2   # rad/s (SPEC 6); shadow vs master; gripper moved
 SLEEP_JOINTS, HOME_JOINTS = np.array([0.0, -1.80, 1.55, 0.0, 0.8, 0.0]), np.zeros(6)
 RESET_JOINTS = np.array([0.0, -0.191, 0.2993, 0.0, 1.4624, 0.0])   # gripper down at (0.25, 0, 0.18)
 SCREWS = np.array([[0, 0, 1, 0, 0, 0], [0, 1, 0, -0.11065, 0, 0], [0, 1, 0, -0.36065, 0, 0.04975],
@@ -40,16 +40,14 @@ SCREWS = np.array([[0, 0, 1, 0, 0, 0], [0, 1, 0, -0.11065, 0, 0], [0, 1, 0, -0.3
 M_HOME = np.array([[1, 0, 0, 0.458325], [0, 1, 0, 0], [0, 0, 1, 0.36065], [0, 0, 0, 1]], float)
 DOWN = np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]], float)   # gripper pointing down = Bridge's zero rotation
 WORKSPACE = ((0.10, -0.25, 0.0), (0.41, 0.143, 0.33))
-# gripper linkage (Interbotix xs_sdk defaults): finger = r sin(a) + sqrt(L^2 - r^2 cos^2(a)); finger travel in m
+# gripper linkage, Interbotix xs_sdk's (not this arm's: see read()): finger = r sin(a) + sqrt(L^2 - r^2 cos^2(a)), m
 HORN_RADIUS, LINK_LENGTH, FINGER_CLOSED, FINGER_OPEN = 0.014, 0.024, 0.015, 0.037
-
 class DynamixelError(RuntimeError): """The bus or a servo reported a problem; the message says which and what to do."""
 class PacketError(DynamixelError): """A corrupted packet (bad CRC)."""
 class NoStatusError(DynamixelError): """A servo did not answer."""
 class ServoError(DynamixelError): """A status packet carried an error code (1..7)."""
 class HardwareError(DynamixelError): """A servo latched a hardware error: torque off until rebooted."""
 class IKError(ValueError): """Inverse kinematics did not converge."""
-
 def crc16(data):   # CRC-16 of protocol 2.0: polynomial 0x8005, initial value 0, not reflected
     crc = 0
     for byte in data:
@@ -57,19 +55,14 @@ def crc16(data):   # CRC-16 of protocol 2.0: polynomial 0x8005, initial value 0,
         for _ in range(8):
             crc = ((crc << 1) ^ 0x8005 if crc & 0x8000 else crc << 1) & 0xFFFF
     return crc
-
-def stuff(body):   # a header inside the data would read as a new packet: every FF FF FD gets an extra FD
-    return bytes(body).replace(b"\xff\xff\xfd", b"\xff\xff\xfd\xfd")
-
-def unstuff(body):
-    return bytes(body).replace(b"\xff\xff\xfd\xfd", b"\xff\xff\xfd")
-
+# byte stuffing: a header inside the data would read as a new packet, so every FF FF FD gets an extra FD
+def stuff(body): return bytes(body).replace(b"\xff\xff\xfd", b"\xff\xff\xfd\xfd")
+def unstuff(body): return bytes(body).replace(b"\xff\xff\xfd\xfd", b"\xff\xff\xfd")
 def make_packet(dxl_id, instruction, params=b""):
     """Header, ID, length, instruction, params (stuffed), CRC. Status packets too: 0x55, error byte + data."""
     body = stuff(bytes([instruction]) + bytes(params))
     packet = HEADER + bytes([dxl_id]) + struct.pack("<H", len(body) + 2) + body
     return packet + struct.pack("<H", crc16(packet))
-
 def split_packet(buf):
     """First packet in buf -> ((id, instruction, unstuffed params) or None, rest of buf, bytes still missing).
     Bytes before a header are dropped (a partial header at the end is kept); a bad CRC raises PacketError."""
@@ -86,9 +79,7 @@ def split_packet(buf):
         raise PacketError(f"bad CRC in a packet from ID {packet[4]}: {packet.hex(' ')}")
     body = unstuff(packet[7:-2])
     return (packet[4], body[0], body[1:]), rest, 0
-
-def _pack(value, size):
-    return struct.pack(_FORMATS[size], *np.atleast_1d(value).astype(int).tolist())
+def _pack(value, size): return struct.pack(_FORMATS[size], *np.atleast_1d(value).astype(int).tolist())
 
 class DynamixelBus:
     """Dynamixel 2.0 master; port: a path (opened by pyserial) or an object with read(n), write, reset_input_buffer"""
@@ -133,12 +124,10 @@ class DynamixelBus:
         missing = ", ".join(str(i) for i in reply_ids if i not in out)
         raise NoStatusError(f"no status packet from servo ID {missing} on {self.name} at {self.baud} baud ({name}, "
                             f"{self.retries} tries of {self.timeout} s). Check the 12 V power, the port (ls "
-                            "/dev/ttyUSB*), the baud (WidowX: 1000000) and the ID. If replies come but late, set the "
-                            "FTDI latency timer to 1 ms: echo 1 | sudo tee /sys/bus/usb-serial/devices/ttyUSB0/"
-                            "latency_timer")
+                            "/dev/ttyUSB*), the baud (WidowX: 1000000), the ID. Late replies: set the FTDI latency "
+                            "timer to 1 ms (echo 1 | sudo tee /sys/bus/usb-serial/devices/ttyUSB0/latency_timer)")
     # the instructions; an item is a control table (address, bytes)
-    def ping(self, dxl_id):   # -> model number
-        return struct.unpack_from("<H", self.transact(dxl_id, PING)[dxl_id])[0]
+    def ping(self, dxl_id): return struct.unpack_from("<H", self.transact(dxl_id, PING)[dxl_id])[0]   # -> model number
     def read(self, dxl_id, item):
         return struct.unpack_from(_FORMATS[item[1]], self.transact(dxl_id, READ, struct.pack("<HH", *item))[dxl_id])[0]
     def write(self, dxl_id, item, value):
@@ -153,70 +142,102 @@ class DynamixelBus:
         data = b"".join(bytes([i]) + _pack(v, item[1]) for i, v in values.items())
         self.transact(BROADCAST, SYNC_WRITE, struct.pack("<HH", *item) + data, reply_ids=())
     def close(self): self.port.close()
-
-def rad_to_ticks(q):
-    return np.round(np.asarray(q) / np.pi * 2047.5 + 2047.5).astype(int)
-
-def ticks_to_rad(t):
-    return (np.asarray(t, float) - 2047.5) * np.pi / 2047.5
-
+def rad_to_ticks(q): return np.round(np.asarray(q) / np.pi * 2047.5 + 2047.5).astype(int)
+def ticks_to_rad(t): return (np.asarray(t, float) - 2047.5) * np.pi / 2047.5
 def gripper_fraction(angle):   # gripper servo angle (rad) -> 0 closed .. 1 open, by the finger travel
     a1 = HORN_RADIUS * np.sin(angle)
     finger = a1 + np.sqrt(LINK_LENGTH ** 2 - HORN_RADIUS ** 2 + a1 ** 2)
     return float(np.clip((finger - FINGER_CLOSED) / (FINGER_OPEN - FINGER_CLOSED), 0.0, 1.0))
-
 def hardware_messages(status):
     return [m for bit, m in HARDWARE_ERRORS.items() if status >> bit & 1] or [f"hardware error status {status}"]
+def move_seconds(q, q_now, seconds, limit=VELOCITY_LIMIT):   # the profile time: `seconds`, or longer where a joint
+    # would pass the limit. The profile ramps a quarter of the time (peak 4/3 of the mean): 1.5 x keeps it at 0.89
+    dq = np.abs(np.clip(np.asarray(q, float), JOINT_LOW, JOINT_HIGH) - np.asarray(q_now, float))
+    return max(seconds, 1.5 * float(dq.max()) / limit)
 
 class Arm:
     """A backend: read() -> (joints, gripper 0 closed .. 1 open), command(q, grip=None, seconds=None),
     set_gripper(+1 open, -1 close, 0 stop), torque(on), setup(), hardware_errors(), close(); hold and move."""
-    alerts, opening, log = frozenset(), False, print
+    alerts, opening, log, velocity_limit = frozenset(), False, print, VELOCITY_LIMIT   # rad/s: move_seconds
     def hardware_errors(self): return {}
     def close(self): pass
     def hold(self):
         self.command(self.read()[0])
         if self.opening:   # an opening gripper stops; a closing one keeps its grasp
             self.set_gripper(0)
-    def move(self, q, seconds=2.0):   # a joint move taking `seconds`, with a 10 % margin to arrive
+    def move(self, q, seconds=2.0):   # a joint move taking `seconds` (or longer: move_seconds), with 10 % to arrive
+        seconds = move_seconds(q, self.read()[0], seconds, self.velocity_limit)
         self.command(q, seconds=seconds)
         time.sleep(1.1 * seconds)
 
 class DynamixelArm(Arm):
-    """The WidowX 250 6-DOF on a DynamixelBus, configured the way the Interbotix firmware config expects."""
-    def __init__(self, bus, grip_pwm=350, log=print):
-        self.bus, self.alerts, self.grip_pwm, self.log = bus, bus.alerts, grip_pwm, log
-        self.grip, self.pwm, self.seconds = 0.0, 0, None
+    """The WidowX 250 6-DOF on a DynamixelBus, set up as Interbotix's firmware config; gripper PWMs: read()."""
+    def __init__(self, bus, grip_pwm=350, hold_pwm=150, stall_s=0.5, log=print):
+        self.bus, self.alerts, self.grip_pwm, self.hold_pwm, self.stall_s = bus, bus.alerts, grip_pwm, hold_pwm, stall_s
+        self.grip, self.pwm, self.seconds, self.log, self.stalled, self._grip_at = 0.0, 0, None, log, 0, (-1e9, 0.)
     opening = property(lambda self: (self.pwm or 0) > 0)
     def setup(self):
-        """Torque off, EEPROM configuration, shadow calibration, goals = present positions (no jump), torque on."""
+        """Reads first (they work with torque on); only when EEPROM needs writing does the torque go off, and an arm
+        holding itself up goes to the sleep pose before (it would drop). Then: write what differs (EEPROM wears
+        out), calibrate the shadows, goals = present positions (no jump), torque on."""
         for i in ALL_IDS:   # all there before anything changes
             self.bus.ping(i)
-        self.torque(False)   # EEPROM (address < 64) is writable only with torque off
-        low, high = rad_to_ticks(JOINT_LOW), rad_to_ticks(JOINT_HIGH)
-        for i in ALL_IDS:
-            config = [(RETURN_DELAY, 0), (DRIVE_MODE, (i in REVERSED) | 4 * (i in ARM_IDS)),   # 4: time profile
-                      (SECONDARY_ID, SHADOWS.get(i, 255)), (OPERATING_MODE, 16 if i == GRIPPER_ID else 3)]
-            if i in ARM_IDS:   # position limits; a shadow takes its master's
-                j = JOINT_IDS.index(SHADOWS.get(i, i))
-                config += [(MAX_POSITION, high[j]), (MIN_POSITION, low[j])]
-            for item, value in config:
-                if self.bus.read(i, item) != value:   # EEPROM wears out: write only what differs
-                    self.bus.write(i, item, value)
-        for shadow, master in SHADOWS.items():   # Homing Offset: the shadow reads its master's position
-            # The offset is added before the direction reversal, so a reversed shadow needs shadow - master, as
-            # Interbotix's xs_sdk does (SPEC 6's master - shadow is the forward case). Skipped when calibrated.
-            if abs(self.bus.read(shadow, PRESENT_POSITION) - self.bus.read(master, PRESENT_POSITION)) > 1:
-                self.bus.write(shadow, HOMING_OFFSET, 0)
-                m, s = self.bus.read(master, PRESENT_POSITION), self.bus.read(shadow, PRESENT_POSITION)
-                self.bus.write(shadow, HOMING_OFFSET, s - m if shadow in REVERSED else m - s)
+        low, high, want = rad_to_ticks(JOINT_LOW), rad_to_ticks(JOINT_HIGH), {}
+        for i in ALL_IDS:   # position limits: a shadow takes its master's
+            j = JOINT_IDS.index(SHADOWS.get(i, i)) if i in ARM_IDS else None
+            want.update({(i, RETURN_DELAY): 0, (i, DRIVE_MODE): (i in REVERSED) | 4 * (i in ARM_IDS),  # 4: time
+                         (i, SECONDARY_ID): SHADOWS.get(i, 255), (i, OPERATING_MODE): 16 if i == GRIPPER_ID else 3,
+                         **({(i, MAX_POSITION): high[j], (i, MIN_POSITION): low[j]} if j is not None else {})})
+        have = {key: self.bus.read(*key) for key in want}
+        writes = [key for key in want if have[key] != want[key]]
+        pos = self.bus.sync_read(ALL_IDS, PRESENT_POSITION)   # comparable once both Drive Modes are right
+        calibrate = [s for s, m in SHADOWS.items() if (s, DRIVE_MODE) in writes or (m, DRIVE_MODE) in writes
+                     or abs(pos[s] - pos[m]) > CALIBRATED_TICKS]
+        if writes or calibrate:
+            if any(self.bus.sync_read(ARM_IDS, TORQUE_ENABLE).values()):   # it would drop: to the sleep pose first
+                # with the present settings; without Drive Mode bit 2, a velocity profile of 0.48 rad/s (20 x 0.229 rpm)
+                self.log("setup: the arm holds itself up and EEPROM needs writing: to the sleep pose, then torque off")
+                q, timed = self.read()[0], {i: have[i, DRIVE_MODE] & 4 for i in ARM_IDS}
+                self.seconds = max(move_seconds(SLEEP_JOINTS, q, 2.0, self.velocity_limit),
+                                   0.0 if all(timed.values()) else float(np.abs(SLEEP_JOINTS - q).max()) / 0.48 + 0.5)
+                ms = int(round(self.seconds * 1000))
+                self.bus.sync_write(PROFILE, {i: (ms // 4, ms) if timed[i] else (5, 20) for i in ARM_IDS})
+                self.command(SLEEP_JOINTS)
+                time.sleep(1.1 * self.seconds)
+            self.torque(False)   # EEPROM (address < 64) is writable only with torque off
+            for i, item in writes:
+                self.bus.write(i, item, want[i, item])
+            for shadow in calibrate:
+                self._calibrate(shadow, SHADOWS[shadow])
         self.pwm, self.seconds = None, None   # unknown: both get written
         self.command(self.read()[0], seconds=2.0)
         self.set_gripper(0)
         self.torque(True)
+    def _calibrate(self, shadow, master):
+        """Homing Offset so that the shadow reads its master's position. The sign for a reversed servo is undocumented
+        (Interbotix's xs_sdk: shadow - master, SPEC 6: master - shadow): try one, check, else the other, else stop."""
+        self.bus.write(shadow, HOMING_OFFSET, 0)
+        m, s = tried = [self.bus.read(i, PRESENT_POSITION) for i in (master, shadow)]
+        for offset in ((s - m, m - s) if shadow in REVERSED else (m - s, s - m)):
+            self.bus.write(shadow, HOMING_OFFSET, offset)
+            tried += [offset] + [self.bus.read(i, PRESENT_POSITION) for i in (master, shadow)]
+            if abs(tried[-1] - tried[-2]) <= CALIBRATED_TICKS:
+                return offset
+        raise DynamixelError(f"shadow servo ID {shadow} ({NAMES[shadow]}) does not follow master ID {master}: they "
+                             f"read {m} and {s} ticks with Homing Offset 0; (offset, master, shadow) then: "
+                             f"{tried[2:5]}, {tried[5:]}. Keep the arm still during setup; are both horns bolted on?")
     def read(self):   # one SYNC_READ, of the shadows too: their replies carry their alert bits
-        pos = self.bus.sync_read(ALL_IDS, PRESENT_POSITION)
+        pos, now = self.bus.sync_read(ALL_IDS, PRESENT_POSITION), time.monotonic()
         self.grip = gripper_fraction(ticks_to_rad(pos[GRIPPER_ID]))
+        # stall guard: 0..1 uses Interbotix's linkage constants, not this gripper's: a stop may come first. Driven but
+        # still for stall_s -> PWM 0 if opening, hold_pwm if closing (Interbotix's least grip: a grasp holds).
+        # _grip_at: the gripper's last position that differed by more than STALL_TICKS, and since when
+        if abs(pos[GRIPPER_ID] - self._grip_at[0]) > STALL_TICKS:
+            self._grip_at = (pos[GRIPPER_ID], now)
+        elif self.pwm and not self.stalled and now - self._grip_at[1] >= self.stall_s:
+            self.stalled = 1 if self.pwm > 0 else -1
+            self.log(f"gripper stalled at {self.grip:.2f} with PWM {self.pwm} (a mechanical stop, or an object)")
+            self.set_gripper(self.stalled)
         return ticks_to_rad([pos[i] for i in JOINT_IDS]), self.grip
     def command(self, q, grip=None, seconds=None):
         """Goal joints, clipped to the limits whatever the caller computed, reached in `seconds` (time-based
@@ -233,18 +254,17 @@ class DynamixelArm(Arm):
         if grip is not None:
             self.set_gripper(1 if grip >= 0.5 else -1)
     def set_gripper(self, direction):
-        """PWM mode has no position limits: stop at the ends of the finger travel (as Interbotix does)."""
-        pwm = direction * self.grip_pwm
-        if (pwm > 0 and self.grip >= 1.0) or (pwm < 0 and self.grip <= 0.0):
-            pwm = 0
+        """PWM mode has no position limits: stop at the ends of the travel (as Interbotix does); stalls: read()."""
+        self.stalled = self.stalled if direction == self.stalled else 0
+        pwm = direction * self.grip_pwm if not self.stalled else -self.hold_pwm if direction < 0 else 0
+        pwm = 0 if (pwm > 0 and self.grip >= 1.0) or (pwm < 0 and self.grip <= 0.0) else pwm
         if pwm != self.pwm:
             self.bus.write(GRIPPER_ID, GOAL_PWM, pwm)
-            self.pwm = pwm
-    def torque(self, on):
-        if on:
-            for i in ALL_IDS:
-                self.bus.write(i, TORQUE_ENABLE, 1)
-        else:   # SYNC_WRITE needs no replies: it reaches every servo that still listens, even with one gone
+            self.pwm, self._grip_at = pwm, (self._grip_at[0], time.monotonic())
+    def torque(self, on):   # off by SYNC_WRITE: no replies needed, it reaches every servo still listening
+        for i in ALL_IDS if on else ():
+            self.bus.write(i, TORQUE_ENABLE, 1)
+        if not on:
             self.bus.sync_write(TORQUE_ENABLE, {i: 0 for i in ALL_IDS})
     def hardware_errors(self):   # -> {id: [messages]} for the servos that raised the alert bit
         return {i: hardware_messages(self.bus.read(i, HARDWARE_ERROR)) for i in sorted(self.alerts)}
@@ -260,9 +280,8 @@ class InterbotixArm(Arm):
             try:
                 from interbotix_xs_modules.arm import InterbotixManipulatorXS        # ROS 1
             except ImportError:
-                raise ImportError("--backend interbotix needs Interbotix's Python API (interbotix_xs_modules) with "
-                                  "xsarm_control running; --backend dynamixel needs neither ROS nor Interbotix") \
-                    from None
+                raise ImportError("--backend interbotix needs Interbotix's Python API (interbotix_xs_modules) "
+                                  "and xsarm_control; --backend dynamixel needs neither ROS nor Interbotix") from None
         self.bot, self.log, self.seconds = InterbotixManipulatorXS(robot_model, "arm", "gripper"), log, 2.0
         self.core = getattr(self.bot, "core", None) or self.bot.dxl
     def read(self):
@@ -282,32 +301,26 @@ class InterbotixArm(Arm):
             (getattr(self.bot.gripper, names[0], None) or getattr(self.bot.gripper, names[1]))(delay=0)
     def torque(self, on): self.core.robot_torque_enable("group", "all", on)
     def setup(self): self.torque(True)
-
 def make_arm(backend="dynamixel", port="/dev/ttyUSB0", baud=1_000_000, log=print):
     if backend not in ("dynamixel", "interbotix"):
         raise ValueError(f"backend must be 'dynamixel' or 'interbotix', got {backend!r}")
     return DynamixelArm(DynamixelBus(port, baud), log=log) if backend == "dynamixel" else InterbotixArm(log=log)
 
 # ---- kinematics (SPEC 6: product of exponentials in the space frame) -------------------------------------------
-def _skew(w):
-    return np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
-
+def _skew(w): return np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
 def _rot(w, theta):   # Rodrigues: rotation by theta about the unit axis w
     k = _skew(w)
     return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
-
 def _exp_screw(s, theta):
     k, T = _skew(s[:3]), np.eye(4)
     T[:3, :3] = _rot(s[:3], theta)
     T[:3, 3] = (np.eye(3) * theta + (1 - np.cos(theta)) * k + (theta - np.sin(theta)) * k @ k) @ s[3:]
     return T
-
 def forward_kinematics(q):   # joints (6,) -> 4x4 pose of ee_gripper_link in base_link: e^[S1]q1 ... e^[S6]q6 M
     T = np.eye(4)
     for s, theta in zip(SCREWS, q):
         T = T @ _exp_screw(s, theta)
     return T @ M_HOME
-
 def _jacobian(q, p):   # 6x6: rows 0-2 the angular velocity, rows 3-5 the velocity of the end-effector point p
     T, J = np.eye(4), np.zeros((6, 6))
     for i, (s, theta) in enumerate(zip(SCREWS, q)):
@@ -316,7 +329,6 @@ def _jacobian(q, p):   # 6x6: rows 0-2 the angular velocity, rows 3-5 the veloci
         J[:3, i], J[3:, i] = w, v + np.cross(w, p)
         T = T @ _exp_screw(s, theta)
     return J
-
 def rotation_log(R):   # rotation matrix -> rotation vector (axis * angle), also at angle pi
     w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2
     s, c = np.linalg.norm(w), (np.trace(R) - 1) / 2
@@ -324,7 +336,6 @@ def rotation_log(R):   # rotation matrix -> rotation vector (axis * angle), also
         v = (R + np.eye(3))[:, np.argmax(np.diag(R))]
         return v / np.linalg.norm(v) * np.pi
     return w / s * np.arctan2(s, c) if s > 1e-9 else w
-
 def inverse_kinematics(T_goal, seed, iters=200, damping=0.02, tol_pos=1e-4, tol_rot=1e-3):
     """Damped least squares from `seed` (the current joints), clipped to the joint limits at every iteration.
     Raises IKError with the residual when it does not converge: the caller holds the arm, it never guesses."""
@@ -339,10 +350,7 @@ def inverse_kinematics(T_goal, seed, iters=200, damping=0.02, tol_pos=1e-4, tol_
         q = np.clip(q + dq * min(1.0, 0.5 / (np.abs(dq).max() + 1e-12)), JOINT_LOW, JOINT_HIGH)  # no leaps
     raise IKError(f"IK did not converge in {iters} iterations: position error {np.linalg.norm(err[3:]) * 1e3:.1f} "
                   f"mm, rotation error {np.linalg.norm(err[:3]):.3f} rad (unreachable, or beyond the joint limits)")
-
-def euler_to_matrix(e):   # Euler angles xyz (extrinsic) -> R = Rz(e2) Ry(e1) Rx(e0)
-    return _rot((0, 0, 1), e[2]) @ _rot((0, 1, 0), e[1]) @ _rot((1, 0, 0), e[0])
-
+def euler_to_matrix(e): return _rot((0, 0, 1), e[2]) @ _rot((0, 1, 0), e[1]) @ _rot((1, 0, 0), e[0])   # xyz extr.
 def pose_to_state(T, grip):
     """Bridge state: xyz, euler xyz of the rotation relative to pointing down, gripper (0 closed .. 1 open)."""
     R = T[:3, :3] @ DOWN.T
@@ -356,7 +364,6 @@ def _cv2():
     except ImportError:
         raise ImportError("the camera needs opencv: pip install opencv-python (or camera=None)") from None
     return cv2
-
 def open_camera(camera):   # None (black images), anything with read() -> (ok, BGR frame), an opencv index or path
     if camera is None or hasattr(camera, "read"):
         return camera
@@ -385,8 +392,7 @@ class WidowXEnv:
         self.period, self.max_steps, self.move_s = 1.0 / control_hz, max_steps, move_s
         self.workspace = (np.asarray(workspace[0], float), np.asarray(workspace[1], float))
         self.max_joint_step, self.watchdog_s, self.reset_joints = max_joint_step, watchdog_s, reset_joints
-        self._lock, self._stop, self._last = threading.RLock(), threading.Event(), None
-        self._ready = self._held = False
+        self._lock, self._stop, self._last, self._ready, self._held = threading.RLock(), threading.Event(), None, 0, 0
         if watchdog_s:   # wakes 4 times per watchdog_s; acts only on a ready env, between steps
             threading.Thread(target=self._watch, daemon=True).start()
     def _watch(self):
@@ -447,7 +453,7 @@ class WidowXEnv:
                 except IKError as e:   # hold; the target stays at the last reachable pose
                     q_goal, info["ik_error"] = self._q, str(e)
                 q = self._q + np.clip(q_goal - self._q, -self.max_joint_step, self.max_joint_step)
-                self.arm.command(q, grip=a[6], seconds=self.period)   # the move takes one tick
+                self.arm.command(q, grip=a[6], seconds=move_seconds(q, self._q, self.period, self.arm.velocity_limit))
                 self._last, self._held = time.monotonic(), False
             # 5 Hz while the policy keeps up, and never observe sooner than half a tick after the command
             self._tick = max(self._tick + self.period, self._last + self.period / 2)
@@ -490,7 +496,6 @@ TELEOP_KEYS = {"w": (0, 1), "s": (0, -1), "a": (1, 1), "d": (1, -1), "r": (2, 1)
 TELEOP_HELP = """Keys, one move per 5 Hz tick while held: w/s forward/back (x), a/d left/right (y), r/f up/down (z),
 u/o roll, i/k pitch, j/l yaw, space opens/closes the gripper. Enter ends the episode and keeps it, Backspace
 discards it, q quits (kept episodes are saved), Ctrl-C stops the arm safely (sleep pose, torque off)."""
-
 def record_episode(env, keys, max_steps=100, step_m=0.02, step_rad=0.08):
     """One teleoperated episode -> (Bridge trajectory or None when discarded, quit?); keys() -> chars typed."""
     observations, actions, grip = [env.reset()], [], 1.0
@@ -510,7 +515,6 @@ def record_episode(env, keys, max_steps=100, step_m=0.02, step_rad=0.08):
     obs = [{"images0": o["image"], "state": o["state"]} for o in observations]
     return {"observations": obs[:-1], "next_observations": obs[1:], "actions": np.asarray(actions, np.float32),
             "terminals": np.zeros(len(actions), np.float32)} if actions else None, False
-
 def record(env, out_dir, episodes, keys, max_steps=100, val_every=5, log=print):
     """Record `episodes` more episodes into out_dir (every val_every-th to val/), saving after each one."""
     paths = {split: os.path.join(out_dir, split, "out.npy") for split in ("train", "val")}
@@ -532,7 +536,6 @@ def record(env, out_dir, episodes, keys, max_steps=100, val_every=5, log=print):
             os.replace(paths[split] + ".tmp", paths[split])
         log(f"kept {len(trajectory['actions'])} steps; {len(splits['train'])} train + {len(splits['val'])} val")
     return episodes
-
 @contextlib.contextmanager
 def terminal_keys():   # -> keys(): what was typed since the last call, without Enter or echo; Ctrl-C still works
     import termios, tty
@@ -542,7 +545,6 @@ def terminal_keys():   # -> keys(): what was typed since the last call, without 
         yield lambda: os.read(fd, 1024).decode(errors="ignore") if select.select([fd], [], [], 0)[0] else ""
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
 def check(bus, reboot=False, log=print):   # a line per servo 1-9: model, position, temperature, errors -> all there?
     missing = []   # the first missing servo's message explains what to check
     for i in ALL_IDS:
@@ -558,7 +560,6 @@ def check(bus, reboot=False, log=print):   # a line per servo 1-9: model, positi
             log(f"ID {i} {NAMES[i]:<15} no reply" + ("" if missing else f"\n{e}"))
             missing.append(i)
     return not missing
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -592,7 +593,6 @@ def main(argv=None):
             as env, terminal_keys() as keys:
         record(env, args.out, args.episodes, keys, args.max_steps, args.val_every)
     return 0
-
 if __name__ == "__main__":
     try:
         sys.exit(main())

@@ -3,6 +3,7 @@
 Sections: data.py, model.py + cql.py, train/finetune/select_ckpt, sim_binsort.py, robot.py, online.py.
 Private helpers carry their section's prefix (_data_, _core_, _pipe_, _sim_, _robot_, _online_)."""
 
+import copy
 import csv
 import json
 import math
@@ -126,6 +127,11 @@ def test_data_mixing_counts(tmp_path):
     assert batch["obs"].shape == (64, 3, 8, 8) and batch["reward"].shape == (64,)
     with pytest.raises(ValueError, match="summing to 1"):
         data.MixedSampler(samplers[:2], [0.9, 0.2])
+    # a 0 fraction draws nothing, even last (online.py with no online data): the rest goes to the last f > 0
+    empty = data.ReplayBuffer(10, 8, gamma=0.9)  # sampling it raises
+    no_online = data.MixedSampler(samplers[:2] + [empty], [0.35, 0.65, 0])
+    assert no_online.counts(64) == [22, 42, 0] and len(no_online.sample(64)["task"]) == 64
+    assert data.MixedSampler(samplers[:2], [1, 0]).counts(7) == [7, 0]
 
 
 def test_data_aliases_and_task_ids(tmp_path):
@@ -205,6 +211,33 @@ def test_data_killed_conversion_leaves_no_store(tmp_path):
     with pytest.raises(data.BridgeFormatError):  # a bad file: the old store is left as it was, no tmp folder
         data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
+
+
+def test_data_two_processes_converting_the_same_files(tmp_path, monkeypatch):
+    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
+    store = tmp_path / "store"
+    st = data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)  # the first process's store
+    (store / "first").write_text("")
+    root, sources = data.find_sources(tmp_path / "tree")
+    with monkeypatch.context() as m:  # the second one looked before the first renamed its store into place
+        m.setattr(os.path, "exists", lambda p, exists=os.path.exists: os.fspath(p) != str(store) and exists(p))
+        data.convert(sources, root, str(store), st.meta["key"], st.meta["options"], log=lambda *_: None)
+    assert (store / "first").exists() and data.Store(store).num_transitions() == 10  # kept, no ENOTEMPTY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]  # our tmp folder is gone
+    data.convert(sources, root, str(store), "other", st.meta["options"], log=lambda *_: None)
+    assert not (store / "first").exists() and data.Store(store).meta["key"] == "other"  # an old store is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
+
+
+def test_data_empty_split_file_counts_as_absent(tmp_path):
+    # robot.py record writes an empty val/out.npy until the 5th kept episode: the 90/10 split still holds one out
+    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=4, n_val=0)
+    _data_write_tree(tmp_path / "tree", ["k/b"], n_traj=0, n_val=4)
+    data.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
+    data.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
+    st = data.load_store(tmp_path / "tree", log=lambda *_: None)
+    assert st.task_names == ["a", "b"] and np.bincount(st.traj_task[st.trajectory_ids("val")]).tolist() == [1, 1]
+    assert np.bincount(st.traj_task[st.trajectory_ids("train")]).tolist() == [3, 3]
 
 
 def test_data_augment(tmp_path):
@@ -318,7 +351,17 @@ def test_data_bad_input_errors(tmp_path):
     t = good()
     t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.zeros(6))
     _data_error(tmp_path, [t], r"'next_observations\[2\].state': expected 7 floats")
-    _data_error(tmp_path, [good(), good(0)], r"trajectory 1: field 'actions': .* got an empty trajectory")
+    _data_error(tmp_path, [good(), good(0)], r"trajectory 1: field 'actions': .* got float64 array of shape \(0, 7\)")
+    t = good()
+    t["actions"] = [list(a) for a in t["actions"]][:2] + [[0.0] * 6]
+    _data_error(tmp_path, [t], r"trajectory 0: field 'actions': expected a \(T, 7\) float .* got a ragged list")
+    t = good()
+    t["observations"][2] = dict(t["observations"][2], state=["up"] * 7)
+    _data_error(tmp_path, [t], r"'observations\[2\].state': expected 7 floats .* got <U2 array of shape \(7,\)")
+    t = good()
+    t["observations"][0] = dict(t["observations"][0], state=[[0.0] * 3, [0.0] * 4])
+    _data_error(tmp_path, [t], r"'observations\[0\].state': expected 7 floats .* got a ragged list")
+    _data_error(tmp_path, [dict(good(), terminals=[None] * 3)], r"'terminals': expected 3 numbers, got object array")
     _data_error(tmp_path, [good(), ["not", "a", "dict"]], r"trajectory 1: field '<trajectory>': expected a dict")
     _data_error(tmp_path, np.zeros(3), r"field '<file>': expected a list of trajectory dicts, got float64 array")
     _data_error(tmp_path, [good()], r"field 'observations\[0\].images1': expected .*camera missing", camera="images1")
@@ -333,18 +376,22 @@ def test_data_skip_bad_and_cli(tmp_path):
     rng = np.random.default_rng(0)
     bad = data.synthetic_trajectory(3, 8, rng)
     del bad["observations"]
+    ragged, words = data.synthetic_trajectory(3, 8, rng), data.synthetic_trajectory(3, 8, rng)
+    ragged["actions"] = [list(a) for a in ragged["actions"]][:2] + [[0.0] * 6]  # numpy raises a bare ValueError
+    words["next_observations"][-1] = dict(words["next_observations"][-1], state=["x"] * 7)
     _data_save(str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"),
-               [data.synthetic_trajectory(3, 8, rng), bad, data.synthetic_trajectory(4, 8, rng)])
+               [data.synthetic_trajectory(3, 8, rng), bad, data.synthetic_trajectory(4, 8, rng), ragged, words])
     logs = []
     st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
-    assert st.num_transitions() == 7 and st.meta["skipped"] == 1 and "skipped 1 bad" in logs[-1]
+    assert st.num_transitions() == 7 and st.meta["skipped"] == 3 and "skipped 3 bad" in logs[-1]
+    assert "trajectory 3: field 'actions'" in logs[-1] and "4: field 'next_observations[2].state'" in logs[-1]
     cli = [sys.executable, data.__file__]
     proc = subprocess.run(cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s"], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "trajectory 1: field 'observations': expected a key" in proc.stderr
     proc = subprocess.run(cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s", "--skip_bad"],
                           capture_output=True, text=True)
-    assert proc.returncode == 0 and "skipped 1 bad" in proc.stdout
+    assert proc.returncode == 0 and "skipped 3 bad" in proc.stdout
     proc = subprocess.run(cli + ["info", tmp_path / "s"], capture_output=True, text=True)
     assert proc.returncode == 0 and "2 trajectories, 7 transitions" in proc.stdout and " a" in proc.stdout
 
@@ -689,6 +736,28 @@ def test_core_switch_cql_to_awbc():
         bc.update(batch)
 
 
+def test_core_optimizer_state_takes_the_parameters_layout_on_load():
+    """A GPU checkpoint holds channels_last Adam moments; loading it elsewhere must give the parameter's layout."""
+    cfg = _core_cfg()
+    a = Agent(cfg)
+    batch = cql.random_batch(cfg, 4)
+    a.update(batch)
+    sd = copy.deepcopy(a.state_dict())  # as torch.load gives it: no tensor shared with a's live optimizer
+    for st in sd["optimizers"]["critic"]["state"].values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() == 4:
+                st[k] = v.contiguous(memory_format=torch.channels_last)
+    b, c = Agent(cfg), Agent(cfg)
+    b.load_state_dict(sd)
+    c.load_state_dict(copy.deepcopy(a.state_dict()))
+    for opt in b.optimizers.values():
+        for p, st in opt.state.items():
+            assert all(v.stride() == p.stride() for v in st.values() if torch.is_tensor(v) and v.shape == p.shape)
+    b.update(batch), c.update(batch)
+    for (name, x), (_, y) in zip(b.critic.named_parameters(), c.critic.named_parameters()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
 # ====================================================================================================
 # train.py, finetune.py, select_ckpt.py
 # ====================================================================================================
@@ -815,6 +884,9 @@ def test_pipeline_torchrun_two_processes_gloo(pipe_data, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [s for s, _ in train.list_checkpoints(out)] == [2]
+    # every rank's random streams are kept (an exact torchrun resume), and they differ: data parallel
+    states = train.load_checkpoint(str(out / "ckpt_00000002.pt"))["rank_states"]
+    assert len(states) == 2 and states[0]["sampler"] != states[1]["sampler"]
 
 
 def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrained, tmp_path):
@@ -863,6 +935,42 @@ def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(pipe_da
     with pytest.raises(FloatingPointError, match="critic_loss became nan at step 3"):
         train.main(["--data", str(prior), "--out", str(out), "--steps", "5", "--save_every", "2", *TINY])
     assert [s for s, _ in train.list_checkpoints(out)] == [2]
+
+
+def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    real_update, calls = train.Agent.update, []
+
+    def update(self, batch):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C arrives during the third update: the last finished step is 2
+            raise KeyboardInterrupt
+        return real_update(self, batch)
+
+    monkeypatch.setattr(train.Agent, "update", update)
+    args = ["--data", str(prior), "--out", str(tmp_path / "run"), "--steps", "4", "--save_every", "10", *TINY]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 130 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2]
+    monkeypatch.setattr(train.Agent, "update", real_update)
+    train.main([*args, "--resume"])
+    assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2, 4]
+
+
+def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_path):
+    _, prior, target = pipe_data
+    for seed in ("0", "1"):
+        train.main(["--data", str(prior), "--out", str(tmp_path / f"s{seed}"), "--steps", "1", "--save_every", "1",
+                    "--seed", seed, *TINY])
+    w0, w1 = (train.load_checkpoint(str(tmp_path / f"s{s}" / "ckpt_00000001.pt"))["agent"]["nets"]["critic"]
+              for s in "01")
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0)  # --seed changes the initial weights too
+    train.main(["--data", str(prior), "--out", str(tmp_path / "bc"), "--steps", "1", "--save_every", "1",
+                "--algo", "bc", *TINY])
+    finetune.main(["--ckpt", str(tmp_path / "bc" / "ckpt_00000001.pt"), "--prior", str(prior), "--target",
+                   str(target), "--steps", "2", "--save_every", "1", "--out", str(tmp_path / "bc_ft"), *TINY[2:]])
+    assert [s for s, _ in train.list_checkpoints(tmp_path / "bc_ft")] == [1, 2]
+    assert not list((tmp_path / "bc_ft").glob("qvalues_*.json"))  # a BC learner has no Q-values to trace
 
 
 def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
@@ -1094,7 +1202,9 @@ class _RobotFakeBus:
     defaults), a raw encoder position and the XM430 rules the driver depends on: Present Position = raw + Homing
     Offset, mirrored when Drive Mode bit 0 is set; EEPROM (< 64) locked while torque is on; goals beyond the
     position limits refused; a Secondary ID executes writes silently. Shadows 3 and 5 are bolted to their
-    masters (mirrored, a few ticks off): a shadow whose goal disagrees with where it is gets a recorded fight."""
+    masters (mirrored, a few ticks off): a shadow whose goal disagrees with where it is gets a recorded fight.
+    offset_mode: where a reversed servo adds its Homing Offset ("before" the mirroring, as Interbotix assumes,
+    "after", or "ignored"); grip_stops: where PWM drives the gripper (rad, closed and open)."""
 
     def __init__(self, joints=robot.SLEEP_JOINTS):
         import tty
@@ -1113,6 +1223,7 @@ class _RobotFakeBus:
         self._couple()
         self.packets, self.raw_in, self.fights = [], b"", []
         self.silent, self.corrupt, self._stop = set(), 0, threading.Event()
+        self.offset_mode, self.grip_stops = "before", (-0.6, 1.3)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -1124,8 +1235,10 @@ class _RobotFakeBus:
         return struct.unpack_from({1: "<B", 2: "<h", 4: "<i"}[size], self.table[i], addr)[0]
 
     def present(self, i):
-        p = self.raw[i] + self.get(i, 20, 4)
-        return 4095 - p if self.get(i, 10, 1) & 1 else p
+        p, off = self.raw[i], self.get(i, 20, 4)
+        if not self.get(i, 10, 1) & 1:
+            return p + off
+        return {"before": 4095 - (p + off), "after": 4095 - p + off, "ignored": 4095 - p}[self.offset_mode]
 
     def fail(self, i, bits):   # a latched hardware error: alert bit on every reply, torque off
         self.table[i][70], self.table[i][64] = bits, 0
@@ -1187,7 +1300,7 @@ class _RobotFakeBus:
                 t[addr:addr + len(data)] = data
                 if addr == 100 and t[64]:   # PWM: the gripper runs to an end of its travel
                     pwm = self.get(i, 100, 2)
-                    self.raw[i] = int(robot.rad_to_ticks(1.3 if pwm > 0 else -0.6)) if pwm else self.raw[i]
+                    self.raw[i] = int(robot.rad_to_ticks(self.grip_stops[pwm > 0])) if pwm else self.raw[i]
             if target == i:
                 codes[i] = code
         return codes
@@ -1243,6 +1356,7 @@ def robot_bus():
 
 def _robot_env(fake, **kw):
     arm = robot.DynamixelArm(robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None)
+    arm.velocity_limit = 1e3   # the fake arrives at once: moves need not take the real arm's time
     kw = dict(camera=_RobotCamera((32, 32)), image_size=32, control_hz=100.0, watchdog_s=0, move_s=0.05,
               log=lambda *a: None, **kw)
     return robot.WidowXEnv(arm=arm, **kw)
@@ -1355,6 +1469,111 @@ def test_robot_error_and_timeout_paths(robot_bus):
     lines.clear()
     assert robot.check(robot.DynamixelBus(robot_bus.port, timeout=0.3, retries=1), log=lines.append) is False
     assert "ID 6 forearm_roll" in lines[5] and "no reply" in lines[5] and "latency_timer" in lines[5]
+
+
+def _robot_arm(fake, monkeypatch, clock=None, **kw):
+    """An arm on the fake bus; robot.time's sleep records instead of sleeping, monotonic runs `clock[0]` s ahead."""
+    slept, clock = [], clock if clock is not None else [0.0]
+    monkeypatch.setattr(robot, "time", types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock[0],
+                                                             sleep=slept.append))
+    return robot.DynamixelArm(robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None, **kw), slept
+
+
+def _robot_index(fake, inst, addr, since, target=None):
+    """Index in fake.packets of the first packet after `since` with this instruction, address (and target)."""
+    return next(k for k, (t, i, p) in enumerate(fake.packets) if k >= since and i == inst and
+                struct.unpack_from("<H", p)[0] == addr and target in (None, t))
+
+
+def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
+    arm, slept = _robot_arm(robot_bus, monkeypatch)
+    arm.setup()
+    arm.command(robot.HOME_JOINTS, seconds=0.5)   # where `python robot.py home` leaves it: torque on
+    arm.read()   # a round trip: sync writes get no reply, so only now has the fake surely applied them
+    home = [robot_bus.present(i) for i in robot.ALL_IDS]
+    n = len(robot_bus.packets)
+    arm.setup()   # configured: reads only, the torque stays on, the arm stays up
+    assert not [p for t, i, p in robot_bus.packets[n:] if i == robot.SYNC_WRITE and p[:2] == b"\x40\x00"]
+    assert [robot_bus.present(i) for i in robot.ALL_IDS] == home and slept == []
+    robot_bus.table[1][10] = 0   # the waist lost its time profile (another tool): EEPROM to write, torque on
+    n = len(robot_bus.packets)
+    arm.setup()
+    goal = _robot_index(robot_bus, robot.SYNC_WRITE, 116, n)
+    off = _robot_index(robot_bus, robot.SYNC_WRITE, 64, n)
+    assert goal < off < _robot_index(robot_bus, robot.WRITE, 10, n, target=1)   # sleep pose, torque off, write
+    assert _robot_sync_goals(robot_bus, n)[0] == dict(zip(robot.JOINT_IDS, robot.rad_to_ticks(robot.SLEEP_JOINTS)))
+    # the waist's velocity profile: 20 x 0.229 rpm = 0.48 rad/s, so the shoulder's 1.80 rad take 1.80 / 0.48 + 0.5 s
+    assert slept == [pytest.approx(1.1 * (1.80 / 0.48 + 0.5), rel=1e-3)]
+    p = next(p for t, i, p in robot_bus.packets[n:] if i == robot.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 108)
+    profile = {p[k]: struct.unpack_from("<ii", p, k + 1) for k in range(4, len(p), 9)}
+    assert profile[1] == (5, 20) and profile[2][1] == round(1000 * slept[0] / 1.1)
+    assert robot_bus.get(1, 10, 1) == 4 and [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9
+    assert robot_bus.present(2) == robot.rad_to_ticks(robot.SLEEP_JOINTS[1]) and robot_bus.fights == []
+
+
+def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
+    arm, slept = _robot_arm(robot_bus, monkeypatch)
+    robot_bus.offset_mode = "after"   # a firmware that adds the offset after the mirroring: SPEC 6's sign
+    arm.setup()
+    written = lambda i: [struct.unpack_from("<i", p, 2)[0] for t, p in robot_bus.sent(robot.WRITE, 20) if t == i]
+    assert written(3) == [0, -7, 7] and written(5) == [0, 5, -5]   # Interbotix's sign first, checked, the other
+    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(5) == robot_bus.present(4)
+    monkeypatch.setitem(_ROBOT_MECH, 3, 7 + 4)   # a horn that flexed by 4 ticks: within the tolerance
+    robot_bus._couple()
+    n = len(robot_bus.packets)
+    arm.setup()
+    assert not [p for t, i, p in robot_bus.packets[n:] if i == robot.WRITE and struct.unpack_from("<H", p)[0] < 64]
+    monkeypatch.setitem(_ROBOT_MECH, 3, 7 + 9)   # 9 ticks: calibrated again (torque on: via the sleep pose)
+    robot_bus._couple()
+    arm.setup()
+    assert written(3)[3:] == [0, -16, 16] and robot_bus.present(3) == robot_bus.present(2) and len(slept) == 1
+    robot_bus.offset_mode = "ignored"   # neither sign helps: stop, with the numbers
+    monkeypatch.setitem(_ROBOT_MECH, 3, 30)
+    robot_bus._couple()
+    with pytest.raises(robot.DynamixelError, match=r"shadow servo ID 3 \(shoulder_shadow\) does not follow master "
+                                                   r"ID 2: they read (\d+) and (\d+) ticks") as e:
+        arm.setup()
+    assert f"read {robot_bus.present(2)} and {robot_bus.present(2) - 30} ticks" in str(e.value)
+
+
+def test_robot_gripper_stall_guard(robot_bus, monkeypatch):
+    clock, logs = [0.0], []
+    arm, _ = _robot_arm(robot_bus, monkeypatch, clock, stall_s=10.0)
+    arm.log = logs.append
+    robot_bus.grip_stops = (-0.3, 0.8)   # this gripper's stops come before Interbotix's 0 and 1
+    arm.setup()
+    arm.set_gripper(1)
+    assert 0.7 < arm.read()[1] < 1.0 and robot_bus.get(9, 100, 2) == 350   # it moved: not a stall
+    clock[0] = 6.0
+    arm.read()
+    assert robot_bus.get(9, 100, 2) == 350   # still, but not for stall_s yet
+    clock[0] = 12.0
+    arm.read()
+    assert robot_bus.get(9, 100, 2) == 0 and "stalled at 0.77 with PWM 350" in logs[-1]
+    arm.set_gripper(1)   # the policy keeps asking to open: the PWM stays off
+    assert robot_bus.get(9, 100, 2) == 0
+    arm.set_gripper(-1)
+    assert 0.0 < arm.read()[1] < 0.1 and robot_bus.get(9, 100, 2) == -350
+    clock[0] = 30.0
+    arm.read()
+    arm.set_gripper(-1)
+    assert robot_bus.get(9, 100, 2) == -150   # closed on something (or a stop): it holds with less PWM
+    arm.set_gripper(1)
+    assert robot_bus.get(9, 100, 2) == 350   # a new direction: full PWM again
+
+
+def test_robot_moves_respect_the_velocity_limit(robot_bus, monkeypatch):
+    assert robot.move_seconds(np.full(6, 0.3), np.zeros(6), 2.0) == 2.0
+    assert robot.move_seconds([3.0, 0, 0, 0, 0, 0], [-3.0, 0, 0, 0, 0, 0], 2.0) == pytest.approx(1.5 * 6 / np.pi)
+    assert robot.move_seconds([4.0, 0, 0, 0, 0, 0], np.zeros(6), 1.0) == pytest.approx(1.5)   # clipped to pi
+    arm, slept = _robot_arm(robot_bus, monkeypatch)
+    arm.setup()
+    arm.command([-3.0, 0, 0, 0, 0, 0])
+    arm.move([3.0, 0, 0, 0, 0, 0])   # a long waist move: longer than the 2 s asked
+    arm.read()   # a round trip, so that the fake has applied the profile write
+    ms = robot_bus.get(1, 112, 4)
+    assert ms == round(1000 * 1.5 * float(np.diff(robot.ticks_to_rad(robot.rad_to_ticks([-3.0, 3.0])))[0]) / np.pi)
+    assert slept == [pytest.approx(1.1 * ms / 1000, abs=1e-3)] and robot_bus.get(1, 108, 4) == ms // 4
 
 
 # ---- kinematics -------------------------------------------------------------------------------------------------
@@ -1573,6 +1792,7 @@ def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
     calls = _robot_fake_interbotix(monkeypatch)
     env = robot.WidowXEnv(backend="interbotix", camera=None, image_size=16, control_hz=100.0, watchdog_s=0,
                           move_s=0.01, log=lambda *a: None)
+    env.arm.velocity_limit = 1e3   # the fake arrives at once
     obs = env.reset()
     assert obs["image"].shape == (16, 16, 3) and not obs["image"].any()
     np.testing.assert_allclose(obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=1e-3)
@@ -1599,7 +1819,9 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
     for policy_s in (0.0, 0.05, 0.3):   # in time, in time, late
         clock[0] += policy_s
         env.step([0, 0, 0, 0, 0, 0, 1])
-    assert slept == [0.55, 0.2, 0.15, 0.1]   # the reset move; the rest of each tick; half a tick after a late one
+    # the reset move: the shoulder's 1.609 rad from sleep at pi rad/s takes 1.5 x 1.609 / pi > move_s, +10 %;
+    # then the rest of each tick; half a tick after a late one
+    assert slept == [round(1.1 * 1.5 * (1.80 - 0.191) / np.pi, 6), 0.2, 0.15, 0.1]
 
 
 # ====================================================================================================
@@ -1857,3 +2079,14 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(online
                            [data.synthetic_trajectory(5, 32, rng) for _ in range(3)])
     images, groups = online.read_images(str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None)
     assert images.shape == (6, 32, 32, 3) and groups.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
+    args = types.SimpleNamespace(classifier=None, env="widowx", device="cpu")
+    answers = iter(["y", "", "no"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    ask = online.make_labeler(args)
+    frames = [None] * 5  # 4 transitions
+    assert ask(frames).tolist() == [0, 0, 0, 1] and ask(frames).tolist() == [0, 0, 0, 0]
+    assert ask(frames).sum() == 0
+    assert online.make_labeler(types.SimpleNamespace(classifier=None, env="binsort", device="cpu")) is None

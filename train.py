@@ -241,23 +241,17 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def assert_ranks_in_sync(agent):
-    """Ranks that drifted apart would silently train different networks: compare a checksum of the weights."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """Ranks that drifted apart would silently train different networks: compare a checksum of the weights
+    (parameters only: BatchNorm statistics are per rank by design)."""
+    if not _distributed():
         return
-    total = sum(t.double().sum() for t in _tensors(agent.state_dict()) if t.is_floating_point())
-    sums = torch.tensor([float(total)], dtype=torch.float64)
+    total = sum(p.detach().double().sum() for net in agent.nets.values() for p in net.parameters())
+    sums = torch.tensor([float(total)], dtype=torch.float64, device=agent.device)  # nccl reduces CUDA tensors only
     gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums)
     values = [float(g) for g in gathered]
@@ -285,10 +279,17 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
     """
     log = RunLog(args.out, args.steps, start_step, enabled=rank == 0, tensorboard=args.tensorboard)
 
-    def save(step):
+    def save(step, all_ranks=True):
+        # every rank's random streams, so that a torchrun resume stays exact and data-parallel; gathering is a
+        # collective, skipped on Ctrl-C (one rank may be interrupted alone)
+        mine = {"sampler": sampler.state_dict(), "rng": capture_rng(), "generator": agent.generator.get_state()}
+        states = [mine]
+        if all_ranks and _distributed():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, mine)
         if rank == 0:
-            ckpt = dict(payload, format=CKPT_FORMAT, step=step, agent=agent.state_dict(),
-                        sampler=sampler.state_dict(), rng=capture_rng())
+            ckpt = dict(payload, format=CKPT_FORMAT, step=step, agent=agent.state_dict(), sampler=mine["sampler"],
+                        rng=mine["rng"], rank_states=states)
             atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(step)))
             if on_save is not None:
                 on_save(step)
@@ -307,7 +308,7 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
     except KeyboardInterrupt:
         # the update of `step` finished, so this checkpoint is a consistent point to resume from
         if step > start_step and not os.path.exists(os.path.join(args.out, CKPT_PATTERN.format(step))):
-            save(step)
+            save(step, all_ranks=False)
         print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
         raise SystemExit(130)
     assert_ranks_in_sync(agent)
@@ -326,10 +327,19 @@ def resume_state(args, payload_check):
     return ckpt
 
 
-def restore_run(ckpt, agent, sampler):
+def restore_run(ckpt, agent, sampler, rank=0):
+    """Weights, optimizers and this rank's random streams. A rank the checkpoint has no streams for (a Ctrl-C
+    checkpoint of a torchrun run, or more processes than before) keeps its fresh seed + rank streams:
+    still data-parallel, no longer bit-exact."""
     agent.load_state_dict(ckpt["agent"])
-    sampler.load_state_dict(ckpt["sampler"])
-    restore_rng(ckpt["rng"])
+    states = ckpt.get("rank_states") or [{"sampler": ckpt["sampler"], "rng": ckpt["rng"]}]
+    if rank < len(states):
+        sampler.load_state_dict(states[rank]["sampler"])
+        restore_rng(states[rank]["rng"])
+        if "generator" in states[rank]:
+            agent.generator.set_state(states[rank]["generator"])
+    else:
+        agent.generator.manual_seed(agent.cfg.seed + rank + ckpt["step"])
     return ckpt["step"]
 
 
@@ -373,7 +383,7 @@ def add_agent_args(p):
 def agent_config(args, num_tasks, image_size):
     return AgentConfig(num_tasks=num_tasks, arch=args.arch, head=args.head, norm=args.norm, image_size=image_size,
                        algo=args.algo, alpha=args.alpha, gamma=args.gamma, calql=args.calql,
-                       action_every_layer=not args.action_input_only)
+                       action_every_layer=not args.action_input_only, seed=args.seed)
 
 
 def main(argv=None):
@@ -410,17 +420,16 @@ def main(argv=None):
     if world > 1 and rank == 0:
         dist.barrier()
     torch.backends.cudnn.benchmark = True  # fixed image and batch sizes: let cuDNN pick the fastest convs once
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
     cfg = agent_config(args, len(task_names), prior.image_size[0])
-    agent = Agent(cfg, device=device)
-    torch.manual_seed(args.seed + rank)  # but independent augmentation and policy samples
+    agent = Agent(cfg, device=device)  # initialised from cfg.seed: the same weights on every rank
+    torch.manual_seed(args.seed + rank)  # augmentation differs per rank
     payload = {"kind": "pretrain", "agent_config": asdict(cfg), "task_names": task_names,
                "action_low": [float(x) for x in prior.action_low], "action_high": [float(x) for x in prior.action_high],
                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     start = 0
     ckpt = resume_state(args, {k: getattr(cfg, k) for k in SHAPE_KEYS if hasattr(cfg, k)})
     if ckpt is not None:
-        start = restore_run(ckpt, agent, sampler)
+        start = restore_run(ckpt, agent, sampler, rank)
     if rank == 0:
         write_config(args.out, args, {"num_tasks": len(task_names), "world_size": world, "image_size": cfg.image_size,
                                       "store": prior.path, "task_names": task_names})
