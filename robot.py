@@ -575,8 +575,8 @@ def main(argv=None):
     r = sub.choices["record"]
     r.add_argument("--out", required=True, help="task folder: writes OUT/train/out.npy and OUT/val/out.npy")
     r.add_argument("--episodes", type=int, default=10)
-    r.add_argument("--max-steps", type=int, default=100)
-    r.add_argument("--val-every", type=int, default=5, help="every n-th kept episode goes to val/")
+    r.add_argument("--max_steps", type=int, default=100)
+    r.add_argument("--val_every", type=int, default=5, help="every n-th kept episode goes to val/")
     r.add_argument("--camera", default=0, type=lambda s: int(s) if s.isdigit() else s, help="opencv index or path")
     args = p.parse_args(argv)
     if args.cmd == "check":   # talks to the servos directly (stop the Interbotix node first)

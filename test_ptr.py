@@ -1,4 +1,4 @@
-"""The PTR-torch test suite: CPU only, small networks and images, about two minutes on a laptop.
+"""The PTR-torch test suite: CPU only, small networks and images, about a minute on a laptop.
 
 Sections: data.py, model.py + cql.py, train/finetune/select_ckpt, sim_binsort.py, robot.py, online.py.
 Private helpers carry their section's prefix (_data_, _core_, _pipe_, _sim_, _robot_, _online_)."""
