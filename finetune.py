@@ -16,13 +16,12 @@ Every --save_every steps a checkpoint and the Q-values of both heads along every
 import argparse
 import json
 import os
-from dataclasses import asdict
 
 import torch
 
 from data import MixedSampler, Sampler, target_task_ids
 from train import (MIX_TAU, SHAPE_KEYS, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
-                   check_compatible, is_reserved, load_checkpoint, open_store, prepare_out_dir,
+                   check_compatible, ckpt_config, is_reserved, load_checkpoint, open_store, prepare_out_dir,
                    restore_run, resume_state, run_cli, store_task_ids, train_loop, write_config)
 
 QTRACE_PATTERN = "qvalues_{:08d}.json"
@@ -72,7 +71,7 @@ def open_run(args):
         raise SystemExit(f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning")
     source = resumed if resumed is not None else load_checkpoint(args.ckpt)
     source_path = args.ckpt or args.out
-    cfg = source["agent_config"]
+    cfg = ckpt_config(source)
     if args.image_size is not None and args.image_size != cfg["image_size"]:
         raise CheckpointError(f"{source_path}: checkpoint has image_size={cfg['image_size']} but --image_size is "
                               f"{args.image_size}")
@@ -144,7 +143,7 @@ def main(argv=None):
     if resumed is not None:
         check_compatible(resumed, args.out, {k: getattr(agent.cfg, k) for k in SHAPE_KEYS})
         start = restore_run(resumed, agent, sampler)
-    payload = {"kind": "finetune", "agent_config": asdict(agent.cfg), "task_names": names,
+    payload = {"kind": "finetune", "task_names": names,
                "action_low": low, "action_high": high, "target_task_ids": target_ids,
                "target_tasks": list(target.task_names), "source_ckpt": str(source.get("source_ckpt", source_path))}
     write_config(args.out, args, {"num_tasks": agent.cfg.num_tasks, "task_names": names,

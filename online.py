@@ -486,7 +486,7 @@ def cmd_finetune(args):
         loop = resumed["loop"]
     # Cal-QL for the whole run; alpha as the docstring says (and set again before every update)
     agent.cfg.calql, agent.cfg.alpha = args.calql, args.alpha_online if len(buffer) else args.alpha_offline
-    payload = {"kind": "online", "agent_config": asdict(agent.cfg), "task_names": names, "action_low": low,
+    payload = {"kind": "online", "task_names": names, "action_low": low,
                "action_high": high, "target_task_ids": target_ids, "target_tasks": list(target.task_names),
                "online_task": task, "source_ckpt": str(source.get("source_ckpt", source_path))}
     write_config(args.out, args, dict(task_names=names, target_task_ids=target_ids, online_task=task, capacity=capacity))

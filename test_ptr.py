@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import types
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -803,7 +802,7 @@ def test_pipeline_pretrain_writes_run_folder(pipe_pretrained):
     rows = (out / "progress.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,time,steps_per_s") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
     ckpt = train.load_checkpoint(str(out / "ckpt_00000004.pt"))
-    assert ckpt["step"] == 4 and ckpt["agent_config"]["num_tasks"] == 4 and len(ckpt["action_low"]) == 7
+    assert ckpt["step"] == 4 and train.ckpt_config(ckpt)["num_tasks"] == 4 and len(ckpt["action_low"]) == 7
 
 
 def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretrained):
@@ -815,7 +814,7 @@ def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretraine
     new = train.load_checkpoint(str(ft_new / "ckpt_00000004.pt"))
     # the target takes the slot reserved at pre-training: the one-hot size does not change
     assert new["task_names"][3] == "sort_ab" and new["target_task_ids"] == [3]
-    assert new["agent_config"]["num_tasks"] == 4 and new["kind"] == "finetune"
+    assert train.ckpt_config(new)["num_tasks"] == 4 and new["kind"] == "finetune"
     traces = json.loads((ft_new / "qvalues_00000002.json").read_text())
     n_val = len(traces["trajectories"])
     assert n_val >= 1 and len(traces["trajectories"][0]["q"]) == 2
@@ -843,7 +842,7 @@ def test_pipeline_finetune_grows_one_hot_without_reserved_slot(pipe_data, tmp_pa
     finetune.main(["--ckpt", str(pre / "ckpt_00000001.pt"), "--prior", str(prior), "--target", str(target),
                    "--steps", "1", "--save_every", "1", "--out", str(out), *TINY[2:]])
     ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
-    assert ckpt["agent_config"]["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
+    assert train.ckpt_config(ckpt)["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
 
 
 def _pipe_weights(path):
@@ -1846,7 +1845,7 @@ def online_setup(tmp_path_factory):
     prior = data.load_store(str(root / "prior"), log=lambda *a: None)
     cfg = AgentConfig(num_tasks=3, arch="small", image_size=32, gamma=_ONLINE_GAMMA, alpha=1.0)
     ckpt = {"format": train.CKPT_FORMAT, "kind": "finetune", "step": 0, "agent": Agent(cfg).state_dict(),
-            "agent_config": asdict(cfg), "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
+            "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
             "action_low": prior.action_low.tolist(), "action_high": prior.action_high.tolist(),
             "target_task_ids": [2], "target_tasks": ["sort_mug_cube"]}
     train.atomic_torch_save(ckpt, str(root / "ft.pt"))
@@ -1954,7 +1953,7 @@ def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_p
     assert [s for s, _ in train.list_checkpoints(out)] == [4, 8]
     ckpt = train.load_checkpoint(str(out / "ckpt_00000008.pt"))
     assert ckpt["kind"] == "online" and ckpt["grad_steps"] == 16 and ckpt["online_task"] == 2
-    assert ckpt["agent_config"]["calql"] and ckpt["target_task_ids"] == [2]
+    assert train.ckpt_config(ckpt)["calql"] and ckpt["target_task_ids"] == [2]
     assert ckpt["loop"]["live"] == [[0, 4], [1, 4]]  # the buffer holds both trajectories
     assert sorted(os.listdir(out / "episodes")) == ["episode_000000.npz", "episode_000001.npz"]
     with np.load(out / "episodes" / "episode_000001.npz") as z:

@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -81,15 +80,20 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: cannot be read, the file is truncated or not a PTR checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: not a PTR checkpoint (expected a dict with format={CKPT_FORMAT})")
-    missing = [k for k in ("step", "agent", "agent_config", "task_names", "action_low", "action_high") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint misses the fields {missing}")
+    missing = [k for k in ("step", "agent", "task_names", "action_low", "action_high") if k not in ckpt]
+    if missing or not isinstance(ckpt["agent"], dict) or "config" not in ckpt["agent"]:
+        raise CheckpointError(f"{path}: checkpoint misses the fields {missing or ['agent.config']}")
     return ckpt
+
+
+def ckpt_config(ckpt):
+    """The learner's AgentConfig fields, as the agent saved them (the one copy in a checkpoint)."""
+    return ckpt["agent"]["config"]
 
 
 def check_compatible(ckpt, path, expected):
     """Refuse a checkpoint whose network shapes differ from what this run asks for (arch, image size, tasks...)."""
-    cfg = ckpt["agent_config"]
+    cfg = ckpt_config(ckpt)
     for key, want in expected.items():
         if want is not None and key in cfg and cfg[key] != want:
             raise CheckpointError(f"{path}: checkpoint has {key}={cfg[key]!r} but this run uses {key}={want!r}; "
@@ -97,14 +101,10 @@ def check_compatible(ckpt, path, expected):
 
 
 def agent_from_checkpoint(ckpt, device, path="checkpoint"):
-    names = {f.name for f in fields(AgentConfig)}
-    cfg = AgentConfig(**{k: v for k, v in ckpt["agent_config"].items() if k in names})
-    agent = Agent(cfg, device=device)
     try:
-        agent.load_state_dict(ckpt["agent"])
-    except (RuntimeError, KeyError, ValueError) as e:
+        return Agent.from_state_dict(ckpt["agent"], device)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit the network its config describes ({e})") from None
-    return agent
 
 
 def capture_rng():
@@ -423,7 +423,7 @@ def main(argv=None):
     cfg = agent_config(args, len(task_names), prior.image_size[0])
     agent = Agent(cfg, device=device)  # initialised from cfg.seed: the same weights on every rank
     torch.manual_seed(args.seed + rank)  # augmentation differs per rank
-    payload = {"kind": "pretrain", "agent_config": asdict(cfg), "task_names": task_names,
+    payload = {"kind": "pretrain", "task_names": task_names,
                "action_low": [float(x) for x in prior.action_low], "action_high": [float(x) for x in prior.action_high],
                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     start = 0
