@@ -85,13 +85,14 @@ class SpatialEmbedding(nn.Module):
 
     def __init__(self, c, h, w, k):
         super().__init__()
-        self.kernel = nn.Parameter(torch.randn(c, h * w, k) / math.sqrt(c * h * w))   # LeCun-normal fan-in
+        self.kernel = nn.Parameter(torch.randn(c, h, w, k) / math.sqrt(c * h * w))   # LeCun-normal fan-in
         self.out_dim = c * k
 
     def forward(self, f):
-        b, c = f.shape[:2]
-        # einsum batches over channels: (C, B, HW) @ (C, HW, K); the (C, H, W, K) parameter is stored flat
-        return torch.einsum("bcp,cpk->bck", f.flatten(2), self.kernel.to(f.dtype)).reshape(b, self.out_dim)
+        b = f.shape[0]
+        # einsum batches over channels: (C, B, HW) @ (C, HW, K)
+        kernel = self.kernel.flatten(1, 2).to(f.dtype)
+        return torch.einsum("bcp,cpk->bck", f.flatten(2), kernel).reshape(b, self.out_dim)
 
 
 class AvgPool(nn.Module):

@@ -422,7 +422,7 @@ def test_core_resnet34_structure():
         assert f.shape == (1, 512, 16, 16) and enc.feature_shape == (512, 16, 16)
         z = enc.proj(enc.pool(f))
     assert z.shape == (1, 256) and z.abs().max() <= 1      # tanh output
-    assert enc.pool.kernel.shape == (512, 16 * 16, 8)     # K = 8 learned spatial maps per channel
+    assert enc.pool.kernel.shape == (512, 16, 16, 8)     # (C, H, W, K): K = 8 learned spatial maps per channel
 
 
 @pytest.mark.parametrize("arch", ["small", "impala", "resnet18"])
@@ -733,6 +733,18 @@ def test_core_switch_cql_to_awbc():
     bc.cfg.algo = "cql"
     with pytest.raises(ValueError, match="algo='cql' needs a critic"):
         bc.update(batch)
+
+
+def test_core_spatial_embedding_by_hand():
+    """Figure 2: each channel's map times K learned (H, W) maps, summed over H, W; output index c * K + k."""
+    emb = model.SpatialEmbedding(2, 2, 3, 2)
+    f = torch.arange(12.0).reshape(1, 2, 2, 3)
+    with torch.no_grad():
+        emb.kernel.copy_(torch.arange(24.0).reshape(2, 2, 3, 2) / 10)
+    kernel = emb.kernel.detach()
+    want = [sum(float(f[0, c, h, w] * kernel[c, h, w, k]) for h in range(2) for w in range(3))
+            for c in range(2) for k in range(2)]
+    assert torch.allclose(emb(f)[0], torch.tensor(want))
 
 
 def test_core_optimizer_state_takes_the_parameters_layout_on_load():
