@@ -297,7 +297,7 @@ class Agent:
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, batch):
-        """One gradient step on every network. batch: the CONTRACT's dict, on self.device, already augmented.
+        """One gradient step on every network. batch: data.py's batch, on self.device, already augmented.
         Each encoder runs at most once per image batch: critic on s (grad), target on s', policy on s (grad)
         and s' (no grad); the BC policy (bc, awbc) on s. Returns {name: 0-d detached tensor} (no host sync)."""
         cfg = self.cfg
@@ -480,7 +480,7 @@ class Agent:
 
 # ============================================================================================== benchmark
 def random_batch(cfg, batch_size, device="cpu", seed=0):
-    """A batch in the CONTRACT's format with random content (benchmarks, smoke tests)."""
+    """A batch in data.py's format (see data._make_batch) with random content (benchmarks, smoke tests)."""
     g = torch.Generator().manual_seed(seed)
     img = lambda: torch.randint(0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8)
     batch = {"obs": img(), "next_obs": img(), "state": torch.randn(batch_size, cfg.state_dim, generator=g),

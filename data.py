@@ -369,8 +369,8 @@ def mc_returns(r, R, mask, lengths, gamma):
     return G.astype(np.float32)
 
 def _make_batch(images, states, frame, next_frame, action, reward, mask, mc_return, task):
-    """The CONTRACT's batch: one fancy-index gather per array (obs and next obs together); images stay uint8
-    and reach torch without a copy, as a permuted (channels-last) view."""
+    """The batch: obs, next_obs uint8 (B, 3, H, W), a permuted (channels-last) view made without a copy; state,
+    next_state (B, 7), action (B, 7) in [-1, 1], reward, mask, mc_return (B,) float32; task int64 (B,)."""
     import torch
     B, both = len(frame), np.concatenate([frame, next_frame])
     img = torch.from_numpy(np.asarray(images[both])).permute(0, 3, 1, 2)
