@@ -888,10 +888,15 @@ def test_pipeline_resume_equals_uninterrupted(pipe_data, tmp_path):
 def test_pipeline_torchrun_two_processes_gloo(pipe_data, tmp_path):
     _, prior, _ = pipe_data
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(HERE, "train.py"), "--data", str(prior), "--out", str(out), "--steps", "2",
-                           "--save_every", "2", *TINY], capture_output=True, text=True, env=env, timeout=120)
+    for attempt in range(2):
+        out = tmp_path / f"ddp{attempt}"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               os.path.join(HERE, "train.py"), "--data", str(prior), "--out", str(out), "--steps",
+                               "2", "--save_every", "2", *TINY], capture_output=True, text=True, env=env, timeout=120)
+        # Rarely (seen 2 in ~20 runs of a loaded 2-core machine) a rank aborts in gloo's C++ teardown after the
+        # run has finished ("terminate called without an active exception"): one more try for that case only.
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [s for s, _ in train.list_checkpoints(out)] == [2]

@@ -437,6 +437,8 @@ def main(argv=None):
               f"{cfg.arch} at {cfg.image_size}px on {device}")
     try:
         train_loop(agent, sampler, args, payload, start_step=start, rank=rank)
+        if world > 1:
+            dist.barrier()  # no rank tears its connections down while another still talks on them
     finally:
         if world > 1:
             dist.destroy_process_group()
