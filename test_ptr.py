@@ -917,6 +917,10 @@ def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrai
         finetune.main(["--ckpt", str(cut), *base])
     with pytest.raises(train.CheckpointError, match="image_size=32 but --image_size is 48"):
         finetune.main(["--ckpt", str(ckpt), *base[:-len(TINY[2:])], "--image_size", "48", "--batch_size", "8"])
+    native = data.load_store(prior, log=lambda *_: None).path  # a built store of the 40x40 source images
+    with pytest.raises(SystemExit, match="a store of 40x40 images, but 32x32 are needed"):
+        finetune.main(["--ckpt", str(ckpt), "--prior", native, "--target", str(target), "--steps", "1",
+                       "--out", str(tmp_path / "ft3"), *TINY[2:]])
     empty = tmp_path / "empty_task"
     empty.mkdir()
     proc = _pipe_run("finetune.py", "--ckpt", ckpt, "--prior", prior, "--target", empty, "--out", tmp_path / "ft2",

@@ -139,6 +139,9 @@ def open_store(src, args, store_dir=None, prior=True):
     h, w = store.image_size
     if h != w:
         raise SystemExit(f"{src}: images are {h}x{w}; the encoders expect square images (pass --image_size)")
+    if args.image_size is not None and h != args.image_size:  # a store passed as --data is opened as it is
+        raise SystemExit(f"{src}: a store of {h}x{w} images, but {args.image_size}x{args.image_size} are needed "
+                         f"(convert the source again with --image_size {args.image_size})")
     if store.num_transitions("train") == 0:
         raise SystemExit(f"{src}: no training trajectories found (is it a Bridge-format tree of out.npy files?)")
     return store
