@@ -20,8 +20,8 @@ import os
 import torch
 
 from data import MixedSampler, Sampler, target_task_ids
-from train import (MIX_TAU, SHAPE_KEYS, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
-                   check_compatible, ckpt_config, is_reserved, load_checkpoint, open_store, prepare_out_dir,
+from train import (MIX_TAU, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
+                   ckpt_config, is_reserved, load_checkpoint, open_store, prepare_out_dir,
                    restore_run, resume_state, run_cli, store_task_ids, train_loop, write_config)
 
 QTRACE_PATTERN = "qvalues_{:08d}.json"
@@ -140,8 +140,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     start = 0
-    if resumed is not None:
-        check_compatible(resumed, args.out, {k: getattr(agent.cfg, k) for k in SHAPE_KEYS})
+    if resumed is not None:  # the agent was built from this very checkpoint: only the run state is left
         start = restore_run(resumed, agent, sampler)
     payload = {"kind": "finetune", "task_names": names,
                "action_low": low, "action_high": high, "target_task_ids": target_ids,

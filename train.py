@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cql import Agent, AgentConfig
+from cql import STRUCTURE, Agent, AgentConfig
 from data import BridgeFormatError, MixedSampler, Sampler, augment, load_store, target_task_ids
 
 CKPT_FORMAT = 1
@@ -33,7 +33,6 @@ CKPT_PATTERN = "ckpt_{:08d}.pt"
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
 RESERVED_TASK = "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
 # Options that fix the network's shapes: a checkpoint only loads into a run that agrees on all of them.
-SHAPE_KEYS = ("arch", "head", "norm", "image_size", "num_tasks", "action_every_layer", "hidden", "depth")
 
 
 class CheckpointError(RuntimeError):
@@ -122,12 +121,11 @@ def restore_rng(state):
 
 # ----------------------------------------------------------------------------- batches and stores
 
-def prepare_batch(batch, device, train=True):
+def prepare_batch(batch, device):
     """Move a CPU batch to the device and augment both images (random crop + color jitter, Appendix B)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if train:
-        batch["obs"] = augment(batch["obs"])
-        batch["next_obs"] = augment(batch["next_obs"])
+    batch["obs"] = augment(batch["obs"])
+    batch["next_obs"] = augment(batch["next_obs"])
     return batch
 
 
@@ -430,7 +428,7 @@ def main(argv=None):
                "action_low": [float(x) for x in prior.action_low], "action_high": [float(x) for x in prior.action_high],
                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     start = 0
-    ckpt = resume_state(args, {k: getattr(cfg, k) for k in SHAPE_KEYS if hasattr(cfg, k)})
+    ckpt = resume_state(args, {k: getattr(cfg, k) for k in STRUCTURE})
     if ckpt is not None:
         start = restore_run(ckpt, agent, sampler, rank)
     if rank == 0:
