@@ -17,6 +17,7 @@ the release's details, all defaults live in AgentConfig below:
 
 `python cql.py bench ...` measures update speed (see bench()).
 """
+
 import argparse
 import contextlib
 import copy
@@ -34,41 +35,55 @@ from model import BCPolicy, QNetwork, SuccessClassifier, TanhGaussianPolicy, mak
 
 ALGOS = ("cql", "bc", "awbc")
 # Fields that fix tensor shapes: a checkpoint only loads into an agent that agrees on all of them.
-STRUCTURE = ("arch", "head", "norm", "image_size", "embed_dim", "num_tasks", "action_dim", "state_dim", "hidden",
-             "depth", "action_every_layer")
+STRUCTURE = (
+    "arch",
+    "head",
+    "norm",
+    "image_size",
+    "embed_dim",
+    "num_tasks",
+    "action_dim",
+    "state_dim",
+    "hidden",
+    "depth",
+    "action_every_layer",
+)
 
 
 @dataclass
 class AgentConfig:
     """The one place for the paper's defaults (Table X; SPEC section 3). Mutable between phases: online.py
     sets alpha = 0.5 and calql = True; the optimizers read the learning rates from here at every load."""
+
     num_tasks: int = 1
-    arch: str = "resnet34"            # resnet18 | resnet34 | resnet50 | impala | small  (Figure 7)
-    head: str = "spatial"             # spatial | avgpool | softmax  (Table XIII)
-    norm: str = "group"               # group | batch  (Table XV)
+    arch: str = "resnet34"  # resnet18 | resnet34 | resnet50 | impala | small  (Figure 7)
+    head: str = "spatial"  # spatial | avgpool | softmax  (Table XIII)
+    norm: str = "group"  # group | batch  (Table XV)
     image_size: int = 128
     embed_dim: int = 256
     action_dim: int = 7
     state_dim: int = 7
     hidden: int = 256
     depth: int = 3
-    action_every_layer: bool = True   # Table XIV
-    algo: str = "cql"                 # cql | bc | awbc
-    alpha: float = 10.0               # CQL alpha, fixed (no Lagrange); sim: 1.0; online: 0.5
-    gamma: float = 0.96               # sim: 0.98
-    num_actions: int = 4              # N policy + N uniform actions for the penalty, N next actions for the backup
+    action_every_layer: bool = True  # Table XIV
+    algo: str = "cql"  # cql | bc | awbc
+    alpha: float = 10.0  # CQL alpha, fixed (no Lagrange); sim: 1.0; online: 0.5
+    gamma: float = 0.96  # sim: 0.98
+    num_actions: int = (
+        4  # N policy + N uniform actions for the penalty, N next actions for the backup
+    )
     cql_temp: float = 1.0
-    max_q_backup: bool = True         # max over the N next actions (release); False: a single a' ~ pi
-    calql: bool = False               # Cal-QL lower bound for online fine-tuning
+    max_q_backup: bool = True  # max over the N next actions (release); False: a single a' ~ pi
+    calql: bool = False  # Cal-QL lower bound for online fine-tuning
     critic_lr: float = 3e-4
     actor_lr: float = 1e-4
     temp_lr: float = 3e-4
     init_temp: float = 1.0
-    target_entropy: float | None = None   # None -> -action_dim
+    target_entropy: float | None = None  # None -> -action_dim
     polyak: float = 0.005
-    bc_dropout: float = 0.4           # Table XI
-    awbc_max_weight: float = 20.0     # ours: exp(advantage) clipped at 20 (advantage <= ln 20)
-    seed: int = 0                     # network init and the agent's own sampling generator
+    bc_dropout: float = 0.4  # Table XI
+    awbc_max_weight: float = 20.0  # ours: exp(advantage) clipped at 20 (advantage <= ln 20)
+    seed: int = 0  # network init and the agent's own sampling generator
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -82,8 +97,11 @@ class AgentConfig:
 def td_target(reward, mask, next_q, gamma, max_backup=True):
     """y = r + gamma * mask * V(s'); next_q (B, N, heads) are target-critic values at N actions a' ~ pi(.|s'):
     V = max over the N samples (or the first) of the min over heads (pessimism against overestimation)."""
-    assert next_q.dim() == 3 and reward.shape == mask.shape == next_q.shape[:1], \
-        (reward.shape, mask.shape, next_q.shape)
+    assert next_q.dim() == 3 and reward.shape == mask.shape == next_q.shape[:1], (
+        reward.shape,
+        mask.shape,
+        next_q.shape,
+    )
     v = next_q.min(-1).values
     v = v.max(1).values if max_backup else v[:, 0]
     return reward + gamma * mask * v
@@ -104,7 +122,11 @@ def importance_logsumexp(q_pi, log_pi, q_rand, log_rand, temp):
     """Importance-sampled soft maximum of Q over actions: q_pi (B, N, H) at a ~ pi with log pi (B, N), q_rand
     (B, M, H) at uniform actions of log density log_rand -> (B, H). Dividing by the sampling density turns the
     sum over samples into an estimate of the integral over the action space (up to log(N + M))."""
-    assert log_pi.shape == q_pi.shape[:2] and q_rand.shape[0] == q_pi.shape[0], (q_pi.shape, log_pi.shape, q_rand.shape)
+    assert log_pi.shape == q_pi.shape[:2] and q_rand.shape[0] == q_pi.shape[0], (
+        q_pi.shape,
+        log_pi.shape,
+        q_rand.shape,
+    )
     x = torch.cat([q_pi - log_pi[..., None], q_rand - log_rand], dim=1)
     return temp * torch.logsumexp(x / temp, dim=1)
 
@@ -125,12 +147,26 @@ def critic_loss(q_data, q_pi, log_pi, q_rand, next_q, batch, cfg):
     Cal-QL). Returns the sum over heads of TD + alpha * penalty."""
     y = td_target(batch["reward"], batch["mask"], next_q, cfg.gamma, cfg.max_q_backup).detach()
     td = (q_data - y[:, None]).pow(2).mean(0)
-    pen, info = cql_penalty(q_data, q_pi, log_pi, q_rand, uniform_log_density(cfg.action_dim),
-                            cfg.cql_temp, batch["mc_return"] if cfg.calql else None)
+    pen, info = cql_penalty(
+        q_data,
+        q_pi,
+        log_pi,
+        q_rand,
+        uniform_log_density(cfg.action_dim),
+        cfg.cql_temp,
+        batch["mc_return"] if cfg.calql else None,
+    )
     loss = (td + cfg.alpha * pen).sum()
-    info.update(critic_loss=loss.detach(), td_loss=td.mean().detach(), cql_penalty=pen.mean().detach(),
-                q_data=q_data.mean().detach(), q_pi=q_pi.mean().detach(), q_rand=q_rand.mean().detach(),
-                target_q=y.mean().detach(), cql_gap=(q_data.mean() - q_pi.mean()).detach())
+    info.update(
+        critic_loss=loss.detach(),
+        td_loss=td.mean().detach(),
+        cql_penalty=pen.mean().detach(),
+        q_data=q_data.mean().detach(),
+        q_pi=q_pi.mean().detach(),
+        q_rand=q_rand.mean().detach(),
+        target_q=y.mean().detach(),
+        cql_gap=(q_data.mean() - q_pi.mean()).detach(),
+    )
     return loss, info
 
 
@@ -170,7 +206,10 @@ def awbc_weights(q_data, q_samples, max_weight):
 def _insert_zeros(t, dim, index, count):
     shape = list(t.shape)
     shape[dim] = count
-    return torch.cat([t.narrow(dim, 0, index), t.new_zeros(shape), t.narrow(dim, index, t.shape[dim] - index)], dim)
+    return torch.cat(
+        [t.narrow(dim, 0, index), t.new_zeros(shape), t.narrow(dim, index, t.shape[dim] - index)],
+        dim,
+    )
 
 
 def _allreduce_mean_(params):
@@ -200,21 +239,32 @@ class Agent:
     def __init__(self, cfg: AgentConfig, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
         self.cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[]):   # seeded init without touching the caller's RNG
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(cfg.seed)
             enc = lambda: make_encoder(cfg.arch, cfg.head, cfg.norm, cfg.image_size, cfg.embed_dim)
             self.nets = {}
             if cfg.algo in ("cql", "awbc"):
-                self.nets["critic"] = QNetwork(enc(), cfg.num_tasks, cfg.action_dim, cfg.hidden, cfg.depth,
-                                               cfg.action_every_layer)
-                self.nets["target_critic"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
-                self.nets["policy"] = TanhGaussianPolicy(enc(), cfg.num_tasks, cfg.state_dim, cfg.action_dim,
-                                                         cfg.hidden, cfg.depth)
+                self.nets["critic"] = QNetwork(
+                    enc(),
+                    cfg.num_tasks,
+                    cfg.action_dim,
+                    cfg.hidden,
+                    cfg.depth,
+                    cfg.action_every_layer,
+                )
+                self.nets["target_critic"] = copy.deepcopy(self.nets["critic"]).requires_grad_(
+                    False
+                )
+                self.nets["policy"] = TanhGaussianPolicy(
+                    enc(), cfg.num_tasks, cfg.state_dim, cfg.action_dim, cfg.hidden, cfg.depth
+                )
         for net in self.nets.values():
             self._place(net)
         self.critic, self.target_critic = self.nets.get("critic"), self.nets.get("target_critic")
         self.policy, self.bc_policy = self.nets.get("policy"), None
-        self.log_temp = torch.nn.Parameter(torch.tensor(math.log(cfg.init_temp), device=self.device))
+        self.log_temp = torch.nn.Parameter(
+            torch.tensor(math.log(cfg.init_temp), device=self.device)
+        )
         # sampling stream: differs per rank under torchrun (the networks' init above does not)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + rank)
@@ -230,7 +280,7 @@ class Agent:
 
     def _place(self, net):
         net.to(self.device)
-        if self.cuda:   # NHWC convolutions are the fast path of cuDNN with bf16
+        if self.cuda:  # NHWC convolutions are the fast path of cuDNN with bf16
             net.to(memory_format=torch.channels_last)
             net.encoder.channels_last = True
 
@@ -247,8 +297,15 @@ class Agent:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
             enc = make_encoder(cfg.arch, cfg.head, cfg.norm, cfg.image_size, cfg.embed_dim)
-            self.bc_policy = BCPolicy(enc, cfg.num_tasks, cfg.state_dim, cfg.action_dim, cfg.hidden, cfg.depth,
-                                      cfg.bc_dropout)
+            self.bc_policy = BCPolicy(
+                enc,
+                cfg.num_tasks,
+                cfg.state_dim,
+                cfg.action_dim,
+                cfg.hidden,
+                cfg.depth,
+                cfg.bc_dropout,
+            )
         self._place(self.bc_policy)
         self.nets["bc_policy"] = self.bc_policy
         self._add_optimizer("bc", list(self.bc_policy.parameters()), "actor_lr")
@@ -263,7 +320,9 @@ class Agent:
 
     def _autocast(self):
         """bf16 autocast around the encoders on CUDA; the MLPs and losses stay in fp32 (Q values up to ~250)."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        )
 
     def _onehot(self, task):
         return F.one_hot(task.to(self.device).long(), self.cfg.num_tasks).float()
@@ -274,8 +333,10 @@ class Agent:
         if algo not in ALGOS:
             raise ValueError(f"cql.py: AgentConfig.algo={algo!r}, expected one of {ALGOS}")
         if algo != "bc" and self.critic is None:
-            raise ValueError(f"cql.py: AgentConfig.algo={algo!r} needs a critic, "
-                             f"but this agent was built with algo='bc'")
+            raise ValueError(
+                f"cql.py: AgentConfig.algo={algo!r} needs a critic, "
+                f"but this agent was built with algo='bc'"
+            )
         if algo == "awbc":
             self._ensure_bc_policy()
         return algo != "bc", algo != "cql"
@@ -286,7 +347,7 @@ class Agent:
         loss.backward()
         info = {}
         for name, opt in self.optimizers.items():
-            for g in opt.param_groups:   # cfg may change between calls (e.g. a fine-tuning phase)
+            for g in opt.param_groups:  # cfg may change between calls (e.g. a fine-tuning phase)
                 g["lr"] = getattr(self.cfg, self.lr_fields[name])
             _allreduce_mean_(self.params[name])
             grads = [p.grad for p in self.params[name] if p.grad is not None]
@@ -313,27 +374,35 @@ class Agent:
                 with torch.no_grad():
                     z_next_t = self.target_critic.embed(batch["next_obs"]).float()
                     z_next_pi = self.policy.embed(batch["next_obs"]).float()
-        if not use_critic:   # algo == "bc"
+        if not use_critic:  # algo == "bc"
             loss, info = bc_loss(self.bc_policy.head(z_bc, state, onehot), action)
             info.update(self._step(loss))
             self.updates += 1
             return info
         with torch.no_grad():
-            a_next, _ = self.policy.sample(z_next_pi, batch["next_state"], onehot, n, self.generator)
+            a_next, _ = self.policy.sample(
+                z_next_pi, batch["next_state"], onehot, n, self.generator
+            )
             next_q = self.target_critic.heads(z_next_t, a_next, onehot)
         a_pi, log_pi = self.policy.sample(z_pi, state, onehot, n, self.generator)
-        a_rand = torch.rand(b, n, cfg.action_dim, generator=self.generator, device=self.device) * 2 - 1
+        a_rand = (
+            torch.rand(b, n, cfg.action_dim, generator=self.generator, device=self.device) * 2 - 1
+        )
         # one head evaluation for the data action, N policy actions (detached: the critic loss must not move
         # the policy) and N uniform actions, all sharing the embedding of s
-        q_all = self.critic.heads(z_q, torch.cat([action[:, None], a_pi.detach(), a_rand], 1), onehot)
-        q_data, q_pi, q_rand = q_all[:, 0], q_all[:, 1:n + 1], q_all[:, n + 1:]
+        q_all = self.critic.heads(
+            z_q, torch.cat([action[:, None], a_pi.detach(), a_rand], 1), onehot
+        )
+        q_data, q_pi, q_rand = q_all[:, 0], q_all[:, 1 : n + 1], q_all[:, n + 1 :]
         c_loss, info = critic_loss(q_data, q_pi, log_pi.detach(), q_rand, next_q, batch, cfg)
         # actor: same embedding and heads, but detached, so this loss only reaches the policy
         q_actor = self.critic.heads(z_q.detach(), a_pi, onehot, detach_params=True)
         a_loss, a_info = actor_loss(q_actor, log_pi, self.log_temp.exp().detach())
-        target_entropy = cfg.target_entropy if cfg.target_entropy is not None else -float(cfg.action_dim)
+        target_entropy = (
+            cfg.target_entropy if cfg.target_entropy is not None else -float(cfg.action_dim)
+        )
         t_loss, t_info = temperature_loss(self.log_temp, log_pi, target_entropy)
-        loss = c_loss + a_loss + t_loss   # disjoint parameter sets: one backward serves all three
+        loss = c_loss + a_loss + t_loss  # disjoint parameter sets: one backward serves all three
         info.update(a_info, **t_info, alpha=torch.full((), cfg.alpha, device=self.device))
         if use_bc:
             w = awbc_weights(q_data.detach(), q_pi.detach(), cfg.awbc_max_weight)
@@ -342,9 +411,11 @@ class Agent:
             info.update(b_info)
         info.update(self._step(loss))
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.target_critic.parameters()), self.params["critic"], cfg.polyak)
+            torch._foreach_lerp_(
+                list(self.target_critic.parameters()), self.params["critic"], cfg.polyak
+            )
             for tb, sb in zip(self.target_critic.buffers(), self.critic.buffers()):
-                tb.copy_(sb)   # BatchNorm statistics (norm="batch") follow the online critic
+                tb.copy_(sb)  # BatchNorm statistics (norm="batch") follow the online critic
         self.updates += 1
         return info
 
@@ -354,7 +425,11 @@ class Agent:
         """Actions in [-1, 1] (B, A) from uint8 images (B, 3, H, W), state (B, S), task int64 (B,)."""
         use_critic, use_bc = self._check_algo()
         self._mode(False)
-        images, state, onehot = images.to(self.device), state.to(self.device).float(), self._onehot(task)
+        images, state, onehot = (
+            images.to(self.device),
+            state.to(self.device).float(),
+            self._onehot(task),
+        )
         net = self.bc_policy if use_bc else self.policy
         with self._autocast():
             z = net.embed(images).float()
@@ -372,15 +447,21 @@ class Agent:
         self._mode(False)
         with self._autocast():
             z = self.critic.embed(batch["obs"].to(self.device)).float()
-        return self.critic.heads(z, batch["action"].to(self.device).float(), self._onehot(batch["task"]))
+        return self.critic.heads(
+            z, batch["action"].to(self.device).float(), self._onehot(batch["task"])
+        )
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self):
         """Tensors and python values only (torch.load(weights_only=True) safe)."""
-        return {"config": asdict(self.cfg), "updates": self.updates, "log_temp": self.log_temp.detach().clone(),
-                "nets": {k: v.state_dict() for k, v in self.nets.items()},
-                "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
-                "generator": self.generator.get_state()}
+        return {
+            "config": asdict(self.cfg),
+            "updates": self.updates,
+            "log_temp": self.log_temp.detach().clone(),
+            "nets": {k: v.state_dict() for k, v in self.nets.items()},
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "generator": self.generator.get_state(),
+        }
 
     @classmethod
     def from_state_dict(cls, d, device="cpu"):
@@ -394,23 +475,34 @@ class Agent:
         allow: a BC policy in the checkpoint is created here). strict=False accepts a checkpoint that lacks some
         of this agent's networks (e.g. an awbc agent from a cql checkpoint); returns the names left as built."""
         saved = d["config"]
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, agent {getattr(self.cfg, k)!r}"
-                for k in STRUCTURE if saved.get(k) != getattr(self.cfg, k)]
+        diff = [
+            f"{k}: checkpoint {saved.get(k)!r}, agent {getattr(self.cfg, k)!r}"
+            for k in STRUCTURE
+            if saved.get(k) != getattr(self.cfg, k)
+        ]
         if diff:
-            raise ValueError("cql.py: load_state_dict: checkpoint and AgentConfig disagree on " + "; ".join(diff)
-                             + " (build the agent with the checkpoint's config, e.g. Agent.from_state_dict, "
-                               "then grow_tasks)")
+            raise ValueError(
+                "cql.py: load_state_dict: checkpoint and AgentConfig disagree on "
+                + "; ".join(diff)
+                + " (build the agent with the checkpoint's config, e.g. Agent.from_state_dict, "
+                "then grow_tasks)"
+            )
         if "bc_policy" in d["nets"]:
             self._ensure_bc_policy()
         extra = [k for k in d["nets"] if k not in self.nets]
         if extra:
-            raise ValueError(f"cql.py: load_state_dict: checkpoint has {extra}, "
-                             f"which an agent built with algo='bc' lacks")
-        missing = ([k for k in self.nets if k not in d["nets"]]
-                   + [f"{k} optimizer" for k in self.optimizers if k not in d["optimizers"]])
+            raise ValueError(
+                f"cql.py: load_state_dict: checkpoint has {extra}, "
+                f"which an agent built with algo='bc' lacks"
+            )
+        missing = [k for k in self.nets if k not in d["nets"]] + [
+            f"{k} optimizer" for k in self.optimizers if k not in d["optimizers"]
+        ]
         if missing and strict:
-            raise ValueError(f"cql.py: load_state_dict: checkpoint (algo={saved.get('algo')!r}) has no {missing}; "
-                             f"pass strict=False to keep them as initialised")
+            raise ValueError(
+                f"cql.py: load_state_dict: checkpoint (algo={saved.get('algo')!r}) has no {missing}; "
+                f"pass strict=False to keep them as initialised"
+            )
         for k, net in self.nets.items():
             if k in d["nets"]:
                 net.load_state_dict(d["nets"][k])
@@ -419,8 +511,10 @@ class Agent:
                 continue
             sd = dict(d["optimizers"][k])
             # keep this agent's fused/foreach choice and cfg learning rates, not the checkpoint's
-            sd["param_groups"] = [{**gs, "fused": g["fused"], "foreach": g["foreach"], "lr": g["lr"]}
-                                  for gs, g in zip(sd["param_groups"], opt.param_groups)]
+            sd["param_groups"] = [
+                {**gs, "fused": g["fused"], "foreach": g["foreach"], "lr": g["lr"]}
+                for gs, g in zip(sd["param_groups"], opt.param_groups)
+            ]
             opt.load_state_dict(sd)
             # the moments keep the layout they were saved with (channels_last on CUDA): fused Adam needs the
             # parameter's own layout, so a checkpoint can move between CPU and GPU
@@ -433,7 +527,9 @@ class Agent:
                 self.log_temp.copy_(d["log_temp"])
         try:
             self.generator.set_state(d["generator"])
-        except RuntimeError:   # saved on another device type (CPU vs CUDA generator): keep this stream
+        except (
+            RuntimeError
+        ):  # saved on another device type (CPU vs CUDA generator): keep this stream
             pass
         self.updates = int(d["updates"])
         return missing
@@ -448,29 +544,39 @@ class Agent:
         lr (as in Adam without bias correction) - small for one-hot rows, and no state of old rows is lost."""
         old = self.cfg.num_tasks
         if num_tasks < old:
-            raise ValueError(f"cql.py: grow_tasks({num_tasks}) cannot shrink the one-hot from {old} tasks")
+            raise ValueError(
+                f"cql.py: grow_tasks({num_tasks}) cannot shrink the one-hot from {old} tasks"
+            )
         owner = {id(p): opt for name, opt in self.optimizers.items() for p in self.params[name]}
-        widen = []   # (module, dim, index): where the one-hot's weight rows/columns go in module.weight
+        widen = []  # (module, dim, index): where the one-hot's weight rows/columns go in module.weight
         for name in ("critic", "target_critic"):
             if name in self.nets:
-                widen.append((self.nets[name].layers[0], 1, old))           # layer-0 input: [task, action, z]
+                widen.append(
+                    (self.nets[name].layers[0], 1, old)
+                )  # layer-0 input: [task, action, z]
         for name in ("policy", "bc_policy"):
             if name in self.nets:
-                first = self.nets[name].net[0]                               # input: [z, state, task]
+                first = self.nets[name].net[0]  # input: [z, state, task]
                 widen.append((first, 1, first.weight.shape[1]))
         for module, dim, index in widen:
             old_p = module.weight
-            new_p = torch.nn.Parameter(_insert_zeros(old_p.detach(), dim, index, num_tasks - old), old_p.requires_grad)
+            new_p = torch.nn.Parameter(
+                _insert_zeros(old_p.detach(), dim, index, num_tasks - old), old_p.requires_grad
+            )
             module.weight = new_p
             opt = owner.get(id(old_p))
-            if opt is None:   # the target critic has no optimizer
+            if opt is None:  # the target critic has no optimizer
                 continue
             for group in opt.param_groups:
                 group["params"] = [new_p if p is old_p else p for p in group["params"]]
             state = opt.state.pop(old_p, {})
-            same = lambda v: torch.is_tensor(v) and v.shape == old_p.shape   # moments, not the step count
-            opt.state[new_p] = {k: _insert_zeros(v, dim, index, num_tasks - old) if same(v) else v
-                                for k, v in state.items()}
+            # grow the moments (tensors shaped like the parameter), keep the step count
+            opt.state[new_p] = {
+                k: _insert_zeros(v, dim, index, num_tasks - old)
+                if torch.is_tensor(v) and v.shape == old_p.shape
+                else v
+                for k, v in state.items()
+            }
             for name, params in self.params.items():
                 self.params[name] = [new_p if p is old_p else p for p in params]
         for net in self.nets.values():
@@ -482,12 +588,18 @@ class Agent:
 def random_batch(cfg, batch_size, device="cpu", seed=0):
     """A batch in data.py's format (see data._make_batch) with random content (benchmarks, smoke tests)."""
     g = torch.Generator().manual_seed(seed)
-    img = lambda: torch.randint(0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8)
-    batch = {"obs": img(), "next_obs": img(), "state": torch.randn(batch_size, cfg.state_dim, generator=g),
-             "next_state": torch.randn(batch_size, cfg.state_dim, generator=g),
-             "action": torch.rand(batch_size, cfg.action_dim, generator=g) * 1.98 - 0.99,
-             "reward": torch.randint(0, 2, (batch_size,), generator=g).float() * 11 - 1,
-             "task": torch.randint(0, cfg.num_tasks, (batch_size,), generator=g)}
+    img = lambda: torch.randint(
+        0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8
+    )
+    batch = {
+        "obs": img(),
+        "next_obs": img(),
+        "state": torch.randn(batch_size, cfg.state_dim, generator=g),
+        "next_state": torch.randn(batch_size, cfg.state_dim, generator=g),
+        "action": torch.rand(batch_size, cfg.action_dim, generator=g) * 1.98 - 0.99,
+        "reward": torch.randint(0, 2, (batch_size,), generator=g).float() * 11 - 1,
+        "task": torch.randint(0, cfg.num_tasks, (batch_size,), generator=g),
+    }
     batch["mask"] = (batch["reward"] < 0).float()
     batch["mc_return"] = torch.randn(batch_size, generator=g) * 5
     return {k: v.to(device) for k, v in batch.items()}
@@ -507,12 +619,21 @@ def assumed_peak(device):
     """(FLOP/s, description) of the hardware peak the fraction is reported against."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("4090", 165)):
+        for key, tflops in (
+            ("H200", 989),
+            ("H100", 989),
+            ("A100", 312),
+            ("L40S", 362),
+            ("4090", 165),
+        ):
             if key in name:
                 return tflops * 1e12, f"{name}: {tflops} TFLOP/s dense bf16 (datasheet)"
         return None, f"{name}: unknown peak (pass --peak_tflops)"
     threads = torch.get_num_threads()
-    return threads * 3.0e9 * 32, f"CPU: {threads} threads x 3.0 GHz x 32 fp32 FLOP/cycle (AVX2, 2 FMA units), assumed"
+    return (
+        threads * 3.0e9 * 32,
+        f"CPU: {threads} threads x 3.0 GHz x 32 fp32 FLOP/cycle (AVX2, 2 FMA units), assumed",
+    )
 
 
 def bench(args):
@@ -521,14 +642,19 @@ def bench(args):
     on s, target and policy fwd on s'), medians of interleaved rounds in the same run. The gap is the MLP
     heads, losses, optimizer steps, target update and Python."""
     from torch.utils.flop_counter import FlopCounterMode
+
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick the fastest convolution algorithms
-    cfg = AgentConfig(arch=args.arch, image_size=args.image_size, algo=args.algo, num_tasks=args.num_tasks)
+    torch.backends.cudnn.benchmark = (
+        True  # fixed shapes: let cuDNN pick the fastest convolution algorithms
+    )
+    cfg = AgentConfig(
+        arch=args.arch, image_size=args.image_size, algo=args.algo, num_tasks=args.num_tasks
+    )
     agent = Agent(cfg, device)
     batch = random_batch(cfg, args.batch, device)
     cuda = device.type == "cuda"
 
-    def fwd_bwd(net, images):   # what update() needs from an encoder with gradient
+    def fwd_bwd(net, images):  # what update() needs from an encoder with gradient
         for p in net.parameters():
             p.grad = None
         with agent._autocast():
@@ -543,11 +669,15 @@ def bench(args):
     if agent.bc_policy is not None:
         fns["bc encoder fwd+bwd s"] = lambda: fwd_bwd(agent.bc_policy, batch["obs"])
     if agent.critic is not None:
-        fns.update({"critic fwd+bwd s": lambda: fwd_bwd(agent.critic, batch["obs"]),
-                    "policy fwd+bwd s": lambda: fwd_bwd(agent.policy, batch["obs"]),
-                    "target fwd s'": lambda: fwd(agent.target_critic, batch["next_obs"]),
-                    "policy fwd s'": lambda: fwd(agent.policy, batch["next_obs"])})
-    for fn in fns.values():   # warm-up: allocator, cuDNN algorithm search
+        fns.update(
+            {
+                "critic fwd+bwd s": lambda: fwd_bwd(agent.critic, batch["obs"]),
+                "policy fwd+bwd s": lambda: fwd_bwd(agent.policy, batch["obs"]),
+                "target fwd s'": lambda: fwd(agent.target_critic, batch["next_obs"]),
+                "policy fwd s'": lambda: fwd(agent.policy, batch["next_obs"]),
+            }
+        )
+    for fn in fns.values():  # warm-up: allocator, cuDNN algorithm search
         fn()
     # interleaved rounds + medians: the update and its passes see the same machine load (shared CPUs)
     times = {k: [] for k in fns}
@@ -556,8 +686,10 @@ def bench(args):
             times[k].append(_seconds(fn, cuda))
     med = {k: statistics.median(v) for k, v in times.items()}
     t_update = med.pop("update")
-    if cuda:   # throughput as in training: back-to-back updates, one synchronisation
-        t_update = _seconds(lambda: [agent.update(batch) for _ in range(args.steps)], cuda) / args.steps
+    if cuda:  # throughput as in training: back-to-back updates, one synchronisation
+        t_update = (
+            _seconds(lambda: [agent.update(batch) for _ in range(args.steps)], cuda) / args.steps
+        )
     t_passes = med
     with FlopCounterMode(display=False) as counter:
         agent.update(batch)
@@ -566,23 +698,33 @@ def bench(args):
     if args.peak_tflops:
         peak, peak_desc = args.peak_tflops * 1e12, f"{args.peak_tflops} TFLOP/s (given)"
     rate = flops / t_update
-    print(f"cql.py bench: algo={cfg.algo} arch={cfg.arch} batch={args.batch} image_size={cfg.image_size} "
-          f"device={device} threads={torch.get_num_threads()} steps={args.steps}")
+    print(
+        f"cql.py bench: algo={cfg.algo} arch={cfg.arch} batch={args.batch} image_size={cfg.image_size} "
+        f"device={device} threads={torch.get_num_threads()} steps={args.steps}"
+    )
     print(f"{1.0 / t_update:.3f} updates/s, {t_update * 1e3:.1f} ms/update")
     frac = f"{rate / peak:.1%} of peak" if peak else "fraction of peak n/a"
-    print(f"counted {flops / 1e9:.2f} GFLOP/update -> {rate / 1e9:.1f} GFLOP/s = {frac} [{peak_desc}]")
+    print(
+        f"counted {flops / 1e9:.2f} GFLOP/update -> {rate / 1e9:.1f} GFLOP/s = {frac} [{peak_desc}]"
+    )
     total = sum(t_passes.values())
     t_synced = statistics.median(times["update"])
     best = min(times["update"]) / sum(min(v) for k, v in times.items() if k != "update")
-    print(f"overhead ratio {t_synced / total:.3f} (medians; {best:.3f} from minima) = update {t_synced * 1e3:.1f} ms / "
-          f"passes {total * 1e3:.1f} ms (" + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t_passes.items()) + ")")
+    print(
+        f"overhead ratio {t_synced / total:.3f} (medians; {best:.3f} from minima) = update {t_synced * 1e3:.1f} ms / "
+        f"passes {total * 1e3:.1f} ms ("
+        + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t_passes.items())
+        + ")"
+    )
 
 
 def main(argv=None):
     d = AgentConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time update(): updates/s, fraction of peak FLOP/s, overhead ratio")
+    b = sub.add_parser(
+        "bench", help="time update(): updates/s, fraction of peak FLOP/s, overhead ratio"
+    )
     b.add_argument("--arch", default=d.arch)
     b.add_argument("--algo", default=d.algo, choices=ALGOS)
     b.add_argument("--batch", type=int, default=64, help="SPEC section 3 batch size")
@@ -590,7 +732,9 @@ def main(argv=None):
     b.add_argument("--num_tasks", type=int, default=80, help="about the number of Bridge tasks")
     b.add_argument("--device", default="cpu")
     b.add_argument("--steps", type=int, default=5, help="timed rounds (median), after one warm-up")
-    b.add_argument("--peak_tflops", type=float, default=None, help="override the assumed hardware peak")
+    b.add_argument(
+        "--peak_tflops", type=float, default=None, help="override the assumed hardware peak"
+    )
     args = parser.parse_args(argv)
     bench(args)
 

@@ -13,6 +13,7 @@ Every --save_every steps a checkpoint and the Q-values of both heads along every
 (the target's val split) are written to the run folder; select_ckpt.py ranks checkpoints from them
 (Section IV-B, "Cross-validation during offline fine-tuning", Figure 3).
 """
+
 import argparse
 import json
 import os
@@ -20,9 +21,25 @@ import os
 import torch
 
 from data import MixedSampler, Sampler, target_task_ids
-from train import (MIX_TAU, CheckpointError, add_data_args, add_run_args, agent_from_checkpoint, atomic_write_text,
-                   ckpt_config, is_reserved, load_checkpoint, open_store, prepare_out_dir,
-                   restore_run, resume_state, run_cli, store_task_ids, train_loop, write_config)
+from train import (
+    MIX_TAU,
+    CheckpointError,
+    add_data_args,
+    add_run_args,
+    agent_from_checkpoint,
+    atomic_write_text,
+    ckpt_config,
+    is_reserved,
+    load_checkpoint,
+    open_store,
+    prepare_out_dir,
+    restore_run,
+    resume_state,
+    run_cli,
+    store_task_ids,
+    train_loop,
+    write_config,
+)
 
 QTRACE_PATTERN = "qvalues_{:08d}.json"
 
@@ -35,8 +52,14 @@ def q_traces(agent, sampler, traj_ids):
         batch = {k: v.to(agent.device) for k, v in traj.items()}
         q = agent.q_values(batch).float().cpu()
         assert q.shape == (len(traj["reward"]), 2), q.shape
-        traces.append({"traj_id": int(tid), "q": q.T.tolist(), "reward": traj["reward"].tolist(),
-                       "mc_return": traj["mc_return"].tolist()})
+        traces.append(
+            {
+                "traj_id": int(tid),
+                "q": q.T.tolist(),
+                "reward": traj["reward"].tolist(),
+                "mc_return": traj["mc_return"].tolist(),
+            }
+        )
     return traces
 
 
@@ -68,13 +91,17 @@ def open_run(args):
     prepare_out_dir(args.out, args.resume)
     resumed = resume_state(args, {})
     if resumed is None and not args.ckpt:
-        raise SystemExit(f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning")
+        raise SystemExit(
+            f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning"
+        )
     source = resumed if resumed is not None else load_checkpoint(args.ckpt)
     source_path = args.ckpt or args.out
     cfg = ckpt_config(source)
     if args.image_size is not None and args.image_size != cfg["image_size"]:
-        raise CheckpointError(f"{source_path}: checkpoint has image_size={cfg['image_size']} but --image_size is "
-                              f"{args.image_size}")
+        raise CheckpointError(
+            f"{source_path}: checkpoint has image_size={cfg['image_size']} but --image_size is "
+            f"{args.image_size}"
+        )
     args.image_size = cfg["image_size"]
     target = open_store(args.target, args, args.target_store, prior=False)
     prior = open_store(args.prior, args, args.prior_store)
@@ -84,19 +111,35 @@ def open_run(args):
 def task_samplers(prior, target, names, target_ids, source, gamma, seed, prior_src):
     """Train-split samplers of the prior and the target data: global task ids, the checkpoint's action bounds."""
     kw = dict(gamma=gamma, action_low=source["action_low"], action_high=source["action_high"])
-    return (Sampler(prior, "train", task_ids=store_task_ids(prior, names, prior_src), seed=seed, **kw),
-            Sampler(target, "train", task_ids=target_ids, seed=seed + 7919, **kw))
+    return (
+        Sampler(prior, "train", task_ids=store_task_ids(prior, names, prior_src), seed=seed, **kw),
+        Sampler(target, "train", task_ids=target_ids, seed=seed + 7919, **kw),
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", default=None, help="pre-trained checkpoint (not needed with --resume)")
     p.add_argument("--prior", required=True, help="the prior (pre-training) data")
-    p.add_argument("--target", required=True, help="the target task's demonstrations (Bridge format)")
-    p.add_argument("--mix", type=float, default=MIX_TAU, help="tau: fraction of each batch from the prior data")
-    p.add_argument("--task", default="new", help="'new' (fresh one-hot slot) or an existing task name (re-target)")
-    p.add_argument("--algo", default=None, choices=["cql", "bc", "awbc"], help="default: the checkpoint's")
-    p.add_argument("--alpha", type=float, default=None, help="CQL alpha (default: the checkpoint's)")
+    p.add_argument(
+        "--target", required=True, help="the target task's demonstrations (Bridge format)"
+    )
+    p.add_argument(
+        "--mix", type=float, default=MIX_TAU, help="tau: fraction of each batch from the prior data"
+    )
+    p.add_argument(
+        "--task",
+        default="new",
+        help="'new' (fresh one-hot slot) or an existing task name (re-target)",
+    )
+    p.add_argument(
+        "--algo", default=None, choices=["cql", "bc", "awbc"], help="default: the checkpoint's"
+    )
+    p.add_argument(
+        "--alpha", type=float, default=None, help="CQL alpha (default: the checkpoint's)"
+    )
     p.add_argument("--prior_store", default=None)
     p.add_argument("--target_store", default=None)
     add_run_args(p, steps=50_000, save_every=5_000)
@@ -107,7 +150,9 @@ def main(argv=None):
     if not args.resume and not args.ckpt:
         p.error("--ckpt is required (or --resume with an --out folder that holds checkpoints)")
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # 10 demos fit one GPU; only train.py is data parallel
+    if (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):  # 10 demos fit one GPU; only train.py is data parallel
         raise SystemExit("finetune.py runs in a single process: start it with python, not torchrun")
     device = args.device
     resumed, source, source_path, prior, target = open_run(args)
@@ -115,8 +160,10 @@ def main(argv=None):
 
     algo = args.algo or agent.cfg.algo
     if (algo == "bc") != (agent.cfg.algo == "bc"):
-        raise SystemExit(f"--algo {algo} cannot fine-tune a {agent.cfg.algo} checkpoint (BC and CQL learners "
-                         f"have different networks)")
+        raise SystemExit(
+            f"--algo {algo} cannot fine-tune a {agent.cfg.algo} checkpoint (BC and CQL learners "
+            f"have different networks)"
+        )
     agent.cfg.algo = algo
     if args.alpha is not None:
         agent.cfg.alpha = args.alpha
@@ -128,27 +175,58 @@ def main(argv=None):
         if len(names) > agent.cfg.num_tasks:
             agent.grow_tasks(len(names))
     low, high = source["action_low"], source["action_high"]
-    samplers = task_samplers(prior, target, names, target_ids, source, agent.cfg.gamma, args.seed, args.prior)
+    samplers = task_samplers(
+        prior, target, names, target_ids, source, agent.cfg.gamma, args.seed, args.prior
+    )
     sampler = MixedSampler(list(samplers), [args.mix, 1.0 - args.mix])
-    val_sampler = Sampler(target, "val", seed=0, gamma=agent.cfg.gamma, task_ids=target_ids, action_low=low,
-                          action_high=high)
+    val_sampler = Sampler(
+        target,
+        "val",
+        seed=0,
+        gamma=agent.cfg.gamma,
+        task_ids=target_ids,
+        action_low=low,
+        action_high=high,
+    )
     val_ids = target.trajectory_ids("val")
     if agent.critic is None:
-        print("note: a BC learner has no Q-function, so this run writes no Q-value traces for select_ckpt.py")
+        print(
+            "note: a BC learner has no Q-function, so this run writes no Q-value traces for select_ckpt.py"
+        )
     elif len(val_ids) == 0:
-        print(f"warning: {args.target} has no held-out (val) trajectory: no Q-value traces for select_ckpt.py")
+        print(
+            f"warning: {args.target} has no held-out (val) trajectory: no Q-value traces for select_ckpt.py"
+        )
 
     torch.manual_seed(args.seed)
     start = 0
-    if resumed is not None:  # the agent was built from this very checkpoint: only the run state is left
+    if (
+        resumed is not None
+    ):  # the agent was built from this very checkpoint: only the run state is left
         start = restore_run(resumed, agent, sampler)
-    payload = {"kind": "finetune", "task_names": names,
-               "action_low": low, "action_high": high, "target_task_ids": target_ids,
-               "target_tasks": list(target.task_names), "source_ckpt": str(source.get("source_ckpt", source_path))}
-    write_config(args.out, args, {"num_tasks": agent.cfg.num_tasks, "task_names": names,
-                                  "target_task_ids": target_ids, "algo": algo})
-    print(f"fine-tuning {agent.cfg.arch} on {list(target.task_names)} -> one-hot {target_ids} of {agent.cfg.num_tasks}; "
-          f"{target.num_transitions('train')} target / {prior.num_transitions('train')} prior transitions, tau={args.mix}")
+    payload = {
+        "kind": "finetune",
+        "task_names": names,
+        "action_low": low,
+        "action_high": high,
+        "target_task_ids": target_ids,
+        "target_tasks": list(target.task_names),
+        "source_ckpt": str(source.get("source_ckpt", source_path)),
+    }
+    write_config(
+        args.out,
+        args,
+        {
+            "num_tasks": agent.cfg.num_tasks,
+            "task_names": names,
+            "target_task_ids": target_ids,
+            "algo": algo,
+        },
+    )
+    print(
+        f"fine-tuning {agent.cfg.arch} on {list(target.task_names)} -> one-hot {target_ids} of {agent.cfg.num_tasks}; "
+        f"{target.num_transitions('train')} target / {prior.num_transitions('train')} prior transitions, tau={args.mix}"
+    )
 
     def on_save(step):
         if len(val_ids) and agent.critic is not None:

@@ -12,6 +12,7 @@ Trials", RSS 2023 (paper/ptr_rss2023.txt). Section IV-B and Figure 2 give the de
 Images enter as uint8 (B, 3, H, W) and are scaled inside, so data pipelines never hold float images.
 This file imports nothing from the project and can be copied alone.
 """
+
 import math
 
 import torch
@@ -22,9 +23,9 @@ from torch.func import functional_call
 ARCHS = ("resnet18", "resnet34", "resnet50", "impala", "small")
 HEADS = ("spatial", "avgpool", "softmax")
 NORMS = ("group", "batch")
-GROUPS = 4                      # GroupNorm groups (SPEC section 4)
+GROUPS = 4  # GroupNorm groups (SPEC section 4)
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-HIDDEN_GAIN, OUTPUT_GAIN = math.sqrt(2.0), 1e-2   # orthogonal init gains (SPEC section 4)
+HIDDEN_GAIN, OUTPUT_GAIN = math.sqrt(2.0), 1e-2  # orthogonal init gains (SPEC section 4)
 
 
 def _norm_layer(norm):
@@ -41,28 +42,41 @@ def resnet_trunk(arch, norm):
     second stage (layer2) downsamples, so 128x128 -> 16x16 (x512, x2048 for resnet50). Keeping layer3/layer4 at
     16x16 keeps the spatial detail the learned spatial embeddings read (Section IV-B)."""
     import torchvision  # here, not at the top: it costs seconds at start-up and only the ResNets need it
+
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=_norm_layer(norm))
     for stage in (net.layer3, net.layer4):
-        for m in stage.modules():   # BasicBlock: conv1 + downsample; Bottleneck: conv2 + downsample
+        for m in stage.modules():  # BasicBlock: conv1 + downsample; Bottleneck: conv2 + downsample
             if isinstance(m, nn.Conv2d) and m.stride != (1, 1):
                 m.stride = (1, 1)
-    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
 
 
 def small_trunk(norm):
     """The 'small' 3-conv-layer encoder of the scaling study (Figure 7), /4 overall. The norm layer follows
     every conv as in the ResNets, so the norm ablation means the same thing for every arch."""
     n = _norm_layer(norm)
-    return nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), n(32), nn.ReLU(),
-                         nn.Conv2d(32, 64, 3, 2, 1), n(64), nn.ReLU(),
-                         nn.Conv2d(64, 64, 3, 1, 1), n(64), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, 2, 1),
+        n(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, 2, 1),
+        n(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, 1, 1),
+        n(64),
+        nn.ReLU(),
+    )
 
 
 class _ImpalaResidual(nn.Module):
     def __init__(self, c, norm):
         super().__init__()
         n = _norm_layer(norm)
-        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1), n(c), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1), n(c))
+        self.body = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1), n(c), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1), n(c)
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -72,8 +86,12 @@ def impala_trunk(norm, channels=(16, 32, 32)):
     """IMPALA ResNet (Espeholt et al. 2018): 3 stacks of conv + maxpool/2 + 2 residual blocks = 15 convs, /8."""
     layers, c_in = [], 3
     for c in channels:
-        layers += [nn.Conv2d(c_in, c, 3, 1, 1), nn.MaxPool2d(3, 2, 1),
-                   _ImpalaResidual(c, norm), _ImpalaResidual(c, norm)]
+        layers += [
+            nn.Conv2d(c_in, c, 3, 1, 1),
+            nn.MaxPool2d(3, 2, 1),
+            _ImpalaResidual(c, norm),
+            _ImpalaResidual(c, norm),
+        ]
         c_in = c
     return nn.Sequential(*layers, nn.ReLU())
 
@@ -85,7 +103,9 @@ class SpatialEmbedding(nn.Module):
 
     def __init__(self, c, h, w, k):
         super().__init__()
-        self.kernel = nn.Parameter(torch.randn(c, h, w, k) / math.sqrt(c * h * w))   # LeCun-normal fan-in
+        self.kernel = nn.Parameter(
+            torch.randn(c, h, w, k) / math.sqrt(c * h * w)
+        )  # LeCun-normal fan-in
         self.out_dim = c * k
 
     def forward(self, f):
@@ -113,12 +133,14 @@ class SpatialSoftmax(nn.Module):
     def __init__(self, c, h, w):
         super().__init__()
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-        self.register_buffer("pos", torch.stack([xs.flatten(), ys.flatten()], 1), persistent=False)  # (HW, 2)
+        self.register_buffer(
+            "pos", torch.stack([xs.flatten(), ys.flatten()], 1), persistent=False
+        )  # (HW, 2)
         self.log_temp = nn.Parameter(torch.zeros(()))
         self.out_dim = 2 * c
 
     def forward(self, f):
-        attn = torch.softmax(f.flatten(2).float() / self.log_temp.exp(), dim=-1)     # (B, C, HW)
+        attn = torch.softmax(f.flatten(2).float() / self.log_temp.exp(), dim=-1)  # (B, C, HW)
         return (attn @ self.pos).flatten(1)
 
 
@@ -134,16 +156,22 @@ class Encoder(nn.Module):
             self.pool = SpatialEmbedding(c, h, w, k)
         else:
             self.pool = (AvgPool if head == "avgpool" else SpatialSoftmax)(c, h, w)
-        self.proj = nn.Sequential(nn.Linear(self.pool.out_dim, embed_dim), nn.LayerNorm(embed_dim), nn.Tanh())
+        self.proj = nn.Sequential(
+            nn.Linear(self.pool.out_dim, embed_dim), nn.LayerNorm(embed_dim), nn.Tanh()
+        )
         self.feature_shape, self.embed_dim = tuple(feature_shape), embed_dim
-        self.channels_last = False   # set by the agent on CUDA (faster convolutions with cuDNN)
+        self.channels_last = False  # set by the agent on CUDA (faster convolutions with cuDNN)
 
     def forward(self, images):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"model.py: Encoder expects uint8 images (B, 3, H, W), "
-                             f"got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"model.py: Encoder expects uint8 images (B, 3, H, W), "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)   # permute the 1-byte data, not floats
+            images = images.contiguous(
+                memory_format=torch.channels_last
+            )  # permute the 1-byte data, not floats
         x = images.float().div_(255.0)
         return self.proj(self.pool(self.trunk(x)))
 
@@ -162,8 +190,10 @@ def make_encoder(arch="resnet34", head="spatial", norm="group", image_size=128, 
     else:
         trunk = small_trunk(norm) if arch == "small" else impala_trunk(norm)
     meta = {k: v.to("meta") for k, v in [*trunk.named_parameters(), *trunk.named_buffers()]}
-    probe = functional_call(trunk, meta, (torch.empty(1, 3, image_size, image_size, device="meta"),))
-    k = 4 if arch == "resnet50" else 8          # SPEC section 4: K = 8, 4 for the 2048-channel ResNet-50
+    probe = functional_call(
+        trunk, meta, (torch.empty(1, 3, image_size, image_size, device="meta"),)
+    )
+    k = 4 if arch == "resnet50" else 8  # SPEC section 4: K = 8, 4 for the 2048-channel ResNet-50
     return Encoder(trunk, head, probe.shape[1:], embed_dim, k)
 
 
@@ -181,13 +211,17 @@ class StackedLinear(nn.Module):
     def __init__(self, num, in_features, out_features, gain):
         super().__init__()
         w = torch.empty(num, in_features, out_features)
-        for i in range(num):   # orthogonal per head, stored transposed (in, out) for baddbmm
+        for i in range(num):  # orthogonal per head, stored transposed (in, out) for baddbmm
             w[i] = nn.init.orthogonal_(torch.empty(out_features, in_features), gain).T
         self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(torch.zeros(num, 1, out_features))
 
     def forward(self, x, detach_params=False):
-        w, b = (self.weight.detach(), self.bias.detach()) if detach_params else (self.weight, self.bias)
+        w, b = (
+            (self.weight.detach(), self.bias.detach())
+            if detach_params
+            else (self.weight, self.bias)
+        )
         return torch.baddbmm(b, x, w)
 
 
@@ -198,13 +232,24 @@ class QNetwork(nn.Module):
     in demonstrations (Section IV-B, Table XIV). action_every_layer=False feeds the action at the input only
     (the embedding still enters every layer). The critic does not see the proprioceptive state."""
 
-    def __init__(self, encoder, num_tasks, action_dim=7, hidden=256, depth=3, action_every_layer=True, num_qs=2):
+    def __init__(
+        self,
+        encoder,
+        num_tasks,
+        action_dim=7,
+        hidden=256,
+        depth=3,
+        action_every_layer=True,
+        num_qs=2,
+    ):
         super().__init__()
         self.encoder, self.num_tasks, self.action_dim = encoder, num_tasks, action_dim
         self.action_every_layer, self.num_qs = action_every_layer, num_qs
         d, side = encoder.embed_dim, action_dim + encoder.embed_dim
         widths = [num_tasks + side] + [hidden + (side if action_every_layer else d)] * depth
-        self.layers = nn.ModuleList(StackedLinear(num_qs, widths[i], hidden, HIDDEN_GAIN) for i in range(depth))
+        self.layers = nn.ModuleList(
+            StackedLinear(num_qs, widths[i], hidden, HIDDEN_GAIN) for i in range(depth)
+        )
         self.layers.append(StackedLinear(num_qs, widths[-1], 1, OUTPUT_GAIN))
 
     def action_columns(self, i):
@@ -223,12 +268,15 @@ class QNetwork(nn.Module):
         single = action.dim() == 2
         a = action[:, None] if single else action
         b, n, _ = a.shape
-        assert z.shape == (b, self.encoder.embed_dim), f"embedding {tuple(z.shape)} vs action {tuple(action.shape)}"
-        assert task_onehot.shape == (b, self.num_tasks), \
+        assert z.shape == (b, self.encoder.embed_dim), (
+            f"embedding {tuple(z.shape)} vs action {tuple(action.shape)}"
+        )
+        assert task_onehot.shape == (b, self.num_tasks), (
             f"task one-hot {tuple(task_onehot.shape)}, expected ({b}, {self.num_tasks})"
+        )
         z = z.to(a.dtype)[:, None].expand(b, n, -1)
         side = torch.cat([a, z], -1).reshape(1, b * n, -1).expand(self.num_qs, -1, -1)
-        z_only = side[..., self.action_dim:]
+        z_only = side[..., self.action_dim :]
         task = task_onehot.to(a.dtype)[:, None].expand(b, n, -1).reshape(1, b * n, -1)
         x = torch.cat([task.expand(self.num_qs, -1, -1), side], -1)
         for i, layer in enumerate(self.layers):
@@ -245,7 +293,10 @@ class QNetwork(nn.Module):
 def mlp(in_dim, hidden, depth, out_dim, dropout=0.0):
     layers = []
     for i in range(depth):
-        layers += [_orthogonal_(nn.Linear(in_dim if i == 0 else hidden, hidden), HIDDEN_GAIN), nn.ReLU()]
+        layers += [
+            _orthogonal_(nn.Linear(in_dim if i == 0 else hidden, hidden), HIDDEN_GAIN),
+            nn.ReLU(),
+        ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers, _orthogonal_(nn.Linear(hidden, out_dim), OUTPUT_GAIN))
@@ -289,7 +340,9 @@ class TanhGaussianPolicy(nn.Module):
 
     def dist(self, z, state, task_onehot):
         """-> (mean, log_std), each (B, A), of the pre-tanh Gaussian."""
-        assert task_onehot.shape[1] == self.num_tasks, f"task one-hot width {task_onehot.shape[1]} != {self.num_tasks}"
+        assert task_onehot.shape[1] == self.num_tasks, (
+            f"task one-hot width {task_onehot.shape[1]} != {self.num_tasks}"
+        )
         mean, log_std = self.net(torch.cat([z.float(), state, task_onehot], -1)).chunk(2, -1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
@@ -310,16 +363,22 @@ class BCPolicy(nn.Module):
     """Behaviour-cloning baseline (Appendix, Table XI): same encoder and MLP inputs, deterministic output
     regressed with MSE, dropout 0.4, no tanh (following Ebert et al.; the agent clips actions to [-1, 1])."""
 
-    def __init__(self, encoder, num_tasks, state_dim=7, action_dim=7, hidden=256, depth=3, dropout=0.4):
+    def __init__(
+        self, encoder, num_tasks, state_dim=7, action_dim=7, hidden=256, depth=3, dropout=0.4
+    ):
         super().__init__()
         self.encoder, self.num_tasks, self.action_dim = encoder, num_tasks, action_dim
-        self.net = mlp(encoder.embed_dim + state_dim + num_tasks, hidden, depth, action_dim, dropout)
+        self.net = mlp(
+            encoder.embed_dim + state_dim + num_tasks, hidden, depth, action_dim, dropout
+        )
 
     def embed(self, images):
         return self.encoder(images)
 
     def head(self, z, state, task_onehot):
-        assert task_onehot.shape[1] == self.num_tasks, f"task one-hot width {task_onehot.shape[1]} != {self.num_tasks}"
+        assert task_onehot.shape[1] == self.num_tasks, (
+            f"task one-hot width {task_onehot.shape[1]} != {self.num_tasks}"
+        )
         return self.net(torch.cat([z.float(), state, task_onehot], -1))
 
     def forward(self, images, state, task_onehot):

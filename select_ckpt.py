@@ -18,6 +18,7 @@ The paper calls a metric for this future work; ours is
   steeper than the true return is not rewarded for it.
 Scores lie in [-1, 1]: rising > flat > falling. Ties go to the earlier checkpoint (fewer steps on 10 demos).
 """
+
 import argparse
 import glob
 import json
@@ -30,8 +31,16 @@ from PIL import Image, ImageDraw
 from finetune import QTRACE_PATTERN
 from train import atomic_write_text, list_checkpoints, run_cli
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
+COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 
 
 def rankdata(x):
@@ -49,7 +58,7 @@ def rankdata(x):
 def spearman(x, y):
     rx, ry = rankdata(x), rankdata(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    denom = np.sqrt((rx**2).sum() * (ry**2).sum())
     return float((rx * ry).sum() / denom) if denom > 0 else 0.0
 
 
@@ -64,8 +73,14 @@ def trajectory_score(q, mc_return):
 
 
 def checkpoint_score(traces):
-    parts = np.array([trajectory_score(np.min(t["q"], axis=0), t["mc_return"]) for t in traces["trajectories"]])
-    return {"score": float(parts[:, 0].mean()), "rho": float(parts[:, 1].mean()), "flatness": float(parts[:, 2].mean())}
+    parts = np.array(
+        [trajectory_score(np.min(t["q"], axis=0), t["mc_return"]) for t in traces["trajectories"]]
+    )
+    return {
+        "score": float(parts[:, 0].mean()),
+        "rho": float(parts[:, 1].mean()),
+        "flatness": float(parts[:, 2].mean()),
+    }
 
 
 def load_traces(run_dir):
@@ -81,8 +96,10 @@ def load_traces(run_dir):
                 doc = json.load(f)
             assert doc["trajectories"] and all(len(t["q"]) == 2 for t in doc["trajectories"])
         except (OSError, ValueError, KeyError, AssertionError, TypeError):
-            raise SystemExit(f"{path}: not a Q-value trace file written by finetune.py (expected 'trajectories' "
-                             f"with 'q' of 2 heads and 'mc_return')") from None
+            raise SystemExit(
+                f"{path}: not a Q-value trace file written by finetune.py (expected 'trajectories' "
+                f"with 'q' of 2 heads and 'mc_return')"
+            ) from None
         found[int(m.group(1))] = doc
     return found, ckpts
 
@@ -92,9 +109,13 @@ def rank(run_dir):
         raise SystemExit(f"{run_dir}: no such run folder")
     traces, ckpts = load_traces(run_dir)
     if not traces:
-        raise SystemExit(f"{run_dir}: no checkpoint with Q-value traces ({QTRACE_PATTERN.format(0)} ...); "
-                         f"run finetune.py with a --target that has held-out (val) trajectories")
-    rows = [dict(step=step, ckpt=ckpts[step], **checkpoint_score(doc)) for step, doc in traces.items()]
+        raise SystemExit(
+            f"{run_dir}: no checkpoint with Q-value traces ({QTRACE_PATTERN.format(0)} ...); "
+            f"run finetune.py with a --target that has held-out (val) trajectories"
+        )
+    rows = [
+        dict(step=step, ckpt=ckpts[step], **checkpoint_score(doc)) for step, doc in traces.items()
+    ]
     rows.sort(key=lambda r: (-r["score"], r["step"]))
     return rows, traces
 
@@ -113,10 +134,17 @@ def plot(rows, traces, path, chosen_step, panel=(220, 150), cols=4):
         lo = min(float(c.min()) for c in curves)
         hi = max(float(c.max()) for c in curves)
         span = hi - lo if hi > lo else 1.0
-        draw.rectangle(box, outline=(200, 0, 0) if row["step"] == chosen_step else (120, 120, 120),
-                       width=3 if row["step"] == chosen_step else 1)
+        draw.rectangle(
+            box,
+            outline=(200, 0, 0) if row["step"] == chosen_step else (120, 120, 120),
+            width=3 if row["step"] == chosen_step else 1,
+        )
         for j, c in enumerate(curves):
-            xs = np.linspace(box[0] + 2, box[2] - 2, len(c)) if len(c) > 1 else np.array([box[0] + 2.0])
+            xs = (
+                np.linspace(box[0] + 2, box[2] - 2, len(c))
+                if len(c) > 1
+                else np.array([box[0] + 2.0])
+            )
             ys = box[3] - 2 - (c - lo) / span * (box[3] - box[1] - 4)
             draw.line(list(zip(xs.tolist(), ys.tolist())), fill=COLORS[j % len(COLORS)], width=2)
         draw.text((x0 + 4, y0 + 4), f"step {row['step']}  score {row['score']:.2f}", fill="black")
@@ -128,7 +156,9 @@ def plot(rows, traces, path, chosen_step, panel=(220, 150), cols=4):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", help="a finetune.py run folder")
     p.add_argument("--plot", default=None, help="PNG path (default RUN_DIR/qvalues.png)")
     args = p.parse_args(argv)
@@ -136,10 +166,19 @@ def main(argv=None):
     best = rows[0]
     print(f"{'rank':>4} {'step':>9} {'score':>7} {'rho':>7} {'flat':>6}  checkpoint")
     for i, r in enumerate(rows):
-        print(f"{i + 1:>4} {r['step']:>9} {r['score']:>7.3f} {r['rho']:>7.3f} {r['flatness']:>6.2f}  {r['ckpt']}")
-    doc = {"chosen": best["ckpt"], "step": best["step"], "score": best["score"], "ranking": rows,
-           "metric": "mean over held-out trajectories of spearman(t, min-head Q) * min(1, spread(Q) / spread(MC return))"}
-    atomic_write_text(json.dumps(doc, indent=2) + "\n", os.path.join(args.run_dir, "selection.json"))
+        print(
+            f"{i + 1:>4} {r['step']:>9} {r['score']:>7.3f} {r['rho']:>7.3f} {r['flatness']:>6.2f}  {r['ckpt']}"
+        )
+    doc = {
+        "chosen": best["ckpt"],
+        "step": best["step"],
+        "score": best["score"],
+        "ranking": rows,
+        "metric": "mean over held-out trajectories of spearman(t, min-head Q) * min(1, spread(Q) / spread(MC return))",
+    }
+    atomic_write_text(
+        json.dumps(doc, indent=2) + "\n", os.path.join(args.run_dir, "selection.json")
+    )
     plot(rows, traces, args.plot or os.path.join(args.run_dir, "qvalues.png"), best["step"])
     print(best["ckpt"])
 

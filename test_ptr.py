@@ -9,7 +9,6 @@ import json
 import math
 import os
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -44,6 +43,7 @@ torch.set_num_threads(1)
 # data.py
 # ====================================================================================================
 
+
 def _data_write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0",), seed=0):
     """Write a tiny Bridge-format tree: root/<task path>/train/out.npy (+ val/out.npy when n_val > 0).
     tasks: task paths like "kitchen1/put_a_in_b" (the task name is the last part). T: an int or a list of
@@ -54,7 +54,10 @@ def _data_write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0
         written[task] = {}
         for split, n in (("train", n_traj), ("val", n_val)):
             if n:
-                trajs = [data.synthetic_trajectory(int(lengths[i % len(lengths)]), H, rng, cameras) for i in range(n)]
+                trajs = [
+                    data.synthetic_trajectory(int(lengths[i % len(lengths)]), H, rng, cameras)
+                    for i in range(n)
+                ]
                 data.write_bridge_file(os.path.join(root, task, split, "out.npy"), trajs)
                 written[task][split] = trajs
     return written
@@ -79,17 +82,25 @@ def test_data_rewards_masks_and_mc_returns_by_hand(tmp_path):
     assert t["reward"].tolist() == [-1, -1, 10, 10, 10] and t["mask"].tolist() == [1, 1, 0, 0, 0]
     # G4 = G3 = G2 = 10 (terminal), G1 = -1 + 0.9 * 10 = 8, G0 = -1 + 0.9 * 8 = 6.2
     assert np.allclose(t["mc_return"], [6.2, 8, 10, 10, 10])
-    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(n_last=1, scale=1, shift=0)).trajectory(0)
+    t = data.Sampler(
+        store, None, gamma=0.9, reward=data.RewardConfig(n_last=1, scale=1, shift=0)
+    ).trajectory(0)
     assert t["reward"].tolist() == [0, 0, 0, 0, 1] and t["mask"].tolist() == [1, 1, 1, 1, 0]
-    assert np.allclose(t["mc_return"], [0.9 ** 4, 0.9 ** 3, 0.9 ** 2, 0.9, 1])
+    assert np.allclose(t["mc_return"], [0.9**4, 0.9**3, 0.9**2, 0.9, 1])
     # stored terminals (all 0 in the release) as the done mask: bootstrap everywhere
-    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(use_terminals=True)).trajectory(0)
+    t = data.Sampler(
+        store, None, gamma=0.9, reward=data.RewardConfig(use_terminals=True)
+    ).trajectory(0)
     assert t["mask"].tolist() == [1] * 5
     assert np.allclose(t["mc_return"], [20.051, 23.39, 27.1, 19, 10])
     # no success: the constant R / (1 - gamma) = -1 / 0.1
     t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(n_last=0)).trajectory(0)
     assert t["reward"].tolist() == [-1] * 5 and np.allclose(t["mc_return"], -10)
-    assert t["task"].dtype == torch.int64 and t["obs"].dtype == torch.uint8 and t["obs"].shape == (5, 3, 8, 8)
+    assert (
+        t["task"].dtype == torch.int64
+        and t["obs"].dtype == torch.uint8
+        and t["obs"].shape == (5, 3, 8, 8)
+    )
 
 
 def test_data_mc_returns_several_trajectories():
@@ -110,7 +121,11 @@ def test_data_release_split_kept_and_90_10_split(tmp_path):
     assert np.array_equal(again.trajectory_ids("val"), val)  # fixed seed
     _data_write_tree(tmp_path / "t2", ["k/a"], n_traj=6, n_val=3)
     st = data.load_store(tmp_path / "t2", log=lambda *_: None)
-    assert st.trajectory_ids("val").tolist() == [6, 7, 8]  # the release's val/ folder, nothing moved
+    assert st.trajectory_ids("val").tolist() == [
+        6,
+        7,
+        8,
+    ]  # the release's val/ folder, nothing moved
     assert st.num_transitions("train") == 30 and st.num_transitions() == 45
 
 
@@ -134,12 +149,22 @@ def test_data_mixing_counts(tmp_path):
 
 
 def test_data_aliases_and_task_ids(tmp_path):
-    _data_write_tree(tmp_path / "tree", ["k1/open_drawer_a", "k2/open_drawer_b", "k2/put_x"], n_traj=1)
+    _data_write_tree(
+        tmp_path / "tree", ["k1/open_drawer_a", "k2/open_drawer_b", "k2/put_x"], n_traj=1
+    )
     aliases = {"open_drawer_a": "open_drawer", "open_drawer_b": "open_drawer"}
     st = data.load_store(tmp_path / "tree", aliases=aliases, log=lambda *_: None)
-    assert st.task_names == ["open_drawer", "put_x"] and np.bincount(st.traj_task).tolist() == [4, 2]
+    assert st.task_names == ["open_drawer", "put_x"] and np.bincount(st.traj_task).tolist() == [
+        4,
+        2,
+    ]
     (tmp_path / "aliases.json").write_text(json.dumps(aliases))
-    assert data.load_store(tmp_path / "tree", aliases=str(tmp_path / "aliases.json"), log=lambda *_: None).path == st.path
+    assert (
+        data.load_store(
+            tmp_path / "tree", aliases=str(tmp_path / "aliases.json"), log=lambda *_: None
+        ).path
+        == st.path
+    )
     ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "new")
     assert ids.tolist() == [3, 4] and n == 5
     ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "b")
@@ -158,11 +183,20 @@ def test_data_images_round_trip_and_cameras(tmp_path):
         t = data.Sampler(st, None, gamma=0.9).trajectory(1)
         nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
         assert np.array_equal(nhwc(t["obs"]), np.stack([o[camera] for o in traj["observations"]]))
-        assert np.array_equal(nhwc(t["next_obs"]), np.stack([o[camera] for o in traj["next_observations"]]))
-        assert np.allclose(t["next_state"], np.stack([o["state"] for o in traj["next_observations"]]))
+        assert np.array_equal(
+            nhwc(t["next_obs"]), np.stack([o[camera] for o in traj["next_observations"]])
+        )
+        assert np.allclose(
+            t["next_state"], np.stack([o["state"] for o in traj["next_observations"]])
+        )
     both = data.load_store(tmp_path / "tree", camera="all", log=lambda *_: None)
     assert both.num_transitions() == 2 * store.num_transitions() == 14
-    assert np.load(os.path.join(both.path, "images.npy"), allow_pickle=False).shape == (2 * 9, 8, 8, 3)
+    assert np.load(os.path.join(both.path, "images.npy"), allow_pickle=False).shape == (
+        2 * 9,
+        8,
+        8,
+        3,
+    )
 
 
 def test_data_resize(tmp_path):
@@ -186,28 +220,47 @@ def test_data_cache_reuse_and_rebuild(tmp_path):
     assert logs[-2].startswith("converting")
     _data_write_tree(tmp_path / "tree", ["k/b"], n_traj=3, n_val=0)  # a new out.npy
     st2 = data.load_store(tmp_path / "tree", log=logs.append)
-    assert logs[-2].startswith("converting") and st2.path == st.path and st2.task_names == ["a", "b"]
+    assert (
+        logs[-2].startswith("converting") and st2.path == st.path and st2.task_names == ["a", "b"]
+    )
     other = data.load_store(tmp_path / "tree", image_size=4, log=logs.append)
     assert other.path != st.path and other.image_size == (4, 4)  # options are part of the key
     # asking for the size the images already have (as finetune.py does) reuses the native store: no second copy
     assert data.load_store(tmp_path / "tree", image_size=8, log=logs.append).path == st.path
     assert logs[-1].startswith("using store")
-    assert data.load_store(st.path, log=logs.append).num_transitions() == 25  # a built store opens as it is
+    assert (
+        data.load_store(st.path, log=logs.append).num_transitions() == 25
+    )  # a built store opens as it is
 
 
 def test_data_killed_conversion_leaves_no_store(tmp_path):
     _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
     store = tmp_path / "store"
-    kill = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data; "
-            "data._resize = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
-            "data.load_store(sys.argv[2], store=sys.argv[3])")
-    proc = subprocess.run([sys.executable, "-c", kill, os.path.dirname(data.__file__), tmp_path / "tree", store])
+    kill = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data; "
+        "data._resize = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
+        "data.load_store(sys.argv[2], store=sys.argv[3])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", kill, os.path.dirname(data.__file__), tmp_path / "tree", store]
+    )
     assert proc.returncode == -signal.SIGKILL
-    assert not store.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith("store.tmp-")]
-    st = data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)  # starts clean, removes the leftover
-    assert st.num_transitions() == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
-    _data_save(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [{"actions": np.zeros((2, 7))}])
-    with pytest.raises(data.BridgeFormatError):  # a bad file: the old store is left as it was, no tmp folder
+    assert not store.exists() and [
+        p.name for p in tmp_path.iterdir() if p.name.startswith("store.tmp-")
+    ]
+    st = data.load_store(
+        tmp_path / "tree", store=store, log=lambda *_: None
+    )  # starts clean, removes the leftover
+    assert st.num_transitions() == 10 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "store",
+        "tree",
+    ]
+    _data_save(
+        str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [{"actions": np.zeros((2, 7))}]
+    )
+    with pytest.raises(
+        data.BridgeFormatError
+    ):  # a bad file: the old store is left as it was, no tmp folder
         data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
 
@@ -215,16 +268,30 @@ def test_data_killed_conversion_leaves_no_store(tmp_path):
 def test_data_two_processes_converting_the_same_files(tmp_path, monkeypatch):
     _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
     store = tmp_path / "store"
-    st = data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)  # the first process's store
+    st = data.load_store(
+        tmp_path / "tree", store=store, log=lambda *_: None
+    )  # the first process's store
     (store / "first").write_text("")
     root, sources = data.find_sources(tmp_path / "tree")
-    with monkeypatch.context() as m:  # the second one looked before the first renamed its store into place
-        m.setattr(os.path, "exists", lambda p, exists=os.path.exists: os.fspath(p) != str(store) and exists(p))
-        data.convert(sources, root, str(store), st.meta["key"], st.meta["options"], log=lambda *_: None)
-    assert (store / "first").exists() and data.Store(store).num_transitions() == 10  # kept, no ENOTEMPTY
+    with (
+        monkeypatch.context() as m
+    ):  # the second one looked before the first renamed its store into place
+        m.setattr(
+            os.path,
+            "exists",
+            lambda p, exists=os.path.exists: os.fspath(p) != str(store) and exists(p),
+        )
+        data.convert(
+            sources, root, str(store), st.meta["key"], st.meta["options"], log=lambda *_: None
+        )
+    assert (store / "first").exists() and data.Store(
+        store
+    ).num_transitions() == 10  # kept, no ENOTEMPTY
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]  # our tmp folder is gone
     data.convert(sources, root, str(store), "other", st.meta["options"], log=lambda *_: None)
-    assert not (store / "first").exists() and data.Store(store).meta["key"] == "other"  # an old store is replaced
+    assert (
+        not (store / "first").exists() and data.Store(store).meta["key"] == "other"
+    )  # an old store is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
 
 
@@ -235,19 +302,28 @@ def test_data_empty_split_file_counts_as_absent(tmp_path):
     data.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
     data.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
     st = data.load_store(tmp_path / "tree", log=lambda *_: None)
-    assert st.task_names == ["a", "b"] and np.bincount(st.traj_task[st.trajectory_ids("val")]).tolist() == [1, 1]
+    assert st.task_names == ["a", "b"] and np.bincount(
+        st.traj_task[st.trajectory_ids("val")]
+    ).tolist() == [1, 1]
     assert np.bincount(st.traj_task[st.trajectory_ids("train")]).tolist() == [3, 3]
 
 
 def test_data_augment(tmp_path):
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last, like a batch
+    x = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8).permute(
+        0, 3, 1, 2
+    )  # channels-last, like a batch
     assert torch.equal(data.augment(x, pad=0, p_jitter=0), x)
     y = data.augment(x, p_jitter=0)
     padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
     shifts = set()
     for i in range(16):  # each crop is a 12x10 window of the edge-padded image
-        found = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(padded[i, :, dy:dy + 12, dx:dx + 10], y[i])]
+        found = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(padded[i, :, dy : dy + 12, dx : dx + 10], y[i])
+        ]
         assert found, i
         shifts.add(found[0])
     assert len(shifts) > 4  # independent offsets per image
@@ -256,23 +332,36 @@ def test_data_augment(tmp_path):
     z = data.augment(same, pad=0)
     assert z.shape == (64, 3, 12, 10) and z.dtype == torch.uint8
     changed = [not torch.equal(z[i], same[i]) for i in range(64)]
-    assert 32 < sum(changed) < 64  # p_jitter 0.8: most images jittered (the others untouched), each its own way
-    assert len({tuple(z[i].float().mean((1, 2)).tolist()) for i in range(64) if changed[i]}) == sum(changed)
+    assert (
+        32 < sum(changed) < 64
+    )  # p_jitter 0.8: most images jittered (the others untouched), each its own way
+    assert len({tuple(z[i].float().mean((1, 2)).tolist()) for i in range(64) if changed[i]}) == sum(
+        changed
+    )
     torch.manual_seed(1)
     assert torch.equal(data.augment(same, pad=0), z)  # deterministic given the seed
     g = torch.Generator().manual_seed(3)
-    assert torch.equal(data.augment(x, generator=g), data.augment(x, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        data.augment(x, generator=g), data.augment(x, generator=torch.Generator().manual_seed(3))
+    )
     bright = data.augment(same, pad=0, contrast=0, saturation=0, hue=0, p_jitter=1)
     ratio = bright.float().sum((1, 2, 3)) / same.float().sum((1, 2, 3))
-    assert ((ratio > 0.75) & (ratio < 1.25)).all() and ratio.std() > 0.01  # brightness factors in [0.8, 1.2]
+    assert (
+        (ratio > 0.75) & (ratio < 1.25)
+    ).all() and ratio.std() > 0.01  # brightness factors in [0.8, 1.2]
 
 
 def test_data_replay_buffer_fifo_and_mc_returns():
     rb = data.ReplayBuffer(20, 4, gamma=0.5, seed=0)
 
     def add(T, success, tag):  # frame t of this trajectory has all pixels = tag * 10 + t
-        images = (tag * 10 + np.arange(T + 1)).astype(np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
-        rb.add_trajectory(images, np.zeros((T + 1, 7)), np.zeros((T, 7)), np.r_[np.zeros(T - 1), success], tag)
+        images = (tag * 10 + np.arange(T + 1)).astype(np.uint8)[:, None, None, None] * np.ones(
+            (1, 4, 4, 3), np.uint8
+        )
+        rb.add_trajectory(
+            images, np.zeros((T + 1, 7)), np.zeros((T, 7)), np.r_[np.zeros(T - 1), success], tag
+        )
+
     add(5, 1, 1)
     add(7, 0, 2)
     assert len(rb) == 12
@@ -280,7 +369,9 @@ def test_data_replay_buffer_fifo_and_mc_returns():
     assert len(rb) == 16 and list(rb._lengths) == [7, 9]
     b = rb.sample(200)
     assert set(b["task"].tolist()) == {2, 3}
-    assert torch.equal(b["next_obs"].int(), b["obs"].int() + 1)  # next obs = the following frame, same trajectory
+    assert torch.equal(
+        b["next_obs"].int(), b["obs"].int() + 1
+    )  # next obs = the following frame, same trajectory
     step = b["obs"][:, 0, 0, 0].int() % 10
     fail, ok = b["task"] == 2, b["task"] == 3
     assert torch.allclose(b["mc_return"][fail], torch.tensor(-2.0))  # no success: -1 / (1 - 0.5)
@@ -289,17 +380,25 @@ def test_data_replay_buffer_fifo_and_mc_returns():
     seven = ok & (step == 7)
     assert torch.allclose(b["mc_return"][seven], torch.tensor(4.0))  # -1 + 0.5 * 10
     with pytest.raises(ValueError, match="rewards"):
-        rb.add_trajectory(np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3, 7)), np.zeros((2, 7)), [0, 0.5], 0)
+        rb.add_trajectory(
+            np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3, 7)), np.zeros((2, 7)), [0, 0.5], 0
+        )
     with pytest.raises(ValueError, match="empty"):
         data.ReplayBuffer(10, 4, gamma=0.9).sample(2)
 
 
 def test_data_action_rescale(tmp_path):
-    low, high = np.array([-0.05] * 3 + [-0.25] * 3 + [0.0]), np.array([0.05] * 3 + [0.25] * 3 + [1.0])
-    a = np.array([[0.0, 0.025, -0.025, 0.1, -0.1, 0.2, 0.5], [0.06, -0.06, 0.05, 0.3, -0.3, 0.25, 1.0]])
+    low, high = (
+        np.array([-0.05] * 3 + [-0.25] * 3 + [0.0]),
+        np.array([0.05] * 3 + [0.25] * 3 + [1.0]),
+    )
+    a = np.array(
+        [[0.0, 0.025, -0.025, 0.1, -0.1, 0.2, 0.5], [0.06, -0.06, 0.05, 0.3, -0.3, 0.25, 1.0]]
+    )
     s = data.rescale_actions(a, low, high)
-    assert np.allclose(s[0], [0, 0.5, -0.5, 0.4, -0.4, 0.8, 0]) and np.allclose(s[1], [0.99, -0.99] + [0.99] * 2
-                                                                                  + [-0.99, 0.99, 0.99])
+    assert np.allclose(s[0], [0, 0.5, -0.5, 0.4, -0.4, 0.8, 0]) and np.allclose(
+        s[1], [0.99, -0.99] + [0.99] * 2 + [-0.99, 0.99, 0.99]
+    )
     assert np.allclose(data.unscale_actions(s[0], low, high), a[0], atol=1e-7)
     t = data.rescale_actions(torch.tensor(a, dtype=torch.float32), low, high)
     assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), s)
@@ -308,9 +407,15 @@ def test_data_action_rescale(tmp_path):
     raw = np.concatenate([t["actions"] for t in tree["k1/task_a"]["train"]])
     assert np.allclose(store.action_low, raw.min(0)) and np.allclose(store.action_high, raw.max(0))
     t0 = data.Sampler(store, None, gamma=0.9).trajectory(0)["action"]
-    assert np.allclose(t0.numpy(), data.rescale_actions(raw[:5], store.action_low, store.action_high))
-    other = data.Sampler(store, None, gamma=0.9, action_low=low, action_high=high).trajectory(0)["action"]
-    assert np.allclose(other.numpy(), data.rescale_actions(raw[:5], low, high))  # the prior's bounds
+    assert np.allclose(
+        t0.numpy(), data.rescale_actions(raw[:5], store.action_low, store.action_high)
+    )
+    other = data.Sampler(store, None, gamma=0.9, action_low=low, action_high=high).trajectory(0)[
+        "action"
+    ]
+    assert np.allclose(
+        other.numpy(), data.rescale_actions(raw[:5], low, high)
+    )  # the prior's bounds
 
 
 def test_data_sampler_resume_is_exact(tmp_path):
@@ -330,7 +435,9 @@ def _data_error(tmp_path, trajectories, match, **kw):
     with pytest.raises(data.BridgeFormatError, match=match) as e:
         data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None, **kw)
     assert path in str(e.value)
-    assert not os.path.exists(tmp_path / "s") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert not os.path.exists(tmp_path / "s") and not [
+        p for p in os.listdir(tmp_path) if ".tmp-" in p
+    ]
 
 
 def test_data_bad_input_errors(tmp_path):
@@ -340,34 +447,75 @@ def test_data_bad_input_errors(tmp_path):
     _data_error(tmp_path, [good(), t], r"trajectory 1: field 'actions': expected a key")
     t = good()
     t["next_observations"] = t["next_observations"][:2]
-    _data_error(tmp_path, [t], r"trajectory 0: field 'next_observations': expected a list of 3 .* got 2 entries")
+    _data_error(
+        tmp_path,
+        [t],
+        r"trajectory 0: field 'next_observations': expected a list of 3 .* got 2 entries",
+    )
     t = good()
     t["observations"][1] = dict(t["observations"][1], images0=np.zeros((8, 9, 3), np.uint8))
-    _data_error(tmp_path, [t], r"field 'observations\[1\].images0': expected a uint8 image of shape \(8, 8, 3\)")
+    _data_error(
+        tmp_path,
+        [t],
+        r"field 'observations\[1\].images0': expected a uint8 image of shape \(8, 8, 3\)",
+    )
     t = good()
     t["observations"][0] = dict(t["observations"][0], images0=np.zeros((8, 8, 3), np.float32))
-    _data_error(tmp_path, [t], r"'observations\[0\].images0': expected a uint8 image .* got float32")
+    _data_error(
+        tmp_path, [t], r"'observations\[0\].images0': expected a uint8 image .* got float32"
+    )
     t = good()
     t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.zeros(6))
     _data_error(tmp_path, [t], r"'next_observations\[2\].state': expected 7 floats")
-    _data_error(tmp_path, [good(), good(0)], r"trajectory 1: field 'actions': .* got float64 array of shape \(0, 7\)")
+    _data_error(
+        tmp_path,
+        [good(), good(0)],
+        r"trajectory 1: field 'actions': .* got float64 array of shape \(0, 7\)",
+    )
     t = good()
     t["actions"] = [list(a) for a in t["actions"]][:2] + [[0.0] * 6]
-    _data_error(tmp_path, [t], r"trajectory 0: field 'actions': expected a \(T, 7\) float .* got a ragged list")
+    _data_error(
+        tmp_path,
+        [t],
+        r"trajectory 0: field 'actions': expected a \(T, 7\) float .* got a ragged list",
+    )
     t = good()
     t["observations"][2] = dict(t["observations"][2], state=["up"] * 7)
-    _data_error(tmp_path, [t], r"'observations\[2\].state': expected 7 floats .* got <U2 array of shape \(7,\)")
+    _data_error(
+        tmp_path,
+        [t],
+        r"'observations\[2\].state': expected 7 floats .* got <U2 array of shape \(7,\)",
+    )
     t = good()
     t["observations"][0] = dict(t["observations"][0], state=[[0.0] * 3, [0.0] * 4])
     _data_error(tmp_path, [t], r"'observations\[0\].state': expected 7 floats .* got a ragged list")
-    _data_error(tmp_path, [dict(good(), terminals=[None] * 3)], r"'terminals': expected 3 numbers, got object array")
-    _data_error(tmp_path, [good(), ["not", "a", "dict"]], r"trajectory 1: field '<trajectory>': expected a dict")
-    _data_error(tmp_path, np.zeros(3), r"field '<file>': expected a list of trajectory dicts, got float64 array")
-    _data_error(tmp_path, [good()], r"field 'observations\[0\].images1': expected .*camera missing", camera="images1")
+    _data_error(
+        tmp_path,
+        [dict(good(), terminals=[None] * 3)],
+        r"'terminals': expected 3 numbers, got object array",
+    )
+    _data_error(
+        tmp_path,
+        [good(), ["not", "a", "dict"]],
+        r"trajectory 1: field '<trajectory>': expected a dict",
+    )
+    _data_error(
+        tmp_path,
+        np.zeros(3),
+        r"field '<file>': expected a list of trajectory dicts, got float64 array",
+    )
+    _data_error(
+        tmp_path,
+        [good()],
+        r"field 'observations\[0\].images1': expected .*camera missing",
+        camera="images1",
+    )
     path = tmp_path / "bad" / "k" / "a" / "train" / "out.npy"
     _data_save(str(path), [good(), good()])
     path.write_bytes(path.read_bytes()[:-500])  # truncated
-    with pytest.raises(data.BridgeFormatError, match=r"out.npy: field '<file>': expected a complete .* unreadable"):
+    with pytest.raises(
+        data.BridgeFormatError, match=r"out.npy: field '<file>': expected a complete .* unreadable"
+    ):
         data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None)
 
 
@@ -376,28 +524,53 @@ def test_data_skip_bad_and_cli(tmp_path):
     bad = data.synthetic_trajectory(3, 8, rng)
     del bad["observations"]
     ragged, words = data.synthetic_trajectory(3, 8, rng), data.synthetic_trajectory(3, 8, rng)
-    ragged["actions"] = [list(a) for a in ragged["actions"]][:2] + [[0.0] * 6]  # numpy raises a bare ValueError
+    ragged["actions"] = [list(a) for a in ragged["actions"]][:2] + [
+        [0.0] * 6
+    ]  # numpy raises a bare ValueError
     words["next_observations"][-1] = dict(words["next_observations"][-1], state=["x"] * 7)
-    _data_save(str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"),
-               [data.synthetic_trajectory(3, 8, rng), bad, data.synthetic_trajectory(4, 8, rng), ragged, words])
+    _data_save(
+        str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"),
+        [
+            data.synthetic_trajectory(3, 8, rng),
+            bad,
+            data.synthetic_trajectory(4, 8, rng),
+            ragged,
+            words,
+        ],
+    )
     logs = []
     st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
     assert st.num_transitions() == 7 and st.meta["skipped"] == 3 and "skipped 3 bad" in logs[-1]
-    assert "trajectory 3: field 'actions'" in logs[-1] and "4: field 'next_observations[2].state'" in logs[-1]
+    assert (
+        "trajectory 3: field 'actions'" in logs[-1]
+        and "4: field 'next_observations[2].state'" in logs[-1]
+    )
     cli = [sys.executable, data.__file__]
-    proc = subprocess.run(cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s"], capture_output=True, text=True)
+    proc = subprocess.run(
+        cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "trajectory 1: field 'observations': expected a key" in proc.stderr
-    proc = subprocess.run(cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s", "--skip_bad"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s", "--skip_bad"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "skipped 3 bad" in proc.stdout
     proc = subprocess.run(cli + ["info", tmp_path / "s"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "2 trajectories, 7 transitions" in proc.stdout and " a" in proc.stdout
+    assert (
+        proc.returncode == 0
+        and "2 trajectories, 7 transitions" in proc.stdout
+        and " a" in proc.stdout
+    )
 
 
 # ====================================================================================================
 # model.py and cql.py
 # ====================================================================================================
+
 
 def _core_cfg(**kw):
     base = dict(arch="small", image_size=32, num_tasks=3, hidden=32, embed_dim=32, seed=0)
@@ -406,7 +579,9 @@ def _core_cfg(**kw):
 
 
 def _core_images(b, size=32, seed=0):
-    return torch.randint(0, 256, (b, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (b, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model.py
@@ -415,14 +590,21 @@ def test_core_resnet34_structure():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in enc.modules())
     norms = [m for m in enc.trunk.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m.num_groups == 4 for m in norms)
-    conv = sum(p.numel() for m in enc.trunk.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
-    assert abs(conv - 21.3e6) < 0.1e6, conv          # SPEC section 4: 21.3 M parameters
+    conv = sum(
+        p.numel() for m in enc.trunk.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()
+    )
+    assert abs(conv - 21.3e6) < 0.1e6, conv  # SPEC section 4: 21.3 M parameters
     with torch.no_grad():
         f = enc.trunk(torch.zeros(1, 3, 128, 128))
         assert f.shape == (1, 512, 16, 16) and enc.feature_shape == (512, 16, 16)
         z = enc.proj(enc.pool(f))
-    assert z.shape == (1, 256) and z.abs().max() <= 1      # tanh output
-    assert enc.pool.kernel.shape == (512, 16, 16, 8)     # (C, H, W, K): K = 8 learned spatial maps per channel
+    assert z.shape == (1, 256) and z.abs().max() <= 1  # tanh output
+    assert enc.pool.kernel.shape == (
+        512,
+        16,
+        16,
+        8,
+    )  # (C, H, W, K): K = 8 learned spatial maps per channel
 
 
 @pytest.mark.parametrize("arch", ["small", "impala", "resnet18"])
@@ -431,7 +613,10 @@ def test_core_encoders_any_size(arch):
         for size in (32, 48):
             enc = model.make_encoder(arch, head, "group", size, 16)
             assert enc(_core_images(2, size)).shape == (2, 16)
-    assert any(isinstance(m, nn.BatchNorm2d) for m in model.make_encoder(arch, norm="batch", image_size=32).modules())
+    assert any(
+        isinstance(m, nn.BatchNorm2d)
+        for m in model.make_encoder(arch, norm="batch", image_size=32).modules()
+    )
 
 
 def test_core_encoder_errors():
@@ -449,7 +634,9 @@ def test_core_encoder_errors():
 
 def _core_qnet(every_layer):
     torch.manual_seed(0)
-    return model.QNetwork(model.make_encoder("small", image_size=32, embed_dim=16), 3, 7, 32, 3, every_layer)
+    return model.QNetwork(
+        model.make_encoder("small", image_size=32, embed_dim=16), 3, 7, 32, 3, every_layer
+    )
 
 
 @pytest.mark.parametrize("every_layer", [True, False])
@@ -457,13 +644,15 @@ def test_core_action_reaches_every_layer(every_layer):
     q = _core_qnet(every_layer)
     z, a, t = torch.randn(5, 16), torch.rand(5, 7) * 2 - 1, torch.eye(3)[[0, 1, 2, 0, 1]]
     q.heads(z, a, t).sum().backward()
-    assert len(q.layers) == 4   # 3 hidden + output
+    assert len(q.layers) == 4  # 3 hidden + output
     for i, layer in enumerate(q.layers):
         cols = q.action_columns(i)
         if every_layer or i == 0:
-            assert layer.weight.grad[:, cols].abs().sum(-1).min() > 0, f"layer {i} gets no action gradient"
+            assert layer.weight.grad[:, cols].abs().sum(-1).min() > 0, (
+                f"layer {i} gets no action gradient"
+            )
         else:
-            assert cols is None and layer.weight.shape[1] == 32 + 16   # [hidden, embedding]
+            assert cols is None and layer.weight.shape[1] == 32 + 16  # [hidden, embedding]
     # cut the action's input path: the action still matters only when it is fed to the later layers
     with torch.no_grad():
         q.layers[0].weight[:, q.action_columns(0)] = 0
@@ -478,8 +667,8 @@ def test_core_qnetwork_shapes_and_detached_heads():
     a = torch.rand(4, 5, 7) * 2 - 1
     many = q.heads(z, a, t)
     assert many.shape == (4, 5, 2)
-    assert torch.allclose(many[:, 3], q.heads(z, a[:, 3], t), atol=1e-6)   # N actions == one by one
-    assert not torch.equal(many[..., 0], many[..., 1])                    # 2 independently initialised heads
+    assert torch.allclose(many[:, 3], q.heads(z, a[:, 3], t), atol=1e-6)  # N actions == one by one
+    assert not torch.equal(many[..., 0], many[..., 1])  # 2 independently initialised heads
     a.requires_grad_(True)
     q.heads(z, a, t, detach_params=True).sum().backward()
     assert a.grad.abs().sum() > 0 and all(p.grad is None for p in q.parameters())
@@ -492,20 +681,25 @@ def test_core_tanh_gaussian_log_prob():
     mean, log_std = torch.randn(64, 7, generator=g) * 0.5, torch.rand(64, 7, generator=g) - 1.0
     a, logp = model.tanh_gaussian_sample(mean, log_std, generator=g)
     ref = torch.distributions.TransformedDistribution(
-        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()])
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()]
+    )
     assert torch.allclose(logp, ref.log_prob(a).sum(-1), atol=1e-3)
     assert torch.allclose(model.tanh_gaussian_log_prob(mean, log_std, a), logp, atol=1e-3)
     other = model.tanh_gaussian_log_prob(mean, log_std, a.flip(0))
-    assert (other - logp).abs().min() > 0                                  # depends on the action
+    assert (other - logp).abs().min() > 0  # depends on the action
     a4, logp4 = model.tanh_gaussian_sample(mean, log_std, num_samples=4, generator=g)
     assert a4.shape == (64, 4, 7) and logp4.shape == (64, 4) and a4.abs().max() <= 1
-    u = torch.tensor([[20.0, -20.0, 0.0]])                                 # stable where 1 - tanh^2 underflows
-    assert torch.allclose(model.tanh_log_det(u), torch.tensor(4 * math.log(2) - 80.0 + 0.0), atol=1e-4)
+    u = torch.tensor([[20.0, -20.0, 0.0]])  # stable where 1 - tanh^2 underflows
+    assert torch.allclose(
+        model.tanh_log_det(u), torch.tensor(4 * math.log(2) - 80.0 + 0.0), atol=1e-4
+    )
 
 
 def test_core_policy_log_std_clip_and_deterministic():
     torch.manual_seed(0)
-    pi = model.TanhGaussianPolicy(model.make_encoder("small", image_size=32, embed_dim=16), 2, 7, 7, 32, 2)
+    pi = model.TanhGaussianPolicy(
+        model.make_encoder("small", image_size=32, embed_dim=16), 2, 7, 7, 32, 2
+    )
     with torch.no_grad():
         pi.net[-1].bias[7:] = 100.0
     z, s, t = torch.randn(3, 16), torch.randn(3, 7), torch.eye(2)[[0, 1, 1]]
@@ -523,8 +717,11 @@ def test_core_importance_logsumexp_closed_form():
     q_pi, q_rand = torch.full((1, 4, 2), c), torch.full((1, 4, 2), c)
     log_rand = cql.uniform_log_density(7)
     assert log_rand == pytest.approx(7 * math.log(0.5))
-    for temp in (1.0, 2.0):   # temp * log( sum_j exp((c - l_j) / temp) + N exp((c - 7 log 0.5) / temp) )
-        s = sum(math.exp(-l / temp) for l in log_pi[0].tolist()) + 4 * 2 ** (7 / temp)
+    for temp in (
+        1.0,
+        2.0,
+    ):  # temp * log( sum_j exp((c - l_j) / temp) + N exp((c - 7 log 0.5) / temp) )
+        s = sum(math.exp(-lp / temp) for lp in log_pi[0].tolist()) + 4 * 2 ** (7 / temp)
         got = cql.importance_logsumexp(q_pi, log_pi, q_rand, log_rand, temp)
         assert torch.allclose(got, torch.full((1, 2), c + temp * math.log(s)), atol=1e-5)
 
@@ -534,17 +731,19 @@ def test_core_penalty_gradients():
     q_data = torch.randn(1, 2, generator=g).requires_grad_(True)
     q_pi = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
     q_rand = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
-    pen, _ = cql.cql_penalty(q_data, q_pi, torch.randn(1, 4, generator=g), q_rand, cql.uniform_log_density(7), 1.0)
+    pen, _ = cql.cql_penalty(
+        q_data, q_pi, torch.randn(1, 4, generator=g), q_rand, cql.uniform_log_density(7), 1.0
+    )
     assert pen.shape == (2,)
     pen.sum().backward()
-    sampled = q_pi.grad.sum(1) + q_rand.grad.sum(1)                        # per head: softmax weights sum to 1
+    sampled = q_pi.grad.sum(1) + q_rand.grad.sum(1)  # per head: softmax weights sum to 1
     assert torch.allclose(sampled, torch.ones(1, 2), atol=1e-6)
     assert torch.allclose(q_data.grad, -torch.ones(1, 2))
     assert q_pi.grad.min() > 0 and q_rand.grad.min() > 0
 
 
 def test_core_calql_bound_zero_gradient_below():
-    q_pi = torch.tensor([[[-30.0, 5.0], [0.0, -40.0]]], requires_grad=True)   # (B=1, N=2, heads=2)
+    q_pi = torch.tensor([[[-30.0, 5.0], [0.0, -40.0]]], requires_grad=True)  # (B=1, N=2, heads=2)
     mc = torch.tensor([-25.0])
     log_pi, q_rand = torch.zeros(1, 2), torch.zeros(1, 2, 2)
     pen, _ = cql.cql_penalty(torch.zeros(1, 2), q_pi, log_pi, q_rand, 0.0, 1.0, mc_return=mc)
@@ -557,28 +756,46 @@ def test_core_calql_bound_zero_gradient_below():
 
 
 def test_core_td_target_hand_values():
-    next_q = torch.tensor([[[1.0, 2.0], [5.0, 3.0], [0.0, 9.0]],      # min over heads: 1, 3, 0 -> max 3
-                           [[4.0, 4.0], [-1.0, 7.0], [2.0, 2.5]]])    # 4, -1, 2 -> max 4
+    next_q = torch.tensor(
+        [
+            [[1.0, 2.0], [5.0, 3.0], [0.0, 9.0]],  # min over heads: 1, 3, 0 -> max 3
+            [[4.0, 4.0], [-1.0, 7.0], [2.0, 2.5]],
+        ]
+    )  # 4, -1, 2 -> max 4
     reward, mask = torch.tensor([-1.0, 10.0]), torch.tensor([1.0, 0.0])
-    assert torch.allclose(cql.td_target(reward, mask, next_q, 0.5), torch.tensor([-1.0 + 1.5, 10.0]))
+    assert torch.allclose(
+        cql.td_target(reward, mask, next_q, 0.5), torch.tensor([-1.0 + 1.5, 10.0])
+    )
     first = cql.td_target(reward, torch.ones(2), next_q, 0.5, max_backup=False)
     assert torch.allclose(first, torch.tensor([-0.5, 12.0]))
 
 
 def test_core_actor_temperature_bc_losses():
-    q = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])                    # min over heads: 1, 0
-    loss, _ = cql.actor_loss(q, torch.tensor([[-2.0, 4.0]]), 0.5)    # mean(0.5 * [-2, 4] - [1, 0]) = 0
+    q = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])  # min over heads: 1, 0
+    loss, _ = cql.actor_loss(
+        q, torch.tensor([[-2.0, 4.0]]), 0.5
+    )  # mean(0.5 * [-2, 4] - [1, 0]) = 0
     assert loss.item() == pytest.approx(0.0)
     log_temp = torch.zeros((), requires_grad=True)
-    loss, info = cql.temperature_loss(log_temp, torch.tensor([[5.0, 7.0]]), -7.0)   # entropy -6, target -7
+    loss, info = cql.temperature_loss(
+        log_temp, torch.tensor([[5.0, 7.0]]), -7.0
+    )  # entropy -6, target -7
     loss.backward()
-    assert loss.item() == pytest.approx(1.0) and log_temp.grad > 0   # entropy above target -> temperature goes down
+    assert (
+        loss.item() == pytest.approx(1.0) and log_temp.grad > 0
+    )  # entropy above target -> temperature goes down
     pred, act = torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [2.0, 0.0]])
     assert cql.bc_loss(pred, act)[0].item() == pytest.approx((1 + 1 + 4 + 0) / 4)
-    q_samples = torch.tensor([[[1.0, 2.0], [-1.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]])   # min, max over N: 1; 1
+    q_samples = torch.tensor(
+        [[[1.0, 2.0], [-1.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]]
+    )  # min, max over N: 1; 1
     w = cql.awbc_weights(torch.tensor([[0.0, 1.0], [5.0, 6.0]]), q_samples, 20.0)
-    assert torch.allclose(w, torch.tensor([math.exp(-1.0), 20.0]))    # exp(0 - 1); exp(5 - 1) clipped at 20
-    assert cql.bc_loss(pred, act, w)[0].item() == pytest.approx((math.exp(-1.0) * 1.0 + 20.0 * 2.0) / 2)
+    assert torch.allclose(
+        w, torch.tensor([math.exp(-1.0), 20.0])
+    )  # exp(0 - 1); exp(5 - 1) clipped at 20
+    assert cql.bc_loss(pred, act, w)[0].item() == pytest.approx(
+        (math.exp(-1.0) * 1.0 + 20.0 * 2.0) / 2
+    )
 
 
 def test_core_tabular_cql_fixed_point():
@@ -590,15 +807,19 @@ def test_core_tabular_cql_fixed_point():
     alpha, gamma, r1 = 2.0, 0.5, 0.0
     r0 = math.log(3) + alpha / 2
     cfg = AgentConfig(alpha=alpha, gamma=gamma, action_dim=1, num_actions=2)
-    table = torch.zeros(2, 2, requires_grad=True)    # (heads, actions)
+    table = torch.zeros(2, 2, requires_grad=True)  # (heads, actions)
     with torch.no_grad():
-        table[1] = torch.tensor([1.0, -1.0])        # heads start apart; min over heads must not matter at the end
+        table[1] = torch.tensor(
+            [1.0, -1.0]
+        )  # heads start apart; min over heads must not matter at the end
     batch = {"reward": torch.tensor([r0, r1]), "mask": torch.ones(2), "mc_return": torch.zeros(2)}
     log_pi = torch.full((2, 2), math.log(0.5))
     opt = torch.optim.SGD([table], lr=0.5)
     for _ in range(400):
-        q_sa = table.T[None].expand(2, 2, 2)          # (B, N, heads): every action at the one state
-        loss, _ = cql.critic_loss(table.T, q_sa, log_pi, q_sa, table.detach().T[None].expand(2, 2, 2), batch, cfg)
+        q_sa = table.T[None].expand(2, 2, 2)  # (B, N, heads): every action at the one state
+        loss, _ = cql.critic_loss(
+            table.T, q_sa, log_pi, q_sa, table.detach().T[None].expand(2, 2, 2), batch, cfg
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -613,12 +834,28 @@ def test_core_update_runs_each_encoder_once():
     agent = Agent(_core_cfg(algo="awbc"))
     calls = {}
     for name, net in agent.nets.items():
-        net.encoder.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+        net.encoder.register_forward_hook(
+            lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1)
+        )
     info = agent.update(cql.random_batch(agent.cfg, 4))
     assert calls == {"critic": 1, "target_critic": 1, "policy": 2, "bc_policy": 1}
-    for key in ("critic_loss", "td_loss", "cql_penalty", "q_data", "cql_gap", "actor_loss", "temperature",
-                "alpha", "bc_loss", "grad_norm_critic", "grad_norm_actor", "grad_norm_bc"):
-        assert info[key].dim() == 0 and not info[key].requires_grad and torch.isfinite(info[key]), key
+    for key in (
+        "critic_loss",
+        "td_loss",
+        "cql_penalty",
+        "q_data",
+        "cql_gap",
+        "actor_loss",
+        "temperature",
+        "alpha",
+        "bc_loss",
+        "grad_norm_critic",
+        "grad_norm_actor",
+        "grad_norm_bc",
+    ):
+        assert info[key].dim() == 0 and not info[key].requires_grad and torch.isfinite(info[key]), (
+            key
+        )
 
 
 def test_core_conservatism_after_training():
@@ -628,15 +865,26 @@ def test_core_conservatism_after_training():
     g = torch.Generator().manual_seed(3)
     images = _core_images(4, seed=3).repeat(4, 1, 1, 1)
     data_actions = (torch.rand(4, 7, generator=g) * 1.6 - 0.8).repeat(4, 1)
-    batch = {"obs": images, "next_obs": images.roll(1, 0), "state": torch.zeros(16, 7),
-             "next_state": torch.zeros(16, 7),
-             "action": data_actions, "reward": torch.full((16,), -1.0), "mask": torch.ones(16),
-             "mc_return": torch.full((16,), -25.0), "task": torch.zeros(16, dtype=torch.int64)}
+    batch = {
+        "obs": images,
+        "next_obs": images.roll(1, 0),
+        "state": torch.zeros(16, 7),
+        "next_state": torch.zeros(16, 7),
+        "action": data_actions,
+        "reward": torch.full((16,), -1.0),
+        "mask": torch.ones(16),
+        "mc_return": torch.full((16,), -25.0),
+        "task": torch.zeros(16, dtype=torch.int64),
+    }
     for _ in range(60):
         agent.update(batch)
     q_data = agent.q_values(batch).mean(-1)
-    q_rand = torch.stack([agent.q_values({**batch, "action": torch.rand(16, 7, generator=g) * 2 - 1}).mean(-1)
-                          for _ in range(8)]).mean(0)
+    q_rand = torch.stack(
+        [
+            agent.q_values({**batch, "action": torch.rand(16, 7, generator=g) * 2 - 1}).mean(-1)
+            for _ in range(8)
+        ]
+    ).mean(0)
     assert torch.all(q_data > q_rand), (q_data, q_rand)
 
 
@@ -648,23 +896,29 @@ def test_core_save_load_continue_identical(tmp_path):
         a.update(b)
     torch.save(a.state_dict(), tmp_path / "agent.pt")
     d = torch.load(tmp_path / "agent.pt", weights_only=True)
-    b_agent = Agent(_core_cfg(seed=7))                 # different init: everything must come from the file
+    b_agent = Agent(_core_cfg(seed=7))  # different init: everything must come from the file
     b_agent.load_state_dict(d)
     x = batches[0]
     assert torch.equal(a.q_values(x), b_agent.q_values(x))
-    assert torch.equal(a.act(x["obs"], x["state"], x["task"]), b_agent.act(x["obs"], x["state"], x["task"]))
+    assert torch.equal(
+        a.act(x["obs"], x["state"], x["task"]), b_agent.act(x["obs"], x["state"], x["task"])
+    )
     for b in batches[2:]:
         ia, ib = a.update(b), b_agent.update(b)
         assert all(torch.equal(ia[k], ib[k]) for k in ia)
-    for (name, net) in a.nets.items():
+    for name, net in a.nets.items():
         for (k, p), q in zip(net.state_dict().items(), b_agent.nets[name].state_dict().values()):
             assert torch.equal(p, q), (name, k)
     assert torch.equal(a.log_temp, b_agent.log_temp) and a.updates == b_agent.updates == 4
     with pytest.raises(ValueError, match="num_tasks: checkpoint 3, agent 5"):
         Agent(_core_cfg(num_tasks=5)).load_state_dict(d)
-    with pytest.raises(ValueError, match=r"checkpoint \(algo='cql'\) has no \['bc_policy', 'bc optimizer'\]"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint \(algo='cql'\) has no \['bc_policy', 'bc optimizer'\]"
+    ):
         Agent(_core_cfg(algo="awbc")).load_state_dict(d)
-    aw = Agent(_core_cfg(algo="awbc", seed=7))           # AW-BC on top of a PTR checkpoint: critic from the file
+    aw = Agent(
+        _core_cfg(algo="awbc", seed=7)
+    )  # AW-BC on top of a PTR checkpoint: critic from the file
     assert aw.load_state_dict(d, strict=False) == ["bc_policy", "bc optimizer"]
     assert torch.equal(aw.q_values(x), Agent.from_state_dict(d).q_values(x))
 
@@ -676,27 +930,34 @@ def test_core_grow_tasks_keeps_old_outputs():
     agent.update(batch)
     q_before = agent.q_values(batch)
     a_before = agent.act(batch["obs"], batch["state"], batch["task"])
-    mean_before = agent.policy.dist(agent.policy.embed(batch["obs"]), batch["state"], agent._onehot(batch["task"]))[0]
+    mean_before = agent.policy.dist(
+        agent.policy.embed(batch["obs"]), batch["state"], agent._onehot(batch["task"])
+    )[0]
     agent.grow_tasks(5)
     assert agent.cfg.num_tasks == 5
     # zero weights on the new one-hot slots: the same numbers up to float summation order
     assert torch.allclose(agent.q_values(batch), q_before, rtol=0, atol=1e-6)
-    assert torch.allclose(agent.act(batch["obs"], batch["state"], batch["task"]), a_before, rtol=0, atol=1e-6)
+    assert torch.allclose(
+        agent.act(batch["obs"], batch["state"], batch["task"]), a_before, rtol=0, atol=1e-6
+    )
     with torch.no_grad():
         z = agent.policy.embed(batch["obs"])
         mean_after = agent.policy.dist(z, batch["state"], agent._onehot(batch["task"]))[0]
     assert torch.allclose(mean_after, mean_before.detach(), rtol=0, atol=1e-6)
-    for name, params in agent.params.items():        # Adam state moved to the widened parameters
+    for name, params in agent.params.items():  # Adam state moved to the widened parameters
         for p in params:
             st = agent.optimizers[name].state[p]
             assert st["exp_avg"].shape == st["exp_avg_sq"].shape == p.shape, name
-    w0 = agent.nets["critic"].layers[0].weight          # (heads, [task 5, action, z], hidden)
+    w0 = agent.nets["critic"].layers[0].weight  # (heads, [task 5, action, z], hidden)
     st = agent.optimizers["critic"].state[w0]
     assert torch.all(st["exp_avg"][:, 2:5] == 0) and st["exp_avg"][:, :2].abs().sum() > 0
     new = {**batch, "task": torch.tensor([4, 3, 2, 1, 0, 4])}
-    agent.update(new)                                 # new slots train
+    agent.update(new)  # new slots train
     assert agent.nets["critic"].layers[0].weight[:, 2:5].abs().sum() > 0
-    assert agent.nets["target_critic"].layers[0].weight.shape == agent.nets["critic"].layers[0].weight.shape
+    assert (
+        agent.nets["target_critic"].layers[0].weight.shape
+        == agent.nets["critic"].layers[0].weight.shape
+    )
     with pytest.raises(ValueError, match="cannot shrink"):
         agent.grow_tasks(3)
 
@@ -704,7 +965,9 @@ def test_core_grow_tasks_keeps_old_outputs():
 def test_core_bc_agent():
     cfg = _core_cfg(algo="bc", actor_lr=1e-3)
     agent = Agent(cfg)
-    assert set(agent.nets) == {"bc_policy"} and agent.nets["bc_policy"].net[2].p == 0.4   # dropout after ReLU
+    assert (
+        set(agent.nets) == {"bc_policy"} and agent.nets["bc_policy"].net[2].p == 0.4
+    )  # dropout after ReLU
     batch = cql.random_batch(cfg, 8)
     losses = [agent.update(batch)["bc_loss"].item() for _ in range(15)]
     assert losses[-1] < losses[0]
@@ -724,11 +987,17 @@ def test_core_switch_cql_to_awbc():
     a_cql = agent.act(batch["obs"], batch["state"], batch["task"])
     agent.cfg.algo = "awbc"
     info = agent.update(batch)
-    assert agent.bc_policy is not None and "awbc_weight" in info and 0 < info["awbc_weight"] <= cfg.awbc_max_weight
+    assert (
+        agent.bc_policy is not None
+        and "awbc_weight" in info
+        and 0 < info["awbc_weight"] <= cfg.awbc_max_weight
+    )
     a_bc = agent.act(batch["obs"], batch["state"], batch["task"])
     assert a_bc.shape == a_cql.shape and not torch.allclose(a_bc, a_cql)
     again = Agent.from_state_dict(agent.state_dict())
-    assert again.cfg.algo == "awbc" and torch.equal(again.act(batch["obs"], batch["state"], batch["task"]), a_bc)
+    assert again.cfg.algo == "awbc" and torch.equal(
+        again.act(batch["obs"], batch["state"], batch["task"]), a_bc
+    )
     bc = Agent(_core_cfg(algo="bc"))
     bc.cfg.algo = "cql"
     with pytest.raises(ValueError, match="algo='cql' needs a critic"):
@@ -742,8 +1011,11 @@ def test_core_spatial_embedding_by_hand():
     with torch.no_grad():
         emb.kernel.copy_(torch.arange(24.0).reshape(2, 2, 3, 2) / 10)
     kernel = emb.kernel.detach()
-    want = [sum(float(f[0, c, h, w] * kernel[c, h, w, k]) for h in range(2) for w in range(3))
-            for c in range(2) for k in range(2)]
+    want = [
+        sum(float(f[0, c, h, w] * kernel[c, h, w, k]) for h in range(2) for w in range(3))
+        for c in range(2)
+        for k in range(2)
+    ]
     assert torch.allclose(emb(f)[0], torch.tensor(want))
 
 
@@ -753,7 +1025,9 @@ def test_core_optimizer_state_takes_the_parameters_layout_on_load():
     a = Agent(cfg)
     batch = cql.random_batch(cfg, 4)
     a.update(batch)
-    sd = copy.deepcopy(a.state_dict())  # as torch.load gives it: no tensor shared with a's live optimizer
+    sd = copy.deepcopy(
+        a.state_dict()
+    )  # as torch.load gives it: no tensor shared with a's live optimizer
     for st in sd["optimizers"]["critic"]["state"].values():
         for k, v in st.items():
             if torch.is_tensor(v) and v.dim() == 4:
@@ -763,7 +1037,11 @@ def test_core_optimizer_state_takes_the_parameters_layout_on_load():
     c.load_state_dict(copy.deepcopy(a.state_dict()))
     for opt in b.optimizers.values():
         for p, st in opt.state.items():
-            assert all(v.stride() == p.stride() for v in st.values() if torch.is_tensor(v) and v.shape == p.shape)
+            assert all(
+                v.stride() == p.stride()
+                for v in st.values()
+                if torch.is_tensor(v) and v.shape == p.shape
+            )
     b.update(batch), c.update(batch)
     for (name, x), (_, y) in zip(b.critic.named_parameters(), c.critic.named_parameters()):
         assert torch.allclose(x, y, atol=1e-6), name
@@ -774,14 +1052,30 @@ def test_core_optimizer_state_takes_the_parameters_layout_on_load():
 # ====================================================================================================
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--arch", "small", "--image_size", "32", "--batch_size", "8", "--log_every", "1", "--device", "cpu"]
+TINY = [
+    "--arch",
+    "small",
+    "--image_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--log_every",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 def _pipe_run(script, *args, expect_ok=True):
     """Run one of the CLIs as a user would, with one thread so parallel tests do not fight for the cores."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -800,8 +1094,23 @@ def pipe_data(tmp_path_factory):
 def pipe_pretrained(pipe_data):
     root, prior, _ = pipe_data
     out = root / "pre"
-    train.main(["--data", str(prior), "--out", str(out), "--steps", "4", "--save_every", "2", "--extra_tasks", "1",
-                "--seed", "3", *TINY])
+    train.main(
+        [
+            "--data",
+            str(prior),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--save_every",
+            "2",
+            "--extra_tasks",
+            "1",
+            "--seed",
+            "3",
+            *TINY,
+        ]
+    )
     return out
 
 
@@ -812,17 +1121,42 @@ def test_pipeline_pretrain_writes_run_folder(pipe_pretrained):
     assert config["arch"] == "small" and config["num_tasks"] == 4 and config["image_size"] == 32
     assert len(config["task_names"]) == 4 and config["task_names"][3] == "<reserved 0>"
     rows = (out / "progress.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,time,steps_per_s") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert rows[0].startswith("step,time,steps_per_s") and [r.split(",")[0] for r in rows[1:]] == [
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
     ckpt = train.load_checkpoint(str(out / "ckpt_00000004.pt"))
-    assert ckpt["step"] == 4 and train.ckpt_config(ckpt)["num_tasks"] == 4 and len(ckpt["action_low"]) == 7
+    assert (
+        ckpt["step"] == 4
+        and train.ckpt_config(ckpt)["num_tasks"] == 4
+        and len(ckpt["action_low"]) == 7
+    )
 
 
 def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretrained):
     root, prior, target = pipe_data
     ckpt = pipe_pretrained / "ckpt_00000004.pt"
     ft_new = root / "ft_new"
-    _pipe_run("finetune.py", "--ckpt", ckpt, "--prior", prior, "--target", target, "--task", "new", "--steps", "4",
-              "--save_every", "2", "--out", ft_new, *TINY[2:])
+    _pipe_run(
+        "finetune.py",
+        "--ckpt",
+        ckpt,
+        "--prior",
+        prior,
+        "--target",
+        target,
+        "--task",
+        "new",
+        "--steps",
+        "4",
+        "--save_every",
+        "2",
+        "--out",
+        ft_new,
+        *TINY[2:],
+    )
     new = train.load_checkpoint(str(ft_new / "ckpt_00000004.pt"))
     # the target takes the slot reserved at pre-training: the one-hot size does not change
     assert new["task_names"][3] == "sort_ab" and new["target_task_ids"] == [3]
@@ -833,10 +1167,28 @@ def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretraine
     assert len(traces["trajectories"][0]["q"][0]) == len(traces["trajectories"][0]["mc_return"])
 
     ft_re = root / "ft_retarget"
-    _pipe_run("finetune.py", "--ckpt", ckpt, "--prior", prior, "--target", target, "--task", "pick_b",
-              "--steps", "2", "--save_every", "2", "--out", ft_re, *TINY[2:])
+    _pipe_run(
+        "finetune.py",
+        "--ckpt",
+        ckpt,
+        "--prior",
+        prior,
+        "--target",
+        target,
+        "--task",
+        "pick_b",
+        "--steps",
+        "2",
+        "--save_every",
+        "2",
+        "--out",
+        ft_re,
+        *TINY[2:],
+    )
     re = train.load_checkpoint(str(ft_re / "ckpt_00000002.pt"))
-    assert re["target_task_ids"] == [2] and re["task_names"] == new["task_names"][:3] + ["<reserved 0>"]
+    assert re["target_task_ids"] == [2] and re["task_names"] == new["task_names"][:3] + [
+        "<reserved 0>"
+    ]
 
     proc = _pipe_run("select_ckpt.py", ft_new)
     chosen = proc.stdout.strip().splitlines()[-1]
@@ -849,10 +1201,27 @@ def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretraine
 def test_pipeline_finetune_grows_one_hot_without_reserved_slot(pipe_data, tmp_path):
     root, prior, target = pipe_data
     pre = tmp_path / "pre"
-    train.main(["--data", str(prior), "--out", str(pre), "--steps", "1", "--save_every", "1", *TINY])
+    train.main(
+        ["--data", str(prior), "--out", str(pre), "--steps", "1", "--save_every", "1", *TINY]
+    )
     out = tmp_path / "ft"
-    finetune.main(["--ckpt", str(pre / "ckpt_00000001.pt"), "--prior", str(prior), "--target", str(target),
-                   "--steps", "1", "--save_every", "1", "--out", str(out), *TINY[2:]])
+    finetune.main(
+        [
+            "--ckpt",
+            str(pre / "ckpt_00000001.pt"),
+            "--prior",
+            str(prior),
+            "--target",
+            str(target),
+            "--steps",
+            "1",
+            "--save_every",
+            "1",
+            "--out",
+            str(out),
+            *TINY[2:],
+        ]
+    )
     ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
     assert train.ckpt_config(ckpt)["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
 
@@ -877,7 +1246,10 @@ def test_pipeline_resume_equals_uninterrupted(pipe_data, tmp_path):
     train.main([*common, "--out", str(tmp_path / "whole"), "--steps", "6"])
     train.main([*common, "--out", str(tmp_path / "split"), "--steps", "3"])
     train.main([*common, "--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
-    a, b = _pipe_weights(tmp_path / "whole" / "ckpt_00000006.pt"), _pipe_weights(tmp_path / "split" / "ckpt_00000006.pt")
+    a, b = (
+        _pipe_weights(tmp_path / "whole" / "ckpt_00000006.pt"),
+        _pipe_weights(tmp_path / "split" / "ckpt_00000006.pt"),
+    )
     assert _pipe_equal(a, b)
     # and the weights did move, so equality is not trivially true
     assert not _pipe_equal(_pipe_weights(tmp_path / "whole" / "ckpt_00000003.pt"), a)
@@ -890,12 +1262,35 @@ def test_pipeline_torchrun_two_processes_gloo(pipe_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):
         out = tmp_path / f"ddp{attempt}"
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               os.path.join(HERE, "train.py"), "--data", str(prior), "--out", str(out), "--steps",
-                               "2", "--save_every", "2", *TINY], capture_output=True, text=True, env=env, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                os.path.join(HERE, "train.py"),
+                "--data",
+                str(prior),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--save_every",
+                "2",
+                *TINY,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         # Rarely (seen 2 in ~20 runs of a loaded 2-core machine) a rank aborts in gloo's C++ teardown after the
         # run has finished ("terminate called without an active exception"): one more try for that case only.
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+        if (
+            proc.returncode == 0
+            or "terminate called without an active exception" not in proc.stderr
+        ):
             break
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
@@ -908,7 +1303,17 @@ def test_pipeline_torchrun_two_processes_gloo(pipe_data, tmp_path):
 def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrained, tmp_path):
     root, prior, target = pipe_data
     ckpt = pipe_pretrained / "ckpt_00000002.pt"
-    base = ["--prior", str(prior), "--target", str(target), "--steps", "1", "--out", str(tmp_path / "ft"), *TINY[2:]]
+    base = [
+        "--prior",
+        str(prior),
+        "--target",
+        str(target),
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "ft"),
+        *TINY[2:],
+    ]
     with pytest.raises(train.CheckpointError, match="no such checkpoint"):
         finetune.main(["--ckpt", str(tmp_path / "missing.pt"), *base])
     cut = tmp_path / "cut.pt"
@@ -916,15 +1321,51 @@ def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrai
     with pytest.raises(train.CheckpointError, match="truncated"):
         finetune.main(["--ckpt", str(cut), *base])
     with pytest.raises(train.CheckpointError, match="image_size=32 but --image_size is 48"):
-        finetune.main(["--ckpt", str(ckpt), *base[:-len(TINY[2:])], "--image_size", "48", "--batch_size", "8"])
-    native = data.load_store(prior, log=lambda *_: None).path  # a built store of the 40x40 source images
+        finetune.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                *base[: -len(TINY[2:])],
+                "--image_size",
+                "48",
+                "--batch_size",
+                "8",
+            ]
+        )
+    native = data.load_store(
+        prior, log=lambda *_: None
+    ).path  # a built store of the 40x40 source images
     with pytest.raises(SystemExit, match="a store of 40x40 images, but 32x32 are needed"):
-        finetune.main(["--ckpt", str(ckpt), "--prior", native, "--target", str(target), "--steps", "1",
-                       "--out", str(tmp_path / "ft3"), *TINY[2:]])
+        finetune.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--prior",
+                native,
+                "--target",
+                str(target),
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "ft3"),
+                *TINY[2:],
+            ]
+        )
     empty = tmp_path / "empty_task"
     empty.mkdir()
-    proc = _pipe_run("finetune.py", "--ckpt", ckpt, "--prior", prior, "--target", empty, "--out", tmp_path / "ft2",
-                     *TINY[2:], expect_ok=False)
+    proc = _pipe_run(
+        "finetune.py",
+        "--ckpt",
+        ckpt,
+        "--prior",
+        prior,
+        "--target",
+        empty,
+        "--out",
+        tmp_path / "ft2",
+        *TINY[2:],
+        expect_ok=False,
+    )
     assert proc.returncode != 0 and str(empty) in proc.stderr and "Traceback" not in proc.stderr
     # resuming with another architecture or task count is refused, and the run's files stay as they were
     before = {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
@@ -934,11 +1375,15 @@ def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrai
     with pytest.raises(train.CheckpointError, match="num_tasks=4 but this run uses num_tasks=5"):
         train.main([*args, "--extra_tasks", "2"])
     with pytest.raises(SystemExit, match="already holds checkpoints"):
-        train.main([*args[:-len(TINY) - 1], *TINY])
-    assert before == {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
+        train.main([*args[: -len(TINY) - 1], *TINY])
+    assert before == {
+        p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"
+    }
 
 
-def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(pipe_data, tmp_path, monkeypatch):
+def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(
+    pipe_data, tmp_path, monkeypatch
+):
     _, prior, _ = pipe_data
     real_update = train.Agent.update
     calls = []
@@ -953,7 +1398,9 @@ def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(pipe_da
     monkeypatch.setattr(train.Agent, "update", update)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="critic_loss became nan at step 3"):
-        train.main(["--data", str(prior), "--out", str(out), "--steps", "5", "--save_every", "2", *TINY])
+        train.main(
+            ["--data", str(prior), "--out", str(out), "--steps", "5", "--save_every", "2", *TINY]
+        )
     assert [s for s, _ in train.list_checkpoints(out)] == [2]
 
 
@@ -968,7 +1415,17 @@ def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_
         return real_update(self, batch)
 
     monkeypatch.setattr(train.Agent, "update", update)
-    args = ["--data", str(prior), "--out", str(tmp_path / "run"), "--steps", "4", "--save_every", "10", *TINY]
+    args = [
+        "--data",
+        str(prior),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "4",
+        "--save_every",
+        "10",
+        *TINY,
+    ]
     with pytest.raises(SystemExit) as e:
         train.main(args)
     assert e.value.code == 130 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2]
@@ -980,17 +1437,64 @@ def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_
 def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_path):
     _, prior, target = pipe_data
     for seed in ("0", "1"):
-        train.main(["--data", str(prior), "--out", str(tmp_path / f"s{seed}"), "--steps", "1", "--save_every", "1",
-                    "--seed", seed, *TINY])
-    w0, w1 = (train.load_checkpoint(str(tmp_path / f"s{s}" / "ckpt_00000001.pt"))["agent"]["nets"]["critic"]
-              for s in "01")
+        train.main(
+            [
+                "--data",
+                str(prior),
+                "--out",
+                str(tmp_path / f"s{seed}"),
+                "--steps",
+                "1",
+                "--save_every",
+                "1",
+                "--seed",
+                seed,
+                *TINY,
+            ]
+        )
+    w0, w1 = (
+        train.load_checkpoint(str(tmp_path / f"s{s}" / "ckpt_00000001.pt"))["agent"]["nets"][
+            "critic"
+        ]
+        for s in "01"
+    )
     assert not all(torch.equal(w0[k], w1[k]) for k in w0)  # --seed changes the initial weights too
-    train.main(["--data", str(prior), "--out", str(tmp_path / "bc"), "--steps", "1", "--save_every", "1",
-                "--algo", "bc", *TINY])
-    finetune.main(["--ckpt", str(tmp_path / "bc" / "ckpt_00000001.pt"), "--prior", str(prior), "--target",
-                   str(target), "--steps", "2", "--save_every", "1", "--out", str(tmp_path / "bc_ft"), *TINY[2:]])
+    train.main(
+        [
+            "--data",
+            str(prior),
+            "--out",
+            str(tmp_path / "bc"),
+            "--steps",
+            "1",
+            "--save_every",
+            "1",
+            "--algo",
+            "bc",
+            *TINY,
+        ]
+    )
+    finetune.main(
+        [
+            "--ckpt",
+            str(tmp_path / "bc" / "ckpt_00000001.pt"),
+            "--prior",
+            str(prior),
+            "--target",
+            str(target),
+            "--steps",
+            "2",
+            "--save_every",
+            "1",
+            "--out",
+            str(tmp_path / "bc_ft"),
+            *TINY[2:],
+        ]
+    )
     assert [s for s, _ in train.list_checkpoints(tmp_path / "bc_ft")] == [1, 2]
-    assert not list((tmp_path / "bc_ft").glob("qvalues_*.json"))  # a BC learner has no Q-values to trace
+    assert not list(
+        (tmp_path / "bc_ft").glob("qvalues_*.json")
+    )  # a BC learner has no Q-values to trace
 
 
 def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
@@ -1003,8 +1507,17 @@ def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
     curves = {10: g * 0.9, 20: g * 0.01, 30: g[::-1]}  # good, flat (over-trained), falling
     for step, q in curves.items():
         (tmp_path / train.CKPT_PATTERN.format(step)).write_bytes(b"")
-        doc = {"step": step, "task": 0, "trajectories": [{"q": [q.tolist(), (q + 1).tolist()],
-                                                          "mc_return": g.tolist(), "reward": [0, 0, 1, 1]}]}
+        doc = {
+            "step": step,
+            "task": 0,
+            "trajectories": [
+                {
+                    "q": [q.tolist(), (q + 1).tolist()],
+                    "mc_return": g.tolist(),
+                    "reward": [0, 0, 1, 1],
+                }
+            ],
+        }
         (tmp_path / finetune.QTRACE_PATTERN.format(step)).write_text(json.dumps(doc))
     rows, _ = select_ckpt.rank(str(tmp_path))
     assert [r["step"] for r in rows] == [10, 20, 30]
@@ -1041,9 +1554,13 @@ def test_sim_fk_matches_poe_at_random_joints():
             env.pb.resetJointState(env.arm, j, qj)
         pos, R = env.ee_pose()
         T = robot.forward_kinematics(q)
-        assert np.abs(pos - T[:3, 3]).max() < 1e-5, q  # the issue asks for 1 mm; exact up to rounding is better
+        assert np.abs(pos - T[:3, 3]).max() < 1e-5, (
+            q
+        )  # the issue asks for 1 mm; exact up to rounding is better
         assert np.abs(R - T[:3, :3]).max() < 1e-5, q
-        q_ik = sb.solve_ik(T[:3, 3], T[:3, :3], q + 0.05)  # IK from a nearby start recovers the pose
+        q_ik = sb.solve_ik(
+            T[:3, 3], T[:3, :3], q + 0.05
+        )  # IK from a nearby start recovers the pose
         assert np.abs(robot.forward_kinematics(q_ik)[:3, 3] - T[:3, 3]).max() < 1e-3
     env.close()
 
@@ -1051,14 +1568,25 @@ def test_sim_fk_matches_poe_at_random_joints():
 def test_sim_reset_step_shapes_and_action_semantics():
     env = sb.BinSortEnv("pick_cube_to_left", image_size=24, max_steps=8)
     obs = env.reset(seed=1)
-    assert obs["image"].dtype == np.uint8 and obs["image"].shape == (24, 24, 3) and obs["image"].std() > 5
+    assert (
+        obs["image"].dtype == np.uint8
+        and obs["image"].shape == (24, 24, 3)
+        and obs["image"].std() > 5
+    )
     assert obs["state"].dtype == np.float32 and obs["state"].shape == (7,)
-    assert np.allclose(obs["state"][:6], [0.22, 0, 0.18, 0, 0, 0], atol=3e-3) and obs["state"][6] > 0.95
+    assert (
+        np.allclose(obs["state"][:6], [0.22, 0, 0.18, 0, 0, 0], atol=3e-3)
+        and obs["state"][6] > 0.95
+    )
     # translation in the base frame, yaw about the world z axis through the end effector
     obs, reward, terminated, truncated, info = env.step(np.array([0.03, -0.02, 0, 0, 0, 0.25, 1.0]))
     assert (reward, terminated, truncated) == (0.0, False, False) and isinstance(reward, float)
     assert info["success"] is False and info["task"] == "pick_cube_to_left" and info["held"] is None
-    assert set(info["in_bin"]) == set(env.objects) and "cube" in info["in_bin"] and len(env.objects) == 2
+    assert (
+        set(info["in_bin"]) == set(env.objects)
+        and "cube" in info["in_bin"]
+        and len(env.objects) == 2
+    )
     assert np.allclose(obs["state"][:3], [0.25, -0.02, 0.18], atol=3e-3)
     assert np.allclose(obs["state"][3:6], [0, 0, 0.25], atol=5e-3)
     # then roll about the WORLD x axis: R = Rx(0.25) @ Rz(0.25) (pitch -0.061; composing the other way gives 0),
@@ -1082,7 +1610,9 @@ def test_sim_reset_step_shapes_and_action_semantics():
 def test_sim_bad_action_errors():
     env = sb.BinSortEnv("sort", image_size=8)
     env.reset(seed=0)
-    with pytest.raises(ValueError, match=r"sim_binsort.py: action must have shape \(7,\).*got shape \(6,\)"):
+    with pytest.raises(
+        ValueError, match=r"sim_binsort.py: action must have shape \(7,\).*got shape \(6,\)"
+    ):
         env.step(np.zeros(6))
     with pytest.raises(ValueError, match=r"got shape \(1, 7\)"):
         env.step(np.zeros((1, 7)))
@@ -1104,9 +1634,14 @@ def test_sim_scenes_never_hold_the_sort_pair_in_pickplace():
             scene = sb.choose_scene(rng, {target: "left"}, 1 + k % 3, sb.SORT_PAIR)
             assert scene[0] == target and len(set(scene)) == len(scene) == 2 + k % 3
             assert not set(sb.SORT_PAIR) <= set(scene), scene
-    assert sb.choose_scene(rng, dict(zip(sb.SORT_PAIR, ("left", "right"))), 1, sb.SORT_PAIR) == list(sb.SORT_PAIR)
+    assert sb.choose_scene(
+        rng, dict(zip(sb.SORT_PAIR, ("left", "right"))), 1, sb.SORT_PAIR
+    ) == list(sb.SORT_PAIR)
     assert sb.parse_task("sort") == ("sort", {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"})
-    assert sb.parse_task("pick_duck_to_right") == ("pick", {"duck": "right"}) and sb.parse_task("pickplace")[1] is None
+    assert (
+        sb.parse_task("pick_duck_to_right") == ("pick", {"duck": "right"})
+        and sb.parse_task("pickplace")[1] is None
+    )
     assert sb.task_name(*sb.parse_task("sort_lego_ball")) == "sort_lego_ball"
 
 
@@ -1134,7 +1669,9 @@ def test_sim_scripted_sort_succeeds():
         wins.append(ok)
         assert len(actions) > 40  # two pick-and-places: longer than any pick-place demo
     assert sum(wins) >= 2, wins
-    assert env.info()["in_bin"] == {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"} or not wins[-1]
+    assert (
+        env.info()["in_bin"] == {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"} or not wins[-1]
+    )
     env.close()
 
 
@@ -1147,7 +1684,13 @@ def test_sim_episodes_are_deterministic():
         policy, frames = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(seed)), [obs]
         for _ in range(6):
             frames.append(env.step(policy(frames[-1]))[0])
-        runs.append((env.task_name, np.stack([f["state"] for f in frames]), np.stack([f["image"] for f in frames])))
+        runs.append(
+            (
+                env.task_name,
+                np.stack([f["state"] for f in frames]),
+                np.stack([f["image"] for f in frames]),
+            )
+        )
     assert runs[0][0] == runs[1][0]
     assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])
     assert not np.array_equal(runs[0][2][0], runs[2][2][0])
@@ -1155,7 +1698,9 @@ def test_sim_episodes_are_deterministic():
 
 
 def test_sim_collect_writes_bridge_format(tmp_path):
-    summary = sb.collect("pick_duck_to_left", 2, str(tmp_path), seed=3, image_size=16, min_val=1, log=None)
+    summary = sb.collect(
+        "pick_duck_to_left", 2, str(tmp_path), seed=3, image_size=16, min_val=1, log=None
+    )
     assert summary["tasks"] == {"pick_duck_to_left": {"train": 2, "val": 1}}
     for split, n in (("train", 2), ("val", 1)):
         folder = tmp_path / "pick_duck_to_left" / split
@@ -1165,33 +1710,50 @@ def test_sim_collect_writes_bridge_format(tmp_path):
         for traj in trajs:
             assert {"observations", "next_observations", "actions", "terminals"} <= set(traj)
             T = len(traj["actions"])
-            assert 15 <= T <= 40 and len(traj["observations"]) == len(traj["next_observations"]) == T
+            assert (
+                15 <= T <= 40 and len(traj["observations"]) == len(traj["next_observations"]) == T
+            )
             assert traj["actions"].dtype == np.float32 and traj["actions"].shape == (T, 7)
-            assert np.all(sb.ACTION_LOW - 1e-6 <= traj["actions"]) and np.all(traj["actions"] <= sb.ACTION_HIGH + 1e-6)
+            assert np.all(sb.ACTION_LOW - 1e-6 <= traj["actions"]) and np.all(
+                traj["actions"] <= sb.ACTION_HIGH + 1e-6
+            )
             assert traj["terminals"].shape == (T,) and not traj["terminals"].any()
-            assert np.array_equal(traj["rewards"][-3:], [1, 1, 1]) and traj["rewards"][0] == 0  # ends 3 steps in
+            assert (
+                np.array_equal(traj["rewards"][-3:], [1, 1, 1]) and traj["rewards"][0] == 0
+            )  # ends 3 steps in
             for t, (o, o2) in enumerate(zip(traj["observations"], traj["next_observations"])):
                 assert o["images0"].dtype == np.uint8 and o["images0"].shape == (16, 16, 3)
-                assert o["state"].dtype == np.float32 and o["state"].shape == (7,) and 0 <= o["state"][6] <= 1
+                assert (
+                    o["state"].dtype == np.float32
+                    and o["state"].shape == (7,)
+                    and 0 <= o["state"][6] <= 1
+                )
                 if t + 1 < T:
                     assert np.array_equal(o2["images0"], traj["observations"][t + 1]["images0"])
                     assert np.array_equal(o2["state"], traj["observations"][t + 1]["state"])
             dz = traj["next_observations"][0]["state"][2] - traj["observations"][0]["state"][2]
-            assert abs(dz - traj["actions"][0][2]) < 5e-3  # the state moves by the action (base frame)
+            assert (
+                abs(dz - traj["actions"][0][2]) < 5e-3
+            )  # the state moves by the action (base frame)
     # and data.py reads what the simulator wrote: same frames, same actions, the task name from the folder
     store = data.load_store(tmp_path, log=lambda *_: None)
-    assert store.task_names == ["pick_duck_to_left"] and store.num_transitions("val") == len(trajs[0]["actions"])
+    assert store.task_names == ["pick_duck_to_left"] and store.num_transitions("val") == len(
+        trajs[0]["actions"]
+    )
     traj = data.Sampler(store, "val", gamma=0.98).trajectory(store.trajectory_ids("val")[0])
     first = trajs[0]["observations"][0]["images0"]
     assert np.array_equal(traj["obs"][0].permute(1, 2, 0).numpy(), first)
     raw = data.unscale_actions(traj["action"].numpy(), store.action_low, store.action_high)
     # rescaling clips to +-0.99, so an action at a bound comes back within 1% of the half range
-    assert np.all(np.abs(raw - trajs[0]["actions"]) <= 0.005 * (store.action_high - store.action_low) + 1e-6)
+    assert np.all(
+        np.abs(raw - trajs[0]["actions"]) <= 0.005 * (store.action_high - store.action_low) + 1e-6
+    )
 
 
 # ====================================================================================================
 # robot.py
 # ====================================================================================================
+
 
 class _RobotPtyPort:
     """The driver's end of the pseudo-terminal: the read/write/reset_input_buffer a serial port offers."""
@@ -1207,14 +1769,17 @@ class _RobotPtyPort:
 
     def reset_input_buffer(self):
         import termios
+
         termios.tcflush(self.fd, termios.TCIFLUSH)
 
     def close(self):
         os.close(self.fd)
 
 
-_ROBOT_MECH = {3: 7, 5: -5}   # how far each shadow's horn sits from its mirrored master (ticks)
-_ROBOT_TIMEOUT = 0.5   # generous: the fake's thread shares 2 busy cores; only the timeout test uses a short one
+_ROBOT_MECH = {3: 7, 5: -5}  # how far each shadow's horn sits from its mirrored master (ticks)
+_ROBOT_TIMEOUT = (
+    0.5  # generous: the fake's thread shares 2 busy cores; only the timeout test uses a short one
+)
 
 
 class _RobotFakeBus:
@@ -1228,17 +1793,27 @@ class _RobotFakeBus:
 
     def __init__(self, joints=robot.SLEEP_JOINTS):
         import tty
+
         master, slave = os.openpty()
-        tty.setraw(slave)   # bytes as they are: no echo, no newline translation
+        tty.setraw(slave)  # bytes as they are: no echo, no newline translation
         self.fd, self.port = master, _RobotPtyPort(slave)
         self.table = {i: bytearray(256) for i in robot.ALL_IDS}
         for i, t in self.table.items():
             struct.pack_into("<H", t, 0, 1060 if i == robot.GRIPPER_ID else 1020)
-            t[6], t[7], t[9], t[11], t[12], t[146] = 45, i, 250, 3, 255, 38   # firmware, ID, delay, mode, 2nd ID, C
+            t[6], t[7], t[9], t[11], t[12], t[146] = (
+                45,
+                i,
+                250,
+                3,
+                255,
+                38,
+            )  # firmware, ID, delay, mode, 2nd ID, C
             struct.pack_into("<i", t, 48, 4095)
         ticks = robot.rad_to_ticks(joints)
         self.raw = {i: int(t) for i, t in zip(robot.JOINT_IDS, ticks)}
-        self.raw[7] = 4095 - self.raw[7]   # the wrist angle is mounted mirrored: it reads right once reversed
+        self.raw[7] = (
+            4095 - self.raw[7]
+        )  # the wrist angle is mounted mirrored: it reads right once reversed
         self.raw[robot.GRIPPER_ID] = 2048
         self._couple()
         self.packets, self.raw_in, self.fights = [], b"", []
@@ -1258,9 +1833,11 @@ class _RobotFakeBus:
         p, off = self.raw[i], self.get(i, 20, 4)
         if not self.get(i, 10, 1) & 1:
             return p + off
-        return {"before": 4095 - (p + off), "after": 4095 - p + off, "ignored": 4095 - p}[self.offset_mode]
+        return {"before": 4095 - (p + off), "after": 4095 - p + off, "ignored": 4095 - p}[
+            self.offset_mode
+        ]
 
-    def fail(self, i, bits):   # a latched hardware error: alert bit on every reply, torque off
+    def fail(self, i, bits):  # a latched hardware error: alert bit on every reply, torque off
         self.table[i][70], self.table[i][64] = bits, 0
 
     def close(self):
@@ -1279,15 +1856,18 @@ class _RobotFakeBus:
             while True:
                 try:
                     got, buf, _ = robot.split_packet(buf)
-                except robot.PacketError:   # drop the broken packet's header and look further
-                    got, buf = None, buf[buf.find(robot.HEADER) + 1:]
+                except robot.PacketError:  # drop the broken packet's header and look further
+                    got, buf = None, buf[buf.find(robot.HEADER) + 1 :]
                     continue
                 if got is None:
                     break
                 self.packets.append(got)
                 for reply in self._handle(*got):
                     if self.corrupt:
-                        self.corrupt, reply = self.corrupt - 1, reply[:-1] + bytes([reply[-1] ^ 0xFF])
+                        self.corrupt, reply = (
+                            self.corrupt - 1,
+                            reply[:-1] + bytes([reply[-1] ^ 0xFF]),
+                        )
                     os.write(self.fd, reply)
 
     def _status(self, i, error=0, data=b""):
@@ -1300,7 +1880,9 @@ class _RobotFakeBus:
         """Apply a write addressed to `target` -> error code for each primary servo {id: code}."""
         codes = {}
         servos = [i for i in robot.ALL_IDS if target in (i, self.table[i][12], robot.BROADCAST)]
-        for i in sorted(servos, key=lambda i: i in robot.SHADOWS):   # masters move first, then shadows check
+        for i in sorted(
+            servos, key=lambda i: i in robot.SHADOWS
+        ):  # masters move first, then shadows check
             t, code = self.table[i], 0
             if addr < 64 and t[64]:
                 code = 7
@@ -1317,10 +1899,12 @@ class _RobotFakeBus:
                         self.raw[i] = (4095 - goal if t[10] & 1 else goal) - off
                         self._couple()
             else:
-                t[addr:addr + len(data)] = data
-                if addr == 100 and t[64]:   # PWM: the gripper runs to an end of its travel
+                t[addr : addr + len(data)] = data
+                if addr == 100 and t[64]:  # PWM: the gripper runs to an end of its travel
                     pwm = self.get(i, 100, 2)
-                    self.raw[i] = int(robot.rad_to_ticks(self.grip_stops[pwm > 0])) if pwm else self.raw[i]
+                    self.raw[i] = (
+                        int(robot.rad_to_ticks(self.grip_stops[pwm > 0])) if pwm else self.raw[i]
+                    )
             if target == i:
                 codes[i] = code
         return codes
@@ -1332,7 +1916,7 @@ class _RobotFakeBus:
         if inst == robot.SYNC_WRITE:
             addr, size = struct.unpack_from("<HH", params)
             for k in range(4, len(params), size + 1):
-                self._write(params[k], addr, params[k + 1:k + 1 + size])
+                self._write(params[k], addr, params[k + 1 : k + 1 + size])
             return []
         if inst == robot.WRITE:
             codes = self._write(target, struct.unpack_from("<H", params)[0], params[2:])
@@ -1340,7 +1924,9 @@ class _RobotFakeBus:
         if target not in self.table:
             return []
         if inst == robot.PING:
-            return self._status(target, 0, bytes(self.table[target][0:2]) + bytes([self.table[target][6]]))
+            return self._status(
+                target, 0, bytes(self.table[target][0:2]) + bytes([self.table[target][6]])
+            )
         if inst == robot.READ:
             return self._read(target, *struct.unpack_from("<HH", params))
         if inst == robot.REBOOT:
@@ -1350,17 +1936,21 @@ class _RobotFakeBus:
 
     def _read(self, i, addr, size):
         struct.pack_into("<i", self.table[i], 132, self.present(i))
-        return self._status(i, 0, bytes(self.table[i][addr:addr + size]))
+        return self._status(i, 0, bytes(self.table[i][addr : addr + size]))
 
     def sent(self, inst, addr=None):
         """Packets the driver sent with this instruction (and start address): [(target, params)]."""
-        return [(t, p) for t, i, p in self.packets if i == inst and (addr is None or struct.unpack_from("<H", p)[0] == addr)]
+        return [
+            (t, p)
+            for t, i, p in self.packets
+            if i == inst and (addr is None or struct.unpack_from("<H", p)[0] == addr)
+        ]
 
 
 class _RobotCamera:
     def __init__(self, size):
         self.frame = np.zeros(size + (3,), np.uint8)
-        self.frame[..., 0], self.frame[..., 2] = 10, 200   # BGR: a red image
+        self.frame[..., 0], self.frame[..., 2] = 10, 200  # BGR: a red image
 
     def read(self):
         return True, self.frame.copy()
@@ -1368,24 +1958,33 @@ class _RobotCamera:
 
 @pytest.fixture
 def robot_bus():
-    pytest.importorskip("termios")   # pseudo-terminals: Linux and macOS
+    pytest.importorskip("termios")  # pseudo-terminals: Linux and macOS
     bus = _RobotFakeBus()
     yield bus
     bus.close()
 
 
 def _robot_env(fake, **kw):
-    arm = robot.DynamixelArm(robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None)
-    arm.velocity_limit = 1e3   # the fake arrives at once: moves need not take the real arm's time
-    kw = dict(camera=_RobotCamera((32, 32)), image_size=32, control_hz=100.0, watchdog_s=0, move_s=0.05,
-              log=lambda *a: None, **kw)
+    arm = robot.DynamixelArm(
+        robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None
+    )
+    arm.velocity_limit = 1e3  # the fake arrives at once: moves need not take the real arm's time
+    kw = dict(
+        camera=_RobotCamera((32, 32)),
+        image_size=32,
+        control_hz=100.0,
+        watchdog_s=0,
+        move_s=0.05,
+        log=lambda *a: None,
+        **kw,
+    )
     return robot.WidowXEnv(arm=arm, **kw)
 
 
 def _robot_sync_goals(fake, since=0):
     """The goal positions of every SYNC_WRITE to 116 after packet `since`: [{id: ticks}]."""
     out = []
-    for t, inst, p in fake.packets[since:]:
+    for _t, inst, p in fake.packets[since:]:
         if inst == robot.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 116:
             out.append({p[k]: struct.unpack_from("<i", p, k + 1)[0] for k in range(4, len(p), 5)})
     return out
@@ -1394,12 +1993,15 @@ def _robot_sync_goals(fake, since=0):
 # ---- protocol ---------------------------------------------------------------------------------------------------
 def test_robot_packets_match_the_spec_vectors(robot_bus):
     assert robot.make_packet(1, robot.PING) == bytes.fromhex("FF FF FD 00 01 03 00 01 19 4E")
-    assert robot.make_packet(1, robot.READ, bytes([0x84, 0, 4, 0])) == \
-        bytes.fromhex("FF FF FD 00 01 07 00 02 84 00 04 00 1D 15")
+    assert robot.make_packet(1, robot.READ, bytes([0x84, 0, 4, 0])) == bytes.fromhex(
+        "FF FF FD 00 01 07 00 02 84 00 04 00 1D 15"
+    )
     assert robot.crc16(bytes.fromhex("FF FF FD 00 01 03 00 01")) == 0x4E19
     bus = robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
-    assert bus.read(1, robot.PRESENT_POSITION) == 2048   # waist at 0 rad
-    assert robot_bus.raw_in == bytes.fromhex("FF FF FD 00 01 07 00 02 84 00 04 00 1D 15")   # on the wire
+    assert bus.read(1, robot.PRESENT_POSITION) == 2048  # waist at 0 rad
+    assert robot_bus.raw_in == bytes.fromhex(
+        "FF FF FD 00 01 07 00 02 84 00 04 00 1D 15"
+    )  # on the wire
     assert bus.ping(9) == 1060 and bus.ping(4) == 1020
 
 
@@ -1407,11 +2009,22 @@ def test_robot_byte_stuffing_both_ways():
     params = bytes([0x74, 0x00, 0xFF, 0xFF, 0xFD, 0x01])
     packet = robot.make_packet(3, robot.WRITE, params)
     assert b"\xff\xff\xfd\xfd\x01" in packet
-    assert struct.unpack_from("<H", packet, 5)[0] == 1 + len(params) + 1 + 2   # LEN counts the extra FD
-    got, rest, need = robot.split_packet(b"\x00\xff" + packet + b"\xff\xff")   # junk before, half a header after
+    assert (
+        struct.unpack_from("<H", packet, 5)[0] == 1 + len(params) + 1 + 2
+    )  # LEN counts the extra FD
+    got, rest, need = robot.split_packet(
+        b"\x00\xff" + packet + b"\xff\xff"
+    )  # junk before, half a header after
     assert got == (3, robot.WRITE, params) and rest == b"\xff\xff" and need == 0
-    assert robot.split_packet(rest) == (None, b"\xff\xff", 9)   # the partial header waits for the rest
-    assert robot.unstuff(robot.stuff(b"\xff\xff\xfd\xfd\xff\xff\xfd")) == b"\xff\xff\xfd\xfd\xff\xff\xfd"
+    assert robot.split_packet(rest) == (
+        None,
+        b"\xff\xff",
+        9,
+    )  # the partial header waits for the rest
+    assert (
+        robot.unstuff(robot.stuff(b"\xff\xff\xfd\xfd\xff\xff\xfd"))
+        == b"\xff\xff\xfd\xfd\xff\xff\xfd"
+    )
     assert robot.split_packet(packet[:9]) == (None, packet[:9], len(packet) - 9)
     with pytest.raises(robot.PacketError, match="bad CRC"):
         robot.split_packet(packet[:-1] + bytes([packet[-1] ^ 1]))
@@ -1422,18 +2035,34 @@ def test_robot_setup_configures_the_arm_like_interbotix(robot_bus):
     arm = robot.DynamixelArm(robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
     arm.setup()
     g = robot_bus.get
-    assert [g(i, 10, 1) for i in robot.ALL_IDS] == [4, 4, 5, 4, 5, 4, 5, 4, 0]     # reverse 3, 5, 7; time profile
+    assert [g(i, 10, 1) for i in robot.ALL_IDS] == [
+        4,
+        4,
+        5,
+        4,
+        5,
+        4,
+        5,
+        4,
+        0,
+    ]  # reverse 3, 5, 7; time profile
     assert [g(i, 12, 1) for i in robot.ALL_IDS] == [255, 255, 2, 255, 4, 255, 255, 255, 255]
     assert [g(i, 11, 1) for i in robot.ALL_IDS] == [3] * 8 + [16]
     assert [g(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9 and g(1, 9, 1) == 0
-    assert (g(2, 52, 4), g(2, 48, 4)) == (819, 3344)        # shoulder -108..114 deg in ticks
-    assert (g(3, 52, 4), g(3, 48, 4)) == (819, 3344)        # a shadow takes its master's limits
-    assert (g(3, 20, 4), g(5, 20, 4)) == (-7, 5)             # reversed shadows: offset = shadow - master
-    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(5) == robot_bus.present(4)
-    assert g(2, 108, 4) == 500 and g(2, 112, 4) == 2000     # a slow 2 s profile until told otherwise
+    assert (g(2, 52, 4), g(2, 48, 4)) == (819, 3344)  # shoulder -108..114 deg in ticks
+    assert (g(3, 52, 4), g(3, 48, 4)) == (819, 3344)  # a shadow takes its master's limits
+    assert (g(3, 20, 4), g(5, 20, 4)) == (-7, 5)  # reversed shadows: offset = shadow - master
+    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(
+        5
+    ) == robot_bus.present(4)
+    assert g(2, 108, 4) == 500 and g(2, 112, 4) == 2000  # a slow 2 s profile until told otherwise
     n = len(robot_bus.packets)
-    arm.setup()   # configured already: no EEPROM register written again
-    assert all(struct.unpack_from("<H", p)[0] >= 64 for t, i, p in robot_bus.packets[n:] if i == robot.WRITE)
+    arm.setup()  # configured already: no EEPROM register written again
+    assert all(
+        struct.unpack_from("<H", p)[0] >= 64
+        for t, i, p in robot_bus.packets[n:]
+        if i == robot.WRITE
+    )
     assert robot_bus.fights == []
 
 
@@ -1442,19 +2071,28 @@ def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
     arm.setup()
     q = np.array([0.3, -0.5, 0.7, -0.2, 1.0, 0.4])
     arm.command(q, seconds=0.2)
-    joints, grip = arm.read()   # a round trip: the fake has handled the SYNC_WRITE before it
+    joints, grip = arm.read()  # a round trip: the fake has handled the SYNC_WRITE before it
     ticks = robot.rad_to_ticks(q)
     assert [robot_bus.present(i) for i in robot.JOINT_IDS] == ticks.tolist()
-    assert robot_bus.present(3) == ticks[1] and robot_bus.present(5) == ticks[2]   # shadows followed their IDs
+    assert (
+        robot_bus.present(3) == ticks[1] and robot_bus.present(5) == ticks[2]
+    )  # shadows followed their IDs
     assert robot_bus.fights == []
     np.testing.assert_allclose(joints, q, atol=np.pi / 2048)
-    assert robot_bus.sent(robot.SYNC_READ)[-1][1] == struct.pack("<HH", 132, 4) + bytes(range(1, 10))
-    arm.command([0, 0, 3.0, 0, 0, -4.0])   # beyond the elbow and wrist-rotate limits: clipped, never sent
+    assert robot_bus.sent(robot.SYNC_READ)[-1][1] == struct.pack("<HH", 132, 4) + bytes(
+        range(1, 10)
+    )
+    arm.command(
+        [0, 0, 3.0, 0, 0, -4.0]
+    )  # beyond the elbow and wrist-rotate limits: clipped, never sent
     arm.read()
-    assert robot_bus.present(4) == robot.rad_to_ticks(robot.JOINT_HIGH[2]) and robot_bus.present(8) == 0
+    assert (
+        robot_bus.present(4) == robot.rad_to_ticks(robot.JOINT_HIGH[2])
+        and robot_bus.present(8) == 0
+    )
     arm.set_gripper(-1)
     assert arm.read()[1] == 0.0 and robot_bus.get(9, 100, 2) == -350
-    arm.set_gripper(-1)   # closed on nothing: the motor stops at the end of the travel
+    arm.set_gripper(-1)  # closed on nothing: the motor stops at the end of the travel
     assert robot_bus.get(9, 100, 2) == 0
 
 
@@ -1466,12 +2104,12 @@ def test_robot_error_and_timeout_paths(robot_bus):
         short.read(4, robot.PRESENT_POSITION)
     for part in ("ID 4", "/dev/pts/fake", "1000000 baud", "READ", "latency_timer", "power"):
         assert part in str(e.value)
-    assert len(robot_bus.packets) - n == 2   # bounded retry
+    assert len(robot_bus.packets) - n == 2  # bounded retry
     with pytest.raises(robot.NoStatusError, match="servo ID 4 "):
         short.sync_read(robot.JOINT_IDS, robot.PRESENT_POSITION)
     robot_bus.silent.clear()
     bus = robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
-    robot_bus.corrupt = 1   # one corrupted reply: the driver asks again
+    robot_bus.corrupt = 1  # one corrupted reply: the driver asks again
     assert bus.read(2, robot.DRIVE_MODE) == 0 and robot_bus.corrupt == 0
     bus.write(1, robot.TORQUE_ENABLE, 1)
     with pytest.raises(robot.ServoError, match=r"ID 1 \(waist\) answered WRITE with access error"):
@@ -1479,79 +2117,145 @@ def test_robot_error_and_timeout_paths(robot_bus):
     with pytest.raises(robot.ServoError, match="data limit error"):
         bus.write(1, robot.GOAL_POSITION, 5000)
     robot_bus.fail(4, 0x20)
-    assert bus.read(4, robot.PRESENT_POSITION) > 0 and bus.alerts == {4}   # data still valid, alert noted
-    assert robot.hardware_messages(bus.read(4, robot.HARDWARE_ERROR)) == ["overload (too much load for too long)"]
+    assert bus.read(4, robot.PRESENT_POSITION) > 0 and bus.alerts == {
+        4
+    }  # data still valid, alert noted
+    assert robot.hardware_messages(bus.read(4, robot.HARDWARE_ERROR)) == [
+        "overload (too much load for too long)"
+    ]
     lines = []
     assert robot.check(bus, reboot=True, log=lines.append) is True
-    assert "XM430-W350" in lines[0] and "XL430-W250" in lines[8] and "overload" in lines[3] and "rebooted" in lines[3]
+    assert (
+        "XM430-W350" in lines[0]
+        and "XL430-W250" in lines[8]
+        and "overload" in lines[3]
+        and "rebooted" in lines[3]
+    )
     assert robot_bus.table[4][70] == 0 and bus.alerts == set()
     robot_bus.silent.add(6)
     lines.clear()
-    assert robot.check(robot.DynamixelBus(robot_bus.port, timeout=0.3, retries=1), log=lines.append) is False
-    assert "ID 6 forearm_roll" in lines[5] and "no reply" in lines[5] and "latency_timer" in lines[5]
+    assert (
+        robot.check(robot.DynamixelBus(robot_bus.port, timeout=0.3, retries=1), log=lines.append)
+        is False
+    )
+    assert (
+        "ID 6 forearm_roll" in lines[5] and "no reply" in lines[5] and "latency_timer" in lines[5]
+    )
 
 
 def _robot_arm(fake, monkeypatch, clock=None, **kw):
     """An arm on the fake bus; robot.time's sleep records instead of sleeping, monotonic runs `clock[0]` s ahead."""
     slept, clock = [], clock if clock is not None else [0.0]
-    monkeypatch.setattr(robot, "time", types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock[0],
-                                                             sleep=slept.append))
-    return robot.DynamixelArm(robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None, **kw), slept
+    monkeypatch.setattr(
+        robot,
+        "time",
+        types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock[0], sleep=slept.append),
+    )
+    return robot.DynamixelArm(
+        robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None, **kw
+    ), slept
 
 
 def _robot_index(fake, inst, addr, since, target=None):
     """Index in fake.packets of the first packet after `since` with this instruction, address (and target)."""
-    return next(k for k, (t, i, p) in enumerate(fake.packets) if k >= since and i == inst and
-                struct.unpack_from("<H", p)[0] == addr and target in (None, t))
+    return next(
+        k
+        for k, (t, i, p) in enumerate(fake.packets)
+        if k >= since
+        and i == inst
+        and struct.unpack_from("<H", p)[0] == addr
+        and target in (None, t)
+    )
 
 
 def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
     arm, slept = _robot_arm(robot_bus, monkeypatch)
     arm.setup()
-    arm.command(robot.HOME_JOINTS, seconds=0.5)   # where `python robot.py home` leaves it: torque on
-    arm.read()   # a round trip: sync writes get no reply, so only now has the fake surely applied them
+    arm.command(robot.HOME_JOINTS, seconds=0.5)  # where `python robot.py home` leaves it: torque on
+    arm.read()  # a round trip: sync writes get no reply, so only now has the fake surely applied them
     home = [robot_bus.present(i) for i in robot.ALL_IDS]
     n = len(robot_bus.packets)
-    arm.setup()   # configured: reads only, the torque stays on, the arm stays up
-    assert not [p for t, i, p in robot_bus.packets[n:] if i == robot.SYNC_WRITE and p[:2] == b"\x40\x00"]
+    arm.setup()  # configured: reads only, the torque stays on, the arm stays up
+    assert not [
+        p for t, i, p in robot_bus.packets[n:] if i == robot.SYNC_WRITE and p[:2] == b"\x40\x00"
+    ]
     assert [robot_bus.present(i) for i in robot.ALL_IDS] == home and slept == []
-    robot_bus.table[1][10] = 0   # the waist lost its time profile (another tool): EEPROM to write, torque on
+    robot_bus.table[1][10] = (
+        0  # the waist lost its time profile (another tool): EEPROM to write, torque on
+    )
     n = len(robot_bus.packets)
     arm.setup()
     goal = _robot_index(robot_bus, robot.SYNC_WRITE, 116, n)
     off = _robot_index(robot_bus, robot.SYNC_WRITE, 64, n)
-    assert goal < off < _robot_index(robot_bus, robot.WRITE, 10, n, target=1)   # sleep pose, torque off, write
-    assert _robot_sync_goals(robot_bus, n)[0] == dict(zip(robot.JOINT_IDS, robot.rad_to_ticks(robot.SLEEP_JOINTS)))
+    assert (
+        goal < off < _robot_index(robot_bus, robot.WRITE, 10, n, target=1)
+    )  # sleep pose, torque off, write
+    assert _robot_sync_goals(robot_bus, n)[0] == dict(
+        zip(robot.JOINT_IDS, robot.rad_to_ticks(robot.SLEEP_JOINTS))
+    )
     # the waist's velocity profile: 20 x 0.229 rpm = 0.48 rad/s, so the shoulder's 1.80 rad take 1.80 / 0.48 + 0.5 s
     assert slept == [pytest.approx(1.1 * (1.80 / 0.48 + 0.5), rel=1e-3)]
-    p = next(p for t, i, p in robot_bus.packets[n:] if i == robot.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 108)
+    p = next(
+        p
+        for t, i, p in robot_bus.packets[n:]
+        if i == robot.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 108
+    )
     profile = {p[k]: struct.unpack_from("<ii", p, k + 1) for k in range(4, len(p), 9)}
     assert profile[1] == (5, 20) and profile[2][1] == round(1000 * slept[0] / 1.1)
-    assert robot_bus.get(1, 10, 1) == 4 and [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9
-    assert robot_bus.present(2) == robot.rad_to_ticks(robot.SLEEP_JOINTS[1]) and robot_bus.fights == []
+    assert (
+        robot_bus.get(1, 10, 1) == 4 and [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9
+    )
+    assert (
+        robot_bus.present(2) == robot.rad_to_ticks(robot.SLEEP_JOINTS[1]) and robot_bus.fights == []
+    )
 
 
 def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
     arm, slept = _robot_arm(robot_bus, monkeypatch)
-    robot_bus.offset_mode = "after"   # a firmware that adds the offset after the mirroring: SPEC 6's sign
+    robot_bus.offset_mode = (
+        "after"  # a firmware that adds the offset after the mirroring: SPEC 6's sign
+    )
     arm.setup()
-    written = lambda i: [struct.unpack_from("<i", p, 2)[0] for t, p in robot_bus.sent(robot.WRITE, 20) if t == i]
-    assert written(3) == [0, -7, 7] and written(5) == [0, 5, -5]   # Interbotix's sign first, checked, the other
-    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(5) == robot_bus.present(4)
-    monkeypatch.setitem(_ROBOT_MECH, 3, 7 + 4)   # a horn that flexed by 4 ticks: within the tolerance
+    written = lambda i: [
+        struct.unpack_from("<i", p, 2)[0] for t, p in robot_bus.sent(robot.WRITE, 20) if t == i
+    ]
+    assert written(3) == [0, -7, 7] and written(5) == [
+        0,
+        5,
+        -5,
+    ]  # Interbotix's sign first, checked, the other
+    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(
+        5
+    ) == robot_bus.present(4)
+    monkeypatch.setitem(
+        _ROBOT_MECH, 3, 7 + 4
+    )  # a horn that flexed by 4 ticks: within the tolerance
     robot_bus._couple()
     n = len(robot_bus.packets)
     arm.setup()
-    assert not [p for t, i, p in robot_bus.packets[n:] if i == robot.WRITE and struct.unpack_from("<H", p)[0] < 64]
-    monkeypatch.setitem(_ROBOT_MECH, 3, 7 + 9)   # 9 ticks: calibrated again (torque on: via the sleep pose)
+    assert not [
+        p
+        for t, i, p in robot_bus.packets[n:]
+        if i == robot.WRITE and struct.unpack_from("<H", p)[0] < 64
+    ]
+    monkeypatch.setitem(
+        _ROBOT_MECH, 3, 7 + 9
+    )  # 9 ticks: calibrated again (torque on: via the sleep pose)
     robot_bus._couple()
     arm.setup()
-    assert written(3)[3:] == [0, -16, 16] and robot_bus.present(3) == robot_bus.present(2) and len(slept) == 1
-    robot_bus.offset_mode = "ignored"   # neither sign helps: stop, with the numbers
+    assert (
+        written(3)[3:] == [0, -16, 16]
+        and robot_bus.present(3) == robot_bus.present(2)
+        and len(slept) == 1
+    )
+    robot_bus.offset_mode = "ignored"  # neither sign helps: stop, with the numbers
     monkeypatch.setitem(_ROBOT_MECH, 3, 30)
     robot_bus._couple()
-    with pytest.raises(robot.DynamixelError, match=r"shadow servo ID 3 \(shoulder_shadow\) does not follow master "
-                                                   r"ID 2: they read (\d+) and (\d+) ticks") as e:
+    with pytest.raises(
+        robot.DynamixelError,
+        match=r"shadow servo ID 3 \(shoulder_shadow\) does not follow master "
+        r"ID 2: they read (\d+) and (\d+) ticks",
+    ) as e:
         arm.setup()
     assert f"read {robot_bus.present(2)} and {robot_bus.present(2) - 30} ticks" in str(e.value)
 
@@ -1560,40 +2264,50 @@ def test_robot_gripper_stall_guard(robot_bus, monkeypatch):
     clock, logs = [0.0], []
     arm, _ = _robot_arm(robot_bus, monkeypatch, clock, stall_s=10.0)
     arm.log = logs.append
-    robot_bus.grip_stops = (-0.3, 0.8)   # this gripper's stops come before Interbotix's 0 and 1
+    robot_bus.grip_stops = (-0.3, 0.8)  # this gripper's stops come before Interbotix's 0 and 1
     arm.setup()
     arm.set_gripper(1)
-    assert 0.7 < arm.read()[1] < 1.0 and robot_bus.get(9, 100, 2) == 350   # it moved: not a stall
+    assert 0.7 < arm.read()[1] < 1.0 and robot_bus.get(9, 100, 2) == 350  # it moved: not a stall
     clock[0] = 6.0
     arm.read()
-    assert robot_bus.get(9, 100, 2) == 350   # still, but not for stall_s yet
+    assert robot_bus.get(9, 100, 2) == 350  # still, but not for stall_s yet
     clock[0] = 12.0
     arm.read()
     assert robot_bus.get(9, 100, 2) == 0 and "stalled at 0.77 with PWM 350" in logs[-1]
-    arm.set_gripper(1)   # the policy keeps asking to open: the PWM stays off
+    arm.set_gripper(1)  # the policy keeps asking to open: the PWM stays off
     assert robot_bus.get(9, 100, 2) == 0
     arm.set_gripper(-1)
     assert 0.0 < arm.read()[1] < 0.1 and robot_bus.get(9, 100, 2) == -350
     clock[0] = 30.0
     arm.read()
     arm.set_gripper(-1)
-    assert robot_bus.get(9, 100, 2) == -150   # closed on something (or a stop): it holds with less PWM
+    assert (
+        robot_bus.get(9, 100, 2) == -150
+    )  # closed on something (or a stop): it holds with less PWM
     arm.set_gripper(1)
-    assert robot_bus.get(9, 100, 2) == 350   # a new direction: full PWM again
+    assert robot_bus.get(9, 100, 2) == 350  # a new direction: full PWM again
 
 
 def test_robot_moves_respect_the_velocity_limit(robot_bus, monkeypatch):
     assert robot.move_seconds(np.full(6, 0.3), np.zeros(6), 2.0) == 2.0
-    assert robot.move_seconds([3.0, 0, 0, 0, 0, 0], [-3.0, 0, 0, 0, 0, 0], 2.0) == pytest.approx(1.5 * 6 / np.pi)
-    assert robot.move_seconds([4.0, 0, 0, 0, 0, 0], np.zeros(6), 1.0) == pytest.approx(1.5)   # clipped to pi
+    assert robot.move_seconds([3.0, 0, 0, 0, 0, 0], [-3.0, 0, 0, 0, 0, 0], 2.0) == pytest.approx(
+        1.5 * 6 / np.pi
+    )
+    assert robot.move_seconds([4.0, 0, 0, 0, 0, 0], np.zeros(6), 1.0) == pytest.approx(
+        1.5
+    )  # clipped to pi
     arm, slept = _robot_arm(robot_bus, monkeypatch)
     arm.setup()
     arm.command([-3.0, 0, 0, 0, 0, 0])
-    arm.move([3.0, 0, 0, 0, 0, 0])   # a long waist move: longer than the 2 s asked
-    arm.read()   # a round trip, so that the fake has applied the profile write
+    arm.move([3.0, 0, 0, 0, 0, 0])  # a long waist move: longer than the 2 s asked
+    arm.read()  # a round trip, so that the fake has applied the profile write
     ms = robot_bus.get(1, 112, 4)
-    assert ms == round(1000 * 1.5 * float(np.diff(robot.ticks_to_rad(robot.rad_to_ticks([-3.0, 3.0])))[0]) / np.pi)
-    assert slept == [pytest.approx(1.1 * ms / 1000, abs=1e-3)] and robot_bus.get(1, 108, 4) == ms // 4
+    assert ms == round(
+        1000 * 1.5 * float(np.diff(robot.ticks_to_rad(robot.rad_to_ticks([-3.0, 3.0])))[0]) / np.pi
+    )
+    assert (
+        slept == [pytest.approx(1.1 * ms / 1000, abs=1e-3)] and robot_bus.get(1, 108, 4) == ms // 4
+    )
 
 
 # ---- kinematics -------------------------------------------------------------------------------------------------
@@ -1613,15 +2327,23 @@ def test_robot_forward_kinematics_at_zero_and_sleep():
     T = robot.forward_kinematics(robot.SLEEP_JOINTS)
     (x, z), phi = _robot_planar_fk(robot.SLEEP_JOINTS)
     np.testing.assert_allclose(T[:3, 3], [x, 0, z], atol=1e-9)
-    np.testing.assert_allclose(T[:3, 3], [0.123, 0, 0.081], atol=1e-3)   # SPEC 6
-    np.testing.assert_allclose(T[:3, :3], [[np.cos(phi), 0, np.sin(phi)], [0, 1, 0], [-np.sin(phi), 0, np.cos(phi)]],
-                               atol=1e-9)
-    T = robot.forward_kinematics([np.pi / 2, 0, 0, 0, 0, 0])   # the waist turns the arm onto +y
+    np.testing.assert_allclose(T[:3, 3], [0.123, 0, 0.081], atol=1e-3)  # SPEC 6
+    np.testing.assert_allclose(
+        T[:3, :3],
+        [[np.cos(phi), 0, np.sin(phi)], [0, 1, 0], [-np.sin(phi), 0, np.cos(phi)]],
+        atol=1e-9,
+    )
+    T = robot.forward_kinematics([np.pi / 2, 0, 0, 0, 0, 0])  # the waist turns the arm onto +y
     np.testing.assert_allclose(T[:3, 3], [0, 0.458325, 0.36065], atol=1e-9)
     state = robot.pose_to_state(robot.forward_kinematics(robot.RESET_JOINTS), 1.0)
-    np.testing.assert_allclose(state, [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-4)   # pointing down = zero euler
-    np.testing.assert_allclose(robot.euler_to_matrix([np.pi / 2, 0, np.pi / 2]), [[0, 0, 1], [1, 0, 0], [0, 1, 0]],
-                               atol=1e-12)   # Rz(90) Rx(90): x turns first, about the world axes
+    np.testing.assert_allclose(
+        state, [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-4
+    )  # pointing down = zero euler
+    np.testing.assert_allclose(
+        robot.euler_to_matrix([np.pi / 2, 0, np.pi / 2]),
+        [[0, 0, 1], [1, 0, 0], [0, 1, 0]],
+        atol=1e-12,
+    )  # Rz(90) Rx(90): x turns first, about the world axes
     e = np.array([0.1, -0.2, 0.3])
     T = np.eye(4)
     T[:3, :3] = robot.euler_to_matrix(e) @ robot.DOWN
@@ -1638,41 +2360,62 @@ def test_robot_inverse_kinematics_round_trips():
         assert np.linalg.norm(T_ik[:3, 3] - T[:3, 3]) < 1e-4
         assert np.linalg.norm(robot.rotation_log(T_ik[:3, :3] @ T[:3, :3].T)) < 1e-3
         assert np.all(q_ik >= robot.JOINT_LOW) and np.all(q_ik <= robot.JOINT_HIGH)
-    q, eps = np.array([0.3, -0.4, 0.5, 0.2, 0.6, -0.1]), 1e-6   # the Jacobian against finite differences
+    q, eps = (
+        np.array([0.3, -0.4, 0.5, 0.2, 0.6, -0.1]),
+        1e-6,
+    )  # the Jacobian against finite differences
     T = robot.forward_kinematics(q)
     J = robot._jacobian(q, T[:3, 3])
     for i in range(6):
         T_i = robot.forward_kinematics(q + eps * np.eye(6)[i])
         np.testing.assert_allclose(J[3:, i], (T_i[:3, 3] - T[:3, 3]) / eps, atol=1e-5)
-        np.testing.assert_allclose(J[:3, i], robot.rotation_log(T_i[:3, :3] @ T[:3, :3].T) / eps, atol=1e-5)
+        np.testing.assert_allclose(
+            J[:3, i], robot.rotation_log(T_i[:3, :3] @ T[:3, :3].T) / eps, atol=1e-5
+        )
     far = robot.forward_kinematics(np.zeros(6))
     far[:3, 3] = [0.9, 0, 0.3]
     with pytest.raises(robot.IKError, match="did not converge.*mm"):
         robot.inverse_kinematics(far, np.zeros(6))
-    np.testing.assert_allclose(robot.rotation_log(robot._rot((0, 0, 1), np.pi)), [0, 0, np.pi], atol=1e-9)
+    np.testing.assert_allclose(
+        robot.rotation_log(robot._rot((0, 0, 1), np.pi)), [0, 0, np.pi], atol=1e-9
+    )
 
 
 # ---- the environment --------------------------------------------------------------------------------------------
 def test_robot_env_moves_the_target_clips_and_limits(robot_bus):
     env = _robot_env(robot_bus, max_steps=3, max_joint_step=0.3)
     obs = env.reset()
-    assert obs["image"].shape == (32, 32, 3) and obs["image"].dtype == np.uint8 and obs["image"][0, 0, 0] == 200
+    assert (
+        obs["image"].shape == (32, 32, 3)
+        and obs["image"].dtype == np.uint8
+        and obs["image"][0, 0, 0] == 200
+    )
     assert obs["state"].dtype == np.float32
-    np.testing.assert_allclose(obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-3)   # reset pose, open
+    np.testing.assert_allclose(
+        obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-3
+    )  # reset pose, open
     obs, reward, terminated, truncated, info = env.step([0.02, -0.01, 0, 0, 0, 0.1, 1])
     np.testing.assert_allclose(obs["state"][:6], [0.27, -0.01, 0.18, 0, 0, 0.1], atol=2e-3)
     assert (reward, terminated, truncated, info["success"]) == (0.0, False, False, False)
     before, n = env._q.copy(), len(robot_bus.packets)
-    obs, _, _, truncated, info = env.step([0, 0, 0, 0, 0, 1.2, 1])   # a big yaw: at most 0.3 rad per joint a tick
+    obs, _, _, truncated, info = env.step(
+        [0, 0, 0, 0, 0, 1.2, 1]
+    )  # a big yaw: at most 0.3 rad per joint a tick
     (goal,) = _robot_sync_goals(robot_bus, n)
     moved = robot.ticks_to_rad([goal[i] for i in robot.JOINT_IDS]) - before
-    assert "ik_error" not in info and abs(np.abs(moved).max() - 0.3) < 2e-3   # IK wanted more: clipped
+    assert (
+        "ik_error" not in info and abs(np.abs(moved).max() - 0.3) < 2e-3
+    )  # IK wanted more: clipped
     assert not truncated
-    obs, _, _, truncated, _ = env.step([0, 0, -0.25, 0, 0, 0, 1])   # through the table: clipped at z = 0
+    obs, _, _, truncated, _ = env.step(
+        [0, 0, -0.25, 0, 0, 0, 1]
+    )  # through the table: clipped at z = 0
     assert truncated and env._target[2, 3] == 0.0 and obs["state"][2] >= -2e-3
-    with pytest.raises(ValueError, match="7 finite numbers"):   # a broken policy output stops the arm too
+    with pytest.raises(
+        ValueError, match="7 finite numbers"
+    ):  # a broken policy output stops the arm too
         env.step([0, 0, 0, np.nan, 0, 0, 1])
-    env.arm.bus.ping(1)   # a round trip: the fake has handled every packet before it
+    env.arm.bus.ping(1)  # a round trip: the fake has handled every packet before it
     assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
 
 
@@ -1686,36 +2429,55 @@ def test_robot_env_holds_when_ik_fails_and_on_the_watchdog(robot_bus):
     _, _, _, _, info = env.step([0, 0, 0, 0, 0, 0, 1])
     assert "did not converge" in info["ik_error"]
     (goal,) = _robot_sync_goals(robot_bus, n)
-    assert [goal[i] for i in robot.JOINT_IDS] == robot.rad_to_ticks(q).tolist()   # held where it was
+    assert [goal[i] for i in robot.JOINT_IDS] == robot.rad_to_ticks(q).tolist()  # held where it was
     env._target = robot.forward_kinematics(q)
-    env.step([0, 0, 0, 0, 0, 0, 0])   # closing
-    env.arm.pwm, env.arm.grip = 350, 0.5   # pretend the gripper is opening half way
+    env.step([0, 0, 0, 0, 0, 0, 0])  # closing
+    env.arm.pwm, env.arm.grip = 350, 0.5  # pretend the gripper is opening half way
     n = len(robot_bus.packets)
     env.watchdog_tick(time.monotonic() + 1.0)
-    assert len(_robot_sync_goals(robot_bus, n)) == 1 and robot_bus.get(9, 100, 2) == 0   # held, gripper stopped
+    assert (
+        len(_robot_sync_goals(robot_bus, n)) == 1 and robot_bus.get(9, 100, 2) == 0
+    )  # held, gripper stopped
     env.watchdog_tick(time.monotonic() + 2.0)
-    assert len(_robot_sync_goals(robot_bus, n)) == 1   # once per stall
+    assert len(_robot_sync_goals(robot_bus, n)) == 1  # once per stall
     assert env.step([0, 0, 0, 0, 0, 0, 1])[4]["held_by_watchdog"]
 
 
 def test_robot_safe_stop_on_an_injected_hardware_error(robot_bus):
     env = _robot_env(robot_bus)
     env.reset()
-    env.step([0, 0, 0, 0, 0, 0, 0])   # close the gripper
+    env.step([0, 0, 0, 0, 0, 0, 0])  # close the gripper
     assert robot_bus.get(9, 100, 2) == -350
-    robot_bus.fail(5, 0x04)   # the elbow's shadow overheats: its reply to the tick's SYNC_READ carries the alert
+    robot_bus.fail(
+        5, 0x04
+    )  # the elbow's shadow overheats: its reply to the tick's SYNC_READ carries the alert
     n = len(robot_bus.packets)
     with pytest.raises(robot.HardwareError, match=r"ID 5 \(elbow_shadow\): overheating.*--reboot"):
         env.step([0.01, 0, 0, 0, 0, 0, 0])
-    env.arm.bus.ping(1)   # a round trip: the fake has handled every packet before it
+    env.arm.bus.ping(1)  # a round trip: the fake has handled every packet before it
     after = [(t, i, p) for t, i, p in robot_bus.packets[n:]]
-    pwm = [k for k, (t, i, p) in enumerate(after) if i == robot.WRITE and t == 9 and p == struct.pack("<Hh", 100, 350)]
+    pwm = [
+        k
+        for k, (t, i, p) in enumerate(after)
+        if i == robot.WRITE and t == 9 and p == struct.pack("<Hh", 100, 350)
+    ]
     sleep = robot.rad_to_ticks(robot.SLEEP_JOINTS).tolist()
-    goals = [k for k, (t, i, p) in enumerate(after) if i == robot.SYNC_WRITE and p[:2] == b"\x74\x00"
-             and [struct.unpack_from("<i", p, 5 + 5 * j)[0] for j in range(6)] == sleep]
-    torque_off = [k for k, (t, i, p) in enumerate(after) if i == robot.SYNC_WRITE
-                  and p == struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)]
-    assert pwm and goals and torque_off and pwm[0] < goals[0] < torque_off[-1]   # open, sleep pose, torque off
+    goals = [
+        k
+        for k, (t, i, p) in enumerate(after)
+        if i == robot.SYNC_WRITE
+        and p[:2] == b"\x74\x00"
+        and [struct.unpack_from("<i", p, 5 + 5 * j)[0] for j in range(6)] == sleep
+    ]
+    torque_off = [
+        k
+        for k, (t, i, p) in enumerate(after)
+        if i == robot.SYNC_WRITE
+        and p == struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)
+    ]
+    assert (
+        pwm and goals and torque_off and pwm[0] < goals[0] < torque_off[-1]
+    )  # open, sleep pose, torque off
     assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
     with pytest.raises(RuntimeError, match="reset"):
         env.step([0, 0, 0, 0, 0, 0, 1])
@@ -1727,6 +2489,7 @@ def test_robot_ctrl_c_inside_step_stops_safely(robot_bus, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(env.arm, "command", interrupted)
     with pytest.raises(KeyboardInterrupt):
         env.step([0, 0, 0, 0, 0, 0, 1])
@@ -1736,26 +2499,49 @@ def test_robot_ctrl_c_inside_step_stops_safely(robot_bus, monkeypatch):
 
 def test_robot_record_writes_the_bridge_format(robot_bus, tmp_path):
     env = _robot_env(robot_bus)
-    script = iter(["w", "w", " ", "", "\n",   # episode 1: 4 steps, kept
-                   "a", "\x7f",               # episode 2: discarded
-                   "r", "\n"])                # episode 3: 1 step, kept
-    kept = robot.record(env, str(tmp_path / "task"), 2, lambda: next(script), val_every=2, log=lambda *a: None)
+    script = iter(
+        [
+            "w",
+            "w",
+            " ",
+            "",
+            "\n",  # episode 1: 4 steps, kept
+            "a",
+            "\x7f",  # episode 2: discarded
+            "r",
+            "\n",
+        ]
+    )  # episode 3: 1 step, kept
+    kept = robot.record(
+        env, str(tmp_path / "task"), 2, lambda: next(script), val_every=2, log=lambda *a: None
+    )
     assert kept == 2
     train = np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)
     val = np.load(tmp_path / "task" / "val" / "out.npy", allow_pickle=True)
-    assert len(train) == 1 and len(val) == 1 and os.listdir(tmp_path / "task" / "train") == ["out.npy"]
+    assert (
+        len(train) == 1 and len(val) == 1 and os.listdir(tmp_path / "task" / "train") == ["out.npy"]
+    )
     t = train[0]
-    assert len(t["observations"]) == len(t["next_observations"]) == 4 and t["actions"].shape == (4, 7)
+    assert len(t["observations"]) == len(t["next_observations"]) == 4 and t["actions"].shape == (
+        4,
+        7,
+    )
     np.testing.assert_allclose(t["actions"][0], [0.02, 0, 0, 0, 0, 0, 1])
-    np.testing.assert_allclose(t["actions"][2:, 6], [0, 0])   # space closed the gripper
+    np.testing.assert_allclose(t["actions"][2:, 6], [0, 0])  # space closed the gripper
     assert t["next_observations"][0]["state"] is t["observations"][1]["state"]
-    assert t["observations"][0]["images0"].shape == (32, 32, 3) and t["observations"][0]["state"].shape == (7,)
-    assert t["next_observations"][1]["state"][0] > t["observations"][0]["state"][0] + 0.03   # moved forward
+    assert t["observations"][0]["images0"].shape == (32, 32, 3) and t["observations"][0][
+        "state"
+    ].shape == (7,)
+    assert (
+        t["next_observations"][1]["state"][0] > t["observations"][0]["state"][0] + 0.03
+    )  # moved forward
     np.testing.assert_array_equal(t["terminals"], np.zeros(4))
     np.testing.assert_allclose(val[0]["actions"], [[0, 0, 0.02, 0, 0, 0, 1]])
     script = iter(["s", "\n"])
-    robot.record(env, str(tmp_path / "task"), 1, lambda: next(script), val_every=2, log=lambda *a: None)
-    assert len(np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)) == 2   # appended
+    robot.record(
+        env, str(tmp_path / "task"), 1, lambda: next(script), val_every=2, log=lambda *a: None
+    )
+    assert len(np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)) == 2  # appended
 
 
 def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
@@ -1782,19 +2568,25 @@ def _robot_fake_interbotix(monkeypatch):
         q = robot.SLEEP_JOINTS.copy()
 
         def robot_get_joint_states(self):
-            names = [robot.NAMES[i] for i in robot.JOINT_IDS] + ["gripper", "left_finger", "right_finger"]
+            names = [robot.NAMES[i] for i in robot.JOINT_IDS] + [
+                "gripper",
+                "left_finger",
+                "right_finger",
+            ]
             return types.SimpleNamespace(name=names, position=list(self.q) + [0.0, 0.037, -0.037])
 
         def robot_torque_enable(self, cmd_type, name, enable):
             calls.append(("torque", cmd_type, name, enable))
 
-    class Manipulator:   # bot.core, bot.arm, bot.gripper.release / grasp
+    class Manipulator:  # bot.core, bot.arm, bot.gripper.release / grasp
         def __init__(self, model, group, gripper):
             assert (model, group, gripper) == ("wx250s", "arm", "gripper")
             self.core = Core()
             self.arm = types.SimpleNamespace(set_joint_positions=self.move)
-            self.gripper = types.SimpleNamespace(release=lambda delay: calls.append(("release", delay)),
-                                                 grasp=lambda delay: calls.append(("grasp", delay)))
+            self.gripper = types.SimpleNamespace(
+                release=lambda delay: calls.append(("release", delay)),
+                grasp=lambda delay: calls.append(("grasp", delay)),
+            )
 
         def move(self, q, moving_time, accel_time, blocking):
             calls.append(("joints", np.array(q), moving_time))
@@ -1810,15 +2602,22 @@ def _robot_fake_interbotix(monkeypatch):
 
 def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
     calls = _robot_fake_interbotix(monkeypatch)
-    env = robot.WidowXEnv(backend="interbotix", camera=None, image_size=16, control_hz=100.0, watchdog_s=0,
-                          move_s=0.01, log=lambda *a: None)
-    env.arm.velocity_limit = 1e3   # the fake arrives at once
+    env = robot.WidowXEnv(
+        backend="interbotix",
+        camera=None,
+        image_size=16,
+        control_hz=100.0,
+        watchdog_s=0,
+        move_s=0.01,
+        log=lambda *a: None,
+    )
+    env.arm.velocity_limit = 1e3  # the fake arrives at once
     obs = env.reset()
     assert obs["image"].shape == (16, 16, 3) and not obs["image"].any()
     np.testing.assert_allclose(obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=1e-3)
     assert calls[:2] == [("torque", "group", "all", True), ("release", 0)]
     env.step([0.01, 0, 0, 0, 0, 0, 0.0])
-    assert calls[-1] == ("grasp", 0) and calls[-2][2] == 0.01   # one tick per command
+    assert calls[-1] == ("grasp", 0) and calls[-2][2] == 0.01  # one tick per command
     np.testing.assert_allclose(env._observe()["state"][0], 0.26, atol=1e-3)
     env.close()
     assert calls[-1] == ("torque", "group", "all", False)
@@ -1832,11 +2631,20 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
     def sleep(seconds):
         slept.append(round(seconds, 6))
         clock[0] += seconds
-    monkeypatch.setattr(robot, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
-    env = robot.WidowXEnv(backend="interbotix", camera=None, image_size=8, watchdog_s=0, move_s=0.5,
-                          log=lambda *a: None)
+
+    monkeypatch.setattr(
+        robot, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep)
+    )
+    env = robot.WidowXEnv(
+        backend="interbotix",
+        camera=None,
+        image_size=8,
+        watchdog_s=0,
+        move_s=0.5,
+        log=lambda *a: None,
+    )
     env.reset()
-    for policy_s in (0.0, 0.05, 0.3):   # in time, in time, late
+    for policy_s in (0.0, 0.05, 0.3):  # in time, in time, late
         clock[0] += policy_s
         env.step([0, 0, 0, 0, 0, 0, 1])
     # the reset move: the shoulder's 1.609 rad from sleep at pi rad/s takes 1.5 x 1.609 / pi > move_s, +10 %;
@@ -1848,8 +2656,24 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
 # online.py
 # ====================================================================================================
 
-_ONLINE_RUN = ["--env_steps", "8", "--max_steps", "4", "--utd", "2", "--batch_size", "10", "--eval_every", "4",
-               "--eval_episodes", "1", "--save_every", "4", "--device", "cpu"]
+_ONLINE_RUN = [
+    "--env_steps",
+    "8",
+    "--max_steps",
+    "4",
+    "--utd",
+    "2",
+    "--batch_size",
+    "10",
+    "--eval_every",
+    "4",
+    "--eval_episodes",
+    "1",
+    "--save_every",
+    "4",
+    "--device",
+    "cpu",
+]
 _ONLINE_GAMMA = 0.98
 
 
@@ -1861,21 +2685,41 @@ def online_setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     for task, T in (("prior/k1/pick_a", 6), ("prior/k1/pick_b", 6), ("target/sort_mug_cube", 8)):
         for split in ("train", "val"):
-            data.write_bridge_file(str(root / task / split / "out.npy"),
-                                   [data.synthetic_trajectory(T, 32, rng) for _ in range(2)])
+            data.write_bridge_file(
+                str(root / task / split / "out.npy"),
+                [data.synthetic_trajectory(T, 32, rng) for _ in range(2)],
+            )
     prior = data.load_store(str(root / "prior"), log=lambda *a: None)
     cfg = AgentConfig(num_tasks=3, arch="small", image_size=32, gamma=_ONLINE_GAMMA, alpha=1.0)
-    ckpt = {"format": train.CKPT_FORMAT, "kind": "finetune", "step": 0, "agent": Agent(cfg).state_dict(),
-            "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
-            "action_low": prior.action_low.tolist(), "action_high": prior.action_high.tolist(),
-            "target_task_ids": [2], "target_tasks": ["sort_mug_cube"]}
+    ckpt = {
+        "format": train.CKPT_FORMAT,
+        "kind": "finetune",
+        "step": 0,
+        "agent": Agent(cfg).state_dict(),
+        "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
+        "action_low": prior.action_low.tolist(),
+        "action_high": prior.action_high.tolist(),
+        "target_task_ids": [2],
+        "target_tasks": ["sort_mug_cube"],
+    }
     train.atomic_torch_save(ckpt, str(root / "ft.pt"))
     return root
 
 
 def _online_args(root, out, *extra):
-    return ["finetune", "--ckpt", str(root / "ft.pt"), "--prior", str(root / "prior"), "--target",
-            str(root / "target"), "--out", str(out), *_ONLINE_RUN, *extra]
+    return [
+        "finetune",
+        "--ckpt",
+        str(root / "ft.pt"),
+        "--prior",
+        str(root / "prior"),
+        "--target",
+        str(root / "target"),
+        "--out",
+        str(out),
+        *_ONLINE_RUN,
+        *extra,
+    ]
 
 
 def _online_record_updates(monkeypatch):
@@ -1883,8 +2727,11 @@ def _online_record_updates(monkeypatch):
     calls, real = [], Agent.update
 
     def update(self, batch):
-        calls.append((self.cfg.alpha, self.cfg.calql, batch["task"].tolist(), batch["mc_return"].tolist()))
+        calls.append(
+            (self.cfg.alpha, self.cfg.calql, batch["task"].tolist(), batch["mc_return"].tolist())
+        )
         return real(self, batch)
+
     monkeypatch.setattr(Agent, "update", update)
     return calls
 
@@ -1931,7 +2778,10 @@ class _OnlineCtrlCAt:
 
 def _online_rows(path):
     with open(path) as f:
-        return [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in csv.DictReader(f)]
+        return [
+            {k: v for k, v in r.items() if k not in ("time", "steps_per_s")}
+            for r in csv.DictReader(f)
+        ]
 
 
 def test_online_wilson_interval_matches_hand_values():
@@ -1939,23 +2789,53 @@ def test_online_wilson_interval_matches_hand_values():
     assert online.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert online.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert online.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    s = online.summarize([{"success": True, "return": 1.0, "length": 3}, {"success": False, "return": 0.0, "length": 5}])
+    s = online.summarize(
+        [
+            {"success": True, "return": 1.0, "length": 3},
+            {"success": False, "return": 0.0, "length": 5},
+        ]
+    )
     assert (s["successes"], s["success"], s["return"], s["length"]) == (1, 0.5, 0.5, 4.0)
 
 
 def test_online_eval_in_sim_is_reproducible_resizes_and_saves_strips(online_setup, tmp_path):
     root = online_setup
-    args = ["eval", "--ckpt", str(root / "ft.pt"), "--episodes", "2", "--max_steps", "3", "--seed", "7",
-            "--env_image_size", "48", "--device", "cpu"]  # the env renders 48 px, the policy takes 32 px
-    a = online.main([*args, "--json", str(tmp_path / "a.json"), "--save_video", str(tmp_path / "v"),
-                     "--video_format", "png"])
+    args = [
+        "eval",
+        "--ckpt",
+        str(root / "ft.pt"),
+        "--episodes",
+        "2",
+        "--max_steps",
+        "3",
+        "--seed",
+        "7",
+        "--env_image_size",
+        "48",
+        "--device",
+        "cpu",
+    ]  # the env renders 48 px, the policy takes 32 px
+    a = online.main(
+        [
+            *args,
+            "--json",
+            str(tmp_path / "a.json"),
+            "--save_video",
+            str(tmp_path / "v"),
+            "--video_format",
+            "png",
+        ]
+    )
     b = online.main([*args, "--json", str(tmp_path / "b.json")])
     ja, jb = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a == b and ja["per_episode"] == jb["per_episode"] and ja["episodes"] == 2
     assert [e["length"] for e in ja["per_episode"]] == [3, 3] and ja["successes"] == 0
     strips = sorted(os.listdir(tmp_path / "v"))
     assert strips == ["episode_000_fail.png", "episode_001_fail.png"]
-    assert Image.open(tmp_path / "v" / strips[0]).size == (48 * 4, 48)  # obs 0..3 of a 3-step episode, env size
+    assert Image.open(tmp_path / "v" / strips[0]).size == (
+        48 * 4,
+        48,
+    )  # obs 0..3 of a 3-step episode, env size
     with pytest.raises(SystemExit, match="not a task of"):
         online.main([*args, "--task", "open_door"])
 
@@ -1966,7 +2846,9 @@ def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_p
     online.main(_online_args(root, out))
     assert len(calls) == 2 * 8  # UTD 2 per collected transition, 2 trajectories of 4 steps
     for alpha, calql, task, mc in calls:
-        assert alpha == 0.5 and calql  # online alpha from the first trajectory on, Cal-QL throughout
+        assert (
+            alpha == 0.5 and calql
+        )  # online alpha from the first trajectory on, Cal-QL throughout
         # 0.35 / 0.15 / 0.5 of 10: floor 3 prior, floor 1 target, the rest (6) online, in that order
         assert set(task[:3]) <= {0, 1} and task[3:] == [2] * 7
         # a failed online episode has the constant MC return R / (1 - gamma) = -1 / 0.02 at every step
@@ -1978,21 +2860,43 @@ def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_p
     assert ckpt["loop"]["live"] == [[0, 4], [1, 4]]  # the buffer holds both trajectories
     assert sorted(os.listdir(out / "episodes")) == ["episode_000000.npz", "episode_000001.npz"]
     with np.load(out / "episodes" / "episode_000001.npz") as z:
-        assert z["images"].shape == (5, 32, 32, 3) and z["actions"].shape == (4, 7) and not z["rewards"].any()
+        assert (
+            z["images"].shape == (5, 32, 32, 3)
+            and z["actions"].shape == (4, 7)
+            and not z["rewards"].any()
+        )
         assert np.abs(z["actions"]).max() <= 0.99 and int(z["task"]) == 2
     rows = _online_rows(out / "progress.csv")
-    assert [r["step"] for r in rows] == ["0", "4", "8"] and [r["grad_steps"] for r in rows] == ["0.0", "8.0", "16.0"]
+    assert [r["step"] for r in rows] == ["0", "4", "8"] and [r["grad_steps"] for r in rows] == [
+        "0.0",
+        "8.0",
+        "16.0",
+    ]
     assert all(r["eval_success"] == "0.0" for r in rows) and rows[0]["critic_loss"] == "nan"
     assert rows[2]["buffer_transitions"] == "8.0" and float(rows[2]["critic_loss"]) > 0
     assert online.load_policy(str(out / "ckpt_00000008.pt"), "cpu").task == 2
 
 
-def test_online_calql_bound_uses_mc_returns_of_online_successes(online_setup, tmp_path, monkeypatch):
+def test_online_calql_bound_uses_mc_returns_of_online_successes(
+    online_setup, tmp_path, monkeypatch
+):
     root, out = online_setup, tmp_path / "run"
     calls = _online_record_updates(monkeypatch)
     _online_wrap_env(monkeypatch, lambda env: _OnlineSucceedAt(env, 3))
-    online.main(_online_args(root, out, "--env_steps", "6", "--offline_steps", "2", "--eval_every", "0",
-                             "--buffer_capacity", "5"))  # room for one 3-step trajectory, not two
+    online.main(
+        _online_args(
+            root,
+            out,
+            "--env_steps",
+            "6",
+            "--offline_steps",
+            "2",
+            "--eval_every",
+            "0",
+            "--buffer_capacity",
+            "5",
+        )
+    )  # room for one 3-step trajectory, not two
     # the warm-up runs before any online data: alpha_offline, prior / target only at 0.7 / 0.3
     assert [c[0] for c in calls] == [5.0, 5.0] + [0.5] * 12 and all(c[1] for c in calls)
     assert set(calls[0][2][:7]) <= {0, 1} and calls[0][2][7:] == [2, 2, 2]
@@ -2019,15 +2923,24 @@ def test_online_ctrl_c_then_resume_equals_uninterrupted(online_setup, tmp_path, 
         _online_wrap_env(m, lambda env: _OnlineCtrlCAt(env, 14))
         with pytest.raises(SystemExit) as stopped:
             online.main(_online_args(root, tmp_path / "split"))
-    assert stopped.value.code == 130 and [s for s, _ in train.list_checkpoints(tmp_path / "split")] == [4]
+    assert stopped.value.code == 130 and [
+        s for s, _ in train.list_checkpoints(tmp_path / "split")
+    ] == [4]
     online.main(_online_args(root, tmp_path / "split", "--resume"))
-    whole, split = (train.load_checkpoint(str(tmp_path / d / "ckpt_00000008.pt")) for d in ("whole", "split"))
+    whole, split = (
+        train.load_checkpoint(str(tmp_path / d / "ckpt_00000008.pt")) for d in ("whole", "split")
+    )
     for k, v in whole["agent"]["nets"]["critic"].items():
         assert torch.equal(v, split["agent"]["nets"]["critic"][k]), k
     assert whole["loop"] == split["loop"] and whole["sampler"] == split["sampler"]
-    assert _online_rows(tmp_path / "whole" / "progress.csv") == _online_rows(tmp_path / "split" / "progress.csv")
+    assert _online_rows(tmp_path / "whole" / "progress.csv") == _online_rows(
+        tmp_path / "split" / "progress.csv"
+    )
     for name in ("episode_000000.npz", "episode_000001.npz"):
-        with np.load(tmp_path / "whole" / "episodes" / name) as a, np.load(tmp_path / "split" / "episodes" / name) as b:
+        with (
+            np.load(tmp_path / "whole" / "episodes" / name) as a,
+            np.load(tmp_path / "split" / "episodes" / name) as b,
+        ):
             assert all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
@@ -2037,10 +2950,29 @@ def test_online_errors_name_the_problem(online_setup, tmp_path):
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "ckpt_00000004.pt").write_bytes(b"")
         online.main(_online_args(root, tmp_path / "run"))
-    with pytest.raises(SystemExit, match=r"was fine-tuned on \['sort_mug_cube'\], but --target holds \['pick_a', 'pick_b'\]"):
-        online.main(["finetune", "--ckpt", str(root / "ft.pt"), "--prior", str(root / "prior"), "--target",
-                     str(root / "prior"), "--out", str(tmp_path / "x"), "--device", "cpu"])
-    with pytest.raises(train.CheckpointError, match="episode_000003.npz: missing, but the checkpoint's replay buffer"):
+    with pytest.raises(
+        SystemExit,
+        match=r"was fine-tuned on \['sort_mug_cube'\], but --target holds \['pick_a', 'pick_b'\]",
+    ):
+        online.main(
+            [
+                "finetune",
+                "--ckpt",
+                str(root / "ft.pt"),
+                "--prior",
+                str(root / "prior"),
+                "--target",
+                str(root / "prior"),
+                "--out",
+                str(tmp_path / "x"),
+                "--device",
+                "cpu",
+            ]
+        )
+    with pytest.raises(
+        train.CheckpointError,
+        match="episode_000003.npz: missing, but the checkpoint's replay buffer",
+    ):
         online.refill_buffer(data.ReplayBuffer(10, 32, gamma=0.9), str(tmp_path), [[3, 4]])
 
 
@@ -2062,7 +2994,10 @@ class _OnlineBrightAt:
         return self._obs()
 
     def _obs(self):
-        return {"image": np.full((40, 40, 3), 220 if self.t == self.k else 30, np.uint8), "state": np.zeros(7, np.float32)}
+        return {
+            "image": np.full((40, 40, 3), 220 if self.t == self.k else 30, np.uint8),
+            "state": np.zeros(7, np.float32),
+        }
 
     def step(self, action):
         self.t += 1
@@ -2072,14 +3007,36 @@ class _OnlineBrightAt:
         pass
 
 
-def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(online_setup, tmp_path, monkeypatch):
+def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
+    online_setup, tmp_path, monkeypatch
+):
     rng = np.random.default_rng(0)
     _online_png_folder(tmp_path / "pos", 220, 10, rng)
     _online_png_folder(tmp_path / "neg", 30, 10, rng)
     clf = tmp_path / "clf.pt"
-    accuracy = online.main(["classifier", "--pos", str(tmp_path / "pos"), "--neg", str(tmp_path / "neg"), "--out",
-                            str(clf), "--arch", "small", "--image_size", "32", "--steps", "40", "--batch_size", "16",
-                            "--lr", "1e-3", "--device", "cpu"])
+    accuracy = online.main(
+        [
+            "classifier",
+            "--pos",
+            str(tmp_path / "pos"),
+            "--neg",
+            str(tmp_path / "neg"),
+            "--out",
+            str(clf),
+            "--arch",
+            "small",
+            "--image_size",
+            "32",
+            "--steps",
+            "40",
+            "--batch_size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert accuracy >= 0.9
     labeler = online.load_labeler(str(clf), "cpu")
     dark, bright = np.full((40, 40, 3), 30, np.uint8), np.full((40, 40, 3), 220, np.uint8)
@@ -2088,15 +3045,43 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(online
     # rollouts labelled by the classifier (images resized 40 -> 32 for both networks): rewards (0, 1, 0)
     monkeypatch.setattr(online, "make_env", lambda *a, **k: _OnlineBrightAt(2))
     root, ev = online_setup, str(tmp_path / "ev.json")
-    online.main(["eval", "--ckpt", str(root / "ft.pt"), "--episodes", "1", "--classifier", str(clf), "--json", ev])
-    assert json.loads(open(ev).read())["per_episode"] == [{"success": True, "return": 1.0, "length": 3}]
-    online.main(_online_args(root, tmp_path / "run", "--env_steps", "3", "--utd", "1", "--eval_every", "0",
-                             "--classifier", str(clf)))
+    online.main(
+        [
+            "eval",
+            "--ckpt",
+            str(root / "ft.pt"),
+            "--episodes",
+            "1",
+            "--classifier",
+            str(clf),
+            "--json",
+            ev,
+        ]
+    )
+    assert json.loads(open(ev).read())["per_episode"] == [
+        {"success": True, "return": 1.0, "length": 3}
+    ]
+    online.main(
+        _online_args(
+            root,
+            tmp_path / "run",
+            "--env_steps",
+            "3",
+            "--utd",
+            "1",
+            "--eval_every",
+            "0",
+            "--classifier",
+            str(clf),
+        )
+    )
     with np.load(tmp_path / "run" / "episodes" / "episode_000000.npz") as z:
         assert z["rewards"].tolist() == [0.0, 1.0, 0.0]
     # Bridge-format input: one group per trajectory, the last N frames of each with --pos_last N
-    data.write_bridge_file(str(tmp_path / "bridge" / "t" / "train" / "out.npy"),
-                           [data.synthetic_trajectory(5, 32, rng) for _ in range(3)])
+    data.write_bridge_file(
+        str(tmp_path / "bridge" / "t" / "train" / "out.npy"),
+        [data.synthetic_trajectory(5, 32, rng) for _ in range(3)],
+    )
     images, groups = online.read_images(str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None)
     assert images.shape == (6, 32, 32, 3) and groups.tolist() == [0, 0, 1, 1, 2, 2]
 
@@ -2109,4 +3094,7 @@ def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
     frames = [None] * 5  # 4 transitions
     assert ask(frames).tolist() == [0, 0, 0, 1] and ask(frames).tolist() == [0, 0, 0, 0]
     assert ask(frames).sum() == 0
-    assert online.make_labeler(types.SimpleNamespace(classifier=None, env="binsort", device="cpu")) is None
+    assert (
+        online.make_labeler(types.SimpleNamespace(classifier=None, env="binsort", device="cpu"))
+        is None
+    )

@@ -11,6 +11,7 @@ written atomically every --save_every steps; --resume continues from the newest 
 result as an uninterrupted run (step, optimizers, sampler and torch RNG state). finetune.py and online.py
 reuse this file's checkpoint and loop helpers, so a run of any phase looks the same on disk.
 """
+
 import argparse
 import csv
 import glob
@@ -31,7 +32,9 @@ from data import BridgeFormatError, MixedSampler, Sampler, augment, load_store, 
 CKPT_FORMAT = 1
 CKPT_PATTERN = "ckpt_{:08d}.pt"
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
-RESERVED_TASK = "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
+RESERVED_TASK = (
+    "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
+)
 # Options that fix the network's shapes: a checkpoint only loads into a run that agrees on all of them.
 
 
@@ -44,6 +47,7 @@ def is_reserved(task_name):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def atomic_torch_save(obj, path):
     """Write next to the target and rename, so a crash or Ctrl-C never leaves a truncated checkpoint."""
@@ -76,10 +80,16 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a cut-off zip archive
-        raise CheckpointError(f"{path}: cannot be read, the file is truncated or not a PTR checkpoint ({e})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read, the file is truncated or not a PTR checkpoint ({e})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path}: not a PTR checkpoint (expected a dict with format={CKPT_FORMAT})")
-    missing = [k for k in ("step", "agent", "task_names", "action_low", "action_high") if k not in ckpt]
+        raise CheckpointError(
+            f"{path}: not a PTR checkpoint (expected a dict with format={CKPT_FORMAT})"
+        )
+    missing = [
+        k for k in ("step", "agent", "task_names", "action_low", "action_high") if k not in ckpt
+    ]
     if missing or not isinstance(ckpt["agent"], dict) or "config" not in ckpt["agent"]:
         raise CheckpointError(f"{path}: checkpoint misses the fields {missing or ['agent.config']}")
     return ckpt
@@ -95,15 +105,19 @@ def check_compatible(ckpt, path, expected):
     cfg = ckpt_config(ckpt)
     for key, want in expected.items():
         if want is not None and key in cfg and cfg[key] != want:
-            raise CheckpointError(f"{path}: checkpoint has {key}={cfg[key]!r} but this run uses {key}={want!r}; "
-                                  f"start a new --out folder or pass the checkpoint's {key}")
+            raise CheckpointError(
+                f"{path}: checkpoint has {key}={cfg[key]!r} but this run uses {key}={want!r}; "
+                f"start a new --out folder or pass the checkpoint's {key}"
+            )
 
 
 def agent_from_checkpoint(ckpt, device, path="checkpoint"):
     try:
         return Agent.from_state_dict(ckpt["agent"], device)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the network its config describes ({e})") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the network its config describes ({e})"
+        ) from None
 
 
 def capture_rng():
@@ -121,6 +135,7 @@ def restore_rng(state):
 
 # ----------------------------------------------------------------------------- batches and stores
 
+
 def prepare_batch(batch, device):
     """Move a CPU batch to the device and augment both images (random crop + color jitter, Appendix B)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -131,17 +146,32 @@ def prepare_batch(batch, device):
 
 def open_store(src, args, store_dir=None, prior=True):
     """Build (first time) and open a store; --include/--exclude/--aliases select the prior data only."""
-    store = load_store(src, store=store_dir, image_size=args.image_size, camera=args.camera,
-                       include=args.include if prior else (), exclude=args.exclude if prior else (),
-                       aliases=args.aliases if prior else None, skip_bad=args.skip_bad)
+    store = load_store(
+        src,
+        store=store_dir,
+        image_size=args.image_size,
+        camera=args.camera,
+        include=args.include if prior else (),
+        exclude=args.exclude if prior else (),
+        aliases=args.aliases if prior else None,
+        skip_bad=args.skip_bad,
+    )
     h, w = store.image_size
     if h != w:
-        raise SystemExit(f"{src}: images are {h}x{w}; the encoders expect square images (pass --image_size)")
-    if args.image_size is not None and h != args.image_size:  # a store passed as --data is opened as it is
-        raise SystemExit(f"{src}: a store of {h}x{w} images, but {args.image_size}x{args.image_size} are needed "
-                         f"(convert the source again with --image_size {args.image_size})")
+        raise SystemExit(
+            f"{src}: images are {h}x{w}; the encoders expect square images (pass --image_size)"
+        )
+    if (
+        args.image_size is not None and h != args.image_size
+    ):  # a store passed as --data is opened as it is
+        raise SystemExit(
+            f"{src}: a store of {h}x{w} images, but {args.image_size}x{args.image_size} are needed "
+            f"(convert the source again with --image_size {args.image_size})"
+        )
     if store.num_transitions("train") == 0:
-        raise SystemExit(f"{src}: no training trajectories found (is it a Bridge-format tree of out.npy files?)")
+        raise SystemExit(
+            f"{src}: no training trajectories found (is it a Bridge-format tree of out.npy files?)"
+        )
     return store
 
 
@@ -150,13 +180,16 @@ def store_task_ids(store, task_names, src):
     ids = []
     for name in store.task_names:
         if name not in task_names:
-            raise SystemExit(f"{src}: task {name!r} is not among the checkpoint's {len(task_names)} tasks "
-                             f"(use the same --include/--exclude/--aliases as in pre-training)")
+            raise SystemExit(
+                f"{src}: task {name!r} is not among the checkpoint's {len(task_names)} tasks "
+                f"(use the same --include/--exclude/--aliases as in pre-training)"
+            )
         ids.append(task_names.index(name))
     return np.asarray(ids, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- the run folder
+
 
 class RunLog:
     """progress.csv + one stdout line every --log_every steps (+ TensorBoard when asked). Rank 0 only."""
@@ -185,7 +218,9 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise SystemExit(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
             self.tb = SummaryWriter(out)
 
     def log(self, step, info):
@@ -218,17 +253,23 @@ def _hms(seconds):
 def write_config(out, args, extra):
     config = {k: v for k, v in vars(args).items()}
     config.update(extra)
-    atomic_write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n", os.path.join(out, "config.json"))
+    atomic_write_text(
+        json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
+        os.path.join(out, "config.json"),
+    )
 
 
 def prepare_out_dir(out, resume):
     """A fresh run refuses a folder that already holds checkpoints, so nothing is overwritten by accident."""
     if list_checkpoints(out) and not resume:
-        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, or another --out")
+        raise SystemExit(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or another --out"
+        )
     os.makedirs(out, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- distributed
+
 
 def init_distributed(device):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python train.py` runs as rank 0 of 1."""
@@ -252,7 +293,9 @@ def assert_ranks_in_sync(agent):
     if not _distributed():
         return
     total = sum(p.detach().double().sum() for net in agent.nets.values() for p in net.parameters())
-    sums = torch.tensor([float(total)], dtype=torch.float64, device=agent.device)  # nccl reduces CUDA tensors only
+    sums = torch.tensor(
+        [float(total)], dtype=torch.float64, device=agent.device
+    )  # nccl reduces CUDA tensors only
     gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums)
     values = [float(g) for g in gathered]
@@ -262,14 +305,17 @@ def assert_ranks_in_sync(agent):
 
 # ----------------------------------------------------------------------------- the loop
 
+
 def check_finite(info, step):
     """One device sync per step (a single stacked check); the loop over names runs only after a failure."""
     if bool(torch.isfinite(torch.stack([v.float() for v in info.values()])).all()):
         return
     for name, value in info.items():
         if not math.isfinite(float(value)):
-            raise FloatingPointError(f"{name} became {float(value)} at step {step}; the run stops here and the "
-                                     f"last good checkpoint stays (lower the learning rates or alpha)")
+            raise FloatingPointError(
+                f"{name} became {float(value)} at step {step}; the run stops here and the "
+                f"last good checkpoint stays (lower the learning rates or alpha)"
+            )
 
 
 def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0):
@@ -283,14 +329,25 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
     def save(step, all_ranks=True):
         # every rank's random streams, so that a torchrun resume stays exact and data-parallel; gathering is a
         # collective, skipped on Ctrl-C (one rank may be interrupted alone)
-        mine = {"sampler": sampler.state_dict(), "rng": capture_rng(), "generator": agent.generator.get_state()}
+        mine = {
+            "sampler": sampler.state_dict(),
+            "rng": capture_rng(),
+            "generator": agent.generator.get_state(),
+        }
         states = [mine]
         if all_ranks and _distributed():
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, mine)
         if rank == 0:
-            ckpt = dict(payload, format=CKPT_FORMAT, step=step, agent=agent.state_dict(), sampler=mine["sampler"],
-                        rng=mine["rng"], rank_states=states)
+            ckpt = dict(
+                payload,
+                format=CKPT_FORMAT,
+                step=step,
+                agent=agent.state_dict(),
+                sampler=mine["sampler"],
+                rng=mine["rng"],
+                rank_states=states,
+            )
             atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(step)))
             if on_save is not None:
                 on_save(step)
@@ -308,10 +365,12 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
                 save(step)
     except KeyboardInterrupt:
         # the update of `step` finished, so this checkpoint is a consistent point to resume from
-        if step > start_step and not os.path.exists(os.path.join(args.out, CKPT_PATTERN.format(step))):
+        if step > start_step and not os.path.exists(
+            os.path.join(args.out, CKPT_PATTERN.format(step))
+        ):
             save(step, all_ranks=False)
         print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     assert_ranks_in_sync(agent)
     return step
 
@@ -346,6 +405,7 @@ def restore_run(ckpt, agent, sampler, rank=0):
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def add_run_args(p, steps, save_every):
     """Options of every training phase (pre-training, offline and online fine-tuning)."""
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
@@ -355,51 +415,104 @@ def add_run_args(p, steps, save_every):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save_every", type=int, default=save_every)
     p.add_argument("--log_every", type=int, default=100)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)"
+    )
 
 
 def add_data_args(p):
-    p.add_argument("--image_size", type=int, default=None, help="resize images (default: the data's size, 128)")
+    p.add_argument(
+        "--image_size", type=int, default=None, help="resize images (default: the data's size, 128)"
+    )
     p.add_argument("--camera", default="images0", help="images0 | images1 | images2 | all")
-    p.add_argument("--include", nargs="*", default=(), help="keep only paths containing one of these words")
-    p.add_argument("--exclude", nargs="*", default=(), help="drop paths containing one of these words")
+    p.add_argument(
+        "--include", nargs="*", default=(), help="keep only paths containing one of these words"
+    )
+    p.add_argument(
+        "--exclude", nargs="*", default=(), help="drop paths containing one of these words"
+    )
     p.add_argument("--aliases", default=None, help="JSON file mapping task names to merged names")
-    p.add_argument("--skip_bad", action="store_true", help="skip malformed trajectories instead of stopping")
+    p.add_argument(
+        "--skip_bad", action="store_true", help="skip malformed trajectories instead of stopping"
+    )
 
 
 def add_agent_args(p):
     """The learner's options; the defaults are AgentConfig's, i.e. the paper's (Table X)."""
     d = AgentConfig()
     p.add_argument("--algo", default=d.algo, choices=["cql", "bc", "awbc"])
-    p.add_argument("--arch", default=d.arch, choices=["resnet18", "resnet34", "resnet50", "impala", "small"])
+    p.add_argument(
+        "--arch", default=d.arch, choices=["resnet18", "resnet34", "resnet50", "impala", "small"]
+    )
     p.add_argument("--head", default=d.head, choices=["spatial", "avgpool", "softmax"])
     p.add_argument("--norm", default=d.norm, choices=["group", "batch"])
     p.add_argument("--alpha", type=float, default=d.alpha, help="CQL alpha (paper: 10 real, 1 sim)")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="discount (paper: 0.96 real, 0.98 sim)")
-    p.add_argument("--calql", action="store_true", help="clip the CQL push-down at the MC return (Cal-QL)")
-    p.add_argument("--action_input_only", action="store_true", help="ablation: action at the first Q layer only")
+    p.add_argument(
+        "--gamma", type=float, default=d.gamma, help="discount (paper: 0.96 real, 0.98 sim)"
+    )
+    p.add_argument(
+        "--calql", action="store_true", help="clip the CQL push-down at the MC return (Cal-QL)"
+    )
+    p.add_argument(
+        "--action_input_only",
+        action="store_true",
+        help="ablation: action at the first Q layer only",
+    )
 
 
 def agent_config(args, num_tasks, image_size):
-    return AgentConfig(num_tasks=num_tasks, arch=args.arch, head=args.head, norm=args.norm, image_size=image_size,
-                       algo=args.algo, alpha=args.alpha, gamma=args.gamma, calql=args.calql,
-                       action_every_layer=not args.action_input_only, seed=args.seed)
+    return AgentConfig(
+        num_tasks=num_tasks,
+        arch=args.arch,
+        head=args.head,
+        norm=args.norm,
+        image_size=image_size,
+        algo=args.algo,
+        alpha=args.alpha,
+        gamma=args.gamma,
+        calql=args.calql,
+        action_every_layer=not args.action_input_only,
+        seed=args.seed,
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="Bridge-format tree, task folder, out.npy or built store")
-    p.add_argument("--store", default=None, help="where to build the store (default: inside --data)")
-    p.add_argument("--target", default=None, help="joint training: also sample this target task data")
-    p.add_argument("--mix", type=float, default=MIX_TAU, help="tau: fraction of each batch from --data with --target")
-    p.add_argument("--target_task", default="new", help="'new' one-hot slot, or an existing task name to re-target")
-    p.add_argument("--extra_tasks", type=int, default=0, help="one-hot slots reserved for future target tasks")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", required=True, help="Bridge-format tree, task folder, out.npy or built store"
+    )
+    p.add_argument(
+        "--store", default=None, help="where to build the store (default: inside --data)"
+    )
+    p.add_argument(
+        "--target", default=None, help="joint training: also sample this target task data"
+    )
+    p.add_argument(
+        "--mix",
+        type=float,
+        default=MIX_TAU,
+        help="tau: fraction of each batch from --data with --target",
+    )
+    p.add_argument(
+        "--target_task",
+        default="new",
+        help="'new' one-hot slot, or an existing task name to re-target",
+    )
+    p.add_argument(
+        "--extra_tasks", type=int, default=0, help="one-hot slots reserved for future target tasks"
+    )
     add_run_args(p, steps=500_000, save_every=20_000)
     add_data_args(p)
     add_agent_args(p)
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join("runs", f"{args.algo}_{args.arch}_{os.path.basename(os.path.normpath(args.data))}")
+    args.out = args.out or os.path.join(
+        "runs", f"{args.algo}_{args.arch}_{os.path.basename(os.path.normpath(args.data))}"
+    )
 
     rank, world, device = init_distributed(args.device)
     if rank == 0:
@@ -412,30 +525,60 @@ def main(argv=None):
     if args.target:
         target = open_store(args.target, args, prior=False)
         ids, _ = target_task_ids(prior.task_names, target.task_names, args.target_task)
-        if args.target_task == "new":  # fresh slots right after the prior tasks, before any reserved ones
-            task_names[len(prior.task_names):len(prior.task_names)] = target.task_names
-        t_sampler = Sampler(target, "train", gamma=args.gamma, task_ids=ids, action_low=prior.action_low,
-                            action_high=prior.action_high, seed=args.seed + 7919 + rank)
+        if (
+            args.target_task == "new"
+        ):  # fresh slots right after the prior tasks, before any reserved ones
+            task_names[len(prior.task_names) : len(prior.task_names)] = target.task_names
+        t_sampler = Sampler(
+            target,
+            "train",
+            gamma=args.gamma,
+            task_ids=ids,
+            action_low=prior.action_low,
+            action_high=prior.action_high,
+            seed=args.seed + 7919 + rank,
+        )
         sampler = MixedSampler([sampler, t_sampler], [args.mix, 1.0 - args.mix])
 
     if world > 1 and rank == 0:
         dist.barrier()
-    torch.backends.cudnn.benchmark = True  # fixed image and batch sizes: let cuDNN pick the fastest convs once
+    torch.backends.cudnn.benchmark = (
+        True  # fixed image and batch sizes: let cuDNN pick the fastest convs once
+    )
     cfg = agent_config(args, len(task_names), prior.image_size[0])
     agent = Agent(cfg, device=device)  # initialised from cfg.seed: the same weights on every rank
     torch.manual_seed(args.seed + rank)  # augmentation differs per rank
-    payload = {"kind": "pretrain", "task_names": task_names,
-               "action_low": [float(x) for x in prior.action_low], "action_high": [float(x) for x in prior.action_high],
-               "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    payload = {
+        "kind": "pretrain",
+        "task_names": task_names,
+        "action_low": [float(x) for x in prior.action_low],
+        "action_high": [float(x) for x in prior.action_high],
+        "args": {
+            k: v
+            for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool, type(None)))
+        },
+    }
     start = 0
     ckpt = resume_state(args, {k: getattr(cfg, k) for k in STRUCTURE})
     if ckpt is not None:
         start = restore_run(ckpt, agent, sampler, rank)
     if rank == 0:
-        write_config(args.out, args, {"num_tasks": len(task_names), "world_size": world, "image_size": cfg.image_size,
-                                      "store": prior.path, "task_names": task_names})
-        print(f"{len(prior.task_names)} tasks, {prior.num_transitions('train')} transitions, {world} process(es), "
-              f"{cfg.arch} at {cfg.image_size}px on {device}")
+        write_config(
+            args.out,
+            args,
+            {
+                "num_tasks": len(task_names),
+                "world_size": world,
+                "image_size": cfg.image_size,
+                "store": prior.path,
+                "task_names": task_names,
+            },
+        )
+        print(
+            f"{len(prior.task_names)} tasks, {prior.num_transitions('train')} transitions, {world} process(es), "
+            f"{cfg.arch} at {cfg.image_size}px on {device}"
+        )
     try:
         train_loop(agent, sampler, args, payload, start_step=start, rank=rank)
         if world > 1:

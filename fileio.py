@@ -1,0 +1,97 @@
+"""fileio.py: how PTR-torch writes files, written once for every script (a leaf: imports nothing from the
+project, so robot.py and sim_binsort.py may use it as well as data.py and train.py; SPEC section 2).
+
+- atomic_write(path, write): the file appears whole or not at all. It is written to `<path>.tmp-<pid>` in
+  the same folder and renamed over `path`; on any failure (disk full, Ctrl-C, SIGTERM) the temporary file is
+  removed. sweep_stale_tmp(folder) removes the temporaries that killed processes (kill -9) left behind.
+- The Bridge numpy format (SPEC section 5): bridge_trajectory() builds one trajectory dict from T + 1
+  observations, write_bridge_file() stores a list of them as the release does (np.save of an object array).
+  Every producer of data (sim collection, robot recording, synthetic test trees) goes through these two.
+"""
+
+import glob
+import os
+
+import numpy as np
+
+TMP_SUFFIX = ".tmp-"  # <path>.tmp-<pid>: the pid says whether the writer is still alive
+
+
+def tmp_path(path):
+    return f"{path}{TMP_SUFFIX}{os.getpid()}"
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(f) fills an open temporary file; then it replaces `path` in one rename. Returns path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(text, path):
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def pid_alive(pid):
+    """True while a process with this pid exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_tmp(folder, pattern="*"):
+    """Remove `<name>.tmp-<pid>` files in folder whose writer is dead; returns the removed paths."""
+    removed = []
+    for tmp in glob.glob(os.path.join(folder, pattern + TMP_SUFFIX + "*")):
+        pid = tmp.rsplit(TMP_SUFFIX, 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            try:
+                os.unlink(tmp)
+                removed.append(tmp)
+            except FileNotFoundError:  # another sweeper was quicker
+                pass
+    return removed
+
+
+def bridge_trajectory(observations, actions, rewards=None, camera="images0"):
+    """One Bridge trajectory dict from T + 1 observations {"image", "state"} and T actions.
+    next_observations[t] IS observations[t + 1], so pickle stores each image once."""
+    actions = np.asarray(actions, dtype=np.float32)
+    if len(observations) != len(actions) + 1:
+        raise ValueError(
+            f"fileio.py: a trajectory of {len(actions)} actions needs {len(actions) + 1} observations, "
+            f"got {len(observations)}"
+        )
+    steps = [
+        {camera: o["image"], "state": np.asarray(o["state"], np.float32)} for o in observations
+    ]
+    traj = {
+        "observations": steps[:-1],
+        "next_observations": steps[1:],
+        "actions": actions,
+        "terminals": np.zeros(len(actions), np.float32),
+    }
+    if rewards is not None:
+        traj["rewards"] = np.asarray(rewards, dtype=np.float32)
+    return traj
+
+
+def write_bridge_file(path, trajectories):
+    """np.save of an object array of trajectory dicts (the Bridge release's out.npy), atomically."""
+    arr = np.empty(len(trajectories), dtype=object)
+    arr[:] = list(trajectories)
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=True))
+    return path
