@@ -264,25 +264,37 @@ class QNetwork(nn.Module):
 
     def heads(self, z, action, task_onehot, detach_params=False):
         """Q values of every head. action (B, A) -> (B, num_qs); action (B, N, A) -> (B, N, num_qs), N actions
-        per state sharing that state's embedding. detach_params: no gradient into the heads (actor loss)."""
+        per state sharing that state's embedding. detach_params: no gradient into the heads (actor loss).
+
+        Every layer's input is [task one-hot or hidden, action, embedding]. The task and embedding parts are
+        the same for the N actions of a state, so their product with the weights is computed once per state
+        and broadcast over the N actions: the same function as one matmul on the concatenated input, at
+        about half the multiply-adds for the 1 + 2N actions of a CQL update."""
         single = action.dim() == 2
         a = action[:, None] if single else action
-        b, n, _ = a.shape
-        assert z.shape == (b, self.encoder.embed_dim), (
-            f"embedding {tuple(z.shape)} vs action {tuple(action.shape)}"
-        )
+        b, n, num_a = a.shape
+        d = self.encoder.embed_dim
+        assert z.shape == (b, d), f"embedding {tuple(z.shape)} vs action {tuple(action.shape)}"
         assert task_onehot.shape == (b, self.num_tasks), (
             f"task one-hot {tuple(task_onehot.shape)}, expected ({b}, {self.num_tasks})"
         )
-        z = z.to(a.dtype)[:, None].expand(b, n, -1)
-        side = torch.cat([a, z], -1).reshape(1, b * n, -1).expand(self.num_qs, -1, -1)
-        z_only = side[..., self.action_dim :]
-        task = task_onehot.to(a.dtype)[:, None].expand(b, n, -1).reshape(1, b * n, -1)
-        x = torch.cat([task.expand(self.num_qs, -1, -1), side], -1)
+        a = a.reshape(1, b * n, num_a)
+        z = z.to(a.dtype)[None]  # (1, B, D): matmul broadcasts it over the heads
+        x = task_onehot.to(a.dtype)[None]  # layer 0's first input part is per state too
         for i, layer in enumerate(self.layers):
-            x = layer(x, detach_params)
-            if i + 1 < len(self.layers):
-                x = torch.cat([F.relu(x), side if self.action_every_layer else z_only], -1)
+            w = layer.weight.detach() if detach_params else layer.weight  # (num_qs, in, out)
+            bias = layer.bias.detach() if detach_params else layer.bias  # (num_qs, 1, out)
+            width = x.shape[-1]  # rows of w for the first part: task one-hot (layer 0) or hidden
+            per_state = torch.matmul(z, w[:, -d:]) + bias  # (num_qs, B, out)
+            if i == 0:
+                per_state = per_state + torch.matmul(x, w[:, :width])
+                per_pair = torch.matmul(a, w[:, width : width + num_a])
+            else:
+                per_pair = torch.matmul(F.relu(x), w[:, :width])
+                if self.action_every_layer:
+                    per_pair = per_pair + torch.matmul(a, w[:, width : width + num_a])
+            out = per_pair.shape[-1]
+            x = (per_pair.view(-1, b, n, out) + per_state[:, :, None]).view(-1, b * n, out)
         q = x.squeeze(-1).T.reshape(b, n, self.num_qs)
         return q[:, 0] if single else q
 

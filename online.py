@@ -39,7 +39,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cql
-from data import MixedSampler, ReplayBuffer, Sampler, augment, load_store, unscale_actions
+from data import (
+    MixedSampler,
+    ReplayBuffer,
+    Sampler,
+    augment,
+    load_store,
+    rescale_actions,
+    unscale_actions,
+)
 from finetune import assign_target_slots, open_run, task_samplers
 from train import (
     CKPT_FORMAT,
@@ -65,6 +73,10 @@ ACTION_CLIP = (
     0.99  # the data's actions are clipped there too (SPEC section 3); executed == stored action
 )
 WILSON_Z = 1.959964  # 95%, two-sided
+GRIPPER = 6  # the gripper's index in the 7-d Bridge action
+GRIPPER_THRESHOLD = (
+    0.5  # absolute gripper command: closed below, open at or above (sim_binsort, robot)
+)
 CLF_FORMAT = 1
 
 
@@ -115,7 +127,9 @@ class Policy:
     """A checkpoint's actor as a controller: (image at the network's size, state) -> (raw action for env.step,
     [-1, 1] action for the buffer); the [-1, 1] action is clipped to +-0.99 like the data's, then unscaled."""
 
-    def __init__(self, agent, action_low, action_high, task, task_name=None):
+    def __init__(
+        self, agent, action_low, action_high, task, task_name=None, binarize_gripper=False
+    ):
         self.agent, self.task, self.task_name, self.size = (
             agent,
             int(task),
@@ -126,6 +140,11 @@ class Policy:
             np.asarray(action_low, np.float32),
             np.asarray(action_high, np.float32),
         )
+        # The Bridge gripper command is absolute, 0 closed .. 1 open, and the demos command 0 or 1; a
+        # regression policy can average the two near a grasp (0.3-0.9 dithering opens the fingers again).
+        # Binarizing at 0.5 executes the nearer of the two, as the Open X-Embodiment Bridge transform does
+        # for the data. Off by default: results/binsort_cpu.md measures both.
+        self.binarize_gripper = binarize_gripper
 
     def __call__(self, image, state, deterministic=True):
         action = self.agent.act(
@@ -135,7 +154,13 @@ class Policy:
             deterministic=deterministic,
         )  # act() moves them
         scaled = np.clip(action[0].float().cpu().numpy(), -ACTION_CLIP, ACTION_CLIP)
-        return unscale_actions(scaled, self.low, self.high), scaled
+        raw = unscale_actions(scaled, self.low, self.high)
+        if self.binarize_gripper:
+            closed = raw[GRIPPER] < GRIPPER_THRESHOLD
+            raw[GRIPPER] = 0.0 if closed else 1.0
+            # the buffer keeps the action executed, rescaled like the data's (clipped at +-0.99)
+            scaled = rescale_actions(raw, self.low, self.high).astype(np.float32)
+        return raw, scaled
 
 
 def run_episode(
@@ -146,6 +171,7 @@ def run_episode(
     frames: the env's own images (for videos and the classifier)."""
     obs, success, done = env.reset(seed=seed), False, False
     images, states, actions, rewards, frames = [], [], [], [], []
+    stages = {}  # stage name -> reached at some step (envs that report info["stages"])
     while True:
         (
             images.append(resize_image(obs["image"], policy.size)),
@@ -160,6 +186,8 @@ def run_episode(
         obs, reward, terminated, truncated, info = env.step(raw)
         actions.append(scaled), rewards.append(float(reward))
         success = success or bool(info.get("success", False))
+        for stage, holds in info.get("stages", {}).items():
+            stages[stage] = stages.get(stage, False) or bool(holds)
         done = terminated or truncated or (max_steps and len(actions) >= max_steps)
     rewards = labeler(frames) if labeler else (np.asarray(rewards) > 0).astype(np.float32)
     return {
@@ -170,6 +198,7 @@ def run_episode(
         "success": bool(rewards.any()) if labeler else success,
         "return": float(rewards.sum()),
         "length": len(actions),
+        "stages": stages,
         "frames": frames,
     }
 
@@ -190,6 +219,13 @@ def summarize(episodes):
     k, n = sum(e["success"] for e in episodes), len(episodes)
     mean = lambda key: float(np.mean([e[key] for e in episodes])) if n else float("nan")  # noqa: E731
     lo, hi = wilson_interval(k, n)
+    text = f"success {k}/{n} = {100 * k / max(n, 1):.1f}% (95% CI, Wilson: {100 * lo:.1f}% .. {100 * hi:.1f}%)"
+    stages = {}
+    for stage in episodes[0].get("stages", {}) if n else ():
+        reached = sum(e["stages"][stage] for e in episodes)
+        stage_lo, stage_hi = wilson_interval(reached, n)
+        stages[stage] = {"count": reached, "rate": reached / n, "lo": stage_lo, "hi": stage_hi}
+        text += f"; {stage} {reached}/{n}"
     return {
         "success": k / max(n, 1),
         "success_lo": lo,
@@ -198,7 +234,8 @@ def summarize(episodes):
         "episodes": n,
         "return": mean("return"),
         "length": mean("length"),
-        "text": f"success {k}/{n} = {100 * k / max(n, 1):.1f}% (95% CI, Wilson: {100 * lo:.1f}% .. {100 * hi:.1f}%)",
+        "stages": stages,
+        "text": text,
     }
 
 
@@ -252,11 +289,13 @@ def evaluate(
         if video:
             name = f"episode_{i:03d}_{'success' if ep['success'] else 'fail'}.{video[1]}"
             save_video(ep["frames"], os.path.join(video[0], name), video[1])
+        reached = [stage for stage, holds in ep["stages"].items() if holds]
         log(
             f"episode {i:3d} seed {seed + i}: return {ep['return']:.2f}, length {ep['length']}, "
             f"{'success' if ep['success'] else 'failure'}"
+            + (f" (reached: {', '.join(reached)})" if reached else "")
         )
-        results.append({k: ep[k] for k in ("success", "return", "length")})
+        results.append({k: ep[k] for k in ("success", "return", "length", "stages")})
     return results
 
 
@@ -294,7 +333,7 @@ def make_resetter(args, env):
     return lambda: input("reset the scene, then press Enter ")
 
 
-def load_policy(path, device, task=None):
+def load_policy(path, device, task=None, binarize_gripper=False):
     """The actor of any PTR checkpoint; task by name or index, default the fine-tuned (or online) target."""
     ckpt = load_checkpoint(path)
     agent, names = agent_from_checkpoint(ckpt, device, path), ckpt["task_names"]
@@ -308,7 +347,9 @@ def load_policy(path, device, task=None):
         )
     name = names[int(task)] if int(task) < len(names) else None
     print(f"{path}: {agent.cfg.arch} at {agent.cfg.image_size}px, task {task} ({name})")
-    return Policy(agent, ckpt["action_low"], ckpt["action_high"], int(task), name)
+    low = ckpt["action_low"]
+    high = ckpt["action_high"]
+    return Policy(agent, low, high, int(task), name, binarize_gripper)
 
 
 # ----------------------------------------------------------------------------- the success classifier
@@ -686,7 +727,7 @@ def cmd_finetune(args):
     offline = MixedSampler([prior_s, target_s], [offline_prior, 1 - offline_prior])
     mixed = MixedSampler([prior_s, target_s, buffer], [args.mix_prior, args.mix_target, mix_online])
     task = target_ids[0]  # the environment runs the (first) target task
-    policy = Policy(agent, low, high, task, names[task])
+    policy = Policy(agent, low, high, task, names[task], args.binarize_gripper)
     torch.manual_seed(args.seed)
     loop = {
         "env_steps": 0,
@@ -764,7 +805,7 @@ def cmd_finetune(args):
 
 
 def cmd_eval(args):
-    policy = load_policy(args.ckpt, args.device, args.task)
+    policy = load_policy(args.ckpt, args.device, args.task, args.binarize_gripper)
     size = args.env_image_size or policy.size
     env = make_env(args.env, size, policy.task_name, args.max_steps, args.port, args.backend)
     try:
@@ -842,6 +883,11 @@ def add_env_args(p):
         help="rewards from this success classifier (online.py classifier)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--binarize_gripper",
+        action="store_true",
+        help="execute the gripper command as 0 or 1 (threshold 0.5), as the demos command it",
+    )
 
 
 def main(argv=None):

@@ -676,6 +676,44 @@ def test_core_qnetwork_shapes_and_detached_heads():
         q.heads(z, a, torch.eye(4))
 
 
+def _core_heads_concatenated(q, z, action, task_onehot):
+    """Figure 2 written literally: each layer one matmul on the concatenated [task or hidden, action,
+    embedding] of every (state, action) pair. The reference for QNetwork.heads, which computes the per-state
+    parts once."""
+    b, n, _ = action.shape
+    embedding = z[:, None].expand(b, n, -1)
+    side = torch.cat([action, embedding], -1).reshape(1, b * n, -1).expand(q.num_qs, -1, -1)
+    task = task_onehot[:, None].expand(b, n, -1).reshape(1, b * n, -1).expand(q.num_qs, -1, -1)
+    x = torch.cat([task, side], -1)
+    for i, layer in enumerate(q.layers):
+        x = torch.baddbmm(layer.bias, x, layer.weight)
+        if i + 1 < len(q.layers):
+            fed = side if q.action_every_layer else side[..., q.action_dim :]
+            x = torch.cat([torch.relu(x), fed], -1)
+    return x.squeeze(-1).T.reshape(b, n, q.num_qs)
+
+
+@pytest.mark.parametrize("every_layer", [True, False])
+def test_core_factored_heads_equal_the_concatenated_form(every_layer):
+    """The per-state factoring of the Q heads (issue 10, part 5) is the same function with the same
+    gradients, to 1e-5, for the 1 + 2N actions of a CQL update."""
+    q = _core_qnet(every_layer)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 16, generator=g, requires_grad=True)
+    a = (torch.rand(6, 9, 7, generator=g) * 2 - 1).requires_grad_(True)
+    t = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    ours = q.heads(z, a, t)
+    ref = _core_heads_concatenated(q, z, a, t)
+    assert ours.shape == ref.shape == (6, 9, 2)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(ref.shape, generator=g)  # a loss that weights every output differently
+    params = [z, a, *q.layers.parameters()]
+    g_ours = torch.autograd.grad((ours * weights).sum(), params)
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    for mine, theirs in zip(g_ours, g_ref):
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
 def test_core_tanh_gaussian_log_prob():
     g = torch.Generator().manual_seed(0)
     mean, log_std = torch.randn(64, 7, generator=g) * 0.5, torch.rand(64, 7, generator=g) - 1.0
@@ -1748,6 +1786,99 @@ def test_sim_collect_writes_bridge_format(tmp_path):
     assert np.all(
         np.abs(raw - trajs[0]["actions"]) <= 0.005 * (store.action_high - store.action_low) + 1e-6
     )
+
+
+# ---- the loop between the data and the environment (issue 10, part 1) ----------------------------
+def test_sim_recorded_actions_replayed_open_loop_reproduce_the_success():
+    """The scripted demos' recorded actions, executed open loop from the same reset seed, give the same
+    episode again: the data's actions ARE what was executed (at the size training uses)."""
+    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
+    for seed in range(3):
+        observations, actions, _, ok = sb.run_episode(env, "pick_cube_to_left", seed)
+        assert ok
+        replayed, info = sb.replay_actions(env, "pick_cube_to_left", seed, actions)
+        assert info["success"] and info["stages"] == {"grasped": False, "placed": True}
+        assert len(replayed) == len(observations)
+        for recorded, again in zip(observations, replayed):
+            assert np.array_equal(recorded["image"], again["image"])
+            assert np.array_equal(recorded["state"], again["state"])
+    env.close()
+
+
+class _SimDemoAgent:
+    """Stands in for a trained actor: act() returns the demo's rescaled actions one after another and keeps
+    the images and states the policy was shown."""
+
+    def __init__(self, scaled_actions, image_size):
+        self.cfg = types.SimpleNamespace(image_size=image_size)
+        self.actions = torch.as_tensor(scaled_actions)
+        self.seen = []
+
+    def act(self, images, state, task, deterministic=True):
+        self.seen.append((images[0].permute(1, 2, 0).numpy().copy(), state[0].numpy().copy()))
+        return self.actions[len(self.seen) - 1][None]
+
+
+@pytest.mark.parametrize("store_size", [64, 32])
+def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tmp_path, store_size):
+    """Collect one demo, convert it (at the env's size, and resized to 32 px), then drive online.py's Policy
+    with the demo's stored [-1, 1] actions: the policy is shown exactly the stored images and states, the
+    actions go rescale -> Policy (clip +-0.99) -> unscale -> env with the gripper on the same side of 0.5 at
+    every step, and the episode succeeds again."""
+    sb.collect("pick_cube_to_left", 1, str(tmp_path), image_size=64, min_val=0, log=None)
+    store = data.load_store(str(tmp_path), image_size=store_size, log=lambda *a: None)
+    sampler = data.Sampler(store, "train", gamma=0.98)
+    demo = sampler.trajectory(0)
+    raw = np.asarray(store.actions[: len(demo["action"])])
+    executed = data.unscale_actions(demo["action"].numpy(), store.action_low, store.action_high)
+    assert np.array_equal(
+        executed[:, 6] < 0.5, raw[:, 6] < 0.5
+    )  # 0 closed .. 1 open, grasp below 0.5
+    assert (
+        np.abs(executed[:, :6] - raw[:, :6]).max()
+        < 0.01 * (store.action_high - store.action_low).max()
+    )
+    agent = _SimDemoAgent(demo["action"].numpy(), store_size)
+    policy = online.Policy(agent, store.action_low, store.action_high, task=0)
+    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
+    seed = sb.env_seed_of(sb.demo_seed(0, "pick_cube_to_left", "train", 0))
+    episode = online.run_episode(env, policy, seed, max_steps=len(raw))
+    env.close()
+    assert episode["success"]
+    stored_images = demo["obs"].permute(0, 2, 3, 1).numpy()
+    stored_states = demo["state"].numpy()
+    image, state = agent.seen[
+        0
+    ]  # after the reset: the same simulator state as the stored first frame
+    assert np.array_equal(image, stored_images[0]) and np.array_equal(state, stored_states[0])
+    # later frames follow actions clipped at +-0.99 of the range: the same scene within a few pixels
+    images = np.stack([img for img, _ in agent.seen])
+    assert np.abs(images.astype(int) - stored_images[: len(images)]).mean() < 2.0
+
+
+def test_sim_stages_on_a_scripted_sort():
+    """info["stages"] of a scripted sort: grasped before either object is in its bin, first_in_bin before
+    both_in_bins, and both_in_bins == success at the end."""
+    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
+    obs = env.reset(seed=3)
+    assert env.info()["stages"] == {"grasped": False, "first_in_bin": False, "both_in_bins": False}
+    policy = sb.ScriptedPolicy(env, 0.0, np.random.default_rng(3))
+    first = {}
+    for t in range(80):
+        obs, reward, _, _, info = env.step(policy(obs))
+        for stage, holds in info["stages"].items():
+            if holds:
+                first.setdefault(stage, t)
+        if reward:
+            break
+    assert info["success"] and info["stages"]["both_in_bins"]
+    assert first["grasped"] < first["first_in_bin"] < first["both_in_bins"]
+    assert sb.task_stages("pick", {"cube": "left"}, {"cube": "left", "duck": None}, None) == {
+        "grasped": False,
+        "placed": True,
+    }
+    assert sb.task_stages("pick", {"cube": "left"}, {"cube": None}, "cube")["grasped"]
+    env.close()
 
 
 # ====================================================================================================
@@ -3059,7 +3190,7 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
         ]
     )
     assert json.loads(open(ev).read())["per_episode"] == [
-        {"success": True, "return": 1.0, "length": 3}
+        {"success": True, "return": 1.0, "length": 3, "stages": {}}
     ]
     online.main(
         _online_args(
@@ -3098,3 +3229,57 @@ def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
         online.make_labeler(types.SimpleNamespace(classifier=None, env="binsort", device="cpu"))
         is None
     )
+
+
+# ---- stages and the gripper command (issue 10, parts 1 and 2) ---------------------------------------
+class _OnlineStagedEnv:
+    """Three steps; "grasped" holds at step 1 of every episode, "placed" only at step 2 of odd seeds."""
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.seed = seed
+        return {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
+
+    def step(self, action):
+        self.t += 1
+        placed = self.t == 2 and self.seed % 2 == 1
+        info = {"success": placed, "stages": {"grasped": self.t == 1, "placed": placed}}
+        obs = {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
+        return obs, float(placed), placed, self.t >= 3, info
+
+
+def test_online_eval_reports_stages_with_wilson_intervals():
+    agent = _SimDemoAgent(np.zeros((3, 7), np.float32), 8)
+    agent.act = lambda *args, **kwargs: torch.zeros(1, 7)
+    policy = online.Policy(agent, -np.ones(7), np.ones(7), task=0)
+    results = online.evaluate(_OnlineStagedEnv(), policy, 4, seed=0, log=lambda *a: None)
+    # a stage counts when it held at any step: grasped always, placed in the 2 odd-seeded episodes
+    assert [r["stages"] for r in results] == [
+        {"grasped": True, "placed": False},
+        {"grasped": True, "placed": True},
+    ] * 2
+    summary = online.summarize(results)
+    lo, hi = online.wilson_interval(2, 4)
+    assert summary["stages"]["placed"] == {"count": 2, "rate": 0.5, "lo": lo, "hi": hi}
+    assert summary["stages"]["grasped"]["count"] == 4
+    assert summary["successes"] == 2 and "placed 2/4" in summary["text"]
+
+
+def test_online_binarized_gripper_executes_zero_or_one():
+    """A regression policy's 0.38 near a grasp is executed as closed (0) with --binarize_gripper, 0.62 as
+    open (1); the buffer gets the executed action rescaled like the data's; the arm dimensions are kept."""
+    low = np.array([-0.05] * 3 + [-0.25] * 3 + [0.0], np.float32)
+    high = np.array([0.05] * 3 + [0.25] * 3 + [1.0], np.float32)
+    for gripper, executed in ((0.38, 0.0), (0.62, 1.0)):
+        action = data.rescale_actions(
+            np.array([0.01, 0, 0, 0, 0, 0, gripper], np.float32), low, high
+        )
+        agent = _SimDemoAgent(action[None], 8)
+        plain = online.Policy(agent, low, high, task=0)
+        raw, _ = plain(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))
+        assert raw[6] == pytest.approx(gripper, abs=1e-6)
+        agent.seen.clear()
+        binary = online.Policy(agent, low, high, task=0, binarize_gripper=True)
+        raw, scaled = binary(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))
+        assert raw[6] == executed and raw[0] == pytest.approx(0.01, abs=1e-6)
+        assert scaled[6] == pytest.approx(0.99 if executed else -0.99)
