@@ -298,6 +298,22 @@ class QNetwork(nn.Module):
         q = x.squeeze(-1).T.reshape(b, n, self.num_qs)
         return q[:, 0] if single else q
 
+    def heads_concatenated(self, z, action, task_onehot, detach_params=False):
+        """heads() written as Figure 2 draws it: every layer one matmul on the concatenated [task one-hot or
+        hidden, action, embedding] of each (state, action) pair. The same function as heads(), slower; kept
+        as its reference (test_ptr.py, scripts/bench_qheads.py). action (B, N, A) -> (B, N, num_qs)."""
+        b, n, _ = action.shape
+        embedding = z.to(action.dtype)[:, None].expand(b, n, -1)
+        side = torch.cat([action, embedding], -1).reshape(1, b * n, -1).expand(self.num_qs, -1, -1)
+        task = task_onehot.to(action.dtype)[:, None].expand(b, n, -1).reshape(1, b * n, -1)
+        x = torch.cat([task.expand(self.num_qs, -1, -1), side], -1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, detach_params)
+            if i + 1 < len(self.layers):
+                fed = side if self.action_every_layer else side[..., self.action_dim :]
+                x = torch.cat([F.relu(x), fed], -1)
+        return x.squeeze(-1).T.reshape(b, n, self.num_qs)
+
     def forward(self, images, action, task_onehot):
         return self.heads(self.embed(images), action, task_onehot)
 

@@ -676,23 +676,6 @@ def test_core_qnetwork_shapes_and_detached_heads():
         q.heads(z, a, torch.eye(4))
 
 
-def _core_heads_concatenated(q, z, action, task_onehot):
-    """Figure 2 written literally: each layer one matmul on the concatenated [task or hidden, action,
-    embedding] of every (state, action) pair. The reference for QNetwork.heads, which computes the per-state
-    parts once."""
-    b, n, _ = action.shape
-    embedding = z[:, None].expand(b, n, -1)
-    side = torch.cat([action, embedding], -1).reshape(1, b * n, -1).expand(q.num_qs, -1, -1)
-    task = task_onehot[:, None].expand(b, n, -1).reshape(1, b * n, -1).expand(q.num_qs, -1, -1)
-    x = torch.cat([task, side], -1)
-    for i, layer in enumerate(q.layers):
-        x = torch.baddbmm(layer.bias, x, layer.weight)
-        if i + 1 < len(q.layers):
-            fed = side if q.action_every_layer else side[..., q.action_dim :]
-            x = torch.cat([torch.relu(x), fed], -1)
-    return x.squeeze(-1).T.reshape(b, n, q.num_qs)
-
-
 @pytest.mark.parametrize("every_layer", [True, False])
 def test_core_factored_heads_equal_the_concatenated_form(every_layer):
     """The per-state factoring of the Q heads (issue 10, part 5) is the same function with the same
@@ -703,7 +686,7 @@ def test_core_factored_heads_equal_the_concatenated_form(every_layer):
     a = (torch.rand(6, 9, 7, generator=g) * 2 - 1).requires_grad_(True)
     t = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
     ours = q.heads(z, a, t)
-    ref = _core_heads_concatenated(q, z, a, t)
+    ref = q.heads_concatenated(z, a, t)
     assert ours.shape == ref.shape == (6, 9, 2)
     assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
     weights = torch.randn(ref.shape, generator=g)  # a loss that weights every output differently
