@@ -1,0 +1,406 @@
+"""PTR against its baselines on the simulated bin-sort, at laptop scale (paper Section V-A, Table VII;
+SPEC section 7), as one resumable command:
+
+    python scripts/binsort_experiment.py --out runs/binsort            # the whole protocol, 2 jobs at a time
+    python scripts/binsort_experiment.py --out runs/binsort --table    # only (re)write the results table
+
+It collects the prior data (scripted pick-and-place demos of 10 objects into either bin) and 5 demos of the
+target sort, then trains, each job one thread, --jobs at a time:
+    cql_pre   multi-task CQL pre-training with one reserved one-hot slot        (PTR, phase 1)
+    bc_pre    multi-task BC pre-training                                          (BC finetune, phase 1)
+    ptr       cql_pre fine-tuned offline on the target, tau = 0.9 prior data      (PTR, phase 2)
+    bc_ft     bc_pre fine-tuned on the target, tau = 0.9                          (BC finetune)
+    cog       CQL trained from scratch on prior + target mixed 0.9 / 0.1          (COG / CQL joint)
+    bc_joint  BC trained from scratch on prior + target mixed 0.9 / 0.1           (BC joint)
+    cql_tgt   CQL on the target demos alone                                       (target data only)
+Joint runs get as many gradient steps as pre-training plus fine-tuning, target-only CQL as many as
+fine-tuning. PTR's checkpoint is
+chosen by select_ckpt.py from Q-values on held-out target demos (phase 3); every method's last checkpoint is
+evaluated on the sort, and every saved PTR checkpoint too, so the chosen one can be compared with the best.
+The pre-trained policies are evaluated on held-in pick-place tasks. Evaluations: online.py eval, deterministic
+episodes from fixed seeds, success and stages with Wilson 95% intervals, one JSON each.
+
+Everything lands in --out: data/, one run folder per job, logs/<job>.log, eval/<name>.json, then
+results.md (the table, with the commands) and success_vs_steps.png. Re-running skips what is done and resumes
+what is not (train.py / finetune.py --resume). Progress lines say which job runs and how far it got.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PICK_TASKS = ("pick_cube_to_left", "pick_duck_to_right", "pick_mug_to_left", "pick_ball_to_right")
+METHODS = {  # run folder -> the table's name for it
+    "ptr": "PTR (CQL pre-training + offline fine-tuning)",
+    "bc_ft": "BC finetune",
+    "cog": "COG (CQL joint training)",
+    "bc_joint": "BC joint",
+    "cql_tgt": "CQL on target data only",
+}
+PAPER = {  # Section V-E, the simulated bin-sort, 95% intervals
+    "ptr": "17.41 +- 1.77",
+    "bc_ft": "4.88 +- 4.07",
+    "cog": "8.00 +- 1.00",
+    "bc_joint": "7.00 +- 0.00",
+    "cql_tgt": "-",
+}
+
+
+@dataclass
+class Protocol:
+    """The laptop-scale protocol; results/binsort_cpu.md reports these values."""
+
+    n_prior: int = 800  # pick-and-place demos, split over the 20 (object, bin) tasks
+    n_target: int = 5  # full-sort demos (paper: 5), plus 3 held out for checkpoint selection
+    image_size: int = 64
+    arch: str = "small"
+    batch_size: int = 64
+    alpha: float = 1.0  # the paper's simulation values (SPEC section 3)
+    gamma: float = 0.98
+    mix: float = 0.9  # tau: prior data per fine-tuning / joint batch
+    cql_pre_steps: int = 4000
+    bc_pre_steps: int = 10000
+    ft_steps: int = 1500
+    bc_ft_steps: int = 2000
+    ft_save_every: int = 250  # PTR checkpoints to choose from
+    pick_episodes: int = 25  # per held-in pick-place task
+    sort_episodes: int = 50
+    ckpt_episodes: int = 20  # per saved PTR checkpoint (selection vs best)
+    eval_seed: int = 1000  # evaluation episodes use seeds the data never used
+    extra: list = field(default_factory=list)  # flags passed to every training command
+
+
+@dataclass
+class Job:
+    name: str
+    cmd: list
+    deps: tuple = ()
+    done_file: str = ""  # exists when the job is complete
+
+    def done(self):
+        return bool(self.done_file) and os.path.exists(self.done_file)
+
+
+def python(*args):
+    return [sys.executable, *args]
+
+
+def last_ckpt(run_dir):
+    ckpts = sorted(f for f in os.listdir(run_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+    return os.path.join(run_dir, ckpts[-1]) if ckpts else None
+
+
+def ckpt_path(run_dir, step):
+    return os.path.join(run_dir, f"ckpt_{step:08d}.pt")
+
+
+def build_jobs(p, out):
+    """Every job of the protocol, in the order the scheduler prefers (long runs first)."""
+    d = os.path.join(out, "data")
+    prior = os.path.join(d, "prior")
+    target = os.path.join(d, "target")
+    run = {name: os.path.join(out, name) for name in ["cql_pre", "bc_pre", *METHODS]}
+    common = ["--arch", p.arch, "--batch_size", str(p.batch_size), "--log_every", "250", *p.extra]
+    cql = ["--algo", "cql", "--alpha", str(p.alpha), "--gamma", str(p.gamma)]
+    bc = ["--algo", "bc", "--gamma", str(p.gamma)]
+    joint_cql_steps = p.cql_pre_steps + p.ft_steps
+    joint_bc_steps = p.bc_pre_steps + p.bc_ft_steps
+
+    def train(name, steps, algo, *flags, data=prior, save_every=None):
+        cmd = python("train.py", "--data", data, "--out", run[name], "--steps", str(steps))
+        cmd += ["--save_every", str(save_every or max(steps // 4, 1)), *algo, *common, *flags]
+        return Job(name, cmd + ["--resume"], ("collect",), ckpt_path(run[name], steps))
+
+    def finetune(name, pre, steps, save_every):
+        cmd = python("finetune.py", "--ckpt", ckpt_path(run[pre], pre_steps[pre]), "--prior", prior)
+        cmd += ["--target", target, "--out", run[name], "--mix", str(p.mix), "--steps", str(steps)]
+        cmd += ["--save_every", str(save_every), "--batch_size", str(p.batch_size)]
+        cmd += ["--log_every", "250", "--resume"]
+        return Job(name, cmd, (pre,), ckpt_path(run[name], steps))
+
+    pre_steps = {"cql_pre": p.cql_pre_steps, "bc_pre": p.bc_pre_steps}
+    collect = [
+        f"{shlex.quote(sys.executable)} sim_binsort.py collect --task pickplace --n {p.n_prior} "
+        f"--image_size {p.image_size} --workers 2 --out {prior}",
+        f"{shlex.quote(sys.executable)} sim_binsort.py collect --task sort --n {p.n_target} "
+        f"--image_size {p.image_size} --out {target}",
+        f"touch {os.path.join(d, 'collected')}",
+    ]
+    jobs = [
+        Job("collect", ["bash", "-c", " && ".join(collect)], (), os.path.join(d, "collected")),
+        train("cql_pre", p.cql_pre_steps, cql, "--extra_tasks", "1"),
+        train("cog", joint_cql_steps, cql, "--target", target, "--mix", str(p.mix)),
+        train("bc_pre", p.bc_pre_steps, bc, "--extra_tasks", "1"),
+        train("bc_joint", joint_bc_steps, bc, "--target", target, "--mix", str(p.mix)),
+        finetune("ptr", "cql_pre", p.ft_steps, p.ft_save_every),
+        finetune("bc_ft", "bc_pre", p.bc_ft_steps, max(p.bc_ft_steps // 4, 1)),
+        train("cql_tgt", p.ft_steps, cql, data=target),  # 5 demos: as many steps as fine-tuning
+    ]
+    select = python("select_ckpt.py", run["ptr"], "--plot", os.path.join(out, "qvalues.png"))
+    select_file = os.path.join(out, "eval", "selected.txt")
+    shell = (
+        f"{shlex.join(select)} | tail -1 > {select_file}.tmp && mv {select_file}.tmp {select_file}"
+    )
+    jobs.append(Job("select", ["bash", "-c", shell], ("ptr",), select_file))
+    evals = os.path.join(out, "eval")
+    for pre in ("cql_pre", "bc_pre"):
+        for task in PICK_TASKS:
+            for binary in (True, False):
+                ckpt = ckpt_path(run[pre], pre_steps[pre])
+                job = eval_job(
+                    f"{pre}_{task}", ckpt, p.pick_episodes, p, evals, (pre,), binary, task
+                )
+                jobs.append(job)
+    for method in METHODS:
+        ckpt = "SELECTED" if method == "ptr" else f"LAST:{run[method]}"
+        deps = ("select",) if method == "ptr" else (method,)
+        for binary in (True, False) if method in ("ptr", "bc_ft") else (True,):
+            jobs.append(eval_job(f"sort_{method}", ckpt, p.sort_episodes, p, evals, deps, binary))
+    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
+        ckpt = ckpt_path(run["ptr"], step)
+        jobs.append(eval_job(f"ptr_step_{step:06d}", ckpt, p.ckpt_episodes, p, evals, ("ptr",)))
+    return jobs
+
+
+def eval_job(name, ckpt, episodes, p, evals, deps, binarize_gripper=True, task=None):
+    """online.py eval of one checkpoint; the gripper binarized unless the name ends in _raw."""
+    name = name if binarize_gripper else name + "_raw"
+    json_path = os.path.join(evals, name + ".json")
+    cmd = python("online.py", "eval", "--ckpt", ckpt, "--episodes", str(episodes))
+    cmd += ["--seed", str(p.eval_seed), "--json", json_path]
+    if binarize_gripper:
+        cmd.append("--binarize_gripper")
+    if task:
+        cmd += ["--task", task]
+    return Job("eval_" + name, cmd, deps, json_path)
+
+
+def resolve(cmd, out):
+    """Checkpoint placeholders filled in once the job that writes them is done."""
+    resolved = []
+    for arg in cmd:
+        if arg == "SELECTED":
+            arg = open(os.path.join(out, "eval", "selected.txt")).read().strip()
+        elif arg.startswith("LAST:"):
+            arg = last_ckpt(arg[5:])
+        resolved.append(arg)
+    return resolved
+
+
+def run(jobs, out, max_jobs):
+    """Run the jobs, at most max_jobs at a time, each as soon as its dependencies are done."""
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    by_name = {job.name: job for job in jobs}
+    running = {}
+    t0 = time.time()
+    while True:
+        pending = [job for job in jobs if not job.done() and job.name not in running]
+        for name, (proc, job, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode != 0 or not job.done():
+                raise SystemExit(
+                    f"binsort_experiment: job {name} failed (exit {proc.returncode}); see "
+                    f"{os.path.join(out, 'logs', name + '.log')}, fix, and run again to resume"
+                )
+            print(f"[{elapsed(t0)}] done {name}", flush=True)
+        if not pending and not running:
+            break
+        for job in pending:
+            if len(running) >= max_jobs:
+                break
+            if all(by_name[dep].done() for dep in job.deps):
+                cmd = resolve(job.cmd, out)
+                log = open(os.path.join(out, "logs", job.name + ".log"), "a")
+                log.write(f"\n$ {shlex.join(cmd)}\n")
+                log.flush()
+                proc = subprocess.Popen(
+                    cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+                )
+                running[job.name] = (proc, job, log)
+                print(f"[{elapsed(t0)}] start {job.name}", flush=True)
+        time.sleep(5)
+        report(running, out, t0)
+
+
+_last_report = [0.0]
+
+
+def report(running, out, t0):
+    """One progress line a minute: the last log line of every running job."""
+    if time.time() - _last_report[0] < 60 or not running:
+        return
+    _last_report[0] = time.time()
+    parts = []
+    for name in running:
+        try:
+            with open(os.path.join(out, "logs", name + ".log")) as f:
+                tail = f.read().replace("\r", "\n").strip().splitlines()[-1][:60]
+        except (OSError, IndexError):
+            tail = ""
+        parts.append(f"{name}: {tail}")
+    print(f"[{elapsed(t0)}] " + " | ".join(parts), flush=True)
+
+
+def elapsed(t0):
+    s = int(time.time() - t0)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------- the results
+def load_eval(out, name):
+    path = os.path.join(out, "eval", name + ".json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def percent(r, key="success"):
+    """'34.0% [21.6, 48.1]': a rate with its Wilson 95% interval, from an online.py eval JSON."""
+    if key == "success":
+        rate, lo, hi = r["success"], r["success_lo"], r["success_hi"]
+    else:
+        stage = r.get("stages", {}).get(key)
+        if stage is None:
+            return "-"
+        rate, lo, hi = stage["rate"], stage["lo"], stage["hi"]
+    return f"{100 * rate:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def write_table(p, out, seconds=None):
+    """results.md: the pick-place and sort tables, selection against the best checkpoint, the commands."""
+    lines = ["# PTR on the simulated bin-sort (CPU, laptop scale)", ""]
+    lines += [f"Protocol: `{json.dumps(p.__dict__)}`", ""]
+    if seconds is not None:
+        lines += [f"Wall time of this invocation: {seconds / 60:.0f} min.", ""]
+    lines += ["## Pre-trained multi-task policies on held-in pick-place tasks", ""]
+    lines += ["| policy | gripper | task | success [95% CI] | grasped |", "|---|---|---|---|---|"]
+    for pre in ("cql_pre", "bc_pre"):
+        for suffix, gripper in (("", "binarized"), ("_raw", "as predicted")):
+            total = 0
+            n = 0
+            for task in PICK_TASKS:
+                r = load_eval(out, f"{pre}_{task}{suffix}")
+                if r is None:
+                    continue
+                total += r["successes"]
+                n += r["episodes"]
+                lines.append(
+                    f"| {pre} | {gripper} | {task} | {percent(r)} | {percent(r, 'grasped')} |"
+                )
+            if n:
+                lines.append(
+                    f"| {pre} | {gripper} | **mean of {n} episodes** | "
+                    f"**{100 * total / n:.0f}%** | |"
+                )
+    lines += ["", "## The target task: sort both objects (paper Table VII)", ""]
+    lines += [
+        "| method | gripper | full success [95% CI] | grasped | first object in its bin | paper |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, label in METHODS.items():
+        for suffix, gripper in (("", "binarized"), ("_raw", "as predicted")):
+            r = load_eval(out, f"sort_{method}{suffix}")
+            if r is None:
+                continue
+            row = [label, gripper, percent(r), percent(r, "grasped"), percent(r, "first_in_bin")]
+            lines.append("| " + " | ".join(row) + f" | {PAPER[method]} % |")
+    steps = []
+    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
+        r = load_eval(out, f"ptr_step_{step:06d}")
+        if r is not None:
+            steps.append((step, r))
+    selected = os.path.join(out, "eval", "selected.txt")
+    if steps and os.path.exists(selected):
+        chosen = open(selected).read().strip()
+        lines += [
+            "",
+            "## Checkpoint selection (select_ckpt.py) against the best saved PTR checkpoint",
+            "",
+        ]
+        lines += ["| step | success [95% CI] | grasped | chosen |", "|---|---|---|---|"]
+        for step, r in steps:
+            mark = "**chosen**" if chosen.endswith(f"ckpt_{step:08d}.pt") else ""
+            lines.append(f"| {step} | {percent(r)} | {percent(r, 'grasped')} | {mark} |")
+        best = max(steps, key=lambda sr: sr[1]["success"])
+        picked = [r for step, r in steps if chosen.endswith(f"ckpt_{step:08d}.pt")]
+        if picked:
+            gap = 100 * (best[1]["success"] - picked[0]["success"])
+            lines += [
+                "",
+                f"Best saved checkpoint: step {best[0]}; the chosen one is {gap:.0f} "
+                f"points below it ({p.ckpt_episodes} episodes per checkpoint).",
+            ]
+    lines += ["", "Commands: see logs/<job>.log (each starts with the exact command)."]
+    atomic_text("\n".join(lines) + "\n", os.path.join(out, "results.md"))
+    plot_curves(p, out)
+
+
+def atomic_text(text, path):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def plot_curves(p, out):
+    """success_vs_steps.png: PTR's sort success at every saved fine-tuning checkpoint, with intervals."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("binsort_experiment: no matplotlib (pip install matplotlib): no success_vs_steps.png")
+        return
+    points = []
+    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
+        r = load_eval(out, f"ptr_step_{step:06d}")
+        if r is not None:
+            points.append((step, r["success"], r["success_lo"], r["success_hi"]))
+    if not points:
+        return
+    steps, rate, lo, hi = (list(column) for column in zip(*points))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [100 * x for x in rate], "o-", label="PTR fine-tuning, full sort")
+    ax.fill_between(
+        steps, [100 * x for x in lo], [100 * x for x in hi], alpha=0.2, label="Wilson 95% interval"
+    )
+    ax.set_xlabel("offline fine-tuning gradient steps")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"bin-sort, {p.ckpt_episodes} episodes per checkpoint")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "success_vs_steps.png"), dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/binsort")
+    ap.add_argument("--jobs", type=int, default=4, help="jobs at a time (each one thread)")
+    ap.add_argument("--table", action="store_true", help="only write results.md from what exists")
+    defaults = Protocol()
+    for name, value in defaults.__dict__.items():
+        if isinstance(value, (int, float)):
+            ap.add_argument(f"--{name}", type=type(value), default=value)
+    args = ap.parse_args()
+    p = Protocol(**{k: getattr(args, k) for k in defaults.__dict__ if hasattr(args, k)})
+    out = os.path.abspath(args.out)
+    t0 = time.time()
+    if not args.table:
+        run(build_jobs(p, out), out, args.jobs)
+    write_table(p, out, None if args.table else time.time() - t0)
+    print(open(os.path.join(out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()
