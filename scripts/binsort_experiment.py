@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# the target's one-hot slot by name: joint runs (train.py --target) do not record which slot is the target
+SORT_TASK = "sort_mug_cube"
 PICK_TASKS = ("pick_cube_to_left", "pick_duck_to_right", "pick_mug_to_left", "pick_ball_to_right")
 METHODS = {  # run folder -> the table's name for it
     "ptr": "PTR (CQL pre-training + offline fine-tuning)",
@@ -162,10 +164,14 @@ def build_jobs(p, out):
         ckpt = "SELECTED" if method == "ptr" else f"LAST:{run[method]}"
         deps = ("select",) if method == "ptr" else (method,)
         for binary in (True, False) if method in ("ptr", "bc_ft") else (True,):
-            jobs.append(eval_job(f"sort_{method}", ckpt, p.sort_episodes, p, evals, deps, binary))
+            job = eval_job(
+                f"sort_{method}", ckpt, p.sort_episodes, p, evals, deps, binary, SORT_TASK
+            )
+            jobs.append(job)
     for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
         ckpt = ckpt_path(run["ptr"], step)
-        jobs.append(eval_job(f"ptr_step_{step:06d}", ckpt, p.ckpt_episodes, p, evals, ("ptr",)))
+        name = f"ptr_step_{step:06d}"
+        jobs.append(eval_job(name, ckpt, p.ckpt_episodes, p, evals, ("ptr",), True, SORT_TASK))
     return jobs
 
 
