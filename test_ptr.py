@@ -238,7 +238,7 @@ def test_data_killed_conversion_leaves_no_store(tmp_path):
     store = tmp_path / "store"
     kill = (
         "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data; "
-        "data._resize = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
+        "data.resize_images = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
         "data.load_store(sys.argv[2], store=sys.argv[3])"
     )
     proc = subprocess.run(
