@@ -571,9 +571,7 @@ def test_data_skip_bad_and_cli(tmp_path):
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# data.py: non-finite values, damaged stores, one-line failures (issue 14, items 2, 5 and 9)
-# ---------------------------------------------------------------------------------------------------
+# -------------------------- data.py: non-finite values, damaged stores, one-line failures (issue 14)
 
 
 def test_data_non_finite_values_rejected_and_skipped(tmp_path):
@@ -634,14 +632,15 @@ def _data_damage(store, case):
         np.save(store / "states.npy", np.zeros((frames + 1, 7), np.float32))
 
 
-_DATA_DAMAGE = {  # case -> what the error says about which file
-    "truncated images": r"images.npy: truncated or unreadable",
-    "truncated states": r"states.npy: truncated or unreadable",
-    "deleted actions": r"actions.npy: missing",
-    "bad trajectories": r"trajectories.npz: unreadable",
-    "garbage meta": r"meta.json: unreadable \(JSONDecodeError",
-    "fewer rows": r"actions.npy: expected a float32 array of shape \(9, 7\) .* got float32 array of shape \(8, 7\)",
-    "more rows": r"states.npy: expected a float32 array of shape \(11, 7\) .* got float32 array of shape \(12, 7\)",
+# case -> (the damaged file, what the error says about it); the store: 9 transitions, 11 frames
+_DATA_DAMAGE = {
+    "truncated images": ("images.npy", r"truncated or unreadable"),
+    "truncated states": ("states.npy", r"truncated or unreadable"),
+    "deleted actions": ("actions.npy", r"missing"),
+    "bad trajectories": ("trajectories.npz", r"unreadable"),
+    "garbage meta": ("meta.json", r"unreadable \(JSONDecodeError"),
+    "fewer rows": ("actions.npy", r"expected a float32 array of shape \(9, 7\) .* shape \(8, 7\)"),
+    "more rows": ("states.npy", r"expected a float32 array of shape \(11, 7\) .* shape \(12, 7\)"),
 }
 
 
@@ -649,8 +648,9 @@ def test_data_damaged_store_given_is_an_error_with_the_rebuild_command(tmp_path)
     _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0, T=[4, 5])
     built = tmp_path / "built"
     data.load_store(tmp_path / "tree", store=built, log=lambda *_: None)
-    for case, match in _DATA_DAMAGE.items():
+    for case, (file, problem) in _DATA_DAMAGE.items():
         store = tmp_path / case.replace(" ", "_")
+        match = re.escape(str(store / file)) + ": " + problem  # the message starts with the file
         shutil.copytree(built, store)
         _data_damage(store, case)
         rebuild = f"rebuild the store: python data.py convert {tmp_path / 'tree'} --out {store}"
@@ -666,9 +666,8 @@ def test_data_damaged_store_given_is_an_error_with_the_rebuild_command(tmp_path)
         [sys.executable, data.__file__, "info", built], capture_output=True, text=True
     )
     assert proc.returncode == 0
-    _data_damage(
-        built, "garbage meta"
-    )  # was read as a source tree: "expected at least one out.npy"
+    # a garbage meta.json was misread as a source tree: "expected at least one out.npy"
+    _data_damage(built, "garbage meta")
     proc = subprocess.run(
         [sys.executable, data.__file__, "info", built], capture_output=True, text=True
     )
@@ -688,7 +687,7 @@ def test_data_damaged_default_store_is_rebuilt_from_its_sources(tmp_path):
         notice = logs[0]
         assert notice.startswith(f"store {store.path} is damaged (") and "\n" not in notice
         assert notice.endswith(f"rebuilding it from {tmp_path / 'tree'}")
-        assert re.search(_DATA_DAMAGE[case].split(":")[0], notice), (case, notice)
+        assert f"is damaged ({_DATA_DAMAGE[case][0]}: " in notice, (case, notice)
     assert sorted(os.listdir(os.path.dirname(store.path))) == [os.path.basename(store.path)]
 
 
@@ -722,10 +721,8 @@ def test_data_one_line_failures_and_nothing_half_written(tmp_path):
     ):
         data.load_store(tmp_path / "tree", log=lambda *_: None)
     logs = []
-    assert data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append).task_names == [
-        "a",
-        "b",
-    ]
+    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
+    assert st.num_transitions() == 10 and st.meta["skipped"] == 1
     assert "skipped 1 bad" in logs[-1] and "got a directory" in logs[-1]
     # --out naming a folder that is not a store: refused, nothing deleted
     (tmp_path / "mine").mkdir()
