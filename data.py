@@ -1016,9 +1016,8 @@ class Sampler(_Seeded):
         self._mask = 1 - done
         self._mc_return = mc_returns(success, self._reward, self._mask, lengths, gamma)
         self._task = self.task_ids[store.traj_task[traj]]
-        self._frame = (
-            np.arange(len(traj)) + traj
-        )  # obs frame of each transition; next obs: the next
+        # transition g of trajectory k: its obs is frame g + k, its next obs frame g + k + 1
+        self._frame = np.arange(len(traj)) + traj
         self._idx = np.flatnonzero(store._in_split(split)[traj])
         self._rng = np.random.default_rng(seed)
 
@@ -1229,16 +1228,15 @@ def augment(
     if p_jitter <= 0:
         return images
     # an image left out (prob. 1 - p_jitter) gets identity factors: exact after rounding, and no
-    # select pass
+    # select pass is needed
     apply = (uniform(B, 1, 1) < p_jitter).float()
 
     def factor(strength):  # uniform in [1 - strength, 1 + strength] where applied, else 1
         return (1 + apply * strength * (2 * uniform(B, 1, 1) - 1)).clamp(min=0)
 
     luma = torch.tensor(_GRAY, device=device).view(1, 1, 3)
-    x = (
-        images.contiguous().float().view(B, 3, H * W)
-    )  # channels first: broadcasts, bmm ~10x faster (CPU)
+    # channels first: the broadcasts and the bmm below are ~10x faster on a CPU
+    x = images.contiguous().float().view(B, 3, H * W)
     x = x.mul_(factor(brightness)).clamp_(0, 255)  # in place where possible: this also runs on CPUs
     contrast_factor = factor(contrast)
     saturation_factor = factor(saturation)
