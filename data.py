@@ -540,7 +540,7 @@ def _write_trajectories(images_file, sources, options, task_names, skip):
 def convert(sources, root, store, key, options, log=print):
     """Write the store for `sources` (from find_sources) into <store>.tmp-<pid>, then rename it to
     `store`. Nothing half-written survives an error or Ctrl-C: the tmp folder is deleted (one left
-    by a kill -9 is swept by the next conversion). options: load_store's (image_size, camera, ...)."""
+    by a kill -9 is swept by the next conversion). options: load_store's."""
     store = os.path.abspath(store)
     _check_replaceable(store)
     aliases = options["aliases"]
