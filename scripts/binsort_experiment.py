@@ -75,6 +75,7 @@ class Protocol:
     pick_episodes: int = 25  # per held-in pick-place task
     sort_episodes: int = 50
     ckpt_episodes: int = 20  # per saved PTR checkpoint (selection vs best)
+    curve_episodes: int = 10  # per task and saved pre-training checkpoint (success vs steps)
     eval_seed: int = 1000  # evaluation episodes use seeds the data never used
     extra: list = field(default_factory=list)  # flags passed to every training command
 
@@ -160,6 +161,12 @@ def build_jobs(p, out):
                     f"{pre}_{task}", ckpt, p.pick_episodes, p, evals, (pre,), binary, task
                 )
                 jobs.append(job)
+    for pre in ("cql_pre", "bc_pre"):  # the learning curve: every saved pre-training checkpoint
+        for step in pre_save_steps(p, pre):
+            for task in PICK_TASKS:
+                ckpt = ckpt_path(run[pre], step)
+                name = f"curve_{pre}_{step:06d}_{task}"
+                jobs.append(eval_job(name, ckpt, p.curve_episodes, p, evals, (pre,), True, task))
     for method in METHODS:
         ckpt = "SELECTED" if method == "ptr" else f"LAST:{run[method]}"
         deps = ("select",) if method == "ptr" else (method,)
@@ -173,6 +180,13 @@ def build_jobs(p, out):
         name = f"ptr_step_{step:06d}"
         jobs.append(eval_job(name, ckpt, p.ckpt_episodes, p, evals, ("ptr",), True, SORT_TASK))
     return jobs
+
+
+def pre_save_steps(p, pre):
+    """The steps at which train.py saved a pre-training run (--save_every steps // 4)."""
+    steps = p.cql_pre_steps if pre == "cql_pre" else p.bc_pre_steps
+    every = max(steps // 4, 1)
+    return list(range(every, steps + 1, every))
 
 
 def eval_job(name, ckpt, episodes, p, evals, deps, binarize_gripper=True, task=None):
@@ -308,6 +322,19 @@ def write_table(p, out, seconds=None):
                     f"| {pre} | {gripper} | **mean of {n} episodes** | "
                     f"**{100 * total / n:.0f}%** | |"
                 )
+    curves = pretraining_curves(p, out)
+    if any(curves.values()):
+        lines += [
+            "",
+            "## Pre-training: success against gradient steps (4 held-in tasks pooled)",
+            "",
+        ]
+        lines += ["| policy | step | episodes | success [95% CI] | grasped | placed |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for pre, points in curves.items():
+            for step, r in points:
+                row = [pre, str(step), str(r["episodes"]), percent(r), percent(r, "grasped")]
+                lines.append("| " + " | ".join(row) + f" | {percent(r, 'placed')} |")
     lines += ["", "## The target task: sort both objects (paper Table VII)", ""]
     lines += [
         "| method | gripper | full success [95% CI] | grasped | first object in its bin | paper |",
@@ -351,6 +378,41 @@ def write_table(p, out, seconds=None):
     plot_curves(p, out)
 
 
+def pooled(results):
+    """One eval-like dict from several online.py eval JSONs (episodes pooled, intervals recomputed)."""
+    sys.path.insert(0, ROOT)
+    from online import wilson_interval
+
+    n = sum(r["episodes"] for r in results)
+    k = sum(r["successes"] for r in results)
+    lo, hi = wilson_interval(k, n)
+    pooled_stages = {}
+    for stage in results[0].get("stages", {}):
+        count = sum(r["stages"][stage]["count"] for r in results)
+        stage_lo, stage_hi = wilson_interval(count, n)
+        pooled_stages[stage] = {"count": count, "rate": count / n, "lo": stage_lo, "hi": stage_hi}
+    return {
+        "episodes": n,
+        "successes": k,
+        "success": k / n,
+        "success_lo": lo,
+        "success_hi": hi,
+        "stages": pooled_stages,
+    }
+
+
+def pretraining_curves(p, out):
+    """{pre: [(step, pooled eval over PICK_TASKS)]} for the steps whose four evaluations exist."""
+    curves = {}
+    for pre in ("cql_pre", "bc_pre"):
+        curves[pre] = []
+        for step in pre_save_steps(p, pre):
+            results = [load_eval(out, f"curve_{pre}_{step:06d}_{task}") for task in PICK_TASKS]
+            if all(r is not None for r in results):
+                curves[pre].append((step, pooled(results)))
+    return curves
+
+
 def atomic_text(text, path):
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -358,7 +420,8 @@ def atomic_text(text, path):
 
 
 def plot_curves(p, out):
-    """success_vs_steps.png: PTR's sort success at every saved fine-tuning checkpoint, with intervals."""
+    """success_vs_steps.png: pre-training success (and grasps) on the held-in pick-place tasks, and PTR's
+    sort success at every saved fine-tuning checkpoint, each with Wilson 95% intervals."""
     try:
         import matplotlib
 
@@ -367,24 +430,51 @@ def plot_curves(p, out):
     except ImportError:
         print("binsort_experiment: no matplotlib (pip install matplotlib): no success_vs_steps.png")
         return
+    fig, (ax_pre, ax_ft) = plt.subplots(1, 2, figsize=(11, 4))
+    for pre, points in pretraining_curves(p, out).items():
+        if not points:
+            continue
+        steps = [step for step, _ in points]
+        for key, style in (("success", "o-"), ("grasped", "s--")):
+            rate, lo, hi = [], [], []
+            for _, r in points:
+                value = r if key == "success" else r["stages"][key]
+                prefix = "success_" if key == "success" else ""
+                rate.append(100 * (value["success"] if key == "success" else value["rate"]))
+                lo.append(100 * value[prefix + "lo"])
+                hi.append(100 * value[prefix + "hi"])
+            ax_pre.plot(steps, rate, style, label=f"{pre} {key}")
+            ax_pre.fill_between(steps, lo, hi, alpha=0.15)
+    ax_pre.set_xlabel("pre-training gradient steps")
+    ax_pre.set_ylabel("episodes (%)")
+    ax_pre.set_ylim(0, 100)
+    ax_pre.set_title(f"held-in pick-place, {len(PICK_TASKS)} tasks x {p.curve_episodes} episodes")
+    if ax_pre.lines:
+        ax_pre.legend(fontsize=8)
     points = []
     for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
         r = load_eval(out, f"ptr_step_{step:06d}")
         if r is not None:
-            points.append((step, r["success"], r["success_lo"], r["success_hi"]))
-    if not points:
-        return
-    steps, rate, lo, hi = (list(column) for column in zip(*points))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [100 * x for x in rate], "o-", label="PTR fine-tuning, full sort")
-    ax.fill_between(
-        steps, [100 * x for x in lo], [100 * x for x in hi], alpha=0.2, label="Wilson 95% interval"
-    )
-    ax.set_xlabel("offline fine-tuning gradient steps")
-    ax.set_ylabel("success (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"bin-sort, {p.ckpt_episodes} episodes per checkpoint")
-    ax.legend()
+            points.append((step, r))
+    if points:
+        steps = [step for step, _ in points]
+        ax_ft.plot(steps, [100 * r["success"] for _, r in points], "o-", label="full sort")
+        ax_ft.fill_between(
+            steps,
+            [100 * r["success_lo"] for _, r in points],
+            [100 * r["success_hi"] for _, r in points],
+            alpha=0.2,
+        )
+        for stage in ("grasped", "first_in_bin"):
+            ax_ft.plot(
+                steps, [100 * r["stages"][stage]["rate"] for _, r in points], "--", label=stage
+            )
+    ax_ft.set_xlabel("PTR offline fine-tuning gradient steps")
+    ax_ft.set_ylabel("episodes (%)")
+    ax_ft.set_ylim(0, 100)
+    ax_ft.set_title(f"target sort, {p.ckpt_episodes} episodes per checkpoint")
+    if ax_ft.lines:
+        ax_ft.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "success_vs_steps.png"), dpi=120)
 
