@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+import lerobot
+import rlds
+from fileio import FormatError
+
 FORMAT_VERSION = 1
 STORE_DIR = (
     ".ptr_store"  # default store location under the source root; the tree scan skips dot-folders
@@ -32,14 +36,10 @@ _GRAY = (0.2989, 0.587, 0.114)  # luma weights of torchvision's rgb_to_grayscale
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
-class BridgeFormatError(ValueError):
+class BridgeFormatError(FormatError):
     """A source file that does not follow the Bridge numpy format (SPEC section 5)."""
 
-    def __init__(self, file, traj, field, expected, got=None):
-        where = f"{file}: " + ("" if traj is None else f"trajectory {traj}: ")
-        super().__init__(
-            f"{where}field '{field}': expected {expected}" + ("" if got is None else f", got {got}")
-        )
+    unit = "trajectory"
 
 
 @dataclass(frozen=True)
@@ -204,10 +204,16 @@ def parse_trajectory(traj, path, i, camera="images0"):
 def find_sources(src, include=(), exclude=()):
     """Every out.npy under src (a tree root, one task folder or one out.npy) -> (root, [(path, task, split)]).
     The task is the folder that holds train/ and val/; split is "train", "val" or None. include / exclude are
-    keyword substrings of the path relative to root (the paper pre-trains on all but toykitchen6)."""
+    keyword substrings of the path relative to root (the paper pre-trains on all but toykitchen6).
+    An RLDS / TFDS dataset folder lists its shards, a LeRobot folder its frame tables, with task None: their
+    tasks come with each episode (_read_source)."""
     src = os.path.abspath(src)
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
+    if rlds.is_rlds(src):  # tasks, include / exclude: per episode, in _read_source
+        return src, [(path, None, split) for path, split in rlds.find_shards(src)]
+    if lerobot.is_lerobot(src):
+        return src, [(path, None, None) for path in lerobot.Dataset(src).data_files()]
     root, paths = (os.path.dirname(src), [src]) if os.path.isfile(src) else (src, [])
     for d, dirs, files in os.walk(src):  # nothing to walk when src is a file
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
@@ -291,11 +297,35 @@ def _stamp(sources):  # what the cache compares: every source file with its size
     return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p, _, _ in sources]
 
 
+def _read_source(path, task, root, options):
+    """(index in file, task, load) for each trajectory of one source; load() gives its Bridge trajectory dict.
+    An out.npy (task from its folder) is unpickled whole; an RLDS shard or a LeRobot frame table streams
+    episode by episode from rlds.py / lerobot.py, each episode with its own task, kept when its source (the
+    episode's out.npy path in RLDS, its task in LeRobot) passes include / exclude. Both readers put the
+    chosen camera in images0."""
+    if task is not None:
+        for i, traj in enumerate(read_bridge_file(path)):
+            yield i, task, lambda traj=traj: traj
+        return
+    if rlds.is_rlds(root):
+        features, cameras = rlds.read_schema(root)
+        task_source = options.get("task_source", "path")
+        episodes = rlds.read_shard(path, features, cameras, options["camera"], task_source)
+    else:
+        episodes = lerobot.read_data_file(lerobot.Dataset(root), path, options["camera"])
+    include, exclude = options["include"], options["exclude"]
+    for i, name, source, load in episodes:
+        if source is None or (
+            (not include or any(k in source for k in include))
+            and not any(k in source for k in exclude)
+        ):
+            yield i, name, load
+
+
 def convert(sources, root, store, key, options, log=print):
     """Write the store for `sources` (from find_sources) into <store>.tmp-<pid>, then rename it to `store`.
     Images stream to disk; states, actions, terminals (~0.1 % of the bytes) are gathered and saved at the end."""
     size, aliases, store = _hw(options["image_size"]), options["aliases"], os.path.abspath(store)
-    task_names = sorted({aliases.get(t, t) for _, t, _ in sources})
     tmp, stamp = (
         _fresh_tmp(store),
         _stamp(sources),
@@ -318,42 +348,40 @@ def convert(sources, root, store, key, options, log=print):
     try:
         with open(os.path.join(tmp, "images.npy"), "wb") as images_file:
             images_file.write(bytes(_HEADER_BYTES))  # placeholder for _npy_header
+            camera = options["camera"] if sources[0][1] is not None else "images0"
             for fi, (path, task, _) in enumerate(sources):
                 try:
-                    trajs = read_bridge_file(path)
-                except BridgeFormatError as e:
+                    for i, traj_task, load in _read_source(path, task, root, options):
+                        try:
+                            images, states, actions, terminals = parse_trajectory(
+                                load(), path, i, camera
+                            )
+                            images = {c: _resize(f, size) for c, f in images.items()}
+                            shape = shape or next(iter(images.values())).shape[1:3]
+                            for c, f in images.items():
+                                if f.shape[1:3] != shape:
+                                    raise BridgeFormatError(
+                                        path,
+                                        i,
+                                        c,
+                                        f"{shape[0]}x{shape[1]} images like the first "
+                                        "trajectory's (or pass image_size)",
+                                        _describe(f[0]),
+                                    )
+                        except FormatError as e:
+                            skip(e)
+                            continue
+                        for frames in (
+                            images.values()
+                        ):  # camera="all": every camera is a trajectory of its own
+                            images_file.write(np.ascontiguousarray(frames).data)
+                            for name, a in zip(arrays, (states, actions, terminals)):
+                                arrays[name].append(a)
+                            rows.append((aliases.get(traj_task, traj_task), fi, i, len(actions)))
+                except (
+                    FormatError
+                ) as e:  # the file: unreadable, truncated (its earlier trajectories stay)
                     skip(e)
-                    continue
-                for i, traj in enumerate(trajs):
-                    try:
-                        images, states, actions, terminals = parse_trajectory(
-                            traj, path, i, options["camera"]
-                        )
-                        images = {c: _resize(f, size) for c, f in images.items()}
-                        shape = shape or next(iter(images.values())).shape[1:3]
-                        for c, f in images.items():
-                            if f.shape[1:3] != shape:
-                                raise BridgeFormatError(
-                                    path,
-                                    i,
-                                    c,
-                                    f"{shape[0]}x{shape[1]} images like the first "
-                                    "trajectory's (or pass image_size)",
-                                    _describe(f[0]),
-                                )
-                    except BridgeFormatError as e:
-                        skip(e)
-                        continue
-                    for (
-                        frames
-                    ) in images.values():  # camera="all": every camera is a trajectory of its own
-                        images_file.write(np.ascontiguousarray(frames).data)
-                        for name, a in zip(arrays, (states, actions, terminals)):
-                            arrays[name].append(a)
-                        rows.append(
-                            (task_names.index(aliases.get(task, task)), fi, i, len(actions))
-                        )
-                del trajs  # before the next load: one unpickled file in memory at a time
             if not rows:
                 raise BridgeFormatError(
                     root,
@@ -367,6 +395,8 @@ def convert(sources, root, store, key, options, log=print):
             images_file.write(_npy_header(np.uint8, (len(arrays["states"]), *shape, 3)))
         for name, a in arrays.items():
             np.save(os.path.join(tmp, name + ".npy"), a)
+        task_names = sorted({row[0] for row in rows})
+        rows = [(task_names.index(name), *rest) for name, *rest in rows]
         task, source, index, length = np.array(rows, np.int64).T
         np.savez(
             os.path.join(tmp, "trajectories.npz"),
@@ -446,12 +476,15 @@ def load_store(
     exclude=(),
     aliases=None,
     skip_bad=False,
+    task_source="path",
     log=print,
 ):
-    """Open the store for `src` (a Bridge tree root, one task folder, one out.npy, or a built store folder),
-    converting first unless a store was built with these options from these exact files (size, mtime_ns).
-    store=None -> <src root>/.ptr_store/<key>. camera: "images0" | "images1" | ... | "all". aliases: a dict or
-    a JSON file mapping task name -> task name (e.g. many open_* variants onto one task)."""
+    """Open the store for `src` (a Bridge tree root, one task folder, one out.npy, an RLDS / TFDS dataset
+    folder, a LeRobot dataset folder, or a built store folder), converting first unless a store was built
+    with these options from these exact files (size, mtime_ns). store=None -> <src root>/.ptr_store/<key>.
+    camera: "images0" | "images1" | ... | "all" (numpy only), or an RLDS / LeRobot camera's name. aliases: a
+    dict or a JSON file mapping task name -> task name (e.g. many open_* variants onto one task).
+    task_source (RLDS): "path" (the task folder of the episode's source out.npy) or "instruction"."""
     if _read_meta(src) is not None:  # a built store: opened as it is, the options are not checked
         return Store(src)
     aliases = (
@@ -472,6 +505,8 @@ def load_store(
         "aliases": dict(sorted(aliases.items())),
         "skip_bad": skip_bad,
     }
+    if task_source != "path":  # only then: the keys of stores built before stay the same
+        options["task_source"] = task_source
     options = json.loads(
         json.dumps(options)
     )  # tuples -> lists, so that it equals the copy in meta.json
@@ -482,7 +517,7 @@ def load_store(
             src,
             None,
             "out.npy",
-            "at least one out.npy below it",
+            "at least one out.npy below it (or an RLDS / LeRobot dataset folder)",
             f"none (include={list(include)}, exclude={list(exclude)})",
         )
     native = os.path.join(root, STORE_DIR, _key(dict(options, image_size=None)))
@@ -495,7 +530,7 @@ def load_store(
     if _fresh(store, sources, key):
         log(f"using store {store}")
     else:
-        log(f"converting {len(sources)} out.npy files under {root} into {store}")
+        log(f"converting {len(sources)} files under {root} into {store}")
         convert(sources, root, store, key, options, log)
     return Store(store)
 
@@ -1002,11 +1037,12 @@ def bench(transitions=20000, image_size=128, B=64):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="PTR data: convert Bridge-format out.npy trees, inspect, benchmark."
+        description="PTR data: convert Bridge out.npy trees, RLDS and LeRobot datasets; inspect, benchmark."
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser(
-        "convert", help="convert (or reuse) the store of a Bridge tree, task folder or out.npy"
+        "convert",
+        help="convert (or reuse) the store of a Bridge tree, task folder, out.npy, RLDS or LeRobot folder",
     )
     c.add_argument("src")
     c.add_argument(
@@ -1018,7 +1054,14 @@ def main(argv=None):
     c.add_argument(
         "--camera",
         default="images0",
-        help="images0 | images1 | ... | all (each camera a trajectory)",
+        help="images0 | images1 | ... | all (each camera a trajectory); RLDS / LeRobot: imagesN is "
+        "their N-th camera, or give its name (image_1, observation.images.image_1)",
+    )
+    c.add_argument(
+        "--task_source",
+        choices=rlds.TASK_SOURCES,
+        default="path",
+        help="RLDS: task from the episode's source out.npy path or its language instruction",
     )
     c.add_argument(
         "--include", nargs="*", default=[], help="keep files whose path contains any of these"
@@ -1047,6 +1090,7 @@ def main(argv=None):
                 args.exclude,
                 args.aliases,
                 args.skip_bad,
+                args.task_source,
             ),
             "info": lambda: info(args.store),
             "bench": lambda: bench(image_size=args.image_size),
