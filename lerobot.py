@@ -316,7 +316,10 @@ def write_lerobot(folder, episodes, version="v3.0", fps=10, episodes_per_file=2,
     groups = [range(s, min(s + per_file, len(episodes))) for s in range(0, len(episodes), per_file)]
     episode_rows, index = [], 0
     for file_index, group in enumerate(groups):
-        table, videos, time = {k: [] for k in _features((1, 1, 3), 0)}, {c: [] for c in cams}, 0.0
+        columns = [STATE_KEY, ACTION_KEY, "timestamp", "frame_index", "episode_index", "index"]
+        table = {k: [] for k in [*columns, "task_index"]}
+        videos = {c: [] for c in cams}
+        time = 0.0
         for e in group:
             traj, task = episodes[e]
             T = len(traj["actions"])

@@ -379,17 +379,13 @@ def read_shard(path, features, cameras, camera="images0", task_source="path"):
     Bridge trajectory dict. source is what --include / --exclude keywords match: the episode's file_path
     (else its shard). task and source are None where their feature is missing; load() then raises.
     camera: "imagesN" (the N-th camera by name), a camera's feature name or its last part ("image_1")."""
-    key = choose_camera(cameras, camera, os.path.join(os.path.dirname(path), "features.json"))
+    schema = os.path.join(os.path.dirname(path), "features.json")
+    key = choose_camera(cameras, camera, schema)
     if task_source not in TASK_SOURCES:
         raise ValueError(f"task_source: expected one of {TASK_SOURCES}, got {task_source!r}")
-    if task_source == "path" and FILE_PATH_KEY not in features:
-        raise FormatError(
-            os.path.join(os.path.dirname(path), "features.json"),
-            None,
-            FILE_PATH_KEY,
-            "a feature to name tasks by (or name them by instruction)",
-            "nothing",
-        )
+    task_key = FILE_PATH_KEY if task_source == "path" else INSTRUCTION_KEY
+    if task_key not in features:
+        raise FormatError(schema, None, task_key, "a text feature to name tasks by", "nothing")
     for i, record in enumerate(read_tfrecords(path)):
         try:
             example = parse_example(record)
@@ -397,19 +393,17 @@ def read_shard(path, features, cameras, camera="images0", task_source="path"):
             raise FormatError(
                 path, i, "<record>", "a serialized tf.train.Example", f"undecodable ({e})"
             ) from None
-        file_path = _text(example, FILE_PATH_KEY)
-        if task_source == "path":
-            task = file_path and task_from_file_path(file_path)
-        else:
-            task = _text(example, INSTRUCTION_KEY) or None
-        needed = FILE_PATH_KEY if task_source == "path" else INSTRUCTION_KEY
+        text = _text(example, task_key)
+        task = None
+        if text:
+            task = task_from_file_path(text) if task_source == "path" else text
 
-        def load(example=example, i=i, task=task, needed=needed):
+        def load(example=example, i=i, task=task):
             if task is None:
-                raise FormatError(path, i, needed, "a non-empty text feature (the task)", "nothing")
+                raise FormatError(path, i, task_key, "a non-empty text (the task)", "nothing")
             return _episode_trajectory(example, path, i, key)
 
-        yield i, task, file_path or path, load
+        yield i, task, _text(example, FILE_PATH_KEY) or path, load
 
 
 # ---------------------------------------------------------------- writing: fixtures and the bench
