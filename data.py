@@ -1064,10 +1064,17 @@ def main(argv=None):
         help="RLDS: task from the episode's source out.npy path or its language instruction",
     )
     c.add_argument(
-        "--include", nargs="*", default=[], help="keep files whose path contains any of these"
+        "--include",
+        nargs="*",
+        default=[],
+        help="keep files whose path contains any of these (RLDS: the episode's file_path; LeRobot: "
+        "its task)",
     )
     c.add_argument(
-        "--exclude", nargs="*", default=[], help="drop files whose path contains any of these"
+        "--exclude",
+        nargs="*",
+        default=[],
+        help="drop files whose path contains any of these (same)",
     )
     c.add_argument("--aliases", default=None, help="JSON file mapping task name -> task name")
     c.add_argument(
@@ -1098,6 +1105,7 @@ def main(argv=None):
     except (
         ValueError,
         OSError,
+        ImportError,  # an optional reader's package (pyarrow, av): the message names the pip command
     ) as e:  # BridgeFormatError is a ValueError: its message names file and field
         sys.exit(f"error: {e}")
 
