@@ -348,6 +348,7 @@ def convert(sources, root, store, key, options, log=print):
     try:
         with open(os.path.join(tmp, "images.npy"), "wb") as images_file:
             images_file.write(bytes(_HEADER_BYTES))  # placeholder for _npy_header
+            # RLDS and LeRobot sources (task None) come with the chosen camera in images0
             camera = options["camera"] if sources[0][1] is not None else "images0"
             for fi, (path, task, _) in enumerate(sources):
                 try:

@@ -177,7 +177,7 @@ def decode_video(path, start, n, fps, episode):
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if len(frames) == n:
                     break
-    except (OSError, av.FFmpegError, IndexError) as e:  # IndexError: no video stream
+    except (OSError, av.error.FFmpegError, IndexError) as e:  # IndexError: no video stream
         raise FormatError(
             path, episode, "<video>", "a decodable mp4", f"{type(e).__name__}: {e}"
         ) from None
@@ -219,11 +219,14 @@ def read_data_file(dataset, path, camera="images0"):
     key = choose_camera(dataset.cameras, camera, os.path.join(dataset.folder, "meta", "info.json"))
     image_column = [key] if dataset.info["features"][key]["dtype"] == "image" else []
     columns = ["episode_index", "task_index", STATE_KEY, ACTION_KEY, *image_column]
-    table = _read_parquet(path)
-    missing = [c for c in columns if c not in table.column_names]
+    try:
+        names = _require("pyarrow.parquet").read_schema(path).names
+    except (OSError, ValueError) as e:
+        raise FormatError(path, None, "<file>", "a parquet table", f"unreadable ({e})") from None
+    missing = [c for c in columns if c not in names]
     if missing:
         raise FormatError(path, None, missing[0], "a column of the frame table", "nothing")
-    table = table.select(columns)
+    table = _read_parquet(path, columns)  # only these: other cameras may be images in the table
     episode_of_row = table.column("episode_index").to_numpy()
     starts = np.flatnonzero(np.r_[True, episode_of_row[1:] != episode_of_row[:-1]])
     for start, stop in zip(starts, np.r_[starts[1:], len(episode_of_row)]):

@@ -361,7 +361,10 @@ def _episode_trajectory(example, path, i, camera):
         raise FormatError(path, i, camera, "at least 2 steps (one transition)", f"{T}")
     arrays = {}
     for key in (STATE_KEY, ACTION_KEY):
-        values = np.asarray(get(key), np.float32)
+        values = get(key)
+        if isinstance(values, list):  # a bytes_list: a tensor TFDS serialized as raw bytes
+            raise FormatError(path, i, key, "a float_list of numbers", "a bytes_list")
+        values = values.astype(np.float32)
         if values.size != 7 * T:
             raise FormatError(path, i, key, f"{T} x 7 floats (one row per step)", f"{values.size}")
         arrays[key] = values.reshape(T, 7)
