@@ -12,8 +12,9 @@ Cameras of dtype "image" are PNG / JPEG bytes inside the table. A LeRobot episod
 observation t with action t, so it becomes a Bridge trajectory (SPEC section 5) of T - 1 transitions; its
 task is its first frame's entry in the task table.
 
-A leaf (imports nothing from the project but fileio.py's Bridge format). pyarrow and PyAV are imported by
-the functions that need them. `python lerobot.py bench` prints the reader's throughput and peak memory.
+Imports from the project only fileio.py (a leaf: the Bridge format, FormatError). pyarrow and PyAV are imported by
+the functions that need them. The writers at the end make fixtures
+for the tests and scripts/bench_formats.py (throughput and peak memory against the numpy reader).
 """
 
 import glob

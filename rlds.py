@@ -15,8 +15,8 @@ observation, so it becomes a Bridge trajectory (SPEC section 5) of T - 1 transit
 The task of a Bridge episode is taken from its source out.npy path (episode_metadata/file_path) by the numpy
 release's rule (`task_from_file_path`), or from its language instruction.
 
-A leaf (imports nothing from the project but fileio.py's Bridge format). `python rlds.py bench` prints the
-reader's throughput and peak memory on a synthetic dataset of several shards.
+Imports from the project only fileio.py (a leaf: the Bridge format, FormatError). The writers at the end make fixtures
+for the tests and scripts/bench_formats.py (throughput and peak memory against the numpy reader).
 """
 
 import glob
