@@ -781,12 +781,17 @@ def test_formats_rlds_bad_input_and_skip_bad(tmp_path):
     open(shard0, "wb").write(bytes(blob))
     store = tmp_path / "store2"
     fails(r"00000-of-00002: episode 0: field '<record>': expected a matching CRC32C")
-    proc = subprocess.run(
-        [sys.executable, data.__file__, "convert", tmp_path / "ds", "--out", store],
-        capture_output=True,
-        text=True,
-    )
+    cli = [sys.executable, data.__file__]
+    convert = cli + ["convert", tmp_path / "ds", "--out", store, "--task_source", "instruction"]
+    proc = subprocess.run(convert, capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "CRC32C" in proc.stderr
+    proc = subprocess.run(convert + ["--skip_bad"], capture_output=True, text=True)
+    assert (
+        proc.returncode == 0 and "skipped 2 bad" in proc.stdout
+    )  # the rest of shard 0, shard 1's end
+    proc = subprocess.run(cli + ["info", store], capture_output=True, text=True)
+    assert "2 trajectories" in proc.stdout
+    assert "put the 0 in the pot" in proc.stdout and "put the 1 in the pot" in proc.stdout
 
 
 def test_formats_lerobot_v21_and_v30_round_trip(tmp_path):
