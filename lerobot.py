@@ -12,7 +12,7 @@ Cameras of dtype "image" are PNG / JPEG bytes inside the table. A LeRobot episod
 observation t with action t, so it becomes a Bridge trajectory (SPEC section 5) of T - 1 transitions; its
 task is its first frame's entry in the task table.
 
-Imports from the project only fileio.py (a leaf: the Bridge format, FormatError). pyarrow and PyAV are imported by
+Imports from the project only the leaves fileio.py (the Bridge format, FormatError) and cli.py. pyarrow and PyAV are imported by
 the functions that need them. The writers at the end make fixtures
 for the tests and scripts/bench_formats.py (throughput and peak memory against the numpy reader).
 """
@@ -25,6 +25,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from cli import ExpectedError
 from fileio import FormatError, atomic_write_text, bridge_trajectory, choose_camera
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -33,13 +34,17 @@ ACTION_KEY = "action"
 CHUNKS_SIZE = 1000  # files per chunk folder, LeRobot's default
 
 
+class MissingPackageError(ExpectedError, ImportError):
+    """An optional package this reader needs is not installed: the message names the pip command."""
+
+
 def _require(module):
     """Import an optional package, or say which pip command installs it."""
     package = module.split(".")[0]
     try:
         return __import__(module, fromlist=["_"])
     except ImportError:
-        raise ImportError(
+        raise MissingPackageError(
             f"reading LeRobot datasets needs {package}: pip install {package}"
         ) from None
 

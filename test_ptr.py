@@ -8,7 +8,10 @@ import csv
 import json
 import math
 import os
+import pathlib
+import re
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -23,6 +26,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import cli
 import cql
 import data
 import fileio
@@ -241,7 +245,7 @@ def test_data_killed_conversion_leaves_no_store(tmp_path):
     store = tmp_path / "store"
     kill = (
         "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data; "
-        "data._resize = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
+        "data.resize_images = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
         "data.load_store(sys.argv[2], store=sys.argv[3])"
     )
     proc = subprocess.run(
@@ -570,6 +574,189 @@ def test_data_skip_bad_and_cli(tmp_path):
     )
 
 
+# -------------------------- data.py: non-finite values, damaged stores, one-line failures (issue 14)
+
+
+def test_data_non_finite_values_rejected_and_skipped(tmp_path):
+    good = lambda T=3: data.synthetic_trajectory(T, 8, np.random.default_rng(0))  # noqa: E731
+    t = good()
+    t["actions"][1, 4] = np.nan
+    _data_error(
+        tmp_path,
+        [good(), t],
+        r"trajectory 1: field 'actions': expected finite numbers, got nan at step 1, dimension 4",
+    )
+    t = good()
+    t["observations"][2] = dict(t["observations"][2], state=np.r_[np.inf, np.zeros(6)])
+    _data_error(
+        tmp_path,
+        [t],
+        r"field 'observations\[2\].state': expected finite numbers, got inf in dimension 0",
+    )
+    t = good()
+    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.r_[np.zeros(6), -np.inf])
+    _data_error(tmp_path, [t], r"'next_observations\[2\].state': .* got -inf in dimension 6")
+    _data_error(
+        tmp_path, [dict(good(), terminals=[0.0, np.nan, 0.0])], r"'terminals': .* got nan at step 1"
+    )
+    t = good()
+    t["actions"][2, 0] = 1e39  # a float64 that the store's float32 would keep as inf
+    _data_error(
+        tmp_path, [t], r"'actions': expected finite numbers, got inf at step 2, dimension 0"
+    )
+    # --skip_bad skips them like any other bad trajectory: the action bounds stay finite
+    bad = good(4)
+    bad["actions"][0, 0] = np.nan
+    _data_save(str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"), [good(), bad, good(2)])
+    logs = []
+    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
+    assert st.num_transitions() == 5 and st.meta["skipped"] == 1
+    assert "trajectory 1: field 'actions': expected finite numbers, got nan at step 0" in logs[-1]
+    assert np.isfinite(st.action_low).all() and np.isfinite(st.action_high).all()
+
+
+def _data_damage(store, case):
+    """Damage a store the way a crash, a full disk or a careless hand does."""
+    meta = json.loads((store / "meta.json").read_text())
+    frames = meta["num_transitions"] + len(np.load(store / "trajectories.npz")["length"])
+    if case == "truncated images":
+        (store / "images.npy").write_bytes((store / "images.npy").read_bytes()[:-100])
+    elif case == "truncated states":
+        (store / "states.npy").write_bytes((store / "states.npy").read_bytes()[:200])
+    elif case == "deleted actions":
+        (store / "actions.npy").unlink()
+    elif case == "bad trajectories":
+        (store / "trajectories.npz").write_bytes(b"PK\x03\x04 not a zip archive")
+    elif case == "garbage meta":
+        (store / "meta.json").write_text("{'not': json")
+    elif case == "fewer rows":
+        np.save(store / "actions.npy", np.zeros((meta["num_transitions"] - 1, 7), np.float32))
+    elif case == "more rows":
+        np.save(store / "states.npy", np.zeros((frames + 1, 7), np.float32))
+
+
+# case -> (the damaged file, what the error says about it); the store: 9 transitions, 11 frames
+_DATA_DAMAGE = {
+    "truncated images": ("images.npy", r"truncated or unreadable"),
+    "truncated states": ("states.npy", r"truncated or unreadable"),
+    "deleted actions": ("actions.npy", r"missing"),
+    "bad trajectories": ("trajectories.npz", r"unreadable"),
+    "garbage meta": ("meta.json", r"unreadable \(JSONDecodeError"),
+    "fewer rows": ("actions.npy", r"expected a float32 array of shape \(9, 7\) .* shape \(8, 7\)"),
+    "more rows": ("states.npy", r"expected a float32 array of shape \(11, 7\) .* shape \(12, 7\)"),
+}
+
+
+def test_data_damaged_store_given_is_an_error_with_the_rebuild_command(tmp_path):
+    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0, T=[4, 5])
+    built = tmp_path / "built"
+    data.load_store(tmp_path / "tree", store=built, log=lambda *_: None)
+    for case, (file, problem) in _DATA_DAMAGE.items():
+        store = tmp_path / case.replace(" ", "_")
+        match = re.escape(str(store / file)) + ": " + problem  # the message starts with the file
+        shutil.copytree(built, store)
+        _data_damage(store, case)
+        rebuild = f"rebuild the store: python data.py convert {tmp_path / 'tree'} --out {store}"
+        with pytest.raises(data.StoreError, match=match) as e:
+            data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
+        assert str(e.value).startswith(str(store)) and str(e.value).endswith(rebuild), case
+        with pytest.raises(data.StoreError, match=match):  # a store passed as data
+            data.load_store(store, log=lambda *_: None)
+        # the command it names rebuilds it
+        data.main(["convert", str(tmp_path / "tree"), "--out", str(store)])
+        assert data.Store(store).num_transitions() == 9, case
+    proc = subprocess.run(
+        [sys.executable, data.__file__, "info", built], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    # a garbage meta.json was misread as a source tree: "expected at least one out.npy"
+    _data_damage(built, "garbage meta")
+    proc = subprocess.run(
+        [sys.executable, data.__file__, "info", built], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"data.py: error: {built / 'meta.json'}: unreadable")
+
+
+def test_data_damaged_default_store_is_rebuilt_from_its_sources(tmp_path):
+    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0, T=[4, 5])
+    store = data.load_store(tmp_path / "tree", log=lambda *_: None)
+    images = np.array(store.images)
+    for case in _DATA_DAMAGE:
+        _data_damage(pathlib.Path(store.path), case)
+        logs = []
+        again = data.load_store(tmp_path / "tree", log=logs.append)
+        assert again.path == store.path and np.array_equal(again.images, images), case
+        notice = logs[0]
+        assert notice.startswith(f"store {store.path} is damaged (") and "\n" not in notice
+        assert notice.endswith(f"rebuilding it from {tmp_path / 'tree'}")
+        assert f"is damaged ({_DATA_DAMAGE[case][0]}: " in notice, (case, notice)
+    assert sorted(os.listdir(os.path.dirname(store.path))) == [os.path.basename(store.path)]
+
+
+def test_data_source_reader_seam(tmp_path, monkeypatch):
+    # a reader may yield trajectory dicts lazily and fail part-way: what it yielded before stays
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
+    data.write_bridge_file(str(path), [])
+
+    def reader(source):
+        yield data.synthetic_trajectory(3, 8, rng)
+        yield data.synthetic_trajectory(2, 8, rng)
+        raise data.BridgeFormatError(source, 2, "<record>", "a complete record", "end of file")
+
+    monkeypatch.setattr(data, "read_source", reader)
+    logs = []
+    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
+    assert st.traj_length.tolist() == [3, 2] and "trajectory 2: field '<record>'" in logs[-1]
+    with pytest.raises(data.BridgeFormatError, match="end of file"):
+        data.load_store(tmp_path / "tree", store=tmp_path / "s", log=lambda *_: None)
+
+
+def test_data_one_line_failures_and_nothing_half_written(tmp_path):
+    assert issubclass(data.BridgeFormatError, cli.ExpectedError)
+    assert issubclass(data.BridgeFormatError, ValueError)
+    _data_write_tree(tmp_path / "tree", ["k/b"], n_traj=2, n_val=0)
+    os.makedirs(tmp_path / "tree" / "k" / "a" / "train" / "out.npy")  # a folder, not a file
+    with pytest.raises(
+        data.BridgeFormatError,
+        match=r"a/train/out.npy: field '<file>': expected a file.* got a directory",
+    ):
+        data.load_store(tmp_path / "tree", log=lambda *_: None)
+    logs = []
+    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
+    assert st.num_transitions() == 10 and st.meta["skipped"] == 1
+    assert "skipped 1 bad" in logs[-1] and "got a directory" in logs[-1]
+    # --out naming a folder that is not a store: refused, nothing deleted
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="mine: exists and is not a store"):
+        data.load_store(tmp_path / "tree", store=tmp_path / "mine", skip_bad=True, log=logs.append)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    # a missing path and Ctrl-C during a conversion: one line each, no store, no tmp folder
+    proc = subprocess.run(
+        [sys.executable, data.__file__, "convert", tmp_path / "missing"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == f"data.py: error: {tmp_path / 'missing'}: no such file or folder\n"
+    interrupt = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import cli, data; sys.argv[0] = 'data.py'\n"
+        "def interrupted(frames, size):\n    raise KeyboardInterrupt\n"
+        "data.resize_images = interrupted\n"
+        "cli.run_cli(data.main, ['convert', sys.argv[2], '--out', sys.argv[3], '--skip_bad'])"
+    )
+    folder = os.path.dirname(data.__file__)
+    proc = subprocess.run(
+        [sys.executable, "-c", interrupt, folder, tmp_path / "tree", tmp_path / "s"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 130 and proc.stderr == "data.py: interrupted\n"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("s")]
+
+
 # ====================================================================================================
 # rlds.py and lerobot.py: RLDS / TFDS and LeRobot datasets into the store (issue 12)
 # ====================================================================================================
@@ -858,8 +1045,9 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
         match=r"info.json: field 'codebase_version': expected one of \('v2.0', 'v2.1', 'v3.0'\), got 'v1.6'",
     ):
         data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
-    with pytest.raises(ImportError, match="pip install no_such_package"):
+    with pytest.raises(lerobot.MissingPackageError, match="needs no_such_package: pip install no_"):
         lerobot._require("no_such_package")
+    assert issubclass(lerobot.MissingPackageError, cli.ExpectedError)  # one line from run_cli
 
 
 # ====================================================================================================
