@@ -7,9 +7,9 @@ prior and target data in each batch (tau; 0.35 / 0.15 / 0.5 prior / target / onl
 App. E) and trains with random crop + color jitter (Table X).
 
 The path of the data, top to bottom in this file:
-  find_sources() lists the source files of a tree (or of an RLDS / LeRobot dataset folder) ->
-  read_source() yields each file's trajectory dicts (rlds.py, lerobot.py: each episode with its
-  task, _episodes) -> parse_trajectory() checks one -> convert() streams them into a store -> Store opens it
+  find_sources() lists the source files of a tree (or an RLDS / LeRobot dataset folder) ->
+  _episodes() yields each file's trajectories (read_source() for out.npy; rlds.py, lerobot.py) ->
+  parse_trajectory() checks one -> convert() streams them into a store -> Store opens it
   (checked against its meta.json) -> Sampler, MixedSampler, ReplayBuffer make batches -> augment().
 load_store() ties the first half together and caches: a store is rebuilt when its sources change.
 
@@ -192,13 +192,14 @@ def read_bridge_file(path):
 
 
 def read_source(path):
-    """The trajectories of one source file as Bridge trajectory dicts (SPEC section 5), in order.
+    """The trajectories of one out.npy as Bridge trajectory dicts (SPEC section 5), in order.
 
-    This is the seam where a source format plugs in: find_sources() lists the files, read_source()
-    turns one into an iterable of trajectory dicts (a list or a generator), and convert() checks
-    each one with parse_trajectory() and streams it into the store. Today every source is a Bridge
-    out.npy. A reader of another format yields the same dicts and raises BridgeFormatError for a
-    file it cannot read (convert reports it, or skips the rest of that file under skip_bad)."""
+    The numpy format's side of the seam where source formats plug in: find_sources() lists the
+    files, _episodes() turns one into trajectories (through read_source() for an out.npy, rlds.py or
+    lerobot.py for an RLDS shard or a LeRobot table), and convert() checks each one with
+    parse_trajectory() and streams it into the store. A reader yields the dicts (a list or a
+    generator) and raises a FormatError for a file it cannot read (convert reports it, or skips the
+    rest of that file under skip_bad)."""
     return read_bridge_file(path)
 
 
