@@ -275,9 +275,9 @@ def write_video(path, frames, fps, codec):
         container.mux(stream.encode())
 
 
-def _features(image_shape, num_cameras):
+def _features(image_shape, num_cameras, video):
     camera = {
-        "dtype": "video",
+        "dtype": "video" if video else "image",
         "shape": list(image_shape),
         "names": ["height", "width", "channels"],
     }
@@ -292,10 +292,13 @@ def _features(image_shape, num_cameras):
     }
 
 
-def write_lerobot(folder, episodes, version="v3.0", fps=10, episodes_per_file=2, codec=None):
+def write_lerobot(
+    folder, episodes, version="v3.0", fps=10, episodes_per_file=2, codec=None, video=True
+):
     """A LeRobot dataset folder from [(Bridge trajectory with cameras images0.., task)]: each episode of T
     actions is T frames (observations[t], actions[t]), the final next observation dropped. v2.x: one table
-    and one mp4 per camera for each episode; v3.0: episodes_per_file episodes per table and mp4."""
+    and one mp4 per camera for each episode; v3.0: episodes_per_file episodes per table and mp4.
+    video=False: cameras of dtype image, PNG bytes in the table."""
     pa = _require("pyarrow")
     pq = _require("pyarrow.parquet")
     obs0 = episodes[0][0]["observations"][0]
@@ -311,7 +314,7 @@ def write_lerobot(folder, episodes, version="v3.0", fps=10, episodes_per_file=2,
         "total_episodes": len(episodes),
         "total_tasks": len(task_names),
         "splits": {"train": f"0:{len(episodes)}"},
-        "features": _features(obs0["images0"].shape, len(cams)),
+        "features": _features(obs0["images0"].shape, len(cams), video),
     }
     if v3:
         info["data_path"] = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
@@ -326,6 +329,8 @@ def write_lerobot(folder, episodes, version="v3.0", fps=10, episodes_per_file=2,
     episode_rows, index = [], 0
     for file_index, group in enumerate(groups):
         columns = [STATE_KEY, ACTION_KEY, "timestamp", "frame_index", "episode_index", "index"]
+        if not video:
+            columns += [f"observation.images.image_{c}" for c in range(len(cams))]
         table = {k: [] for k in [*columns, "task_index"]}
         videos = {c: [] for c in cams}
         time = 0.0
@@ -335,6 +340,10 @@ def write_lerobot(folder, episodes, version="v3.0", fps=10, episodes_per_file=2,
             row = {"episode_index": e, "tasks": [task], "length": T, "data/chunk_index": 0}
             row["data/file_index"] = file_index
             for c, cam in enumerate(cams):
+                if not video:
+                    pngs = [{"bytes": _png(o[cam]), "path": None} for o in traj["observations"]]
+                    table[f"observation.images.image_{c}"] += pngs
+                    continue
                 videos[cam].extend(o[cam] for o in traj["observations"])
                 key = f"videos/observation.images.image_{c}"
                 row |= {f"{key}/chunk_index": 0, f"{key}/file_index": file_index}
@@ -353,7 +362,7 @@ def write_lerobot(folder, episodes, version="v3.0", fps=10, episodes_per_file=2,
         else:
             names = {"episode_chunk": 0, "episode_index": group[0]}
         pq.write_table(pa.table(table), _mkdirs(folder, info["data_path"].format(**names)))
-        for c, cam in enumerate(cams):
+        for c, cam in enumerate(cams if video else []):
             rel = info["video_path"].format(video_key=f"observation.images.image_{c}", **names)
             write_video(os.path.join(folder, rel), np.stack(videos[cam]), fps, codec)
     info["total_frames"] = index
@@ -375,6 +384,12 @@ def write_lerobot(folder, episodes, version="v3.0", fps=10, episodes_per_file=2,
         lines = [{k: r[k] for k in ("episode_index", "tasks", "length")} for r in episode_rows]
         text = "".join(json.dumps(r) + "\n" for r in lines)
         atomic_write_text(text, os.path.join(folder, "meta", "episodes.jsonl"))
+
+
+def _png(image):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _mkdirs(folder, rel):

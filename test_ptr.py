@@ -1015,6 +1015,11 @@ def test_formats_lerobot_v21_and_v30_round_trip(tmp_path):
         st = data.load_store(folder, log=lambda *_: None)
         assert st.task_names == ["task 0", "task 1"]
         assert st.traj_length.tolist() == [3, 5, 4, 2, 4]
+    # cameras of dtype image: PNG bytes in the frame table, read back exactly
+    lerobot.write_lerobot(tmp_path / "png", episodes, version="v2.1", video=False)
+    st = data.load_store(tmp_path / "png", camera="image_1", log=lambda *_: None)
+    for (ref, _), got in zip(episodes, _formats_store_trajectories(st), strict=True):
+        assert np.array_equal(got[2], [o["images1"] for o in ref["observations"]])
 
 
 def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
