@@ -94,14 +94,17 @@ class Dataset:
         self.cameras = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
         if not self.cameras:
             raise FormatError(info_path, None, "features", "a camera (dtype video or image)")
-        self.fps = float(self.info.get("fps", 0)) or None
+        self.fps = float(self.info.get("fps", 30))
         self.tasks = self._read_tasks()
         self.episodes = self._read_episodes() if self.version == "v3.0" else {}
 
     def _read_tasks(self):
         if self.version != "v3.0":
             path = os.path.join(self.folder, "meta", "tasks.jsonl")
-            return {int(r["task_index"]): r["task"] for r in _read_jsonl(path)}
+            rows = _read_jsonl(path)
+            if not all(isinstance(r, dict) and {"task_index", "task"} <= set(r) for r in rows):
+                raise FormatError(path, None, "<line>", "objects with task_index and task")
+            return {int(r["task_index"]): r["task"] for r in rows}
         path = os.path.join(self.folder, "meta", "tasks.parquet")
         table = _read_parquet(path)
         # pandas writes the task strings as the frame's index: a "task" column, or an unnamed index column
@@ -196,8 +199,6 @@ def decode_video(path, start, n, fps, episode):
 
 def _column(table, key, path, episode, n):
     """A (n, 7) float32 array from a list column (one list of 7 per frame)."""
-    if key not in table.column_names:
-        raise FormatError(path, episode, key, "a column of the frame table", "nothing")
     values = table.column(key).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     if values.size != 7 * n:
         raise FormatError(path, episode, key, f"{n} x 7 numbers (one list per frame)", values.size)
@@ -253,7 +254,7 @@ def read_data_file(dataset, path, camera="images0"):
                 frames = _table_images(rows, key, path, episode)
             else:
                 video, start = dataset.video_path(key, episode)
-                frames = decode_video(video, start, n, dataset.fps or 30.0, episode)
+                frames = decode_video(video, start, n, dataset.fps, episode)
             observations = [{"image": f, "state": s} for f, s in zip(frames, states)]
             return bridge_trajectory(observations, actions[:-1])
 
