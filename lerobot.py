@@ -130,10 +130,9 @@ class Dataset:
                 os.path.join(self.folder, "meta", "episodes", "**", "*.parquet"), recursive=True
             )
         )
-        for path in paths:
-            table = _read_parquet(path)
-            wanted = [c for c in columns if c in table.column_names]
-            for row in table.select(wanted).to_pylist():
+        for path in paths:  # only these columns: the rows also hold every feature's statistics
+            wanted = [c for c in columns if c in _column_names(path)]
+            for row in _read_parquet(path, wanted).to_pylist():
                 episodes[row["episode_index"]] = row
         return episodes
 
@@ -159,6 +158,13 @@ class Dataset:
             file_index=row[f"videos/{camera}/file_index"],
         )
         return os.path.join(self.folder, rel), float(row[f"videos/{camera}/from_timestamp"])
+
+
+def _column_names(path):
+    try:
+        return _require("pyarrow.parquet").read_schema(path).names
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise FormatError(path, None, "<file>", "a parquet table", f"unreadable ({e})") from None
 
 
 def _read_parquet(path, columns=None):
@@ -226,10 +232,7 @@ def read_data_file(dataset, path, camera="images0"):
     key = choose_camera(dataset.cameras, camera, os.path.join(dataset.folder, "meta", "info.json"))
     image_column = [key] if dataset.info["features"][key]["dtype"] == "image" else []
     columns = ["episode_index", "task_index", STATE_KEY, ACTION_KEY, *image_column]
-    try:
-        names = _require("pyarrow.parquet").read_schema(path).names
-    except (OSError, ValueError) as e:
-        raise FormatError(path, None, "<file>", "a parquet table", f"unreadable ({e})") from None
+    names = _column_names(path)
     missing = [c for c in columns if c not in names]
     if missing:
         raise FormatError(path, None, missing[0], "a column of the frame table", "nothing")
