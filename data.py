@@ -568,9 +568,8 @@ def _write_trajectories(images_file, sources, root, options, skip):
 
 def convert(sources, root, store, key, options, log=print):
     """Write the store for `sources` (from find_sources) into <store>.tmp-<pid>, then rename it to
-    `store`. Nothing half-written survives an error or Ctrl-C (the tmp folder is deleted; after kill
-    -9 the next conversion sweeps it). options: load_store's (image_size, camera, aliases, skip_bad,
-    ...)."""
+    `store`. Nothing half-written survives an error or Ctrl-C: the tmp folder is deleted (one left
+    by a kill -9 is swept by the next conversion). options: load_store's."""
     store = os.path.abspath(store)
     _check_replaceable(store)
     stamps = source_stamps(sources)  # taken before reading: a file changed meanwhile converts again
