@@ -7,8 +7,9 @@ prior and target data in each batch (tau; 0.35 / 0.15 / 0.5 prior / target / onl
 App. E) and trains with random crop + color jitter (Table X).
 
 The path of the data, top to bottom in this file:
-  find_sources() lists the source files of a tree -> read_source() yields each file's trajectory
-  dicts -> parse_trajectory() checks one -> convert() streams them into a store -> Store opens it
+  find_sources() lists the source files of a tree (or an RLDS / LeRobot dataset folder) ->
+  _episodes() yields each file's trajectories (read_source() for out.npy; rlds.py, lerobot.py) ->
+  parse_trajectory() checks one -> convert() streams them into a store -> Store opens it
   (checked against its meta.json) -> Sampler, MixedSampler, ReplayBuffer make batches -> augment().
 load_store() ties the first half together and caches: a store is rebuilt when its sources change.
 
@@ -43,8 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+import lerobot
+import rlds
 from cli import ExpectedError, run_cli
-from fileio import pid_alive, write_bridge_file  # data.write_bridge_file is fileio's
+from fileio import FormatError, pid_alive, write_bridge_file  # data.write_bridge_file is fileio's
 
 FORMAT_VERSION = 1
 SOURCE_NAME = "out.npy"  # the Bridge release's file name (SPEC section 5)
@@ -75,18 +78,11 @@ _GRAY = (0.2989, 0.587, 0.114)  # luma weights of torchvision's rgb_to_grayscale
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
-class BridgeFormatError(ExpectedError, ValueError):
+class BridgeFormatError(ExpectedError, FormatError):
     """A source file that does not follow the Bridge numpy format (SPEC section 5): names the file,
     the trajectory (its index in the file), the field, what was expected and what was found."""
 
-    def __init__(self, file, traj, field, expected, got=None):
-        message = f"{file}: "
-        if traj is not None:
-            message += f"trajectory {traj}: "
-        message += f"field '{field}': expected {expected}"
-        if got is not None:
-            message += f", got {got}"
-        super().__init__(message)
+    unit = "trajectory"  # FormatError's message: "<file>: trajectory <i>: field ..."
 
 
 class StoreError(ExpectedError, ValueError):
@@ -196,14 +192,41 @@ def read_bridge_file(path):
 
 
 def read_source(path):
-    """The trajectories of one source file as Bridge trajectory dicts (SPEC section 5), in order.
+    """The trajectories of one out.npy as Bridge trajectory dicts (SPEC section 5), in order.
 
-    This is the seam where a source format plugs in: find_sources() lists the files, read_source()
-    turns one into an iterable of trajectory dicts (a list or a generator), and convert() checks
-    each one with parse_trajectory() and streams it into the store. Today every source is a Bridge
-    out.npy. A reader of another format yields the same dicts and raises BridgeFormatError for a
-    file it cannot read (convert reports it, or skips the rest of that file under skip_bad)."""
+    The numpy format's side of the seam where source formats plug in: find_sources() lists the
+    files, _episodes() turns one into trajectories (through read_source() for an out.npy, rlds.py or
+    lerobot.py for an RLDS shard or a LeRobot table), and convert() checks each one with
+    parse_trajectory() and streams it into the store. A reader yields the dicts (a list or a
+    generator) and raises a FormatError for a file it cannot read (convert reports it, or skips the
+    rest of that file under skip_bad)."""
     return read_bridge_file(path)
+
+
+def _episodes(path, task, root, options):
+    """(index in file, task, load) for each trajectory of one source; load() gives its Bridge
+    trajectory dict. An out.npy (task from its folder) comes from read_source(); an RLDS shard or a
+    LeRobot frame table streams episode by episode from rlds.py / lerobot.py, each with its own task,
+    kept when its source (the episode's out.npy path in RLDS, its task in LeRobot) passes include /
+    exclude. Both readers put the chosen camera in images0."""
+    if task is not None:
+        for index, traj in enumerate(read_source(path)):
+            yield index, task, lambda traj=traj: traj
+        return
+    if rlds.is_rlds(root):
+        features, cameras = rlds.read_schema(root)
+        task_source = options.get("task_source", "path")
+        episodes = rlds.read_shard(path, features, cameras, options["camera"], task_source)
+    else:
+        episodes = lerobot.read_data_file(lerobot.Dataset(root), path, options["camera"])
+    include, exclude = options["include"], options["exclude"]
+    for index, name, source, load in episodes:
+        if source is not None:
+            if include and not any(k in source for k in include):
+                continue
+            if any(k in source for k in exclude):
+                continue
+        yield index, name, load
 
 
 def _first_non_finite(a, steps):
@@ -313,10 +336,15 @@ def find_sources(src, include=(), exclude=()):
     split)]). The task is the folder that holds train/ and val/; split is "train", "val" or None.
     include / exclude are keyword substrings of the path relative to root (the paper pre-trains on
     all but toykitchen6). A folder named out.npy is listed too, so that reading it reports it
-    instead of skipping it silently."""
+    instead of skipping it silently. An RLDS / TFDS dataset folder lists its shards, a LeRobot folder
+    its frame tables, with task None: their tasks and include / exclude go by episode (_episodes)."""
     src = os.path.abspath(src)
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
+    if rlds.is_rlds(src):
+        return src, [(path, None, split) for path, split in rlds.find_shards(src)]
+    if lerobot.is_lerobot(src):
+        return src, [(path, None, None) for path in lerobot.Dataset(src).data_files()]
     if os.path.isfile(src):
         root = os.path.dirname(src)
         paths = [src]
@@ -503,9 +531,9 @@ def _checked_frames(traj, path, index, options, size):
     return images, states, actions, terminals
 
 
-def _write_trajectories(images_file, sources, options, task_names, skip):
+def _write_trajectories(images_file, sources, root, options, skip):
     """Stream every valid trajectory's frames into images_file (after its header placeholder).
-    Returns (rows: (task, source file, index in file, length) per trajectory, {name: per-step
+    Returns (rows: (task name, source file, index in file, length) per trajectory, {name: per-step
     arrays}, image (H, W)). States, actions and terminals (~0.1 % of the bytes) are gathered in
     memory. skip(error) notes a bad trajectory or file, or raises the error."""
     size = image_hw(options["image_size"])
@@ -513,15 +541,16 @@ def _write_trajectories(images_file, sources, options, task_names, skip):
     rows = []
     arrays = {"states": [], "actions": [], "terminals": []}
     for source, (path, task, _) in enumerate(sources):
-        task_id = task_names.index(aliases.get(task, task))
+        # RLDS and LeRobot sources (task None) come with the chosen camera in images0
+        checks = options if task is not None else dict(options, camera="images0")
         # one file's trajectories in memory at a time: read_source's list is freed after its loop
         try:
-            for index, traj in enumerate(read_source(path)):
+            for index, traj_task, load in _episodes(path, task, root, options):
                 try:
                     images, states, actions, terminals = _checked_frames(
-                        traj, path, index, options, size
+                        load(), path, index, checks, size
                     )
-                except BridgeFormatError as e:
+                except FormatError as e:
                     skip(e)
                     continue
                 size = next(iter(images.values())).shape[1:3]  # the first one fixes it
@@ -530,9 +559,9 @@ def _write_trajectories(images_file, sources, options, task_names, skip):
                     arrays["states"].append(states)
                     arrays["actions"].append(actions)
                     arrays["terminals"].append(terminals)
-                    rows.append((task_id, source, index, len(actions)))
+                    rows.append((aliases.get(traj_task, traj_task), source, index, len(actions)))
         # the file itself is bad, or a reader failed part-way (or skip() passed an error on)
-        except BridgeFormatError as e:
+        except FormatError as e:
             skip(e)
     return rows, arrays, size
 
@@ -543,8 +572,6 @@ def convert(sources, root, store, key, options, log=print):
     by a kill -9 is swept by the next conversion). options: load_store's."""
     store = os.path.abspath(store)
     _check_replaceable(store)
-    aliases = options["aliases"]
-    task_names = sorted({aliases.get(task, task) for _, task, _ in sources})
     stamps = source_stamps(sources)  # taken before reading: a file changed meanwhile converts again
     skipped = []
     start = time.time()
@@ -559,9 +586,7 @@ def convert(sources, root, store, key, options, log=print):
     try:
         with open(os.path.join(tmp, "images.npy"), "wb") as images_file:
             images_file.write(bytes(_HEADER_BYTES))  # the placeholder for _npy_header
-            rows, arrays, size = _write_trajectories(
-                images_file, sources, options, task_names, skip
-            )
+            rows, arrays, size = _write_trajectories(images_file, sources, root, options, skip)
             if not rows:
                 raise BridgeFormatError(
                     root,
@@ -575,6 +600,8 @@ def convert(sources, root, store, key, options, log=print):
             images_file.write(_npy_header(np.uint8, (len(arrays["states"]), *size, 3)))
         for name, a in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), a)
+        task_names = sorted({row[0] for row in rows})  # RLDS / LeRobot: known once all are read
+        rows = [(task_names.index(name), *rest) for name, *rest in rows]
         task, source, index, length = np.array(rows, np.int64).T
         np.savez(
             os.path.join(tmp, "trajectories.npz"),
@@ -627,6 +654,8 @@ def convert_command(src, store, options):
         words += ["--exclude", *options["exclude"]]
     if options.get("skip_bad"):
         words.append("--skip_bad")
+    if "task_source" in options:
+        words += ["--task_source", options["task_source"]]
     command = shlex.join(words)
     if options.get("aliases"):
         command += " --aliases <your aliases file>"
@@ -670,12 +699,15 @@ def load_store(
     aliases=None,
     skip_bad=False,
     repair=False,
+    task_source="path",
     log=print,
 ):
-    """Open the store for `src` (a Bridge tree root, one task folder, one out.npy, or a built store
-    folder), converting first unless a store was built with these options from these exact files
-    (size, mtime_ns). store=None: <src root>/.ptr_store/<key>.
-    camera: "images0", "images1", ... or "all" (each camera a trajectory of its own).
+    """Open the store for `src` (a Bridge tree root, one task folder, one out.npy, an RLDS / TFDS or
+    LeRobot dataset folder, or a built store folder), converting first unless a store was built with
+    these options from these exact files (size, mtime_ns). store=None: <src root>/.ptr_store/<key>.
+    camera: "images0", "images1", ... or "all" (each camera a trajectory of its own; numpy only);
+    RLDS / LeRobot: imagesN is their N-th camera, or a camera's name ("image_1").
+    task_source (RLDS): "path" (the task folder of the episode's source out.npy) or "instruction".
     aliases: a dict or a JSON file mapping task name -> task name (e.g. open_* variants onto one).
 
     A damaged store (files that disagree with its meta.json) in the default place is rebuilt from
@@ -693,6 +725,8 @@ def load_store(
         "aliases": dict(sorted(aliases.items())),
         "skip_bad": skip_bad,
     }
+    if task_source != "path":  # only then: the keys of the stores built before stay the same
+        options["task_source"] = task_source
     # tuples -> lists, so that it equals the copy in meta.json
     options = json.loads(json.dumps(options))
     root, sources = find_sources(src, include, exclude)
@@ -701,7 +735,7 @@ def load_store(
             src,
             None,
             SOURCE_NAME,
-            f"at least one {SOURCE_NAME} below it",
+            f"at least one {SOURCE_NAME} below it (or an RLDS / LeRobot dataset folder)",
             f"none (include={list(include)}, exclude={list(exclude)})",
         )
     chosen = store is not None
@@ -722,7 +756,7 @@ def load_store(
                 raise
             log(f"store {store} is damaged ({e.file}: {e.problem}); rebuilding it from {root}")
     else:
-        log(f"converting {len(sources)} {SOURCE_NAME} files under {root} into {store}")
+        log(f"converting {len(sources)} files under {root} into {store}")
     convert(sources, root, store, key, options, log)
     return Store(store, rebuild=rebuild)
 
@@ -1369,13 +1403,14 @@ def bench(transitions=20000, image_size=128, B=64):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="PTR data: convert Bridge-format out.npy trees, inspect, benchmark."
+        description="PTR data: convert Bridge out.npy trees, RLDS and LeRobot datasets; inspect, "
+        "benchmark."
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     convert_cmd = sub.add_parser(
         "convert",
-        help="convert (or reuse) the store of a Bridge tree, task folder or out.npy; "
-        "rebuilds a damaged store",
+        help="convert (or reuse) the store of a Bridge tree, task folder, out.npy, RLDS or LeRobot "
+        "folder; rebuilds a damaged store",
     )
     convert_cmd.add_argument("src")
     convert_cmd.add_argument(
@@ -1387,13 +1422,27 @@ def main(argv=None):
     convert_cmd.add_argument(
         "--camera",
         default="images0",
-        help="images0 | images1 | ... | all (each camera a trajectory)",
+        help="images0 | images1 | ... | all (each camera a trajectory); RLDS / LeRobot: imagesN is "
+        "their N-th camera, or give its name (image_1, observation.images.image_1)",
     )
     convert_cmd.add_argument(
-        "--include", nargs="*", default=[], help="keep files whose path contains any of these"
+        "--task_source",
+        choices=rlds.TASK_SOURCES,
+        default="path",
+        help="RLDS: task from the episode's source out.npy path or its language instruction",
     )
     convert_cmd.add_argument(
-        "--exclude", nargs="*", default=[], help="drop files whose path contains any of these"
+        "--include",
+        nargs="*",
+        default=[],
+        help="keep files whose path contains any of these (RLDS: the episode's file_path; "
+        "LeRobot: its task)",
+    )
+    convert_cmd.add_argument(
+        "--exclude",
+        nargs="*",
+        default=[],
+        help="drop files whose path contains any of these (same)",
     )
     convert_cmd.add_argument(
         "--aliases", default=None, help="JSON file mapping task name -> task name"
@@ -1417,6 +1466,7 @@ def main(argv=None):
             args.aliases,
             args.skip_bad,
             repair=True,
+            task_source=args.task_source,
         )
     elif args.cmd == "info":
         info(args.store)

@@ -7,10 +7,13 @@ project, so robot.py and sim_binsort.py may use it as well as data.py and train.
 - The Bridge numpy format (SPEC section 5): bridge_trajectory() builds one trajectory dict from T + 1
   observations, write_bridge_file() stores a list of them as the release does (np.save of an object array).
   Every producer of data (sim collection, robot recording, synthetic test trees) goes through these two.
+- Readers of other formats (rlds.py, lerobot.py) turn their episodes into the same dicts; FormatError names
+  the file, the episode and the field of bad input, and choose_camera maps a --camera choice to a feature.
 """
 
 import glob
 import os
+import re
 
 import numpy as np
 
@@ -95,3 +98,33 @@ def write_bridge_file(path, trajectories):
     arr[:] = list(trajectories)
     atomic_write(path, lambda f: np.save(f, arr, allow_pickle=True))
     return path
+
+
+class FormatError(ValueError):
+    """Bad input in a data source: `<file>: episode <i>: field '<field>': expected <...>, got <...>`."""
+
+    unit = "episode"
+
+    def __init__(self, file, episode, field, expected, got=None):
+        where = f"{file}: " + ("" if episode is None else f"{self.unit} {episode}: ")
+        super().__init__(
+            f"{where}field '{field}': expected {expected}" + ("" if got is None else f", got {got}")
+        )
+
+
+def choose_camera(cameras, camera, where):
+    """A dataset's camera feature from a --camera choice: "imagesN" is the N-th of `cameras` (so the Bridge
+    numpy format's names keep their meaning), else a feature's full name or its last part."""
+    m = re.fullmatch(r"images(\d+)", camera)
+    if m and int(m[1]) < len(cameras):
+        return cameras[int(m[1])]
+    for c in cameras:
+        if camera in (c, re.split(r"[/.]", c)[-1]):
+            return c
+    raise FormatError(
+        where,
+        None,
+        "camera",
+        f"one of {cameras} or images0..images{len(cameras) - 1}",
+        repr(camera),
+    )

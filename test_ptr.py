@@ -29,9 +29,12 @@ from PIL import Image
 import cli
 import cql
 import data
+import fileio
 import finetune
+import lerobot
 import model
 import online
+import rlds
 import robot
 import select_ckpt
 import sim_binsort as sb
@@ -752,6 +755,302 @@ def test_data_one_line_failures_and_nothing_half_written(tmp_path):
     )
     assert proc.returncode == 130 and proc.stderr == "data.py: interrupted\n"
     assert not [p for p in os.listdir(tmp_path) if p.startswith("s")]
+
+
+# ====================================================================================================
+# rlds.py and lerobot.py: RLDS / TFDS and LeRobot datasets into the store (issue 12)
+# ====================================================================================================
+# mean |error| per pixel (of 255) on the smooth fixture images, after JPEG q95 / video at crf 18
+# (measured: ~1.5 for JPEG, ~1.7 for h264 and AV1)
+JPEG_TOLERANCE = 3.0
+VIDEO_TOLERANCE = 4.0
+# brightness between consecutive frames: a frame read off by one is far outside the tolerances
+FRAME_STEP = 8
+
+
+def _formats_trajectory(T, H, rng, cameras=2, episode=0):
+    """A Bridge trajectory of T actions with smooth images (JPEG and video keep them within the
+    tolerances above) whose brightness tells camera, episode and step apart (FRAME_STEP a step)."""
+    y, x = np.mgrid[0:H, 0:H] / H
+    ramp = np.stack([x, y, (x + y) / 2], -1) * 60
+    obs = []
+    for t in range(T + 1):
+        o = {"state": rng.normal(size=7).astype(np.float32)}
+        for c in range(cameras):
+            level = (20 + 40 * c + 17 * episode + FRAME_STEP * t) % 120
+            o[f"images{c}"] = (ramp + level).astype(np.uint8)
+        obs.append(o)
+    actions = rng.uniform(-1, 1, (T, 7)).astype(np.float32)
+    return {
+        "observations": obs[:-1],
+        "next_observations": obs[1:],
+        "actions": actions,
+        "terminals": np.zeros(T),
+    }
+
+
+def _formats_steps(traj):
+    """What a T-step RLDS / LeRobot episode made from traj holds, as a Bridge trajectory: the T
+    observations and T - 1 actions (the release's final next observation is not stored)."""
+    obs = [{"image": o["images0"], "state": o["state"]} for o in traj["observations"]]
+    return fileio.bridge_trajectory(obs, traj["actions"][:-1])
+
+
+def _formats_rlds(folder, n=5, T=(4, 6, 5), H=16, num_shards=2, split="train", seed=0):
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for k in range(n):
+        traj = _formats_trajectory(T[k % len(T)], H, rng, episode=k)
+        path = f"/data/bridge_data_v2/toykitchen{k % 2}/task_{k % 3}/{k}/{split}/out.npy"
+        episodes.append((traj, path, f"put the {k % 3} in the pot"))
+    rlds.write_bridge_rlds(folder, episodes, num_shards=num_shards, split=split)
+    return episodes
+
+
+def _formats_store_trajectories(st):
+    """(task name, split, frames, states, actions) of every trajectory of a store, in store order."""
+    images, states = np.asarray(st.images), np.asarray(st.states)
+    out = []
+    for k, (start, length) in enumerate(zip(st.traj_start, st.traj_length)):
+        frames = slice(start + k, start + k + length + 1)  # T + 1 frames, see data.py's docstring
+        out.append(
+            (
+                st.task_names[st.traj_task[k]],
+                int(st.traj_split[k]),
+                images[frames],
+                states[frames],
+                np.asarray(st.actions[start : start + length]),
+            )
+        )
+    return out
+
+
+def test_formats_crc32c_and_example_wire_format():
+    assert rlds.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    rng = np.random.default_rng(0)
+    for n in (0, 3, 63, 64, 1000, 40_001):  # below, at and above the vectorized path
+        buf = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        c = 0xFFFFFFFF
+        for b in buf:  # bit by bit, reflected polynomial 0x82F63B78
+            c ^= b
+            for _ in range(8):
+                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        assert rlds.crc32c(buf) == c ^ 0xFFFFFFFF, n
+    # Example{features{feature{key "a" value{int64_list{value: [1]}}}}}, as TensorFlow serializes it
+    hand = bytes.fromhex("0a0c0a0a0a016112051a030a0101")
+    assert rlds.encode_example({"a": np.array([1])}) == hand
+    assert {k: v.tolist() for k, v in rlds.parse_example(hand).items()} == {"a": [1]}
+    got = rlds.parse_example(
+        rlds.encode_example(
+            {"i": np.array([-3, 2**40]), "f": np.array([1.5, -2.0]), "s": [b"xy", b""]}
+        )
+    )
+    assert got["i"].tolist() == [-3, 2**40] and got["f"].tolist() == [1.5, -2.0]
+    assert got["s"] == [b"xy", b""]
+    # floats and ints one field per value (wire types 5 and 0), as older writers do
+    unpacked = bytes.fromhex("0a130a110a0166120c120a0d0000c03f0d000000c0")
+    assert rlds.parse_example(unpacked)["f"].tolist() == [1.5, -2.0]
+
+
+def test_formats_rlds_round_trip_tasks_and_cameras(tmp_path):
+    episodes = _formats_rlds(tmp_path / "ds", n=5, num_shards=2)
+    features, cameras = rlds.read_schema(tmp_path / "ds")
+    assert cameras == ["steps/observation/image_0", "steps/observation/image_1"]
+    shards = rlds.find_shards(tmp_path / "ds")
+    assert [os.path.basename(p) for p, _ in shards] == [
+        "bridge_dataset-train.tfrecord-00000-of-00002",
+        "bridge_dataset-train.tfrecord-00001-of-00002",
+    ]
+    read = []
+    for camera, c in (("images0", 0), ("images1", 1), ("image_1", 1)):
+        read = [
+            (task, source, load())
+            for path, _ in shards
+            for _, task, source, load in rlds.read_shard(path, features, cameras, camera)
+        ]
+        assert len(read) == len(episodes)  # episode boundaries: one trajectory per record
+        for (task, source, traj), (ref, file_path, _) in zip(read, episodes):
+            assert (
+                source == file_path and task == file_path.split("/")[-4]
+            )  # task_k, not the number
+            assert len(traj["actions"]) == len(ref["actions"]) - 1
+            assert np.array_equal(traj["actions"], ref["actions"][:-1])
+            got = np.stack(
+                [o["images0"] for o in traj["observations"]]
+                + [traj["next_observations"][-1]["images0"]]
+            )
+            want = np.stack([o[f"images{c}"] for o in ref["observations"]])
+            assert got.shape == want.shape
+            assert np.abs(got.astype(float) - want).mean() < JPEG_TOLERANCE
+            states = [o["state"] for o in traj["observations"] + traj["next_observations"][-1:]]
+            assert np.array_equal(states, [o["state"] for o in ref["observations"]])
+    by_instruction = [
+        task
+        for path, _ in shards
+        for _, task, _, _ in rlds.read_shard(path, features, cameras, task_source="instruction")
+    ]
+    assert by_instruction == [instruction for *_, instruction in episodes]
+    assert rlds.task_from_file_path("/a/bridge/toykitchen2/put_sushi_in_pot/train/out.npy") == (
+        "put_sushi_in_pot"
+    )
+    with pytest.raises(fileio.FormatError, match=r"features.json: field 'camera': expected one of"):
+        next(rlds.read_shard(shards[0][0], features, cameras, "wrist"))
+
+
+def test_formats_rlds_store_equals_numpy_store(tmp_path):
+    """The same episodes as an RLDS folder (train and val shards) and as a numpy tree of out.npy give
+    the same store: tasks, splits, lengths and actions / states exactly, images within JPEG error."""
+    train = _formats_rlds(tmp_path / "ds", n=6, num_shards=2, split="train", seed=1)
+    val = _formats_rlds(tmp_path / "ds", n=2, num_shards=1, split="val", seed=2)
+    for split, episodes in (("train", train), ("val", val)):
+        by_file = {}
+        for traj, file_path, _ in episodes:
+            by_file.setdefault(file_path.split("/")[-4], []).append(_formats_steps(traj))
+        for task, trajs in by_file.items():
+            fileio.write_bridge_file(str(tmp_path / "tree" / "k" / task / split / "out.npy"), trajs)
+    quiet = {"image_size": 8, "log": lambda *_: None}
+    from_rlds = _formats_store_trajectories(data.load_store(tmp_path / "ds", **quiet))
+    from_numpy = _formats_store_trajectories(data.load_store(tmp_path / "tree", **quiet))
+    order = lambda t: (t[0], t[1], t[4][0].tolist())  # noqa: E731  (the stores list files in other orders)
+    assert len(from_rlds) == len(from_numpy) == 8
+    for a, b in zip(sorted(from_rlds, key=order), sorted(from_numpy, key=order)):
+        assert a[:2] == b[:2] and a[2].shape == b[2].shape
+        assert np.array_equal(a[3], b[3]) and np.array_equal(a[4], b[4])
+        assert np.abs(a[2].astype(float) - b[2]).mean() < JPEG_TOLERANCE
+    assert {t[1] for t in from_rlds} == {0, 1}  # the shards' train / val split is kept
+
+
+def _formats_rewrite_record(shard, index, change):
+    """Rewrite record `index` of a shard: change(features dict) edits the decoded Example."""
+    records = list(rlds.read_tfrecords(shard))
+    features = rlds.parse_example(records[index])
+    change(features)
+    records[index] = rlds.encode_example(features)
+    rlds.write_tfrecords(shard, records)
+
+
+def test_formats_rlds_bad_input_and_skip_bad(tmp_path, capsys):
+    _formats_rlds(tmp_path / "ds", n=6, num_shards=2)
+    shard0, shard1 = (str(p) for p, _ in rlds.find_shards(tmp_path / "ds"))
+    store = tmp_path / "store"
+
+    def fails(pattern, **kw):
+        with pytest.raises(fileio.FormatError, match=pattern):
+            data.load_store(tmp_path / "ds", store=store, log=lambda *_: None, **kw)
+        assert not os.path.exists(store)  # nothing half-written
+
+    _formats_rewrite_record(shard0, 1, lambda f: f.pop(rlds.STATE_KEY))
+    fails(
+        r"00000-of-00002: episode 1: field 'steps/observation/state': expected a feature of every"
+    )
+    _formats_rlds(tmp_path / "ds", n=6, num_shards=2)
+    _formats_rewrite_record(
+        shard0, 2, lambda f: f["steps/observation/image_0"].__setitem__(3, b"\xff\xd8 not a jpeg")
+    )
+    fails(r"episode 2: field 'steps/observation/image_0\[3\]': expected a JPEG or PNG image")
+    with open(shard1, "r+b") as f:  # the second shard ends in the middle of its last record
+        f.truncate(os.path.getsize(shard1) - 100)
+    logs = []
+    st = data.load_store(tmp_path / "ds", store=store, skip_bad=True, log=logs.append)
+    assert st.meta["skipped"] == 2 and len(st.traj_length) == 4
+    assert "episode 2: field 'steps/observation/image_0[3]'" in logs[-1]
+    assert (
+        "00001-of-00002: episode 2: field '<record>': expected " in logs[-1]
+        and "(truncated)" in logs[-1]
+    )
+    blob = bytearray(open(shard0, "rb").read())
+    blob[40] ^= 1  # one flipped bit inside the first record
+    open(shard0, "wb").write(bytes(blob))
+    store = tmp_path / "store2"
+    fails(r"00000-of-00002: episode 0: field '<record>': expected a matching CRC32C")
+    # the command line, in this process: one line and exit status 2, then --skip_bad, then info
+    convert = ["convert", str(tmp_path / "ds"), "--out", str(store), "--task_source", "instruction"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        cli.run_cli(data.main, convert)
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2 and err.count("\n") == 1 and "CRC32C" in err
+    with pytest.raises(SystemExit) as exit_status:
+        cli.run_cli(data.main, convert + ["--skip_bad"])
+    assert exit_status.value.code == 0
+    assert "skipped 2 bad" in capsys.readouterr().out  # the rest of shard 0, shard 1's end
+    data.main(["info", str(store)])
+    out = capsys.readouterr().out
+    assert "2 trajectories" in out and "put the 0 in the pot" in out and "put the 1 in" in out
+
+
+def test_formats_lerobot_v21_and_v30_round_trip(tmp_path):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("av")
+    rng = np.random.default_rng(0)
+    episodes = [
+        (_formats_trajectory(T, 32, rng, episode=k), f"task {k % 2}")
+        for k, T in enumerate((4, 6, 5, 3, 5))
+    ]
+    for version in ("v2.1", "v3.0"):
+        folder = tmp_path / version
+        lerobot.write_lerobot(folder, episodes, version=version, episodes_per_file=3)
+        ds = lerobot.Dataset(folder)
+        assert ds.tasks == {0: "task 0", 1: "task 1"}
+        assert len(ds.data_files()) == (5 if version == "v2.1" else 2)
+        for camera, c in (("images1", 1), ("observation.images.image_0", 0)):
+            read = [
+                (e, task, load())
+                for path in ds.data_files()
+                for e, task, _, load in lerobot.read_data_file(ds, path, camera)
+            ]
+            assert [(e, task) for e, task, _ in read] == [
+                (k, t) for k, (_, t) in enumerate(episodes)
+            ]
+            for (_, _, traj), (ref, _) in zip(read, episodes):
+                assert np.array_equal(traj["actions"], ref["actions"][:-1])
+                states = [o["state"] for o in traj["observations"] + traj["next_observations"][-1:]]
+                assert np.array_equal(states, [o["state"] for o in ref["observations"]])
+                got = [o["images0"] for o in traj["observations"] + traj["next_observations"][-1:]]
+                want = [o[f"images{c}"] for o in ref["observations"]]
+                errors = np.abs(np.array(got, float) - np.array(want)).mean((1, 2, 3))
+                assert errors.max() < VIDEO_TOLERANCE, (version, camera, errors)
+        st = data.load_store(folder, log=lambda *_: None)
+        assert st.task_names == ["task 0", "task 1"]
+        assert st.traj_length.tolist() == [3, 5, 4, 2, 4]
+    # cameras of dtype image: PNG bytes in the frame table, read back exactly
+    lerobot.write_lerobot(tmp_path / "png", episodes, version="v2.1", video=False)
+    st = data.load_store(tmp_path / "png", camera="image_1", log=lambda *_: None)
+    for (ref, _), got in zip(episodes, _formats_store_trajectories(st), strict=True):
+        assert np.array_equal(got[2], [o["images1"] for o in ref["observations"]])
+
+
+def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("av")
+    rng = np.random.default_rng(0)
+    episodes = [(_formats_trajectory(4, 32, rng, episode=k), "wipe") for k in range(3)]
+    lerobot.write_lerobot(tmp_path / "le", episodes, version="v2.1")
+    video = (
+        tmp_path
+        / "le"
+        / "videos"
+        / "chunk-000"
+        / "observation.images.image_0"
+        / "episode_000001.mp4"
+    )
+    video.write_bytes(video.read_bytes()[:200])
+    with pytest.raises(
+        fileio.FormatError, match=r"episode_000001.mp4: episode 1: field '<video>': expected"
+    ):
+        data.load_store(tmp_path / "le", log=lambda *_: None)
+    st = data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
+    assert st.meta["skipped"] == 1 and st.traj_length.tolist() == [3, 3]
+    info = tmp_path / "le" / "meta" / "info.json"
+    info.write_text(info.read_text().replace('"v2.1"', '"v1.6"'))
+    with pytest.raises(
+        fileio.FormatError,
+        match=r"info.json: field 'codebase_version': expected one of \('v2.0', 'v2.1', 'v3.0'\), got 'v1.6'",
+    ):
+        data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
+    with pytest.raises(lerobot.MissingPackageError, match="needs no_such_package: pip install no_"):
+        lerobot._require("no_such_package")
+    assert issubclass(lerobot.MissingPackageError, cli.ExpectedError)  # one line from run_cli
 
 
 # ====================================================================================================
