@@ -1,17 +1,19 @@
-"""widowx.py: the kinematics of the WidowX 250 6-DOF (wx250s), written once for robot.py and sim_binsort.py.
+"""widowx.py: the WidowX 250 6-DOF (wx250s) kinematics, one copy for robot.py and sim_binsort.py.
 
 A leaf (imports nothing from the project; SPEC section 2). The numbers are SPEC section 6:
-- Product-of-exponentials forward kinematics in the space frame (base_link), end effector ee_gripper_link:
-  T(q) = e^[S1]q1 ... e^[S6]q6 M, with the screw axes S_i = [w; v] and the home pose M (identity rotation).
-- One damped-least-squares inverse kinematics solver, solve_ik(). The simulator's data were collected with
-  it: its arithmetic must stay bit for bit as it is (test_ptr.py checks the simulator against it).
-- The Bridge euler convention: R = Rz(yaw) Ry(pitch) Rx(roll), extrinsic x, y, z; the Bridge state's euler
-  angles are those of the gripper's rotation relative to pointing down (R_DOWN).
+- Product-of-exponentials forward kinematics in the space frame (base_link), end effector
+  ee_gripper_link: T(q) = e^[S1]q1 ... e^[S6]q6 M, with the screw axes S_i = [w; v] and the home
+  pose M (identity rotation).
+- One damped-least-squares inverse kinematics solver, solve_ik(). The simulator's data were
+  collected with it: its arithmetic must stay bit for bit as it is (test_ptr.py checks the simulator
+  against it).
+- The Bridge euler convention: R = Rz(yaw) Ry(pitch) Rx(roll), extrinsic x, y, z; the Bridge state's
+  euler angles are those of the gripper's rotation relative to pointing down (R_DOWN).
 """
 
 import numpy as np
 
-# rows S_i = [w; v] in the base frame: waist, shoulder, elbow, forearm roll, wrist angle, wrist rotate
+# rows S_i = [w; v] in the base frame: waist, shoulder, elbow, forearm roll, wrist angle and rotate
 SCREW_AXES = np.array(
     [
         [0, 0, 1, 0, 0, 0],
@@ -30,14 +32,13 @@ VELOCITY_LIMIT = np.pi  # rad/s, every joint
 SLEEP_JOINTS = np.array([0.0, -1.80, 1.55, 0.0, 0.8, 0.0])  # Interbotix's sleep pose, on the cradle
 # the gripper pointing down: Bridge's zero rotation, which the state's euler angles are relative to
 R_DOWN = np.array([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])
-IK_ITERS = 30  # solve_ik's iterations; a 5 Hz step moves the target a few cm at most
 
 
 class IKError(ValueError):
     """Inverse kinematics did not reach the pose (unreachable, or beyond the joint limits)."""
 
 
-# ---- rotations (the Bridge convention) -----------------------------------------------------------------
+# ---- rotations (the Bridge convention) -----------------------------------------------------------
 def euler_to_mat(rpy):
     """R = Rz(yaw) Ry(pitch) Rx(roll): the Bridge convention (extrinsic x, y, z)."""
     cr, cp, cy = np.cos(rpy)
@@ -63,7 +64,8 @@ def mat_to_euler(R):
 
 
 def cross3(a, b):
-    """a x b of two 3-vectors: np.cross costs ~20 us here, and the IK calls it thousands of times an episode."""
+    """a x b of two 3-vectors: np.cross costs ~20 us here, and the IK calls it thousands of times an
+    episode."""
     return np.array(
         [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
     )
@@ -82,9 +84,10 @@ def rotation_angle(E):
 AXIS_SKEWS = [skew(w) for w in SCREW_AXES[:, :3]]  # [w_i] of each screw axis, computed once
 
 
-# ---- forward kinematics (product of exponentials) ------------------------------------------------------
+# ---- forward kinematics (product of exponentials) ------------------------------------------------
 def fk_and_jacobian(q):
-    """PoE kinematics T = e^[S1]q1 ... e^[S6]q6 M -> (R, p, 6x6 Jacobian [angular; velocity of the point p])."""
+    """PoE kinematics T = e^[S1]q1 ... e^[S6]q6 M -> (R, p, 6x6 Jacobian [angular; velocity of the
+    point p])."""
     R = np.eye(3)
     p = np.zeros(3)
     J = np.empty((6, 6))
@@ -116,10 +119,11 @@ def forward_kinematics(q):
     return T
 
 
-# ---- inverse kinematics --------------------------------------------------------------------------------
-def solve_ik(pos, R_goal, q0, iters=IK_ITERS, damping=0.02):
-    """Damped least squares from the previous joint target (the IK branch stays continuous), clipped to the
-    joint limits at every iteration; 1 rad of rotation error counts as 30 cm. Returns the last iterate."""
+# ---- inverse kinematics --------------------------------------------------------------------------
+def solve_ik(pos, R_goal, q0, iters=30, damping=0.02):
+    """Damped least squares from the previous joint target (the IK branch stays continuous), clipped
+    to the joint limits at every iteration; 1 rad of rotation error counts as 30 cm. Returns the
+    last iterate."""
     q = np.array(q0, dtype=np.float64)
     weight = np.array([0.3] * 3 + [1.0] * 3)
     for _ in range(iters):
@@ -136,9 +140,11 @@ def solve_ik(pos, R_goal, q0, iters=IK_ITERS, damping=0.02):
     return q
 
 
-def inverse_kinematics(T_goal, seed, iters=IK_ITERS, tol_pos=1e-4, tol_rot=1e-3):
-    """solve_ik() for a 4x4 pose, checked: raises IKError with the residual when the result misses the pose
-    by more than tol_pos (m) or tol_rot (rad). The robot then holds the arm; it never guesses."""
+def inverse_kinematics(T_goal, seed, iters=100, tol_pos=1e-4, tol_rot=1e-3):
+    """solve_ik() for a 4x4 pose, checked: raises IKError with the residual when the result misses
+    the pose by more than tol_pos (m) or tol_rot (rad); the robot then holds the arm, it never
+    guesses. 100 iterations: from the measured joints of the robot, a few more than the simulator's
+    30 can be needed near a singular wrist."""
     q = solve_ik(T_goal[:3, 3], T_goal[:3, :3], seed, iters)
     R, p, _ = fk_and_jacobian(q)
     position_error = np.linalg.norm(T_goal[:3, 3] - p)
