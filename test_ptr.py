@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import cli
 import cql
 import data
 import dynamixel
@@ -2587,6 +2588,160 @@ def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         robot.main(["record", "--help"])
     assert "w/s forward/back" in capsys.readouterr().out
+
+
+# ---- faults and the command line (issue 14: items 3 and 9) -------------------------------------------
+class _RobotSerialException(OSError):
+    """What pyserial raises (serial.SerialException is an IOError): a port that cannot open or died."""
+
+
+def _robot_main_on(fake, monkeypatch, **options):
+    """robot.main() on the fake bus; the fake's port stays open when main closes its bus."""
+    port = types.SimpleNamespace(
+        name=fake.port.name,
+        read=fake.port.read,
+        write=fake.port.write,
+        reset_input_buffer=fake.port.reset_input_buffer,
+        close=lambda: None,
+    )
+
+    def open_bus(path, baud):
+        return dynamixel.DynamixelBus(
+            port, baud, names=robot.SERVO_NAMES, **{"timeout": _ROBOT_TIMEOUT, **options}
+        )
+
+    monkeypatch.setattr(robot, "open_bus", open_bus)
+    return port
+
+
+def _robot_run(argv, capsys):
+    """cli.run_cli(robot.main, argv) -> (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(robot.main, argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def _robot_moves(fake, since):
+    """The packets after `since` that could move or reconfigure a servo (WRITE, SYNC_WRITE, REBOOT)."""
+    moving = (dynamixel.WRITE, dynamixel.SYNC_WRITE, dynamixel.REBOOT)
+    return [(t, i, p) for t, i, p in fake.packets[since:] if i in moving]
+
+
+def test_robot_home_and_sleep_refuse_to_move_with_a_latched_hardware_error(
+    robot_bus, monkeypatch, capsys
+):
+    # today's bug: home moved the other joints while the overloaded elbow hung limp, and exited 0
+    env = _robot_env(robot_bus)
+    _robot_main_on(robot_bus, monkeypatch)
+    robot_bus.fail(4, 0x20)
+    for command in ("home", "sleep"):
+        n = len(robot_bus.packets)
+        status, _, err = _robot_run([command], capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert "error: not moving the arm: servo hardware error: ID 4 (elbow): overload" in err
+        assert "reboot it with: python robot.py check --port /dev/pts/fake --reboot" in err
+        assert _robot_moves(robot_bus, n) == []  # pings and reads only
+    n = len(robot_bus.packets)  # the environment refuses the same way, and does not safe-stop
+    with pytest.raises(robot.RefusedToMove, match=r"ID 4 \(elbow\): overload"):
+        env.reset()
+    assert _robot_moves(robot_bus, n) == [] and not env._ready  # not ready: close() moves nothing
+
+
+def test_robot_env_reset_refuses_on_a_ready_arm(robot_bus):
+    env = _robot_env(robot_bus)
+    env.reset()
+    robot_bus.fail(1, 0x01 | 0x08)  # between episodes: the waist's supply dips, its encoder fails
+    n = len(robot_bus.packets)
+    with pytest.raises(
+        robot.RefusedToMove,
+        match=r"ID 1 \(waist\): input voltage out of range \(check the 12 V supply\), motor "
+        r"encoder error\. .*check --port /dev/pts/fake --reboot",
+    ):
+        env.reset()
+    assert (
+        _robot_moves(robot_bus, n) == [] and not env._ready
+    )  # no safe stop: it would move the arm
+
+
+def test_robot_check_exits_nonzero_until_the_error_is_rebooted(robot_bus, monkeypatch, capsys):
+    _robot_main_on(robot_bus, monkeypatch)
+    robot_bus.fail(4, 0x20)
+    status, out, _ = _robot_run(["check"], capsys)
+    lines = out.splitlines()
+    assert status == 1 and "ID 4 elbow" in lines[3] and "overload" in lines[3]
+    assert lines[9] == (
+        "hardware error on ID 4 (elbow): the arm will not move until it is rebooted with "
+        "python robot.py check --port /dev/pts/fake --reboot"
+    )
+    status, out, _ = _robot_run(["check", "--reboot"], capsys)
+    assert status == 0 and "overload (too much load for too long) -> rebooted" in out
+    assert robot_bus.table[4][70] == 0
+    status, out, _ = _robot_run(["check"], capsys)
+    assert status == 0 and out.count("no errors") == 9
+
+
+def test_robot_missing_port_gives_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "serial", None)  # pyserial not installed
+    status, _, err = _robot_run(["check", "--port", "/nonexistent/ttyUSB9"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert (
+        "error: opening the serial port /nonexistent/ttyUSB9 needs pyserial: pip install pyserial"
+        in err
+    )
+
+    def serial_port(path, baud, timeout):  # pyserial's behaviour on a missing device
+        raise _RobotSerialException(2, f"could not open port {path}: No such file or directory")
+
+    module = types.ModuleType("serial")
+    module.Serial = serial_port
+    monkeypatch.setitem(sys.modules, "serial", module)
+    for command in ("check", "home", "sleep"):
+        status, _, err = _robot_run([command, "--port", "/nonexistent/ttyUSB9"], capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert "error: [Errno 2] could not open port /nonexistent/ttyUSB9: No such file" in err
+
+
+def test_robot_bus_dying_mid_command_gives_one_line(robot_bus, monkeypatch, capsys):
+    port = _robot_main_on(robot_bus, monkeypatch)
+    writes = []
+
+    def write(data):  # the U2D2 unplugged after 3 packets
+        writes.append(data)
+        if len(writes) > 3:
+            raise _RobotSerialException("write failed: [Errno 5] Input/output error")
+        robot_bus.port.write(data)
+
+    port.write = write
+    status, _, err = _robot_run(["home"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert (
+        "error: the serial port /dev/pts/fake failed: write failed: [Errno 5] Input/output" in err
+    )
+    _robot_main_on(robot_bus, monkeypatch, timeout=0.1, retries=1)
+    robot_bus.silent.update(robot.ALL_IDS)  # the 12 V supply off: no servo answers
+    status, _, err = _robot_run(["sleep"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "error: no status packet from servo ID 1 on /dev/pts/fake" in err
+
+
+def test_robot_env_on_a_dead_port_logs_one_line(robot_bus, monkeypatch):
+    env = _robot_env(robot_bus)
+    env.reset()
+    logs = []
+    env.log = logs.append
+
+    def dead(data):
+        raise _RobotSerialException("write failed: [Errno 5] Input/output error")
+
+    monkeypatch.setattr(env.arm.bus.port, "write", dead)
+    with pytest.raises(dynamixel.PortError, match="/dev/pts/fake failed: write failed"):
+        env.step([0, 0, 0, 0, 0, 0, 1])
+    # the safe stop cannot reach a servo: one line, not one failure per part
+    assert logs == [
+        "robot: no safe stop: the port is gone; the servos keep holding their last goal"
+    ]
+    assert not env._ready
 
 
 def _robot_fake_interbotix(monkeypatch):
