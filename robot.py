@@ -6,8 +6,7 @@ USB cable alone (numbers: SPEC section 6) and records target demos in the Bridge
 section 5).
 - dynamixel.py holds the protocol and the serial bus, widowx.py the kinematics; this file holds the
   arm (servo IDs, setup, gripper), the Interbotix backend, WidowXEnv (its docstring: the safety
-  rules), teleoperated recording and the command line. pyserial and opencv are imported only when
-  used.
+  rules), teleoperated recording and the command line. pyserial and opencv load only when used.
 - A servo with a latched hardware error stops every command that would move the arm, before anything
   moves; `python robot.py check --reboot` clears it.
 - FTDI latency: the U2D2's FTDI chip holds received bytes for its latency timer (16 ms by default),
@@ -186,8 +185,7 @@ class Arm:
 
 class DynamixelArm(Arm):
     """The WidowX 250 6-DOF on a DynamixelBus, set up as Interbotix's firmware config. The gripper
-    runs in PWM mode: grip_pwm to move, hold_pwm to keep a grasp after a stall (stall_s still while
-    driven)."""
+    runs in PWM mode: grip_pwm to move, hold_pwm to keep a grasp after a stall (stall_s still)."""
 
     def __init__(self, bus, grip_pwm=350, hold_pwm=150, stall_s=0.5, log=print):
         self.bus = bus
@@ -482,11 +480,12 @@ class WidowXEnv:
     1 open); the pose target accumulates from the previous target, not the measured pose;
     translation in the base frame, clipped to the workspace; rotation about the end effector with
     world axes (R <- Rz Ry Rx R). reward 0, info["success"] False: on the real arm, success comes
-    from a learned classifier (online.py). Safety: a servo with a latched hardware error makes
-    reset() refuse before anything moves; commands are clipped to the joint limits (the servos'
-    limits are a backstop); at most max_joint_step per joint and tick; an IK failure holds the arm;
-    an exception, Ctrl-C or a servo hardware alert in reset/step runs safe_stop; a watchdog thread
-    holds the arm when no step() came for watchdog_s (a late policy)."""
+    from a learned classifier (online.py).
+    Safety: a servo with a latched hardware error makes reset() refuse before anything moves;
+    commands are clipped to the joint limits (the servos' limits are a backstop); at most
+    max_joint_step per joint and tick; an IK failure holds the arm; an exception, Ctrl-C or a servo
+    hardware alert in reset/step runs safe_stop; a watchdog thread holds the arm when no step()
+    came for watchdog_s (a late policy)."""
 
     def __init__(
         self,
@@ -576,8 +575,7 @@ class WidowXEnv:
 
     def reset(self, seed=None):
         """Set the arm up (the first time, or after a safe stop), open the gripper, go to
-        reset_joints. A servo with a hardware error: RefusedToMove, and nothing moves. seed:
-        unused."""
+        reset_joints; seed is unused. A faulted servo: RefusedToMove, and nothing moves."""
         try:
             with self._lock:
                 if self._ready:
@@ -634,9 +632,8 @@ class WidowXEnv:
             raise
 
     def _next_joints(self, action, info):
-        """Move the pose target by the action -> this tick's joint goal (at most max_joint_step
-        away). An unreachable target keeps the last reachable one and holds the arm
-        (info["ik_error"])."""
+        """Move the pose target by the action -> this tick's joint goal (max_joint_step at most).
+        An unreachable target keeps the last reachable one and holds the arm (info["ik_error"])."""
         goal = self._target.copy()
         goal[:3, 3] = np.clip(goal[:3, 3] + action[:3], *self.workspace)
         goal[:3, :3] = euler_to_mat(action[3:6]) @ goal[:3, :3]
@@ -746,11 +743,9 @@ def record(env, out_dir, episodes, keys, max_steps=100, val_every=5, log=print):
     splits = {}
     for split, path in paths.items():
         splits[split] = list(np.load(path, allow_pickle=True)) if os.path.exists(path) else []
-    log(
-        f"{out_dir}: {len(splits['train'])} train + {len(splits['val'])} val episodes "
-        f"already there\n"
-        f"{TELEOP_HELP}"
-    )
+    already = f"{len(splits['train'])} train + {len(splits['val'])} val episodes already there"
+    log(f"{out_dir}: {already}")
+    log(TELEOP_HELP)
     for n in range(episodes):
         log(f"episode {n + 1}/{episodes}: moving to the start pose ...")
         trajectory = None
