@@ -1,78 +1,79 @@
-"""WidowX 250 6-DOF without ROS: Dynamixel protocol 2.0 over the U2D2, kinematics, the robot environment.
+"""robot.py: the WidowX 250 6-DOF without ROS: arm backends, the robot environment, teleoperation.
 
-PTR (Kumar et al., RSS 2023, Sec. V-A, Appendix B) evaluates on real WidowX 250 arms with the Bridge setup (5 Hz,
-end-effector deltas, gripper absolute). This file drives the arm from a laptop over the USB cable alone (numbers:
-SPEC section 6) and records target demos in the Bridge numpy format (SPEC section 5). It imports nothing from the
-project; pyserial and opencv are imported only when used. Safety rules: WidowXEnv's docstring.
-FTDI latency: the U2D2's FTDI chip holds received bytes for its latency timer (16 ms by default), so each reply
-comes 16 ms late; set 1 ms after every plug-in: echo 1 | sudo tee /sys/bus/usb-serial/devices/ttyUSB0/latency_timer
-Usage: python robot.py check|sleep|home --port /dev/ttyUSB0; python robot.py record --out target/my_task --episodes 10
+PTR (Kumar et al., RSS 2023, Sec. V-A, Appendix B) evaluates on real WidowX 250 arms with the Bridge
+setup (5 Hz, end-effector deltas, gripper absolute). This file drives the arm from a laptop over the
+USB cable alone (numbers: SPEC section 6) and records target demos in the Bridge numpy format (SPEC
+section 5).
+- dynamixel.py holds the protocol and the serial bus, widowx.py the kinematics; this file holds the
+  arm (servo IDs, setup, gripper), the Interbotix backend, WidowXEnv (its docstring: the safety
+  rules), teleoperated recording and the command line. pyserial and opencv load only when used.
+- A servo with a latched hardware error stops every command that would move the arm, before anything
+  moves; `python robot.py check --reboot` clears it.
+- FTDI latency: the U2D2's FTDI chip holds received bytes for its latency timer (16 ms by default),
+  so each reply comes 16 ms late; set 1 ms after every plug-in:
+      echo 1 | sudo tee /sys/bus/usb-serial/devices/ttyUSB0/latency_timer
+Usage:
+    python robot.py check|sleep|home --port /dev/ttyUSB0
+    python robot.py record --out target/my_task --episodes 10
 """
 
 import argparse
 import contextlib
+import functools
 import os
 import select
-import struct
 import sys
 import threading
 import time
+
 import numpy as np
 
-# ---- Dynamixel protocol 2.0 (SPEC 6) --------------------------------------------------------------------------
-HEADER, BROADCAST, STATUS = b"\xff\xff\xfd\x00", 0xFE, 0x55
-INSTRUCTIONS = {
-    0x01: "PING",
-    0x02: "READ",
-    0x03: "WRITE",
-    0x08: "REBOOT",
-    0x82: "SYNC_READ",
-    0x83: "SYNC_WRITE",
-}
-PING, READ, WRITE, REBOOT, SYNC_READ, SYNC_WRITE = INSTRUCTIONS  # the codes, in the order above
-# control table items of the XM430 / XL430: (address, bytes); PROFILE = acceleration (108) + velocity (112)
-RETURN_DELAY, DRIVE_MODE, OPERATING_MODE, SECONDARY_ID, HOMING_OFFSET = (
-    (9, 1),
-    (10, 1),
-    (11, 1),
-    (12, 1),
-    (20, 4),
+from cli import ExpectedError, run_cli
+from dynamixel import (
+    DRIVE_MODE,
+    GOAL_POSITION,
+    GOAL_PWM,
+    HARDWARE_ERROR,
+    HOMING_OFFSET,
+    MAX_POSITION,
+    MIN_POSITION,
+    MODEL_NAMES,
+    OPERATING_MODE,
+    POSITION_MODE,
+    PRESENT_POSITION,
+    PRESENT_TEMPERATURE,
+    PROFILE,
+    PWM_MODE,
+    RETURN_DELAY,
+    REVERSE_BIT,
+    SECONDARY_ID,
+    TIME_PROFILE_BIT,
+    TORQUE_ENABLE,
+    DynamixelBus,
+    DynamixelError,
+    HardwareError,
+    NoStatusError,
+    PortError,
+    hardware_messages,
+    rad_to_ticks,
+    ticks_to_rad,
 )
-MAX_POSITION, MIN_POSITION, TORQUE_ENABLE, HARDWARE_ERROR, GOAL_PWM = (
-    (48, 4),
-    (52, 4),
-    (64, 1),
-    (70, 1),
-    (100, 2),
+from fileio import bridge_trajectory, write_bridge_file
+from widowx import (
+    JOINT_HIGH,
+    JOINT_LOW,
+    R_DOWN,
+    SLEEP_JOINTS,
+    VELOCITY_LIMIT,
+    IKError,
+    euler_to_mat,
+    forward_kinematics,
+    inverse_kinematics,
+    mat_to_euler,
 )
-PROFILE, GOAL_POSITION, PRESENT_POSITION, PRESENT_TEMPERATURE = (
-    (108, 8),
-    (116, 4),
-    (132, 4),
-    (146, 1),
-)
-RESULT_ERRORS = (
-    None,
-    "result fail",
-    "instruction error",
-    "CRC error (a corrupted packet: cable?)",  # error & 0x7F
-    "data range error",
-    "data length error",
-    "data limit error (a goal beyond the position limits?)",
-    "access error (read-only register, or EEPROM (address < 64) written with torque on)",
-    "error 8+",
-)
-HARDWARE_ERRORS = {
-    0: "input voltage out of range (check the 12 V supply)",
-    2: "overheating",
-    3: "motor encoder error",
-    4: "electrical shock (short circuit or damaged motor)",
-    5: "overload (too much load for too long)",
-}
-MODELS, _FORMATS = {1020: "XM430-W350", 1060: "XL430-W250"}, {1: "<B", 2: "<h", 4: "<i", 8: "<ii"}
 
-# ---- the arm (SPEC 6) ------------------------------------------------------------------------------------------
-NAMES = {
+# ---- the arm's servos (SPEC 6) -------------------------------------------------------------------
+SERVO_NAMES = {
     1: "waist",
     2: "shoulder",
     3: "shoulder_shadow",
@@ -83,393 +84,254 @@ NAMES = {
     8: "wrist_rotate",
     9: "gripper",
 }
-JOINT_IDS, ARM_IDS, GRIPPER_ID, ALL_IDS = (
-    (1, 2, 4, 6, 7, 8),
-    (1, 2, 3, 4, 5, 6, 7, 8),
-    9,
-    tuple(range(1, 10)),
-)
-SHADOWS, REVERSED = {3: 2, 5: 4}, (3, 5, 7)  # shadow -> master (its Secondary ID); Drive Mode bit 0
-JOINT_LOW, JOINT_HIGH = (
-    np.radians([-180, -108, -123, -180, -100, -180]),
-    np.radians([180, 114, 92, 180, 123, 180]),
-)
-VELOCITY_LIMIT, CALIBRATED_TICKS, STALL_TICKS = (
-    np.pi,
-    5,
-    2,
-)  # rad/s (SPEC 6); shadow vs master; gripper moved
-SLEEP_JOINTS, HOME_JOINTS = np.array([0.0, -1.80, 1.55, 0.0, 0.8, 0.0]), np.zeros(6)
+JOINT_IDS = (1, 2, 4, 6, 7, 8)  # the six joints, in the order of the kinematics
+ARM_IDS = (1, 2, 3, 4, 5, 6, 7, 8)  # the joints and the shadows
+GRIPPER_ID = 9
+ALL_IDS = tuple(range(1, 10))
+SHADOWS = {3: 2, 5: 4}  # shadow -> master (the shadow's Secondary ID)
+REVERSED = (3, 5, 7)  # mounted mirrored: Drive Mode bit 0
+CALIBRATED_TICKS = 5  # a calibrated shadow reads within this of its master
+STALL_TICKS = 2  # the gripper moved when its position changed by more than this
+# a servo without the time-based profile reads Profile Velocity in 0.229 rpm: 20 units = 0.48 rad/s
+SLOW_PROFILE = (5, 20)
+SLOW_PROFILE_SPEED = 0.48
+HOME_JOINTS = np.zeros(6)
 RESET_JOINTS = np.array([0.0, -0.191, 0.2993, 0.0, 1.4624, 0.0])  # gripper down at (0.25, 0, 0.18)
-SCREWS = np.array(
-    [
-        [0, 0, 1, 0, 0, 0],
-        [0, 1, 0, -0.11065, 0, 0],
-        [0, 1, 0, -0.36065, 0, 0.04975],
-        [1, 0, 0, 0, 0.36065, 0],
-        [0, 1, 0, -0.36065, 0, 0.29975],
-        [1, 0, 0, 0, 0.36065, 0],
-    ],
-    float,
-)
-M_HOME = np.array([[1, 0, 0, 0.458325], [0, 1, 0, 0], [0, 0, 1, 0.36065], [0, 0, 0, 1]], float)
-DOWN = np.array(
-    [[0, 0, 1], [0, 1, 0], [-1, 0, 0]], float
-)  # gripper pointing down = Bridge's zero rotation
-WORKSPACE = ((0.10, -0.25, 0.0), (0.41, 0.143, 0.33))
-# gripper linkage, Interbotix xs_sdk's (not this arm's: see read()): finger = r sin(a) + sqrt(L^2 - r^2 cos^2(a)), m
-HORN_RADIUS, LINK_LENGTH, FINGER_CLOSED, FINGER_OPEN = 0.014, 0.024, 0.015, 0.037
+WORKSPACE = ((0.10, -0.25, 0.0), (0.41, 0.143, 0.33))  # Bridge's xyz box (m), low and high corners
+# gripper linkage, Interbotix xs_sdk's (not this arm's: see DynamixelArm.read):
+# finger = r sin(a) + sqrt(L^2 - r^2 cos^2(a)), in m
+HORN_RADIUS = 0.014
+LINK_LENGTH = 0.024
+FINGER_CLOSED = 0.015
+FINGER_OPEN = 0.037
 
 
-class DynamixelError(RuntimeError):
-    """The bus or a servo reported a problem; the message says which and what to do."""
+class MissingPackageError(ExpectedError, ImportError):
+    """An optional package (pyserial, opencv, Interbotix's API) is missing; the message names it."""
 
 
-class PacketError(DynamixelError):
-    """A corrupted packet (bad CRC)."""
+class RefusedToMove(HardwareError):
+    """A servo has a latched hardware error, so the command moved nothing."""
 
 
-class NoStatusError(DynamixelError):
-    """A servo did not answer."""
+def open_bus(port="/dev/ttyUSB0", baud=1_000_000, **options):
+    """The arm's DynamixelBus on a serial port path (or a port object), with the servos' names.
+    options: DynamixelBus's timeout and retries."""
+    try:
+        return DynamixelBus(port, baud, names=SERVO_NAMES, **options)
+    except ImportError as e:  # pyserial: dynamixel.py's message names the pip command
+        raise MissingPackageError(str(e)) from None
 
 
-class ServoError(DynamixelError):
-    """A status packet carried an error code (1..7)."""
-
-
-class HardwareError(DynamixelError):
-    """A servo latched a hardware error: torque off until rebooted."""
-
-
-class IKError(ValueError):
-    """Inverse kinematics did not converge."""
-
-
-def crc16(data):  # CRC-16 of protocol 2.0: polynomial 0x8005, initial value 0, not reflected
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x8005 if crc & 0x8000 else crc << 1) & 0xFFFF
-    return crc
-
-
-# byte stuffing: a header inside the data would read as a new packet, so every FF FF FD gets an extra FD
-def stuff(body):
-    return bytes(body).replace(b"\xff\xff\xfd", b"\xff\xff\xfd\xfd")
-
-
-def unstuff(body):
-    return bytes(body).replace(b"\xff\xff\xfd\xfd", b"\xff\xff\xfd")
-
-
-def make_packet(dxl_id, instruction, params=b""):
-    """Header, ID, length, instruction, params (stuffed), CRC. Status packets too: 0x55, error byte + data."""
-    body = stuff(bytes([instruction]) + bytes(params))
-    packet = HEADER + bytes([dxl_id]) + struct.pack("<H", len(body) + 2) + body
-    return packet + struct.pack("<H", crc16(packet))
-
-
-def split_packet(buf):
-    """First packet in buf -> ((id, instruction, unstuffed params) or None, rest of buf, bytes still missing).
-    Bytes before a header are dropped (a partial header at the end is kept); a bad CRC raises PacketError."""
-    i = buf.find(HEADER)
-    if i < 0:
-        keep = next(k for k in (3, 2, 1, 0) if buf.endswith(HEADER[:k]))
-        return None, buf[len(buf) - keep :], 11 - keep
-    buf = buf[i:]
-    total = (
-        7 + struct.unpack_from("<H", buf, 5)[0] if len(buf) >= 7 else 11
-    )  # 11: the shortest status packet
-    if len(buf) < total:
-        return None, buf, total - len(buf)
-    packet, rest = buf[:total], buf[total:]
-    if total < 10 or struct.unpack_from("<H", packet, total - 2)[0] != crc16(packet[:-2]):
-        raise PacketError(f"bad CRC in a packet from ID {packet[4]}: {packet.hex(' ')}")
-    body = unstuff(packet[7:-2])
-    return (packet[4], body[0], body[1:]), rest, 0
-
-
-def _pack(value, size):
-    return struct.pack(_FORMATS[size], *np.atleast_1d(value).astype(int).tolist())
-
-
-class DynamixelBus:
-    """Dynamixel 2.0 master; port: a path (opened by pyserial) or an object with read(n), write, reset_input_buffer"""
-
-    def __init__(self, port="/dev/ttyUSB0", baud=1_000_000, timeout=0.1, retries=3):
-        self.name = port if isinstance(port, str) else getattr(port, "name", type(port).__name__)
-        if isinstance(port, str):
-            try:
-                import serial
-            except ImportError:
-                raise ImportError(
-                    "robot.py needs pyserial to open a serial port: pip install pyserial"
-                ) from None
-            port = serial.Serial(
-                port, baud, timeout=0.01
-            )  # short reads: the bus keeps its own deadline
-        self.port, self.baud, self.timeout, self.retries = port, baud, timeout, retries
-        self.alerts, self.lock, self._buf = (
-            set(),
-            threading.RLock(),
-            b"",
-        )  # alerts: IDs with the alert bit
-
-    def transact(self, dxl_id, instruction, params=b"", reply_ids=None):
-        """Send one packet -> {id: status data} for reply_ids (default: dxl_id; () where no reply comes)."""
-        reply_ids = (dxl_id,) if reply_ids is None else tuple(reply_ids)
-        packet, name, out = make_packet(dxl_id, instruction, params), INSTRUCTIONS[instruction], {}
-        with self.lock:
-            for _ in range(self.retries):
-                self.port.reset_input_buffer()
-                self.port.write(packet)
-                self._buf, out, deadline = b"", {}, time.monotonic() + self.timeout
-                try:
-                    while len(out) < len(reply_ids):
-                        got, self._buf, need = split_packet(self._buf)
-                        if got is None:
-                            if time.monotonic() > deadline:
-                                break
-                            self._buf += self.port.read(need)
-                        elif (
-                            got[1] == STATUS and got[0] in reply_ids and got[2]
-                        ):  # else a stale reply
-                            (pid, _, (error, *data)) = got
-                            out[pid] = bytes(data)
-                            # the alert bit: the data is valid, but the servo latched a hardware error (or cleared it)
-                            (self.alerts.add if error & 0x80 else self.alerts.discard)(pid)
-                            if error & 0x7F:
-                                raise ServoError(
-                                    f"servo ID {pid} ({NAMES.get(pid, '?')}) answered {name} with "
-                                    f"{RESULT_ERRORS[min(error & 0x7F, 8)]}"
-                                )
-                except PacketError:
-                    continue  # corrupted on the wire: send again
-                if len(out) == len(reply_ids):
-                    return out
-        missing = ", ".join(str(i) for i in reply_ids if i not in out)
-        raise NoStatusError(
-            f"no status packet from servo ID {missing} on {self.name} at {self.baud} baud ({name}, "
-            f"{self.retries} tries of {self.timeout} s). Check the 12 V power, the port (ls "
-            "/dev/ttyUSB*), the baud (WidowX: 1000000), the ID. Late replies: set the FTDI latency "
-            "timer to 1 ms (echo 1 | sudo tee /sys/bus/usb-serial/devices/ttyUSB0/latency_timer)"
-        )
-
-    # the instructions; an item is a control table (address, bytes)
-    def ping(self, dxl_id):
-        return struct.unpack_from("<H", self.transact(dxl_id, PING)[dxl_id])[0]  # -> model number
-
-    def read(self, dxl_id, item):
-        return struct.unpack_from(
-            _FORMATS[item[1]], self.transact(dxl_id, READ, struct.pack("<HH", *item))[dxl_id]
-        )[0]
-
-    def write(self, dxl_id, item, value):
-        self.transact(dxl_id, WRITE, struct.pack("<H", item[0]) + _pack(value, item[1]))
-
-    def reboot(self, dxl_id):  # clears a latched hardware error (and turns the torque off)
-        self.transact(dxl_id, REBOOT)
-        self.alerts.discard(dxl_id)
-
-    def sync_read(self, ids, item):
-        got = self.transact(
-            BROADCAST, SYNC_READ, struct.pack("<HH", *item) + bytes(ids), reply_ids=ids
-        )
-        return {i: struct.unpack_from(_FORMATS[item[1]], got[i])[0] for i in ids}
-
-    def sync_write(
-        self, item, values
-    ):  # values {id: value}; no replies: a missing servo shows at the next read
-        data = b"".join(bytes([i]) + _pack(v, item[1]) for i, v in values.items())
-        self.transact(BROADCAST, SYNC_WRITE, struct.pack("<HH", *item) + data, reply_ids=())
-
-    def close(self):
-        self.port.close()
-
-
-def rad_to_ticks(q):
-    return np.round(np.asarray(q) / np.pi * 2047.5 + 2047.5).astype(int)
-
-
-def ticks_to_rad(t):
-    return (np.asarray(t, float) - 2047.5) * np.pi / 2047.5
-
-
-def gripper_fraction(
-    angle,
-):  # gripper servo angle (rad) -> 0 closed .. 1 open, by the finger travel
+def gripper_fraction(angle):
+    """Gripper servo angle (rad) -> 0 closed .. 1 open, by the finger travel."""
     a1 = HORN_RADIUS * np.sin(angle)
     finger = a1 + np.sqrt(LINK_LENGTH**2 - HORN_RADIUS**2 + a1**2)
     return float(np.clip((finger - FINGER_CLOSED) / (FINGER_OPEN - FINGER_CLOSED), 0.0, 1.0))
 
 
-def hardware_messages(status):
-    return [m for bit, m in HARDWARE_ERRORS.items() if status >> bit & 1] or [
-        f"hardware error status {status}"
-    ]
-
-
-def move_seconds(
-    q, q_now, seconds, limit=VELOCITY_LIMIT
-):  # the profile time: `seconds`, or longer where a joint
-    # would pass the limit. The profile ramps a quarter of the time (peak 4/3 of the mean): 1.5 x keeps it at 0.89
+def move_seconds(q, q_now, seconds, limit=VELOCITY_LIMIT):
+    """The profile time of a move: `seconds`, or longer where a joint would pass the velocity limit.
+    The profile ramps a quarter of the time (peak speed 4/3 of the mean): 1.5 x keeps it at 0.89."""
     dq = np.abs(np.clip(np.asarray(q, float), JOINT_LOW, JOINT_HIGH) - np.asarray(q_now, float))
     return max(seconds, 1.5 * float(dq.max()) / limit)
 
 
-class Arm:
-    """A backend: read() -> (joints, gripper 0 closed .. 1 open), command(q, grip=None, seconds=None),
-    set_gripper(+1 open, -1 close, 0 stop), torque(on), setup(), hardware_errors(), close(); hold and move."""
+def hardware_error_message(errors, port):
+    """{id: [messages]} -> one line naming each faulted servo, its errors, and the fix."""
+    servos = "; ".join(f"ID {i} ({SERVO_NAMES[i]}): {', '.join(m)}" for i, m in errors.items())
+    return (
+        f"servo hardware error: {servos or 'alert bit set'}. The servo latched it and turned its "
+        f"torque off; reboot it with: python robot.py check --port {port} --reboot"
+    )
 
-    alerts, opening, log, velocity_limit = (
-        frozenset(),
-        False,
-        print,
-        VELOCITY_LIMIT,
-    )  # rad/s: move_seconds
+
+# ---- the arm backends ----------------------------------------------------------------------------
+class Arm:
+    """A backend: read() -> (joints, gripper 0 closed .. 1 open), command(q, grip=None,
+    seconds=None), set_gripper(+1 open, -1 close, 0 stop), torque(on), setup(), hardware_errors() ->
+    {id: [messages]}, close(); hold() and move() are built on those."""
+
+    alerts = frozenset()  # IDs whose last reply had the hardware alert bit
+    opening = False  # the gripper is being driven open
+    log = print
+    velocity_limit = VELOCITY_LIMIT  # rad/s: move_seconds
+    port = "/dev/ttyUSB0"  # for the messages
 
     def hardware_errors(self):
         return {}
+
+    def refuse_if_faulted(self):
+        """Raise RefusedToMove, before anything moves, when a servo has a latched hardware error."""
+        errors = self.hardware_errors()
+        if errors:
+            raise RefusedToMove(f"not moving the arm: {hardware_error_message(errors, self.port)}")
 
     def close(self):
         pass
 
     def hold(self):
+        """Stay where the arm is; an opening gripper stops, a closing one keeps its grasp."""
         self.command(self.read()[0])
-        if self.opening:  # an opening gripper stops; a closing one keeps its grasp
+        if self.opening:
             self.set_gripper(0)
 
-    def move(
-        self, q, seconds=2.0
-    ):  # a joint move taking `seconds` (or longer: move_seconds), with 10 % to arrive
+    def move(self, q, seconds=2.0):
+        """A joint move taking `seconds` (or longer: move_seconds), with 10 % more to arrive."""
         seconds = move_seconds(q, self.read()[0], seconds, self.velocity_limit)
         self.command(q, seconds=seconds)
         time.sleep(1.1 * seconds)
 
 
 class DynamixelArm(Arm):
-    """The WidowX 250 6-DOF on a DynamixelBus, set up as Interbotix's firmware config; gripper PWMs: read()."""
+    """The WidowX 250 6-DOF on a DynamixelBus, set up as Interbotix's firmware config. The gripper
+    runs in PWM mode: grip_pwm to move, hold_pwm to keep a grasp after a stall (stall_s still)."""
 
     def __init__(self, bus, grip_pwm=350, hold_pwm=150, stall_s=0.5, log=print):
-        self.bus, self.alerts, self.grip_pwm, self.hold_pwm, self.stall_s = (
-            bus,
-            bus.alerts,
-            grip_pwm,
-            hold_pwm,
-            stall_s,
-        )
-        self.grip, self.pwm, self.seconds, self.log, self.stalled, self._grip_at = (
-            0.0,
-            0,
-            None,
-            log,
-            0,
-            (-1e9, 0.0),
-        )
+        self.bus = bus
+        self.port = bus.name
+        self.alerts = bus.alerts
+        self.grip_pwm = grip_pwm
+        self.hold_pwm = hold_pwm
+        self.stall_s = stall_s
+        self.log = log
+        self.grip = 0.0  # the gripper's last reading, 0 closed .. 1 open
+        self.pwm = 0  # the gripper's PWM goal (None: unknown)
+        self.seconds = None  # the profile time written last (None: unknown)
+        self.stalled = 0  # +1 / -1: the gripper stalled while opening / closing
+        self._grip_ticks = None  # the gripper's last position that moved by more than STALL_TICKS,
+        self._grip_since = 0.0  # and since when it has stayed there
 
-    opening = property(lambda self: (self.pwm or 0) > 0)
+    @property
+    def opening(self):
+        return (self.pwm or 0) > 0
 
     def setup(self):
-        """Reads first (they work with torque on); only when EEPROM needs writing does the torque go off, and an arm
-        holding itself up goes to the sleep pose before (it would drop). Then: write what differs (EEPROM wears
-        out), calibrate the shadows, goals = present positions (no jump), torque on."""
+        """Reads first (they work with torque on), and refuses when a servo has a hardware error;
+        only when EEPROM needs writing does the torque go off, and an arm holding itself up goes to
+        the sleep pose before (it would drop). Then: write what differs (EEPROM wears out),
+        calibrate the shadows, goals = present positions (no jump), torque on."""
         for i in ALL_IDS:  # all there before anything changes
             self.bus.ping(i)
-        low, high, want = rad_to_ticks(JOINT_LOW), rad_to_ticks(JOINT_HIGH), {}
-        for i in ALL_IDS:  # position limits: a shadow takes its master's
-            j = JOINT_IDS.index(SHADOWS.get(i, i)) if i in ARM_IDS else None
-            want.update(
-                {
-                    (i, RETURN_DELAY): 0,
-                    (i, DRIVE_MODE): (i in REVERSED) | 4 * (i in ARM_IDS),  # 4: time
-                    (i, SECONDARY_ID): SHADOWS.get(i, 255),
-                    (i, OPERATING_MODE): 16 if i == GRIPPER_ID else 3,
-                    **(
-                        {(i, MAX_POSITION): high[j], (i, MIN_POSITION): low[j]}
-                        if j is not None
-                        else {}
-                    ),
-                }
-            )
+        self.refuse_if_faulted()
+        want = self._settings()
         have = {key: self.bus.read(*key) for key in want}
         writes = [key for key in want if have[key] != want[key]]
-        pos = self.bus.sync_read(
-            ALL_IDS, PRESENT_POSITION
-        )  # comparable once both Drive Modes are right
+        # comparable once both Drive Modes are right
+        position = self.bus.sync_read(ALL_IDS, PRESENT_POSITION)
         calibrate = [
-            s
-            for s, m in SHADOWS.items()
-            if (s, DRIVE_MODE) in writes
-            or (m, DRIVE_MODE) in writes
-            or abs(pos[s] - pos[m]) > CALIBRATED_TICKS
+            shadow
+            for shadow, master in SHADOWS.items()
+            if (shadow, DRIVE_MODE) in writes
+            or (master, DRIVE_MODE) in writes
+            or abs(position[shadow] - position[master]) > CALIBRATED_TICKS
         ]
         if writes or calibrate:
-            if any(
-                self.bus.sync_read(ARM_IDS, TORQUE_ENABLE).values()
-            ):  # it would drop: to the sleep pose first
-                # with the present settings; without Drive Mode bit 2, a velocity profile of 0.48 rad/s (20 x 0.229 rpm)
-                self.log(
-                    "setup: the arm holds itself up and EEPROM needs writing: to the sleep pose, then torque off"
-                )
-                q, timed = self.read()[0], {i: have[i, DRIVE_MODE] & 4 for i in ARM_IDS}
-                self.seconds = max(
-                    move_seconds(SLEEP_JOINTS, q, 2.0, self.velocity_limit),
-                    0.0
-                    if all(timed.values())
-                    else float(np.abs(SLEEP_JOINTS - q).max()) / 0.48 + 0.5,
-                )
-                ms = int(round(self.seconds * 1000))
-                self.bus.sync_write(
-                    PROFILE, {i: (ms // 4, ms) if timed[i] else (5, 20) for i in ARM_IDS}
-                )
-                self.command(SLEEP_JOINTS)
-                time.sleep(1.1 * self.seconds)
+            if any(self.bus.sync_read(ARM_IDS, TORQUE_ENABLE).values()):
+                self._sleep_before_torque_off(have)
             self.torque(False)  # EEPROM (address < 64) is writable only with torque off
             for i, item in writes:
                 self.bus.write(i, item, want[i, item])
             for shadow in calibrate:
                 self._calibrate(shadow, SHADOWS[shadow])
-        self.pwm, self.seconds = None, None  # unknown: both get written
+        self.pwm = None  # unknown: both get written
+        self.seconds = None
         self.command(self.read()[0], seconds=2.0)
         self.set_gripper(0)
         self.torque(True)
 
+    def _settings(self):
+        """The EEPROM settings of every servo: {(id, item): value}, in the order they are read."""
+        low = rad_to_ticks(JOINT_LOW)
+        high = rad_to_ticks(JOINT_HIGH)
+        want = {}
+        for i in ALL_IDS:
+            want[i, RETURN_DELAY] = 0
+            drive_mode = 0
+            if i in REVERSED:
+                drive_mode |= REVERSE_BIT
+            if i in ARM_IDS:
+                drive_mode |= TIME_PROFILE_BIT
+            want[i, DRIVE_MODE] = drive_mode
+            want[i, SECONDARY_ID] = SHADOWS.get(i, 255)  # 255: none
+            want[i, OPERATING_MODE] = PWM_MODE if i == GRIPPER_ID else POSITION_MODE
+            if i in ARM_IDS:  # position limits: a shadow takes its master's
+                joint = JOINT_IDS.index(SHADOWS.get(i, i))
+                want[i, MAX_POSITION] = high[joint]
+                want[i, MIN_POSITION] = low[joint]
+        return want
+
+    def _sleep_before_torque_off(self, have):
+        """To the sleep pose with the present settings (have: the EEPROM values read), so that
+        turning the torque off does not drop the arm."""
+        self.log(
+            "setup: the arm holds itself up and EEPROM needs writing: "
+            "to the sleep pose, then torque off"
+        )
+        q = self.read()[0]
+        timed = {i: bool(have[i, DRIVE_MODE] & TIME_PROFILE_BIT) for i in ARM_IDS}
+        seconds = move_seconds(SLEEP_JOINTS, q, 2.0, self.velocity_limit)
+        if not all(timed.values()):  # the slow speed profile: long enough for the farthest joint
+            seconds = max(seconds, float(np.abs(SLEEP_JOINTS - q).max()) / SLOW_PROFILE_SPEED + 0.5)
+        self.seconds = seconds
+        ms = int(round(seconds * 1000))
+        profiles = {i: (ms // 4, ms) if timed[i] else SLOW_PROFILE for i in ARM_IDS}
+        self.bus.sync_write(PROFILE, profiles)
+        self.command(SLEEP_JOINTS)
+        time.sleep(1.1 * seconds)
+
     def _calibrate(self, shadow, master):
-        """Homing Offset so that the shadow reads its master's position. The sign for a reversed servo is undocumented
-        (Interbotix's xs_sdk: shadow - master, SPEC 6: master - shadow): try one, check, else the other, else stop."""
+        """Homing Offset so that the shadow reads its master's position. The sign for a reversed
+        servo is undocumented (Interbotix's xs_sdk: shadow - master, SPEC 6: master - shadow): try
+        one, check, else the other, else stop."""
         self.bus.write(shadow, HOMING_OFFSET, 0)
-        m, s = tried = [self.bus.read(i, PRESENT_POSITION) for i in (master, shadow)]
-        for offset in (s - m, m - s) if shadow in REVERSED else (m - s, s - m):
+        master_ticks = self.bus.read(master, PRESENT_POSITION)
+        shadow_ticks = self.bus.read(shadow, PRESENT_POSITION)
+        difference = master_ticks - shadow_ticks
+        if shadow in REVERSED:
+            offsets = (-difference, difference)
+        else:
+            offsets = (difference, -difference)
+        tried = []
+        for offset in offsets:
             self.bus.write(shadow, HOMING_OFFSET, offset)
-            tried += [offset] + [self.bus.read(i, PRESENT_POSITION) for i in (master, shadow)]
-            if abs(tried[-1] - tried[-2]) <= CALIBRATED_TICKS:
+            now_master = self.bus.read(master, PRESENT_POSITION)
+            now_shadow = self.bus.read(shadow, PRESENT_POSITION)
+            tried.append((offset, now_master, now_shadow))
+            if abs(now_shadow - now_master) <= CALIBRATED_TICKS:
                 return offset
         raise DynamixelError(
-            f"shadow servo ID {shadow} ({NAMES[shadow]}) does not follow master ID {master}: they "
-            f"read {m} and {s} ticks with Homing Offset 0; (offset, master, shadow) then: "
-            f"{tried[2:5]}, {tried[5:]}. Keep the arm still during setup; are both horns bolted on?"
+            f"shadow servo ID {shadow} ({SERVO_NAMES[shadow]}) does not follow master ID "
+            f"{master}: they read {master_ticks} and {shadow_ticks} ticks with Homing Offset 0; "
+            f"(offset, master, shadow) then: {tried[0]}, {tried[1]}. Keep the arm still during "
+            "setup; are both horns bolted on?"
         )
 
-    def read(self):  # one SYNC_READ, of the shadows too: their replies carry their alert bits
-        pos, now = self.bus.sync_read(ALL_IDS, PRESENT_POSITION), time.monotonic()
-        self.grip = gripper_fraction(ticks_to_rad(pos[GRIPPER_ID]))
-        # stall guard: 0..1 uses Interbotix's linkage constants, not this gripper's: a stop may come first. Driven but
-        # still for stall_s -> PWM 0 if opening, hold_pwm if closing (Interbotix's least grip: a grasp holds).
-        # _grip_at: the gripper's last position that differed by more than STALL_TICKS, and since when
-        if abs(pos[GRIPPER_ID] - self._grip_at[0]) > STALL_TICKS:
-            self._grip_at = (pos[GRIPPER_ID], now)
-        elif self.pwm and not self.stalled and now - self._grip_at[1] >= self.stall_s:
+    def read(self):
+        """One SYNC_READ of every servo, the shadows too: their replies carry their alert bits."""
+        position = self.bus.sync_read(ALL_IDS, PRESENT_POSITION)
+        now = time.monotonic()
+        grip_ticks = position[GRIPPER_ID]
+        self.grip = gripper_fraction(ticks_to_rad(grip_ticks))
+        # Stall guard: 0..1 uses Interbotix's linkage constants, not this gripper's, so a mechanical
+        # stop may come first. Driven but still for stall_s -> PWM 0 if opening, hold_pwm if closing
+        # (Interbotix's least grip: a grasp holds).
+        if self._grip_ticks is None or abs(grip_ticks - self._grip_ticks) > STALL_TICKS:
+            self._grip_ticks = grip_ticks
+            self._grip_since = now
+        elif self.pwm and not self.stalled and now - self._grip_since >= self.stall_s:
             self.stalled = 1 if self.pwm > 0 else -1
             self.log(
-                f"gripper stalled at {self.grip:.2f} with PWM {self.pwm} (a mechanical stop, or an object)"
+                f"gripper stalled at {self.grip:.2f} with PWM {self.pwm} "
+                "(a mechanical stop, or an object)"
             )
             self.set_gripper(self.stalled)
-        return ticks_to_rad([pos[i] for i in JOINT_IDS]), self.grip
+        return ticks_to_rad([position[i] for i in JOINT_IDS]), self.grip
 
     def command(self, q, grip=None, seconds=None):
-        """Goal joints, clipped to the limits whatever the caller computed, reached in `seconds` (time-based
-        profile: Profile Velocity = the time in ms, acceleration a quarter); grip >= 0.5 opens, else closes."""
+        """Goal joints, clipped to the limits whatever the caller computed, reached in `seconds`
+        (time-based profile: Profile Velocity = the time in ms, acceleration a quarter); grip >= 0.5
+        opens, else closes."""
         q = np.asarray(q, float)
         if q.shape != (6,) or not np.all(np.isfinite(q)):
             raise ValueError(f"a joint command is 6 finite angles, got {q}")
@@ -478,45 +340,53 @@ class DynamixelArm(Arm):
             self.bus.sync_write(PROFILE, {i: (ms // 4, ms) for i in ARM_IDS})
             self.seconds = seconds
         ticks = rad_to_ticks(np.clip(q, JOINT_LOW, JOINT_HIGH)).tolist()
-        self.bus.sync_write(
-            GOAL_POSITION, dict(zip(JOINT_IDS, ticks))
-        )  # shadows follow their Secondary ID
+        # the shadows follow their masters through their Secondary IDs
+        self.bus.sync_write(GOAL_POSITION, dict(zip(JOINT_IDS, ticks)))
         if grip is not None:
             self.set_gripper(1 if grip >= 0.5 else -1)
 
     def set_gripper(self, direction):
-        """PWM mode has no position limits: stop at the ends of the travel (as Interbotix does); stalls: read()."""
-        self.stalled = self.stalled if direction == self.stalled else 0
-        pwm = (
-            direction * self.grip_pwm
-            if not self.stalled
-            else -self.hold_pwm
-            if direction < 0
-            else 0
-        )
-        pwm = 0 if (pwm > 0 and self.grip >= 1.0) or (pwm < 0 and self.grip <= 0.0) else pwm
+        """PWM mode has no position limits: stop at the ends of the travel (as Interbotix does);
+        after a stall (read()), the same direction keeps the stalled PWM, a new one drives at full
+        PWM again."""
+        if direction != self.stalled:
+            self.stalled = 0
+        if not self.stalled:
+            pwm = direction * self.grip_pwm
+        elif direction < 0:
+            pwm = -self.hold_pwm  # closed on something: hold it with less
+        else:
+            pwm = 0
+        if (pwm > 0 and self.grip >= 1.0) or (pwm < 0 and self.grip <= 0.0):
+            pwm = 0  # at the end of the travel
         if pwm != self.pwm:
             self.bus.write(GRIPPER_ID, GOAL_PWM, pwm)
-            self.pwm, self._grip_at = pwm, (self._grip_at[0], time.monotonic())
+            self.pwm = pwm
+            self._grip_since = time.monotonic()
 
-    def torque(
-        self, on
-    ):  # off by SYNC_WRITE: no replies needed, it reaches every servo still listening
-        for i in ALL_IDS if on else ():
-            self.bus.write(i, TORQUE_ENABLE, 1)
-        if not on:
+    def torque(self, on):
+        """On servo by servo (each confirms); off by one SYNC_WRITE, which needs no replies and
+        reaches every servo still listening."""
+        if on:
+            for i in ALL_IDS:
+                self.bus.write(i, TORQUE_ENABLE, 1)
+        else:
             self.bus.sync_write(TORQUE_ENABLE, {i: 0 for i in ALL_IDS})
 
-    def hardware_errors(self):  # -> {id: [messages]} for the servos that raised the alert bit
-        return {i: hardware_messages(self.bus.read(i, HARDWARE_ERROR)) for i in sorted(self.alerts)}
+    def hardware_errors(self):
+        """-> {id: [messages]} of the servos whose Hardware Error Status is not 0: one SYNC_READ."""
+        status = self.bus.sync_read(ALL_IDS, HARDWARE_ERROR)
+        return {i: hardware_messages(s) for i, s in status.items() if s}
 
     def close(self):
         self.bus.close()
 
 
 class InterbotixArm(Arm):
-    """The same interface over Interbotix's Python API (ROS 1 or 2); their xs_sdk node (xsarm_control) sets the
-    servos up, stops the gripper at its limits and logs servo errors."""
+    """The same interface over Interbotix's Python API (ROS 1 or 2); their xs_sdk node
+    (xsarm_control) sets the servos up, stops the gripper at its limits and logs servo errors."""
+
+    GRIPPER_METHODS = {1: ("open", "release"), -1: ("close", "grasp")}  # (ROS 1 name, ROS 2 name)
 
     def __init__(self, robot_model="wx250s", log=print):
         try:
@@ -525,22 +395,21 @@ class InterbotixArm(Arm):
             try:
                 from interbotix_xs_modules.arm import InterbotixManipulatorXS  # ROS 1
             except ImportError:
-                raise ImportError(
+                raise MissingPackageError(
                     "--backend interbotix needs Interbotix's Python API (interbotix_xs_modules) "
                     "and xsarm_control; --backend dynamixel needs neither ROS nor Interbotix"
                 ) from None
-        self.bot, self.log, self.seconds = (
-            InterbotixManipulatorXS(robot_model, "arm", "gripper"),
-            log,
-            2.0,
-        )
-        self.core = getattr(self.bot, "core", None) or self.bot.dxl
+        self.bot = InterbotixManipulatorXS(robot_model, "arm", "gripper")
+        self.log = log
+        self.seconds = 2.0
+        self.core = getattr(self.bot, "core", None) or self.bot.dxl  # ROS 2 or ROS 1
 
     def read(self):
-        js = self.core.robot_get_joint_states()
-        pos = dict(zip(js.name, js.position))
-        grip = (pos["left_finger"] - FINGER_CLOSED) / (FINGER_OPEN - FINGER_CLOSED)
-        return np.array([pos[NAMES[i]] for i in JOINT_IDS]), float(np.clip(grip, 0.0, 1.0))
+        states = self.core.robot_get_joint_states()
+        position = dict(zip(states.name, states.position))
+        grip = (position["left_finger"] - FINGER_CLOSED) / (FINGER_OPEN - FINGER_CLOSED)
+        joints = np.array([position[SERVO_NAMES[i]] for i in JOINT_IDS])
+        return joints, float(np.clip(grip, 0.0, 1.0))
 
     def command(self, q, grip=None, seconds=None):
         self.seconds = seconds or self.seconds
@@ -553,12 +422,12 @@ class InterbotixArm(Arm):
         if grip is not None:
             self.set_gripper(1 if grip >= 0.5 else -1)
 
-    def set_gripper(self, direction):  # ROS 1 / ROS 2 method names; 0 (stop) is theirs to do
-        names = {1: ("open", "release"), -1: ("close", "grasp")}.get(direction)
-        if names:
-            (getattr(self.bot.gripper, names[0], None) or getattr(self.bot.gripper, names[1]))(
-                delay=0
-            )
+    def set_gripper(self, direction):
+        if direction not in self.GRIPPER_METHODS:  # 0 (stop) is their node's to do
+            return
+        ros1_name, ros2_name = self.GRIPPER_METHODS[direction]
+        method = getattr(self.bot.gripper, ros1_name, None) or getattr(self.bot.gripper, ros2_name)
+        method(delay=0)
 
     def torque(self, on):
         self.core.robot_torque_enable("group", "all", on)
@@ -568,132 +437,55 @@ class InterbotixArm(Arm):
 
 
 def make_arm(backend="dynamixel", port="/dev/ttyUSB0", baud=1_000_000, log=print):
-    if backend not in ("dynamixel", "interbotix"):
-        raise ValueError(f"backend must be 'dynamixel' or 'interbotix', got {backend!r}")
-    return (
-        DynamixelArm(DynamixelBus(port, baud), log=log)
-        if backend == "dynamixel"
-        else InterbotixArm(log=log)
-    )
+    if backend == "dynamixel":
+        return DynamixelArm(open_bus(port, baud), log=log)
+    if backend == "interbotix":
+        return InterbotixArm(log=log)
+    raise ValueError(f"backend must be 'dynamixel' or 'interbotix', got {backend!r}")
 
 
-# ---- kinematics (SPEC 6: product of exponentials in the space frame) -------------------------------------------
-def _skew(w):
-    return np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
-
-
-def _rot(w, theta):  # Rodrigues: rotation by theta about the unit axis w
-    k = _skew(w)
-    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
-
-
-def _exp_screw(s, theta):
-    k, T = _skew(s[:3]), np.eye(4)
-    T[:3, :3] = _rot(s[:3], theta)
-    T[:3, 3] = (np.eye(3) * theta + (1 - np.cos(theta)) * k + (theta - np.sin(theta)) * k @ k) @ s[
-        3:
-    ]
-    return T
-
-
-def forward_kinematics(
-    q,
-):  # joints (6,) -> 4x4 pose of ee_gripper_link in base_link: e^[S1]q1 ... e^[S6]q6 M
-    T = np.eye(4)
-    for s, theta in zip(SCREWS, q):
-        T = T @ _exp_screw(s, theta)
-    return T @ M_HOME
-
-
-def _jacobian(
-    q, p
-):  # 6x6: rows 0-2 the angular velocity, rows 3-5 the velocity of the end-effector point p
-    T, J = np.eye(4), np.zeros((6, 6))
-    for i, (s, theta) in enumerate(zip(SCREWS, q)):
-        w = T[:3, :3] @ s[:3]
-        v = np.cross(T[:3, 3], w) + T[:3, :3] @ s[3:]  # the screw, moved by the joints before it
-        J[:3, i], J[3:, i] = w, v + np.cross(w, p)
-        T = T @ _exp_screw(s, theta)
-    return J
-
-
-def rotation_log(R):  # rotation matrix -> rotation vector (axis * angle), also at angle pi
-    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2
-    s, c = np.linalg.norm(w), (np.trace(R) - 1) / 2
-    if s < 1e-9 and c < 0:  # angle pi: the axis is the largest column of R + I
-        v = (R + np.eye(3))[:, np.argmax(np.diag(R))]
-        return v / np.linalg.norm(v) * np.pi
-    return w / s * np.arctan2(s, c) if s > 1e-9 else w
-
-
-def inverse_kinematics(T_goal, seed, iters=200, damping=0.02, tol_pos=1e-4, tol_rot=1e-3):
-    """Damped least squares from `seed` (the current joints), clipped to the joint limits at every iteration.
-    Raises IKError with the residual when it does not converge: the caller holds the arm, it never guesses."""
-    q = np.clip(np.asarray(seed, float), JOINT_LOW, JOINT_HIGH)
-    for _ in range(iters):
-        T = forward_kinematics(q)
-        err = np.concatenate([rotation_log(T_goal[:3, :3] @ T[:3, :3].T), T_goal[:3, 3] - T[:3, 3]])
-        if np.linalg.norm(err[3:]) < tol_pos and np.linalg.norm(err[:3]) < tol_rot:
-            return q
-        J = _jacobian(q, T[:3, 3])
-        dq = J.T @ np.linalg.solve(J @ J.T + damping**2 * np.eye(6), err)
-        q = np.clip(
-            q + dq * min(1.0, 0.5 / (np.abs(dq).max() + 1e-12)), JOINT_LOW, JOINT_HIGH
-        )  # no leaps
-    raise IKError(
-        f"IK did not converge in {iters} iterations: position error {np.linalg.norm(err[3:]) * 1e3:.1f} "
-        f"mm, rotation error {np.linalg.norm(err[:3]):.3f} rad (unreachable, or beyond the joint limits)"
-    )
-
-
-def euler_to_matrix(e):
-    return _rot((0, 0, 1), e[2]) @ _rot((0, 1, 0), e[1]) @ _rot((1, 0, 0), e[0])  # xyz extr.
-
-
+# ---- the environment -----------------------------------------------------------------------------
 def pose_to_state(T, grip):
-    """Bridge state: xyz, euler xyz of the rotation relative to pointing down, gripper (0 closed .. 1 open)."""
-    R = T[:3, :3] @ DOWN.T
-    euler = (
-        np.arctan2(R[2, 1], R[2, 2]),
-        np.arctan2(-R[2, 0], np.hypot(R[2, 1], R[2, 2])),
-        np.arctan2(R[1, 0], R[0, 0]),
-    )
+    """Bridge state: xyz, euler relative to pointing down (R_DOWN), gripper (0 closed, 1 open)."""
+    euler = mat_to_euler(T[:3, :3] @ R_DOWN.T)
     return np.array([*T[:3, 3], *euler, grip], np.float32)
 
 
-# ---- the environment -------------------------------------------------------------------------------------------
 def _cv2():
     try:
         import cv2
     except ImportError:
-        raise ImportError(
+        raise MissingPackageError(
             "the camera needs opencv: pip install opencv-python (or camera=None)"
         ) from None
     return cv2
 
 
-def open_camera(
-    camera,
-):  # None (black images), anything with read() -> (ok, BGR frame), an opencv index or path
+def open_camera(camera):
+    """None (black images), anything with read() -> (ok, BGR frame), or an opencv index or path."""
     if camera is None or hasattr(camera, "read"):
         return camera
-    cap = _cv2().VideoCapture(camera)
-    if not cap.isOpened():
-        raise RuntimeError(f"could not open camera {camera!r} (ls /dev/video*; try another index)")
-    cap.set(_cv2().CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not one queued long ago
-    return cap
+    cv2 = _cv2()
+    capture = cv2.VideoCapture(camera)
+    if not capture.isOpened():
+        raise OSError(f"could not open camera {camera!r} (ls /dev/video*; try another index)")
+    capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not one queued long ago
+    return capture
 
 
 class WidowXEnv:
-    """The real arm with the simulator's interface (SPEC 2): reset() -> obs, step(action) -> (obs, reward,
-    terminated, truncated, info), obs = {"image": uint8 (H, W, 3), "state": float32 (7,)}. action: the raw Bridge
-    action (dx, dy, dz in m, droll, dpitch, dyaw in rad, gripper 0 closed .. 1 open); the pose target accumulates
-    from the previous target, not the measured pose; translation in the base frame, clipped to the workspace;
-    rotation about the end effector with world axes (R <- Rz Ry Rx R). reward 0, info["success"] False: on the
-    real arm, success comes from a learned classifier (online.py). Safety: commands clipped to the joint limits
-    (the servos' limits are a backstop); at most max_joint_step per joint and tick; an IK failure holds the arm; an
-    exception, Ctrl-C or a servo hardware alert in reset/step runs safe_stop; a watchdog thread holds the arm
-    when no step() came for watchdog_s (a late policy)."""
+    """The real arm with the simulator's interface (SPEC 2): reset() -> obs, step(action) -> (obs,
+    reward, terminated, truncated, info), obs = {"image": uint8 (H, W, 3), "state": float32 (7,)}.
+    action: the raw Bridge action (dx, dy, dz in m, droll, dpitch, dyaw in rad, gripper 0 closed ..
+    1 open); the pose target accumulates from the previous target, not the measured pose;
+    translation in the base frame, clipped to the workspace; rotation about the end effector with
+    world axes (R <- Rz Ry Rx R). reward 0, info["success"] False: on the real arm, success comes
+    from a learned classifier (online.py).
+    Safety: a servo with a latched hardware error makes reset() refuse before anything moves;
+    commands are clipped to the joint limits (the servos' limits are a backstop); at most
+    max_joint_step per joint and tick; an IK failure holds the arm; an exception, Ctrl-C or a servo
+    hardware alert in reset/step runs safe_stop; a watchdog thread holds the arm when no step()
+    came for watchdog_s (a late policy)."""
 
     def __init__(
         self,
@@ -714,22 +506,24 @@ class WidowXEnv:
         log=print,
     ):
         self.arm = arm if arm is not None else make_arm(backend, port, baud, log)
-        self.camera, self.log = open_camera(camera), log
-        self.image_size = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
-        self.period, self.max_steps, self.move_s = 1.0 / control_hz, max_steps, move_s
+        self.camera = open_camera(camera)
+        self.log = log
+        if np.isscalar(image_size):
+            self.image_size = (image_size, image_size)
+        else:
+            self.image_size = tuple(image_size)
+        self.period = 1.0 / control_hz
+        self.max_steps = max_steps
+        self.move_s = move_s
         self.workspace = (np.asarray(workspace[0], float), np.asarray(workspace[1], float))
-        self.max_joint_step, self.watchdog_s, self.reset_joints = (
-            max_joint_step,
-            watchdog_s,
-            reset_joints,
-        )
-        self._lock, self._stop, self._last, self._ready, self._held = (
-            threading.RLock(),
-            threading.Event(),
-            None,
-            0,
-            0,
-        )
+        self.max_joint_step = max_joint_step
+        self.watchdog_s = watchdog_s
+        self.reset_joints = reset_joints
+        self._lock = threading.RLock()  # the control loop and the watchdog take turns on the arm
+        self._stop = threading.Event()
+        self._last = None  # when the last command went out
+        self._ready = False  # set up and not safe-stopped since
+        self._held = False  # the watchdog held the arm since the last command
         if watchdog_s:  # wakes 4 times per watchdog_s; acts only on a ready env, between steps
             threading.Thread(target=self._watch, daemon=True).start()
 
@@ -737,9 +531,8 @@ class WidowXEnv:
         while not self._stop.wait(self.watchdog_s / 4):
             self.watchdog_tick(time.monotonic())
 
-    def watchdog_tick(
-        self, now
-    ):  # hold the arm when no command came for watchdog_s (a late policy, a stall)
+    def watchdog_tick(self, now):
+        """Hold the arm when no command came for watchdog_s (a late policy, a stall)."""
         with self._lock:
             if self._ready and not self._held and now - self._last > self.watchdog_s:
                 try:
@@ -749,38 +542,59 @@ class WidowXEnv:
                 self._held = True
 
     def safe_stop(self, reason=None):
-        """Hold, open the gripper, sleep pose, torque off; every part runs even when an earlier one failed."""
-        if reason is not None:
-            self.log(
-                f"robot: {type(reason).__name__}: {reason} -> safe stop (hold, open gripper, sleep, torque off)"
-            )
+        """Hold, open the gripper, sleep pose, torque off; every part runs even when an earlier one
+        failed. Nothing more is tried once the serial port itself is gone: the servos keep holding
+        their last goal."""
         with self._lock:
             self._ready = False
-            for what, fn in (
+            if isinstance(reason, PortError):
+                self.log(
+                    "robot: no safe stop: the port is gone; the servos keep holding their last goal"
+                )
+                return
+            if reason is not None:
+                self.log(
+                    f"robot: {type(reason).__name__}: {reason} -> safe stop (hold, open gripper, "
+                    "sleep, torque off)"
+                )
+            parts = (
                 ("hold", self.arm.hold),
-                ("open gripper", lambda: self.arm.set_gripper(1)),
-                ("sleep pose", lambda: self.arm.move(SLEEP_JOINTS, self.move_s)),
-                ("gripper off", lambda: self.arm.set_gripper(0)),
-                ("torque off", lambda: self.arm.torque(False)),
-            ):
+                ("open gripper", functools.partial(self.arm.set_gripper, 1)),
+                ("sleep pose", functools.partial(self.arm.move, SLEEP_JOINTS, self.move_s)),
+                ("gripper off", functools.partial(self.arm.set_gripper, 0)),
+                ("torque off", functools.partial(self.arm.torque, False)),
+            )
+            for what, part in parts:
                 try:
-                    fn()
+                    part()
+                except PortError as e:  # the parts after it cannot reach the servos either
+                    self.log(f"safe stop: {what} failed: {e}")
+                    break
                 except BaseException as e:  # a second Ctrl-C included: the torque still goes off
                     self.log(f"safe stop: {what} failed: {type(e).__name__}: {e}")
 
     def reset(self, seed=None):
-        """Set the arm up (first time, or after a safe stop), open the gripper, go to reset_joints. seed: unused."""
+        """Set the arm up (the first time, or after a safe stop), open the gripper, go to
+        reset_joints; seed is unused. A faulted servo: RefusedToMove, and nothing moves."""
         try:
             with self._lock:
-                if not self._ready:
-                    self.arm.setup()
+                if self._ready:
+                    self.arm.refuse_if_faulted()
+                else:
+                    self.arm.setup()  # refuses too, after the pings
                     self._ready = True
                 self.arm.set_gripper(1)
                 self.arm.move(self.reset_joints, self.move_s)
                 obs = self._observe()
-                self._target, self._t, self._held = forward_kinematics(self._q), 0, False
-                self._tick = self._last = time.monotonic()
+                self._target = forward_kinematics(self._q)
+                self._t = 0
+                self._held = False
+                self._tick = time.monotonic()
+                self._last = self._tick
                 return obs
+        except RefusedToMove:  # nothing moved, so nothing to stop (a safe stop would move the arm)
+            self._ready = False
+            raise
         except BaseException as e:  # Ctrl-C too
             self.safe_stop(e)
             raise
@@ -791,30 +605,22 @@ class WidowXEnv:
                 "call reset() first (after a safe stop, reset() sets the arm up again)"
             )
         try:
-            a = np.asarray(action, float).reshape(-1)
-            if a.shape != (7,) or not np.all(
-                np.isfinite(a)
-            ):  # a broken policy output stops the arm too
+            action = np.asarray(action, float).reshape(-1)
+            if action.shape != (7,) or not np.all(np.isfinite(action)):
+                # a broken policy output stops the arm too
                 raise ValueError(
-                    f"action must be 7 finite numbers (dx, dy, dz, droll, dpitch, dyaw, gripper): {a}"
+                    "action must be 7 finite numbers (dx, dy, dz, droll, dpitch, dyaw, gripper): "
+                    f"{action}"
                 )
             with self._lock:
+                self._raise_on_alerts()  # a reply since the last observation carried the alert bit
                 info = {"success": False, "held_by_watchdog": self._held}
-                goal = self._target.copy()
-                goal[:3, 3] = np.clip(goal[:3, 3] + a[:3], *self.workspace)
-                goal[:3, :3] = euler_to_matrix(a[3:6]) @ goal[:3, :3]
-                try:
-                    q_goal, self._target = inverse_kinematics(goal, self._q), goal
-                except IKError as e:  # hold; the target stays at the last reachable pose
-                    q_goal, info["ik_error"] = self._q, str(e)
-                q = self._q + np.clip(q_goal - self._q, -self.max_joint_step, self.max_joint_step)
-                self.arm.command(
-                    q,
-                    grip=a[6],
-                    seconds=move_seconds(q, self._q, self.period, self.arm.velocity_limit),
-                )
-                self._last, self._held = time.monotonic(), False
-            # 5 Hz while the policy keeps up, and never observe sooner than half a tick after the command
+                q = self._next_joints(action, info)
+                seconds = move_seconds(q, self._q, self.period, self.arm.velocity_limit)
+                self.arm.command(q, grip=action[6], seconds=seconds)
+                self._last = time.monotonic()
+                self._held = False
+            # 5 Hz while the policy keeps up; never observe sooner than half a tick after commanding
             self._tick = max(self._tick + self.period, self._last + self.period / 2)
             time.sleep(max(0.0, self._tick - time.monotonic()))
             with self._lock:
@@ -825,32 +631,50 @@ class WidowXEnv:
             self.safe_stop(e)
             raise
 
+    def _next_joints(self, action, info):
+        """Move the pose target by the action -> this tick's joint goal (max_joint_step at most).
+        An unreachable target keeps the last reachable one and holds the arm (info["ik_error"])."""
+        goal = self._target.copy()
+        goal[:3, 3] = np.clip(goal[:3, 3] + action[:3], *self.workspace)
+        goal[:3, :3] = euler_to_mat(action[3:6]) @ goal[:3, :3]
+        try:
+            q_goal = inverse_kinematics(goal, self._q)
+            self._target = goal
+        except IKError as e:
+            q_goal = self._q
+            info["ik_error"] = str(e)
+        return self._q + np.clip(q_goal - self._q, -self.max_joint_step, self.max_joint_step)
+
+    def _raise_on_alerts(self):
+        if self.arm.alerts:
+            errors = self.arm.hardware_errors()
+            raise HardwareError(hardware_error_message(errors, self.arm.port))
+
     def _observe(self):
         self._q, grip = self.arm.read()
-        if self.arm.alerts:
-            errors = "; ".join(
-                f"ID {i} ({NAMES[i]}): {', '.join(m)}"
-                for i, m in self.arm.hardware_errors().items()
-            )
-            raise HardwareError(
-                f"servo hardware error: {errors or 'alert bit set'}. The servo latched it and "
-                "turned its torque off; reboot it with: python robot.py check --port ... --reboot"
-            )
-        image = np.zeros(self.image_size + (3,), np.uint8)
-        if self.camera is not None:
-            ok, frame = next(
-                (r for r in (self.camera.read() for _ in range(5)) if r[0]), (False, None)
-            )
-            if not ok:  # a dropped frame happens; five in a row do not
-                raise RuntimeError(
-                    "the camera returned no frame 5 times in a row (cable? another program using it?)"
-                )
-            image = np.ascontiguousarray(np.asarray(frame, np.uint8)[..., ::-1])  # BGR -> RGB
-            if image.shape[:2] != self.image_size:
-                image = _cv2().resize(image, self.image_size[::-1], interpolation=_cv2().INTER_AREA)
-        return {"image": image, "state": pose_to_state(forward_kinematics(self._q), grip)}
+        self._raise_on_alerts()
+        return {"image": self._image(), "state": pose_to_state(forward_kinematics(self._q), grip)}
 
-    def close(self):  # sleep pose, torque off, release the port and the camera
+    def _image(self):
+        """The camera's newest frame as RGB at image_size (black without a camera)."""
+        if self.camera is None:
+            return np.zeros(self.image_size + (3,), np.uint8)
+        for _ in range(5):  # a dropped frame happens; five in a row do not
+            ok, frame = self.camera.read()
+            if ok:
+                break
+        else:
+            raise OSError(
+                "the camera returned no frame 5 times in a row (cable? another program using it?)"
+            )
+        image = np.ascontiguousarray(np.asarray(frame, np.uint8)[..., ::-1])  # BGR -> RGB
+        if image.shape[:2] != self.image_size:
+            cv2 = _cv2()
+            image = cv2.resize(image, self.image_size[::-1], interpolation=cv2.INTER_AREA)
+        return image
+
+    def close(self):
+        """Sleep pose, torque off, release the port and the camera."""
         self._stop.set()
         if self._ready:
             self.safe_stop()
@@ -858,12 +682,15 @@ class WidowXEnv:
         if hasattr(self.camera, "release"):
             self.camera.release()
 
-    __enter__ = lambda self: self
-    __exit__ = lambda self, *exc: self.close()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-# ---- teleoperation into the Bridge numpy format (SPEC 5) -------------------------------------------------------
-TELEOP_KEYS = {
+# ---- teleoperation into the Bridge numpy format (SPEC 5) -----------------------------------------
+TELEOP_KEYS = {  # key -> (action dimension, sign)
     "w": (0, 1),
     "s": (0, -1),
     "a": (1, 1),
@@ -877,49 +704,52 @@ TELEOP_KEYS = {
     "j": (5, 1),
     "l": (5, -1),
 }
-TELEOP_HELP = """Keys, one move per 5 Hz tick while held: w/s forward/back (x), a/d left/right (y), r/f up/down (z),
-u/o roll, i/k pitch, j/l yaw, space opens/closes the gripper. Enter ends the episode and keeps it, Backspace
-discards it, q quits (kept episodes are saved), Ctrl-C stops the arm safely (sleep pose, torque off)."""
+TELEOP_HELP = """Keys, one move per 5 Hz tick while held: w/s forward/back (x), a/d left/right (y),
+r/f up/down (z), u/o roll, i/k pitch, j/l yaw, space opens/closes the gripper. Enter ends the
+episode and keeps it, Backspace discards it, q quits (kept episodes are saved), Ctrl-C stops the arm
+safely (sleep pose, torque off)."""
 
 
 def record_episode(env, keys, max_steps=100, step_m=0.02, step_rad=0.08):
-    """One teleoperated episode -> (Bridge trajectory or None when discarded, quit?); keys() -> chars typed."""
-    observations, actions, grip = [env.reset()], [], 1.0
+    """One teleoperated episode -> (Bridge trajectory, or None when discarded or empty; quit?).
+    keys() -> the characters typed since the last call."""
+    observations = [env.reset()]
+    actions = []
+    grip = 1.0
     while len(actions) < max_steps:
         typed = keys()
         if "q" in typed or "\x7f" in typed or "\b" in typed:
             return None, "q" in typed
         if "\n" in typed or "\r" in typed:
             break
-        a = np.zeros(7)
-        for c in set(typed) & TELEOP_KEYS.keys():
-            axis, sign = TELEOP_KEYS[c]
-            a[axis] = sign * (step_m if axis < 3 else step_rad)
-        a[6] = grip = 1.0 - grip if typed.count(" ") % 2 else grip
-        observations.append(env.step(a)[0])
-        actions.append(a)
-    obs = [{"images0": o["image"], "state": o["state"]} for o in observations]
-    return {
-        "observations": obs[:-1],
-        "next_observations": obs[1:],
-        "actions": np.asarray(actions, np.float32),
-        "terminals": np.zeros(len(actions), np.float32),
-    } if actions else None, False
+        action = np.zeros(7)
+        for key in set(typed) & TELEOP_KEYS.keys():
+            axis, sign = TELEOP_KEYS[key]
+            action[axis] = sign * (step_m if axis < 3 else step_rad)
+        if typed.count(" ") % 2:  # each space toggles the gripper
+            grip = 1.0 - grip
+        action[6] = grip
+        observations.append(env.step(action)[0])
+        actions.append(action)
+    if not actions:
+        return None, False
+    return bridge_trajectory(observations, actions), False
 
 
 def record(env, out_dir, episodes, keys, max_steps=100, val_every=5, log=print):
-    """Record `episodes` more episodes into out_dir (every val_every-th to val/), saving after each one."""
+    """Record `episodes` more episodes into out_dir (every val_every-th to val/), saving after each
+    one, atomically: a crash loses only the episode at hand. Returns the number kept."""
     paths = {split: os.path.join(out_dir, split, "out.npy") for split in ("train", "val")}
-    splits = {
-        k: list(np.load(p, allow_pickle=True)) if os.path.exists(p) else []
-        for k, p in paths.items()
-    }
-    log(
-        f"{out_dir}: {len(splits['train'])} train + {len(splits['val'])} val episodes already there\n{TELEOP_HELP}"
-    )
+    splits = {}
+    for split, path in paths.items():
+        splits[split] = list(np.load(path, allow_pickle=True)) if os.path.exists(path) else []
+    already = f"{len(splits['train'])} train + {len(splits['val'])} val episodes already there"
+    log(f"{out_dir}: {already}")
+    log(TELEOP_HELP)
     for n in range(episodes):
         log(f"episode {n + 1}/{episodes}: moving to the start pose ...")
-        trajectory, quit_ = None, False
+        trajectory = None
+        quit_ = False
         while trajectory is None and not quit_:
             trajectory, quit_ = record_episode(env, keys, max_steps)
         if trajectory is None:
@@ -927,72 +757,95 @@ def record(env, out_dir, episodes, keys, max_steps=100, val_every=5, log=print):
         count = len(splits["train"]) + len(splits["val"]) + 1
         splits["val" if count % val_every == 0 else "train"].append(trajectory)
         for split, trajectories in splits.items():
-            os.makedirs(os.path.dirname(paths[split]), exist_ok=True)
-            with open(
-                paths[split] + ".tmp", "wb"
-            ) as f:  # atomically: a crash loses only the episode at hand
-                np.save(f, np.array(trajectories, dtype=object), allow_pickle=True)
-            os.replace(paths[split] + ".tmp", paths[split])
+            write_bridge_file(paths[split], trajectories)
         log(
-            f"kept {len(trajectory['actions'])} steps; {len(splits['train'])} train + {len(splits['val'])} val"
+            f"kept {len(trajectory['actions'])} steps; {len(splits['train'])} train + "
+            f"{len(splits['val'])} val"
         )
     return episodes
 
 
 @contextlib.contextmanager
-def terminal_keys():  # -> keys(): what was typed since the last call, without Enter or echo; Ctrl-C still works
+def terminal_keys():
+    """-> keys(): what was typed since the last call, without Enter or echo; Ctrl-C still works."""
     import termios
     import tty
 
-    fd, saved = sys.stdin.fileno(), termios.tcgetattr(sys.stdin.fileno())
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
     tty.setcbreak(fd)
-    try:  # one tick's keys fit in 1024 bytes
-        yield (
-            lambda: (
-                os.read(fd, 1024).decode(errors="ignore")
-                if select.select([fd], [], [], 0)[0]
-                else ""
-            )
-        )
+
+    def keys():
+        if select.select([fd], [], [], 0)[0]:
+            return os.read(fd, 1024).decode(errors="ignore")  # one tick's keys fit in 1024 bytes
+        return ""
+
+    try:
+        yield keys
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def check(
-    bus, reboot=False, log=print
-):  # a line per servo 1-9: model, position, temperature, errors -> all there?
-    missing = []  # the first missing servo's message explains what to check
+# ---- the command line ----------------------------------------------------------------------------
+def check(bus, reboot=False, log=print):
+    """A line per servo 1-9: model, position, temperature, hardware errors (rebooted with
+    reboot=True). -> True when every servo answered and none is left with a hardware error."""
+    missing = []
+    faulted = []
     for i in ALL_IDS:
         try:
             model = bus.ping(i)
-            pos, temp, hw = (
-                bus.read(i, item)
-                for item in (PRESENT_POSITION, PRESENT_TEMPERATURE, HARDWARE_ERROR)
-            )
-            if hw and reboot:
+            position = bus.read(i, PRESENT_POSITION)
+            temperature = bus.read(i, PRESENT_TEMPERATURE)
+            status = bus.read(i, HARDWARE_ERROR)
+            if status and reboot:
                 bus.reboot(i)
-            log(
-                f"ID {i} {NAMES[i]:<15} {MODELS.get(model, f'model {model}'):<10} position {pos:5d} "
-                f"({float(ticks_to_rad(pos)):+.3f} rad) {temp:3d} C  "
-                f"{'; '.join(hardware_messages(hw)) if hw else 'no errors'}{' -> rebooted' if hw and reboot else ''}"
-            )
         except NoStatusError as e:
-            log(f"ID {i} {NAMES[i]:<15} no reply" + ("" if missing else f"\n{e}"))
+            if missing:
+                log(f"ID {i} {SERVO_NAMES[i]:<15} no reply")
+            else:  # the first missing servo's message explains what to check
+                log(f"ID {i} {SERVO_NAMES[i]:<15} no reply\n{e}")
             missing.append(i)
-    return not missing
+            continue
+        if not status:
+            errors = "no errors"
+        elif reboot:
+            errors = "; ".join(hardware_messages(status)) + " -> rebooted"
+        else:
+            errors = "; ".join(hardware_messages(status))
+            faulted.append(i)
+        log(
+            f"ID {i} {SERVO_NAMES[i]:<15} {MODEL_NAMES.get(model, f'model {model}'):<10} "
+            f"position {position:5d} ({float(ticks_to_rad(position)):+.3f} rad) "
+            f"{temperature:3d} C  {errors}"
+        )
+    if faulted:
+        servos = ", ".join(f"ID {i} ({SERVO_NAMES[i]})" for i in faulted)
+        log(
+            f"hardware error on {servos}: the arm will not move until it is rebooted with "
+            f"python robot.py check --port {bus.name} --reboot"
+        )
+    return not missing and not faulted
 
 
-def main(argv=None):
+def camera_arg(text):
+    """--camera: an opencv index (digits) or a path."""
+    return int(text) if text.isdigit() else text
+
+
+def build_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    for cmd, text in (
-        ("check", "ping servos 1-9: model, position, temperature, errors (dynamixel backend)"),
-        ("sleep", "set the arm up, go to the sleep pose, torque off"),
-        ("home", "set the arm up, go to the home pose (torque stays on)"),
-        ("record", "record teleoperated demos in the Bridge format.\n\n" + TELEOP_HELP),
-    ):
+    commands = {
+        "check": "ping servos 1-9: model, position, temperature, errors (dynamixel backend); "
+        "exits 1 when a servo is missing or has a hardware error",
+        "sleep": "set the arm up, go to the sleep pose, torque off",
+        "home": "set the arm up, go to the home pose (torque stays on)",
+        "record": "record teleoperated demos in the Bridge format.\n\n" + TELEOP_HELP,
+    }
+    for cmd, text in commands.items():
         c = sub.add_parser(cmd, help=text.split("\n")[0], description=text)
         c.add_argument("--port", default="/dev/ttyUSB0", help="the U2D2's serial port")
         c.add_argument("--baud", type=int, default=1_000_000)
@@ -1007,42 +860,35 @@ def main(argv=None):
     r.add_argument("--episodes", type=int, default=10)
     r.add_argument("--max_steps", type=int, default=100)
     r.add_argument("--val_every", type=int, default=5, help="every n-th kept episode goes to val/")
-    r.add_argument(
-        "--camera",
-        default=0,
-        type=lambda s: int(s) if s.isdigit() else s,
-        help="opencv index or path",
-    )
-    args = p.parse_args(argv)
+    r.add_argument("--camera", default=0, type=camera_arg, help="opencv index or path")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.cmd == "check":  # talks to the servos directly (stop the Interbotix node first)
-        with contextlib.closing(DynamixelBus(args.port, args.baud)) as bus:
+        with contextlib.closing(open_bus(args.port, args.baud)) as bus:
             return 0 if check(bus, args.reboot) else 1
     if args.cmd in ("sleep", "home"):
         with contextlib.closing(make_arm(args.backend, args.port, args.baud)) as arm:
             arm.setup()
-            arm.move(SLEEP_JOINTS if args.cmd == "sleep" else HOME_JOINTS)
             if args.cmd == "sleep":  # resting on its cradle; home keeps holding
+                arm.move(SLEEP_JOINTS)
                 arm.torque(False)
+            else:
+                arm.move(HOME_JOINTS)
         return 0
-    with (
-        WidowXEnv(
-            args.port,
-            backend=args.backend,
-            baud=args.baud,
-            camera=args.camera,
-            max_steps=args.max_steps,
-        ) as env,
-        terminal_keys() as keys,
-    ):
+    env = WidowXEnv(
+        args.port,
+        backend=args.backend,
+        baud=args.baud,
+        camera=args.camera,
+        max_steps=args.max_steps,
+    )
+    with env, terminal_keys() as keys:
         record(env, args.out, args.episodes, keys, args.max_steps, args.val_every)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (
-        ImportError,
-        DynamixelError,
-    ) as e:  # the message says what to do; a traceback would bury it
-        sys.exit(f"robot.py: {e}")
+    run_cli(main)

@@ -70,21 +70,20 @@ with quiet_stdout():
     import pybullet_data
     from pybullet_utils import bullet_client
 
+from widowx import (  # the arm's kinematics (SPEC section 6), shared with robot.py
+    JOINT_HIGH,
+    JOINT_LOW,
+    M_HOME,
+    R_DOWN,
+    SCREW_AXES,
+    euler_to_mat,
+    fk_and_jacobian,  # noqa: F401 (importable from here, as before)
+    mat_to_euler,
+    solve_ik,
+)
+from widowx import cross3 as _cross
+
 # ---------------------------------------------------------------- the arm (SPEC section 6)
-SCREW_AXES = np.array(
-    [
-        [0, 0, 1, 0, 0, 0],
-        [0, 1, 0, -0.11065, 0, 0],
-        [0, 1, 0, -0.36065, 0, 0.04975],
-        [1, 0, 0, 0, 0.36065, 0],
-        [0, 1, 0, -0.36065, 0, 0.29975],
-        [1, 0, 0, 0, 0.36065, 0],
-    ],
-    dtype=np.float64,
-)  # rows S_i = [w; v] in the base frame
-M_HOME = np.array([0.458325, 0.0, 0.36065])  # ee_gripper_link at zero joints (identity rotation)
-JOINT_LOW = np.deg2rad([-180, -108, -123, -180, -100, -180])
-JOINT_HIGH = np.deg2rad([180, 114, 92, 180, 123, 180])
 JOINT_ALONG_AXIS = [
     0.072,
     0.0,
@@ -93,9 +92,6 @@ JOINT_ALONG_AXIS = [
     0.0,
     0.36475,
 ]  # where each joint sits on its axis: looks only
-R_DOWN = np.array(
-    [[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]]
-)  # gripper pointing down; the state's euler is relative to it
 FINGER_MAX = 0.037  # m of travel per finger: a 7.4 cm opening
 ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
 
@@ -142,90 +138,6 @@ STAGES = {"pick": ("grasped", "placed"), "sort": ("grasped", "first_in_bin", "bo
 HOVER_Z = 0.13
 CARRY_Z = 0.13
 RELEASE_Z = 0.10
-
-
-# ---------------------------------------------------------------- rotations and PoE kinematics
-def euler_to_mat(rpy):
-    """R = Rz(yaw) Ry(pitch) Rx(roll): the Bridge convention (extrinsic x, y, z)."""
-    (cr, cp, cy), (sr, sp, sy) = np.cos(rpy), np.sin(rpy)
-    return np.array(
-        [
-            [cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr],
-            [sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr],
-            [-sp, cp * sr, cp * cr],
-        ]
-    )
-
-
-def mat_to_euler(R):
-    return np.array(
-        [
-            np.arctan2(R[2, 1], R[2, 2]),
-            -np.arcsin(np.clip(R[2, 0], -1, 1)),
-            np.arctan2(R[1, 0], R[0, 0]),
-        ]
-    )
-
-
-def _cross(
-    a, b
-):  # np.cross costs ~20 us on 3-vectors and the IK calls it thousands of times per episode
-    return np.array(
-        [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
-    )
-
-
-_K = [
-    np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]]) for w in SCREW_AXES[:, :3]
-]  # [w_i]
-
-
-def fk_and_jacobian(q):
-    """PoE kinematics T = e^[S1]q1 ... e^[S6]q6 M -> (R, p, 6x6 Jacobian [angular; velocity of the point p])."""
-    R, p, J = np.eye(3), np.zeros(3), np.empty((6, 6))
-    for i in range(6):
-        w = R @ SCREW_AXES[i, :3]
-        J[:3, i], J[3:, i] = (
-            w,
-            R @ SCREW_AXES[i, 3:] + _cross(p, w),
-        )  # the screw axis at this configuration
-        K, v, s, c = (
-            _K[i],
-            SCREW_AXES[i, 3:],
-            np.sin(q[i]),
-            np.cos(q[i]),
-        )  # Rodrigues for exp([S_i] q_i)
-        K2 = K @ K
-        R, p = (
-            R @ (np.eye(3) + s * K + (1 - c) * K2),
-            R @ (q[i] * v + (1 - c) * (K @ v) + (q[i] - s) * (K2 @ v)) + p,
-        )
-    p_ee = R @ M_HOME + p
-    for i in range(6):  # twist -> velocity of the end-effector point
-        J[3:, i] += _cross(J[:3, i], p_ee)
-    return R, p_ee, J
-
-
-def solve_ik(pos, R_goal, q0, iters=30, damping=0.02):
-    """Damped least squares from the previous joint target (the IK branch stays continuous); 1 rad counts as 30 cm."""
-    q, weight = np.array(q0, dtype=np.float64), np.array([0.3] * 3 + [1.0] * 3)
-    for _ in range(iters):
-        R, p, J = fk_and_jacobian(q)
-        E = R_goal @ R.T  # rotation error as an axis-angle vector in the base frame
-        axis, angle = (
-            np.array([E[2, 1] - E[1, 2], E[0, 2] - E[2, 0], E[1, 0] - E[0, 1]]),
-            np.arccos(np.clip((np.trace(E) - 1) / 2, -1, 1)),
-        )
-        err = np.concatenate([0.3 * axis * angle / max(np.linalg.norm(axis), 1e-9), pos - p])
-        if np.abs(err).max() < 2e-5:
-            break
-        Jw = J * weight[:, None]
-        q = np.clip(
-            q + Jw.T @ np.linalg.solve(Jw @ Jw.T + damping**2 * np.eye(6), err),
-            JOINT_LOW,
-            JOINT_HIGH,
-        )
-    return q
 
 
 # ---------------------------------------------------------------- the arm as a URDF built from the screw axes

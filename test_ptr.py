@@ -29,6 +29,7 @@ from PIL import Image
 import cli
 import cql
 import data
+import dynamixel
 import fileio
 import finetune
 import lerobot
@@ -39,6 +40,7 @@ import robot
 import select_ckpt
 import sim_binsort as sb
 import train
+import widowx
 from cql import Agent, AgentConfig
 
 # The networks here are tiny: one thread beats two that spend their time synchronising, and a busy
@@ -2391,7 +2393,7 @@ class _RobotFakeBus:
     offset_mode: where a reversed servo adds its Homing Offset ("before" the mirroring, as Interbotix assumes,
     "after", or "ignored"); grip_stops: where PWM drives the gripper (rad, closed and open)."""
 
-    def __init__(self, joints=robot.SLEEP_JOINTS):
+    def __init__(self, joints=widowx.SLEEP_JOINTS):
         import tty
 
         master, slave = os.openpty()
@@ -2409,7 +2411,7 @@ class _RobotFakeBus:
                 38,
             )  # firmware, ID, delay, mode, 2nd ID, C
             struct.pack_into("<i", t, 48, 4095)
-        ticks = robot.rad_to_ticks(joints)
+        ticks = dynamixel.rad_to_ticks(joints)
         self.raw = {i: int(t) for i, t in zip(robot.JOINT_IDS, ticks)}
         self.raw[7] = (
             4095 - self.raw[7]
@@ -2455,9 +2457,9 @@ class _RobotFakeBus:
             self.raw_in, buf = self.raw_in + data, buf + data
             while True:
                 try:
-                    got, buf, _ = robot.split_packet(buf)
-                except robot.PacketError:  # drop the broken packet's header and look further
-                    got, buf = None, buf[buf.find(robot.HEADER) + 1 :]
+                    got, buf, _ = dynamixel.split_packet(buf)
+                except dynamixel.PacketError:  # drop the broken packet's header and look further
+                    got, buf = None, buf[buf.find(dynamixel.HEADER) + 1 :]
                     continue
                 if got is None:
                     break
@@ -2474,12 +2476,12 @@ class _RobotFakeBus:
         if i in self.silent:
             return []
         error |= 0x80 if self.table[i][70] else 0
-        return [robot.make_packet(i, robot.STATUS, bytes([error]) + data)]
+        return [dynamixel.make_packet(i, dynamixel.STATUS, bytes([error]) + data)]
 
     def _write(self, target, addr, data):
         """Apply a write addressed to `target` -> error code for each primary servo {id: code}."""
         codes = {}
-        servos = [i for i in robot.ALL_IDS if target in (i, self.table[i][12], robot.BROADCAST)]
+        servos = [i for i in robot.ALL_IDS if target in (i, self.table[i][12], dynamixel.BROADCAST)]
         for i in sorted(
             servos, key=lambda i: i in robot.SHADOWS
         ):  # masters move first, then shadows check
@@ -2503,33 +2505,35 @@ class _RobotFakeBus:
                 if addr == 100 and t[64]:  # PWM: the gripper runs to an end of its travel
                     pwm = self.get(i, 100, 2)
                     self.raw[i] = (
-                        int(robot.rad_to_ticks(self.grip_stops[pwm > 0])) if pwm else self.raw[i]
+                        int(dynamixel.rad_to_ticks(self.grip_stops[pwm > 0]))
+                        if pwm
+                        else self.raw[i]
                     )
             if target == i:
                 codes[i] = code
         return codes
 
     def _handle(self, target, inst, params):
-        if inst == robot.SYNC_READ:
+        if inst == dynamixel.SYNC_READ:
             addr, size = struct.unpack_from("<HH", params)
             return [r for i in params[4:] for r in self._read(i, addr, size)]
-        if inst == robot.SYNC_WRITE:
+        if inst == dynamixel.SYNC_WRITE:
             addr, size = struct.unpack_from("<HH", params)
             for k in range(4, len(params), size + 1):
                 self._write(params[k], addr, params[k + 1 : k + 1 + size])
             return []
-        if inst == robot.WRITE:
+        if inst == dynamixel.WRITE:
             codes = self._write(target, struct.unpack_from("<H", params)[0], params[2:])
             return [r for i, c in codes.items() for r in self._status(i, c)]
         if target not in self.table:
             return []
-        if inst == robot.PING:
+        if inst == dynamixel.PING:
             return self._status(
                 target, 0, bytes(self.table[target][0:2]) + bytes([self.table[target][6]])
             )
-        if inst == robot.READ:
+        if inst == dynamixel.READ:
             return self._read(target, *struct.unpack_from("<HH", params))
-        if inst == robot.REBOOT:
+        if inst == dynamixel.REBOOT:
             self.table[target][70] = 0
             return self._status(target)
         return self._status(target, 2)
@@ -2565,9 +2569,7 @@ def robot_bus():
 
 
 def _robot_env(fake, **kw):
-    arm = robot.DynamixelArm(
-        robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None
-    )
+    arm = robot.DynamixelArm(robot.open_bus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None)
     arm.velocity_limit = 1e3  # the fake arrives at once: moves need not take the real arm's time
     kw = dict(
         camera=_RobotCamera((32, 32)),
@@ -2585,20 +2587,22 @@ def _robot_sync_goals(fake, since=0):
     """The goal positions of every SYNC_WRITE to 116 after packet `since`: [{id: ticks}]."""
     out = []
     for _t, inst, p in fake.packets[since:]:
-        if inst == robot.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 116:
+        if inst == dynamixel.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 116:
             out.append({p[k]: struct.unpack_from("<i", p, k + 1)[0] for k in range(4, len(p), 5)})
     return out
 
 
 # ---- protocol ---------------------------------------------------------------------------------------------------
 def test_robot_packets_match_the_spec_vectors(robot_bus):
-    assert robot.make_packet(1, robot.PING) == bytes.fromhex("FF FF FD 00 01 03 00 01 19 4E")
-    assert robot.make_packet(1, robot.READ, bytes([0x84, 0, 4, 0])) == bytes.fromhex(
+    assert dynamixel.make_packet(1, dynamixel.PING) == bytes.fromhex(
+        "FF FF FD 00 01 03 00 01 19 4E"
+    )
+    assert dynamixel.make_packet(1, dynamixel.READ, bytes([0x84, 0, 4, 0])) == bytes.fromhex(
         "FF FF FD 00 01 07 00 02 84 00 04 00 1D 15"
     )
-    assert robot.crc16(bytes.fromhex("FF FF FD 00 01 03 00 01")) == 0x4E19
-    bus = robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
-    assert bus.read(1, robot.PRESENT_POSITION) == 2048  # waist at 0 rad
+    assert dynamixel.crc16(bytes.fromhex("FF FF FD 00 01 03 00 01")) == 0x4E19
+    bus = robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
+    assert bus.read(1, dynamixel.PRESENT_POSITION) == 2048  # waist at 0 rad
     assert robot_bus.raw_in == bytes.fromhex(
         "FF FF FD 00 01 07 00 02 84 00 04 00 1D 15"
     )  # on the wire
@@ -2607,32 +2611,32 @@ def test_robot_packets_match_the_spec_vectors(robot_bus):
 
 def test_robot_byte_stuffing_both_ways():
     params = bytes([0x74, 0x00, 0xFF, 0xFF, 0xFD, 0x01])
-    packet = robot.make_packet(3, robot.WRITE, params)
+    packet = dynamixel.make_packet(3, dynamixel.WRITE, params)
     assert b"\xff\xff\xfd\xfd\x01" in packet
     assert (
         struct.unpack_from("<H", packet, 5)[0] == 1 + len(params) + 1 + 2
     )  # LEN counts the extra FD
-    got, rest, need = robot.split_packet(
+    got, rest, need = dynamixel.split_packet(
         b"\x00\xff" + packet + b"\xff\xff"
     )  # junk before, half a header after
-    assert got == (3, robot.WRITE, params) and rest == b"\xff\xff" and need == 0
-    assert robot.split_packet(rest) == (
+    assert got == (3, dynamixel.WRITE, params) and rest == b"\xff\xff" and need == 0
+    assert dynamixel.split_packet(rest) == (
         None,
         b"\xff\xff",
         9,
     )  # the partial header waits for the rest
     assert (
-        robot.unstuff(robot.stuff(b"\xff\xff\xfd\xfd\xff\xff\xfd"))
+        dynamixel.unstuff(dynamixel.stuff(b"\xff\xff\xfd\xfd\xff\xff\xfd"))
         == b"\xff\xff\xfd\xfd\xff\xff\xfd"
     )
-    assert robot.split_packet(packet[:9]) == (None, packet[:9], len(packet) - 9)
-    with pytest.raises(robot.PacketError, match="bad CRC"):
-        robot.split_packet(packet[:-1] + bytes([packet[-1] ^ 1]))
+    assert dynamixel.split_packet(packet[:9]) == (None, packet[:9], len(packet) - 9)
+    with pytest.raises(dynamixel.PacketError, match="bad CRC"):
+        dynamixel.split_packet(packet[:-1] + bytes([packet[-1] ^ 1]))
 
 
 # ---- the simulated bus ----------------------------------------------------------------------------------------
 def test_robot_setup_configures_the_arm_like_interbotix(robot_bus):
-    arm = robot.DynamixelArm(robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
+    arm = robot.DynamixelArm(robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
     arm.setup()
     g = robot_bus.get
     assert [g(i, 10, 1) for i in robot.ALL_IDS] == [
@@ -2661,25 +2665,25 @@ def test_robot_setup_configures_the_arm_like_interbotix(robot_bus):
     assert all(
         struct.unpack_from("<H", p)[0] >= 64
         for t, i, p in robot_bus.packets[n:]
-        if i == robot.WRITE
+        if i == dynamixel.WRITE
     )
     assert robot_bus.fights == []
 
 
 def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
-    arm = robot.DynamixelArm(robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
+    arm = robot.DynamixelArm(robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
     arm.setup()
     q = np.array([0.3, -0.5, 0.7, -0.2, 1.0, 0.4])
     arm.command(q, seconds=0.2)
     joints, grip = arm.read()  # a round trip: the fake has handled the SYNC_WRITE before it
-    ticks = robot.rad_to_ticks(q)
+    ticks = dynamixel.rad_to_ticks(q)
     assert [robot_bus.present(i) for i in robot.JOINT_IDS] == ticks.tolist()
     assert (
         robot_bus.present(3) == ticks[1] and robot_bus.present(5) == ticks[2]
     )  # shadows followed their IDs
     assert robot_bus.fights == []
     np.testing.assert_allclose(joints, q, atol=np.pi / 2048)
-    assert robot_bus.sent(robot.SYNC_READ)[-1][1] == struct.pack("<HH", 132, 4) + bytes(
+    assert robot_bus.sent(dynamixel.SYNC_READ)[-1][1] == struct.pack("<HH", 132, 4) + bytes(
         range(1, 10)
     )
     arm.command(
@@ -2687,7 +2691,7 @@ def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
     )  # beyond the elbow and wrist-rotate limits: clipped, never sent
     arm.read()
     assert (
-        robot_bus.present(4) == robot.rad_to_ticks(robot.JOINT_HIGH[2])
+        robot_bus.present(4) == dynamixel.rad_to_ticks(widowx.JOINT_HIGH[2])
         and robot_bus.present(8) == 0
     )
     arm.set_gripper(-1)
@@ -2697,30 +2701,32 @@ def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
 
 
 def test_robot_error_and_timeout_paths(robot_bus):
-    short = robot.DynamixelBus(robot_bus.port, timeout=0.02, retries=2)
+    short = robot.open_bus(robot_bus.port, timeout=0.02, retries=2)
     robot_bus.silent.add(4)
     n = len(robot_bus.packets)
-    with pytest.raises(robot.NoStatusError) as e:
-        short.read(4, robot.PRESENT_POSITION)
+    with pytest.raises(dynamixel.NoStatusError) as e:
+        short.read(4, dynamixel.PRESENT_POSITION)
     for part in ("ID 4", "/dev/pts/fake", "1000000 baud", "READ", "latency_timer", "power"):
         assert part in str(e.value)
     assert len(robot_bus.packets) - n == 2  # bounded retry
-    with pytest.raises(robot.NoStatusError, match="servo ID 4 "):
-        short.sync_read(robot.JOINT_IDS, robot.PRESENT_POSITION)
+    with pytest.raises(dynamixel.NoStatusError, match="servo ID 4 "):
+        short.sync_read(robot.JOINT_IDS, dynamixel.PRESENT_POSITION)
     robot_bus.silent.clear()
-    bus = robot.DynamixelBus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
+    bus = robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
     robot_bus.corrupt = 1  # one corrupted reply: the driver asks again
-    assert bus.read(2, robot.DRIVE_MODE) == 0 and robot_bus.corrupt == 0
-    bus.write(1, robot.TORQUE_ENABLE, 1)
-    with pytest.raises(robot.ServoError, match=r"ID 1 \(waist\) answered WRITE with access error"):
-        bus.write(1, robot.DRIVE_MODE, 1)
-    with pytest.raises(robot.ServoError, match="data limit error"):
-        bus.write(1, robot.GOAL_POSITION, 5000)
+    assert bus.read(2, dynamixel.DRIVE_MODE) == 0 and robot_bus.corrupt == 0
+    bus.write(1, dynamixel.TORQUE_ENABLE, 1)
+    with pytest.raises(
+        dynamixel.ServoError, match=r"ID 1 \(waist\) answered WRITE with access error"
+    ):
+        bus.write(1, dynamixel.DRIVE_MODE, 1)
+    with pytest.raises(dynamixel.ServoError, match="data limit error"):
+        bus.write(1, dynamixel.GOAL_POSITION, 5000)
     robot_bus.fail(4, 0x20)
-    assert bus.read(4, robot.PRESENT_POSITION) > 0 and bus.alerts == {
+    assert bus.read(4, dynamixel.PRESENT_POSITION) > 0 and bus.alerts == {
         4
     }  # data still valid, alert noted
-    assert robot.hardware_messages(bus.read(4, robot.HARDWARE_ERROR)) == [
+    assert dynamixel.hardware_messages(bus.read(4, dynamixel.HARDWARE_ERROR)) == [
         "overload (too much load for too long)"
     ]
     lines = []
@@ -2735,7 +2741,7 @@ def test_robot_error_and_timeout_paths(robot_bus):
     robot_bus.silent.add(6)
     lines.clear()
     assert (
-        robot.check(robot.DynamixelBus(robot_bus.port, timeout=0.3, retries=1), log=lines.append)
+        robot.check(robot.open_bus(robot_bus.port, timeout=0.3, retries=1), log=lines.append)
         is False
     )
     assert (
@@ -2752,7 +2758,7 @@ def _robot_arm(fake, monkeypatch, clock=None, **kw):
         types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock[0], sleep=slept.append),
     )
     return robot.DynamixelArm(
-        robot.DynamixelBus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None, **kw
+        robot.open_bus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None, **kw
     ), slept
 
 
@@ -2777,7 +2783,7 @@ def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
     n = len(robot_bus.packets)
     arm.setup()  # configured: reads only, the torque stays on, the arm stays up
     assert not [
-        p for t, i, p in robot_bus.packets[n:] if i == robot.SYNC_WRITE and p[:2] == b"\x40\x00"
+        p for t, i, p in robot_bus.packets[n:] if i == dynamixel.SYNC_WRITE and p[:2] == b"\x40\x00"
     ]
     assert [robot_bus.present(i) for i in robot.ALL_IDS] == home and slept == []
     robot_bus.table[1][10] = (
@@ -2785,20 +2791,20 @@ def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
     )
     n = len(robot_bus.packets)
     arm.setup()
-    goal = _robot_index(robot_bus, robot.SYNC_WRITE, 116, n)
-    off = _robot_index(robot_bus, robot.SYNC_WRITE, 64, n)
+    goal = _robot_index(robot_bus, dynamixel.SYNC_WRITE, 116, n)
+    off = _robot_index(robot_bus, dynamixel.SYNC_WRITE, 64, n)
     assert (
-        goal < off < _robot_index(robot_bus, robot.WRITE, 10, n, target=1)
+        goal < off < _robot_index(robot_bus, dynamixel.WRITE, 10, n, target=1)
     )  # sleep pose, torque off, write
     assert _robot_sync_goals(robot_bus, n)[0] == dict(
-        zip(robot.JOINT_IDS, robot.rad_to_ticks(robot.SLEEP_JOINTS))
+        zip(robot.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS))
     )
     # the waist's velocity profile: 20 x 0.229 rpm = 0.48 rad/s, so the shoulder's 1.80 rad take 1.80 / 0.48 + 0.5 s
     assert slept == [pytest.approx(1.1 * (1.80 / 0.48 + 0.5), rel=1e-3)]
     p = next(
         p
         for t, i, p in robot_bus.packets[n:]
-        if i == robot.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 108
+        if i == dynamixel.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 108
     )
     profile = {p[k]: struct.unpack_from("<ii", p, k + 1) for k in range(4, len(p), 9)}
     assert profile[1] == (5, 20) and profile[2][1] == round(1000 * slept[0] / 1.1)
@@ -2806,7 +2812,8 @@ def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
         robot_bus.get(1, 10, 1) == 4 and [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9
     )
     assert (
-        robot_bus.present(2) == robot.rad_to_ticks(robot.SLEEP_JOINTS[1]) and robot_bus.fights == []
+        robot_bus.present(2) == dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS[1])
+        and robot_bus.fights == []
     )
 
 
@@ -2817,7 +2824,7 @@ def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
     )
     arm.setup()
     written = lambda i: [
-        struct.unpack_from("<i", p, 2)[0] for t, p in robot_bus.sent(robot.WRITE, 20) if t == i
+        struct.unpack_from("<i", p, 2)[0] for t, p in robot_bus.sent(dynamixel.WRITE, 20) if t == i
     ]
     assert written(3) == [0, -7, 7] and written(5) == [
         0,
@@ -2836,7 +2843,7 @@ def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
     assert not [
         p
         for t, i, p in robot_bus.packets[n:]
-        if i == robot.WRITE and struct.unpack_from("<H", p)[0] < 64
+        if i == dynamixel.WRITE and struct.unpack_from("<H", p)[0] < 64
     ]
     monkeypatch.setitem(
         _ROBOT_MECH, 3, 7 + 9
@@ -2852,7 +2859,7 @@ def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
     monkeypatch.setitem(_ROBOT_MECH, 3, 30)
     robot_bus._couple()
     with pytest.raises(
-        robot.DynamixelError,
+        dynamixel.DynamixelError,
         match=r"shadow servo ID 3 \(shoulder_shadow\) does not follow master "
         r"ID 2: they read (\d+) and (\d+) ticks",
     ) as e:
@@ -2903,7 +2910,10 @@ def test_robot_moves_respect_the_velocity_limit(robot_bus, monkeypatch):
     arm.read()  # a round trip, so that the fake has applied the profile write
     ms = robot_bus.get(1, 112, 4)
     assert ms == round(
-        1000 * 1.5 * float(np.diff(robot.ticks_to_rad(robot.rad_to_ticks([-3.0, 3.0])))[0]) / np.pi
+        1000
+        * 1.5
+        * float(np.diff(dynamixel.ticks_to_rad(dynamixel.rad_to_ticks([-3.0, 3.0])))[0])
+        / np.pi
     )
     assert (
         slept == [pytest.approx(1.1 * ms / 1000, abs=1e-3)] and robot_bus.get(1, 108, 4) == ms // 4
@@ -2922,10 +2932,31 @@ def _robot_planar_fk(q):
     return p, phi
 
 
+def test_widowx_is_the_one_kinematics_of_the_sim_and_the_robot():
+    # one owner (issue 11): the simulator and the robot use widowx.py's objects, not copies
+    for name in ("SCREW_AXES", "M_HOME", "JOINT_LOW", "JOINT_HIGH", "R_DOWN"):
+        assert getattr(sb, name) is getattr(widowx, name), name
+    for name in ("euler_to_mat", "mat_to_euler", "fk_and_jacobian", "solve_ik"):
+        assert getattr(sb, name) is getattr(widowx, name), name
+    for name in ("JOINT_LOW", "JOINT_HIGH", "R_DOWN", "SLEEP_JOINTS", "euler_to_mat"):
+        assert getattr(robot, name) is getattr(widowx, name), name
+    assert robot.inverse_kinematics is widowx.inverse_kinematics
+    assert robot.forward_kinematics is widowx.forward_kinematics
+    # SPEC 6's checks
+    np.testing.assert_allclose(
+        widowx.forward_kinematics(np.zeros(6))[:3, 3], [0.458325, 0, 0.36065]
+    )
+    np.testing.assert_allclose(
+        widowx.forward_kinematics([0, -1.80, 1.55, 0, 0.8, 0])[:3, 3], [0.123, 0, 0.081], atol=1e-3
+    )
+
+
 def test_robot_forward_kinematics_at_zero_and_sleep():
-    np.testing.assert_allclose(robot.forward_kinematics(np.zeros(6)), robot.M_HOME, atol=1e-12)
-    T = robot.forward_kinematics(robot.SLEEP_JOINTS)
-    (x, z), phi = _robot_planar_fk(robot.SLEEP_JOINTS)
+    T = widowx.forward_kinematics(np.zeros(6))
+    np.testing.assert_allclose(T[:3, 3], widowx.M_HOME, atol=1e-12)
+    np.testing.assert_allclose(T[:3, :3], np.eye(3), atol=1e-12)
+    T = widowx.forward_kinematics(widowx.SLEEP_JOINTS)
+    (x, z), phi = _robot_planar_fk(widowx.SLEEP_JOINTS)
     np.testing.assert_allclose(T[:3, 3], [x, 0, z], atol=1e-9)
     np.testing.assert_allclose(T[:3, 3], [0.123, 0, 0.081], atol=1e-3)  # SPEC 6
     np.testing.assert_allclose(
@@ -2933,20 +2964,20 @@ def test_robot_forward_kinematics_at_zero_and_sleep():
         [[np.cos(phi), 0, np.sin(phi)], [0, 1, 0], [-np.sin(phi), 0, np.cos(phi)]],
         atol=1e-9,
     )
-    T = robot.forward_kinematics([np.pi / 2, 0, 0, 0, 0, 0])  # the waist turns the arm onto +y
+    T = widowx.forward_kinematics([np.pi / 2, 0, 0, 0, 0, 0])  # the waist turns the arm onto +y
     np.testing.assert_allclose(T[:3, 3], [0, 0.458325, 0.36065], atol=1e-9)
-    state = robot.pose_to_state(robot.forward_kinematics(robot.RESET_JOINTS), 1.0)
+    state = robot.pose_to_state(widowx.forward_kinematics(robot.RESET_JOINTS), 1.0)
     np.testing.assert_allclose(
         state, [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-4
     )  # pointing down = zero euler
     np.testing.assert_allclose(
-        robot.euler_to_matrix([np.pi / 2, 0, np.pi / 2]),
+        widowx.euler_to_mat([np.pi / 2, 0, np.pi / 2]),
         [[0, 0, 1], [1, 0, 0], [0, 1, 0]],
         atol=1e-12,
     )  # Rz(90) Rx(90): x turns first, about the world axes
     e = np.array([0.1, -0.2, 0.3])
     T = np.eye(4)
-    T[:3, :3] = robot.euler_to_matrix(e) @ robot.DOWN
+    T[:3, :3] = widowx.euler_to_mat(e) @ widowx.R_DOWN
     np.testing.assert_allclose(robot.pose_to_state(T, 0.5)[3:], [*e, 0.5], atol=1e-6)
 
 
@@ -2954,31 +2985,25 @@ def test_robot_inverse_kinematics_round_trips():
     rng = np.random.default_rng(0)
     for _ in range(15):
         q = rng.uniform(-1, 1, 6) * [2.5, 1.2, 1.2, 2.0, 1.2, 2.5]
-        T = robot.forward_kinematics(q)
-        q_ik = robot.inverse_kinematics(T, q + rng.normal(0, 0.15, 6))
-        T_ik = robot.forward_kinematics(q_ik)
+        T = widowx.forward_kinematics(q)
+        q_ik = widowx.inverse_kinematics(T, q + rng.normal(0, 0.15, 6))
+        T_ik = widowx.forward_kinematics(q_ik)
         assert np.linalg.norm(T_ik[:3, 3] - T[:3, 3]) < 1e-4
-        assert np.linalg.norm(robot.rotation_log(T_ik[:3, :3] @ T[:3, :3].T)) < 1e-3
-        assert np.all(q_ik >= robot.JOINT_LOW) and np.all(q_ik <= robot.JOINT_HIGH)
-    q, eps = (
-        np.array([0.3, -0.4, 0.5, 0.2, 0.6, -0.1]),
-        1e-6,
-    )  # the Jacobian against finite differences
-    T = robot.forward_kinematics(q)
-    J = robot._jacobian(q, T[:3, 3])
+        assert widowx.rotation_angle(T_ik[:3, :3] @ T[:3, :3].T) < 1e-3
+        assert np.all(q_ik >= widowx.JOINT_LOW) and np.all(q_ik <= widowx.JOINT_HIGH)
+    q = np.array([0.3, -0.4, 0.5, 0.2, 0.6, -0.1])
+    eps = 1e-6  # the Jacobian against finite differences
+    R, p, J = widowx.fk_and_jacobian(q)
     for i in range(6):
-        T_i = robot.forward_kinematics(q + eps * np.eye(6)[i])
-        np.testing.assert_allclose(J[3:, i], (T_i[:3, 3] - T[:3, 3]) / eps, atol=1e-5)
-        np.testing.assert_allclose(
-            J[:3, i], robot.rotation_log(T_i[:3, :3] @ T[:3, :3].T) / eps, atol=1e-5
-        )
-    far = robot.forward_kinematics(np.zeros(6))
+        R_i, p_i, _ = widowx.fk_and_jacobian(q + eps * np.eye(6)[i])
+        np.testing.assert_allclose(J[3:, i], (p_i - p) / eps, atol=1e-5)
+        dR = R_i @ R.T  # a small rotation: I + [w] eps
+        w = np.array([dR[2, 1] - dR[1, 2], dR[0, 2] - dR[2, 0], dR[1, 0] - dR[0, 1]]) / 2
+        np.testing.assert_allclose(J[:3, i], w / eps, atol=1e-5)
+    far = widowx.forward_kinematics(np.zeros(6))
     far[:3, 3] = [0.9, 0, 0.3]
-    with pytest.raises(robot.IKError, match="did not converge.*mm"):
-        robot.inverse_kinematics(far, np.zeros(6))
-    np.testing.assert_allclose(
-        robot.rotation_log(robot._rot((0, 0, 1), np.pi)), [0, 0, np.pi], atol=1e-9
-    )
+    with pytest.raises(widowx.IKError, match=r"did not converge in 100 iterations: .* mm"):
+        widowx.inverse_kinematics(far, np.zeros(6))
 
 
 # ---- the environment --------------------------------------------------------------------------------------------
@@ -3002,7 +3027,7 @@ def test_robot_env_moves_the_target_clips_and_limits(robot_bus):
         [0, 0, 0, 0, 0, 1.2, 1]
     )  # a big yaw: at most 0.3 rad per joint a tick
     (goal,) = _robot_sync_goals(robot_bus, n)
-    moved = robot.ticks_to_rad([goal[i] for i in robot.JOINT_IDS]) - before
+    moved = dynamixel.ticks_to_rad([goal[i] for i in robot.JOINT_IDS]) - before
     assert (
         "ik_error" not in info and abs(np.abs(moved).max() - 0.3) < 2e-3
     )  # IK wanted more: clipped
@@ -3029,8 +3054,10 @@ def test_robot_env_holds_when_ik_fails_and_on_the_watchdog(robot_bus):
     _, _, _, _, info = env.step([0, 0, 0, 0, 0, 0, 1])
     assert "did not converge" in info["ik_error"]
     (goal,) = _robot_sync_goals(robot_bus, n)
-    assert [goal[i] for i in robot.JOINT_IDS] == robot.rad_to_ticks(q).tolist()  # held where it was
-    env._target = robot.forward_kinematics(q)
+    assert [goal[i] for i in robot.JOINT_IDS] == dynamixel.rad_to_ticks(
+        q
+    ).tolist()  # held where it was
+    env._target = widowx.forward_kinematics(q)
     env.step([0, 0, 0, 0, 0, 0, 0])  # closing
     env.arm.pwm, env.arm.grip = 350, 0.5  # pretend the gripper is opening half way
     n = len(robot_bus.packets)
@@ -3052,27 +3079,29 @@ def test_robot_safe_stop_on_an_injected_hardware_error(robot_bus):
         5, 0x04
     )  # the elbow's shadow overheats: its reply to the tick's SYNC_READ carries the alert
     n = len(robot_bus.packets)
-    with pytest.raises(robot.HardwareError, match=r"ID 5 \(elbow_shadow\): overheating.*--reboot"):
+    with pytest.raises(
+        dynamixel.HardwareError, match=r"ID 5 \(elbow_shadow\): overheating.*--reboot"
+    ):
         env.step([0.01, 0, 0, 0, 0, 0, 0])
     env.arm.bus.ping(1)  # a round trip: the fake has handled every packet before it
     after = [(t, i, p) for t, i, p in robot_bus.packets[n:]]
     pwm = [
         k
         for k, (t, i, p) in enumerate(after)
-        if i == robot.WRITE and t == 9 and p == struct.pack("<Hh", 100, 350)
+        if i == dynamixel.WRITE and t == 9 and p == struct.pack("<Hh", 100, 350)
     ]
-    sleep = robot.rad_to_ticks(robot.SLEEP_JOINTS).tolist()
+    sleep = dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS).tolist()
     goals = [
         k
         for k, (t, i, p) in enumerate(after)
-        if i == robot.SYNC_WRITE
+        if i == dynamixel.SYNC_WRITE
         and p[:2] == b"\x74\x00"
         and [struct.unpack_from("<i", p, 5 + 5 * j)[0] for j in range(6)] == sleep
     ]
     torque_off = [
         k
         for k, (t, i, p) in enumerate(after)
-        if i == robot.SYNC_WRITE
+        if i == dynamixel.SYNC_WRITE
         and p == struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)
     ]
     assert (
@@ -3148,7 +3177,7 @@ def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "serial", None)
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ImportError, match="pip install pyserial"):
-        robot.DynamixelBus("/dev/ttyUSB0")
+        robot.open_bus("/dev/ttyUSB0")
     with pytest.raises(ImportError, match="pip install opencv-python"):
         robot.open_camera(0)
     with pytest.raises(ImportError, match="interbotix_xs_modules"):
@@ -3160,15 +3189,169 @@ def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
     assert "w/s forward/back" in capsys.readouterr().out
 
 
+# ---- faults and the command line (issue 14: items 3 and 9) -------------------------------------------
+class _RobotSerialException(OSError):
+    """What pyserial raises (serial.SerialException is an IOError): a port that cannot open or died."""
+
+
+def _robot_main_on(fake, monkeypatch, **options):
+    """robot.main() on the fake bus; the fake's port stays open when main closes its bus."""
+    port = types.SimpleNamespace(
+        name=fake.port.name,
+        read=fake.port.read,
+        write=fake.port.write,
+        reset_input_buffer=fake.port.reset_input_buffer,
+        close=lambda: None,
+    )
+
+    def open_bus(path, baud):
+        return dynamixel.DynamixelBus(
+            port, baud, names=robot.SERVO_NAMES, **{"timeout": _ROBOT_TIMEOUT, **options}
+        )
+
+    monkeypatch.setattr(robot, "open_bus", open_bus)
+    return port
+
+
+def _robot_run(argv, capsys):
+    """cli.run_cli(robot.main, argv) -> (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(robot.main, argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def _robot_moves(fake, since):
+    """The packets after `since` that could move or reconfigure a servo (WRITE, SYNC_WRITE, REBOOT)."""
+    moving = (dynamixel.WRITE, dynamixel.SYNC_WRITE, dynamixel.REBOOT)
+    return [(t, i, p) for t, i, p in fake.packets[since:] if i in moving]
+
+
+def test_robot_home_and_sleep_refuse_to_move_with_a_latched_hardware_error(
+    robot_bus, monkeypatch, capsys
+):
+    # today's bug: home moved the other joints while the overloaded elbow hung limp, and exited 0
+    env = _robot_env(robot_bus)
+    _robot_main_on(robot_bus, monkeypatch)
+    robot_bus.fail(4, 0x20)
+    for command in ("home", "sleep"):
+        n = len(robot_bus.packets)
+        status, _, err = _robot_run([command], capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert "error: not moving the arm: servo hardware error: ID 4 (elbow): overload" in err
+        assert "reboot it with: python robot.py check --port /dev/pts/fake --reboot" in err
+        assert _robot_moves(robot_bus, n) == []  # pings and reads only
+    n = len(robot_bus.packets)  # the environment refuses the same way, and does not safe-stop
+    with pytest.raises(robot.RefusedToMove, match=r"ID 4 \(elbow\): overload"):
+        env.reset()
+    assert _robot_moves(robot_bus, n) == [] and not env._ready  # not ready: close() moves nothing
+
+
+def test_robot_env_reset_refuses_on_a_ready_arm(robot_bus):
+    env = _robot_env(robot_bus)
+    env.reset()
+    robot_bus.fail(1, 0x01 | 0x08)  # between episodes: the waist's supply dips, its encoder fails
+    n = len(robot_bus.packets)
+    with pytest.raises(
+        robot.RefusedToMove,
+        match=r"ID 1 \(waist\): input voltage out of range \(check the 12 V supply\), motor "
+        r"encoder error\. .*check --port /dev/pts/fake --reboot",
+    ):
+        env.reset()
+    assert (
+        _robot_moves(robot_bus, n) == [] and not env._ready
+    )  # no safe stop: it would move the arm
+
+
+def test_robot_check_exits_nonzero_until_the_error_is_rebooted(robot_bus, monkeypatch, capsys):
+    _robot_main_on(robot_bus, monkeypatch)
+    robot_bus.fail(4, 0x20)
+    status, out, _ = _robot_run(["check"], capsys)
+    lines = out.splitlines()
+    assert status == 1 and "ID 4 elbow" in lines[3] and "overload" in lines[3]
+    assert lines[9] == (
+        "hardware error on ID 4 (elbow): the arm will not move until it is rebooted with "
+        "python robot.py check --port /dev/pts/fake --reboot"
+    )
+    status, out, _ = _robot_run(["check", "--reboot"], capsys)
+    assert status == 0 and "overload (too much load for too long) -> rebooted" in out
+    assert robot_bus.table[4][70] == 0
+    status, out, _ = _robot_run(["check"], capsys)
+    assert status == 0 and out.count("no errors") == 9
+
+
+def test_robot_missing_port_gives_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "serial", None)  # pyserial not installed
+    status, _, err = _robot_run(["check", "--port", "/nonexistent/ttyUSB9"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert (
+        "error: opening the serial port /nonexistent/ttyUSB9 needs pyserial: pip install pyserial"
+        in err
+    )
+
+    def serial_port(path, baud, timeout):  # pyserial's behaviour on a missing device
+        raise _RobotSerialException(2, f"could not open port {path}: No such file or directory")
+
+    module = types.ModuleType("serial")
+    module.Serial = serial_port
+    monkeypatch.setitem(sys.modules, "serial", module)
+    for command in ("check", "home", "sleep"):
+        status, _, err = _robot_run([command, "--port", "/nonexistent/ttyUSB9"], capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert "error: [Errno 2] could not open port /nonexistent/ttyUSB9: No such file" in err
+
+
+def test_robot_bus_dying_mid_command_gives_one_line(robot_bus, monkeypatch, capsys):
+    port = _robot_main_on(robot_bus, monkeypatch)
+    writes = []
+
+    def write(data):  # the U2D2 unplugged after 3 packets
+        writes.append(data)
+        if len(writes) > 3:
+            raise _RobotSerialException("write failed: [Errno 5] Input/output error")
+        robot_bus.port.write(data)
+
+    port.write = write
+    status, _, err = _robot_run(["home"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert (
+        "error: the serial port /dev/pts/fake failed: write failed: [Errno 5] Input/output" in err
+    )
+    _robot_main_on(robot_bus, monkeypatch, timeout=0.1, retries=1)
+    robot_bus.silent.update(robot.ALL_IDS)  # the 12 V supply off: no servo answers
+    status, _, err = _robot_run(["sleep"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "error: no status packet from servo ID 1 on /dev/pts/fake" in err
+
+
+def test_robot_env_on_a_dead_port_logs_one_line(robot_bus, monkeypatch):
+    env = _robot_env(robot_bus)
+    env.reset()
+    logs = []
+    env.log = logs.append
+
+    def dead(data):
+        raise _RobotSerialException("write failed: [Errno 5] Input/output error")
+
+    monkeypatch.setattr(env.arm.bus.port, "write", dead)
+    with pytest.raises(dynamixel.PortError, match="/dev/pts/fake failed: write failed"):
+        env.step([0, 0, 0, 0, 0, 0, 1])
+    # the safe stop cannot reach a servo: one line, not one failure per part
+    assert logs == [
+        "robot: no safe stop: the port is gone; the servos keep holding their last goal"
+    ]
+    assert not env._ready
+
+
 def _robot_fake_interbotix(monkeypatch):
     """Installs a stand-in for Interbotix's ROS 2 Python API -> the list of calls it receives."""
     calls = []
 
     class Core:
-        q = robot.SLEEP_JOINTS.copy()
+        q = widowx.SLEEP_JOINTS.copy()
 
         def robot_get_joint_states(self):
-            names = [robot.NAMES[i] for i in robot.JOINT_IDS] + [
+            names = [robot.SERVO_NAMES[i] for i in robot.JOINT_IDS] + [
                 "gripper",
                 "left_finger",
                 "right_finger",
@@ -3221,7 +3404,7 @@ def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
     np.testing.assert_allclose(env._observe()["state"][0], 0.26, atol=1e-3)
     env.close()
     assert calls[-1] == ("torque", "group", "all", False)
-    np.testing.assert_allclose(calls[-2][1], robot.SLEEP_JOINTS)
+    np.testing.assert_allclose(calls[-2][1], widowx.SLEEP_JOINTS)
 
 
 def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
