@@ -46,6 +46,18 @@ import zlib
 import numpy as np
 
 from fileio import atomic_write, bridge_trajectory, write_bridge_file
+from widowx import (  # the arm's kinematics (SPEC section 6), shared with robot.py
+    JOINT_HIGH,
+    JOINT_LOW,
+    M_HOME,
+    R_DOWN,
+    SCREW_AXES,
+    cross3,
+    euler_to_mat,
+    fk_and_jacobian,  # noqa: F401 (importable from here, as before)
+    mat_to_euler,
+    solve_ik,
+)
 
 
 @contextlib.contextmanager
@@ -70,18 +82,6 @@ with quiet_stdout():
     import pybullet_data
     from pybullet_utils import bullet_client
 
-from widowx import (  # the arm's kinematics (SPEC section 6), shared with robot.py
-    JOINT_HIGH,
-    JOINT_LOW,
-    M_HOME,
-    R_DOWN,
-    SCREW_AXES,
-    euler_to_mat,
-    fk_and_jacobian,  # noqa: F401 (importable from here, as before)
-    mat_to_euler,
-    solve_ik,
-)
-from widowx import cross3 as _cross
 
 # ---------------------------------------------------------------- the arm (SPEC section 6)
 JOINT_ALONG_AXIS = [
@@ -176,7 +176,7 @@ def arm_urdf():
     """The wx250s as a URDF string: joint i at a point of the axis of S_i, axis w_i, link frames
     world-aligned."""
     # w x v is the point of the screw axis nearest the origin; JOINT_ALONG_AXIS slides it along the axis
-    points = [_cross(S[:3], S[3:]) + s * S[:3] for S, s in zip(SCREW_AXES, JOINT_ALONG_AXIS)]
+    points = [cross3(S[:3], S[3:]) + s * S[:3] for S, s in zip(SCREW_AXES, JOINT_ALONG_AXIS)]
     x_ee = M_HOME[0] - points[5][0]
     grey = (0.45, 0.45, 0.5, 1)
     bodies = [
