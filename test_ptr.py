@@ -1603,6 +1603,64 @@ def test_perf_cql_bench_prints_eager_compiled_and_their_ratio(tmp_path):
     assert alone.returncode == 0, alone.stderr
 
 
+def test_perf_prefetcher_batches_and_resume_are_exact(tmp_path):
+    """The prefetched batches are the sampler's own, bit for bit, and state_dict() is the state after the
+    batches handed out, not after those drawn ahead, so a resume continues with the next batch."""
+    store, _ = _data_store(tmp_path, n_traj=6, T=7)
+    plain = data.Sampler(store, "train", gamma=0.9, seed=5)
+    want = [plain.sample(4) for _ in range(5)]
+    sampler = data.Sampler(store, "train", gamma=0.9, seed=5)
+    pre = data.Prefetcher(sampler, 4, depth=2)
+    got = [pre.sample(4), pre.sample(4)]
+    state = json.loads(json.dumps(pre.state_dict()))  # python values only, as in a checkpoint
+    for future in list(pre._pending):  # let the thread finish its 2 draws ahead of the loop
+        future.result()
+    assert state != sampler.state_dict()  # the sampler itself is now 2 batches further
+    resumed = data.Prefetcher(data.Sampler(store, "train", gamma=0.9, seed=0), 4)
+    resumed.load_state_dict(state)
+    got += [resumed.sample(4) for _ in range(3)]
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pre.load_state_dict(
+        state
+    )  # again on the prefetcher that has drawn ahead: those draws are dropped
+    again = pre.sample(4)
+    assert all(torch.equal(again[k], want[2][k]) for k in want[2])
+    with pytest.raises(ValueError, match=r"Prefetcher.sample\(8\): .* draws batches of 4"):
+        pre.sample(8)
+    pre.close()
+    resumed.close()
+
+
+def test_perf_train_prefetch_and_compile_resume_like_a_plain_run(pipe_data, tmp_path, monkeypatch):
+    """train.py --prefetch --compile: the same data stream as a plain run, checkpoint for checkpoint, and
+    weights within float reassociation of it (compile patched to aot_eager, see the test above)."""
+    _, prior, _ = pipe_data
+    modes = []
+    original = Agent.compile
+
+    def compile_aot_eager(agent, mode):
+        modes.append(mode)
+        original(agent, mode, backend="aot_eager")
+
+    monkeypatch.setattr(Agent, "compile", compile_aot_eager)
+    common = ["--data", str(prior), "--save_every", "2", *TINY]
+    train.main([*common, "--out", str(tmp_path / "plain"), "--steps", "4"])
+    split = ["--out", str(tmp_path / "split"), "--prefetch"]
+    train.main([*common, *split, "--steps", "2"])
+    train.main([*common, *split, "--steps", "4", "--resume", "--compile"])
+    assert modes == ["default"]
+    for step in (2, 4):
+        name = train.CKPT_PATTERN.format(step)
+        a = train.load_checkpoint(str(tmp_path / "plain" / name))
+        b = train.load_checkpoint(str(tmp_path / "split" / name))
+        assert _pipe_equal(a["sampler"], b["sampler"]) and _pipe_equal(a["rng"], b["rng"])
+        for net, weights in a["agent"]["nets"].items():
+            for k, x in weights.items():
+                y = b["agent"]["nets"][net][k]
+                assert torch.equal(x, y) if step == 2 else torch.allclose(x, y, atol=1e-5), (net, k)
+
+
 # ====================================================================================================
 # sim_binsort.py
 # ====================================================================================================
