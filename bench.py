@@ -16,6 +16,7 @@ target update and Python.
 """
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -105,7 +106,7 @@ def bench(args):
         arch=args.arch, image_size=args.image_size, algo=args.algo, num_tasks=args.num_tasks
     )
     eager = Agent(cfg, device)
-    compiled = Agent(AgentConfig(**vars(cfg)), device)
+    compiled = Agent(dataclasses.replace(cfg), device)  # the same seed: the same networks
     compiled.compile(args.compile_mode, args.backend)
     batch = random_batch(cfg, args.batch, device)
     updates = {
@@ -113,14 +114,14 @@ def bench(args):
         "compiled": lambda: compiled.update(batch),
     }
     passes = encoder_passes(eager, batch)
+    fns = {**updates, **passes}
 
     # warm-up: allocator, cuDNN algorithm search, compilation (first call), CUDA graph recording (later ones)
     compile_s = seconds(updates["compiled"], cuda)
     for _ in range(args.warmup):
-        for fn in [*updates.values(), *passes.values()]:
+        for fn in fns.values():
             fn()
-    times = {k: [] for k in [*updates, *passes]}
-    fns = {**updates, **passes}
+    times = {k: [] for k in fns}
     for _ in range(args.steps):
         for k, fn in fns.items():
             times[k].append(seconds(fn, cuda))
