@@ -366,7 +366,8 @@ class Agent:
         kernel already). Shapes are static (dynamic=False): batch and image size are fixed in a run. A change
         that the captured graph depends on (cfg.alpha, cfg.algo, grow_tasks) recompiles on the next update.
         The three draws from self.generator (dynamo cannot trace a torch.Generator) run eagerly between the
-        captured pieces, so the random stream, and with it an exact resume, is the eager one.
+        captured pieces, so the agent's random stream, and with it an exact resume, is the eager one; the BC
+        policy's dropout masks (torch's global RNG) are drawn differently once compiled.
         mode: one of COMPILE_MODES (inductor only); "reduce-overhead" replays CUDA graphs, whose outputs
         (the info tensors) are valid until the next update. The arithmetic is unchanged: losses equal the
         eager ones up to floating-point reassociation (test_ptr.py, compiled update section)."""
