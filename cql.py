@@ -15,15 +15,13 @@ the release's details, all defaults live in AgentConfig below:
   actor   mean [ temp * log pi(a|s) - min_heads Q(s,a) ],  a ~ pi;  temperature: temp * (entropy - target)
   bc      MSE;  awbc: MSE weighted by exp(Q(s,a) - max_j Q(s,a^pi_j)), clipped at awbc_max_weight.
 
-`python cql.py bench ...` measures update speed (see bench()).
+`python cql.py bench ...` measures update speed, eager and compiled (bench.py).
 """
 
 import argparse
 import contextlib
 import copy
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +32,9 @@ import torch.nn.functional as F
 from model import BCPolicy, QNetwork, SuccessClassifier, TanhGaussianPolicy, make_encoder  # noqa: F401
 
 ALGOS = ("cql", "bc", "awbc")
+# torch.compile modes of Agent.compile(): inductor's default, CUDA graphs (removes the launch overhead of
+# the many small kernels of the MLP heads and losses), or autotuned kernels without CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # Fields that fix tensor shapes: a checkpoint only loads into an agent that agrees on all of them.
 STRUCTURE = (
     "arch",
@@ -277,6 +278,8 @@ class Agent:
             self._ensure_bc_policy()
         self.updates = 0
         self._training = None
+        self.compile_mode = None
+        self._losses = self._update_losses  # replaced by its compiled version in compile()
 
     def _place(self, net):
         net.to(self.device)
@@ -357,13 +360,47 @@ class Agent:
         return info
 
     # ------------------------------------------------------------------------------------------ update
+    def compile(self, mode="default", backend="inductor"):
+        """torch.compile the forward half of update() (all network passes and losses) and so its backward;
+        the gradient all-reduce, the optimizer steps and the target update stay eager (fused Adam is one
+        kernel already). Shapes are static (dynamic=False): batch and image size are fixed in a run. A change
+        that the captured graph depends on (cfg.alpha, cfg.algo, grow_tasks) recompiles on the next update.
+        The three draws from self.generator (dynamo cannot trace a torch.Generator) run eagerly between the
+        captured pieces, so the agent's random stream, and with it an exact resume, is the eager one; the BC
+        policy's dropout masks (torch's global RNG) are drawn differently once compiled.
+        mode: one of COMPILE_MODES (inductor only); "reduce-overhead" replays CUDA graphs, whose outputs
+        (the info tensors) are valid until the next update. The arithmetic is unchanged: losses equal the
+        eager ones up to floating-point reassociation (test_ptr.py, compiled update section)."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"cql.py: compile mode={mode!r}, expected one of {COMPILE_MODES}")
+        self.compile_mode = mode
+        self._losses = torch.compile(self._update_losses, mode=mode, backend=backend, dynamic=False)
+
     def update(self, batch):
         """One gradient step on every network. batch: data.py's batch, on self.device, already augmented.
         Each encoder runs at most once per image batch: critic on s (grad), target on s', policy on s (grad)
         and s' (no grad); the BC policy (bc, awbc) on s. Returns {name: 0-d detached tensor} (no host sync)."""
-        cfg = self.cfg
         use_critic, use_bc = self._check_algo()
         self._mode(True)
+        if self.compile_mode == "reduce-overhead":
+            # a new step for the CUDA graphs: the previous update's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, info = self._losses(batch, use_critic, use_bc)
+        info.update(self._step(loss))
+        if use_critic:
+            with torch.no_grad():
+                torch._foreach_lerp_(
+                    list(self.target_critic.parameters()), self.params["critic"], self.cfg.polyak
+                )
+                for tb, sb in zip(self.target_critic.buffers(), self.critic.buffers()):
+                    tb.copy_(sb)  # BatchNorm statistics (norm="batch") follow the online critic
+        self.updates += 1
+        return info
+
+    def _update_losses(self, batch, use_critic, use_bc):
+        """The forward half of update(): every network pass and loss, no parameter changed; this is what
+        compile() captures (the backward follows it into the compiled graph). -> (summed loss, info)."""
+        cfg = self.cfg
         onehot, state, action = self._onehot(batch["task"]), batch["state"], batch["action"]
         b, n = action.shape[0], cfg.num_actions
         with self._autocast():
@@ -375,10 +412,7 @@ class Agent:
                     z_next_t = self.target_critic.embed(batch["next_obs"]).float()
                     z_next_pi = self.policy.embed(batch["next_obs"]).float()
         if not use_critic:  # algo == "bc"
-            loss, info = bc_loss(self.bc_policy.head(z_bc, state, onehot), action)
-            info.update(self._step(loss))
-            self.updates += 1
-            return info
+            return bc_loss(self.bc_policy.head(z_bc, state, onehot), action)
         with torch.no_grad():
             a_next, _ = self.policy.sample(
                 z_next_pi, batch["next_state"], onehot, n, self.generator
@@ -409,15 +443,7 @@ class Agent:
             b_loss, b_info = bc_loss(self.bc_policy.head(z_bc, state, onehot), action, w)
             loss = loss + b_loss
             info.update(b_info)
-        info.update(self._step(loss))
-        with torch.no_grad():
-            torch._foreach_lerp_(
-                list(self.target_critic.parameters()), self.params["critic"], cfg.polyak
-            )
-            for tb, sb in zip(self.target_critic.buffers(), self.critic.buffers()):
-                tb.copy_(sb)  # BatchNorm statistics (norm="batch") follow the online critic
-        self.updates += 1
-        return info
+        return loss, info
 
     # ------------------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -584,9 +610,9 @@ class Agent:
         self.cfg.num_tasks = num_tasks
 
 
-# ============================================================================================== benchmark
+# ============================================================================================== random batches
 def random_batch(cfg, batch_size, device="cpu", seed=0):
-    """A batch in data.py's format (see data._make_batch) with random content (benchmarks, smoke tests)."""
+    """A batch in data.py's format (see data._make_batch) with random content (tests, bench.py)."""
     g = torch.Generator().manual_seed(seed)
     img = lambda: torch.randint(
         0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8
@@ -605,138 +631,20 @@ def random_batch(cfg, batch_size, device="cpu", seed=0):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _seconds(fn, cuda):
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def assumed_peak(device):
-    """(FLOP/s, description) of the hardware peak the fraction is reported against."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in (
-            ("H200", 989),
-            ("H100", 989),
-            ("A100", 312),
-            ("L40S", 362),
-            ("4090", 165),
-        ):
-            if key in name:
-                return tflops * 1e12, f"{name}: {tflops} TFLOP/s dense bf16 (datasheet)"
-        return None, f"{name}: unknown peak (pass --peak_tflops)"
-    threads = torch.get_num_threads()
-    return (
-        threads * 3.0e9 * 32,
-        f"CPU: {threads} threads x 3.0 GHz x 32 fp32 FLOP/cycle (AVX2, 2 FMA units), assumed",
-    )
-
-
-def bench(args):
-    """updates/s and ms/update; counted FLOPs (torch.utils.flop_counter) per update over the assumed hardware
-    peak; overhead ratio = update time / summed time of the encoder passes it needs (critic and policy fwd+bwd
-    on s, target and policy fwd on s'), medians of interleaved rounds in the same run. The gap is the MLP
-    heads, losses, optimizer steps, target update and Python."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = (
-        True  # fixed shapes: let cuDNN pick the fastest convolution algorithms
-    )
-    cfg = AgentConfig(
-        arch=args.arch, image_size=args.image_size, algo=args.algo, num_tasks=args.num_tasks
-    )
-    agent = Agent(cfg, device)
-    batch = random_batch(cfg, args.batch, device)
-    cuda = device.type == "cuda"
-
-    def fwd_bwd(net, images):  # what update() needs from an encoder with gradient
-        for p in net.parameters():
-            p.grad = None
-        with agent._autocast():
-            z = net.embed(images)
-        z.float().sum().backward()
-
-    def fwd(net, images):
-        with torch.no_grad(), agent._autocast():
-            net.embed(images)
-
-    fns = {"update": lambda: agent.update(batch)}
-    if agent.bc_policy is not None:
-        fns["bc encoder fwd+bwd s"] = lambda: fwd_bwd(agent.bc_policy, batch["obs"])
-    if agent.critic is not None:
-        fns.update(
-            {
-                "critic fwd+bwd s": lambda: fwd_bwd(agent.critic, batch["obs"]),
-                "policy fwd+bwd s": lambda: fwd_bwd(agent.policy, batch["obs"]),
-                "target fwd s'": lambda: fwd(agent.target_critic, batch["next_obs"]),
-                "policy fwd s'": lambda: fwd(agent.policy, batch["next_obs"]),
-            }
-        )
-    for fn in fns.values():  # warm-up: allocator, cuDNN algorithm search
-        fn()
-    # interleaved rounds + medians: the update and its passes see the same machine load (shared CPUs)
-    times = {k: [] for k in fns}
-    for _ in range(args.steps):
-        for k, fn in fns.items():
-            times[k].append(_seconds(fn, cuda))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    t_update = med.pop("update")
-    if cuda:  # throughput as in training: back-to-back updates, one synchronisation
-        t_update = (
-            _seconds(lambda: [agent.update(batch) for _ in range(args.steps)], cuda) / args.steps
-        )
-    t_passes = med
-    with FlopCounterMode(display=False) as counter:
-        agent.update(batch)
-    flops = counter.get_total_flops()
-    peak, peak_desc = assumed_peak(device)
-    if args.peak_tflops:
-        peak, peak_desc = args.peak_tflops * 1e12, f"{args.peak_tflops} TFLOP/s (given)"
-    rate = flops / t_update
-    print(
-        f"cql.py bench: algo={cfg.algo} arch={cfg.arch} batch={args.batch} image_size={cfg.image_size} "
-        f"device={device} threads={torch.get_num_threads()} steps={args.steps}"
-    )
-    print(f"{1.0 / t_update:.3f} updates/s, {t_update * 1e3:.1f} ms/update")
-    frac = f"{rate / peak:.1%} of peak" if peak else "fraction of peak n/a"
-    print(
-        f"counted {flops / 1e9:.2f} GFLOP/update -> {rate / 1e9:.1f} GFLOP/s = {frac} [{peak_desc}]"
-    )
-    total = sum(t_passes.values())
-    t_synced = statistics.median(times["update"])
-    best = min(times["update"]) / sum(min(v) for k, v in times.items() if k != "update")
-    print(
-        f"overhead ratio {t_synced / total:.3f} (medians; {best:.3f} from minima) = update {t_synced * 1e3:.1f} ms / "
-        f"passes {total * 1e3:.1f} ms ("
-        + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in t_passes.items())
-        + ")"
-    )
-
-
 def main(argv=None):
-    d = AgentConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser(
-        "bench", help="time update(): updates/s, fraction of peak FLOP/s, overhead ratio"
+    # bench.py parses the subcommand's own flags (and its --help)
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="eager vs compiled updates/s, fraction of peak FLOP/s (bench.py)",
     )
-    b.add_argument("--arch", default=d.arch)
-    b.add_argument("--algo", default=d.algo, choices=ALGOS)
-    b.add_argument("--batch", type=int, default=64, help="SPEC section 3 batch size")
-    b.add_argument("--image_size", type=int, default=d.image_size)
-    b.add_argument("--num_tasks", type=int, default=80, help="about the number of Bridge tasks")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--steps", type=int, default=5, help="timed rounds (median), after one warm-up")
-    b.add_argument(
-        "--peak_tflops", type=float, default=None, help="override the assumed hardware peak"
-    )
-    args = parser.parse_args(argv)
-    bench(args)
+    _, rest = parser.parse_known_args(argv)
+    # imported here, not at the top: bench.py imports cql, and a copy of cql.py without bench.py still imports
+    import bench
+
+    bench.main(rest, prog="cql.py bench")
 
 
 if __name__ == "__main__":

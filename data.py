@@ -39,6 +39,7 @@ import tempfile
 import time
 import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -1209,6 +1210,74 @@ class ReplayBuffer(_Seeded):
             self.mc_returns[f],
             self.tasks[f],
         )
+
+
+class Prefetcher:
+    """Batches of a sampler drawn by a background thread while the device trains on earlier ones (an input
+    pipeline that does not starve a GPU): `depth` batches ahead, each in pinned memory when CUDA is available,
+    so that train.prepare_batch's non_blocking copy overlaps with compute; augmentation stays on the device.
+    A drop-in for the sampler of a training loop (sample, state_dict, load_state_dict) at one batch size.
+    Exact resume: each batch is drawn together with the sampler's state right after it, and state_dict() is
+    the state after the last batch handed out, not after those still waiting, so a checkpoint continues
+    where the consumed batches end, with or without a Prefetcher (the format is the sampler's own).
+    For samplers whose data is fixed while it runs (Sampler, MixedSampler); not for a ReplayBuffer that
+    grows between updates (a batch drawn ahead would miss the newest trajectories)."""
+
+    def __init__(self, sampler, batch_size, depth=2, pin_memory=None):
+        import torch
+
+        if depth < 1:
+            raise ValueError(f"Prefetcher: depth={depth}, expected >= 1")
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.depth = depth
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        # one worker: the batches are drawn one after another, in the order the sampler alone gives them
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ptr-prefetch")
+        self._pending = deque()  # futures of (batch, sampler state after it), oldest first
+        self._state = None  # the state after the last batch handed out; None: the sampler's own
+
+    def _draw(self):
+        batch = self.sampler.sample(self.batch_size)
+        state = self.sampler.state_dict()
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch, state
+
+    def _fill(self):
+        while len(self._pending) < self.depth:
+            self._pending.append(self._pool.submit(self._draw))
+
+    def _drain(self):
+        """Drop the batches drawn ahead; afterwards no draw is running and the sampler may be touched."""
+        for future in self._pending:
+            future.cancel()
+        wait(self._pending)
+        self._pending.clear()
+
+    def sample(self, batch_size):
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"Prefetcher.sample({batch_size}): this prefetcher draws batches of {self.batch_size}"
+            )
+        self._fill()
+        batch, self._state = self._pending.popleft().result()  # a draw's error is raised here
+        self._fill()
+        return batch
+
+    def state_dict(self):
+        if self._state is None:  # nothing handed out yet, so nothing drawn: the sampler is idle
+            return self.sampler.state_dict()
+        return self._state
+
+    def load_state_dict(self, d):
+        self._drain()
+        self.sampler.load_state_dict(d)
+        self._state = None
+
+    def close(self):
+        self._drain()
+        self._pool.shutdown()
 
 
 # -------------------- augmentation (Table X: crop + jitter)

@@ -26,8 +26,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cql import STRUCTURE, Agent, AgentConfig
-from data import BridgeFormatError, MixedSampler, Sampler, augment, load_store, target_task_ids
+from cql import COMPILE_MODES, STRUCTURE, Agent, AgentConfig
+from data import (
+    BridgeFormatError,
+    MixedSampler,
+    Prefetcher,
+    Sampler,
+    augment,
+    load_store,
+    target_task_ids,
+)
 
 CKPT_FORMAT = 1
 CKPT_PATTERN = "ckpt_{:08d}.pt"
@@ -507,6 +515,19 @@ def main(argv=None):
         "--extra_tasks", type=int, default=0, help="one-hot slots reserved for future target tasks"
     )
     add_run_args(p, steps=500_000, save_every=20_000)
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        help="torch.compile the update; --compile reduce-overhead also replays CUDA graphs",
+    )
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="draw batches in a background thread (into pinned memory on CUDA)",
+    )
     add_data_args(p)
     add_agent_args(p)
     args = p.parse_args(argv)
@@ -539,6 +560,8 @@ def main(argv=None):
             seed=args.seed + 7919 + rank,
         )
         sampler = MixedSampler([sampler, t_sampler], [args.mix, 1.0 - args.mix])
+    if args.prefetch:
+        sampler = Prefetcher(sampler, args.batch_size)
 
     if world > 1 and rank == 0:
         dist.barrier()
@@ -547,6 +570,8 @@ def main(argv=None):
     )
     cfg = agent_config(args, len(task_names), prior.image_size[0])
     agent = Agent(cfg, device=device)  # initialised from cfg.seed: the same weights on every rank
+    if args.compile:
+        agent.compile(args.compile)
     torch.manual_seed(args.seed + rank)  # augmentation differs per rank
     payload = {
         "kind": "pretrain",
