@@ -162,7 +162,7 @@ def build_jobs(p, out):
                 )
                 jobs.append(job)
     for pre in ("cql_pre", "bc_pre"):  # the learning curve: every saved pre-training checkpoint
-        for step in pre_save_steps(p, pre):
+        for step in pre_save_steps(p, pre, out):
             for task in PICK_TASKS:
                 ckpt = ckpt_path(run[pre], step)
                 name = f"curve_{pre}_{step:06d}_{task}"
@@ -182,9 +182,16 @@ def build_jobs(p, out):
     return jobs
 
 
-def pre_save_steps(p, pre):
-    """The steps at which train.py saved a pre-training run (--save_every steps // 4)."""
+def pre_save_steps(p, pre, out):
+    """The steps of a pre-training run's checkpoints: those on disk once it is done (a resumed run may
+    have saved on another schedule), else the planned ones (--save_every steps // 4)."""
     steps = p.cql_pre_steps if pre == "cql_pre" else p.bc_pre_steps
+    run_dir = os.path.join(out, pre)
+    if os.path.exists(ckpt_path(run_dir, steps)):
+        names = sorted(
+            f for f in os.listdir(run_dir) if f.startswith("ckpt_") and f.endswith(".pt")
+        )
+        return [int(name[5:-3]) for name in names]
     every = max(steps // 4, 1)
     return list(range(every, steps + 1, every))
 
@@ -406,7 +413,7 @@ def pretraining_curves(p, out):
     curves = {}
     for pre in ("cql_pre", "bc_pre"):
         curves[pre] = []
-        for step in pre_save_steps(p, pre):
+        for step in pre_save_steps(p, pre, out):
             results = [load_eval(out, f"curve_{pre}_{step:06d}_{task}") for task in PICK_TASKS]
             if all(r is not None for r in results):
                 curves[pre].append((step, pooled(results)))
