@@ -29,7 +29,6 @@ import glob
 import json
 import math
 import os
-import signal
 import sys
 from dataclasses import asdict, dataclass
 
@@ -39,22 +38,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cql
+from cli import run_cli
 from data import MixedSampler, ReplayBuffer, Sampler, augment, load_store, unscale_actions
+from fileio import atomic_write_text
 from finetune import assign_target_slots, open_run, task_samplers
+from runfolder import CKPT_PATTERN
 from train import (
     CKPT_FORMAT,
-    CKPT_PATTERN,
     CheckpointError,
     RunLog,
+    StopFlag,
     add_data_args,
     add_run_args,
     agent_from_checkpoint,
     atomic_torch_save,
-    atomic_write_text,
     capture_rng,
     check_finite,
+    claim_run_folder,
     load_checkpoint,
     prepare_batch,
+    prune_checkpoints,
     restore_rng,
     write_config,
 )
@@ -475,30 +478,6 @@ def refill_buffer(buffer, run_dir, live):
             )
 
 
-class StopFlag:
-    """First Ctrl-C: stop at the next env or gradient step and save (never mid-update or mid-rollout); second: abort."""
-
-    requested = False
-
-    def __enter__(self):
-        self._prev = signal.signal(
-            signal.SIGINT, self._handle
-        )  # (the main thread only, as Python requires)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\nCtrl-C: stopping at the next step and saving (Ctrl-C again aborts without saving)",
-            file=sys.stderr,
-        )
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._prev)
-
-
 def online_loop(
     agent,
     env,
@@ -565,6 +544,7 @@ def online_loop(
             ),
             os.path.join(args.out, CKPT_PATTERN.format(loop["env_steps"])),
         )
+        prune_checkpoints(args.out, args.keep_last, args.keep_steps)
 
     rng_before_rollout = None
     with StopFlag() as stop:
@@ -644,11 +624,16 @@ def online_loop(
             print(
                 f"stopped at env step {loop['env_steps']}; continue with --resume", file=sys.stderr
             )
-            raise SystemExit(130)
+            raise SystemExit(stop.exit_status)
     return loop
 
 
 def cmd_finetune(args):
+    with claim_run_folder(args.out, args.resume):
+        online_finetune(args)
+
+
+def online_finetune(args):
     if (
         min(args.mix_prior, args.mix_target, mix_online := 1.0 - args.mix_prior - args.mix_target)
         < 0
@@ -887,7 +872,7 @@ def main(argv=None):
     f.add_argument(
         "--task", default="new", help="pre-trained --ckpt only: 'new' slot or a task to re-target"
     )
-    add_run_args(f, steps=d.env_steps, save_every=d.save_every)
+    add_run_args(f, steps=d.env_steps, save_every=d.save_every, keep_last=0)
     add_data_args(f)
     add_env_args(f)
     # online RL counts in environment steps: these replace add_run_args' gradient-step options
@@ -954,4 +939,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,12 +23,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import cli
 import cql
 import data
 import finetune
 import model
 import online
 import robot
+import runfolder
 import select_ckpt
 import sim_binsort as sb
 import train
@@ -1527,6 +1529,201 @@ def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(SystemExit, match="no checkpoint with Q-value traces"):
         select_ckpt.rank(str(tmp_path / "empty_run"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py, finetune.py, select_ckpt.py: no silent wrong answers (issue 14)
+# ---------------------------------------------------------------------------------------------------
+def _pipe_dead_pid():
+    """The pid of a process that has ended (and been reaped): what a kill -9 leaves in a lock or tmp name."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _pipe_trace(step, q, g):
+    return {
+        "step": step,
+        "task": 0,
+        "trajectories": [
+            {"traj_id": 5, "q": [list(q), [v + 1 for v in q]], "mc_return": list(g), "reward": []}
+        ],
+    }
+
+
+def test_select_ckpt_never_chooses_a_non_finite_trace(tmp_path, capsys):
+    g = [-3.0, -2.0, 0.0, 10.0]
+    traces = {
+        3: [-2.7, -1.8, 0.0, 9.0],  # rising, spread 11.7 of 13: score 0.9
+        6: [-2.7, float("nan"), 0.0, 9.0],  # today: nan flatness -> 1.0, tied with step 3
+        9: [float("nan")] * 4,  # today: all-NaN scores 1.000 and ranks first
+    }
+    for step, q in traces.items():
+        (tmp_path / train.CKPT_PATTERN.format(step)).write_bytes(b"")
+        (tmp_path / finetune.QTRACE_PATTERN.format(step)).write_text(
+            json.dumps(_pipe_trace(step, q, g))
+        )
+    rows, _ = select_ckpt.rank(str(tmp_path))
+    assert [(r["step"], r["score"]) for r in rows] == [
+        (3, pytest.approx(0.9)),
+        (6, None),
+        (9, None),
+    ]
+    assert rows[1]["rejected"] == "q of held-out trajectory 5 holds nan"
+    select_ckpt.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].endswith("ckpt_00000003.pt")
+    assert "rejected, never chosen: q of held-out trajectory 5 holds nan" in out
+    assert json.loads((tmp_path / "selection.json").read_text())["step"] == 3
+    for step in (3, 6):
+        (tmp_path / finetune.QTRACE_PATTERN.format(step)).unlink()
+    with pytest.raises(SystemExit, match="no checkpoint has finite Q-value traces.*step 9: q of"):
+        select_ckpt.rank(str(tmp_path))
+
+
+def test_finetune_warns_when_it_writes_non_finite_q_values(tmp_path, capsys):
+    class Agent:  # Q(s_t, a_t) of 2 heads along a 3-step trajectory, one of them NaN
+        device = "cpu"
+
+        def q_values(self, batch):
+            return torch.tensor([[1.0, 1.0], [2.0, float("nan")], [3.0, 3.0]])
+
+    class Sampler:
+        def trajectory(self, tid):
+            return {"reward": torch.zeros(3), "mc_return": torch.zeros(3), "obs": torch.zeros(3)}
+
+    finetune.write_q_traces(Agent(), Sampler(), [4], 10, str(tmp_path), task=0)
+    err = capsys.readouterr().err
+    assert (
+        "warning: step 10: Q-values of held-out trajectory 4 are not finite (head 1, time step 1)"
+        in err
+    )
+    doc = json.loads((tmp_path / finetune.QTRACE_PATTERN.format(10)).read_text())
+    assert math.isnan(doc["trajectories"][0]["q"][1][1])
+
+
+def test_pipeline_a_second_run_on_the_same_out_stops(pipe_data, tmp_path):
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["--data", str(prior), "--out", str(out), "--steps", "1", "--save_every", "1", *TINY]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(f"{other.pid}\n")
+        with pytest.raises(train.RunFolderBusy, match=f"in use by another run \\(pid {other.pid}"):
+            train.main(args)
+        assert not train.list_checkpoints(out)
+    finally:
+        other.kill()
+        other.wait()
+    train.main(args)  # the owner died: its lock is stale and taken over, then released at the end
+    assert [s for s, _ in train.list_checkpoints(out)] == [1] and not (out / "run.lock").exists()
+    assert issubclass(train.RunFolderBusy, cli.ExpectedError)
+
+
+def test_pipeline_failed_saves_leave_no_temporary_files(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / f"ckpt_00000002.pt.tmp-{_pipe_dead_pid()}"  # a save killed by kill -9
+    stale.write_bytes(b"partial")
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        real_save(obj, f)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    args = ["--data", str(prior), "--out", str(out), "--steps", "2", "--save_every", "1", *TINY]
+    with pytest.raises(OSError, match="No space left"):
+        train.main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "progress.csv"]
+
+
+def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path):
+    assert runfolder.steps_to_delete([1, 2, 3, 4, 5], 2, [1]) == [2, 3]
+    assert runfolder.steps_to_delete([1, 2, 3], 0) == []  # 0 keeps everything
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    common = ["--data", str(prior), "--out", str(out), "--save_every", "1", *TINY]
+    train.main([*common, "--steps", "5", "--keep_last", "2", "--keep_steps", "2"])
+    assert [s for s, _ in train.list_checkpoints(out)] == [2, 4, 5]
+    # the phases' defaults: pre-training keeps its newest 5, fine-tuning all (select_ckpt.py needs them)
+    assert train.PRETRAIN_KEEP_LAST == 5 and finetune.FINETUNE_KEEP_LAST == 0
+
+
+def test_pipeline_finetune_resume_writes_missing_q_traces(pipe_data, pipe_pretrained, tmp_path):
+    _, prior, target = pipe_data
+    out = tmp_path / "ft"
+    args = [
+        "--ckpt",
+        str(pipe_pretrained / "ckpt_00000004.pt"),
+        "--prior",
+        str(prior),
+        "--target",
+        str(target),
+        "--steps",
+        "4",
+        "--save_every",
+        "2",
+        "--out",
+        str(out),
+        *TINY[2:],
+    ]
+    finetune.main(args)
+    trace = out / finetune.QTRACE_PATTERN.format(4)
+    written = json.loads(trace.read_text())
+    trace.unlink()  # killed between the checkpoint's rename and its trace
+    finetune.main([*args, "--resume"])
+    assert json.loads(trace.read_text()) == written
+    assert [r["step"] for r in select_ckpt.rank(str(out))[0]] != []
+
+
+def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
+    assert issubclass(train.CheckpointError, cli.ExpectedError) and train.run_cli is cli.run_cli
+    missing = tmp_path / "missing.pt"
+    runs = [
+        (
+            "online.py",
+            ["eval", "--ckpt", missing, "--device", "cpu"],
+            f"{missing}: no such checkpoint",
+        ),
+        ("train.py", ["--data", tmp_path / "nowhere", "--out", tmp_path / "r"], "no such file"),
+        ("select_ckpt.py", [tmp_path / "nowhere"], "no such run folder"),
+    ]
+    for script, args, message in runs:
+        proc = _pipe_run(script, *args, expect_ok=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    real_update, calls = train.Agent.update, []
+
+    def update(self, batch):
+        calls.append(1)
+        if len(calls) == 3:  # a job scheduler stops the job during the third update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(self, batch)
+
+    def unhandled(signum, frame):  # what a run that ignores SIGTERM meets (instead of pytest dying)
+        raise RuntimeError("SIGTERM reached the test's handler")
+
+    monkeypatch.setattr(train.Agent, "update", update)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    args = ["--data", str(prior), "--out", str(tmp_path / "run"), "--steps", "5", *TINY]
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main([*args, "--save_every", "10"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the run put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # the third update finishes, is saved, and the exit status is the shell's for SIGTERM (128 + 15)
+    assert e.value.code == 143 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3]
+    monkeypatch.setattr(train.Agent, "update", real_update)
+    train.main([*args, "--save_every", "10", "--resume"])
+    assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3, 5]
 
 
 # ====================================================================================================

@@ -13,12 +13,12 @@ reuse this file's checkpoint and loop helpers, so a run of any phase looks the s
 """
 
 import argparse
+import contextlib
 import csv
-import glob
 import json
 import math
 import os
-import re
+import signal
 import sys
 import time
 
@@ -26,11 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cli import EXIT_INTERRUPTED, ExpectedError, run_cli
 from cql import STRUCTURE, Agent, AgentConfig
-from data import BridgeFormatError, MixedSampler, Sampler, augment, load_store, target_task_ids
+from data import MixedSampler, Sampler, augment, load_store, target_task_ids
+from fileio import atomic_write, atomic_write_text, pid_alive, sweep_stale_tmp
+from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints, steps_to_delete
 
 CKPT_FORMAT = 1
-CKPT_PATTERN = "ckpt_{:08d}.pt"
+PRETRAIN_KEEP_LAST = 5  # ours: a pre-training run keeps its 5 newest checkpoints (issue 14)
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
 RESERVED_TASK = (
     "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
@@ -38,8 +41,12 @@ RESERVED_TASK = (
 # Options that fix the network's shapes: a checkpoint only loads into a run that agrees on all of them.
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ExpectedError, RuntimeError):
+    """A checkpoint that is missing, damaged or does not fit the run: reported in one line (cli.py)."""
+
+
+class RunFolderBusy(ExpectedError, RuntimeError):
+    """Another live process owns the run folder (its lock file names the pid)."""
 
 
 def is_reserved(task_name):
@@ -50,27 +57,8 @@ def is_reserved(task_name):
 
 
 def atomic_torch_save(obj, path):
-    """Write next to the target and rename, so a crash or Ctrl-C never leaves a truncated checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def list_checkpoints(run_dir):
-    """[(step, path)] of a run folder, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
-        m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    """A checkpoint appears whole or not at all; a failed save (disk full, Ctrl-C) leaves no temporary."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -268,6 +256,62 @@ def prepare_out_dir(out, resume):
     os.makedirs(out, exist_ok=True)
 
 
+def _lock_owner(lock):
+    """The pid written in a lock file, or None when it is unreadable (a writer killed mid-write)."""
+    try:
+        with open(lock) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+@contextlib.contextmanager
+def claim_run_folder(out, resume):
+    """Own --out for the length of the run (issue 14): a lock file holds this process's pid, so a second run
+    on the same folder stops with a clear line instead of mixing its checkpoints, config.json and
+    progress.csv into this one. A lock whose pid is dead (kill -9) is stale and taken over; so are the
+    temporary files of dead writers (fileio.sweep_stale_tmp)."""
+    prepare_out_dir(out, resume)
+    lock = os.path.join(out, LOCK_FILE)
+    for _ in range(2):  # a stale lock is removed once, then claimed like a missing one
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
+                raise RunFolderBusy(
+                    f"{out}: in use by another run (pid {owner}, see {lock}); wait for it to end, "
+                    f"stop it, or pass another --out"
+                ) from None
+            if owner == os.getpid():  # this process already owns it (an earlier main() in-process)
+                break
+            print(
+                f"{out}: taking over the lock of a run that ended without releasing it (pid {owner})"
+            )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    for tmp in sweep_stale_tmp(out):
+        print(f"removed {tmp}, the temporary file of a save that never finished")
+    try:
+        yield out
+    finally:
+        if _lock_owner(lock) == os.getpid():
+            os.unlink(lock)
+
+
+def prune_checkpoints(out, keep_last, keep_steps=()):
+    """Retention (--keep_last, --keep_steps): delete the checkpoints runfolder.steps_to_delete names."""
+    ckpts = dict(list_checkpoints(out))
+    for step in steps_to_delete(list(ckpts), keep_last, keep_steps):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ckpts[step])
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
@@ -318,8 +362,69 @@ def check_finite(info, step):
             )
 
 
+def train_step(agent, sampler, batch_size, step):
+    """The one gradient step of every phase (pre-training, offline and online fine-tuning): sample a batch,
+    move and augment it (prepare_batch), update every network, stop on a non-finite value. `step` is the
+    number this update will have, for the error message. Returns the update's info (0-d tensors)."""
+    info = agent.update(prepare_batch(sampler.sample(batch_size), agent.device))
+    check_finite(info, step)
+    return info
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or a job scheduler's SIGTERM: stop at the next step boundary (never mid-update) and
+    save; a second signal aborts at once (KeyboardInterrupt). Installed in the main thread only."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping at the next step and saving "
+            f"(a second signal aborts without saving)",
+            file=sys.stderr,
+        )
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    @property
+    def exit_status(self):
+        """What a shell reports for a process ended by that signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def build_checkpoint(payload, step, agent, sampler_state, rng, **extra):
+    """The one checkpoint dict of every phase (load_checkpoint reads it back): the run's fixed fields
+    (payload: task names, action bounds, ...), the format, the step, the agent (networks, optimizers,
+    config), the sampler's and torch's random state; online.py adds its loop state in `extra`."""
+    return dict(
+        payload,
+        format=CKPT_FORMAT,
+        step=step,
+        agent=agent.state_dict(),
+        sampler=sampler_state,
+        rng=rng,
+        **extra,
+    )
+
+
 def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0):
-    """Shared by pre-training and offline fine-tuning: sample, augment, update, log, checkpoint.
+    """Shared by pre-training and offline fine-tuning: train_step, log, checkpoint, retention.
 
     payload: the checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds the step,
     the agent, the sampler's RNG and torch's RNG, which is all an exact resume needs.
@@ -328,7 +433,7 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
 
     def save(step, all_ranks=True):
         # every rank's random streams, so that a torchrun resume stays exact and data-parallel; gathering is a
-        # collective, skipped on Ctrl-C (one rank may be interrupted alone)
+        # collective, skipped when stopping (one rank may be interrupted alone)
         mine = {
             "sampler": sampler.state_dict(),
             "rng": capture_rng(),
@@ -339,38 +444,39 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, mine)
         if rank == 0:
-            ckpt = dict(
-                payload,
-                format=CKPT_FORMAT,
-                step=step,
-                agent=agent.state_dict(),
-                sampler=mine["sampler"],
-                rng=mine["rng"],
-                rank_states=states,
+            ckpt = build_checkpoint(
+                payload, step, agent, mine["sampler"], mine["rng"], rank_states=states
             )
             atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(step)))
             if on_save is not None:
                 on_save(step)
+            prune_checkpoints(args.out, args.keep_last, args.keep_steps)
 
-    step = start_step
-    try:
-        while step < args.steps:
-            batch = prepare_batch(sampler.sample(args.batch_size), agent.device)
-            info = agent.update(batch)
-            step += 1
-            check_finite(info, step)
-            if step % args.log_every == 0 or step == args.steps:
-                log.log(step, info)
-            if step % args.save_every == 0 or step == args.steps:
-                save(step)
-    except KeyboardInterrupt:
-        # the update of `step` finished, so this checkpoint is a consistent point to resume from
+    def save_if_new(step):
         if step > start_step and not os.path.exists(
             os.path.join(args.out, CKPT_PATTERN.format(step))
         ):
             save(step, all_ranks=False)
-        print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
-        raise SystemExit(130) from None
+
+    step = start_step
+    with StopFlag() as stop:
+        try:
+            while step < args.steps:
+                info = train_step(agent, sampler, args.batch_size, step + 1)
+                step += 1
+                if step % args.log_every == 0 or step == args.steps:
+                    log.log(step, info)
+                if step % args.save_every == 0 or step == args.steps:
+                    save(step)
+                if stop.requested:
+                    save_if_new(step)
+                    print(f"stopped at step {step}; resume with --resume", file=sys.stderr)
+                    raise SystemExit(stop.exit_status)
+        except KeyboardInterrupt:
+            # a second signal: `step` counts the updates that finished, the point to resume from
+            save_if_new(step)
+            print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
     assert_ranks_in_sync(agent)
     return step
 
@@ -406,14 +512,28 @@ def restore_run(ckpt, agent, sampler, rank=0):
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_run_args(p, steps, save_every):
-    """Options of every training phase (pre-training, offline and online fine-tuning)."""
+def add_run_args(p, steps, save_every, keep_last):
+    """Options of every training phase (pre-training, offline and online fine-tuning); the phase gives
+    its defaults (keep_last: pre-training keeps its newest few, fine-tuning all, for select_ckpt.py)."""
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument("--steps", type=int, default=steps, help="gradient steps in total")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save_every", type=int, default=save_every)
+    p.add_argument(
+        "--keep_last",
+        type=int,
+        default=keep_last,
+        help=f"keep the newest N checkpoints, delete older ones (0: keep all; default {keep_last})",
+    )
+    p.add_argument(
+        "--keep_steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="checkpoints (by step) that --keep_last never deletes",
+    )
     p.add_argument("--log_every", type=int, default=100)
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
@@ -506,7 +626,7 @@ def main(argv=None):
     p.add_argument(
         "--extra_tasks", type=int, default=0, help="one-hot slots reserved for future target tasks"
     )
-    add_run_args(p, steps=500_000, save_every=20_000)
+    add_run_args(p, steps=500_000, save_every=20_000, keep_last=PRETRAIN_KEEP_LAST)
     add_data_args(p)
     add_agent_args(p)
     args = p.parse_args(argv)
@@ -515,10 +635,17 @@ def main(argv=None):
     )
 
     rank, world, device = init_distributed(args.device)
-    if rank == 0:
-        prepare_out_dir(args.out, args.resume)
-    elif world > 1:
-        dist.barrier()  # rank 0 converts the data first; the other ranks then open the cached stores
+    with contextlib.ExitStack() as owned:
+        if rank == 0:  # rank 0 writes the run folder, so it owns it
+            owned.enter_context(claim_run_folder(args.out, args.resume))
+        elif world > 1:
+            dist.barrier()  # rank 0 converts the data first; the other ranks then open the cached stores
+        train(args, rank, world, device)
+
+
+def train(args, rank, world, device):
+    """Pre-training (or joint training) in a run folder this process owns: open the data, build or resume
+    the agent, run train_loop."""
     prior = open_store(args.data, args, args.store)
     task_names = list(prior.task_names) + [RESERVED_TASK.format(i) for i in range(args.extra_tasks)]
     sampler = Sampler(prior, "train", gamma=args.gamma, seed=args.seed + rank)
@@ -586,14 +713,6 @@ def main(argv=None):
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-def run_cli(main):
-    """Entry point of every script: expected failures print one line naming the culprit, no traceback."""
-    try:
-        main()
-    except (CheckpointError, BridgeFormatError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
