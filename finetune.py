@@ -15,6 +15,7 @@ Every --save_every steps a checkpoint and the Q-values of both heads along every
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,11 +31,13 @@ from train import (
     MIX_TAU,
     CheckpointError,
     add_data_args,
+    add_learner_overrides,
     add_run_args,
     agent_from_checkpoint,
     ckpt_config,
     claim_run_folder,
     is_reserved,
+    learner_overrides,
     load_checkpoint,
     open_store,
     restore_run,
@@ -120,6 +123,19 @@ def assign_target_slots(task_names, target_names, task):
     return [int(i) for i in ids], names
 
 
+def finetune_config(cfg, overrides):
+    """Phase 2's learner (Section IV-A): the checkpoint's AgentConfig with the learner flags given here,
+    e.g. --alpha 5, or --algo awbc to start advantage-weighted BC from a PTR checkpoint. BC and the
+    critic-based learners have different networks, so --algo cannot cross between them."""
+    new = dataclasses.replace(cfg, **overrides)
+    if (new.algo == "bc") != (cfg.algo == "bc"):
+        raise SystemExit(
+            f"--algo {new.algo} cannot fine-tune a {cfg.algo} checkpoint (BC and CQL learners "
+            f"have different networks)"
+        )
+    return new
+
+
 def open_run(args):
     """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint (--ckpt, or with
     --resume the newest in --out), and the prior and target stores opened at its image size.
@@ -170,16 +186,11 @@ def main(argv=None):
         default="new",
         help="'new' (fresh one-hot slot) or an existing task name (re-target)",
     )
-    p.add_argument(
-        "--algo", default=None, choices=["cql", "bc", "awbc"], help="default: the checkpoint's"
-    )
-    p.add_argument(
-        "--alpha", type=float, default=None, help="CQL alpha (default: the checkpoint's)"
-    )
     p.add_argument("--prior_store", default=None)
     p.add_argument("--target_store", default=None)
     add_run_args(p, steps=50_000, save_every=5_000, keep_last=FINETUNE_KEEP_LAST)
     add_data_args(p)
+    add_learner_overrides(p)
     args = p.parse_args(argv)
     if not args.out:
         args.out = os.path.join("runs", "ft_" + os.path.basename(os.path.normpath(args.target)))
@@ -200,15 +211,8 @@ def finetune(args):
     resumed, source, source_path, prior, target = open_run(args)
     agent = agent_from_checkpoint(source, device, source_path)
 
-    algo = args.algo or agent.cfg.algo
-    if (algo == "bc") != (agent.cfg.algo == "bc"):
-        raise SystemExit(
-            f"--algo {algo} cannot fine-tune a {agent.cfg.algo} checkpoint (BC and CQL learners "
-            f"have different networks)"
-        )
-    agent.cfg.algo = algo
-    if args.alpha is not None:
-        agent.cfg.alpha = args.alpha
+    agent.set_config(finetune_config(agent.cfg, learner_overrides(args)))
+    algo = agent.cfg.algo
 
     if resumed is not None:
         names, target_ids = resumed["task_names"], resumed["target_task_ids"]

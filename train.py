@@ -15,6 +15,7 @@ reuse this file's checkpoint and loop helpers, so a run of any phase looks the s
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,10 +27,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import EXIT_INTERRUPTED, ExpectedError, run_cli
-from cql import STRUCTURE, Agent, AgentConfig
+from cli import EXIT_INTERRUPTED, ExpectedError, add_dataclass_args, dataclass_from_args, run_cli
+from cql import ALGOS, STRUCTURE, Agent, AgentConfig
 from data import MixedSampler, Sampler, augment, load_store, target_task_ids
 from fileio import atomic_write, atomic_write_text, pid_alive, sweep_stale_tmp
+from model import ARCHS, HEADS, NORMS
 from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints, steps_to_delete
 
 CKPT_FORMAT = 1
@@ -560,42 +562,53 @@ def add_data_args(p):
     )
 
 
+# Set by the data (num_tasks, image_size) or by the run options (seed), not by a learner flag.
+AGENT_FIELDS_FROM_RUN = ("num_tasks", "image_size", "seed")
+AGENT_CHOICES = {"algo": ALGOS, "arch": ARCHS, "head": HEADS, "norm": NORMS}
+
+
 def add_agent_args(p):
-    """The learner's options; the defaults are AgentConfig's, i.e. the paper's (Table X)."""
-    d = AgentConfig()
-    p.add_argument("--algo", default=d.algo, choices=["cql", "bc", "awbc"])
-    p.add_argument(
-        "--arch", default=d.arch, choices=["resnet18", "resnet34", "resnet50", "impala", "small"]
-    )
-    p.add_argument("--head", default=d.head, choices=["spatial", "avgpool", "softmax"])
-    p.add_argument("--norm", default=d.norm, choices=["group", "batch"])
-    p.add_argument("--alpha", type=float, default=d.alpha, help="CQL alpha (paper: 10 real, 1 sim)")
-    p.add_argument(
-        "--gamma", type=float, default=d.gamma, help="discount (paper: 0.96 real, 0.98 sim)"
-    )
-    p.add_argument(
-        "--calql", action="store_true", help="clip the CQL push-down at the MC return (Cal-QL)"
-    )
-    p.add_argument(
+    """The learner's options, one flag per AgentConfig field, generated from the dataclass (defaults and
+    help written once there: the paper's, Table X). --action_input_only is Table XIV's ablation flag."""
+    g = p.add_argument_group("learner (AgentConfig)")
+    add_dataclass_args(g, AgentConfig, skip=AGENT_FIELDS_FROM_RUN, choices=AGENT_CHOICES)
+    g.add_argument(
         "--action_input_only",
-        action="store_true",
-        help="ablation: action at the first Q layer only",
+        dest="action_every_layer",
+        action="store_false",
+        help="ablation: action at the first Q layer only (= --no-action_every_layer)",
     )
+
+
+def _override_fields(skip):
+    """The AgentConfig fields a fine-tuning phase may change: none that fixes a network shape."""
+    skip = (*STRUCTURE, *AGENT_FIELDS_FROM_RUN, *skip)
+    return [f.name for f in dataclasses.fields(AgentConfig) if f.name not in skip]
+
+
+def add_learner_overrides(p, skip=()):
+    """Fine-tuning phases: a flag per AgentConfig field that does not fix a network shape (nor is in
+    skip), whose default is the checkpoint's value (None here: not given)."""
+    g = p.add_argument_group("learner (AgentConfig; default: the checkpoint's)")
+    fields = _override_fields(skip)
+    add_dataclass_args(
+        g,
+        AgentConfig,
+        skip=[f.name for f in dataclasses.fields(AgentConfig) if f.name not in fields],
+        choices=AGENT_CHOICES,
+        defaults=dict.fromkeys(fields),
+        default_help="the checkpoint's",
+    )
+
+
+def learner_overrides(args, skip=()):
+    """{field: value} of the flags add_learner_overrides(p, skip) added that were given."""
+    return {k: getattr(args, k) for k in _override_fields(skip) if getattr(args, k) is not None}
 
 
 def agent_config(args, num_tasks, image_size):
-    return AgentConfig(
-        num_tasks=num_tasks,
-        arch=args.arch,
-        head=args.head,
-        norm=args.norm,
-        image_size=image_size,
-        algo=args.algo,
-        alpha=args.alpha,
-        gamma=args.gamma,
-        calql=args.calql,
-        action_every_layer=not args.action_input_only,
-        seed=args.seed,
+    return dataclass_from_args(
+        AgentConfig, args, num_tasks=num_tasks, image_size=image_size, seed=args.seed
     )
 
 
