@@ -3,8 +3,10 @@
 Sections: data.py, model.py + cql.py, train/finetune/select_ckpt, sim_binsort.py, robot.py, online.py.
 Private helpers carry their section's prefix (_data_, _core_, _pipe_, _sim_, _robot_, _online_)."""
 
+import argparse
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import classifier
 import cli
 import cql
 import data
@@ -1726,6 +1729,75 @@ def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, mo
     assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3, 5]
 
 
+@dataclasses.dataclass
+class _PipeFlags:
+    """A config whose flags add_dataclass_args generates (the comments are the help)."""
+
+    lr: float = 1e-3  # step size, 100% of it
+    wide: int = 4  # a comment on a wrapped line
+    flag: bool = False  # on or off
+    maybe: float | None = None
+
+
+def test_pipeline_flags_are_generated_from_the_dataclasses():
+    assert cli.field_comments(_PipeFlags) == {
+        "lr": "step size, 100% of it",
+        "wide": "a comment on a wrapped line",
+        "flag": "on or off",
+    }
+    p = argparse.ArgumentParser()
+    cli.add_dataclass_args(p, _PipeFlags)
+    assert cli.dataclass_from_args(_PipeFlags, p.parse_args([])) == _PipeFlags()
+    args = p.parse_args(["--lr", "0.5", "--wide", "2", "--flag", "--maybe", "none"])
+    assert cli.dataclass_from_args(_PipeFlags, args) == _PipeFlags(0.5, 2, True, None)
+    assert p.parse_args(["--maybe", "2"]).maybe == 2.0
+    assert "step size, 100% of it (default: 0.001)" in " ".join(p.format_help().split())
+    # every AgentConfig field but those the run sets is a train.py flag, with AgentConfig's default
+    p = argparse.ArgumentParser()
+    train.add_agent_args(p)
+    given = dict(num_tasks=1, image_size=128, seed=0)
+    assert cli.dataclass_from_args(AgentConfig, p.parse_args([]), **given) == AgentConfig()
+    args = p.parse_args(["--critic_lr", "0", "--action_input_only", "--calql", "--polyak", "0.01"])
+    cfg = cli.dataclass_from_args(AgentConfig, args, **given)
+    assert (cfg.critic_lr, cfg.action_every_layer, cfg.calql, cfg.polyak) == (
+        0.0,
+        False,
+        True,
+        0.01,
+    )
+    with pytest.raises(SystemExit):
+        p.parse_args(["--arch", "resnet99"])  # choices: model.ARCHS
+
+
+def test_pipeline_a_phase_switch_is_one_config_change():
+    cfg = _core_cfg()
+    agent = Agent(cfg)
+    frozen = dataclasses.replace(cfg, critic_lr=0.0, alpha=3.0)
+    agent.set_config(frozen)
+    assert agent.cfg == frozen and agent.cfg is not frozen
+    assert [g["lr"] for g in agent.optimizers["critic"].param_groups] == [0.0]
+    before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    agent.update(cql.random_batch(cfg, 4))
+    assert all(torch.equal(v, agent.critic.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"set_config cannot change \['hidden'\]"):
+        agent.set_config(dataclasses.replace(cfg, hidden=cfg.hidden * 2))
+    online_cfg = online.OnlineConfig()
+    assert online.online_learner(cfg, online_cfg, buffer_filled=False).alpha == 5.0
+    assert online.online_learner(cfg, online_cfg, buffer_filled=True).alpha == 0.5
+    assert online.online_learner(cfg, online_cfg, buffer_filled=True).calql
+    with pytest.raises(SystemExit, match="--algo bc cannot fine-tune a cql checkpoint"):
+        finetune.finetune_config(cfg, {"algo": "bc"})
+
+
+def test_pipeline_progress_line_hides_nan_losses_and_never_reads_160_of_100(tmp_path, capsys):
+    log = train.RunLog(str(tmp_path), 100, 0)
+    log.log(0, {"critic_loss": float("nan"), "eval_success": 0.0})  # a row before any update
+    log.log(160, {"critic_loss": 2.5, "eval_success": 0.0})  # the last trajectory ran past 100
+    first, last = capsys.readouterr().out.splitlines()
+    assert first.startswith("step 0/100 |") and "nan" not in first
+    assert last.startswith("step 160 (done, 100 requested) |") and "critic_loss 2.5" in last
+
+
 # ====================================================================================================
 # sim_binsort.py
 # ====================================================================================================
@@ -3279,7 +3351,9 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
         str(tmp_path / "bridge" / "t" / "train" / "out.npy"),
         [data.synthetic_trajectory(5, 32, rng) for _ in range(3)],
     )
-    images, groups = online.read_images(str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None)
+    images, groups = classifier.read_images(
+        str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None
+    )
     assert images.shape == (6, 32, 32, 3) and groups.tolist() == [0, 0, 1, 1, 2, 2]
 
 
@@ -3295,3 +3369,78 @@ def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
         online.make_labeler(types.SimpleNamespace(classifier=None, env="binsort", device="cpu"))
         is None
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# online.py: stage-wise success (issue 10, section 2)
+# ---------------------------------------------------------------------------------------------------
+class _OnlineStagedEnv:
+    """4 steps per episode; 'grasped' holds at step 2 only (a grasp that slips), 'placed' from step 3 on
+    in even-seeded episodes, which then succeed. stages=False: an env that reports no stages."""
+
+    def __init__(self, stages=True):
+        self.stages = stages
+        self.t = 0
+        self.seed = None
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.seed = seed
+        return self._obs()
+
+    def _obs(self):
+        return {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
+
+    def step(self, action):
+        self.t += 1
+        placed = self.t >= 3 and self.seed % 2 == 0
+        info = {"success": placed}
+        if self.stages:
+            info["stages"] = {"grasped": self.t == 2, "placed": placed}
+        return self._obs(), float(placed), False, self.t >= 4, info
+
+    def close(self):
+        pass
+
+
+class _OnlineFixedPolicy:
+    size = 8
+    task_name = None
+
+    def __call__(self, image, state, deterministic=True):
+        return np.zeros(7, np.float32), np.zeros(7, np.float32)
+
+
+def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch, capsys):
+    results = online.evaluate(_OnlineStagedEnv(), _OnlineFixedPolicy(), 4, seed=0, log=print)
+    assert [r["stages"] for r in results] == [
+        {"grasped": True, "placed": s % 2 == 0} for s in range(4)
+    ]  # a stage counts when it was reached at any step, even if lost again
+    stages = online.summarize(results)["stages"]
+    assert list(stages) == ["grasped", "placed"]
+    # Wilson by hand, n = 4, z = 1.96: 2/4 -> 0.5 +- 0.35, 4/4 -> center 0.755, half 0.245
+    assert stages["placed"] == pytest.approx(
+        {"count": 2, "rate": 0.5, "lo": 0.150, "hi": 0.850}, abs=1e-3
+    )
+    assert stages["grasped"] == pytest.approx(
+        {"count": 4, "rate": 1.0, "lo": 0.510, "hi": 1.0}, abs=1e-3
+    )
+    assert (
+        "episode   1 seed 1: return 0.00, length 4, failure (reached: grasped)"
+        in capsys.readouterr().out
+    )
+    # the CLI prints each stage and writes them to the JSON; an env without stages reports none
+    monkeypatch.setattr(online, "load_policy", lambda *a: _OnlineFixedPolicy())
+    for has_stages in (True, False):
+        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages: _OnlineStagedEnv(s))
+        path = tmp_path / f"eval_{has_stages}.json"
+        args = ["eval", "--ckpt", "x.pt", "--episodes", "4", "--json", path, "--device", "cpu"]
+        online.main([str(a) for a in args])
+        out = capsys.readouterr().out
+        doc = json.loads(path.read_text())
+        if has_stages:
+            assert "  stage placed: 2/4 = 50.0% (95% CI, Wilson: 15.0% .. 85.0%)" in out
+            assert doc["stages"]["grasped"]["count"] == 4
+        else:
+            assert "stage" not in out and doc["stages"] == {}
+            assert all("stages" not in e for e in doc["per_episode"])

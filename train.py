@@ -231,8 +231,17 @@ class RunLog:
                 if k != "step":
                     self.tb.add_scalar(k, v, step)
         eta = _hms(max(0.0, self.total - step) / sps) if sps > 0 else "?"
-        shown = " ".join(f"{k} {row[k]:.3g}" for k in row if "loss" in k or k.startswith("q_"))
-        print(f"step {step}/{self.total} | {sps:.2f} steps/s | ETA {eta} | {shown}", flush=True)
+        # a row logged before any update (online.py's first evaluation) has no losses to show yet
+        shown = " ".join(
+            f"{k} {row[k]:.3g}"
+            for k in row
+            if ("loss" in k or k.startswith("q_")) and math.isfinite(row[k])
+        )
+        # online.py's last trajectory may run past the requested total: say so, not "step 160/100"
+        progress = f"step {step}/{self.total}"
+        if step > self.total:
+            progress = f"step {step} (done, {self.total} requested)"
+        print(f"{progress} | {sps:.2f} steps/s | ETA {eta} | {shown}", flush=True)
 
 
 def _hms(seconds):
@@ -514,15 +523,22 @@ def restore_run(ckpt, agent, sampler, rank=0):
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_run_args(p, steps, save_every, keep_last):
+def add_run_args(
+    p, steps, save_every, keep_last, log_every=100, out=None, unit="gradient steps", steps_flags=()
+):
     """Options of every training phase (pre-training, offline and online fine-tuning); the phase gives
-    its defaults (keep_last: pre-training keeps its newest few, fine-tuning all, for select_ckpt.py)."""
-    p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
-    p.add_argument("--steps", type=int, default=steps, help="gradient steps in total")
+    its defaults (keep_last: pre-training keeps its newest few, fine-tuning all, for select_ckpt.py) and
+    what it counts (online fine-tuning: environment steps, also spelt --env_steps)."""
+    p.add_argument("--out", default=out, help=f"run folder (default {out or 'runs/<name>'})")
+    p.add_argument(
+        *steps_flags, "--steps", dest="steps", type=int, default=steps, help=f"{unit} in total"
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--save_every", type=int, default=save_every)
+    p.add_argument(
+        "--save_every", type=int, default=save_every, help=f"a checkpoint every N {unit}"
+    )
     p.add_argument(
         "--keep_last",
         type=int,
@@ -536,7 +552,9 @@ def add_run_args(p, steps, save_every, keep_last):
         default=[],
         help="checkpoints (by step) that --keep_last never deletes",
     )
-    p.add_argument("--log_every", type=int, default=100)
+    p.add_argument(
+        "--log_every", type=int, default=log_every, help=f"a progress row every N {unit}"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
