@@ -1,15 +1,15 @@
-"""The success classifier that labels real-robot rollouts for online fine-tuning (paper Appendix F, "Reward
-classifier"; SPEC section 3): ResNet-34 -> small head -> one logit of P(success | image), trained with BCE
-on success / failure images, augmented like the RL data.
+"""The success classifier that labels real-robot rollouts for online fine-tuning (paper Appendix F,
+"Reward classifier"; SPEC section 3): ResNet-34 -> small head -> one logit of P(success | image),
+trained with BCE on success / failure images, augmented like the RL data.
 
     python online.py classifier --pos door_open/ --neg door_closed/ --out clf.pt
     python classifier.py --pos door_open/ --neg door_closed/ --out clf.pt        # the same
 
---pos / --neg: a folder of png/jpg images, or Bridge-format data (every frame, or with --pos_last N the last
-N frames of each trajectory). A fraction val_frac of each class is held out by group (an image file, or a
-whole trajectory), and the balanced held-out accuracy is reported and stored with the weights.
-online.py loads the file with load_labeler(): r_t = 1 when the observation after action t is a success.
-Imports model, data, fileio and cli only.
+--pos / --neg: a folder of png/jpg images, or Bridge-format data (every frame, or with --pos_last N
+the last N frames of each trajectory). A fraction val_frac of each class is held out by group (an
+image file, or a whole trajectory), and the balanced held-out accuracy is reported and stored with
+the weights. online.py loads the file with load_labeler(): r_t = 1 when the observation after action
+t is a success. Imports model, data, fileio and cli only.
 """
 
 import argparse
@@ -33,7 +33,7 @@ THRESHOLD = 0.5  # P(success) above which a frame is labelled a success
 
 @dataclass
 class ClassifierConfig:
-    """Success classifier (Appendix F, "Reward classifier"): ResNet-34 -> small head -> one logit, BCE."""
+    """Success classifier (Appendix F, "Reward classifier"): ResNet-34 -> head -> logit, BCE."""
 
     arch: str = "resnet34"  # encoder (the paper's: ResNet-34)
     head: str = "spatial"  # encoder output: spatial | avgpool | softmax
@@ -49,8 +49,8 @@ class ClassifierConfig:
 
 
 def resize_image(image, size):
-    """Env images come at the env's (camera's) size; networks take their checkpoint's (LANCZOS, as data.py).
-    (Moves to data.resize_image, same signature, once data.py has it.)"""
+    """Env images come at the env's (camera's) size; networks take their checkpoint's (LANCZOS, as
+    data.py). (Moves to data.resize_image, same signature, once data.py has it.)"""
     image = np.asarray(image, dtype=np.uint8)
     if image.shape[:2] == (size, size):
         return image
@@ -65,9 +65,9 @@ def _trajectory_frames(reader, tid, last):
 
 
 def read_images(src, image_size, last=0, log=print):
-    """(uint8 (N, S, S, 3), group per image) from a folder of png/jpg (a group per file) or Bridge-format data
-    (every frame, or the last `last` of each trajectory; a group per trajectory, so the held-out split never
-    shares a trajectory with training)."""
+    """(uint8 (N, S, S, 3), group per image) from a folder of png/jpg (a group per file) or
+    Bridge-format data (every frame, or the last `last` of each trajectory; a group per trajectory,
+    so the held-out split never shares a trajectory with training)."""
     files = sorted(
         f
         for f in glob.glob(os.path.join(src, "**", "*"), recursive=True)
@@ -117,8 +117,8 @@ def classifier_logits(clf, images, device, chunk=256):
 
 
 def split_held_out(images, groups, val_frac, rng):
-    """(training images as a tensor, held-out images): a fraction val_frac of the groups, at least one
-    when there are two or more."""
+    """(training images as a tensor, held-out images): a fraction val_frac of the groups, at least
+    one when there are two or more."""
     ids = rng.permutation(np.unique(groups))
     n_val = max(1, round(len(ids) * val_frac)) if len(ids) > 1 else 0
     val = np.isin(groups, ids[:n_val])
@@ -132,8 +132,9 @@ def held_out_accuracy(clf, images, label, device):
 
 
 def train_classifier(pos, neg, cfg, device="cpu", seed=0, log=print):
-    """pos / neg: (images, groups). A fraction val_frac of each class's groups is held out. Balanced batches,
-    augmented like the RL data. Returns the classifier and the held-out accuracy of each class."""
+    """pos / neg: (images, groups). A fraction val_frac of each class's groups is held out. Balanced
+    batches, augmented like the RL data. Returns the classifier and the held-out accuracy of each
+    class."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     train_pos, val_pos = split_held_out(*pos, cfg.val_frac, rng)
@@ -178,8 +179,8 @@ def save_classifier(clf, cfg, accuracy, path):
 
 
 def load_labeler(path, device):
-    """Rollout rewards from a trained classifier: r_t = 1 when the observation AFTER action t is a success.
-    Returns labeler(frames) -> float32 (T,) rewards for T + 1 frames."""
+    """Rollout rewards from a trained classifier: r_t = 1 when the observation AFTER action t is a
+    success. Returns labeler(frames) -> float32 (T,) rewards for T + 1 frames."""
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -224,7 +225,7 @@ def add_classifier_args(p):
 
 
 def cmd_classifier(args):
-    """Train on --pos / --neg, report the balanced held-out accuracy, write --out. Returns the accuracy."""
+    """Train on --pos / --neg, report and return the balanced held-out accuracy, write --out."""
     cfg = dataclass_from_args(ClassifierConfig, args)
     pos = read_images(args.pos, cfg.image_size, args.pos_last)
     neg = read_images(args.neg, cfg.image_size)

@@ -1,14 +1,15 @@
 """cli.py: the one entry point of every PTR-torch script (a leaf: imports nothing from the project).
 
-Expected failures (bad data, a bad checkpoint, a missing file or serial port, non-finite losses, Ctrl-C) end
-a script with ONE line naming the culprit and a non-zero exit status, never a traceback. Set PTR_TRACEBACK=1
-to see the traceback anyway (for a bug report).
+Expected failures (bad data, a bad checkpoint, a missing file or serial port, non-finite losses,
+Ctrl-C) end a script with ONE line naming the culprit and a non-zero exit status, never a traceback.
+Set PTR_TRACEBACK=1 to see the traceback anyway (for a bug report).
 
     if __name__ == "__main__":
         run_cli(main)
 
-add_dataclass_args() turns a config dataclass into command-line flags, one per field, with the field's
-default and its trailing comment as the help text, so a default is written once (in the dataclass).
+add_dataclass_args() turns a config dataclass into command-line flags, one per field, with the
+field's default and its trailing comment as the help text, so a default is written once (in the
+dataclass).
 """
 
 import argparse
@@ -56,7 +57,7 @@ def run_cli(main, argv=None):
 
 
 def field_comments(cls):
-    """{field: its trailing comment} from a dataclass's source (comments on the field's own lines)."""
+    """{field: its trailing comment} from a dataclass's source (on the field's own lines)."""
     source = inspect.getsource(cls)
     comments = {}
     field, indent, expect_colon = None, None, False
@@ -92,10 +93,11 @@ def _parse_type(hint):
 
 
 def add_dataclass_args(parser, cls, skip=(), choices=None, defaults=None, default_help=None):
-    """One flag --<field> per field of dataclass cls (fields in skip excepted): type from the annotation,
-    default from the dataclass (or `defaults`, a phase's own), help from the field's trailing comment;
-    bools get --<field> / --no-<field>. choices: {field: allowed values}; default_help: what the help
-    says instead of the default's value. Returns the field names added."""
+    """One flag --<field> per field of dataclass cls (fields in skip excepted): type from the
+    annotation, default from the dataclass (or `defaults`, a phase's own), help from the field's
+    trailing comment; bools get --<field> / --no-<field>. choices: {field: allowed values};
+    default_help: what the help says instead of the default's value. Returns the field names
+    added."""
     comments = field_comments(cls)
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}

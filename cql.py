@@ -52,10 +52,10 @@ STRUCTURE = (
 
 @dataclass
 class AgentConfig:
-    """The one place for the paper's defaults (Table X; SPEC section 3). A phase that changes the learner
-    (finetune.py's --algo / --alpha, online.py's alpha and Cal-QL) hands the agent a new config,
-    agent.set_config(dataclasses.replace(agent.cfg, ...)), which also sets the optimizers' learning rates.
-    The trailing comments are the command-line help (cli.add_dataclass_args)."""
+    """The one place for the paper's defaults (Table X; SPEC section 3). A phase that changes the
+    learner (finetune.py's --algo / --alpha, online.py's alpha and Cal-QL) hands the agent a new
+    config, agent.set_config(dataclasses.replace(agent.cfg, ...)), which also sets the optimizers'
+    learning rates. The trailing comments are the command-line help (cli.add_dataclass_args)."""
 
     num_tasks: int = 1  # size of the task one-hot
     arch: str = "resnet34"  # encoder: resnet18 | resnet34 | resnet50 | impala | small (Figure 7)
@@ -229,12 +229,13 @@ def _allreduce_mean_(params):
 
 
 class Agent:
-    """Owns the networks, the target critic, the optimizers, the entropy temperature and a sampling generator.
-    algo cql: critic (QNetwork) + target + TanhGaussianPolicy + temperature; bc: BCPolicy only;
-    awbc: the cql set, still trained with CQL, plus a BCPolicy trained with MSE weighted by the critic's
-    advantages; act() uses the BCPolicy. cfg.algo may switch between cql and awbc at any time (finetune.py
-    starts AW-BC from a PTR checkpoint, through set_config): the BCPolicy is created then. For the paper's
-    frozen Q-function (Table IX), start from a fine-tuned PTR checkpoint and set_config with critic_lr = 0."""
+    """Owns the networks, the target critic, the optimizers, the entropy temperature and a sampling
+    generator. algo cql: critic (QNetwork) + target + TanhGaussianPolicy + temperature; bc: BCPolicy
+    only; awbc: the cql set, still trained with CQL, plus a BCPolicy trained with MSE weighted by
+    the critic's advantages; act() uses the BCPolicy. cfg.algo may switch between cql and awbc at
+    any time (finetune.py starts AW-BC from a PTR checkpoint, through set_config): the BCPolicy is
+    created then. For the paper's frozen Q-function (Table IX), start from a fine-tuned PTR
+    checkpoint and set_config with critic_lr = 0."""
 
     def __init__(self, cfg: AgentConfig, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
@@ -328,7 +329,7 @@ class Agent:
         return F.one_hot(task.to(self.device).long(), self.cfg.num_tasks).float()
 
     def _build_algo_networks(self):
-        """Check that this agent's networks serve cfg.algo; create the BC policy awbc adds to a CQL agent."""
+        """Check that the networks serve cfg.algo; create the BC policy awbc adds to CQL."""
         algo = self.cfg.algo
         if algo not in ALGOS:
             raise ValueError(f"cql.py: AgentConfig.algo={algo!r}, expected one of {ALGOS}")
@@ -350,8 +351,8 @@ class Agent:
                 g["lr"] = getattr(self.cfg, self.lr_fields[name])
 
     def set_config(self, cfg):
-        """A new phase's learner settings (algo, alpha, Cal-QL, learning rates...): the network shapes
-        (STRUCTURE) must stay; the optimizers take the new learning rates from here on."""
+        """A new phase's learner settings (algo, alpha, Cal-QL, learning rates...): the network
+        shapes (STRUCTURE) must stay; the optimizers take the new learning rates from here on."""
         diff = [k for k in STRUCTURE if getattr(cfg, k) != getattr(self.cfg, k)]
         if diff:
             raise ValueError(

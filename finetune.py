@@ -70,7 +70,7 @@ def q_traces(agent, sampler, traj_ids):
 
 
 def non_finite_traces(traces):
-    """[(traj_id, head, time step)] of the first non-finite Q-value of each trajectory that has one."""
+    """[(traj_id, head, time step)] of each trajectory's first non-finite Q-value."""
     found = []
     for t in traces:
         for head, q in enumerate(t["q"]):
@@ -82,8 +82,9 @@ def non_finite_traces(traces):
 
 
 def write_q_traces(agent, sampler, traj_ids, step, out, task):
-    """qvalues_<step>.json beside ckpt_<step>.pt. Non-finite Q-values are written as they are (NaN in the
-    JSON), with a warning: select_ckpt.py then refuses that checkpoint and says why (issue 14)."""
+    """qvalues_<step>.json beside ckpt_<step>.pt. Non-finite Q-values are written as they are (NaN
+    in the JSON), with a warning: select_ckpt.py then refuses that checkpoint and says why (issue
+    14)."""
     traces = q_traces(agent, sampler, traj_ids)
     for traj_id, head, t in non_finite_traces(traces):
         print(
@@ -97,8 +98,9 @@ def write_q_traces(agent, sampler, traj_ids, step, out, task):
 
 
 def write_missing_q_traces(out, val_sampler, val_ids, task, device):
-    """A kill between a checkpoint's rename and its trace leaves a checkpoint select_ckpt.py never lists:
-    a resume computes the trace of every checkpoint that lacks one, from that checkpoint's own weights."""
+    """A kill between a checkpoint's rename and its trace leaves a checkpoint select_ckpt.py never
+    lists: a resume computes the trace of every checkpoint that lacks one, from that checkpoint's
+    own weights."""
     for step, path in list_checkpoints(out):
         if os.path.exists(os.path.join(out, QTRACE_PATTERN.format(step))):
             continue
@@ -124,9 +126,9 @@ def assign_target_slots(task_names, target_names, task):
 
 
 def finetune_config(cfg, overrides):
-    """Phase 2's learner (Section IV-A): the checkpoint's AgentConfig with the learner flags given here,
-    e.g. --alpha 5, or --algo awbc to start advantage-weighted BC from a PTR checkpoint. BC and the
-    critic-based learners have different networks, so --algo cannot cross between them."""
+    """Phase 2's learner (Section IV-A): the checkpoint's AgentConfig with the learner flags given
+    here, e.g. --alpha 5, or --algo awbc to start advantage-weighted BC from a PTR checkpoint. BC
+    and the critic-based learners have different networks, so --algo cannot cross between them."""
     new = dataclasses.replace(cfg, **overrides)
     if (new.algo == "bc") != (cfg.algo == "bc"):
         raise SystemExit(
@@ -137,10 +139,10 @@ def finetune_config(cfg, overrides):
 
 
 def open_run(args):
-    """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint (--ckpt, or with
-    --resume the newest in --out), and the prior and target stores opened at its image size.
-    Returns (the resumed checkpoint or None, the source checkpoint, its path, prior store, target store).
-    The caller owns args.out already (train.claim_run_folder)."""
+    """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint (--ckpt,
+    or with --resume the newest in --out), and the prior and target stores opened at its image size.
+    Returns (the resumed checkpoint or None, the source checkpoint, its path, prior store, target
+    store). The caller owns args.out already (train.claim_run_folder)."""
     resumed = resume_state(args, {})
     if resumed is None and not args.ckpt:
         raise SystemExit(

@@ -1,6 +1,6 @@
-"""PTR in an environment: evaluate a policy and fine-tune it online with the Cal-QL bound (paper Section V-F
-and Appendix F; SPEC section 3 "Online"). The success classifier that labels real-robot rollouts lives in
-classifier.py; `online.py classifier` trains it.
+"""PTR in an environment: evaluate a policy and fine-tune it online with the Cal-QL bound (paper
+Section V-F and Appendix F; SPEC section 3 "Online"). The success classifier that labels real-robot
+rollouts lives in classifier.py; `online.py classifier` trains it.
 
     python online.py eval --ckpt runs/ft/ckpt_00005000.pt --env binsort --episodes 50 --save_video videos/
     python online.py finetune --ckpt runs/ft/ckpt_00005000.pt --env binsort --prior data/prior \
@@ -8,25 +8,27 @@ classifier.py; `online.py classifier` trains it.
     python online.py classifier --pos door_open/ --neg door_closed/ --out clf.pt
     python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt --reset_ckpt reset.pt
 
-Evaluation reports full success with its 95% Wilson interval and, where the environment reports them in
-info["stages"] (the simulator: grasped, first_in_bin, both_in_bins for the sort; grasped, placed for
-pick-place), each stage's rate: was it ever reached in the episode (Appendix A discusses the first segment).
+Evaluation reports full success with its 95% Wilson interval and, where the environment reports them
+in info["stages"] (the simulator: grasped, first_in_bin, both_in_bins for the sort; grasped, placed
+for pick-place), each stage's rate: was it ever reached in the episode (Appendix A discusses the
+first segment).
 
-Online fine-tuning alternates (Section IV-A, "Phase 2"): collect ONE trajectory with the current stochastic
-policy into a replay buffer (MC returns computed on add), then take --utd (10) gradient steps per transition
-collected. Batches mix prior / target / online data 0.35 / 0.15 / 0.5 (Appendix F). Cal-QL is on throughout
-(Appendix F, "Method"): the CQL push-down on policy actions is clipped from below by the MC return, on all
-data. CQL alpha: --alpha_offline (5) while the buffer is empty, i.e. only in the optional --offline_steps
-warm-up (Cal-QL on prior + target mixed 0.7 / 0.3 before the first rollout); --alpha_online (0.5) from the
-first online trajectory on. Without a warm-up alpha is 0.5 throughout, the paper's offline phase (alpha 5)
-being the finetune.py run that produced --ckpt.
-Everything counts in env steps: --env_steps, ckpt_<env step>.pt, progress.csv rows (one per trajectory, plus
-deterministic evaluations every --eval_every env steps from step 0). Each online trajectory is written once
-to episodes/episode_<n>.npz; a checkpoint lists those its buffer holds, so --resume refills it and continues
-exactly. Ctrl-C or SIGTERM stops at the next env or gradient step and saves (dropping an unfinished rollout);
-a second one aborts. Rewards: the simulator's; on the robot --classifier's label of each next observation,
-else a person's answer after each episode. Resets: the simulator resets itself; on the robot --reset_ckpt
-runs a reset policy after every episode (Section V-F), otherwise the program waits for Enter.
+Online fine-tuning alternates (Section IV-A, "Phase 2"): collect ONE trajectory with the current
+stochastic policy into a replay buffer (MC returns computed on add), then take --utd (10) gradient
+steps per transition collected. Batches mix prior / target / online data 0.35 / 0.15 / 0.5 (Appendix
+F). Cal-QL is on throughout (Appendix F, "Method"): the CQL push-down on policy actions is clipped
+from below by the MC return, on all data. CQL alpha: --alpha_offline (5) while the buffer is empty,
+i.e. only in the optional --offline_steps warm-up (Cal-QL on prior + target mixed 0.7 / 0.3 before
+the first rollout); --alpha_online (0.5) from the first online trajectory on. Without a warm-up
+alpha is 0.5 throughout, the paper's offline phase (alpha 5) being the finetune.py run that produced
+--ckpt. Everything counts in env steps: --env_steps, ckpt_<env step>.pt, progress.csv rows (one per
+trajectory, plus deterministic evaluations every --eval_every env steps from step 0). Each online
+trajectory is written once to episodes/episode_<n>.npz; a checkpoint lists those its buffer holds,
+so --resume refills it and continues exactly. Ctrl-C or SIGTERM stops at the next env or gradient
+step and saves (dropping an unfinished rollout); a second one aborts. Rewards: the simulator's; on
+the robot --classifier's label of each next observation, else a person's answer after each episode.
+Resets: the simulator resets itself; on the robot --reset_ckpt runs a reset policy after every
+episode (Section V-F), otherwise the program waits for Enter.
 """
 
 import argparse
@@ -75,8 +77,8 @@ ONLINE_SETS = ("algo", "alpha", "calql")
 
 @dataclass
 class OnlineConfig:
-    """Online fine-tuning defaults, the paper's unless marked 'ours' (Section V-F, Appendix F). The trailing
-    comments are the command-line help (cli.add_dataclass_args)."""
+    """Online fine-tuning defaults, the paper's unless marked 'ours' (Section V-F, Appendix F). The
+    trailing comments are the command-line help (cli.add_dataclass_args)."""
 
     mix_prior: float = 0.35  # batch fraction of prior (Bridge) data
     mix_target: float = 0.15  # ... of offline target demos; the online buffer gets the rest (0.5)
@@ -95,8 +97,8 @@ class OnlineConfig:
 
 @dataclass
 class LoopState:
-    """Where online fine-tuning stands: python values only, saved in every checkpoint (as a dict), so that
-    a resumed run continues exactly."""
+    """Where online fine-tuning stands: python values only, saved in every checkpoint (as a dict),
+    so that a resumed run continues exactly."""
 
     env_steps: int = 0  # environment steps collected
     grad_steps: int = 0  # gradient updates taken, warm-up included
@@ -144,10 +146,10 @@ class Policy:
 def run_episode(
     env, policy, seed, deterministic=True, max_steps=0, stop=None, keep_frames=False, labeler=None
 ):
-    """One episode from env.reset(seed); None when a stop was requested before it ended (the caller drops it).
-    Rewards: binary, the env's or the labeler's; success: info["success"] at any step, or a labelled reward.
-    stages: {name: reached at any step} from info["stages"], where the env reports them (else empty).
-    frames: the env's own images (for videos and the classifier)."""
+    """One episode from env.reset(seed); None when a stop was requested before it ended (the caller
+    drops it). Rewards: binary, the env's or the labeler's; success: info["success"] at any step, or
+    a labelled reward. stages: {name: reached at any step} from info["stages"], where the env
+    reports them (else empty). frames: the env's own images (for videos and the classifier)."""
     obs = env.reset(seed=seed)
     success = False
     done = False
@@ -207,8 +209,8 @@ def rate_text(count, n, lo, hi):
 
 
 def stage_summary(episodes):
-    """{stage: {count, rate, lo, hi}} over episodes, stages in the order the env reports them (issue 10):
-    count = episodes that reached the stage at any step, lo .. hi its 95% Wilson interval."""
+    """{stage: {count, rate, lo, hi}} over episodes, stages in the order the env reports them (issue
+    10): count = episodes that reached the stage at any step, lo .. hi its 95% Wilson interval."""
     names = []
     for e in episodes:
         names.extend(name for name in e.get("stages", {}) if name not in names)
@@ -387,9 +389,9 @@ def make_labeler(args):
 
 
 def online_learner(cfg, online, buffer_filled):
-    """The phase switch of online fine-tuning (Appendix F), as one config change: Cal-QL (online.calql) for
-    the whole run; CQL alpha online.alpha_offline while the buffer is still empty (the --offline_steps
-    warm-up), online.alpha_online from the first online trajectory on."""
+    """The phase switch of online fine-tuning (Appendix F), as one config change: Cal-QL
+    (online.calql) for the whole run; CQL alpha online.alpha_offline while the buffer is still empty
+    (the --offline_steps warm-up), online.alpha_online from the first online trajectory on."""
     alpha = online.alpha_online if buffer_filled else online.alpha_offline
     return dataclasses.replace(cfg, calql=online.calql, alpha=alpha)
 
@@ -420,7 +422,7 @@ def refill_buffer(buffer, run_dir, live):
 
 
 def next_multiple(step, every):
-    """The first multiple of `every` after `step` (when the next evaluation, row or checkpoint is due)."""
+    """The first multiple of `every` after `step`: when the next evaluation, row or save is due."""
     return (step // every + 1) * every
 
 
@@ -438,9 +440,10 @@ def online_loop(
     resetter=no_reset,
     labeler=None,
 ):
-    """Collect a trajectory, then online.utd gradient steps per transition, until online.env_steps (module
-    docstring). state: the LoopState, saved in every checkpoint, so a resumed run continues exactly.
-    args: the run's options (batch size, episode length cap, seed, out folder, logging, retention)."""
+    """Collect a trajectory, then online.utd gradient steps per transition, until online.env_steps
+    (module docstring). state: the LoopState, saved in every checkpoint, so a resumed run continues
+    exactly. args: the run's options (batch size, episode length cap, seed, out folder, logging,
+    retention)."""
     log = RunLog(args.out, online.env_steps, state.env_steps, tensorboard=args.tensorboard)
 
     def update(sampler):
@@ -570,8 +573,9 @@ def online_loop(
 
 
 def target_assignment(source, source_path, target, agent, task):
-    """(task names, target one-hot ids) of the run: a fine-tuned (or online) checkpoint keeps its own; a
-    pre-trained one gives the target its slots as finetune.py does (growing the one-hot if needed)."""
+    """(task names, target one-hot ids) of the run: a fine-tuned (or online) checkpoint keeps its
+    own; a pre-trained one gives the target its slots as finetune.py does (growing the one-hot if
+    needed)."""
     if "target_task_ids" in source:
         if list(source["target_tasks"]) != list(target.task_names):
             raise SystemExit(

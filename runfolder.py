@@ -1,11 +1,11 @@
-"""runfolder.py: the names of the files in a PTR run folder, and which checkpoints a retention policy keeps
-(a leaf: imports nothing from the project, nor torch, so select_ckpt.py can read a run folder cheaply).
+"""runfolder.py: the names of the files in a PTR run folder, and which checkpoints a retention
+policy keeps (a leaf: imports nothing from the project, nor torch, so select_ckpt.py can read a run
+folder cheaply).
 
 A run folder (--out of train.py, finetune.py, online.py finetune) holds:
-    config.json             every resolved option of the run
-    progress.csv            one row per logged step
-    run.lock                the pid of the process that owns the folder (train.py claim_run_folder)
-    ckpt_<step>.pt          checkpoints, step zero-padded to 8 digits
+    config.json             every resolved option of the run progress.csv            one row per
+    logged step run.lock                the pid of the process that owns the folder (train.py
+    claim_run_folder) ckpt_<step>.pt          checkpoints, step zero-padded to 8 digits
     qvalues_<step>.json     finetune.py: Q-values on the held-out target demos at that checkpoint
     episodes/episode_<n>.npz  online.py: each online trajectory, written once
 """
@@ -33,8 +33,9 @@ def list_checkpoints(run_dir):
 
 
 def steps_to_delete(steps, keep_last, keep_steps=()):
-    """Retention (issue 14): the newest keep_last checkpoints stay, and every step in keep_steps (the ones a
-    user marked); keep_last 0 keeps everything. Returns the steps to delete, oldest first."""
+    """Retention (issue 14): the newest keep_last checkpoints stay, and every step in keep_steps
+    (the ones a user marked); keep_last 0 keeps everything. Returns the steps to delete, oldest
+    first."""
     if keep_last <= 0:
         return []
     newest = set(sorted(steps)[-keep_last:])

@@ -2,23 +2,24 @@
 
     python select_ckpt.py runs/ft_my_task            # ranked table, selection.json, qvalues.png, chosen path
 
-The paper picks, by eye, the fine-tuning checkpoint whose Q-values on held-out target demonstrations rise most
-monotonically along each trajectory: a valid Q-function of a successful demonstration estimates the discounted
-return-to-go, which grows as the task nears completion. Early checkpoints fluctuate, over-trained ones go flat.
-The paper calls a metric for this future work; ours is
+The paper picks, by eye, the fine-tuning checkpoint whose Q-values on held-out target demonstrations
+rise most monotonically along each trajectory: a valid Q-function of a successful demonstration
+estimates the discounted return-to-go, which grows as the task nears completion. Early checkpoints
+fluctuate, over-trained ones go flat. The paper calls a metric for this future work; ours is
 
     score(checkpoint) = mean over held-out trajectories of  rho * min(1, spread(Q) / spread(G))
 
-- rho is Spearman's rank correlation between time t and Q_t (min over the two heads, the value the actor
-  maximises): +1 for a strictly rising curve, -1 for a falling one, insensitive to the scale of Q, so it judges
-  the shape alone, which is what the paper looks at;
-- spread(.) is max - min along the trajectory and G the Monte-Carlo return-to-go of the same demonstration under
-  the training rewards: the rise a correct Q-function would show. The factor penalises flat curves (the
-  over-trained checkpoints of Figure 3) whose tiny wiggles can still be monotone; it saturates at 1 so a curve
-  steeper than the true return is not rewarded for it.
-Scores lie in [-1, 1]: rising > flat > falling. Ties go to the earlier checkpoint (fewer steps on 10 demos).
-A checkpoint whose trace holds a NaN or inf (Q-values or returns) gets no score and is never chosen: the
-table lists it last with the reason (a diverged critic, or a NaN action in the target's val data).
+- rho is Spearman's rank correlation between time t and Q_t (min over the two heads, the value the
+  actor maximises): +1 for a strictly rising curve, -1 for a falling one, insensitive to the scale
+  of Q, so it judges the shape alone, which is what the paper looks at;
+- spread(.) is max - min along the trajectory and G the Monte-Carlo return-to-go of the same
+  demonstration under the training rewards: the rise a correct Q-function would show. The factor
+  penalises flat curves (the over-trained checkpoints of Figure 3) whose tiny wiggles can still be
+  monotone; it saturates at 1 so a curve steeper than the true return is not rewarded for it.
+Scores lie in [-1, 1]: rising > flat > falling. Ties go to the earlier checkpoint (fewer steps on 10
+demos). A checkpoint whose trace holds a NaN or inf (Q-values or returns) gets no score and is never
+chosen: the table lists it last with the reason (a diverged critic, or a NaN action in the target's
+val data).
 """
 
 import argparse
@@ -77,7 +78,7 @@ def trajectory_score(q, mc_return):
 
 
 def non_finite_reason(traces):
-    """Why a checkpoint's trace cannot be scored (the first NaN / inf it holds), or None when it can."""
+    """Why a checkpoint's trace cannot be scored (its first NaN / inf), or None when it can."""
     for i, t in enumerate(traces["trajectories"]):
         for field, values in (("q", t["q"]), ("mc_return", t["mc_return"])):
             values = np.asarray(values, dtype=np.float64)

@@ -1538,7 +1538,7 @@ def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
 # train.py, finetune.py, select_ckpt.py: no silent wrong answers (issue 14)
 # ---------------------------------------------------------------------------------------------------
 def _pipe_dead_pid():
-    """The pid of a process that has ended (and been reaped): what a kill -9 leaves in a lock or tmp name."""
+    """The pid of an ended (reaped) process: what a kill -9 leaves in a lock or tmp name."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
@@ -3375,8 +3375,9 @@ def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
 # online.py: stage-wise success (issue 10, section 2)
 # ---------------------------------------------------------------------------------------------------
 class _OnlineStagedEnv:
-    """4 steps per episode; 'grasped' holds at step 2 only (a grasp that slips), 'placed' from step 3 on
-    in even-seeded episodes, which then succeed. stages=False: an env that reports no stages."""
+    """4 steps per episode; 'grasped' holds at step 2 only (a grasp that slips), 'placed' from step
+    3 on in even-seeded episodes, which then succeed. stages=False: an env that reports no
+    stages."""
 
     def __init__(self, stages=True):
         self.stages = stages

@@ -44,7 +44,7 @@ RESERVED_TASK = (
 
 
 class CheckpointError(ExpectedError, RuntimeError):
-    """A checkpoint that is missing, damaged or does not fit the run: reported in one line (cli.py)."""
+    """A checkpoint that is missing, damaged or does not fit the run (one line, cli.py)."""
 
 
 class RunFolderBusy(ExpectedError, RuntimeError):
@@ -59,7 +59,7 @@ def is_reserved(task_name):
 
 
 def atomic_torch_save(obj, path):
-    """A checkpoint appears whole or not at all; a failed save (disk full, Ctrl-C) leaves no temporary."""
+    """A checkpoint appears whole or not at all; a failed save leaves no temporary file."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -279,10 +279,10 @@ def _lock_owner(lock):
 
 @contextlib.contextmanager
 def claim_run_folder(out, resume):
-    """Own --out for the length of the run (issue 14): a lock file holds this process's pid, so a second run
-    on the same folder stops with a clear line instead of mixing its checkpoints, config.json and
-    progress.csv into this one. A lock whose pid is dead (kill -9) is stale and taken over; so are the
-    temporary files of dead writers (fileio.sweep_stale_tmp)."""
+    """Own --out for the length of the run (issue 14): a lock file holds this process's pid, so a
+    second run on the same folder stops with a clear line instead of mixing its checkpoints,
+    config.json and progress.csv into this one. A lock whose pid is dead (kill -9) is stale and
+    taken over; so are the temporary files of dead writers (fileio.sweep_stale_tmp)."""
     prepare_out_dir(out, resume)
     lock = os.path.join(out, LOCK_FILE)
     for _ in range(2):  # a stale lock is removed once, then claimed like a missing one
@@ -316,7 +316,7 @@ def claim_run_folder(out, resume):
 
 
 def prune_checkpoints(out, keep_last, keep_steps=()):
-    """Retention (--keep_last, --keep_steps): delete the checkpoints runfolder.steps_to_delete names."""
+    """Retention (--keep_last, --keep_steps): delete what runfolder.steps_to_delete names."""
     ckpts = dict(list_checkpoints(out))
     for step in steps_to_delete(list(ckpts), keep_last, keep_steps):
         with contextlib.suppress(FileNotFoundError):
@@ -374,17 +374,19 @@ def check_finite(info, step):
 
 
 def train_step(agent, sampler, batch_size, step):
-    """The one gradient step of every phase (pre-training, offline and online fine-tuning): sample a batch,
-    move and augment it (prepare_batch), update every network, stop on a non-finite value. `step` is the
-    number this update will have, for the error message. Returns the update's info (0-d tensors)."""
+    """The one gradient step of every phase (pre-training, offline and online fine-tuning): sample a
+    batch, move and augment it (prepare_batch), update every network, stop on a non-finite value.
+    `step` is the number this update will have, for the error message. Returns the update's info
+    (0-d tensors)."""
     info = agent.update(prepare_batch(sampler.sample(batch_size), agent.device))
     check_finite(info, step)
     return info
 
 
 class StopFlag:
-    """Ctrl-C (SIGINT) or a job scheduler's SIGTERM: stop at the next step boundary (never mid-update) and
-    save; a second signal aborts at once (KeyboardInterrupt). Installed in the main thread only."""
+    """Ctrl-C (SIGINT) or a job scheduler's SIGTERM: stop at the next step boundary (never
+    mid-update) and save; a second signal aborts at once (KeyboardInterrupt). Installed in the main
+    thread only."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -415,14 +417,15 @@ class StopFlag:
 
     @property
     def exit_status(self):
-        """What a shell reports for a process ended by that signal: 130 for SIGINT, 143 for SIGTERM."""
+        """What a shell reports for a process that signal ended: 130 SIGINT, 143 SIGTERM."""
         return 128 + (self.signum or signal.SIGINT)
 
 
 def build_checkpoint(payload, step, agent, sampler_state, rng, **extra):
-    """The one checkpoint dict of every phase (load_checkpoint reads it back): the run's fixed fields
-    (payload: task names, action bounds, ...), the format, the step, the agent (networks, optimizers,
-    config), the sampler's and torch's random state; online.py adds its loop state in `extra`."""
+    """The one checkpoint dict of every phase (load_checkpoint reads it back): the run's fixed
+    fields (payload: task names, action bounds, ...), the format, the step, the agent (networks,
+    optimizers, config), the sampler's and torch's random state; online.py adds its loop state in
+    `extra`."""
     return dict(
         payload,
         format=CKPT_FORMAT,
@@ -526,9 +529,10 @@ def restore_run(ckpt, agent, sampler, rank=0):
 def add_run_args(
     p, steps, save_every, keep_last, log_every=100, out=None, unit="gradient steps", steps_flags=()
 ):
-    """Options of every training phase (pre-training, offline and online fine-tuning); the phase gives
-    its defaults (keep_last: pre-training keeps its newest few, fine-tuning all, for select_ckpt.py) and
-    what it counts (online fine-tuning: environment steps, also spelt --env_steps)."""
+    """Options of every training phase (pre-training, offline and online fine-tuning); the phase
+    gives its defaults (keep_last: pre-training keeps its newest few, fine-tuning all, for
+    select_ckpt.py) and what it counts (online fine-tuning: environment steps, also spelt
+    --env_steps)."""
     p.add_argument("--out", default=out, help=f"run folder (default {out or 'runs/<name>'})")
     p.add_argument(
         *steps_flags, "--steps", dest="steps", type=int, default=steps, help=f"{unit} in total"
@@ -586,8 +590,9 @@ AGENT_CHOICES = {"algo": ALGOS, "arch": ARCHS, "head": HEADS, "norm": NORMS}
 
 
 def add_agent_args(p):
-    """The learner's options, one flag per AgentConfig field, generated from the dataclass (defaults and
-    help written once there: the paper's, Table X). --action_input_only is Table XIV's ablation flag."""
+    """The learner's options, one flag per AgentConfig field, generated from the dataclass (defaults
+    and help written once there: the paper's, Table X). --action_input_only is Table XIV's ablation
+    flag."""
     g = p.add_argument_group("learner (AgentConfig)")
     add_dataclass_args(g, AgentConfig, skip=AGENT_FIELDS_FROM_RUN, choices=AGENT_CHOICES)
     g.add_argument(
@@ -675,8 +680,8 @@ def main(argv=None):
 
 
 def train(args, rank, world, device):
-    """Pre-training (or joint training) in a run folder this process owns: open the data, build or resume
-    the agent, run train_loop."""
+    """Pre-training (or joint training) in a run folder this process owns: open the data, build or
+    resume the agent, run train_loop."""
     prior = open_store(args.data, args, args.store)
     task_names = list(prior.task_names) + [RESERVED_TASK.format(i) for i in range(args.extra_tasks)]
     sampler = Sampler(prior, "train", gamma=args.gamma, seed=args.seed + rank)
