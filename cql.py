@@ -22,7 +22,7 @@ import argparse
 import contextlib
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -53,36 +53,36 @@ STRUCTURE = (
 
 @dataclass
 class AgentConfig:
-    """The one place for the paper's defaults (Table X; SPEC section 3). Mutable between phases: online.py
-    sets alpha = 0.5 and calql = True; the optimizers read the learning rates from here at every load."""
+    """The one place for the paper's defaults (Table X; SPEC section 3). A phase that changes the
+    learner (finetune.py's --algo / --alpha, online.py's alpha and Cal-QL) hands the agent a new
+    config, agent.set_config(dataclasses.replace(agent.cfg, ...)), which also sets the optimizers'
+    learning rates. The trailing comments are the command-line help (cli.add_dataclass_args)."""
 
-    num_tasks: int = 1
-    arch: str = "resnet34"  # resnet18 | resnet34 | resnet50 | impala | small  (Figure 7)
-    head: str = "spatial"  # spatial | avgpool | softmax  (Table XIII)
-    norm: str = "group"  # group | batch  (Table XV)
-    image_size: int = 128
-    embed_dim: int = 256
-    action_dim: int = 7
-    state_dim: int = 7
-    hidden: int = 256
-    depth: int = 3
-    action_every_layer: bool = True  # Table XIV
+    num_tasks: int = 1  # size of the task one-hot
+    arch: str = "resnet34"  # encoder: resnet18 | resnet34 | resnet50 | impala | small (Figure 7)
+    head: str = "spatial"  # encoder output: spatial | avgpool | softmax (Table XIII)
+    norm: str = "group"  # normalisation: group | batch (Table XV)
+    image_size: int = 128  # square images of this size
+    embed_dim: int = 256  # image embedding size (Linear -> LayerNorm -> tanh)
+    action_dim: int = 7  # xyz, euler, gripper (SPEC section 5)
+    state_dim: int = 7  # proprioceptive state, seen by the policy only
+    hidden: int = 256  # width of the Q-head and policy MLPs
+    depth: int = 3  # hidden layers of those MLPs
+    action_every_layer: bool = True  # the action enters every Q-MLP layer (Table XIV)
     algo: str = "cql"  # cql | bc | awbc
     alpha: float = 10.0  # CQL alpha, fixed (no Lagrange); sim: 1.0; online: 0.5
-    gamma: float = 0.96  # sim: 0.98
-    num_actions: int = (
-        4  # N policy + N uniform actions for the penalty, N next actions for the backup
-    )
-    cql_temp: float = 1.0
+    gamma: float = 0.96  # discount; sim: 0.98
+    num_actions: int = 4  # N policy + N uniform actions (penalty), N next actions (backup)
+    cql_temp: float = 1.0  # temperature of the CQL logsumexp
     max_q_backup: bool = True  # max over the N next actions (release); False: a single a' ~ pi
-    calql: bool = False  # Cal-QL lower bound for online fine-tuning
-    critic_lr: float = 3e-4
-    actor_lr: float = 1e-4
-    temp_lr: float = 3e-4
-    init_temp: float = 1.0
+    calql: bool = False  # Cal-QL: clip the CQL push-down at the MC return (online fine-tuning)
+    critic_lr: float = 3e-4  # Adam learning rate of the Q-function (0 freezes it, Table IX)
+    actor_lr: float = 1e-4  # ... of the policy (and the BC policy)
+    temp_lr: float = 3e-4  # ... of the entropy temperature
+    init_temp: float = 1.0  # initial entropy temperature
     target_entropy: float | None = None  # None -> -action_dim
-    polyak: float = 0.005
-    bc_dropout: float = 0.4  # Table XI
+    polyak: float = 0.005  # soft target update rate
+    bc_dropout: float = 0.4  # dropout of the BC policy (Table XI)
     awbc_max_weight: float = 20.0  # ours: exp(advantage) clipped at 20 (advantage <= ln 20)
     seed: int = 0  # network init and the agent's own sampling generator
 
@@ -230,12 +230,13 @@ def _allreduce_mean_(params):
 
 
 class Agent:
-    """Owns the networks, the target critic, the optimizers, the entropy temperature and a sampling generator.
-    algo cql: critic (QNetwork) + target + TanhGaussianPolicy + temperature; bc: BCPolicy only;
-    awbc: the cql set, still trained with CQL, plus a BCPolicy trained with MSE weighted by the critic's
-    advantages; act() uses the BCPolicy. cfg.algo may switch between cql and awbc at any time (finetune.py
-    starts AW-BC from a PTR checkpoint): the BCPolicy is created on first use. For the paper's frozen
-    Q-function (Table IX), start from a fine-tuned PTR checkpoint and set cfg.critic_lr = 0."""
+    """Owns the networks, the target critic, the optimizers, the entropy temperature and a sampling
+    generator. algo cql: critic (QNetwork) + target + TanhGaussianPolicy + temperature; bc: BCPolicy
+    only; awbc: the cql set, still trained with CQL, plus a BCPolicy trained with MSE weighted by
+    the critic's advantages; act() uses the BCPolicy. cfg.algo may switch between cql and awbc at
+    any time (finetune.py starts AW-BC from a PTR checkpoint, through set_config): the BCPolicy is
+    created then. For the paper's frozen Q-function (Table IX), start from a fine-tuned PTR
+    checkpoint and set_config with critic_lr = 0."""
 
     def __init__(self, cfg: AgentConfig, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
@@ -330,8 +331,8 @@ class Agent:
     def _onehot(self, task):
         return F.one_hot(task.to(self.device).long(), self.cfg.num_tasks).float()
 
-    def _check_algo(self):
-        """(use the critic, use the BC policy) for the current cfg.algo."""
+    def _build_algo_networks(self):
+        """Check that the networks serve cfg.algo; create the BC policy awbc adds to CQL."""
         algo = self.cfg.algo
         if algo not in ALGOS:
             raise ValueError(f"cql.py: AgentConfig.algo={algo!r}, expected one of {ALGOS}")
@@ -342,7 +343,28 @@ class Agent:
             )
         if algo == "awbc":
             self._ensure_bc_policy()
-        return algo != "bc", algo != "cql"
+
+    def _uses(self):
+        """(use the critic, use the BC policy) for the current cfg.algo."""
+        return self.cfg.algo != "bc", self.cfg.algo != "cql"
+
+    def _apply_learning_rates(self):
+        for name, opt in self.optimizers.items():
+            for g in opt.param_groups:
+                g["lr"] = getattr(self.cfg, self.lr_fields[name])
+
+    def set_config(self, cfg):
+        """A new phase's learner settings (algo, alpha, Cal-QL, learning rates...): the network
+        shapes (STRUCTURE) must stay; the optimizers take the new learning rates from here on."""
+        diff = [k for k in STRUCTURE if getattr(cfg, k) != getattr(self.cfg, k)]
+        if diff:
+            raise ValueError(
+                f"cql.py: set_config cannot change {diff} (the network shapes); build a new agent "
+                f"(or grow_tasks for num_tasks)"
+            )
+        self.cfg = replace(cfg)
+        self._build_algo_networks()
+        self._apply_learning_rates()
 
     def _step(self, loss):
         for opt in self.optimizers.values():
@@ -350,8 +372,6 @@ class Agent:
         loss.backward()
         info = {}
         for name, opt in self.optimizers.items():
-            for g in opt.param_groups:  # cfg may change between calls (e.g. a fine-tuning phase)
-                g["lr"] = getattr(self.cfg, self.lr_fields[name])
             _allreduce_mean_(self.params[name])
             grads = [p.grad for p in self.params[name] if p.grad is not None]
             if grads:
@@ -380,7 +400,8 @@ class Agent:
         """One gradient step on every network. batch: data.py's batch, on self.device, already augmented.
         Each encoder runs at most once per image batch: critic on s (grad), target on s', policy on s (grad)
         and s' (no grad); the BC policy (bc, awbc) on s. Returns {name: 0-d detached tensor} (no host sync)."""
-        use_critic, use_bc = self._check_algo()
+        self._build_algo_networks()
+        use_critic, use_bc = self._uses()
         self._mode(True)
         if self.compile_mode == "reduce-overhead":
             # a new step for the CUDA graphs: the previous update's outputs are no longer read
@@ -449,7 +470,8 @@ class Agent:
     @torch.no_grad()
     def act(self, images, state, task, deterministic=True):
         """Actions in [-1, 1] (B, A) from uint8 images (B, 3, H, W), state (B, S), task int64 (B,)."""
-        use_critic, use_bc = self._check_algo()
+        self._build_algo_networks()
+        use_critic, use_bc = self._uses()
         self._mode(False)
         images, state, onehot = (
             images.to(self.device),

@@ -15,33 +15,39 @@ Every --save_every steps a checkpoint and the Q-values of both heads along every
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import sys
 
 import torch
 
+from cli import run_cli
 from data import MixedSampler, Sampler, target_task_ids
+from fileio import atomic_write_text
+from runfolder import QTRACE_PATTERN, list_checkpoints
 from train import (
     MIX_TAU,
     CheckpointError,
     add_data_args,
+    add_learner_overrides,
     add_run_args,
     agent_from_checkpoint,
-    atomic_write_text,
     ckpt_config,
+    claim_run_folder,
     is_reserved,
+    learner_overrides,
     load_checkpoint,
     open_store,
-    prepare_out_dir,
     restore_run,
     resume_state,
-    run_cli,
     store_task_ids,
     train_loop,
     write_config,
 )
 
-QTRACE_PATTERN = "qvalues_{:08d}.json"
+FINETUNE_KEEP_LAST = 0  # every checkpoint stays: select_ckpt.py chooses among them (Section IV-B)
 
 
 def q_traces(agent, sampler, traj_ids):
@@ -63,9 +69,44 @@ def q_traces(agent, sampler, traj_ids):
     return traces
 
 
+def non_finite_traces(traces):
+    """[(traj_id, head, time step)] of each trajectory's first non-finite Q-value."""
+    found = []
+    for t in traces:
+        for head, q in enumerate(t["q"]):
+            bad = [i for i, v in enumerate(q) if not math.isfinite(v)]
+            if bad:
+                found.append((t["traj_id"], head, bad[0]))
+                break
+    return found
+
+
 def write_q_traces(agent, sampler, traj_ids, step, out, task):
-    doc = {"step": step, "task": task, "trajectories": q_traces(agent, sampler, traj_ids)}
+    """qvalues_<step>.json beside ckpt_<step>.pt. Non-finite Q-values are written as they are (NaN
+    in the JSON), with a warning: select_ckpt.py then refuses that checkpoint and says why (issue
+    14)."""
+    traces = q_traces(agent, sampler, traj_ids)
+    for traj_id, head, t in non_finite_traces(traces):
+        print(
+            f"warning: step {step}: Q-values of held-out trajectory {traj_id} are not finite (head "
+            f"{head}, time step {t}); select_ckpt.py will not choose this checkpoint. A NaN or inf "
+            f"action or state in the target's val data gives this",
+            file=sys.stderr,
+        )
+    doc = {"step": step, "task": task, "trajectories": traces}
     atomic_write_text(json.dumps(doc) + "\n", os.path.join(out, QTRACE_PATTERN.format(step)))
+
+
+def write_missing_q_traces(out, val_sampler, val_ids, task, device):
+    """A kill between a checkpoint's rename and its trace leaves a checkpoint select_ckpt.py never
+    lists: a resume computes the trace of every checkpoint that lacks one, from that checkpoint's
+    own weights."""
+    for step, path in list_checkpoints(out):
+        if os.path.exists(os.path.join(out, QTRACE_PATTERN.format(step))):
+            continue
+        agent = agent_from_checkpoint(load_checkpoint(path), device, path)
+        write_q_traces(agent, val_sampler, val_ids, step, out, task)
+        print(f"wrote the missing Q-value trace of {path}")
 
 
 def assign_target_slots(task_names, target_names, task):
@@ -84,11 +125,24 @@ def assign_target_slots(task_names, target_names, task):
     return [int(i) for i in ids], names
 
 
+def finetune_config(cfg, overrides):
+    """Phase 2's learner (Section IV-A): the checkpoint's AgentConfig with the learner flags given
+    here, e.g. --alpha 5, or --algo awbc to start advantage-weighted BC from a PTR checkpoint. BC
+    and the critic-based learners have different networks, so --algo cannot cross between them."""
+    new = dataclasses.replace(cfg, **overrides)
+    if (new.algo == "bc") != (cfg.algo == "bc"):
+        raise SystemExit(
+            f"--algo {new.algo} cannot fine-tune a {cfg.algo} checkpoint (BC and CQL learners "
+            f"have different networks)"
+        )
+    return new
+
+
 def open_run(args):
-    """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint (--ckpt, or with
-    --resume the newest in --out), and the prior and target stores opened at its image size.
-    Returns (the resumed checkpoint or None, the source checkpoint, its path, prior store, target store)."""
-    prepare_out_dir(args.out, args.resume)
+    """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint (--ckpt,
+    or with --resume the newest in --out), and the prior and target stores opened at its image size.
+    Returns (the resumed checkpoint or None, the source checkpoint, its path, prior store, target
+    store). The caller owns args.out already (train.claim_run_folder)."""
     resumed = resume_state(args, {})
     if resumed is None and not args.ckpt:
         raise SystemExit(
@@ -134,16 +188,11 @@ def main(argv=None):
         default="new",
         help="'new' (fresh one-hot slot) or an existing task name (re-target)",
     )
-    p.add_argument(
-        "--algo", default=None, choices=["cql", "bc", "awbc"], help="default: the checkpoint's"
-    )
-    p.add_argument(
-        "--alpha", type=float, default=None, help="CQL alpha (default: the checkpoint's)"
-    )
     p.add_argument("--prior_store", default=None)
     p.add_argument("--target_store", default=None)
-    add_run_args(p, steps=50_000, save_every=5_000)
+    add_run_args(p, steps=50_000, save_every=5_000, keep_last=FINETUNE_KEEP_LAST)
     add_data_args(p)
+    add_learner_overrides(p)
     args = p.parse_args(argv)
     if not args.out:
         args.out = os.path.join("runs", "ft_" + os.path.basename(os.path.normpath(args.target)))
@@ -152,21 +201,20 @@ def main(argv=None):
 
     if (
         int(os.environ.get("WORLD_SIZE", "1")) > 1
-    ):  # 10 demos fit one GPU; only train.py is data parallel
+    ):  # 10 demos fit one GPU; only train.py is parallel
         raise SystemExit("finetune.py runs in a single process: start it with python, not torchrun")
+    with claim_run_folder(args.out, args.resume):
+        finetune(args)
+
+
+def finetune(args):
+    """Offline fine-tuning in a run folder this process owns (module docstring)."""
     device = args.device
     resumed, source, source_path, prior, target = open_run(args)
     agent = agent_from_checkpoint(source, device, source_path)
 
-    algo = args.algo or agent.cfg.algo
-    if (algo == "bc") != (agent.cfg.algo == "bc"):
-        raise SystemExit(
-            f"--algo {algo} cannot fine-tune a {agent.cfg.algo} checkpoint (BC and CQL learners "
-            f"have different networks)"
-        )
-    agent.cfg.algo = algo
-    if args.alpha is not None:
-        agent.cfg.alpha = args.alpha
+    agent.set_config(finetune_config(agent.cfg, learner_overrides(args)))
+    algo = agent.cfg.algo
 
     if resumed is not None:
         names, target_ids = resumed["task_names"], resumed["target_task_ids"]
@@ -200,10 +248,10 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     start = 0
-    if (
-        resumed is not None
-    ):  # the agent was built from this very checkpoint: only the run state is left
+    if resumed is not None:  # the agent was built from this very checkpoint: the run state is left
         start = restore_run(resumed, agent, sampler)
+        if len(val_ids) and agent.critic is not None:
+            write_missing_q_traces(args.out, val_sampler, val_ids, target_ids[0], device)
     payload = {
         "kind": "finetune",
         "task_names": names,

@@ -1,5 +1,6 @@
-"""PTR in an environment: evaluate a policy, fine-tune it online with the Cal-QL bound, and train the success
-classifier that labels real-robot rollouts (paper Section V-F and Appendix F; SPEC section 3 "Online").
+"""PTR in an environment: evaluate a policy and fine-tune it online with the Cal-QL bound (paper
+Section V-F and Appendix F; SPEC section 3 "Online"). The success classifier that labels real-robot
+rollouts lives in classifier.py; `online.py classifier` trains it.
 
     python online.py eval --ckpt runs/ft/ckpt_00005000.pt --env binsort --episodes 50 --save_video videos/
     python online.py finetune --ckpt runs/ft/ckpt_00005000.pt --env binsort --prior data/prior \
@@ -7,120 +8,125 @@ classifier that labels real-robot rollouts (paper Section V-F and Appendix F; SP
     python online.py classifier --pos door_open/ --neg door_closed/ --out clf.pt
     python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt --reset_ckpt reset.pt
 
-Online fine-tuning alternates (Section IV-A, "Phase 2"): collect ONE trajectory with the current stochastic
-policy into a replay buffer (MC returns computed on add), then take --utd (10) gradient steps per transition
-collected. Batches mix prior / target / online data 0.35 / 0.15 / 0.5 (Appendix F). Cal-QL is on throughout
-(Appendix F, "Method"): the CQL push-down on policy actions is clipped from below by the MC return, on all data.
-CQL alpha: --alpha_offline (5) while the buffer is empty, i.e. only in the optional --offline_steps warm-up
-(Cal-QL on prior + target mixed 0.7 / 0.3 before the first rollout); --alpha_online (0.5) from the first online
-trajectory on. Without a warm-up alpha is 0.5 throughout, the paper's offline phase (alpha 5) being the
-finetune.py run that produced --ckpt.
-Everything counts in env steps: --env_steps, ckpt_<env step>.pt, progress.csv rows (one per trajectory, plus
-deterministic evaluations every --eval_every env steps from step 0). Each online trajectory is written once to
-episodes/episode_<n>.npz; a checkpoint lists those its buffer holds, so --resume refills it and continues
-exactly. Ctrl-C stops at the next env or gradient step and saves (dropping an unfinished rollout); a second one
-aborts. Rewards: the simulator's; on the robot --classifier's label of each next observation, else a person's
-answer after each episode. Resets: the simulator resets itself; on the robot --reset_ckpt runs a reset policy after every episode (Section V-F),
-otherwise the program waits for Enter.
+Evaluation reports full success with its 95% Wilson interval and, where the environment reports them
+in info["stages"] (the simulator: grasped, first_in_bin, both_in_bins for the sort; grasped, placed
+for pick-place), each stage's rate: was it ever reached in the episode (Appendix A discusses the
+first segment).
+
+Online fine-tuning alternates (Section IV-A, "Phase 2"): collect ONE trajectory with the current
+stochastic policy into a replay buffer (MC returns computed on add), then take --utd (10) gradient
+steps per transition collected. Batches mix prior / target / online data 0.35 / 0.15 / 0.5 (Appendix
+F). Cal-QL is on throughout (Appendix F, "Method"): the CQL push-down on policy actions is clipped
+from below by the MC return, on all data. CQL alpha: --alpha_offline (5) while the buffer is empty,
+i.e. only in the optional --offline_steps warm-up (Cal-QL on prior + target mixed 0.7 / 0.3 before
+the first rollout); --alpha_online (0.5) from the first online trajectory on. Without a warm-up
+alpha is 0.5 throughout, the paper's offline phase (alpha 5) being the finetune.py run that produced
+--ckpt. Everything counts in env steps: --env_steps, ckpt_<env step>.pt, progress.csv rows (one per
+trajectory, plus deterministic evaluations every --eval_every env steps from step 0). Each online
+trajectory is written once to episodes/episode_<n>.npz; a checkpoint lists those its buffer holds,
+so --resume refills it and continues exactly. Ctrl-C or SIGTERM stops at the next env or gradient
+step and saves (dropping an unfinished rollout); a second one aborts. Rewards: the simulator's; on
+the robot --classifier's label of each next observation, else a person's answer after each episode.
+Resets: the simulator resets itself; on the robot --reset_ckpt runs a reset policy after every
+episode (Section V-F), otherwise the program waits for Enter.
 """
 
 import argparse
-import glob
+import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-import cql
+from classifier import add_classifier_args, cmd_classifier, load_labeler
+from cli import add_dataclass_args, dataclass_from_args, run_cli
 from data import (
+    ACTION_CLIP,
     MixedSampler,
     ReplayBuffer,
-    Sampler,
-    augment,
-    load_store,
     rescale_actions,
+    resize_image,
     unscale_actions,
 )
+from fileio import atomic_write, atomic_write_text
 from finetune import assign_target_slots, open_run, task_samplers
+from runfolder import CKPT_PATTERN, EPISODE_PATTERN
 from train import (
-    CKPT_FORMAT,
-    CKPT_PATTERN,
     CheckpointError,
     RunLog,
+    StopFlag,
     add_data_args,
+    add_learner_overrides,
     add_run_args,
     agent_from_checkpoint,
     atomic_torch_save,
-    atomic_write_text,
+    build_checkpoint,
     capture_rng,
-    check_finite,
+    claim_run_folder,
+    learner_overrides,
     load_checkpoint,
-    prepare_batch,
+    prune_checkpoints,
     restore_rng,
+    train_step,
     write_config,
 )
 
 ENVS = ("binsort", "widowx")
-EPISODE_PATTERN = os.path.join("episodes", "episode_{:06d}.npz")
-ACTION_CLIP = (
-    0.99  # the data's actions are clipped there too (SPEC section 3); executed == stored action
-)
 WILSON_Z = 1.959964  # 95%, two-sided
 GRIPPER = 6  # the gripper's index in the 7-d Bridge action
-GRIPPER_THRESHOLD = (
-    0.5  # absolute gripper command: closed below, open at or above (sim_binsort, robot)
-)
-CLF_FORMAT = 1
+GRIPPER_THRESHOLD = 0.5  # absolute gripper command: closed below it, open at or above (sim, robot)
+# Learner fields that online fine-tuning sets itself (online_learner), so they have no override flag.
+ONLINE_SETS = ("algo", "alpha", "calql")
 
 
 @dataclass
 class OnlineConfig:
-    """Online fine-tuning defaults, the paper's unless marked 'ours' (Section V-F, Appendix F)."""
+    """Online fine-tuning defaults, the paper's unless marked 'ours' (Section V-F, Appendix F). The
+    trailing comments are the command-line help (cli.add_dataclass_args)."""
 
-    mix_prior: float = 0.35  # beta split: Bridge prior data ...
-    mix_target: float = 0.15  # ... offline target demos; the online buffer gets the rest (0.5)
+    mix_prior: float = 0.35  # batch fraction of prior (Bridge) data
+    mix_target: float = 0.15  # ... of offline target demos; the online buffer gets the rest (0.5)
     utd: int = 10  # gradient steps per collected environment step
-    alpha_offline: float = 5.0  # while the buffer is empty (only the --offline_steps warm-up)
-    alpha_online: float = 0.5  # from the first online trajectory on
-    calql: bool = True  # clip the CQL push-down at the MC return ("Method", Appendix F)
-    env_steps: int = 20_000  # Figure 8 runs 20K environment steps,
-    eval_every: int = 5_000  # evaluated every 5K environment steps
-    eval_episodes: int = 10  # with 10 trials
-    save_every: int = 5_000  # ours, in environment steps
-    offline_steps: int = 0  # ours: optional Cal-QL warm-up before the first rollout
-    buffer_capacity: int = 0  # ours: frames in data.ReplayBuffer's ring; 0 keeps every transition
+    alpha_offline: float = 5.0  # CQL alpha while the buffer is empty (the --offline_steps warm-up)
+    alpha_online: float = 0.5  # CQL alpha from the first online trajectory on
+    calql: bool = True  # Cal-QL: clip the CQL push-down at the MC return ("Method", Appendix F)
+    env_steps: int = 20_000  # environment steps in total (Figure 8: 20K)
+    eval_every: int = 5_000  # environment steps between evaluations (0: none; Figure 8: 5K)
+    eval_episodes: int = 10  # episodes per evaluation (Figure 8: 10 trials)
+    eval_seed: int = 0  # evaluation episode i resets with eval_seed + i
+    save_every: int = 5_000  # ours: a checkpoint every N environment steps
+    offline_steps: int = 0  # ours: Cal-QL warm-up steps on prior + target before the first rollout
+    buffer_capacity: int = 0  # ours: frames in data.ReplayBuffer's ring (0: keep every transition)
 
 
 @dataclass
-class ClassifierConfig:
-    """Success classifier (Appendix F, "Reward classifier"): ResNet-34 -> small head -> one logit, BCE."""
+class LoopState:
+    """Where online fine-tuning stands: python values only, saved in every checkpoint (as a dict),
+    so that a resumed run continues exactly."""
 
-    arch: str = "resnet34"
-    head: str = "spatial"
-    norm: str = "group"
-    image_size: int = 128
-    steps: int = 2_000
-    batch_size: int = 64
-    lr: float = 1e-4
-    val_frac: float = 0.2
+    env_steps: int = 0  # environment steps collected
+    grad_steps: int = 0  # gradient updates taken, warm-up included
+    episodes: int = 0  # online trajectories collected
+    pending: int = 0  # updates still owed to the last trajectory (utd * its length)
+    offline_done: int = 0  # warm-up updates taken
+    next_eval: int = 0  # env step at which the next evaluation is due
+    last_eval: int = -1  # env step of the last evaluation
+    next_save: int = 0  # env step at which the next checkpoint is due
+    next_log: int = 0  # env step at which the next progress row is due
+    sums: dict = field(default_factory=dict)  # losses summed since the last row
+    n_updates: int = 0  # updates in those sums
+    rollouts: list = field(default_factory=list)  # [return, success, length] since the last row
+    held_rows: list = field(default_factory=list)  # [env step, row] written before any update
+    train_keys: list | None = None  # the update's info keys, known after the first update
+    live: list = field(default_factory=list)  # [episode, length] the buffer holds, oldest first
 
 
 # ----------------------------------------------------------------------------- policies and episodes
-
-
-def resize_image(image, size):
-    """Env images come at the env's (camera's) size; networks take their checkpoint's (LANCZOS, as data.py)."""
-    image = np.asarray(image, dtype=np.uint8)
-    if image.shape[:2] == (size, size):
-        return image
-    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
 
 
 class Policy:
@@ -130,16 +136,12 @@ class Policy:
     def __init__(
         self, agent, action_low, action_high, task, task_name=None, binarize_gripper=False
     ):
-        self.agent, self.task, self.task_name, self.size = (
-            agent,
-            int(task),
-            task_name,
-            agent.cfg.image_size,
-        )
-        self.low, self.high = (
-            np.asarray(action_low, np.float32),
-            np.asarray(action_high, np.float32),
-        )
+        self.agent = agent
+        self.task = int(task)
+        self.task_name = task_name
+        self.size = agent.cfg.image_size
+        self.low = np.asarray(action_low, np.float32)
+        self.high = np.asarray(action_high, np.float32)
         # The Bridge gripper command is absolute, 0 closed .. 1 open, and the demos command 0 or 1; a
         # regression policy can average the two near a grasp (0.3-0.9 dithering opens the fingers again).
         # Binarizing at 0.5 executes the nearer of the two, as the Open X-Embodiment Bridge transform does
@@ -166,17 +168,22 @@ class Policy:
 def run_episode(
     env, policy, seed, deterministic=True, max_steps=0, stop=None, keep_frames=False, labeler=None
 ):
-    """One episode from env.reset(seed); None when a stop was requested before it ended (the caller drops it).
-    Rewards: binary, the env's or the labeler's; success: info["success"] at any step, or a labelled reward.
-    frames: the env's own images (for videos and the classifier)."""
-    obs, success, done = env.reset(seed=seed), False, False
-    images, states, actions, rewards, frames = [], [], [], [], []
-    stages = {}  # stage name -> reached at some step (envs that report info["stages"])
+    """One episode from env.reset(seed); None when a stop was requested before it ended (the caller
+    drops it). Rewards: binary, the env's or the labeler's; success: info["success"] at any step, or
+    a labelled reward. stages: {name: reached at any step} from info["stages"], where the env
+    reports them (else empty). frames: the env's own images (for videos and the classifier)."""
+    obs = env.reset(seed=seed)
+    success = False
+    done = False
+    stages = {}
+    images = []
+    states = []
+    actions = []
+    rewards = []
+    frames = []
     while True:
-        (
-            images.append(resize_image(obs["image"], policy.size)),
-            states.append(np.asarray(obs["state"], np.float32)),
-        )
+        images.append(resize_image(obs["image"], policy.size))
+        states.append(np.asarray(obs["state"], np.float32))
         frames.append(obs["image"] if keep_frames or labeler else None)
         if done:
             break
@@ -184,21 +191,26 @@ def run_episode(
             return None
         raw, scaled = policy(images[-1], states[-1], deterministic)
         obs, reward, terminated, truncated, info = env.step(raw)
-        actions.append(scaled), rewards.append(float(reward))
+        actions.append(scaled)
+        rewards.append(float(reward))
         success = success or bool(info.get("success", False))
-        for stage, holds in info.get("stages", {}).items():
-            stages[stage] = stages.get(stage, False) or bool(holds)
+        for name, reached in info.get("stages", {}).items():
+            stages[name] = stages.get(name, False) or bool(reached)
         done = terminated or truncated or (max_steps and len(actions) >= max_steps)
-    rewards = labeler(frames) if labeler else (np.asarray(rewards) > 0).astype(np.float32)
+    if labeler:
+        rewards = labeler(frames)
+        success = bool(rewards.any())
+    else:
+        rewards = (np.asarray(rewards) > 0).astype(np.float32)
     return {
         "images": np.stack(images),
         "states": np.stack(states),
         "actions": np.stack(actions).astype(np.float32),
         "rewards": rewards,
-        "success": bool(rewards.any()) if labeler else success,
+        "success": success,
+        "stages": stages,
         "return": float(rewards.sum()),
         "length": len(actions),
-        "stages": stages,
         "frames": frames,
     }
 
@@ -207,63 +219,82 @@ def wilson_interval(successes, n, z=WILSON_Z):
     """95% Wilson score interval of a success rate: inside [0, 1] and sensible at 0/n and n/n."""
     if n == 0:
         return 0.0, 1.0
-    p, zz = successes / n, z * z
-    center, half = (
-        (p + zz / (2 * n)) / (1 + zz / n),
-        z / (1 + zz / n) * math.sqrt(p * (1 - p) / n + zz / (4 * n * n)),
-    )
+    p = successes / n
+    zz = z * z
+    center = (p + zz / (2 * n)) / (1 + zz / n)
+    half = z / (1 + zz / n) * math.sqrt(p * (1 - p) / n + zz / (4 * n * n))
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def rate_text(count, n, lo, hi):
+    return f"{count}/{n} = {100 * count / max(n, 1):.1f}% (95% CI, Wilson: {100 * lo:.1f}% .. {100 * hi:.1f}%)"
+
+
+def stage_summary(episodes):
+    """{stage: {count, rate, lo, hi}} over episodes, stages in the order the env reports them (issue
+    10): count = episodes that reached the stage at any step, lo .. hi its 95% Wilson interval."""
+    names = []
+    for e in episodes:
+        names.extend(name for name in e.get("stages", {}) if name not in names)
+    n = len(episodes)
+    summary = {}
+    for name in names:
+        count = sum(bool(e.get("stages", {}).get(name, False)) for e in episodes)
+        lo, hi = wilson_interval(count, n)
+        summary[name] = {"count": count, "rate": count / max(n, 1), "lo": lo, "hi": hi}
+    return summary
+
+
 def summarize(episodes):
-    k, n = sum(e["success"] for e in episodes), len(episodes)
-    mean = lambda key: float(np.mean([e[key] for e in episodes])) if n else float("nan")  # noqa: E731
+    """Success rate with its Wilson interval, mean return and length, and the stage rates."""
+    n = len(episodes)
+    k = sum(e["success"] for e in episodes)
     lo, hi = wilson_interval(k, n)
-    text = f"success {k}/{n} = {100 * k / max(n, 1):.1f}% (95% CI, Wilson: {100 * lo:.1f}% .. {100 * hi:.1f}%)"
-    stages = {}
-    for stage in episodes[0].get("stages", {}) if n else ():
-        reached = sum(e["stages"][stage] for e in episodes)
-        stage_lo, stage_hi = wilson_interval(reached, n)
-        stages[stage] = {"count": reached, "rate": reached / n, "lo": stage_lo, "hi": stage_hi}
-        text += f"; {stage} {reached}/{n}"
+    mean_return = float(np.mean([e["return"] for e in episodes])) if n else float("nan")
+    mean_length = float(np.mean([e["length"] for e in episodes])) if n else float("nan")
     return {
         "success": k / max(n, 1),
         "success_lo": lo,
         "success_hi": hi,
         "successes": k,
         "episodes": n,
-        "return": mean("return"),
-        "length": mean("length"),
-        "stages": stages,
-        "text": text,
+        "return": mean_return,
+        "length": mean_length,
+        "stages": stage_summary(episodes),
+        "text": f"success {rate_text(k, n, lo, hi)}",
     }
 
 
 def save_video(frames, path, fmt="gif", fps=5, strip_frames=10):
     """An animated GIF of the episode (Bridge runs at 5 Hz), or a PNG strip of up to 10 evenly spaced frames."""
-    images, tmp = (
-        [Image.fromarray(np.asarray(f, np.uint8)) for f in frames],
-        f"{path}.tmp-{os.getpid()}",
-    )
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
     if fmt == "gif":
-        images[0].save(
-            tmp,
-            format="GIF",
-            save_all=True,
-            append_images=images[1:],
-            duration=int(1000 / fps),
-            loop=0,
-        )
+
+        def write(f):
+            images[0].save(
+                f,
+                format="GIF",
+                save_all=True,
+                append_images=images[1:],
+                duration=int(1000 / fps),
+                loop=0,
+            )
+
     else:
-        picks = np.unique(
-            np.linspace(0, len(images) - 1, min(strip_frames, len(images))).round().astype(int)
-        )
+        count = min(strip_frames, len(images))
+        picks = np.unique(np.linspace(0, len(images) - 1, count).round().astype(int))
         strip = Image.new("RGB", (images[0].width * len(picks), images[0].height))
         for i, j in enumerate(picks):
             strip.paste(images[j], (i * images[0].width, 0))
-        strip.save(tmp, format="PNG")
-    os.replace(tmp, path)
+
+        def write(f):
+            strip.save(f, format="PNG")
+
+    atomic_write(path, write)
+
+
+def no_reset():
+    """The simulator resets itself in env.reset()."""
 
 
 def evaluate(
@@ -272,30 +303,34 @@ def evaluate(
     episodes,
     seed,
     max_steps=0,
-    resetter=lambda: None,
+    resetter=no_reset,
     stop=None,
     video=None,
     labeler=None,
     log=print,
 ):
     """Deterministic episodes, episode i from env.reset(seed + i): reproducible. video: (folder, "gif" | "png").
-    Returns [{success, return, length}] per episode, or None when stopped."""
+    Returns [{success, return, length (, stages)}] per episode, or None when stopped."""
     results = []
     for i in range(episodes):
         ep = run_episode(env, policy, seed + i, True, max_steps, stop, bool(video), labeler)
         if ep is None:  # stopped: no reset either
             return None
         resetter()
+        outcome = "success" if ep["success"] else "fail"
         if video:
-            name = f"episode_{i:03d}_{'success' if ep['success'] else 'fail'}.{video[1]}"
+            name = f"episode_{i:03d}_{outcome}.{video[1]}"
             save_video(ep["frames"], os.path.join(video[0], name), video[1])
-        reached = [stage for stage, holds in ep["stages"].items() if holds]
+        reached = [name for name, hit in ep["stages"].items() if hit]
+        stages = f" (reached: {', '.join(reached)})" if reached else ""
         log(
             f"episode {i:3d} seed {seed + i}: return {ep['return']:.2f}, length {ep['length']}, "
-            f"{'success' if ep['success'] else 'failure'}"
-            + (f" (reached: {', '.join(reached)})" if reached else "")
+            f"{'success' if ep['success'] else 'failure'}{stages}"
         )
-        results.append({k: ep[k] for k in ("success", "return", "length", "stages")})
+        record = {k: ep[k] for k in ("success", "return", "length")}
+        if ep["stages"]:  # an env without stages reports none
+            record["stages"] = ep["stages"]
+        results.append(record)
     return results
 
 
@@ -314,10 +349,7 @@ def make_env(name, image_size, task=None, max_steps=0, port="/dev/ttyUSB0", back
 
     try:
         sim_binsort.parse_task(task)
-    except (
-        ValueError,
-        AttributeError,
-    ):  # not a task the simulator knows (or None): its target sort task
+    except (ValueError, AttributeError):  # not a task the simulator knows (or None): the sort task
         task = "sort"
     print(f"environment: simulated bin-sort, task {task}, {image_size}px")
     return sim_binsort.BinSortEnv(task=task, image_size=image_size, max_steps=max_steps or None)
@@ -326,17 +358,26 @@ def make_env(name, image_size, task=None, max_steps=0, port="/dev/ttyUSB0", back
 def make_resetter(args, env):
     """After each episode, on the robot: a fixed reset policy (Appendix F: a PTR close-door policy) or Enter."""
     if args.env == "binsort":
-        return lambda: None
+        return no_reset
     if args.reset_ckpt:
         reset_policy = load_policy(args.reset_ckpt, args.device)
-        return lambda: run_episode(env, reset_policy, None, True)
-    return lambda: input("reset the scene, then press Enter ")
+
+        def run_reset_policy():
+            run_episode(env, reset_policy, None, True)
+
+        return run_reset_policy
+
+    def wait_for_a_person():
+        input("reset the scene, then press Enter ")
+
+    return wait_for_a_person
 
 
 def load_policy(path, device, task=None, binarize_gripper=False):
     """The actor of any PTR checkpoint; task by name or index, default the fine-tuned (or online) target."""
     ckpt = load_checkpoint(path)
-    agent, names = agent_from_checkpoint(ckpt, device, path), ckpt["task_names"]
+    agent = agent_from_checkpoint(ckpt, device, path)
+    names = ckpt["task_names"]
     if task is None:
         task = ckpt.get("online_task", (ckpt.get("target_task_ids") or [0])[0])
     elif task in names:
@@ -352,53 +393,6 @@ def load_policy(path, device, task=None, binarize_gripper=False):
     return Policy(agent, low, high, int(task), name, binarize_gripper)
 
 
-# ----------------------------------------------------------------------------- the success classifier
-
-
-def classifier_loss(images, labels, clf):
-    """BCE on the logit of P(success | image); images already augmented."""
-    logits = clf(images)
-    loss = F.binary_cross_entropy_with_logits(logits, labels)  # raises unless both are (B,)
-    return loss, {
-        "clf_loss": loss.detach(),
-        "clf_acc": ((logits > 0) == (labels > 0.5)).float().mean(),
-    }
-
-
-def build_classifier(cfg):
-    return cql.SuccessClassifier(
-        cql.make_encoder(cfg["arch"], cfg["head"], cfg["norm"], cfg["image_size"])
-    )
-
-
-def load_labeler(path, device):
-    """Rollout rewards from a trained classifier: r_t = 1 when the observation AFTER action t is a success."""
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path}: cannot read the classifier ({e})") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("kind") != "classifier"
-        or doc.get("format") != CLF_FORMAT
-    ):
-        raise SystemExit(f"{path}: not a success classifier written by `online.py classifier`")
-    clf, size = build_classifier(doc["config"]).to(device).eval(), doc["config"]["image_size"]
-    clf.load_state_dict(doc["model"])
-    return lambda frames: (
-        (
-            torch.sigmoid(
-                classifier_logits(
-                    clf, np.stack([resize_image(f, size) for f in frames[1:]]), device
-                )
-            )
-            > doc["threshold"]
-        )
-        .float()
-        .numpy()
-    )
-
-
 def make_labeler(args):
     """Rewards where the env gives none (the real arm): the classifier, else a person judges each episode."""
     if args.classifier:
@@ -408,98 +402,33 @@ def make_labeler(args):
 
     def ask(frames):  # success: the last transition gets r = 1
         rewards = np.zeros(len(frames) - 1, np.float32)
-        rewards[-1] = float(
-            input("episode over: did the robot succeed? [y/N] ").strip().lower().startswith("y")
-        )
+        answer = input("episode over: did the robot succeed? [y/N] ")
+        rewards[-1] = float(answer.strip().lower().startswith("y"))
         return rewards
 
     return ask
 
 
-@torch.no_grad()
-def classifier_logits(clf, images, device, chunk=256):
-    """uint8 (N, H, W, 3) numpy images -> (N,) CPU logits, a chunk at a time."""
-    return torch.cat(
-        [
-            clf(torch.from_numpy(images[i : i + chunk]).permute(0, 3, 1, 2).to(device))
-            .float()
-            .cpu()
-            for i in range(0, len(images), chunk)
-        ]
-    )
-
-
-def read_images(src, image_size, last=0, log=print):
-    """(uint8 (N, S, S, 3), group per image) from a folder of png/jpg (a group per file) or Bridge-format data
-    (every frame, or the last `last` of each trajectory; a group per trajectory, so the held-out split never
-    shares a trajectory with training)."""
-    files = sorted(
-        f
-        for f in glob.glob(os.path.join(src, "**", "*"), recursive=True)
-        if f.lower().endswith((".png", ".jpg", ".jpeg"))
-    )
-    if files:
-        images = [resize_image(np.asarray(Image.open(f).convert("RGB")), image_size) for f in files]
-        return np.stack(images), np.arange(len(files))
-    store = load_store(src, image_size=image_size, log=log)
-    reader, images, groups = Sampler(store, "train", gamma=0.99), [], []
-    for split in ("train", "val"):
-        for tid in store.trajectory_ids(split):
-            traj = reader.trajectory(int(tid))
-            frames = (
-                torch.cat([traj["obs"], traj["next_obs"][-1:]]).permute(0, 2, 3, 1).numpy()[-last:]
-            )  # 0: all
-            groups.extend([len(images)] * len(frames))
-            images.append(frames)
-    if not images:
-        raise SystemExit(f"{src}: no images (png/jpg) and no Bridge trajectories found")
-    return np.concatenate(images), np.asarray(groups)
-
-
-def train_classifier(pos, neg, cfg, device="cpu", seed=0, log=print):
-    """pos / neg: (images, groups). A fraction val_frac of each class's groups is held out. Balanced batches,
-    augmented like the RL data. Returns the classifier and the held-out accuracy of each class."""
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    train, held_out = [], []
-    for images, groups in (pos, neg):
-        ids = rng.permutation(np.unique(groups))
-        val = np.isin(groups, ids[: max(1, round(len(ids) * cfg.val_frac)) if len(ids) > 1 else 0])
-        train.append(torch.from_numpy(images[~val])), held_out.append(images[val])
-    clf = build_classifier(asdict(cfg)).to(device)
-    opt, half = torch.optim.Adam(clf.parameters(), lr=cfg.lr), cfg.batch_size // 2
-    y = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
-    for step in range(1, cfg.steps + 1):
-        x = torch.cat([t[rng.integers(len(t), size=half)] for t in train]).permute(0, 3, 1, 2)
-        loss, info = classifier_loss(augment(x.to(device)), y, clf)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == cfg.steps:
-            log(
-                f"step {step}/{cfg.steps} | loss {info['clf_loss']:.4f} | batch accuracy {info['clf_acc']:.3f}"
-            )
-    clf.eval()
-    return clf, [
-        float(((classifier_logits(clf, images, device) > 0) == label).float().mean())
-        if len(images)
-        else float("nan")
-        for images, label in zip(held_out, (True, False))
-    ]
-
-
 # ----------------------------------------------------------------------------- online fine-tuning
+
+
+def online_learner(cfg, online, buffer_filled):
+    """The phase switch of online fine-tuning (Appendix F), as one config change: Cal-QL
+    (online.calql) for the whole run; CQL alpha online.alpha_offline while the buffer is still empty
+    (the --offline_steps warm-up), online.alpha_online from the first online trajectory on."""
+    alpha = online.alpha_online if buffer_filled else online.alpha_offline
+    return dataclasses.replace(cfg, calql=online.calql, alpha=alpha)
 
 
 def save_episode(path, images, states, actions, rewards, task):
     """Each online trajectory is written once, when collected (the checkpoint lists the ones its buffer holds)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+
+    def write(f):  # a file object: np.savez would append .npz to a name
         np.savez(
             f, images=images, states=states, actions=actions, rewards=rewards, task=np.int64(task)
         )
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def refill_buffer(buffer, run_dir, live):
@@ -516,28 +445,9 @@ def refill_buffer(buffer, run_dir, live):
             )
 
 
-class StopFlag:
-    """First Ctrl-C: stop at the next env or gradient step and save (never mid-update or mid-rollout); second: abort."""
-
-    requested = False
-
-    def __enter__(self):
-        self._prev = signal.signal(
-            signal.SIGINT, self._handle
-        )  # (the main thread only, as Python requires)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\nCtrl-C: stopping at the next step and saving (Ctrl-C again aborts without saving)",
-            file=sys.stderr,
-        )
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._prev)
+def next_multiple(step, every):
+    """The first multiple of `every` after `step`: when the next evaluation, row or save is due."""
+    return (step // every + 1) * every
 
 
 def online_loop(
@@ -548,154 +458,175 @@ def online_loop(
     mixed,
     offline,
     args,
+    online,
     payload,
-    loop,
-    resetter=lambda: None,
+    state,
+    resetter=no_reset,
     labeler=None,
 ):
-    """Collect a trajectory, then --utd gradient steps per transition, until --env_steps (module docstring).
-    loop: the loop's state, python values only, saved in every checkpoint, so a resumed run continues exactly."""
-    log = RunLog(args.out, args.steps, loop["env_steps"], tensorboard=args.tensorboard)
+    """Collect a trajectory, then online.utd gradient steps per transition, until online.env_steps
+    (module docstring). state: the LoopState, saved in every checkpoint, so a resumed run continues
+    exactly. args: the run's options (batch size, episode length cap, seed, out folder, logging,
+    retention)."""
+    log = RunLog(args.out, online.env_steps, state.env_steps, tensorboard=args.tensorboard)
 
     def update(sampler):
-        # alpha_offline only while no online data exists (the warm-up); alpha_online from the first trajectory on
-        agent.cfg.alpha = args.alpha_online if len(buffer) else args.alpha_offline
-        info = agent.update(prepare_batch(sampler.sample(args.batch_size), agent.device))
-        loop["grad_steps"] += 1
-        check_finite(info, loop["grad_steps"])
-        loop["sums"] = {k: loop["sums"].get(k, 0.0) + float(v) for k, v in info.items()}
-        loop["n_updates"], loop["train_keys"] = loop["n_updates"] + 1, sorted(info)
+        info = train_step(agent, sampler, args.batch_size, state.grad_steps + 1)
+        state.grad_steps += 1
+        state.sums = {k: state.sums.get(k, 0.0) + float(v) for k, v in info.items()}
+        state.n_updates += 1
+        state.train_keys = sorted(info)
+
+    def enter_phase():
+        cfg = online_learner(agent.cfg, online, buffer_filled=len(buffer) > 0)
+        if cfg != agent.cfg:
+            agent.set_config(cfg)
 
     def write_row(evaluation):
-        n, ro = loop["n_updates"], np.array(loop["rollouts"], np.float64).reshape(-1, 3)
-        row = {k: v / n for k, v in loop["sums"].items()}
+        rollouts = np.array(state.rollouts, np.float64).reshape(-1, 3)
+        row = {k: v / state.n_updates for k, v in state.sums.items()}
         row.update(
-            grad_steps=loop["grad_steps"],
-            episodes=loop["episodes"],
+            grad_steps=state.grad_steps,
+            episodes=state.episodes,
             buffer_transitions=len(buffer),
             alpha=agent.cfg.alpha,
-            **{
-                f"rollout_{k}": ro[:, i].mean() if len(ro) else float("nan")
-                for i, k in enumerate(("return", "success", "length"))
-            },
-            **{
-                f"eval_{k}": evaluation[k] if evaluation else float("nan")
-                for k in ("success", "success_lo", "success_hi", "return", "length")
-            },
         )
-        loop["sums"], loop["n_updates"], loop["rollouts"] = {}, 0, []
-        loop["held_rows"].append([loop["env_steps"], row])
-        if loop[
-            "train_keys"
-        ]:  # RunLog fixes its columns at the first row: hold rows until the losses are known
-            for step, r in loop["held_rows"]:
-                log.log(step, {**{k: float("nan") for k in loop["train_keys"]}, **r})
-            loop["held_rows"] = []
+        for i, k in enumerate(("return", "success", "length")):
+            row[f"rollout_{k}"] = rollouts[:, i].mean() if len(rollouts) else float("nan")
+        for k in ("success", "success_lo", "success_hi", "return", "length"):
+            row[f"eval_{k}"] = evaluation[k] if evaluation else float("nan")
+        state.sums = {}
+        state.n_updates = 0
+        state.rollouts = []
+        state.held_rows.append([state.env_steps, row])
+        if (
+            state.train_keys
+        ):  # RunLog fixes its columns at the first row: hold rows until losses exist
+            for step, held in state.held_rows:
+                log.log(step, {**{k: float("nan") for k in state.train_keys}, **held})
+            state.held_rows = []
 
     def save():
-        atomic_torch_save(
-            dict(
-                payload,
-                format=CKPT_FORMAT,
-                step=loop["env_steps"],
-                grad_steps=loop["grad_steps"],
-                agent=agent.state_dict(),
-                sampler=mixed.state_dict(),
-                rng=capture_rng(),
-                loop=json.loads(json.dumps(loop)),
-            ),
-            os.path.join(args.out, CKPT_PATTERN.format(loop["env_steps"])),
+        ckpt = build_checkpoint(
+            payload,
+            state.env_steps,
+            agent,
+            mixed.state_dict(),
+            capture_rng(),
+            grad_steps=state.grad_steps,
+            loop=asdict(state),
         )
+        atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(state.env_steps)))
+        prune_checkpoints(args.out, args.keep_last, args.keep_steps)
 
+    def evaluation_due(done):
+        if not online.eval_every:
+            return False
+        return state.env_steps >= state.next_eval or (done and state.last_eval != state.env_steps)
+
+    enter_phase()
     rng_before_rollout = None
     with StopFlag() as stop:
         while True:
-            while loop["offline_done"] < args.offline_steps and not stop.requested:
+            while state.offline_done < online.offline_steps and not stop.requested:
                 update(offline)
-                loop["offline_done"] += 1
-            while loop["pending"] > 0 and not stop.requested:
+                state.offline_done += 1
+            while state.pending > 0 and not stop.requested:
                 update(mixed)
-                loop["pending"] -= 1
+                state.pending -= 1
             if stop.requested:
                 break
-            steps, done, evaluation = loop["env_steps"], loop["env_steps"] >= args.steps, None
-            if args.eval_every and (
-                steps >= loop["next_eval"] or (done and loop["last_eval"] != steps)
-            ):
+            steps = state.env_steps
+            done = steps >= online.env_steps
+            evaluation = None
+            if evaluation_due(done):
                 results = evaluate(
                     env,
                     policy,
-                    args.eval_episodes,
-                    args.eval_seed,
+                    online.eval_episodes,
+                    online.eval_seed,
                     args.max_steps,
                     resetter,
                     stop,
                     labeler=labeler,
-                    log=lambda s: None,
+                    log=lambda line: None,
                 )
                 if results is None:
                     break
                 evaluation = summarize(results)
-                loop["next_eval"], loop["last_eval"] = (
-                    (steps // args.eval_every + 1) * args.eval_every,
-                    steps,
-                )
+                state.next_eval = next_multiple(steps, online.eval_every)
+                state.last_eval = steps
                 print(f"env step {steps}: evaluation {evaluation['text']}", flush=True)
-            if evaluation or (loop["rollouts"] and (steps >= loop["next_log"] or done)):
+            if evaluation or (state.rollouts and (steps >= state.next_log or done)):
                 write_row(evaluation)
-                loop["next_log"] = (steps // args.log_every + 1) * args.log_every
-            if steps >= loop["next_save"] or done:
+                state.next_log = next_multiple(steps, args.log_every)
+            if steps >= state.next_save or done:
                 save()
-                loop["next_save"] = (steps // args.save_every + 1) * args.save_every
+                state.next_save = next_multiple(steps, online.save_every)
             if done:
                 break
-            rng_before_rollout = (
-                capture_rng(),
-                agent.generator.get_state(),
-            )  # policy noise comes from the latter
-            seed = (
-                1_000_003 * (args.seed + 1) + loop["episodes"]
-            )  # far from the evaluation seeds (eval_seed + i)
+            # policy noise comes from the agent's generator: both are rewound if the rollout is dropped
+            rng_before_rollout = (capture_rng(), agent.generator.get_state())
+            seed = 1_000_003 * (args.seed + 1) + state.episodes  # far from the evaluation seeds
             ep = run_episode(env, policy, seed, False, args.max_steps, stop, labeler=labeler)
             if ep is None:
                 break
             resetter()
             traj = (ep["images"], ep["states"], ep["actions"], ep["rewards"], policy.task)
-            save_episode(os.path.join(args.out, EPISODE_PATTERN.format(loop["episodes"])), *traj)
+            save_episode(os.path.join(args.out, EPISODE_PATTERN.format(state.episodes)), *traj)
             buffer.add_trajectory(*traj)
-            loop["live"].append([loop["episodes"], ep["length"]])
-            while sum(n for _, n in loop["live"]) > len(
-                buffer
-            ):  # the buffer dropped its oldest trajectories
-                loop["live"].pop(0)
+            enter_phase()
+            state.live.append([state.episodes, ep["length"]])
+            while sum(n for _, n in state.live) > len(buffer):  # the buffer dropped the oldest
+                state.live.pop(0)
             rng_before_rollout = None
-            loop["env_steps"], loop["episodes"] = (
-                loop["env_steps"] + ep["length"],
-                loop["episodes"] + 1,
-            )
-            loop["pending"] = args.utd * ep["length"]
-            loop["rollouts"].append([ep["return"], float(ep["success"]), ep["length"]])
+            state.env_steps += ep["length"]
+            state.episodes += 1
+            state.pending = online.utd * ep["length"]
+            state.rollouts.append([ep["return"], float(ep["success"]), ep["length"]])
         if stop.requested:
-            if (
-                rng_before_rollout is not None
-            ):  # the rollout was dropped: rewind the RNGs to before it, so a
-                restore_rng(rng_before_rollout[0])  # resumed run collects that same episode again
+            if rng_before_rollout is not None:
+                # the rollout was dropped: rewind the RNGs to before it, so that a resumed run collects
+                # that same episode again
+                restore_rng(rng_before_rollout[0])
                 agent.generator.set_state(rng_before_rollout[1])
             save()
-            print(
-                f"stopped at env step {loop['env_steps']}; continue with --resume", file=sys.stderr
+            print(f"stopped at env step {state.env_steps}; continue with --resume", file=sys.stderr)
+            raise SystemExit(stop.exit_status)
+    return state
+
+
+def target_assignment(source, source_path, target, agent, task):
+    """(task names, target one-hot ids) of the run: a fine-tuned (or online) checkpoint keeps its
+    own; a pre-trained one gives the target its slots as finetune.py does (growing the one-hot if
+    needed)."""
+    if "target_task_ids" in source:
+        if list(source["target_tasks"]) != list(target.task_names):
+            raise SystemExit(
+                f"{source_path} was fine-tuned on {source['target_tasks']}, but --target holds "
+                f"{list(target.task_names)}"
             )
-            raise SystemExit(130)
-    return loop
+        return list(source["task_names"]), list(source["target_task_ids"])
+    target_ids, names = assign_target_slots(source["task_names"], target.task_names, task)
+    if len(names) > agent.cfg.num_tasks:
+        agent.grow_tasks(len(names))
+    return names, target_ids
 
 
 def cmd_finetune(args):
-    if (
-        min(args.mix_prior, args.mix_target, mix_online := 1.0 - args.mix_prior - args.mix_target)
-        < 0
-    ):
+    with claim_run_folder(args.out, args.resume):
+        online_finetune(args)
+
+
+def online_finetune(args):
+    """Online fine-tuning in a run folder this process owns (module docstring)."""
+    online = dataclass_from_args(
+        OnlineConfig, args, env_steps=args.steps, save_every=args.save_every
+    )
+    mix_online = 1.0 - online.mix_prior - online.mix_target
+    if min(online.mix_prior, online.mix_target, mix_online) < 0:
         raise SystemExit(
-            f"--mix_prior {args.mix_prior} --mix_target {args.mix_target}: expected a sum <= 1"
+            f"--mix_prior {online.mix_prior} --mix_target {online.mix_target}: expected a sum <= 1"
         )
     resumed, source, source_path, prior, target = open_run(args)
     size = args.image_size
@@ -704,58 +635,31 @@ def cmd_finetune(args):
         raise SystemExit(
             f"{source_path}: a BC checkpoint has no Q-function to fine-tune online (use a CQL one)"
         )
-    if "target_task_ids" in source:  # fine-tuned (or online) already: keep its one-hot assignment
-        if list(source["target_tasks"]) != list(target.task_names):
-            raise SystemExit(
-                f"{source_path} was fine-tuned on {source['target_tasks']}, but --target holds "
-                f"{list(target.task_names)}"
-            )
-        names, target_ids = list(source["task_names"]), list(source["target_task_ids"])
-    else:  # a pre-trained checkpoint: the target takes its slots as in finetune.py
-        target_ids, names = assign_target_slots(source["task_names"], target.task_names, args.task)
-        if len(names) > agent.cfg.num_tasks:
-            agent.grow_tasks(len(names))
-    low, high, gamma = source["action_low"], source["action_high"], agent.cfg.gamma
+    agent.set_config(dataclasses.replace(agent.cfg, **learner_overrides(args, skip=ONLINE_SETS)))
+    names, target_ids = target_assignment(source, source_path, target, agent, args.task)
+    low = source["action_low"]
+    high = source["action_high"]
+    gamma = agent.cfg.gamma
     prior_s, target_s = task_samplers(
         prior, target, names, target_ids, source, gamma, args.seed, args.prior
     )
-    capacity = (
-        args.buffer_capacity or 2 * args.steps + 1000
-    )  # >= T + 1 frames per T steps; unused pages cost nothing
+    # >= T + 1 frames per T steps; unused pages cost nothing
+    capacity = online.buffer_capacity or 2 * online.env_steps + 1000
     buffer = ReplayBuffer(capacity, size, gamma=gamma, seed=args.seed + 104729)
-    offline_prior = args.mix_prior / max(args.mix_prior + args.mix_target, 1e-12)
+    offline_prior = online.mix_prior / max(online.mix_prior + online.mix_target, 1e-12)
     offline = MixedSampler([prior_s, target_s], [offline_prior, 1 - offline_prior])
-    mixed = MixedSampler([prior_s, target_s, buffer], [args.mix_prior, args.mix_target, mix_online])
+    mixed = MixedSampler(
+        [prior_s, target_s, buffer], [online.mix_prior, online.mix_target, mix_online]
+    )
     task = target_ids[0]  # the environment runs the (first) target task
     policy = Policy(agent, low, high, task, names[task], args.binarize_gripper)
     torch.manual_seed(args.seed)
-    loop = {
-        "env_steps": 0,
-        "grad_steps": 0,
-        "episodes": 0,
-        "pending": 0,
-        "offline_done": 0,
-        "next_eval": 0,
-        "last_eval": -1,
-        "next_save": args.save_every,
-        "next_log": 0,
-        "sums": {},
-        "n_updates": 0,
-        "rollouts": [],
-        "held_rows": [],
-        "train_keys": None,
-        "live": [],
-    }
+    state = LoopState(next_save=online.save_every)
     if resumed is not None:
         refill_buffer(buffer, args.out, resumed["loop"]["live"])
         mixed.load_state_dict(resumed["sampler"])
         restore_rng(resumed["rng"])
-        loop = resumed["loop"]
-    # Cal-QL for the whole run; alpha as the docstring says (and set again before every update)
-    agent.cfg.calql, agent.cfg.alpha = (
-        args.calql,
-        args.alpha_online if len(buffer) else args.alpha_offline,
-    )
+        state = LoopState(**resumed["loop"])
     payload = {
         "kind": "online",
         "task_names": names,
@@ -772,8 +676,9 @@ def cmd_finetune(args):
         dict(task_names=names, target_task_ids=target_ids, online_task=task, capacity=capacity),
     )
     print(
-        f"online fine-tuning task {task} ({names[task]}) in {args.env}: prior/target/online {args.mix_prior}/"
-        f"{args.mix_target}/{mix_online:.2f}, UTD {args.utd}, alpha {args.alpha_online}, Cal-QL {args.calql}"
+        f"online fine-tuning task {task} ({names[task]}) in {args.env}: prior/target/online "
+        f"{online.mix_prior}/{online.mix_target}/{mix_online:.2f}, UTD {online.utd}, "
+        f"alpha {online.alpha_online}, Cal-QL {online.calql}"
     )
     env = make_env(
         args.env,
@@ -785,6 +690,7 @@ def cmd_finetune(args):
     )
     try:
         labeler = make_labeler(args)
+        resetter = make_resetter(args, env)
         online_loop(
             agent,
             env,
@@ -793,13 +699,12 @@ def cmd_finetune(args):
             mixed,
             offline,
             args,
+            online,
             payload,
-            loop,
-            make_resetter(args, env),
+            state,
+            resetter,
             labeler,
         )
-    except FloatingPointError as e:
-        raise SystemExit(f"error: {e}") from None
     finally:
         env.close()
 
@@ -808,53 +713,32 @@ def cmd_eval(args):
     policy = load_policy(args.ckpt, args.device, args.task, args.binarize_gripper)
     size = args.env_image_size or policy.size
     env = make_env(args.env, size, policy.task_name, args.max_steps, args.port, args.backend)
+    video = (args.save_video, args.video_format) if args.save_video else None
     try:
         labeler = make_labeler(args)
+        resetter = make_resetter(args, env)
         results = evaluate(
             env,
             policy,
             args.episodes,
             args.seed,
             args.max_steps,
-            make_resetter(args, env),
-            video=(args.save_video, args.video_format) if args.save_video else None,
+            resetter,
+            video=video,
             labeler=labeler,
         )
     finally:
         env.close()
     s = summarize(results)
     print(f"{s['text']}, mean return {s['return']:.2f}, mean length {s['length']:.1f}")
-    if args.json:
-        atomic_write_text(
-            json.dumps({**s, "ckpt": args.ckpt, "per_episode": results}, indent=2) + "\n", args.json
+    for name, stage in s["stages"].items():
+        print(
+            f"  stage {name}: {rate_text(stage['count'], s['episodes'], stage['lo'], stage['hi'])}"
         )
+    if args.json:
+        doc = {**s, "ckpt": args.ckpt, "per_episode": results}
+        atomic_write_text(json.dumps(doc, indent=2) + "\n", args.json)
     return s
-
-
-def cmd_classifier(args):
-    cfg = ClassifierConfig(**{k: getattr(args, k) for k in asdict(ClassifierConfig())})
-    pos, neg = (
-        read_images(args.pos, cfg.image_size, args.pos_last),
-        read_images(args.neg, cfg.image_size),
-    )
-    print(
-        f"{len(pos[0])} positive / {len(neg[0])} negative images; {cfg.arch} at {cfg.image_size}px"
-    )
-    clf, (acc_pos, acc_neg) = train_classifier(pos, neg, cfg, args.device, args.seed)
-    accuracy = (acc_pos + acc_neg) / 2  # balanced: the classes may be of very different sizes
-    print(f"held-out accuracy {accuracy:.3f} (positives {acc_pos:.3f}, negatives {acc_neg:.3f})")
-    atomic_torch_save(
-        {
-            "format": CLF_FORMAT,
-            "kind": "classifier",
-            "threshold": 0.5,
-            "val_accuracy": accuracy,
-            "config": {k: getattr(cfg, k) for k in ("arch", "head", "norm", "image_size")},
-            "model": {k: v.cpu() for k, v in clf.state_dict().items()},
-        },
-        args.out,
-    )
-    return accuracy
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -882,7 +766,6 @@ def add_env_args(p):
         default=None,
         help="rewards from this success classifier (online.py classifier)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--binarize_gripper",
         action="store_true",
@@ -890,11 +773,7 @@ def add_env_args(p):
     )
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_eval_parser(sub):
     e = sub.add_parser(
         "eval", help="deterministic episodes: success rate with a 95%% Wilson interval"
     )
@@ -912,12 +791,13 @@ def main(argv=None):
         help="animated GIF or PNG film strip",
     )
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_env_args(e)
 
+
+def add_finetune_parser(sub):
     d = OnlineConfig()
-    f = sub.add_parser(
-        "finetune", help="online fine-tuning (Section V-F)", conflict_handler="resolve"
-    )
+    f = sub.add_parser("finetune", help="online fine-tuning (Section V-F)")
     f.add_argument(
         "--ckpt",
         default=None,
@@ -933,71 +813,37 @@ def main(argv=None):
     f.add_argument(
         "--task", default="new", help="pre-trained --ckpt only: 'new' slot or a task to re-target"
     )
-    add_run_args(f, steps=d.env_steps, save_every=d.save_every)
+    # online RL counts in environment steps
+    add_run_args(
+        f,
+        steps=d.env_steps,
+        save_every=d.save_every,
+        keep_last=0,
+        log_every=1,
+        out=os.path.join("runs", "online"),
+        unit="environment steps",
+        steps_flags=("--env_steps",),
+    )
     add_data_args(f)
     add_env_args(f)
-    # online RL counts in environment steps: these replace add_run_args' gradient-step options
-    f.add_argument(
-        "--env_steps",
-        "--steps",
-        dest="steps",
-        type=int,
-        default=d.env_steps,
-        help="environment steps",
-    )
-    f.add_argument(
-        "--save_every", type=int, default=d.save_every, help="checkpoint every N environment steps"
-    )
-    f.add_argument(
-        "--log_every",
-        type=int,
-        default=1,
-        help="a progress row after the trajectory crossing N env steps",
-    )
-    f.add_argument("--out", default=os.path.join("runs", "online"))
-    helps = dict(
-        mix_prior="batch fraction of prior data",
-        mix_target="... of target demos (online data: the rest)",
-        utd="gradient steps per env step",
-        alpha_offline="CQL alpha while the buffer is empty",
-        alpha_online="CQL alpha once it holds data",
-        eval_every="env steps between evaluations (0: none)",
-        eval_episodes="episodes per evaluation",
-        offline_steps="Cal-QL warm-up steps before the first rollout",
-        buffer_capacity="replay buffer size in frames (0: keep everything)",
-    )
-    for name, text in helps.items():
-        f.add_argument(
-            f"--{name}", type=type(getattr(d, name)), default=getattr(d, name), help=text
-        )
-    f.add_argument(
-        "--calql", action=argparse.BooleanOptionalAction, default=d.calql, help="the Cal-QL bound"
-    )
-    f.add_argument(
-        "--eval_seed", type=int, default=0, help="evaluation episode i resets with eval_seed + i"
-    )
+    g = f.add_argument_group("online fine-tuning (OnlineConfig)")
+    add_dataclass_args(g, OnlineConfig, skip=("env_steps", "save_every"))
+    add_learner_overrides(f, skip=ONLINE_SETS)
 
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add_eval_parser(sub)
+    add_finetune_parser(sub)
     c = sub.add_parser("classifier", help="train the success classifier (Appendix F)")
-    c.add_argument(
-        "--pos", required=True, help="success images: a folder of png/jpg, or Bridge-format data"
-    )
-    c.add_argument("--neg", required=True, help="failure images, the same formats")
-    c.add_argument("--out", required=True)
-    c.add_argument(
-        "--pos_last",
-        type=int,
-        default=0,
-        help="Bridge --pos: only the last N frames of each trajectory",
-    )
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for k, v in asdict(ClassifierConfig()).items():
-        c.add_argument(f"--{k}", type=type(v), default=v)
+    add_classifier_args(c)
     args = p.parse_args(argv)
-    return {"eval": cmd_eval, "finetune": cmd_finetune, "classifier": cmd_classifier}[args.cmd](
-        args
-    )
+    commands = {"eval": cmd_eval, "finetune": cmd_finetune, "classifier": cmd_classifier}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -2,21 +2,24 @@
 
     python select_ckpt.py runs/ft_my_task            # ranked table, selection.json, qvalues.png, chosen path
 
-The paper picks, by eye, the fine-tuning checkpoint whose Q-values on held-out target demonstrations rise most
-monotonically along each trajectory: a valid Q-function of a successful demonstration estimates the discounted
-return-to-go, which grows as the task nears completion. Early checkpoints fluctuate, over-trained ones go flat.
-The paper calls a metric for this future work; ours is
+The paper picks, by eye, the fine-tuning checkpoint whose Q-values on held-out target demonstrations
+rise most monotonically along each trajectory: a valid Q-function of a successful demonstration
+estimates the discounted return-to-go, which grows as the task nears completion. Early checkpoints
+fluctuate, over-trained ones go flat. The paper calls a metric for this future work; ours is
 
     score(checkpoint) = mean over held-out trajectories of  rho * min(1, spread(Q) / spread(G))
 
-- rho is Spearman's rank correlation between time t and Q_t (min over the two heads, the value the actor
-  maximises): +1 for a strictly rising curve, -1 for a falling one, insensitive to the scale of Q, so it judges
-  the shape alone, which is what the paper looks at;
-- spread(.) is max - min along the trajectory and G the Monte-Carlo return-to-go of the same demonstration under
-  the training rewards: the rise a correct Q-function would show. The factor penalises flat curves (the
-  over-trained checkpoints of Figure 3) whose tiny wiggles can still be monotone; it saturates at 1 so a curve
-  steeper than the true return is not rewarded for it.
-Scores lie in [-1, 1]: rising > flat > falling. Ties go to the earlier checkpoint (fewer steps on 10 demos).
+- rho is Spearman's rank correlation between time t and Q_t (min over the two heads, the value the
+  actor maximises): +1 for a strictly rising curve, -1 for a falling one, insensitive to the scale
+  of Q, so it judges the shape alone, which is what the paper looks at;
+- spread(.) is max - min along the trajectory and G the Monte-Carlo return-to-go of the same
+  demonstration under the training rewards: the rise a correct Q-function would show. The factor
+  penalises flat curves (the over-trained checkpoints of Figure 3) whose tiny wiggles can still be
+  monotone; it saturates at 1 so a curve steeper than the true return is not rewarded for it.
+Scores lie in [-1, 1]: rising > flat > falling. Ties go to the earlier checkpoint (fewer steps on 10
+demos). A checkpoint whose trace holds a NaN or inf (Q-values or returns) gets no score and is never
+chosen: the table lists it last with the reason (a diverged critic, or a NaN action in the target's
+val data).
 """
 
 import argparse
@@ -28,9 +31,11 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finetune import QTRACE_PATTERN
-from train import atomic_write_text, list_checkpoints, run_cli
+from cli import run_cli
+from fileio import atomic_write, atomic_write_text
+from runfolder import QTRACE_PATTERN, list_checkpoints
 
+METRIC = "mean over held-out trajectories of spearman(t, min-head Q) * min(1, spread(Q) / spread(MC return))"
 COLORS = [
     (31, 119, 180),
     (255, 127, 14),
@@ -72,7 +77,22 @@ def trajectory_score(q, mc_return):
     return rho * factor, rho, factor
 
 
+def non_finite_reason(traces):
+    """Why a checkpoint's trace cannot be scored (its first NaN / inf), or None when it can."""
+    for i, t in enumerate(traces["trajectories"]):
+        for field, values in (("q", t["q"]), ("mc_return", t["mc_return"])):
+            values = np.asarray(values, dtype=np.float64)
+            if not np.isfinite(values).all():
+                bad = values[~np.isfinite(values)][0]
+                return f"{field} of held-out trajectory {t.get('traj_id', i)} holds {bad}"
+    return None
+
+
 def checkpoint_score(traces):
+    """Mean score over the held-out trajectories; a non-finite trace scores None with its reason."""
+    reason = non_finite_reason(traces)
+    if reason is not None:
+        return {"score": None, "rho": None, "flatness": None, "rejected": reason}
     parts = np.array(
         [trajectory_score(np.min(t["q"], axis=0), t["mc_return"]) for t in traces["trajectories"]]
     )
@@ -116,8 +136,16 @@ def rank(run_dir):
     rows = [
         dict(step=step, ckpt=ckpts[step], **checkpoint_score(doc)) for step, doc in traces.items()
     ]
-    rows.sort(key=lambda r: (-r["score"], r["step"]))
-    return rows, traces
+    scored = sorted(
+        (r for r in rows if r["score"] is not None), key=lambda r: (-r["score"], r["step"])
+    )
+    rejected = sorted((r for r in rows if r["score"] is None), key=lambda r: r["step"])
+    if not scored:
+        reasons = "; ".join(f"step {r['step']}: {r['rejected']}" for r in rejected)
+        raise SystemExit(
+            f"{run_dir}: no checkpoint has finite Q-value traces, none can be chosen ({reasons})"
+        )
+    return scored + rejected, traces
 
 
 def plot(rows, traces, path, chosen_step, panel=(220, 150), cols=4):
@@ -131,6 +159,7 @@ def plot(rows, traces, path, chosen_step, panel=(220, 150), cols=4):
         x0, y0 = (i % cols) * w, (i // cols) * h
         box = (x0 + 34, y0 + 22, x0 + w - 8, y0 + h - 14)
         curves = [np.min(t["q"], axis=0) for t in traces[row["step"]]["trajectories"]]
+        curves = [np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0) for c in curves]
         lo = min(float(c.min()) for c in curves)
         hi = max(float(c.max()) for c in curves)
         span = hi - lo if hi > lo else 1.0
@@ -147,12 +176,11 @@ def plot(rows, traces, path, chosen_step, panel=(220, 150), cols=4):
             )
             ys = box[3] - 2 - (c - lo) / span * (box[3] - box[1] - 4)
             draw.line(list(zip(xs.tolist(), ys.tolist())), fill=COLORS[j % len(COLORS)], width=2)
-        draw.text((x0 + 4, y0 + 4), f"step {row['step']}  score {row['score']:.2f}", fill="black")
+        score = "rejected" if row["score"] is None else f"score {row['score']:.2f}"
+        draw.text((x0 + 4, y0 + 4), f"step {row['step']}  {score}", fill="black")
         draw.text((x0 + 2, box[1]), f"{hi:.3g}", fill="black")
         draw.text((x0 + 2, box[3] - 10), f"{lo:.3g}", fill="black")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def main(argv=None):
@@ -166,15 +194,18 @@ def main(argv=None):
     best = rows[0]
     print(f"{'rank':>4} {'step':>9} {'score':>7} {'rho':>7} {'flat':>6}  checkpoint")
     for i, r in enumerate(rows):
-        print(
-            f"{i + 1:>4} {r['step']:>9} {r['score']:>7.3f} {r['rho']:>7.3f} {r['flatness']:>6.2f}  {r['ckpt']}"
-        )
+        if r["score"] is None:
+            print(f"{'-':>4} {r['step']:>9} {'-':>7} {'-':>7} {'-':>6}  {r['ckpt']}")
+            print(f"{'':>4} rejected, never chosen: {r['rejected']}")
+            continue
+        scores = f"{r['score']:>7.3f} {r['rho']:>7.3f} {r['flatness']:>6.2f}"
+        print(f"{i + 1:>4} {r['step']:>9} {scores}  {r['ckpt']}")
     doc = {
         "chosen": best["ckpt"],
         "step": best["step"],
         "score": best["score"],
         "ranking": rows,
-        "metric": "mean over held-out trajectories of spearman(t, min-head Q) * min(1, spread(Q) / spread(MC return))",
+        "metric": METRIC,
     }
     atomic_write_text(
         json.dumps(doc, indent=2) + "\n", os.path.join(args.run_dir, "selection.json")

@@ -3,8 +3,10 @@
 Sections: data.py, model.py + cql.py, train/finetune/select_ckpt, sim_binsort.py, robot.py, online.py.
 Private helpers carry their section's prefix (_data_, _core_, _pipe_, _sim_, _robot_, _online_)."""
 
+import argparse
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +28,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import classifier
 import cli
 import cql
 import data
@@ -37,6 +40,7 @@ import model
 import online
 import rlds
 import robot
+import runfolder
 import select_ckpt
 import sim_binsort as sb
 import train
@@ -2038,6 +2042,270 @@ def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
         select_ckpt.rank(str(tmp_path / "empty_run"))
 
 
+# ---------------------------------------------------------------------------------------------------
+# train.py, finetune.py, select_ckpt.py: no silent wrong answers (issue 14)
+# ---------------------------------------------------------------------------------------------------
+def _pipe_dead_pid():
+    """The pid of an ended (reaped) process: what a kill -9 leaves in a lock or tmp name."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _pipe_trace(step, q, g):
+    return {
+        "step": step,
+        "task": 0,
+        "trajectories": [
+            {"traj_id": 5, "q": [list(q), [v + 1 for v in q]], "mc_return": list(g), "reward": []}
+        ],
+    }
+
+
+def test_select_ckpt_never_chooses_a_non_finite_trace(tmp_path, capsys):
+    g = [-3.0, -2.0, 0.0, 10.0]
+    traces = {
+        3: [-2.7, -1.8, 0.0, 9.0],  # rising, spread 11.7 of 13: score 0.9
+        6: [-2.7, float("nan"), 0.0, 9.0],  # today: nan flatness -> 1.0, tied with step 3
+        9: [float("nan")] * 4,  # today: all-NaN scores 1.000 and ranks first
+    }
+    for step, q in traces.items():
+        (tmp_path / train.CKPT_PATTERN.format(step)).write_bytes(b"")
+        (tmp_path / finetune.QTRACE_PATTERN.format(step)).write_text(
+            json.dumps(_pipe_trace(step, q, g))
+        )
+    rows, _ = select_ckpt.rank(str(tmp_path))
+    assert [(r["step"], r["score"]) for r in rows] == [
+        (3, pytest.approx(0.9)),
+        (6, None),
+        (9, None),
+    ]
+    assert rows[1]["rejected"] == "q of held-out trajectory 5 holds nan"
+    select_ckpt.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].endswith("ckpt_00000003.pt")
+    assert "rejected, never chosen: q of held-out trajectory 5 holds nan" in out
+    assert json.loads((tmp_path / "selection.json").read_text())["step"] == 3
+    for step in (3, 6):
+        (tmp_path / finetune.QTRACE_PATTERN.format(step)).unlink()
+    with pytest.raises(SystemExit, match="no checkpoint has finite Q-value traces.*step 9: q of"):
+        select_ckpt.rank(str(tmp_path))
+
+
+def test_finetune_warns_when_it_writes_non_finite_q_values(tmp_path, capsys):
+    class Agent:  # Q(s_t, a_t) of 2 heads along a 3-step trajectory, one of them NaN
+        device = "cpu"
+
+        def q_values(self, batch):
+            return torch.tensor([[1.0, 1.0], [2.0, float("nan")], [3.0, 3.0]])
+
+    class Sampler:
+        def trajectory(self, tid):
+            return {"reward": torch.zeros(3), "mc_return": torch.zeros(3), "obs": torch.zeros(3)}
+
+    finetune.write_q_traces(Agent(), Sampler(), [4], 10, str(tmp_path), task=0)
+    err = capsys.readouterr().err
+    assert (
+        "warning: step 10: Q-values of held-out trajectory 4 are not finite (head 1, time step 1)"
+        in err
+    )
+    doc = json.loads((tmp_path / finetune.QTRACE_PATTERN.format(10)).read_text())
+    assert math.isnan(doc["trajectories"][0]["q"][1][1])
+
+
+def test_pipeline_a_second_run_on_the_same_out_stops(pipe_data, tmp_path):
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["--data", str(prior), "--out", str(out), "--steps", "1", "--save_every", "1", *TINY]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(f"{other.pid}\n")
+        with pytest.raises(train.RunFolderBusy, match=f"in use by another run \\(pid {other.pid}"):
+            train.main(args)
+        assert not train.list_checkpoints(out)
+    finally:
+        other.kill()
+        other.wait()
+    train.main(args)  # the owner died: its lock is stale and taken over, then released at the end
+    assert [s for s, _ in train.list_checkpoints(out)] == [1] and not (out / "run.lock").exists()
+    assert issubclass(train.RunFolderBusy, cli.ExpectedError)
+
+
+def test_pipeline_failed_saves_leave_no_temporary_files(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / f"ckpt_00000002.pt.tmp-{_pipe_dead_pid()}"  # a save killed by kill -9
+    stale.write_bytes(b"partial")
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        real_save(obj, f)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    args = ["--data", str(prior), "--out", str(out), "--steps", "2", "--save_every", "1", *TINY]
+    with pytest.raises(OSError, match="No space left"):
+        train.main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "progress.csv"]
+
+
+def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path):
+    assert runfolder.steps_to_delete([1, 2, 3, 4, 5], 2, [1]) == [2, 3]
+    assert runfolder.steps_to_delete([1, 2, 3], 0) == []  # 0 keeps everything
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    common = ["--data", str(prior), "--out", str(out), "--save_every", "1", *TINY]
+    train.main([*common, "--steps", "5", "--keep_last", "2", "--keep_steps", "2"])
+    assert [s for s, _ in train.list_checkpoints(out)] == [2, 4, 5]
+    # the phases' defaults: pre-training keeps its newest 5, fine-tuning all (select_ckpt.py needs them)
+    assert train.PRETRAIN_KEEP_LAST == 5 and finetune.FINETUNE_KEEP_LAST == 0
+
+
+def test_pipeline_finetune_resume_writes_missing_q_traces(pipe_data, pipe_pretrained, tmp_path):
+    _, prior, target = pipe_data
+    out = tmp_path / "ft"
+    args = [
+        "--ckpt",
+        str(pipe_pretrained / "ckpt_00000004.pt"),
+        "--prior",
+        str(prior),
+        "--target",
+        str(target),
+        "--steps",
+        "4",
+        "--save_every",
+        "2",
+        "--out",
+        str(out),
+        *TINY[2:],
+    ]
+    finetune.main(args)
+    trace = out / finetune.QTRACE_PATTERN.format(4)
+    written = json.loads(trace.read_text())
+    trace.unlink()  # killed between the checkpoint's rename and its trace
+    finetune.main([*args, "--resume"])
+    assert json.loads(trace.read_text()) == written
+    assert [r["step"] for r in select_ckpt.rank(str(out))[0]] != []
+
+
+def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
+    assert issubclass(train.CheckpointError, cli.ExpectedError) and train.run_cli is cli.run_cli
+    missing = tmp_path / "missing.pt"
+    runs = [
+        (
+            "online.py",
+            ["eval", "--ckpt", missing, "--device", "cpu"],
+            f"{missing}: no such checkpoint",
+        ),
+        ("train.py", ["--data", tmp_path / "nowhere", "--out", tmp_path / "r"], "no such file"),
+        ("select_ckpt.py", [tmp_path / "nowhere"], "no such run folder"),
+    ]
+    for script, args, message in runs:
+        proc = _pipe_run(script, *args, expect_ok=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    real_update, calls = train.Agent.update, []
+
+    def update(self, batch):
+        calls.append(1)
+        if len(calls) == 3:  # a job scheduler stops the job during the third update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(self, batch)
+
+    def unhandled(signum, frame):  # what a run that ignores SIGTERM meets (instead of pytest dying)
+        raise RuntimeError("SIGTERM reached the test's handler")
+
+    monkeypatch.setattr(train.Agent, "update", update)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    args = ["--data", str(prior), "--out", str(tmp_path / "run"), "--steps", "5", *TINY]
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main([*args, "--save_every", "10"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the run put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # the third update finishes, is saved, and the exit status is the shell's for SIGTERM (128 + 15)
+    assert e.value.code == 143 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3]
+    monkeypatch.setattr(train.Agent, "update", real_update)
+    train.main([*args, "--save_every", "10", "--resume"])
+    assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3, 5]
+
+
+@dataclasses.dataclass
+class _PipeFlags:
+    """A config whose flags add_dataclass_args generates (the comments are the help)."""
+
+    lr: float = 1e-3  # step size, 100% of it
+    wide: int = 4  # a comment on a wrapped line
+    flag: bool = False  # on or off
+    maybe: float | None = None
+
+
+def test_pipeline_flags_are_generated_from_the_dataclasses():
+    assert cli.field_comments(_PipeFlags) == {
+        "lr": "step size, 100% of it",
+        "wide": "a comment on a wrapped line",
+        "flag": "on or off",
+    }
+    p = argparse.ArgumentParser()
+    cli.add_dataclass_args(p, _PipeFlags)
+    assert cli.dataclass_from_args(_PipeFlags, p.parse_args([])) == _PipeFlags()
+    args = p.parse_args(["--lr", "0.5", "--wide", "2", "--flag", "--maybe", "none"])
+    assert cli.dataclass_from_args(_PipeFlags, args) == _PipeFlags(0.5, 2, True, None)
+    assert p.parse_args(["--maybe", "2"]).maybe == 2.0
+    assert "step size, 100% of it (default: 0.001)" in " ".join(p.format_help().split())
+    # every AgentConfig field but those the run sets is a train.py flag, with AgentConfig's default
+    p = argparse.ArgumentParser()
+    train.add_agent_args(p)
+    given = dict(num_tasks=1, image_size=128, seed=0)
+    assert cli.dataclass_from_args(AgentConfig, p.parse_args([]), **given) == AgentConfig()
+    args = p.parse_args(["--critic_lr", "0", "--action_input_only", "--calql", "--polyak", "0.01"])
+    cfg = cli.dataclass_from_args(AgentConfig, args, **given)
+    assert (cfg.critic_lr, cfg.action_every_layer, cfg.calql, cfg.polyak) == (
+        0.0,
+        False,
+        True,
+        0.01,
+    )
+    with pytest.raises(SystemExit):
+        p.parse_args(["--arch", "resnet99"])  # choices: model.ARCHS
+
+
+def test_pipeline_a_phase_switch_is_one_config_change():
+    cfg = _core_cfg()
+    agent = Agent(cfg)
+    frozen = dataclasses.replace(cfg, critic_lr=0.0, alpha=3.0)
+    agent.set_config(frozen)
+    assert agent.cfg == frozen and agent.cfg is not frozen
+    assert [g["lr"] for g in agent.optimizers["critic"].param_groups] == [0.0]
+    before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    agent.update(cql.random_batch(cfg, 4))
+    assert all(torch.equal(v, agent.critic.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"set_config cannot change \['hidden'\]"):
+        agent.set_config(dataclasses.replace(cfg, hidden=cfg.hidden * 2))
+    online_cfg = online.OnlineConfig()
+    assert online.online_learner(cfg, online_cfg, buffer_filled=False).alpha == 5.0
+    assert online.online_learner(cfg, online_cfg, buffer_filled=True).alpha == 0.5
+    assert online.online_learner(cfg, online_cfg, buffer_filled=True).calql
+    with pytest.raises(SystemExit, match="--algo bc cannot fine-tune a cql checkpoint"):
+        finetune.finetune_config(cfg, {"algo": "bc"})
+
+
+def test_pipeline_progress_line_hides_nan_losses_and_never_reads_160_of_100(tmp_path, capsys):
+    log = train.RunLog(str(tmp_path), 100, 0)
+    log.log(0, {"critic_loss": float("nan"), "eval_success": 0.0})  # a row before any update
+    log.log(160, {"critic_loss": 2.5, "eval_success": 0.0})  # the last trajectory ran past 100
+    first, last = capsys.readouterr().out.splitlines()
+    assert first.startswith("step 0/100 |") and "nan" not in first
+    assert last.startswith("step 160 (done, 100 requested) |") and "critic_loss 2.5" in last
+
+
 # ====================================================================================================
 # throughput: compiled update (cql.py), bench.py, batch prefetching (data.py, train.py)
 # ====================================================================================================
@@ -3973,7 +4241,7 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
         ]
     )
     assert json.loads(open(ev).read())["per_episode"] == [
-        {"success": True, "return": 1.0, "length": 3, "stages": {}}
+        {"success": True, "return": 1.0, "length": 3}
     ]
     online.main(
         _online_args(
@@ -3996,7 +4264,9 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
         str(tmp_path / "bridge" / "t" / "train" / "out.npy"),
         [data.synthetic_trajectory(5, 32, rng) for _ in range(3)],
     )
-    images, groups = online.read_images(str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None)
+    images, groups = classifier.read_images(
+        str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None
+    )
     assert images.shape == (6, 32, 32, 3) and groups.tolist() == [0, 0, 1, 1, 2, 2]
 
 
@@ -4014,38 +4284,80 @@ def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
     )
 
 
-# ---- stages and the gripper command (issue 10, parts 1 and 2) ---------------------------------------
+# ---------------------------------------------------------------------------------------------------
+# online.py: stage-wise success (issue 10, section 2)
+# ---------------------------------------------------------------------------------------------------
 class _OnlineStagedEnv:
-    """Three steps; "grasped" holds at step 1 of every episode, "placed" only at step 2 of odd seeds."""
+    """4 steps per episode; 'grasped' holds at step 2 only (a grasp that slips), 'placed' from step
+    3 on in even-seeded episodes, which then succeed. stages=False: an env that reports no
+    stages."""
+
+    def __init__(self, stages=True):
+        self.stages = stages
+        self.t = 0
+        self.seed = None
 
     def reset(self, seed=None):
         self.t = 0
         self.seed = seed
+        return self._obs()
+
+    def _obs(self):
         return {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
 
     def step(self, action):
         self.t += 1
-        placed = self.t == 2 and self.seed % 2 == 1
-        info = {"success": placed, "stages": {"grasped": self.t == 1, "placed": placed}}
-        obs = {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
-        return obs, float(placed), placed, self.t >= 3, info
+        placed = self.t >= 3 and self.seed % 2 == 0
+        info = {"success": placed}
+        if self.stages:
+            info["stages"] = {"grasped": self.t == 2, "placed": placed}
+        return self._obs(), float(placed), False, self.t >= 4, info
+
+    def close(self):
+        pass
 
 
-def test_online_eval_reports_stages_with_wilson_intervals():
-    agent = _SimDemoAgent(np.zeros((3, 7), np.float32), 8)
-    agent.act = lambda *args, **kwargs: torch.zeros(1, 7)
-    policy = online.Policy(agent, -np.ones(7), np.ones(7), task=0)
-    results = online.evaluate(_OnlineStagedEnv(), policy, 4, seed=0, log=lambda *a: None)
-    # a stage counts when it held at any step: grasped always, placed in the 2 odd-seeded episodes
+class _OnlineFixedPolicy:
+    size = 8
+    task_name = None
+
+    def __call__(self, image, state, deterministic=True):
+        return np.zeros(7, np.float32), np.zeros(7, np.float32)
+
+
+def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch, capsys):
+    results = online.evaluate(_OnlineStagedEnv(), _OnlineFixedPolicy(), 4, seed=0, log=print)
     assert [r["stages"] for r in results] == [
-        {"grasped": True, "placed": False},
-        {"grasped": True, "placed": True},
-    ] * 2
-    summary = online.summarize(results)
-    lo, hi = online.wilson_interval(2, 4)
-    assert summary["stages"]["placed"] == {"count": 2, "rate": 0.5, "lo": lo, "hi": hi}
-    assert summary["stages"]["grasped"]["count"] == 4
-    assert summary["successes"] == 2 and "placed 2/4" in summary["text"]
+        {"grasped": True, "placed": s % 2 == 0} for s in range(4)
+    ]  # a stage counts when it was reached at any step, even if lost again
+    stages = online.summarize(results)["stages"]
+    assert list(stages) == ["grasped", "placed"]
+    # Wilson by hand, n = 4, z = 1.96: 2/4 -> 0.5 +- 0.35, 4/4 -> center 0.755, half 0.245
+    assert stages["placed"] == pytest.approx(
+        {"count": 2, "rate": 0.5, "lo": 0.150, "hi": 0.850}, abs=1e-3
+    )
+    assert stages["grasped"] == pytest.approx(
+        {"count": 4, "rate": 1.0, "lo": 0.510, "hi": 1.0}, abs=1e-3
+    )
+    assert (
+        "episode   1 seed 1: return 0.00, length 4, failure (reached: grasped)"
+        in capsys.readouterr().out
+    )
+    # the CLI prints each stage and writes them to the JSON; an env without stages reports none
+    monkeypatch.setattr(online, "load_policy", lambda *a: _OnlineFixedPolicy())
+    for has_stages in (True, False):
+        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages: _OnlineStagedEnv(s))
+        path = tmp_path / f"eval_{has_stages}.json"
+        args = ["eval", "--ckpt", "x.pt", "--episodes", "4", "--json", path, "--device", "cpu"]
+        online.main([str(a) for a in args])
+        out = capsys.readouterr().out
+        doc = json.loads(path.read_text())
+        if has_stages:
+            assert "  stage placed: 2/4 = 50.0% (95% CI, Wilson: 15.0% .. 85.0%)" in out
+            assert doc["stages"]["grasped"]["count"] == 4
+        else:
+            assert "stage" not in out and doc["stages"] == {}
+            assert all("stages" not in e for e in doc["per_episode"])
 
 
 def test_online_binarized_gripper_executes_zero_or_one():

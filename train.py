@@ -13,12 +13,13 @@ reuse this file's checkpoint and loop helpers, so a run of any phase looks the s
 """
 
 import argparse
+import contextlib
 import csv
-import glob
+import dataclasses
 import json
 import math
 import os
-import re
+import signal
 import sys
 import time
 
@@ -26,19 +27,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cql import COMPILE_MODES, STRUCTURE, Agent, AgentConfig
-from data import (
-    BridgeFormatError,
-    MixedSampler,
-    Prefetcher,
-    Sampler,
-    augment,
-    load_store,
-    target_task_ids,
-)
+from cli import EXIT_INTERRUPTED, ExpectedError, add_dataclass_args, dataclass_from_args, run_cli
+from cql import ALGOS, COMPILE_MODES, STRUCTURE, Agent, AgentConfig
+from data import MixedSampler, Prefetcher, Sampler, augment, load_store, target_task_ids
+from fileio import atomic_write, atomic_write_text, pid_alive, sweep_stale_tmp
+from model import ARCHS, HEADS, NORMS
+from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints, steps_to_delete
 
 CKPT_FORMAT = 1
-CKPT_PATTERN = "ckpt_{:08d}.pt"
+PRETRAIN_KEEP_LAST = 5  # ours: a pre-training run keeps its 5 newest checkpoints (issue 14)
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
 RESERVED_TASK = (
     "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
@@ -46,8 +43,12 @@ RESERVED_TASK = (
 # Options that fix the network's shapes: a checkpoint only loads into a run that agrees on all of them.
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ExpectedError, RuntimeError):
+    """A checkpoint that is missing, damaged or does not fit the run (one line, cli.py)."""
+
+
+class RunFolderBusy(ExpectedError, RuntimeError):
+    """Another live process owns the run folder (its lock file names the pid)."""
 
 
 def is_reserved(task_name):
@@ -58,27 +59,8 @@ def is_reserved(task_name):
 
 
 def atomic_torch_save(obj, path):
-    """Write next to the target and rename, so a crash or Ctrl-C never leaves a truncated checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def list_checkpoints(run_dir):
-    """[(step, path)] of a run folder, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
-        m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    """A checkpoint appears whole or not at all; a failed save leaves no temporary file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -249,8 +231,17 @@ class RunLog:
                 if k != "step":
                     self.tb.add_scalar(k, v, step)
         eta = _hms(max(0.0, self.total - step) / sps) if sps > 0 else "?"
-        shown = " ".join(f"{k} {row[k]:.3g}" for k in row if "loss" in k or k.startswith("q_"))
-        print(f"step {step}/{self.total} | {sps:.2f} steps/s | ETA {eta} | {shown}", flush=True)
+        # a row logged before any update (online.py's first evaluation) has no losses to show yet
+        shown = " ".join(
+            f"{k} {row[k]:.3g}"
+            for k in row
+            if ("loss" in k or k.startswith("q_")) and math.isfinite(row[k])
+        )
+        # online.py's last trajectory may run past the requested total: say so, not "step 160/100"
+        progress = f"step {step}/{self.total}"
+        if step > self.total:
+            progress = f"step {step} (done, {self.total} requested)"
+        print(f"{progress} | {sps:.2f} steps/s | ETA {eta} | {shown}", flush=True)
 
 
 def _hms(seconds):
@@ -274,6 +265,62 @@ def prepare_out_dir(out, resume):
             f"{out} already holds checkpoints: pass --resume to continue that run, or another --out"
         )
     os.makedirs(out, exist_ok=True)
+
+
+def _lock_owner(lock):
+    """The pid written in a lock file, or None when it is unreadable (a writer killed mid-write)."""
+    try:
+        with open(lock) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+@contextlib.contextmanager
+def claim_run_folder(out, resume):
+    """Own --out for the length of the run (issue 14): a lock file holds this process's pid, so a
+    second run on the same folder stops with a clear line instead of mixing its checkpoints,
+    config.json and progress.csv into this one. A lock whose pid is dead (kill -9) is stale and
+    taken over; so are the temporary files of dead writers (fileio.sweep_stale_tmp)."""
+    prepare_out_dir(out, resume)
+    lock = os.path.join(out, LOCK_FILE)
+    for _ in range(2):  # a stale lock is removed once, then claimed like a missing one
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
+                raise RunFolderBusy(
+                    f"{out}: in use by another run (pid {owner}, see {lock}); wait for it to end, "
+                    f"stop it, or pass another --out"
+                ) from None
+            if owner == os.getpid():  # this process already owns it (an earlier main() in-process)
+                break
+            print(
+                f"{out}: taking over the lock of a run that ended without releasing it (pid {owner})"
+            )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    for tmp in sweep_stale_tmp(out):
+        print(f"removed {tmp}, the temporary file of a save that never finished")
+    try:
+        yield out
+    finally:
+        if _lock_owner(lock) == os.getpid():
+            os.unlink(lock)
+
+
+def prune_checkpoints(out, keep_last, keep_steps=()):
+    """Retention (--keep_last, --keep_steps): delete what runfolder.steps_to_delete names."""
+    ckpts = dict(list_checkpoints(out))
+    for step in steps_to_delete(list(ckpts), keep_last, keep_steps):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ckpts[step])
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -326,8 +373,72 @@ def check_finite(info, step):
             )
 
 
+def train_step(agent, sampler, batch_size, step):
+    """The one gradient step of every phase (pre-training, offline and online fine-tuning): sample a
+    batch, move and augment it (prepare_batch), update every network, stop on a non-finite value.
+    `step` is the number this update will have, for the error message. Returns the update's info
+    (0-d tensors)."""
+    info = agent.update(prepare_batch(sampler.sample(batch_size), agent.device))
+    check_finite(info, step)
+    return info
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or a job scheduler's SIGTERM: stop at the next step boundary (never
+    mid-update) and save; a second signal aborts at once (KeyboardInterrupt). Installed in the main
+    thread only."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping at the next step and saving "
+            f"(a second signal aborts without saving)",
+            file=sys.stderr,
+        )
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    @property
+    def exit_status(self):
+        """What a shell reports for a process that signal ended: 130 SIGINT, 143 SIGTERM."""
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def build_checkpoint(payload, step, agent, sampler_state, rng, **extra):
+    """The one checkpoint dict of every phase (load_checkpoint reads it back): the run's fixed
+    fields (payload: task names, action bounds, ...), the format, the step, the agent (networks,
+    optimizers, config), the sampler's and torch's random state; online.py adds its loop state in
+    `extra`."""
+    return dict(
+        payload,
+        format=CKPT_FORMAT,
+        step=step,
+        agent=agent.state_dict(),
+        sampler=sampler_state,
+        rng=rng,
+        **extra,
+    )
+
+
 def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0):
-    """Shared by pre-training and offline fine-tuning: sample, augment, update, log, checkpoint.
+    """Shared by pre-training and offline fine-tuning: train_step, log, checkpoint, retention.
 
     payload: the checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds the step,
     the agent, the sampler's RNG and torch's RNG, which is all an exact resume needs.
@@ -336,7 +447,7 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
 
     def save(step, all_ranks=True):
         # every rank's random streams, so that a torchrun resume stays exact and data-parallel; gathering is a
-        # collective, skipped on Ctrl-C (one rank may be interrupted alone)
+        # collective, skipped when stopping (one rank may be interrupted alone)
         mine = {
             "sampler": sampler.state_dict(),
             "rng": capture_rng(),
@@ -347,38 +458,39 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, mine)
         if rank == 0:
-            ckpt = dict(
-                payload,
-                format=CKPT_FORMAT,
-                step=step,
-                agent=agent.state_dict(),
-                sampler=mine["sampler"],
-                rng=mine["rng"],
-                rank_states=states,
+            ckpt = build_checkpoint(
+                payload, step, agent, mine["sampler"], mine["rng"], rank_states=states
             )
             atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(step)))
             if on_save is not None:
                 on_save(step)
+            prune_checkpoints(args.out, args.keep_last, args.keep_steps)
 
-    step = start_step
-    try:
-        while step < args.steps:
-            batch = prepare_batch(sampler.sample(args.batch_size), agent.device)
-            info = agent.update(batch)
-            step += 1
-            check_finite(info, step)
-            if step % args.log_every == 0 or step == args.steps:
-                log.log(step, info)
-            if step % args.save_every == 0 or step == args.steps:
-                save(step)
-    except KeyboardInterrupt:
-        # the update of `step` finished, so this checkpoint is a consistent point to resume from
+    def save_if_new(step):
         if step > start_step and not os.path.exists(
             os.path.join(args.out, CKPT_PATTERN.format(step))
         ):
             save(step, all_ranks=False)
-        print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
-        raise SystemExit(130) from None
+
+    step = start_step
+    with StopFlag() as stop:
+        try:
+            while step < args.steps:
+                info = train_step(agent, sampler, args.batch_size, step + 1)
+                step += 1
+                if step % args.log_every == 0 or step == args.steps:
+                    log.log(step, info)
+                if step % args.save_every == 0 or step == args.steps:
+                    save(step)
+                if stop.requested:
+                    save_if_new(step)
+                    print(f"stopped at step {step}; resume with --resume", file=sys.stderr)
+                    raise SystemExit(stop.exit_status)
+        except KeyboardInterrupt:
+            # a second signal: `step` counts the updates that finished, the point to resume from
+            save_if_new(step)
+            print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
     assert_ranks_in_sync(agent)
     return step
 
@@ -414,15 +526,39 @@ def restore_run(ckpt, agent, sampler, rank=0):
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_run_args(p, steps, save_every):
-    """Options of every training phase (pre-training, offline and online fine-tuning)."""
-    p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
-    p.add_argument("--steps", type=int, default=steps, help="gradient steps in total")
+def add_run_args(
+    p, steps, save_every, keep_last, log_every=100, out=None, unit="gradient steps", steps_flags=()
+):
+    """Options of every training phase (pre-training, offline and online fine-tuning); the phase
+    gives its defaults (keep_last: pre-training keeps its newest few, fine-tuning all, for
+    select_ckpt.py) and what it counts (online fine-tuning: environment steps, also spelt
+    --env_steps)."""
+    p.add_argument("--out", default=out, help=f"run folder (default {out or 'runs/<name>'})")
+    p.add_argument(
+        *steps_flags, "--steps", dest="steps", type=int, default=steps, help=f"{unit} in total"
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--save_every", type=int, default=save_every)
-    p.add_argument("--log_every", type=int, default=100)
+    p.add_argument(
+        "--save_every", type=int, default=save_every, help=f"a checkpoint every N {unit}"
+    )
+    p.add_argument(
+        "--keep_last",
+        type=int,
+        default=keep_last,
+        help=f"keep the newest N checkpoints, delete older ones (0: keep all; default {keep_last})",
+    )
+    p.add_argument(
+        "--keep_steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="checkpoints (by step) that --keep_last never deletes",
+    )
+    p.add_argument(
+        "--log_every", type=int, default=log_every, help=f"a progress row every N {unit}"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
@@ -448,42 +584,54 @@ def add_data_args(p):
     )
 
 
+# Set by the data (num_tasks, image_size) or by the run options (seed), not by a learner flag.
+AGENT_FIELDS_FROM_RUN = ("num_tasks", "image_size", "seed")
+AGENT_CHOICES = {"algo": ALGOS, "arch": ARCHS, "head": HEADS, "norm": NORMS}
+
+
 def add_agent_args(p):
-    """The learner's options; the defaults are AgentConfig's, i.e. the paper's (Table X)."""
-    d = AgentConfig()
-    p.add_argument("--algo", default=d.algo, choices=["cql", "bc", "awbc"])
-    p.add_argument(
-        "--arch", default=d.arch, choices=["resnet18", "resnet34", "resnet50", "impala", "small"]
-    )
-    p.add_argument("--head", default=d.head, choices=["spatial", "avgpool", "softmax"])
-    p.add_argument("--norm", default=d.norm, choices=["group", "batch"])
-    p.add_argument("--alpha", type=float, default=d.alpha, help="CQL alpha (paper: 10 real, 1 sim)")
-    p.add_argument(
-        "--gamma", type=float, default=d.gamma, help="discount (paper: 0.96 real, 0.98 sim)"
-    )
-    p.add_argument(
-        "--calql", action="store_true", help="clip the CQL push-down at the MC return (Cal-QL)"
-    )
-    p.add_argument(
+    """The learner's options, one flag per AgentConfig field, generated from the dataclass (defaults
+    and help written once there: the paper's, Table X). --action_input_only is Table XIV's ablation
+    flag."""
+    g = p.add_argument_group("learner (AgentConfig)")
+    add_dataclass_args(g, AgentConfig, skip=AGENT_FIELDS_FROM_RUN, choices=AGENT_CHOICES)
+    g.add_argument(
         "--action_input_only",
-        action="store_true",
-        help="ablation: action at the first Q layer only",
+        dest="action_every_layer",
+        action="store_false",
+        help="ablation: action at the first Q layer only (= --no-action_every_layer)",
     )
+
+
+def _override_fields(skip):
+    """The AgentConfig fields a fine-tuning phase may change: none that fixes a network shape."""
+    skip = (*STRUCTURE, *AGENT_FIELDS_FROM_RUN, *skip)
+    return [f.name for f in dataclasses.fields(AgentConfig) if f.name not in skip]
+
+
+def add_learner_overrides(p, skip=()):
+    """Fine-tuning phases: a flag per AgentConfig field that does not fix a network shape (nor is in
+    skip), whose default is the checkpoint's value (None here: not given)."""
+    g = p.add_argument_group("learner (AgentConfig; default: the checkpoint's)")
+    fields = _override_fields(skip)
+    add_dataclass_args(
+        g,
+        AgentConfig,
+        skip=[f.name for f in dataclasses.fields(AgentConfig) if f.name not in fields],
+        choices=AGENT_CHOICES,
+        defaults=dict.fromkeys(fields),
+        default_help="the checkpoint's",
+    )
+
+
+def learner_overrides(args, skip=()):
+    """{field: value} of the flags add_learner_overrides(p, skip) added that were given."""
+    return {k: getattr(args, k) for k in _override_fields(skip) if getattr(args, k) is not None}
 
 
 def agent_config(args, num_tasks, image_size):
-    return AgentConfig(
-        num_tasks=num_tasks,
-        arch=args.arch,
-        head=args.head,
-        norm=args.norm,
-        image_size=image_size,
-        algo=args.algo,
-        alpha=args.alpha,
-        gamma=args.gamma,
-        calql=args.calql,
-        action_every_layer=not args.action_input_only,
-        seed=args.seed,
+    return dataclass_from_args(
+        AgentConfig, args, num_tasks=num_tasks, image_size=image_size, seed=args.seed
     )
 
 
@@ -514,7 +662,7 @@ def main(argv=None):
     p.add_argument(
         "--extra_tasks", type=int, default=0, help="one-hot slots reserved for future target tasks"
     )
-    add_run_args(p, steps=500_000, save_every=20_000)
+    add_run_args(p, steps=500_000, save_every=20_000, keep_last=PRETRAIN_KEEP_LAST)
     p.add_argument(
         "--compile",
         nargs="?",
@@ -536,10 +684,17 @@ def main(argv=None):
     )
 
     rank, world, device = init_distributed(args.device)
-    if rank == 0:
-        prepare_out_dir(args.out, args.resume)
-    elif world > 1:
-        dist.barrier()  # rank 0 converts the data first; the other ranks then open the cached stores
+    with contextlib.ExitStack() as owned:
+        if rank == 0:  # rank 0 writes the run folder, so it owns it
+            owned.enter_context(claim_run_folder(args.out, args.resume))
+        elif world > 1:
+            dist.barrier()  # rank 0 converts the data first; the other ranks then open the cached stores
+        train(args, rank, world, device)
+
+
+def train(args, rank, world, device):
+    """Pre-training (or joint training) in a run folder this process owns: open the data, build or
+    resume the agent, run train_loop."""
     prior = open_store(args.data, args, args.store)
     task_names = list(prior.task_names) + [RESERVED_TASK.format(i) for i in range(args.extra_tasks)]
     sampler = Sampler(prior, "train", gamma=args.gamma, seed=args.seed + rank)
@@ -611,14 +766,6 @@ def main(argv=None):
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-def run_cli(main):
-    """Entry point of every script: expected failures print one line naming the culprit, no traceback."""
-    try:
-        main()
-    except (CheckpointError, BridgeFormatError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
