@@ -2010,6 +2010,19 @@ def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_
     )  # a BC learner has no Q-values to trace
 
 
+def test_pipeline_joint_training_records_the_target_slot(pipe_data, tmp_path):
+    """A joint run (COG, BC joint: train.py --target) says which one-hot slot is the target, so that
+    online.py evaluates the target task by default, as it does for a fine-tuned checkpoint."""
+    _, prior, target = pipe_data
+    out = tmp_path / "joint"
+    args = ["--data", str(prior), "--target", str(target), "--out", str(out), "--steps", "1"]
+    train.main([*args, "--save_every", "1", "--algo", "bc", *TINY])
+    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
+    assert ckpt["task_names"][ckpt["target_task_ids"][0]] == "sort_ab"
+    policy = online.load_policy(str(out / "ckpt_00000001.pt"), "cpu")
+    assert policy.task_name == "sort_ab"
+
+
 def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
     assert select_ckpt.spearman([0, 1, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
     assert np.allclose(select_ckpt.rankdata([3, 1, 3, 2]), [2.5, 0, 2.5, 1])

@@ -698,12 +698,13 @@ def train(args, rank, world, device):
     prior = open_store(args.data, args, args.store)
     task_names = list(prior.task_names) + [RESERVED_TASK.format(i) for i in range(args.extra_tasks)]
     sampler = Sampler(prior, "train", gamma=args.gamma, seed=args.seed + rank)
+    target_ids = None
     if args.target:
         target = open_store(args.target, args, prior=False)
         ids, _ = target_task_ids(prior.task_names, target.task_names, args.target_task)
-        if (
-            args.target_task == "new"
-        ):  # fresh slots right after the prior tasks, before any reserved ones
+        target_ids = [int(i) for i in ids]
+        # fresh slots right after the prior tasks, before any reserved ones
+        if args.target_task == "new":
             task_names[len(prior.task_names) : len(prior.task_names)] = target.task_names
         t_sampler = Sampler(
             target,
@@ -739,6 +740,9 @@ def train(args, rank, world, device):
             if isinstance(v, (int, float, str, bool, type(None)))
         },
     }
+    if target_ids is not None:
+        # joint training (COG, BC joint): the target's slots, so online.py evaluates the target by default
+        payload["target_task_ids"] = target_ids
     start = 0
     ckpt = resume_state(args, {k: getattr(cfg, k) for k in STRUCTURE})
     if ckpt is not None:
