@@ -148,38 +148,81 @@ def rank(run_dir):
     return scored + rejected, traces
 
 
-def plot(rows, traces, path, chosen_step, panel=(220, 150), cols=4):
-    """One panel per checkpoint (in step order) with the Q-curve (min head) of every held-out trajectory."""
+def _dashed(draw, points, fill, dash=5):
+    """A polyline drawn as dashes of `dash` pixels (PIL has no dashed style)."""
+    for k in range(0, len(points) - 1, 2):
+        draw.line(points[k : k + 2], fill=fill, width=1)
+
+
+def _lighter(rgb, amount=0.45):
+    return tuple(int(c + (255 - c) * amount) for c in rgb)
+
+
+def plot(rows, traces, path, chosen_step, panel=(270, 190), cols=4):
+    """One panel per checkpoint, in step order: for every held-out demo, its Q-values along the demo
+    (solid: min over the 2 heads, the value the actor maximises) and its Monte-Carlo return-to-go under
+    the training rewards (dashed, lighter: the curve a correct Q-function would follow). The y axis is
+    in return units (stored rewards +10 / -1, SPEC section 3), the x axis the demo's time step; the chosen
+    checkpoint has a red frame."""
     rows = sorted(rows, key=lambda r: r["step"])
     n_rows = (len(rows) + cols - 1) // cols
     w, h = panel
-    img = Image.new("RGB", (cols * w, n_rows * h), "white")
+    legend_h = 34
+    img = Image.new("RGB", (cols * w, legend_h + n_rows * h), "white")
     draw = ImageDraw.Draw(img)
+    draw.text(
+        (6, 4),
+        "Q-values on held-out target demos per fine-tuning checkpoint (select_ckpt.py). Solid: "
+        "Q(s_t, a_t), min of the 2 heads; dashed: Monte-Carlo return G_t; one colour per demo.",
+        fill="black",
+    )
+    draw.text(
+        (6, 18),
+        "y: Q / return (reward +10 on the last 3 steps, -1 before);  x: time step t of the demo;  "
+        "red frame: the chosen checkpoint (highest score).",
+        fill="black",
+    )
     for i, row in enumerate(rows):
-        x0, y0 = (i % cols) * w, (i // cols) * h
-        box = (x0 + 34, y0 + 22, x0 + w - 8, y0 + h - 14)
-        curves = [np.min(t["q"], axis=0) for t in traces[row["step"]]["trajectories"]]
-        curves = [np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0) for c in curves]
-        lo = min(float(c.min()) for c in curves)
-        hi = max(float(c.max()) for c in curves)
+        x0 = (i % cols) * w
+        y0 = legend_h + (i // cols) * h
+        box = (x0 + 40, y0 + 22, x0 + w - 8, y0 + h - 26)
+        demos = traces[row["step"]]["trajectories"]
+        curves = []
+        for t in demos:
+            q = np.nan_to_num(np.min(t["q"], axis=0), nan=0.0, posinf=0.0, neginf=0.0)
+            curves.append((q, np.asarray(t.get("mc_return", q), dtype=float)))
+        lo = min(min(float(q.min()), float(g.min())) for q, g in curves)
+        hi = max(max(float(q.max()), float(g.max())) for q, g in curves)
         span = hi - lo if hi > lo else 1.0
+        chosen = row["step"] == chosen_step
         draw.rectangle(
-            box,
-            outline=(200, 0, 0) if row["step"] == chosen_step else (120, 120, 120),
-            width=3 if row["step"] == chosen_step else 1,
+            box, outline=(200, 0, 0) if chosen else (120, 120, 120), width=3 if chosen else 1
         )
-        for j, c in enumerate(curves):
-            xs = (
-                np.linspace(box[0] + 2, box[2] - 2, len(c))
-                if len(c) > 1
-                else np.array([box[0] + 2.0])
-            )
-            ys = box[3] - 2 - (c - lo) / span * (box[3] - box[1] - 4)
-            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=COLORS[j % len(COLORS)], width=2)
-        score = "rejected" if row["score"] is None else f"score {row['score']:.2f}"
-        draw.text((x0 + 4, y0 + 4), f"step {row['step']}  {score}", fill="black")
+        longest = 1
+        for j, (q, g) in enumerate(curves):
+            longest = max(longest, len(q))
+            if len(q) > 1:
+                xs = np.linspace(box[0] + 2, box[2] - 2, len(q))
+            else:
+                xs = np.array([box[0] + 2.0])
+            color = COLORS[j % len(COLORS)]
+            for values, dashed in ((g, True), (q, False)):
+                ys = box[3] - 2 - (values - lo) / span * (box[3] - box[1] - 4)
+                points = list(zip(xs.tolist(), ys.tolist()))
+                if dashed:
+                    _dashed(draw, points, _lighter(color))
+                else:
+                    draw.line(points, fill=color, width=2)
+        if row["score"] is None:
+            score = "rejected (not finite)"
+        else:
+            score = f"score {row['score']:.2f}"
+        title = f"step {row['step']}  {score}" + ("  CHOSEN" if chosen else "")
+        draw.text((x0 + 4, y0 + 6), title, fill=(200, 0, 0) if chosen else "black")
         draw.text((x0 + 2, box[1]), f"{hi:.3g}", fill="black")
         draw.text((x0 + 2, box[3] - 10), f"{lo:.3g}", fill="black")
+        draw.text((box[0], box[3] + 4), "t = 0", fill="black")
+        draw.text((box[2] - 44, box[3] + 4), f"t = {longest - 1}", fill="black")
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
