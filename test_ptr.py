@@ -1,7 +1,10 @@
 """The PTR-torch test suite: CPU only, small networks and images, about a minute on a laptop.
 
-Sections: data.py, model.py + cql.py, train/finetune/select_ckpt, sim_binsort.py, robot.py, online.py.
-Private helpers carry their section's prefix (_data_, _core_, _pipe_, _sim_, _robot_, _online_)."""
+Sections, in the project's import order: data.py; rlds.py and lerobot.py; model.py and cql.py;
+train.py, finetune.py, select_ckpt.py (with run-folder faults); throughput (compile, bench.py,
+prefetching); sim_binsort.py (with the data-environment loop); robot.py (dynamixel.py, widowx.py);
+online.py (with stage-wise success). Private helpers carry their section's prefix (_data_, _core_,
+_pipe_, _sim_, _robot_, _online_)."""
 
 import argparse
 import copy
