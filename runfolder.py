@@ -3,10 +3,12 @@ policy keeps (a leaf: imports nothing from the project, nor torch, so select_ckp
 folder cheaply).
 
 A run folder (--out of train.py, finetune.py, online.py finetune) holds:
-    config.json             every resolved option of the run progress.csv            one row per
-    logged step run.lock                the pid of the process that owns the folder (train.py
-    claim_run_folder) ckpt_<step>.pt          checkpoints, step zero-padded to 8 digits
-    qvalues_<step>.json     finetune.py: Q-values on the held-out target demos at that checkpoint
+    config.json               every resolved option of the run
+    progress.csv              one row per logged step
+    run.lock                  the pid of the process that owns the folder (train.claim_run_folder)
+    ckpt_<step>.pt            checkpoints, step zero-padded to 8 digits
+    qvalues_<step>.json       finetune.py: Q-values on the held-out target demos at that checkpoint
+    selection.json            select_ckpt.py: the ranking and the chosen checkpoint
     episodes/episode_<n>.npz  online.py: each online trajectory, written once
 """
 

@@ -36,6 +36,11 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from fileio import atomic_write_text  # noqa: E402  (the project's leaves: no torch, no pybullet)
+from runfolder import CKPT_PATTERN, list_checkpoints  # noqa: E402
+
 # the target's one-hot slot by name: joint runs (train.py --target) do not record which slot is the target
 SORT_TASK = "sort_mug_cube"
 PICK_TASKS = ("pick_cube_to_left", "pick_duck_to_right", "pick_mug_to_left", "pick_ball_to_right")
@@ -95,13 +100,14 @@ def python(*args):
     return [sys.executable, *args]
 
 
-def last_ckpt(run_dir):
-    ckpts = sorted(f for f in os.listdir(run_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    return os.path.join(run_dir, ckpts[-1]) if ckpts else None
-
-
 def ckpt_path(run_dir, step):
-    return os.path.join(run_dir, f"ckpt_{step:08d}.pt")
+    return os.path.join(run_dir, CKPT_PATTERN.format(step))
+
+
+def selected_ckpt(out):
+    """The checkpoint select_ckpt.py chose (its selection.json in the PTR run folder), or None."""
+    path = os.path.join(out, "ptr", "selection.json")
+    return json.load(open(path))["chosen"] if os.path.exists(path) else None
 
 
 def build_jobs(p, out):
@@ -147,11 +153,7 @@ def build_jobs(p, out):
         train("cql_tgt", p.ft_steps, cql, data=target),  # 5 demos: as many steps as fine-tuning
     ]
     select = python("select_ckpt.py", run["ptr"], "--plot", os.path.join(out, "qvalues.png"))
-    select_file = os.path.join(out, "eval", "selected.txt")
-    shell = (
-        f"{shlex.join(select)} | tail -1 > {select_file}.tmp && mv {select_file}.tmp {select_file}"
-    )
-    jobs.append(Job("select", ["bash", "-c", shell], ("ptr",), select_file))
+    jobs.append(Job("select", select, ("ptr",), os.path.join(run["ptr"], "selection.json")))
     evals = os.path.join(out, "eval")
     for pre in ("cql_pre", "bc_pre"):
         for task in PICK_TASKS:
@@ -214,9 +216,9 @@ def resolve(cmd, out):
     resolved = []
     for arg in cmd:
         if arg == "SELECTED":
-            arg = open(os.path.join(out, "eval", "selected.txt")).read().strip()
+            arg = selected_ckpt(out)
         elif arg.startswith("LAST:"):
-            arg = last_ckpt(arg[5:])
+            arg = list_checkpoints(arg[5:])[-1][1]
         resolved.append(arg)
     return resolved
 
@@ -359,9 +361,8 @@ def write_table(p, out, seconds=None):
         r = load_eval(out, f"ptr_step_{step:06d}")
         if r is not None:
             steps.append((step, r))
-    selected = os.path.join(out, "eval", "selected.txt")
-    if steps and os.path.exists(selected):
-        chosen = open(selected).read().strip()
+    chosen = selected_ckpt(out)
+    if steps and chosen:
         lines += [
             "",
             "## Checkpoint selection (select_ckpt.py) against the best saved PTR checkpoint",
@@ -381,13 +382,12 @@ def write_table(p, out, seconds=None):
                 f"points below it ({p.ckpt_episodes} episodes per checkpoint).",
             ]
     lines += ["", "Commands: see logs/<job>.log (each starts with the exact command)."]
-    atomic_text("\n".join(lines) + "\n", os.path.join(out, "results.md"))
+    atomic_write_text("\n".join(lines) + "\n", os.path.join(out, "results.md"))
     plot_curves(p, out)
 
 
 def pooled(results):
     """One eval-like dict from several online.py eval JSONs (episodes pooled, intervals recomputed)."""
-    sys.path.insert(0, ROOT)
     from online import wilson_interval
 
     n = sum(r["episodes"] for r in results)
@@ -418,12 +418,6 @@ def pretraining_curves(p, out):
             if all(r is not None for r in results):
                 curves[pre].append((step, pooled(results)))
     return curves
-
-
-def atomic_text(text, path):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def plot_curves(p, out):
