@@ -3,16 +3,17 @@
     python cql.py bench --arch resnet34 --batch 64 --image_size 128 --device cuda
     python bench.py --arch small --batch 64 --image_size 64              # the same, called directly
 
-The arithmetic of the PTR ResNet-34 variant (SPEC section 4, 11.3 GFLOP per 128x128 image forward): one CQL
-update at batch 64 runs the critic on s with gradient, the target on s', the policy on s with gradient and
-on s' without, about 5.8 TFLOP, so a GPU at a dense bf16 peak of ~800 TFLOP/s does at most ~140 updates/s.
+The arithmetic of the PTR ResNet-34 variant (SPEC section 4, 11.3 GFLOP per 128x128 image forward):
+one CQL update at batch 64 runs the critic on s with gradient, the target on s', the policy on s
+with gradient and on s' without, about 5.8 TFLOP, so a GPU at a dense bf16 peak of ~800 TFLOP/s
+does at most ~140 updates/s.
 
-One run builds two agents from the same seed, one eager and one compiled (cql.Agent.compile), and times
-them in interleaved rounds, so both see the same machine load (shared CPUs); on CUDA the throughput is timed
-as in training (back-to-back updates, one synchronisation). FLOPs are counted (torch.utils.flop_counter) on
-the eager update; the compiled one does the same arithmetic. The overhead ratio is the eager update's time
-over the summed time of the encoder passes it needs: the rest is the MLP heads, losses, optimizer steps,
-target update and Python.
+One run builds two agents from the same seed, one eager and one compiled (cql.Agent.compile), and
+times them in interleaved rounds, so both see the same machine load (shared CPUs); on CUDA the
+throughput is timed as in training (back-to-back updates, one synchronisation). FLOPs are counted
+(torch.utils.flop_counter) on the eager update; the compiled one does the same arithmetic. The
+overhead ratio is the eager update's time over the summed time of the encoder passes it needs: the
+rest is the MLP heads, losses, optimizer steps, target update and Python.
 """
 
 import argparse
@@ -67,7 +68,8 @@ def seconds(fn, cuda):
 
 
 def encoder_passes(agent, batch):
-    """{name: fn} of the encoder passes an update needs, each as in update() (autocast, grad or not)."""
+    """{name: fn} of the encoder passes an update needs, each as in update()
+    (autocast, grad or not)."""
 
     def fwd_bwd(net, images):
         for p in net.parameters():
@@ -116,7 +118,8 @@ def bench(args):
     passes = encoder_passes(eager, batch)
     fns = {**updates, **passes}
 
-    # warm-up: allocator, cuDNN algorithm search, compilation (first call), CUDA graph recording (later ones)
+    # warm-up: allocator, cuDNN algorithm search, compilation (first call), CUDA graph
+    # recording (later ones)
     compile_s = seconds(updates["compiled"], cuda)
     for _ in range(args.warmup):
         for fn in fns.values():
@@ -147,7 +150,10 @@ def bench(args):
     for k, t in per_update.items():
         rate = flops / t
         frac = f"{rate / peak:.1%} of peak" if peak else "fraction of peak n/a"
-        line = f"{k:9} {1.0 / t:8.3f} updates/s {t * 1e3:9.1f} ms/update {rate / 1e9:9.4g} GFLOP/s = {frac}"
+        line = (
+            f"{k:9} {1.0 / t:8.3f} updates/s {t * 1e3:9.1f} ms/update "
+            f"{rate / 1e9:9.4g} GFLOP/s = {frac}"
+        )
         if k in memory:
             line += f", peak memory {memory[k] / 2**30:.2f} GiB (both agents resident)"
         print(line)

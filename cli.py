@@ -24,7 +24,8 @@ import typing
 
 
 class ExpectedError(Exception):
-    """Mixin for errors that a user causes and can fix (a file, a field, a flag): reported in one line."""
+    """Mixin for errors that a user causes and can fix (a file, a field, a flag):
+    reported in one line."""
 
 
 # What a user can cause and fix. OSError covers missing files and pyserial's SerialException.
@@ -34,12 +35,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def one_line(e):
-    """The message of an exception on one line (pyserial and OSError put the path in their own text)."""
+    """The message of an exception on one line (pyserial and OSError put the path
+    in their own text)."""
     return " ".join(str(e).split()) or type(e).__name__
 
 
 def run_cli(main, argv=None):
-    """Run main(argv); an expected failure prints `<script>: error: <message>` and exits 2, Ctrl-C exits 130."""
+    """Run main(argv); an expected failure prints `<script>: error: <message>` and
+    exits 2, Ctrl-C exits 130."""
     script = os.path.basename(sys.argv[0]) or "ptr"
     try:
         status = main(argv) if argv is not None else main()

@@ -1,18 +1,24 @@
 """CQL / Cal-QL / BC / AW-BC losses and the PTR agent that owns the networks and optimizers.
 
-Kumar, Singh, Ebert et al., RSS 2023 (paper/ptr_rss2023.txt), Section IV-A: multi-task CQL with a one-hot task
-id; Appendix (Tables X, XI): the hyperparameters; Section V / Table IX: advantage-weighted BC; online
-fine-tuning clips the push-down with the Monte-Carlo return (Cal-QL, Nakamoto et al. 2023). SPEC section 3 has
-the release's details, all defaults live in AgentConfig below:
+Kumar, Singh, Ebert et al., RSS 2023 (paper/ptr_rss2023.txt), Section IV-A: multi-task CQL
+with a one-hot task id; Appendix (Tables X, XI): the hyperparameters; Section V / Table IX:
+advantage-weighted BC; online fine-tuning clips the push-down with the Monte-Carlo return
+(Cal-QL, Nakamoto et al. 2023). SPEC section 3 has the release's details, all defaults
+live in AgentConfig below:
 
   critic  sum over the 2 heads of  mean (Q(s,a) - y)^2  +  alpha * mean [ lse(s) - Q(s,a) ]
-          y = r + gamma * mask * max_{j<N} min_heads Q_target(s', a'_j),  a'_j ~ pi(.|s')   (no entropy term)
-          lse(s) = temp * logsumexp_j over { (Q(s,a^pi_j) - log pi(a^pi_j)) / temp,  (Q(s,a^u_j) - log 0.5^A) / temp }
-          with N policy actions a^pi ~ pi(.|s) and N uniform a^u in [-1,1]^A (importance-sampled CQL(H));
+          y = r + gamma * mask * max_{j<N} min_heads Q_target(s', a'_j),  a'_j ~ pi(.|s')
+              (no entropy term)
+          lse(s) = temp * logsumexp_j over { (Q(s,a^pi_j) - log pi(a^pi_j)) / temp,
+                                             (Q(s,a^u_j) - log 0.5^A) / temp }
+          with N policy actions a^pi ~ pi(.|s) and N uniform a^u in [-1,1]^A
+          (importance-sampled CQL(H));
           Cal-QL: Q(s,a^pi) -> max(Q(s,a^pi), mc_return) before the logsumexp.
-          The TD term is the plain MSE of the release (the paper writes 1/2 TD + alpha * penalty), so alpha here
-          weighs the penalty like 2 * alpha in the paper's equation: the release's alpha = 10 means this one.
-  actor   mean [ temp * log pi(a|s) - min_heads Q(s,a) ],  a ~ pi;  temperature: temp * (entropy - target)
+          The TD term is the plain MSE of the release (the paper writes 1/2 TD + alpha * penalty),
+          so alpha here weighs the penalty like 2 * alpha in the paper's equation: the release's
+          alpha = 10 means this one.
+  actor   mean [ temp * log pi(a|s) - min_heads Q(s,a) ],  a ~ pi;
+          temperature: temp * (entropy - target)
   bc      MSE;  awbc: MSE weighted by exp(Q(s,a) - max_j Q(s,a^pi_j)), clipped at awbc_max_weight.
 
 `python cql.py bench ...` measures update speed, eager and compiled (bench.py).
@@ -28,12 +34,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# SuccessClassifier is re-exported for online.py, which may import cql but not model (SPEC section 2)
+# SuccessClassifier is re-exported for online.py, which may import cql but not
+# model (SPEC section 2)
 from model import BCPolicy, QNetwork, SuccessClassifier, TanhGaussianPolicy, make_encoder  # noqa: F401
 
 ALGOS = ("cql", "bc", "awbc")
-# torch.compile modes of Agent.compile(): inductor's default, CUDA graphs (removes the launch overhead of
-# the many small kernels of the MLP heads and losses), or autotuned kernels without CUDA graphs
+# torch.compile modes of Agent.compile(): inductor's default, CUDA graphs (removes the
+# launch overhead of the many small kernels of the MLP heads and losses), or autotuned
+# kernels without CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # Fields that fix tensor shapes: a checkpoint only loads into an agent that agrees on all of them.
 STRUCTURE = (
@@ -82,6 +90,7 @@ class AgentConfig:
     init_temp: float = 1.0  # initial entropy temperature
     target_entropy: float | None = None  # None -> -action_dim
     polyak: float = 0.005  # soft target update rate
+    bc_steps: int = 0  # the first N actor updates imitate the data (max likelihood), not Q
     bc_dropout: float = 0.4  # dropout of the BC policy (Table XI)
     awbc_max_weight: float = 20.0  # ours: exp(advantage) clipped at 20 (advantage <= ln 20)
     seed: int = 0  # network init and the agent's own sampling generator
@@ -94,10 +103,11 @@ class AgentConfig:
                 raise ValueError(f"cql.py: AgentConfig.{name}={getattr(self, name)}, expected >= 1")
 
 
-# ============================================================================================== losses
+# =========================================================================================== losses
 def td_target(reward, mask, next_q, gamma, max_backup=True):
-    """y = r + gamma * mask * V(s'); next_q (B, N, heads) are target-critic values at N actions a' ~ pi(.|s'):
-    V = max over the N samples (or the first) of the min over heads (pessimism against overestimation)."""
+    """y = r + gamma * mask * V(s'); next_q (B, N, heads) are target-critic values at N actions
+    a' ~ pi(.|s'): V = max over the N samples (or the first) of the min over heads (pessimism
+    against overestimation)."""
     assert next_q.dim() == 3 and reward.shape == mask.shape == next_q.shape[:1], (
         reward.shape,
         mask.shape,
@@ -114,15 +124,17 @@ def uniform_log_density(action_dim):
 
 
 def calql_bound(q_pi, mc_return):
-    """Cal-QL: policy-action Q values are not pushed below the data's Monte-Carlo return (gradient 0 there)."""
+    """Cal-QL: policy-action Q values are not pushed below the data's Monte-Carlo return
+    (gradient 0 there)."""
     assert mc_return.shape == q_pi.shape[:1], (mc_return.shape, q_pi.shape)
     return torch.maximum(q_pi, mc_return.to(q_pi.dtype)[:, None, None])
 
 
 def importance_logsumexp(q_pi, log_pi, q_rand, log_rand, temp):
-    """Importance-sampled soft maximum of Q over actions: q_pi (B, N, H) at a ~ pi with log pi (B, N), q_rand
-    (B, M, H) at uniform actions of log density log_rand -> (B, H). Dividing by the sampling density turns the
-    sum over samples into an estimate of the integral over the action space (up to log(N + M))."""
+    """Importance-sampled soft maximum of Q over actions: q_pi (B, N, H) at a ~ pi with log pi
+    (B, N), q_rand (B, M, H) at uniform actions of log density log_rand -> (B, H). Dividing by the
+    sampling density turns the sum over samples into an estimate of the integral over the action
+    space (up to log(N + M))."""
     assert log_pi.shape == q_pi.shape[:2] and q_rand.shape[0] == q_pi.shape[0], (
         q_pi.shape,
         log_pi.shape,
@@ -133,8 +145,9 @@ def importance_logsumexp(q_pi, log_pi, q_rand, log_rand, temp):
 
 
 def cql_penalty(q_data, q_pi, log_pi, q_rand, log_rand, temp, mc_return=None):
-    """CQL(H) push-down minus push-up, per head: mean_B [ lse(s) - Q(s, a_data) ] -> (H,). Its gradient is
-    +softmax weights on the sampled Q's (they sum to 1 per state) and -1 on Q(s, a_data), each / B."""
+    """CQL(H) push-down minus push-up, per head: mean_B [ lse(s) - Q(s, a_data) ] -> (H,).
+    Its gradient is +softmax weights on the sampled Q's (they sum to 1 per state) and -1 on
+    Q(s, a_data), each / B."""
     assert q_data.shape == (q_pi.shape[0], q_pi.shape[2]), (q_data.shape, q_pi.shape)
     if mc_return is not None:
         q_pi = calql_bound(q_pi, mc_return)
@@ -143,9 +156,9 @@ def cql_penalty(q_data, q_pi, log_pi, q_rand, log_rand, temp, mc_return=None):
 
 
 def critic_loss(q_data, q_pi, log_pi, q_rand, next_q, batch, cfg):
-    """q_data (B, H) at the data action, q_pi / q_rand (B, N, H) at policy / uniform actions at s (log_pi
-    (B, N), detached), next_q (B, N, H) from the target critic at s'. batch: reward, mask (and mc_return for
-    Cal-QL). Returns the sum over heads of TD + alpha * penalty."""
+    """q_data (B, H) at the data action, q_pi / q_rand (B, N, H) at policy / uniform actions at s
+    (log_pi (B, N), detached), next_q (B, N, H) from the target critic at s'. batch: reward, mask
+    (and mc_return for Cal-QL). Returns the sum over heads of TD + alpha * penalty."""
     y = td_target(batch["reward"], batch["mask"], next_q, cfg.gamma, cfg.max_q_backup).detach()
     td = (q_data - y[:, None]).pow(2).mean(0)
     pen, info = cql_penalty(
@@ -172,21 +185,33 @@ def critic_loss(q_data, q_pi, log_pi, q_rand, next_q, batch, cfg):
 
 
 def actor_loss(q_pi, log_pi, temp):
-    """Maximise min-over-heads Q plus entropy: q_pi (B, N, H) at reparameterised a ~ pi, log_pi (B, N)."""
+    """Maximise min-over-heads Q plus entropy: q_pi (B, N, H) at reparameterised
+    a ~ pi, log_pi (B, N)."""
     assert q_pi.shape[:2] == log_pi.shape, (q_pi.shape, log_pi.shape)
     loss = (temp * log_pi - q_pi.min(-1).values).mean()
     return loss, {"actor_loss": loss.detach(), "entropy": -log_pi.mean().detach()}
 
 
+def actor_imitation_loss(log_pi, log_pi_data, temp):
+    """The actor's warm-up (cfg.bc_steps; the CQL reference code's policy_eval_start): maximise the
+    log-likelihood of the data action plus entropy while the critic is still uninformative. log_pi
+    (B, N) at reparameterised samples, log_pi_data (B,) at the data action."""
+    assert log_pi.shape[0] == log_pi_data.shape[0], (log_pi.shape, log_pi_data.shape)
+    loss = (temp * log_pi).mean() - log_pi_data.mean()
+    return loss, {"actor_loss": loss.detach(), "entropy": -log_pi.mean().detach()}
+
+
 def temperature_loss(log_temp, log_pi, target_entropy):
-    """Auto-tuned entropy temperature: raises temp when the entropy is below target, lowers it above."""
+    """Auto-tuned entropy temperature: raises temp when the entropy is below
+    target, lowers it above."""
     temp = log_temp.exp()
     loss = temp * (-log_pi.detach().mean() - target_entropy)
     return loss, {"temperature": temp.detach(), "temp_loss": loss.detach()}
 
 
 def bc_loss(pred, action, weights=None):
-    """(Weighted) mean squared error of a deterministic BC policy; weights (B,) are treated as constants."""
+    """(Weighted) mean squared error of a deterministic BC policy; weights (B,) are
+    treated as constants."""
     assert pred.shape == action.shape, (pred.shape, action.shape)
     per_sample = (pred - action).pow(2).mean(-1)
     if weights is None:
@@ -198,12 +223,13 @@ def bc_loss(pred, action, weights=None):
 
 
 def awbc_weights(q_data, q_samples, max_weight):
-    """Table IX: w = exp(Q(s,a) - max_j Q(s,a_j)) with a_j sampled from the policy (min over heads), clipped."""
+    """Table IX: w = exp(Q(s,a) - max_j Q(s,a_j)) with a_j sampled from the policy
+    (min over heads), clipped."""
     adv = q_data.min(-1).values - q_samples.min(-1).values.max(1).values
     return adv.exp().clamp(max=max_weight).detach()
 
 
-# ============================================================================================== agent
+# ============================================================================================ agent
 def _insert_zeros(t, dim, index, count):
     shape = list(t.shape)
     shape[dim] = count
@@ -217,8 +243,8 @@ def _allreduce_mean_(params):
     """Average gradients over ranks (torchrun / DDP mode) in one flat all_reduce per optimizer."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    # only the gradients that exist (the same set on every rank): a zero-filled one would let Adam's momentum
-    # move a parameter that a single process would leave alone
+    # only the gradients that exist (the same set on every rank): a zero-filled one would let Adam's
+    # momentum move a parameter that a single process would leave alone
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
@@ -289,12 +315,14 @@ class Agent:
             net.encoder.channels_last = True
 
     def _add_optimizer(self, name, params, lr_field):
-        # fused Adam: one kernel over all parameters (CUDA and CPU; ~6x faster than the per-tensor loop on CPU)
+        # fused Adam: one kernel over all parameters (CUDA and CPU; ~6x faster than
+        # the per-tensor loop on CPU)
         self.params[name], self.lr_fields[name] = params, lr_field
         self.optimizers[name] = torch.optim.Adam(params, lr=getattr(self.cfg, lr_field), fused=True)
 
     def _ensure_bc_policy(self):
-        """The BCPolicy of algo bc / awbc; seeded on its own so it is the same whenever it is created."""
+        """The BCPolicy of algo bc / awbc; seeded on its own so it is the same
+        whenever it is created."""
         if self.bc_policy is not None:
             return
         cfg = self.cfg
@@ -310,12 +338,14 @@ class Agent:
                 cfg.depth,
                 cfg.bc_dropout,
             )
+        if self.policy is not None:  # AW-BC from a CQL agent: the state as its policy sees it
+            self.bc_policy.state_norm.load_state_dict(self.policy.state_norm.state_dict())
         self._place(self.bc_policy)
         self.nets["bc_policy"] = self.bc_policy
         self._add_optimizer("bc", list(self.bc_policy.parameters()), "actor_lr")
         self._training = None
 
-    # ------------------------------------------------------------------------------------------ helpers
+    # -------------------------------------------------------------------------------------- helpers
     def _mode(self, training):
         if self._training != training:
             for net in self.nets.values():
@@ -323,7 +353,8 @@ class Agent:
             self._training = training
 
     def _autocast(self):
-        """bf16 autocast around the encoders on CUDA; the MLPs and losses stay in fp32 (Q values up to ~250)."""
+        """bf16 autocast around the encoders on CUDA; the MLPs and losses stay in fp32
+        (Q values up to ~250)."""
         return (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
         )
@@ -379,34 +410,38 @@ class Agent:
             opt.step()
         return info
 
-    # ------------------------------------------------------------------------------------------ update
+    # --------------------------------------------------------------------------------------- update
     def compile(self, mode="default", backend="inductor"):
-        """torch.compile the forward half of update() (all network passes and losses) and so its backward;
-        the gradient all-reduce, the optimizer steps and the target update stay eager (fused Adam is one
-        kernel already). Shapes are static (dynamic=False): batch and image size are fixed in a run. A change
-        that the captured graph depends on (cfg.alpha, cfg.algo, grow_tasks) recompiles on the next update.
-        The three draws from self.generator (dynamo cannot trace a torch.Generator) run eagerly between the
-        captured pieces, so the agent's random stream, and with it an exact resume, is the eager one; the BC
-        policy's dropout masks (torch's global RNG) are drawn differently once compiled.
-        mode: one of COMPILE_MODES (inductor only); "reduce-overhead" replays CUDA graphs, whose outputs
-        (the info tensors) are valid until the next update. The arithmetic is unchanged: losses equal the
-        eager ones up to floating-point reassociation (test_ptr.py, compiled update section)."""
+        """torch.compile the forward half of update() (all network passes and losses) and so its
+        backward; the gradient all-reduce, the optimizer steps and the target update stay eager
+        (fused Adam is one kernel already). Shapes are static (dynamic=False): batch and image
+        size are fixed in a run. A change that the captured graph depends on (cfg.alpha, cfg.algo,
+        grow_tasks) recompiles on the next update. The three draws from self.generator (dynamo
+        cannot trace a torch.Generator) run eagerly between the captured pieces, so the agent's
+        random stream, and with it an exact resume, is the eager one; the BC policy's dropout masks
+        (torch's global RNG) are drawn differently once compiled.
+        mode: one of COMPILE_MODES (inductor only); "reduce-overhead" replays CUDA graphs,
+        whose outputs (the info tensors) are valid until the next update. The arithmetic is
+        unchanged: losses equal the eager ones up to floating-point reassociation (test_ptr.py,
+        compiled update section)."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"cql.py: compile mode={mode!r}, expected one of {COMPILE_MODES}")
         self.compile_mode = mode
         self._losses = torch.compile(self._update_losses, mode=mode, backend=backend, dynamic=False)
 
     def update(self, batch):
-        """One gradient step on every network. batch: data.py's batch, on self.device, already augmented.
-        Each encoder runs at most once per image batch: critic on s (grad), target on s', policy on s (grad)
-        and s' (no grad); the BC policy (bc, awbc) on s. Returns {name: 0-d detached tensor} (no host sync)."""
+        """One gradient step on every network. batch: data.py's batch, on self.device, already
+        augmented. Each encoder runs at most once per image batch: critic on s (grad), target
+        on s', policy on s (grad) and s' (no grad); the BC policy (bc, awbc) on s. Returns
+        {name: 0-d detached tensor} (no host sync)."""
         self._build_algo_networks()
         use_critic, use_bc = self._uses()
         self._mode(True)
         if self.compile_mode == "reduce-overhead":
             # a new step for the CUDA graphs: the previous update's outputs are no longer read
             torch.compiler.cudagraph_mark_step_begin()
-        loss, info = self._losses(batch, use_critic, use_bc)
+        imitate = use_critic and self.updates < self.cfg.bc_steps
+        loss, info = self._losses(batch, use_critic, use_bc, imitate)
         info.update(self._step(loss))
         if use_critic:
             with torch.no_grad():
@@ -418,9 +453,10 @@ class Agent:
         self.updates += 1
         return info
 
-    def _update_losses(self, batch, use_critic, use_bc):
-        """The forward half of update(): every network pass and loss, no parameter changed; this is what
-        compile() captures (the backward follows it into the compiled graph). -> (summed loss, info)."""
+    def _update_losses(self, batch, use_critic, use_bc, imitate=False):
+        """The forward half of update(): every network pass and loss, no parameter changed; this
+        is what compile() captures (the backward follows it into the compiled graph). imitate: the
+        actor's warm-up loss (cfg.bc_steps). -> (summed loss, info)."""
         cfg = self.cfg
         onehot, state, action = self._onehot(batch["task"]), batch["state"], batch["action"]
         b, n = action.shape[0], cfg.num_actions
@@ -443,16 +479,21 @@ class Agent:
         a_rand = (
             torch.rand(b, n, cfg.action_dim, generator=self.generator, device=self.device) * 2 - 1
         )
-        # one head evaluation for the data action, N policy actions (detached: the critic loss must not move
-        # the policy) and N uniform actions, all sharing the embedding of s
+        # one head evaluation for the data action, N policy actions (detached: the critic loss must
+        # not move the policy) and N uniform actions, all sharing the embedding of s
         q_all = self.critic.heads(
             z_q, torch.cat([action[:, None], a_pi.detach(), a_rand], 1), onehot
         )
         q_data, q_pi, q_rand = q_all[:, 0], q_all[:, 1 : n + 1], q_all[:, n + 1 :]
         c_loss, info = critic_loss(q_data, q_pi, log_pi.detach(), q_rand, next_q, batch, cfg)
-        # actor: same embedding and heads, but detached, so this loss only reaches the policy
-        q_actor = self.critic.heads(z_q.detach(), a_pi, onehot, detach_params=True)
-        a_loss, a_info = actor_loss(q_actor, log_pi, self.log_temp.exp().detach())
+        temp = self.log_temp.exp().detach()
+        if imitate:
+            log_pi_data = self.policy.log_prob(z_pi, state, onehot, action)
+            a_loss, a_info = actor_imitation_loss(log_pi, log_pi_data, temp)
+        else:
+            # actor: same embedding and heads, but detached, so this loss only reaches the policy
+            q_actor = self.critic.heads(z_q.detach(), a_pi, onehot, detach_params=True)
+            a_loss, a_info = actor_loss(q_actor, log_pi, temp)
         target_entropy = (
             cfg.target_entropy if cfg.target_entropy is not None else -float(cfg.action_dim)
         )
@@ -466,10 +507,11 @@ class Agent:
             info.update(b_info)
         return loss, info
 
-    # ------------------------------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def act(self, images, state, task, deterministic=True):
-        """Actions in [-1, 1] (B, A) from uint8 images (B, 3, H, W), state (B, S), task int64 (B,)."""
+        """Actions in [-1, 1] (B, A) from uint8 images (B, 3, H, W), state (B, S),
+        task int64 (B,)."""
         self._build_algo_networks()
         use_critic, use_bc = self._uses()
         self._mode(False)
@@ -499,7 +541,15 @@ class Agent:
             z, batch["action"].to(self.device).float(), self._onehot(batch["task"])
         )
 
-    # ------------------------------------------------------------------------------------------ checkpoints
+    def set_state_statistics(self, mean, std):
+        """The per-dimension mean and std of the training data's proprioceptive states, which every
+        policy normalizes its state input with (model.StateNormalizer). Set once, before the first
+        update: the weights learned afterwards assume them, and checkpoints carry them."""
+        for name in ("policy", "bc_policy"):
+            if name in self.nets:
+                self.nets[name].state_norm.set_statistics(mean, std)
+
+    # ---------------------------------------------------------------------------------- checkpoints
     def state_dict(self):
         """Tensors and python values only (torch.load(weights_only=True) safe)."""
         return {
@@ -519,9 +569,10 @@ class Agent:
         return agent
 
     def load_state_dict(self, d, strict=True):
-        """Load a state_dict() of an agent with the same STRUCTURE fields (the algo may differ where the networks
-        allow: a BC policy in the checkpoint is created here). strict=False accepts a checkpoint that lacks some
-        of this agent's networks (e.g. an awbc agent from a cql checkpoint); returns the names left as built."""
+        """Load a state_dict() of an agent with the same STRUCTURE fields (the algo may differ
+        where the networks allow: a BC policy in the checkpoint is created here). strict=False
+        accepts a checkpoint that lacks some of this agent's networks (e.g. an awbc agent from a cql
+        checkpoint); returns the names left as built."""
         saved = d["config"]
         diff = [
             f"{k}: checkpoint {saved.get(k)!r}, agent {getattr(self.cfg, k)!r}"
@@ -548,12 +599,22 @@ class Agent:
         ]
         if missing and strict:
             raise ValueError(
-                f"cql.py: load_state_dict: checkpoint (algo={saved.get('algo')!r}) has no {missing}; "
-                f"pass strict=False to keep them as initialised"
+                f"cql.py: load_state_dict: checkpoint (algo={saved.get('algo')!r}) has no "
+                f"{missing}; pass strict=False to keep them as initialised"
             )
         for k, net in self.nets.items():
             if k in d["nets"]:
-                net.load_state_dict(d["nets"][k])
+                sd = d["nets"][k]
+                if hasattr(net, "state_norm") and "state_norm.mean" not in sd:
+                    # written before policies normalized their state: the identity
+                    # keeps them as they were
+                    dim = net.state_norm.mean.numel()
+                    sd = {
+                        **sd,
+                        "state_norm.mean": torch.zeros(dim),
+                        "state_norm.std": torch.ones(dim),
+                    }
+                net.load_state_dict(sd)
         for k, opt in self.optimizers.items():
             if k not in d["optimizers"]:
                 continue
@@ -564,8 +625,8 @@ class Agent:
                 for gs, g in zip(sd["param_groups"], opt.param_groups)
             ]
             opt.load_state_dict(sd)
-            # the moments keep the layout they were saved with (channels_last on CUDA): fused Adam needs the
-            # parameter's own layout, so a checkpoint can move between CPU and GPU
+            # the moments keep the layout they were saved with (channels_last on CUDA): fused Adam
+            # needs the parameter's own layout, so a checkpoint can move between CPU and GPU
             for p, st in opt.state.items():
                 for key, v in st.items():
                     if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
@@ -583,20 +644,22 @@ class Agent:
         return missing
 
     def grow_tasks(self, num_tasks):
-        """Widen the task one-hot to num_tasks slots (offline fine-tuning on new tasks, Section IV-A). The new
-        input weights are zero, so outputs for old tasks are unchanged and new tasks start from the
-        task-agnostic part of the network. Each widened weight becomes a new Parameter that takes the old one's
-        place in its module, its optimizer's param group and its optimizer state; Adam's moment buffers get zero
-        rows there and the shared step count is kept. Old weights so continue exactly as before; new rows start
-        with zero moments under a bias correction of ~1, so their first few hundred steps are up to a few times
-        lr (as in Adam without bias correction) - small for one-hot rows, and no state of old rows is lost."""
+        """Widen the task one-hot to num_tasks slots (offline fine-tuning on new tasks,
+        Section IV-A). The new input weights are zero, so outputs for old tasks are unchanged and
+        new tasks start from the task-agnostic part of the network. Each widened weight becomes a
+        new Parameter that takes the old one's place in its module, its optimizer's param group and
+        its optimizer state; Adam's moment buffers get zero rows there and the shared step count is
+        kept. Old weights so continue exactly as before; new rows start with zero moments under a
+        bias correction of ~1, so their first few hundred steps are up to a few times lr (as in Adam
+        without bias correction) - small for one-hot rows, and no state of old rows is lost."""
         old = self.cfg.num_tasks
         if num_tasks < old:
             raise ValueError(
                 f"cql.py: grow_tasks({num_tasks}) cannot shrink the one-hot from {old} tasks"
             )
         owner = {id(p): opt for name, opt in self.optimizers.items() for p in self.params[name]}
-        widen = []  # (module, dim, index): where the one-hot's weight rows/columns go in module.weight
+        # (module, dim, index): where the one-hot's weight rows/columns go in module.weight
+        widen = []
         for name in ("critic", "target_critic"):
             if name in self.nets:
                 widen.append(
@@ -632,7 +695,7 @@ class Agent:
         self.cfg.num_tasks = num_tasks
 
 
-# ============================================================================================== random batches
+# =================================================================================== random batches
 def random_batch(cfg, batch_size, device="cpu", seed=0):
     """A batch in data.py's format (see data._make_batch) with random content (tests, bench.py)."""
     g = torch.Generator().manual_seed(seed)
@@ -663,7 +726,8 @@ def main(argv=None):
         help="eager vs compiled updates/s, fraction of peak FLOP/s (bench.py)",
     )
     _, rest = parser.parse_known_args(argv)
-    # imported here, not at the top: bench.py imports cql, and a copy of cql.py without bench.py still imports
+    # imported here, not at the top: bench.py imports cql, and a copy of cql.py without
+    # bench.py still imports
     import bench
 
     bench.main(rest, prog="cql.py bench")

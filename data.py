@@ -207,9 +207,9 @@ def read_source(path):
 def _episodes(path, task, root, options):
     """(index in file, task, load) for each trajectory of one source; load() gives its Bridge
     trajectory dict. An out.npy (task from its folder) comes from read_source(); an RLDS shard or a
-    LeRobot frame table streams episode by episode from rlds.py / lerobot.py, each with its own task,
-    kept when its source (the episode's out.npy path in RLDS, its task in LeRobot) passes include /
-    exclude. Both readers put the chosen camera in images0."""
+    LeRobot frame table streams episode by episode from rlds.py / lerobot.py, each with its own
+    task, kept when its source (the episode's out.npy path in RLDS, its task in LeRobot) passes
+    include / exclude. Both readers put the chosen camera in images0."""
     if task is not None:
         for index, traj in enumerate(read_source(path)):
             yield index, task, lambda traj=traj: traj
@@ -337,8 +337,9 @@ def find_sources(src, include=(), exclude=()):
     split)]). The task is the folder that holds train/ and val/; split is "train", "val" or None.
     include / exclude are keyword substrings of the path relative to root (the paper pre-trains on
     all but toykitchen6). A folder named out.npy is listed too, so that reading it reports it
-    instead of skipping it silently. An RLDS / TFDS dataset folder lists its shards, a LeRobot folder
-    its frame tables, with task None: their tasks and include / exclude go by episode (_episodes)."""
+    instead of skipping it silently. An RLDS / TFDS dataset folder lists its shards, a
+    LeRobot folder its frame tables, with task None: their tasks and include / exclude go
+    by episode (_episodes)."""
     src = os.path.abspath(src)
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
@@ -914,6 +915,22 @@ class Store:
     def trajectory_ids(self, split=None):
         return np.flatnonzero(self._in_split(split))
 
+    def state_statistics(self, split="train"):
+        """Per-dimension mean and std (float32 (7,) each) of the proprioceptive states of a split's
+        trajectories, over all T + 1 frames of each: what a policy normalizes
+        its state input with."""
+        ids = self.trajectory_ids(split)
+        if len(ids) == 0:
+            raise ValueError(f"{self.path}: no {split} trajectories to take state statistics of")
+        first = (
+            self.traj_start[ids] + ids
+        )  # trajectory i's frames start after i earlier extra frames
+        frames = np.concatenate(
+            [np.arange(f, f + n + 1) for f, n in zip(first, self.traj_length[ids])]
+        )
+        states = np.asarray(self.states[frames], np.float64)
+        return states.mean(0).astype(np.float32), states.std(0).astype(np.float32)
+
 
 # -------------------- task ids, actions, returns, batches
 def target_task_ids(prior_tasks, target_tasks, target="new"):
@@ -1213,15 +1230,16 @@ class ReplayBuffer(_Seeded):
 
 
 class Prefetcher:
-    """Batches of a sampler drawn by a background thread while the device trains on earlier ones (an input
-    pipeline that does not starve a GPU): `depth` batches ahead, each in pinned memory when CUDA is available,
-    so that train.prepare_batch's non_blocking copy overlaps with compute; augmentation stays on the device.
-    A drop-in for the sampler of a training loop (sample, state_dict, load_state_dict) at one batch size.
-    Exact resume: each batch is drawn together with the sampler's state right after it, and state_dict() is
-    the state after the last batch handed out, not after those still waiting, so a checkpoint continues
-    where the consumed batches end, with or without a Prefetcher (the format is the sampler's own).
-    For samplers whose data is fixed while it runs (Sampler, MixedSampler); not for a ReplayBuffer that
-    grows between updates (a batch drawn ahead would miss the newest trajectories)."""
+    """Batches of a sampler drawn by a background thread while the device trains on earlier ones
+    (an input pipeline that does not starve a GPU): `depth` batches ahead, each in pinned memory
+    when CUDA is available, so that train.prepare_batch's non_blocking copy overlaps with compute;
+    augmentation stays on the device. A drop-in for the sampler of a training loop (sample,
+    state_dict, load_state_dict) at one batch size. Exact resume: each batch is drawn together with
+    the sampler's state right after it, and state_dict() is the state after the last batch handed
+    out, not after those still waiting, so a checkpoint continues where the consumed batches end,
+    with or without a Prefetcher (the format is the sampler's own). For samplers whose data is fixed
+    while it runs (Sampler, MixedSampler); not for a ReplayBuffer that grows between updates (a
+    batch drawn ahead would miss the newest trajectories)."""
 
     def __init__(self, sampler, batch_size, depth=2, pin_memory=None):
         import torch
@@ -1232,7 +1250,8 @@ class Prefetcher:
         self.batch_size = batch_size
         self.depth = depth
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        # one worker: the batches are drawn one after another, in the order the sampler alone gives them
+        # one worker: the batches are drawn one after another, in the order the
+        # sampler alone gives them
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ptr-prefetch")
         self._pending = deque()  # futures of (batch, sampler state after it), oldest first
         self._state = None  # the state after the last batch handed out; None: the sampler's own
@@ -1249,7 +1268,8 @@ class Prefetcher:
             self._pending.append(self._pool.submit(self._draw))
 
     def _drain(self):
-        """Drop the batches drawn ahead; afterwards no draw is running and the sampler may be touched."""
+        """Drop the batches drawn ahead; afterwards no draw is running and the
+        sampler may be touched."""
         for future in self._pending:
             future.cancel()
         wait(self._pending)
@@ -1258,7 +1278,8 @@ class Prefetcher:
     def sample(self, batch_size):
         if batch_size != self.batch_size:
             raise ValueError(
-                f"Prefetcher.sample({batch_size}): this prefetcher draws batches of {self.batch_size}"
+                f"Prefetcher.sample({batch_size}): this prefetcher draws batches of "
+                f"{self.batch_size}"
             )
         self._fill()
         batch, self._state = self._pending.popleft().result()  # a draw's error is raised here

@@ -1,14 +1,18 @@
-"""fileio.py: how PTR-torch writes files, written once for every script (a leaf: imports nothing from the
-project, so robot.py and sim_binsort.py may use it as well as data.py and train.py; SPEC section 2).
+"""fileio.py: how PTR-torch writes files, written once for every script (a leaf: imports
+nothing from the project, so robot.py and sim_binsort.py may use it as well as data.py and
+train.py; SPEC section 2).
 
-- atomic_write(path, write): the file appears whole or not at all. It is written to `<path>.tmp-<pid>` in
-  the same folder and renamed over `path`; on any failure (disk full, Ctrl-C, SIGTERM) the temporary file is
-  removed. sweep_stale_tmp(folder) removes the temporaries that killed processes (kill -9) left behind.
-- The Bridge numpy format (SPEC section 5): bridge_trajectory() builds one trajectory dict from T + 1
-  observations, write_bridge_file() stores a list of them as the release does (np.save of an object array).
-  Every producer of data (sim collection, robot recording, synthetic test trees) goes through these two.
-- Readers of other formats (rlds.py, lerobot.py) turn their episodes into the same dicts; FormatError names
-  the file, the episode and the field of bad input, and choose_camera maps a --camera choice to a feature.
+- atomic_write(path, write): the file appears whole or not at all. It is written to
+  `<path>.tmp-<pid>` in the same folder and renamed over `path`; on any failure (disk full, Ctrl-C,
+  SIGTERM) the temporary file is removed. sweep_stale_tmp(folder) removes the temporaries that
+  killed processes (kill -9) left behind.
+- The Bridge numpy format (SPEC section 5): bridge_trajectory() builds one trajectory dict
+  from T + 1 observations, write_bridge_file() stores a list of them as the release does
+  (np.save of an object array). Every producer of data (sim collection, robot recording, synthetic
+  test trees) goes through these two.
+- Readers of other formats (rlds.py, lerobot.py) turn their episodes into the same dicts;
+  FormatError names the file, the episode and the field of bad input, and choose_camera maps a
+  --camera choice to a feature.
 """
 
 import glob
@@ -25,7 +29,8 @@ def tmp_path(path):
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(f) fills an open temporary file; then it replaces `path` in one rename. Returns path."""
+    """write(f) fills an open temporary file; then it replaces `path` in one
+    rename. Returns path."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = tmp_path(path)
@@ -75,8 +80,8 @@ def bridge_trajectory(observations, actions, rewards=None, camera="images0"):
     actions = np.asarray(actions, dtype=np.float32)
     if len(observations) != len(actions) + 1:
         raise ValueError(
-            f"fileio.py: a trajectory of {len(actions)} actions needs {len(actions) + 1} observations, "
-            f"got {len(observations)}"
+            f"fileio.py: a trajectory of {len(actions)} actions needs {len(actions) + 1} "
+            f"observations, got {len(observations)}"
         )
     steps = [
         {camera: o["image"], "state": np.asarray(o["state"], np.float32)} for o in observations
@@ -101,7 +106,8 @@ def write_bridge_file(path, trajectories):
 
 
 class FormatError(ValueError):
-    """Bad input in a data source: `<file>: episode <i>: field '<field>': expected <...>, got <...>`."""
+    """Bad input in a data source:
+    `<file>: episode <i>: field '<field>': expected <...>, got <...>`."""
 
     unit = "episode"
 
@@ -113,8 +119,8 @@ class FormatError(ValueError):
 
 
 def choose_camera(cameras, camera, where):
-    """A dataset's camera feature from a --camera choice: "imagesN" is the N-th of `cameras` (so the Bridge
-    numpy format's names keep their meaning), else a feature's full name or its last part."""
+    """A dataset's camera feature from a --camera choice: "imagesN" is the N-th of `cameras` (so the
+    Bridge numpy format's names keep their meaning), else a feature's full name or its last part."""
     m = re.fullmatch(r"images(\d+)", camera)
     if m and int(m[1]) < len(cameras):
         return cameras[int(m[1])]

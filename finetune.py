@@ -1,17 +1,19 @@
-"""PTR phase 2: offline fine-tuning on a handful of target demonstrations (paper Section IV-A, "Phase 2").
+"""PTR phase 2: offline fine-tuning on a handful of target demonstrations (paper
+Section IV-A, "Phase 2").
 
-    python finetune.py --ckpt runs/pre/ckpt_00500000.pt --prior bridge/ --target my_task/ --task new \
-        --mix 0.9 --steps 50000 --save_every 5000 --out runs/ft_my_task
+    python finetune.py --ckpt runs/pre/ckpt_00500000.pt --prior bridge/ --target my_task/ \
+        --task new --mix 0.9 --steps 50000 --save_every 5000 --out runs/ft_my_task
 
-The very same learner resumes on batches that mix a fraction tau (--mix) of prior data with 1 - tau of target
-data, so the few target transitions are seen often without forgetting the prior (Section IV-A). The target
-task either takes a fresh one-hot slot (--task new; a slot reserved at pre-training with --extra_tasks is used
-first, otherwise the one-hot input grows) or re-targets an existing task (--task put_sushi_in_pot).
---algo bc | awbc gives the baselines (BC finetune from a BC checkpoint; advantage-weighted BC, Table IX).
+The very same learner resumes on batches that mix a fraction tau (--mix) of prior data with 1 - tau
+of target data, so the few target transitions are seen often without forgetting the prior
+(Section IV-A). The target task either takes a fresh one-hot slot (--task new; a slot reserved at
+pre-training with --extra_tasks is used first, otherwise the one-hot input grows) or re-targets an
+existing task (--task put_sushi_in_pot). --algo bc | awbc gives the baselines (BC finetune from a BC
+checkpoint; advantage-weighted BC, Table IX).
 
-Every --save_every steps a checkpoint and the Q-values of both heads along every held-out target trajectory
-(the target's val split) are written to the run folder; select_ckpt.py ranks checkpoints from them
-(Section IV-B, "Cross-validation during offline fine-tuning", Figure 3).
+Every --save_every steps a checkpoint and the Q-values of both heads along every held-out target
+trajectory (the target's val split) are written to the run folder; select_ckpt.py ranks checkpoints
+from them (Section IV-B, "Cross-validation during offline fine-tuning", Figure 3).
 """
 
 import argparse
@@ -51,7 +53,8 @@ FINETUNE_KEEP_LAST = 0  # every checkpoint stays: select_ckpt.py chooses among t
 
 
 def q_traces(agent, sampler, traj_ids):
-    """Q(s_t, a_t) of both heads along whole held-out trajectories, with the rewards and MC returns beside them."""
+    """Q(s_t, a_t) of both heads along whole held-out trajectories, with the rewards and
+    MC returns beside them."""
     traces = []
     for tid in traj_ids:
         traj = sampler.trajectory(int(tid))
@@ -110,7 +113,8 @@ def write_missing_q_traces(out, val_sampler, val_ids, task, device):
 
 
 def assign_target_slots(task_names, target_names, task):
-    """Global one-hot index of each target task, and the checkpoint's task list after the assignment."""
+    """Global one-hot index of each target task, and the checkpoint's task list
+    after the assignment."""
     real = [n for n in task_names if not is_reserved(n)]
     if task != "new" and task not in real:
         raise SystemExit(f"--task {task!r}: not a task of the checkpoint; its tasks are {real}")
@@ -139,10 +143,10 @@ def finetune_config(cfg, overrides):
 
 
 def open_run(args):
-    """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint (--ckpt,
-    or with --resume the newest in --out), and the prior and target stores opened at its image size.
-    Returns (the resumed checkpoint or None, the source checkpoint, its path, prior store, target
-    store). The caller owns args.out already (train.claim_run_folder)."""
+    """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint
+    (--ckpt, or with --resume the newest in --out), and the prior and target stores opened at its
+    image size. Returns (the resumed checkpoint or None, the source checkpoint, its path, prior
+    store, target store). The caller owns args.out already (train.claim_run_folder)."""
     resumed = resume_state(args, {})
     if resumed is None and not args.ckpt:
         raise SystemExit(
@@ -163,7 +167,8 @@ def open_run(args):
 
 
 def task_samplers(prior, target, names, target_ids, source, gamma, seed, prior_src):
-    """Train-split samplers of the prior and the target data: global task ids, the checkpoint's action bounds."""
+    """Train-split samplers of the prior and the target data: global task ids, the
+    checkpoint's action bounds."""
     kw = dict(gamma=gamma, action_low=source["action_low"], action_high=source["action_high"])
     return (
         Sampler(prior, "train", task_ids=store_task_ids(prior, names, prior_src), seed=seed, **kw),
@@ -239,11 +244,13 @@ def finetune(args):
     val_ids = target.trajectory_ids("val")
     if agent.critic is None:
         print(
-            "note: a BC learner has no Q-function, so this run writes no Q-value traces for select_ckpt.py"
+            "note: a BC learner has no Q-function, "
+            "so this run writes no Q-value traces for select_ckpt.py"
         )
     elif len(val_ids) == 0:
         print(
-            f"warning: {args.target} has no held-out (val) trajectory: no Q-value traces for select_ckpt.py"
+            f"warning: {args.target} has no held-out (val) trajectory: "
+            "no Q-value traces for select_ckpt.py"
         )
 
     torch.manual_seed(args.seed)
@@ -272,8 +279,9 @@ def finetune(args):
         },
     )
     print(
-        f"fine-tuning {agent.cfg.arch} on {list(target.task_names)} -> one-hot {target_ids} of {agent.cfg.num_tasks}; "
-        f"{target.num_transitions('train')} target / {prior.num_transitions('train')} prior transitions, tau={args.mix}"
+        f"fine-tuning {agent.cfg.arch} on {list(target.task_names)} -> one-hot {target_ids} "
+        f"of {agent.cfg.num_tasks}; {target.num_transitions('train')} target / "
+        f"{prior.num_transitions('train')} prior transitions, tau={args.mix}"
     )
 
     def on_save(step):

@@ -1,19 +1,20 @@
 """lerobot.py: LeRobot datasets (format v2.0, v2.1 and v3.0) as Bridge trajectories (issue 12).
 
-A LeRobot dataset folder holds `meta/info.json` (codebase_version, fps, features, path templates), frame
-tables `data/**/*.parquet` (one row per frame: observation.state, action, episode_index, frame_index,
-timestamp, task_index) and, for cameras of dtype "video", `videos/**/*.mp4`:
+A LeRobot dataset folder holds `meta/info.json` (codebase_version, fps, features, path templates),
+frame tables `data/**/*.parquet` (one row per frame: observation.state, action, episode_index,
+frame_index, timestamp, task_index) and, for cameras of dtype "video", `videos/**/*.mp4`:
 - v2.0 / v2.1: one parquet file and one mp4 per camera for each episode,
   `data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet`; tasks in `meta/tasks.jsonl`.
-- v3.0: many episodes per file, `data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet`, and one mp4
-  per camera and file that concatenates the episodes; `meta/episodes/**/*.parquet` says where each episode
-  starts (videos/<camera>/from_timestamp); tasks in `meta/tasks.parquet`. Its default codec is AV1.
+- v3.0: many episodes per file, `data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet`,
+  and one mp4 per camera and file that concatenates the episodes; `meta/episodes/**/*.parquet`
+  says where each episode starts (videos/<camera>/from_timestamp); tasks in `meta/tasks.parquet`.
+  Its default codec is AV1.
 Cameras of dtype "image" are PNG / JPEG bytes inside the table. A LeRobot episode of T frames pairs
-observation t with action t, so it becomes a Bridge trajectory (SPEC section 5) of T - 1 transitions; its
-task is its first frame's entry in the task table.
+observation t with action t, so it becomes a Bridge trajectory (SPEC section 5) of T - 1
+transitions; its task is its first frame's entry in the task table.
 
-Imports from the project only the leaves fileio.py (the Bridge format, FormatError) and cli.py. pyarrow and PyAV are imported by
-the functions that need them. The writers at the end make fixtures
+Imports from the project only the leaves fileio.py (the Bridge format, FormatError) and cli.py.
+pyarrow and PyAV are imported by the functions that need them. The writers at the end make fixtures
 for the tests and scripts/bench_formats.py (throughput and peak memory against the numpy reader).
 """
 
@@ -107,7 +108,8 @@ class Dataset:
             return {int(r["task_index"]): r["task"] for r in rows}
         path = os.path.join(self.folder, "meta", "tasks.parquet")
         table = _read_parquet(path)
-        # pandas writes the task strings as the frame's index: a "task" column, or an unnamed index column
+        # pandas writes the task strings as the frame's index: a "task" column, or
+        # an unnamed index column
         index = json.loads((table.schema.metadata or {}).get(b"pandas", b"{}")).get("index_columns")
         names = [
             c for c in ["task", *(index or []), "__index_level_0__"] if c in table.column_names
@@ -118,7 +120,8 @@ class Dataset:
         return dict(zip(map(int, ids), tasks))
 
     def _read_episodes(self):
-        """v3.0: {episode_index: row of meta/episodes} with the video file and from_timestamp per camera."""
+        """v3.0: {episode_index: row of meta/episodes} with the video file and
+        from_timestamp per camera."""
         columns = ["episode_index"]
         for cam in self.cameras:
             columns += [
@@ -142,7 +145,8 @@ class Dataset:
         return sorted(glob.glob(pattern, recursive=True))
 
     def video_path(self, camera, episode):
-        """(the mp4 holding this episode's frames of `camera`, the time in it where the episode starts)."""
+        """(the mp4 holding this episode's frames of `camera`, the time in it where
+        the episode starts)."""
         template = self.info.get("video_path")
         if self.version != "v3.0":
             chunk = episode // int(self.info.get("chunks_size", CHUNKS_SIZE))
@@ -177,8 +181,8 @@ def _read_parquet(path, columns=None):
 
 # ---------------------------------------------------------------- frames
 def decode_video(path, start, n, fps, episode):
-    """n frames uint8 (n, H, W, 3) of an mp4 from time `start` (seconds) on: seek to the key frame before
-    it, decode, keep the frames from start (within half a frame) on."""
+    """n frames uint8 (n, H, W, 3) of an mp4 from time `start` (seconds) on: seek to the key frame
+    before it, decode, keep the frames from start (within half a frame) on."""
     av = _require("av")
     frames = []
     try:
@@ -226,8 +230,9 @@ def _table_images(table, key, path, episode):
 
 
 def read_data_file(dataset, path, camera="images0"):
-    """Yield (episode index, task, source, load) for each episode of one frame table, streaming: load()
-    decodes its frames into a Bridge trajectory dict. source (what --include / --exclude match) is the task.
+    """Yield (episode index, task, source, load) for each episode of one frame table, streaming:
+    load() decodes its frames into a Bridge trajectory dict. source (what --include / --exclude
+    match) is the task.
     camera: "imagesN" (the N-th camera of info.json), a camera's feature name or its last part."""
     key = choose_camera(dataset.cameras, camera, os.path.join(dataset.folder, "meta", "info.json"))
     image_column = [key] if dataset.info["features"][key]["dtype"] == "image" else []
@@ -266,8 +271,8 @@ def read_data_file(dataset, path, camera="images0"):
 
 # ---------------------------------------------------------------- writing: fixtures and the bench
 def write_video(path, frames, fps, codec):
-    """uint8 (n, H, W, 3) frames -> an mp4 (yuv420p); codec "libsvtav1" (AV1, LeRobot v3.0's default) or
-    "h264"."""
+    """uint8 (n, H, W, 3) frames -> an mp4 (yuv420p); codec "libsvtav1" (AV1, LeRobot
+    v3.0's default) or "h264"."""
     av = _require("av")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(path, "w") as container:
@@ -299,10 +304,10 @@ def _features(image_shape, num_cameras, video):
 def write_lerobot(
     folder, episodes, version="v3.0", fps=10, episodes_per_file=2, codec=None, video=True
 ):
-    """A LeRobot dataset folder from [(Bridge trajectory with cameras images0.., task)]: each episode of T
-    actions is T frames (observations[t], actions[t]), the final next observation dropped. v2.x: one table
-    and one mp4 per camera for each episode; v3.0: episodes_per_file episodes per table and mp4.
-    video=False: cameras of dtype image, PNG bytes in the table."""
+    """A LeRobot dataset folder from [(Bridge trajectory with cameras images0.., task)]: each
+    episode of T actions is T frames (observations[t], actions[t]), the final next observation
+    dropped. v2.x: one table and one mp4 per camera for each episode; v3.0: episodes_per_file
+    episodes per table and mp4. video=False: cameras of dtype image, PNG bytes in the table."""
     pa = _require("pyarrow")
     pq = _require("pyarrow.parquet")
     obs0 = episodes[0][0]["observations"][0]

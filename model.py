@@ -1,11 +1,14 @@
-"""PTR networks: image encoders, the Q-network, the tanh-Gaussian policy, the BC policy, the success classifier.
+"""PTR networks: image encoders, the Q-network, the tanh-Gaussian policy, the BC policy,
+the success classifier.
 
-Kumar, Singh, Ebert et al., "Pre-Training for Robots: Offline RL Enables Learning New Tasks from a Handful of
-Trials", RSS 2023 (paper/ptr_rss2023.txt). Section IV-B and Figure 2 give the design choices, Appendix E
-(Tables XIII-XV, Figure 7) their ablations; every one of them is a constructor argument here:
+Kumar, Singh, Ebert et al., "Pre-Training for Robots: Offline RL Enables Learning New Tasks
+from a Handful of Trials", RSS 2023 (paper/ptr_rss2023.txt). Section IV-B and Figure 2 give
+the design choices, Appendix E (Tables XIII-XV, Figure 7) their ablations; every one of them is
+a constructor argument here:
 
   arch  resnet18 | resnet34 (paper) | resnet50 | impala | small      (Figure 7: capacity scaling)
-  norm  group (paper: GroupNorm, 4 groups) | batch                   (Table XV: BatchNorm destabilises TD)
+  norm  group (paper: GroupNorm, 4 groups) | batch                   (Table XV: BatchNorm
+                                                                      destabilises TD)
   head  spatial (paper: learned spatial embeddings) | avgpool | softmax   (Table XIII)
   action_every_layer  True (paper: action fed to every Q layer) | False   (Table XIV)
 
@@ -36,12 +39,14 @@ def _norm_layer(norm):
     raise ValueError(f"model.py: norm={norm!r}, expected one of {NORMS}")
 
 
-# ---------------------------------------------------------------------------------------------- conv trunks
+# -------------------------------------------------------------------------------------- conv trunks
 def resnet_trunk(arch, norm):
-    """A torchvision ResNet without avgpool/fc, with PTR's strides: stem conv/2 + maxpool/2, then only the
-    second stage (layer2) downsamples, so 128x128 -> 16x16 (x512, x2048 for resnet50). Keeping layer3/layer4 at
-    16x16 keeps the spatial detail the learned spatial embeddings read (Section IV-B)."""
-    import torchvision  # here, not at the top: it costs seconds at start-up and only the ResNets need it
+    """A torchvision ResNet without avgpool/fc, with PTR's strides: stem conv/2 + maxpool/2, then
+    only the second stage (layer2) downsamples, so 128x128 -> 16x16 (x512, x2048 for resnet50).
+    Keeping layer3/layer4 at 16x16 keeps the spatial detail the learned spatial embeddings
+    read (Section IV-B)."""
+    # here, not at the top: it costs seconds at start-up and only the ResNets need it
+    import torchvision
 
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=_norm_layer(norm))
     for stage in (net.layer3, net.layer4):
@@ -54,8 +59,9 @@ def resnet_trunk(arch, norm):
 
 
 def small_trunk(norm):
-    """The 'small' 3-conv-layer encoder of the scaling study (Figure 7), /4 overall. The norm layer follows
-    every conv as in the ResNets, so the norm ablation means the same thing for every arch."""
+    """The 'small' 3-conv-layer encoder of the scaling study (Figure 7), /4 overall. The
+    norm layer follows every conv as in the ResNets, so the norm ablation means the same
+    thing for every arch."""
     n = _norm_layer(norm)
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, 2, 1),
@@ -83,7 +89,8 @@ class _ImpalaResidual(nn.Module):
 
 
 def impala_trunk(norm, channels=(16, 32, 32)):
-    """IMPALA ResNet (Espeholt et al. 2018): 3 stacks of conv + maxpool/2 + 2 residual blocks = 15 convs, /8."""
+    """IMPALA ResNet (Espeholt et al. 2018): 3 stacks of conv + maxpool/2 + 2 residual
+    blocks = 15 convs, /8."""
     layers, c_in = [], 3
     for c in channels:
         layers += [
@@ -96,10 +103,11 @@ def impala_trunk(norm, channels=(16, 32, 32)):
     return nn.Sequential(*layers, nn.ReLU())
 
 
-# ---------------------------------------------------------------------------------------------- pooling heads
+# ------------------------------------------------------------------------------------ pooling heads
 class SpatialEmbedding(nn.Module):
-    """Learned spatial embeddings (Section IV-B, Figure 2): multiply the (C, H, W) feature map point-wise by K
-    learned (C, H, W) maps and sum over H, W -> C*K features. Unlike pooling it keeps *where* things are."""
+    """Learned spatial embeddings (Section IV-B, Figure 2): multiply the (C, H, W) feature map
+    point-wise by K learned (C, H, W) maps and sum over H, W -> C*K features. Unlike pooling it
+    keeps *where* things are."""
 
     def __init__(self, c, h, w, k):
         super().__init__()
@@ -127,8 +135,8 @@ class AvgPool(nn.Module):
 
 
 class SpatialSoftmax(nn.Module):
-    """Spatial softmax keypoints (Levine et al. 2016; ablation, Table XIII): per channel, the expected (x, y)
-    under a softmax over positions, with a learned temperature -> 2C features."""
+    """Spatial softmax keypoints (Levine et al. 2016; ablation, Table XIII): per channel, the
+    expected (x, y) under a softmax over positions, with a learned temperature -> 2C features."""
 
     def __init__(self, c, h, w):
         super().__init__()
@@ -145,8 +153,9 @@ class SpatialSoftmax(nn.Module):
 
 
 class Encoder(nn.Module):
-    """uint8 images (B, 3, H, W) -> (B, embed_dim): trunk, pooling head, Linear -> LayerNorm -> tanh.
-    The same projection follows every head, so heads are swappable with identical downstream shapes."""
+    """uint8 images (B, 3, H, W) -> (B, embed_dim): trunk, pooling head,
+    Linear -> LayerNorm -> tanh. The same projection follows every head, so heads are swappable with
+    identical downstream shapes."""
 
     def __init__(self, trunk, head, feature_shape, embed_dim, k):
         super().__init__()
@@ -177,7 +186,8 @@ class Encoder(nn.Module):
 
 
 def make_encoder(arch="resnet34", head="spatial", norm="group", image_size=128, embed_dim=256):
-    """Build an encoder; the feature-map size is found by a dry forward on the meta device (no compute)."""
+    """Build an encoder; the feature-map size is found by a dry forward on the meta
+    device (no compute)."""
     if arch not in ARCHS:
         raise ValueError(f"model.py: arch={arch!r}, expected one of {ARCHS}")
     if head not in HEADS:
@@ -197,7 +207,7 @@ def make_encoder(arch="resnet34", head="spatial", norm="group", image_size=128, 
     return Encoder(trunk, head, probe.shape[1:], embed_dim, k)
 
 
-# ---------------------------------------------------------------------------------------------- MLP pieces
+# --------------------------------------------------------------------------------------- MLP pieces
 def _orthogonal_(linear, gain):
     nn.init.orthogonal_(linear.weight, gain)
     nn.init.zeros_(linear.bias)
@@ -205,8 +215,8 @@ def _orthogonal_(linear, gain):
 
 
 class StackedLinear(nn.Module):
-    """`num` independent Linear layers evaluated with one batched matmul: x (num, M, in) -> (num, M, out).
-    Used for the 2 Q heads, which are separate MLPs that only share the encoder."""
+    """`num` independent Linear layers evaluated with one batched matmul: x (num, M, in) -> (num, M,
+    out). Used for the 2 Q heads, which are separate MLPs that only share the encoder."""
 
     def __init__(self, num, in_features, out_features, gain):
         super().__init__()
@@ -226,11 +236,12 @@ class StackedLinear(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """One encoder shared by `num_qs` Q heads (Figure 2). Each head is an MLP (hidden x depth, ReLU) whose first
-    layer sees [task one-hot, action, embedding] and every later layer (output included) [hidden, action,
-    embedding]: re-feeding the action stops the Q-function from ignoring it when s and a are strongly correlated
-    in demonstrations (Section IV-B, Table XIV). action_every_layer=False feeds the action at the input only
-    (the embedding still enters every layer). The critic does not see the proprioceptive state."""
+    """One encoder shared by `num_qs` Q heads (Figure 2). Each head is an MLP (hidden x depth, ReLU)
+    whose first layer sees [task one-hot, action, embedding] and every later layer (output included)
+    [hidden, action, embedding]: re-feeding the action stops the Q-function from ignoring
+    it when s and a are strongly correlated in demonstrations (Section IV-B, Table XIV).
+    action_every_layer=False feeds the action at the input only (the embedding still enters every
+    layer). The critic does not see the proprioceptive state."""
 
     def __init__(
         self,
@@ -253,7 +264,8 @@ class QNetwork(nn.Module):
         self.layers.append(StackedLinear(num_qs, widths[-1], 1, OUTPUT_GAIN))
 
     def action_columns(self, i):
-        """Input rows of layer i's weight that multiply the action (None where the action is not fed)."""
+        """Input rows of layer i's weight that multiply the action (None where the
+        action is not fed)."""
         if i == 0:
             return slice(self.num_tasks, self.num_tasks + self.action_dim)
         h = self.layers[i].weight.shape[1] - self.action_dim - self.encoder.embed_dim
@@ -263,13 +275,15 @@ class QNetwork(nn.Module):
         return self.encoder(images)
 
     def heads(self, z, action, task_onehot, detach_params=False):
-        """Q values of every head. action (B, A) -> (B, num_qs); action (B, N, A) -> (B, N, num_qs), N actions
-        per state sharing that state's embedding. detach_params: no gradient into the heads (actor loss).
+        """Q values of every head. action (B, A) -> (B, num_qs); action (B, N, A) -> (B, N, num_qs),
+        N actions per state sharing that state's embedding. detach_params: no gradient
+        into the heads (actor loss).
 
-        Every layer's input is [task one-hot or hidden, action, embedding]. The task and embedding parts are
-        the same for the N actions of a state, so their product with the weights is computed once per state
-        and broadcast over the N actions: the same function as one matmul on the concatenated input, at
-        about half the multiply-adds for the 1 + 2N actions of a CQL update."""
+        Every layer's input is [task one-hot or hidden, action, embedding]. The task and
+        embedding parts are the same for the N actions of a state, so their product with the
+        weights is computed once per state and broadcast over the N actions: the same function
+        as one matmul on the concatenated input, at about half the multiply-adds for the 1 + 2N
+        actions of a CQL update."""
         single = action.dim() == 2
         a = action[:, None] if single else action
         b, n, num_a = a.shape
@@ -299,9 +313,10 @@ class QNetwork(nn.Module):
         return q[:, 0] if single else q
 
     def heads_concatenated(self, z, action, task_onehot, detach_params=False):
-        """heads() written as Figure 2 draws it: every layer one matmul on the concatenated [task one-hot or
-        hidden, action, embedding] of each (state, action) pair. The same function as heads(), slower; kept
-        as its reference (test_ptr.py, scripts/bench_qheads.py). action (B, N, A) -> (B, N, num_qs)."""
+        """heads() written as Figure 2 draws it: every layer one matmul on the concatenated [task
+        one-hot or hidden, action, embedding] of each (state, action) pair. The same function
+        as heads(), slower; kept as its reference (test_ptr.py, scripts/bench_qheads.py). action
+        (B, N, A) -> (B, N, num_qs)."""
         b, n, _ = action.shape
         embedding = z.to(action.dtype)[:, None].expand(b, n, -1)
         side = torch.cat([action, embedding], -1).reshape(1, b * n, -1).expand(self.num_qs, -1, -1)
@@ -330,9 +345,43 @@ def mlp(in_dim, hidden, depth, out_dim, dropout=0.0):
     return nn.Sequential(*layers, _orthogonal_(nn.Linear(hidden, out_dim), OUTPUT_GAIN))
 
 
-# ---------------------------------------------------------------------------------------------- policies
+# ----------------------------------------------------------------------------------------- policies
+STATE_STD_MIN = 1e-3  # a state dimension that varies less than this is centred, not blown up
+
+
+class StateNormalizer(nn.Module):
+    """(state - mean) / std with the training data's per-dimension statistics, kept as buffers so
+    that they travel with the weights (fine-tuning and evaluation see the state as pre-training
+    did). The state's units differ by orders of magnitude (metres, radians, a 0..1 gripper):
+    unscaled, a 4 cm height difference is 0.04 at the input of an MLP whose image features are O(1),
+    and a policy learns slowly when to close the gripper. Identity until set_statistics (and in
+    checkpoints written before it)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, mean, std):
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ValueError(
+                f"model.py: state statistics of shape {tuple(mean.shape)} / {tuple(std.shape)}, "
+                f"expected ({self.mean.numel()},) each"
+            )
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std >= 0).all()):
+            raise ValueError("model.py: state statistics must be finite, with std >= 0")
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(STATE_STD_MIN))
+
+    def forward(self, state):
+        return (state - self.mean) / self.std
+
+
 def tanh_log_det(u):
-    """log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and stable for large |u| (summed over dims)."""
+    """log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and stable for large
+    |u| (summed over dims)."""
     return (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
 
 
@@ -348,19 +397,22 @@ def tanh_gaussian_sample(mean, log_std, num_samples=None, generator=None):
 
 
 def tanh_gaussian_log_prob(mean, log_std, action, eps=1e-6):
-    """log pi(action) for a given squashed action in (-1, 1) (clipped by eps to keep atanh finite)."""
+    """log pi(action) for a given squashed action in (-1, 1) (clipped by eps to
+    keep atanh finite)."""
     u = torch.atanh(action.clamp(-1 + eps, 1 - eps))
     z = (u - mean) / log_std.exp()
     return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1) - tanh_log_det(u)
 
 
 class TanhGaussianPolicy(nn.Module):
-    """pi(a | s, task): its own encoder (Appendix E: encoders are not shared with the critic), an MLP on
-    [embedding, state, task one-hot], a Gaussian squashed by tanh into [-1, 1]^A, log-std clipped to [-5, 2]."""
+    """pi(a | s, task): its own encoder (Appendix E: encoders are not shared with the critic), an
+    MLP on [embedding, normalized state, task one-hot], a Gaussian squashed by tanh into [-1, 1]^A,
+    log-std clipped to [-5, 2]."""
 
     def __init__(self, encoder, num_tasks, state_dim=7, action_dim=7, hidden=256, depth=3):
         super().__init__()
         self.encoder, self.num_tasks, self.action_dim = encoder, num_tasks, action_dim
+        self.state_norm = StateNormalizer(state_dim)
         self.net = mlp(encoder.embed_dim + state_dim + num_tasks, hidden, depth, 2 * action_dim)
 
     def embed(self, images):
@@ -371,7 +423,8 @@ class TanhGaussianPolicy(nn.Module):
         assert task_onehot.shape[1] == self.num_tasks, (
             f"task one-hot width {task_onehot.shape[1]} != {self.num_tasks}"
         )
-        mean, log_std = self.net(torch.cat([z.float(), state, task_onehot], -1)).chunk(2, -1)
+        x = torch.cat([z.float(), self.state_norm(state), task_onehot], -1)
+        mean, log_std = self.net(x).chunk(2, -1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, z, state, task_onehot, num_samples=None, generator=None):
@@ -388,14 +441,16 @@ class TanhGaussianPolicy(nn.Module):
 
 
 class BCPolicy(nn.Module):
-    """Behaviour-cloning baseline (Appendix, Table XI): same encoder and MLP inputs, deterministic output
-    regressed with MSE, dropout 0.4, no tanh (following Ebert et al.; the agent clips actions to [-1, 1])."""
+    """Behaviour-cloning baseline (Appendix, Table XI): same encoder and MLP inputs, deterministic
+    output regressed with MSE, dropout 0.4, no tanh (following Ebert et al.; the agent
+    clips actions to [-1, 1])."""
 
     def __init__(
         self, encoder, num_tasks, state_dim=7, action_dim=7, hidden=256, depth=3, dropout=0.4
     ):
         super().__init__()
         self.encoder, self.num_tasks, self.action_dim = encoder, num_tasks, action_dim
+        self.state_norm = StateNormalizer(state_dim)
         self.net = mlp(
             encoder.embed_dim + state_dim + num_tasks, hidden, depth, action_dim, dropout
         )
@@ -407,15 +462,15 @@ class BCPolicy(nn.Module):
         assert task_onehot.shape[1] == self.num_tasks, (
             f"task one-hot width {task_onehot.shape[1]} != {self.num_tasks}"
         )
-        return self.net(torch.cat([z.float(), state, task_onehot], -1))
+        return self.net(torch.cat([z.float(), self.state_norm(state), task_onehot], -1))
 
     def forward(self, images, state, task_onehot):
         return self.head(self.embed(images), state, task_onehot)
 
 
 class SuccessClassifier(nn.Module):
-    """Reward classifier for online fine-tuning on a real robot (SPEC section 3): encoder -> MLP -> one logit
-    of P(success | image). Train with BCE on logits."""
+    """Reward classifier for online fine-tuning on a real robot (SPEC section 3):
+    encoder -> MLP -> one logit of P(success | image). Train with BCE on logits."""
 
     def __init__(self, encoder, hidden=256, depth=1):
         super().__init__()

@@ -2,11 +2,13 @@
 Section V-F and Appendix F; SPEC section 3 "Online"). The success classifier that labels real-robot
 rollouts lives in classifier.py; `online.py classifier` trains it.
 
-    python online.py eval --ckpt runs/ft/ckpt_00005000.pt --env binsort --episodes 50 --save_video videos/
+    python online.py eval --ckpt runs/ft/ckpt_00005000.pt --env binsort --episodes 50 \
+        --save_video videos/
     python online.py finetune --ckpt runs/ft/ckpt_00005000.pt --env binsort --prior data/prior \
         --target data/target --env_steps 20000 --out runs/online
     python online.py classifier --pos door_open/ --neg door_closed/ --out clf.pt
-    python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt --reset_ckpt reset.pt
+    python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt \
+        --reset_ckpt reset.pt
 
 Evaluation reports full success with its 95% Wilson interval and, where the environment reports them
 in info["stages"] (the simulator: grasped, first_in_bin, both_in_bins for the sort; grasped, placed
@@ -80,7 +82,8 @@ ENVS = ("binsort", "widowx")
 WILSON_Z = 1.959964  # 95%, two-sided
 GRIPPER = 6  # the gripper's index in the 7-d Bridge action
 GRIPPER_THRESHOLD = 0.5  # absolute gripper command: closed below it, open at or above (sim, robot)
-# Learner fields that online fine-tuning sets itself (online_learner), so they have no override flag.
+# Learner fields that online fine-tuning sets itself (online_learner), so they
+# have no override flag.
 ONLINE_SETS = ("algo", "alpha", "calql")
 
 
@@ -126,12 +129,13 @@ class LoopState:
     live: list = field(default_factory=list)  # [episode, length] the buffer holds, oldest first
 
 
-# ----------------------------------------------------------------------------- policies and episodes
+# ---------------------------------------------------------------------------- policies and episodes
 
 
 class Policy:
-    """A checkpoint's actor as a controller: (image at the network's size, state) -> (raw action for env.step,
-    [-1, 1] action for the buffer); the [-1, 1] action is clipped to +-0.99 like the data's, then unscaled."""
+    """A checkpoint's actor as a controller: (image at the network's size, state) -> (raw action
+    for env.step, [-1, 1] action for the buffer); the [-1, 1] action is clipped to +-0.99 like
+    the data's, then unscaled."""
 
     def __init__(
         self, agent, action_low, action_high, task, task_name=None, binarize_gripper=False
@@ -142,10 +146,10 @@ class Policy:
         self.size = agent.cfg.image_size
         self.low = np.asarray(action_low, np.float32)
         self.high = np.asarray(action_high, np.float32)
-        # The Bridge gripper command is absolute, 0 closed .. 1 open, and the demos command 0 or 1; a
-        # regression policy can average the two near a grasp (0.3-0.9 dithering opens the fingers again).
-        # Binarizing at 0.5 executes the nearer of the two, as the Open X-Embodiment Bridge transform does
-        # for the data. Off by default: results/binsort_cpu.md measures both.
+        # The Bridge gripper command is absolute, 0 closed .. 1 open, and the demos command 0 or 1;
+        # a regression policy can average the two near a grasp (0.3-0.9 dithering opens the fingers
+        # again). Binarizing at 0.5 executes the nearer of the two, as the Open X-Embodiment Bridge
+        # transform does for the data. Off by default: results/binsort_cpu.md measures both.
         self.binarize_gripper = binarize_gripper
 
     def __call__(self, image, state, deterministic=True):
@@ -227,7 +231,10 @@ def wilson_interval(successes, n, z=WILSON_Z):
 
 
 def rate_text(count, n, lo, hi):
-    return f"{count}/{n} = {100 * count / max(n, 1):.1f}% (95% CI, Wilson: {100 * lo:.1f}% .. {100 * hi:.1f}%)"
+    return (
+        f"{count}/{n} = {100 * count / max(n, 1):.1f}% "
+        f"(95% CI, Wilson: {100 * lo:.1f}% .. {100 * hi:.1f}%)"
+    )
 
 
 def stage_summary(episodes):
@@ -266,7 +273,8 @@ def summarize(episodes):
 
 
 def save_video(frames, path, fmt="gif", fps=5, strip_frames=10):
-    """An animated GIF of the episode (Bridge runs at 5 Hz), or a PNG strip of up to 10 evenly spaced frames."""
+    """An animated GIF of the episode (Bridge runs at 5 Hz), or a PNG strip of up to 10
+    evenly spaced frames."""
     images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
     if fmt == "gif":
 
@@ -309,8 +317,9 @@ def evaluate(
     labeler=None,
     log=print,
 ):
-    """Deterministic episodes, episode i from env.reset(seed + i): reproducible. video: (folder, "gif" | "png").
-    Returns [{success, return, length (, stages)}] per episode, or None when stopped."""
+    """Deterministic episodes, episode i from env.reset(seed + i): reproducible. video:
+    (folder, "gif" | "png"). Returns [{success, return, length (, stages)}] per episode,
+    or None when stopped."""
     results = []
     for i in range(episodes):
         ep = run_episode(env, policy, seed + i, True, max_steps, stop, bool(video), labeler)
@@ -334,11 +343,12 @@ def evaluate(
     return results
 
 
-# ----------------------------------------------------------------------------- environments and resets
+# -------------------------------------------------------------------------- environments and resets
 
 
 def make_env(name, image_size, task=None, max_steps=0, port="/dev/ttyUSB0", backend="dynamixel"):
-    """binsort: the simulator on `task` when it knows that name (e.g. sort_mug_cube), else its target sort task;
+    """binsort: the simulator on `task` when it knows that name (e.g. sort_mug_cube),
+    else its target sort task;
     widowx: the real arm. Imported here, so nothing else needs pybullet or pyserial."""
     if name == "widowx":  # (argparse's choices keep name in ENVS)
         import robot
@@ -356,7 +366,8 @@ def make_env(name, image_size, task=None, max_steps=0, port="/dev/ttyUSB0", back
 
 
 def make_resetter(args, env):
-    """After each episode, on the robot: a fixed reset policy (Appendix F: a PTR close-door policy) or Enter."""
+    """After each episode, on the robot: a fixed reset policy (Appendix F: a PTR close-door
+    policy) or Enter."""
     if args.env == "binsort":
         return no_reset
     if args.reset_ckpt:
@@ -374,7 +385,8 @@ def make_resetter(args, env):
 
 
 def load_policy(path, device, task=None, binarize_gripper=False):
-    """The actor of any PTR checkpoint; task by name or index, default the fine-tuned (or online) target."""
+    """The actor of any PTR checkpoint; task by name or index, default the fine-tuned
+    (or online) target."""
     ckpt = load_checkpoint(path)
     agent = agent_from_checkpoint(ckpt, device, path)
     names = ckpt["task_names"]
@@ -394,7 +406,8 @@ def load_policy(path, device, task=None, binarize_gripper=False):
 
 
 def make_labeler(args):
-    """Rewards where the env gives none (the real arm): the classifier, else a person judges each episode."""
+    """Rewards where the env gives none (the real arm): the classifier, else a person
+    judges each episode."""
     if args.classifier:
         return load_labeler(args.classifier, args.device)
     if args.env != "widowx":
@@ -421,7 +434,8 @@ def online_learner(cfg, online, buffer_filled):
 
 
 def save_episode(path, images, states, actions, rewards, task):
-    """Each online trajectory is written once, when collected (the checkpoint lists the ones its buffer holds)."""
+    """Each online trajectory is written once, when collected (the checkpoint lists the
+    ones its buffer holds)."""
 
     def write(f):  # a file object: np.savez would append .npz to a name
         np.savez(
@@ -432,7 +446,8 @@ def save_episode(path, images, states, actions, rewards, task):
 
 
 def refill_buffer(buffer, run_dir, live):
-    """Re-add the trajectories [episode, length] a checkpoint's buffer held, oldest first (its FIFO drops whole)."""
+    """Re-add the trajectories [episode, length] a checkpoint's buffer held, oldest first
+    (its FIFO drops whole)."""
     for episode, _ in live:
         path = os.path.join(run_dir, EPISODE_PATTERN.format(episode))
         if not os.path.isfile(path):
@@ -565,7 +580,8 @@ def online_loop(
                 state.next_save = next_multiple(steps, online.save_every)
             if done:
                 break
-            # policy noise comes from the agent's generator: both are rewound if the rollout is dropped
+            # policy noise comes from the agent's generator: both are rewound if
+            # the rollout is dropped
             rng_before_rollout = (capture_rng(), agent.generator.get_state())
             seed = 1_000_003 * (args.seed + 1) + state.episodes  # far from the evaluation seeds
             ep = run_episode(env, policy, seed, False, args.max_steps, stop, labeler=labeler)
@@ -586,8 +602,8 @@ def online_loop(
             state.rollouts.append([ep["return"], float(ep["success"]), ep["length"]])
         if stop.requested:
             if rng_before_rollout is not None:
-                # the rollout was dropped: rewind the RNGs to before it, so that a resumed run collects
-                # that same episode again
+                # the rollout was dropped: rewind the RNGs to before it, so that a resumed run
+                # collects that same episode again
                 restore_rng(rng_before_rollout[0])
                 agent.generator.set_state(rng_before_rollout[1])
             save()

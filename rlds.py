@@ -1,22 +1,26 @@
-"""rlds.py: RLDS / TFDS datasets (BridgeData V2, Open X-Embodiment) read without TensorFlow (issue 12).
+"""rlds.py: RLDS / TFDS datasets (BridgeData V2, Open X-Embodiment) read without
+TensorFlow (issue 12).
 
 A TFDS dataset folder (e.g. `bridge_dataset/1.0.0/`) holds `dataset_info.json`, `features.json` and
 shards `<name>-<split>.tfrecord-NNNNN-of-NNNNN`. A shard is a sequence of TFRecord records
-(uint64 length, masked CRC32C of the length, the bytes, masked CRC32C of the bytes); each record is one
-episode serialized as a `tf.train.Example` protobuf whose features are the dataset's features flattened with
-"/": `steps/observation/image_0` (one JPEG per step), `steps/observation/state` (T x 7 floats),
-`steps/action` (T x 7), `steps/is_terminal`, `steps/language_instruction`, `episode_metadata/file_path`.
-Both layers are decoded here directly (the protobuf wire format of Example / Features / Feature is three
-small messages); the schema comes from the dataset's own features.json, so other Open X-Embodiment datasets
-with other camera names work with a camera choice.
+(uint64 length, masked CRC32C of the length, the bytes, masked CRC32C of the bytes); each record is
+one episode serialized as a `tf.train.Example` protobuf whose features are the dataset's features
+flattened with "/": `steps/observation/image_0` (one JPEG per step), `steps/observation/state`
+(T x 7 floats), `steps/action` (T x 7), `steps/is_terminal`, `steps/language_instruction`,
+`episode_metadata/file_path`. Both layers are decoded here directly (the protobuf wire
+format of Example / Features / Feature is three small messages); the schema comes from the
+dataset's own features.json, so other Open X-Embodiment datasets with other camera names
+work with a camera choice.
 
 An RLDS episode of T steps pairs observation t with action t; the last step's action has no next
-observation, so it becomes a Bridge trajectory (SPEC section 5) of T - 1 transitions over the T observations.
-The task of a Bridge episode is taken from its source out.npy path (episode_metadata/file_path) by the numpy
-release's rule (`task_from_file_path`), or from its language instruction.
+observation, so it becomes a Bridge trajectory (SPEC section 5) of T - 1 transitions over
+the T observations. The task of a Bridge episode is taken from its source out.npy path
+(episode_metadata/file_path) by the numpy release's rule (`task_from_file_path`), or from
+its language instruction.
 
-Imports from the project only fileio.py (a leaf: the Bridge format, FormatError). The writers at the end make fixtures
-for the tests and scripts/bench_formats.py (throughput and peak memory against the numpy reader).
+Imports from the project only fileio.py (a leaf: the Bridge format, FormatError). The writers
+at the end make fixtures for the tests and scripts/bench_formats.py (throughput and peak memory
+against the numpy reader).
 """
 
 import glob
@@ -42,7 +46,7 @@ SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "val"}  #
 _SHARD = re.compile(r".+-(?P<split>[A-Za-z0-9_]+)\.tfrecord-\d{5}-of-\d{5}")
 
 
-# ---------------------------------------------------------------- CRC32C (Castagnoli), vectorized with numpy
+# ------------------------------------------------------- CRC32C (Castagnoli), vectorized with numpy
 def _crc_table():
     t = np.arange(256, dtype=np.uint32)
     for _ in range(8):
@@ -55,7 +59,8 @@ _BITS = np.arange(32, dtype=np.uint32)
 
 
 def _apply(op, x):
-    """A linear map of the 32-bit CRC register (op: the images of the 32 basis vectors) applied to x (n,)."""
+    """A linear map of the 32-bit CRC register (op: the images of the 32 basis vectors)
+    applied to x (n,)."""
     bits = ((x[:, None] >> _BITS) & 1).astype(bool)
     return np.bitwise_xor.reduce(np.where(bits, op, np.uint32(0)), axis=1)
 
@@ -73,10 +78,11 @@ def _zero_bytes_op(n):
 
 
 def crc32c(data):
-    """CRC32C of bytes. The register update is linear, so the data is cut into ~sqrt(n) lanes that numpy
-    runs side by side, and the lanes' registers are combined pairwise, each shifted over the zero bytes of
-    the lanes after it (~120 MB/s, a Python loop does ~3). The initial 0xFFFFFFFF equals XOR-ing the first
-    4 bytes with 0xFF; leading zeros leave a zero register unchanged, so the front is zero-padded."""
+    """CRC32C of bytes. The register update is linear, so the data is cut into ~sqrt(n) lanes that
+    numpy runs side by side, and the lanes' registers are combined pairwise, each shifted over the
+    zero bytes of the lanes after it (~120 MB/s, a Python loop does ~3). The initial 0xFFFFFFFF
+    equals XOR-ing the first 4 bytes with 0xFF; leading zeros leave a zero register unchanged, so
+    the front is zero-padded."""
     a = np.frombuffer(data, np.uint8)
     if len(a) < 64:
         c = 0xFFFFFFFF
@@ -107,8 +113,8 @@ def masked_crc(data):
 
 # ---------------------------------------------------------------- TFRecord framing
 def read_tfrecords(path):
-    """Yield the records of a TFRecord file one at a time; a truncated or corrupt file raises FormatError
-    naming the record (the records before it have been yielded)."""
+    """Yield the records of a TFRecord file one at a time; a truncated or corrupt file raises
+    FormatError naming the record (the records before it have been yielded)."""
     with open(path, "rb") as f:
         for i in range(1 << 62):
             header = f.read(12)
@@ -143,10 +149,11 @@ def write_tfrecords(path, records):
     atomic_write(path, write)
 
 
-# ---------------------------------------------------------------- tf.train.Example, protobuf wire format
-# Example {Features features = 1}; Features {map<string, Feature> feature = 1} (entries: key 1, value 2);
-# Feature {oneof: BytesList bytes_list = 1, FloatList float_list = 2, Int64List int64_list = 3}; each list
-# is `repeated value = 1`, floats and ints packed (wire type 2) or one field per value (wire types 5, 0).
+# ----------------------------------------------------------- tf.train.Example, protobuf wire format
+# Example {Features features = 1}; Features {map<string, Feature> feature = 1}
+# (entries: key 1, value 2); Feature {oneof: BytesList bytes_list = 1, FloatList float_list = 2,
+# Int64List int64_list = 3}; each list is `repeated value = 1`, floats and ints packed (wire type 2)
+# or one field per value (wire types 5, 0).
 def _varint(buf, pos):
     result = shift = 0
     while True:
@@ -159,7 +166,8 @@ def _varint(buf, pos):
 
 
 def _fields(buf):
-    """(field number, wire type, value) of one message: value is an int (types 0, 5) or a bytes slice."""
+    """(field number, wire type, value) of one message: value is an int (types 0, 5)
+    or a bytes slice."""
     pos = 0
     while pos < len(buf):
         tag, pos = _varint(buf, pos)
@@ -207,7 +215,8 @@ def _feature_values(feature):
 
 
 def parse_example(record):
-    """A serialized tf.train.Example -> {feature name: list of bytes | float32 array | int64 array}."""
+    """A serialized tf.train.Example -> {feature name: list of bytes | float32 array |
+    int64 array}."""
     buf, out = memoryview(record), {}
     for _, _, features in _fields(buf):
         for _, _, entry in _fields(features):
@@ -235,7 +244,8 @@ def _field(number, body):
 
 
 def encode_example(features):
-    """{name: list of bytes | float array | int array} -> a serialized tf.train.Example (as TF writes it)."""
+    """{name: list of bytes | float array | int array} -> a serialized tf.train.Example
+    (as TF writes it)."""
     entries = b""
     for key, values in features.items():
         if isinstance(values, list) and all(isinstance(v, bytes) for v in values):
@@ -271,8 +281,8 @@ def find_shards(folder):
 
 
 def flatten_features(node, name="", per_step=False, out=None):
-    """A features.json FeaturesDict -> {flat name: (kind "image" | "tensor" | "text", shape, dtype or image
-    encoding, per step)}; names are joined with "/" as in the serialized Example."""
+    """A features.json FeaturesDict -> {flat name: (kind "image" | "tensor" | "text", shape, dtype
+    or image encoding, per step)}; names are joined with "/" as in the serialized Example."""
     out = {} if out is None else out
     cls = node.get("pythonClassName", "").rsplit(".", 1)[-1]
     if cls == "FeaturesDict":
@@ -292,8 +302,8 @@ def flatten_features(node, name="", per_step=False, out=None):
 
 
 def read_schema(folder):
-    """-> (the flattened features, the camera features): per-step images under steps/observation/, by name.
-    Checks what every Bridge trajectory needs: a 7-float state and a 7-float action."""
+    """-> (the flattened features, the camera features): per-step images under steps/observation/,
+    by name. Checks what every Bridge trajectory needs: a 7-float state and a 7-float action."""
     path = os.path.join(folder, "features.json")
     try:
         with open(path) as f:
@@ -318,8 +328,8 @@ def read_schema(folder):
 
 def task_from_file_path(file_path):
     """The task of a Bridge episode from its source out.npy path, as in the numpy release:
-    `.../<scene>/<task>/<collection number>/<split>/out.npy` -> <task> (the split folder and numbered
-    collection folders are not tasks; the numpy release's own tree gives the same name)."""
+    `.../<scene>/<task>/<collection number>/<split>/out.npy` -> <task> (the split folder and
+    numbered collection folders are not tasks; the numpy release's own tree gives the same name)."""
     parts = file_path.replace("\\", "/").split("/")[:-1]
     if parts and parts[-1] in SPLITS:
         parts.pop()
@@ -378,10 +388,12 @@ def _episode_trajectory(example, path, i, camera):
 
 
 def read_shard(path, features, cameras, camera="images0", task_source="path"):
-    """Yield (index, task, source, load) for each episode of one shard, streaming: load() decodes it into a
-    Bridge trajectory dict. source is what --include / --exclude keywords match: the episode's file_path
-    (else its shard). task and source are None where their feature is missing; load() then raises.
-    camera: "imagesN" (the N-th camera by name), a camera's feature name or its last part ("image_1")."""
+    """Yield (index, task, source, load) for each episode of one shard, streaming: load() decodes
+    it into a Bridge trajectory dict. source is what --include / --exclude keywords match:
+    the episode's file_path (else its shard). task and source are None where their feature is
+    missing; load() then raises.
+    camera: "imagesN" (the N-th camera by name), a camera's feature name or its
+    last part ("image_1")."""
     schema = os.path.join(os.path.dirname(path), "features.json")
     key = choose_camera(cameras, camera, schema)
     if task_source not in TASK_SOURCES:
@@ -431,7 +443,8 @@ def _features_dict(features):
 
 
 def bridge_features_json(image_shape, num_cameras):
-    """features.json of the TFDS `bridge_dataset` (its Bridge features; image_shape like (256, 256, 3))."""
+    """features.json of the TFDS `bridge_dataset` (its Bridge features; image_shape
+    like (256, 256, 3))."""
     observation = {f"image_{c}": _feature_json("image", image_shape) for c in range(num_cameras)}
     observation["state"] = _feature_json("tensor", [7])
     step = {
@@ -458,8 +471,9 @@ def _jpeg(image, quality):
 
 
 def bridge_example(traj, file_path, instruction, quality=95):
-    """A Bridge trajectory (SPEC section 5, T actions) -> the serialized Example of its RLDS episode:
-    T steps of (observations[t], actions[t]), the final next observation dropped, as the RLDS release did."""
+    """A Bridge trajectory (SPEC section 5, T actions) -> the serialized Example of its RLDS
+    episode: T steps of (observations[t], actions[t]), the final next observation dropped,
+    as the RLDS release did."""
     obs, T = traj["observations"], len(traj["actions"])
     cameras = sorted(k for k in obs[0] if re.fullmatch(r"images\d+", k))
     features = {
@@ -480,8 +494,9 @@ def bridge_example(traj, file_path, instruction, quality=95):
 def write_bridge_rlds(
     folder, episodes, num_shards=1, split="train", name="bridge_dataset", quality=95
 ):
-    """A TFDS dataset folder from [(Bridge trajectory, file_path, instruction)], the episodes dealt over
-    num_shards shards in order: dataset_info.json, features.json, <name>-<split>.tfrecord-NNNNN-of-NNNNN."""
+    """A TFDS dataset folder from [(Bridge trajectory, file_path, instruction)], the
+    episodes dealt over num_shards shards in order: dataset_info.json, features.json,
+    <name>-<split>.tfrecord-NNNNN-of-NNNNN."""
     obs = episodes[0][0]["observations"][0]
     num_cameras = sum(bool(re.fullmatch(r"images\d+", k)) for k in obs)
     features = bridge_features_json(obs["images0"].shape, num_cameras)

@@ -1,6 +1,6 @@
 """PTR checkpoint selection from Q-values on held-out target demos (paper Section IV-B, Figure 3).
 
-    python select_ckpt.py runs/ft_my_task            # ranked table, selection.json, qvalues.png, chosen path
+    python select_ckpt.py runs/ft_my_task  # ranked table, selection.json, qvalues.png, chosen path
 
 The paper picks, by eye, the fine-tuning checkpoint whose Q-values on held-out target demonstrations
 rise most monotonically along each trajectory: a valid Q-function of a successful demonstration
@@ -35,7 +35,10 @@ from cli import run_cli
 from fileio import atomic_write, atomic_write_text
 from runfolder import QTRACE_PATTERN, list_checkpoints
 
-METRIC = "mean over held-out trajectories of spearman(t, min-head Q) * min(1, spread(Q) / spread(MC return))"
+METRIC = (
+    "mean over held-out trajectories of spearman(t, min-head Q) "
+    "* min(1, spread(Q) / spread(MC return))"
+)
 COLORS = [
     (31, 119, 180),
     (255, 127, 14),
@@ -160,10 +163,10 @@ def _lighter(rgb, amount=0.45):
 
 def plot(rows, traces, path, chosen_step, panel=(270, 190), cols=4):
     """One panel per checkpoint, in step order: for every held-out demo, its Q-values along the demo
-    (solid: min over the 2 heads, the value the actor maximises) and its Monte-Carlo return-to-go under
-    the training rewards (dashed, lighter: the curve a correct Q-function would follow). The y axis is
-    in return units (stored rewards +10 / -1, SPEC section 3), the x axis the demo's time step; the chosen
-    checkpoint has a red frame."""
+    (solid: min over the 2 heads, the value the actor maximises) and its Monte-Carlo return-to-go
+    under the training rewards (dashed, lighter: the curve a correct Q-function would follow). The
+    y axis is in return units (stored rewards +10 / -1, SPEC section 3), the x axis the demo's time
+    step; the chosen checkpoint has a red frame."""
     rows = sorted(rows, key=lambda r: r["step"])
     n_rows = (len(rows) + cols - 1) // cols
     w, h = panel

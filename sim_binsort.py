@@ -4,8 +4,8 @@ and B.2).
 Two bins in front of a WidowX 250 6-DOF in PyBullet. Pre-training data: pick-and-place demos (one of
 10 objects into one of the two bins, 30-40 steps). Target task: sort two given objects, each into
 its own bin, within 80 steps; success only when both lie in their bins. A pick-place scene holds its
-object plus distractors, never both objects of the sort pair, so the pair never appears together in
-the prior data.
+object plus DISTRACTORS others (none by default), never both objects of the sort pair, so the pair
+never appears together in the prior data.
 
 Design choices (SPEC sections 2, 5, 6, 7):
 - The arm is built from the product-of-exponentials kinematics of SPEC 6: each URDF link frame sits
@@ -126,6 +126,10 @@ IN_BIN_MAX_Z = 0.08  # an object above this is falling or carried, not in a bin
 SPAWN_LOW = np.array([0.19, -0.06])
 SPAWN_HIGH = np.array([0.32, 0.06])
 MIN_GAP = 0.08  # between spawned objects, so that each can be grasped alone
+# Other objects in a pick-place scene. None by default: with one, a 64 px policy must also tell the
+# commanded object from the other before it can learn where it is, and at laptop scale it does not
+# (multi-task BC after 20k steps still reached for the average position; results/binsort_cpu.md).
+DISTRACTORS = 0
 # name -> (pybullet_data URDF, scale, RGBA or None to keep the texture).
 # No "_" in names: task names are split at "_".
 OBJECTS = {
@@ -150,7 +154,7 @@ CARRY_Z = 0.13
 RELEASE_Z = 0.10
 
 
-# ---------------------------------------------------------------- the arm as a URDF, from the screw axes
+# ----------------------------------------------------------- the arm as a URDF, from the screw axes
 def _box(center, size, rpy=(0, 0, 0), rgba=(0.15, 0.15, 0.15, 1)):
     origin = '<origin xyz="%g %g %g" rpy="%g %g %g"/>' % (*center, *rpy)
     geometry = '<geometry><box size="%g %g %g"/></geometry>' % tuple(size)
@@ -325,7 +329,7 @@ class BinSortEnv:
         task="sort",
         image_size=128,
         max_steps=None,
-        num_distractors=1,
+        num_distractors=DISTRACTORS,
         sort_pair=SORT_PAIR,
         terminate_on_success=True,
         seed=None,
@@ -719,7 +723,7 @@ def replay_actions(env, task, seed, actions):
     return observations, info
 
 
-# ---------------------------------------------------------------- data collection (Bridge format, SPEC 5)
+# ---------------------------------------------------------- data collection (Bridge format, SPEC 5)
 _WORKER = {}  # the environment of this (worker) process, made by its first job
 
 
@@ -760,7 +764,7 @@ def collect(
     val_frac=0.1,
     min_val=3,
     sort_pair=SORT_PAIR,
-    num_distractors=1,
+    num_distractors=DISTRACTORS,
     max_attempts=20,
     log=sys.stderr,
 ):
@@ -843,7 +847,8 @@ def show(out, task="sort", seed=0, image_size=128, frames=12, noise=0.1):
     strip = np.concatenate(tiles[1:], axis=1)
     atomic_write(out, lambda f: Image.fromarray(strip).save(f, format="PNG"))
     print(
-        f"{out}: {env.task_name}, {len(actions)} steps, success {ok}, frames at steps {picks.tolist()}"
+        f"{out}: {env.task_name}, {len(actions)} steps, success {ok}, "
+        f"frames at steps {picks.tolist()}"
     )
 
 
@@ -855,8 +860,8 @@ def bench(image_size=128, episodes=6, workers=2):
     seconds = time.perf_counter() - t0
     render_ms = timeit.timeit(env.render, number=20) / 20 * 1e3
     print(
-        f"{steps / seconds:.1f} steps/s (scripted pick-place at {image_size}x{image_size} on one core, "
-        f"TinyRenderer; rendering takes {render_ms:.1f} ms of a step)"
+        f"{steps / seconds:.1f} steps/s (scripted pick-place at {image_size}x{image_size} "
+        f"on one core, TinyRenderer; rendering takes {render_ms:.1f} ms of a step)"
     )
     with tempfile.TemporaryDirectory() as d:
         s = collect(
@@ -869,9 +874,9 @@ def bench(image_size=128, episodes=6, workers=2):
             log=None,
         )
     print(
-        f"collect: {s['demos'] / s['seconds']:.2f} demos/s, {s['steps'] / s['seconds']:.0f} steps/s "
-        f"with --workers {workers} at {image_size}x{image_size} ({s['demos']} demos, process start-up "
-        "included)"
+        f"collect: {s['demos'] / s['seconds']:.2f} demos/s, "
+        f"{s['steps'] / s['seconds']:.0f} steps/s with --workers {workers} "
+        f"at {image_size}x{image_size} ({s['demos']} demos, process start-up included)"
     )
 
 
@@ -908,7 +913,10 @@ def main(argv=None):
         help="a,b: a goes to the left bin, b to the right",
     )
     c.add_argument(
-        "--distractors", type=int, default=1, help="distractor objects in pick-place scenes"
+        "--distractors",
+        type=int,
+        default=DISTRACTORS,
+        help="distractor objects in pick-place scenes",
     )
     c.add_argument("--max_attempts", type=int, default=20)
     s = sub.add_parser("show", parents=[common], help="PNG film strip of one scripted episode")
@@ -938,9 +946,9 @@ def main(argv=None):
             args.max_attempts,
         )
         print(
-            f"wrote {summary['demos']} demos ({summary['steps']} steps, {summary['discarded']} failed "
-            f"attempts discarded) in {summary['seconds']:.0f}s for {len(summary['tasks'])} task(s) to "
-            f"{args.out}"
+            f"wrote {summary['demos']} demos ({summary['steps']} steps, "
+            f"{summary['discarded']} failed attempts discarded) in {summary['seconds']:.0f}s "
+            f"for {len(summary['tasks'])} task(s) to {args.out}"
         )
     elif args.cmd == "show":
         show(args.out, args.task, args.seed, args.image_size, args.frames, args.noise)

@@ -1227,6 +1227,37 @@ def test_core_policy_log_std_clip_and_deterministic():
     assert torch.equal(pi.deterministic(z, s, t), torch.tanh(pi.dist(z, s, t)[0]))
 
 
+def _core_policy_mean(pi, z, state, onehot):
+    """The pre-tanh mean of a TanhGaussianPolicy, or a BCPolicy's action."""
+    if isinstance(pi, model.TanhGaussianPolicy):
+        return pi.dist(z, state, onehot)[0]
+    return pi.head(z, state, onehot)
+
+
+def test_core_policies_normalize_the_state_with_the_data_statistics():
+    torch.manual_seed(0)
+    mean = torch.tensor([0.25, 0.0, 0.1, 0.0, 0.0, 0.0, 0.8])
+    std = torch.tensor([0.03, 0.1, 0.05, 0.02, 0.02, 0.5, 0.0])  # the gripper constant here
+    z = torch.randn(3, 16)
+    onehot = torch.eye(2)[[0, 1, 1]]
+    state = mean + std * torch.randn(3, 7)
+    by_hand = (state - mean) / torch.tensor([0.03, 0.1, 0.05, 0.02, 0.02, 0.5, 1e-3])
+    for make in (model.TanhGaussianPolicy, model.BCPolicy):
+        pi = make(model.make_encoder("small", image_size=32, embed_dim=16), 2, 7, 7, 32, 2).eval()
+        unnormalized = pi.net(torch.cat([z, state, onehot], -1))[:, :7]
+        assert torch.equal(_core_policy_mean(pi, z, state, onehot), unnormalized)  # until set
+        pi.state_norm.set_statistics(mean, std)
+        assert pi.state_norm.std[-1] == model.STATE_STD_MIN  # a constant dimension is centred
+        assert torch.allclose(pi.state_norm(state), by_hand)
+        expected = pi.net(torch.cat([z, by_hand, onehot], -1))[:, :7]
+        assert torch.allclose(_core_policy_mean(pi, z, state, onehot), expected, atol=1e-6)
+        assert {"state_norm.mean", "state_norm.std"} <= set(pi.state_dict())
+    with pytest.raises(ValueError, match=r"shape \(6,\) / \(7,\), expected \(7,\) each"):
+        pi.state_norm.set_statistics(mean[:6], std)
+    with pytest.raises(ValueError, match="finite, with std >= 0"):
+        pi.state_norm.set_statistics(mean, -std)
+
+
 # ---------------------------------------------------------------------------------------------- cql.py losses
 def test_core_importance_logsumexp_closed_form():
     c, log_pi = 3.0, torch.tensor([[-1.0, 0.5, 2.0, -3.0]])
@@ -1312,6 +1343,40 @@ def test_core_actor_temperature_bc_losses():
     assert cql.bc_loss(pred, act, w)[0].item() == pytest.approx(
         (math.exp(-1.0) * 1.0 + 20.0 * 2.0) / 2
     )
+
+
+def test_core_actor_imitation_warm_up():
+    # by hand: mean(0.5 * [-2, 4]) - mean([-1, -3]) = 0.5 + 2 = 2.5
+    loss, info = cql.actor_imitation_loss(
+        torch.tensor([[-2.0, 4.0]] * 2), torch.tensor([-1.0, -3.0]), 0.5
+    )
+    assert loss.item() == pytest.approx(2.5) and info["entropy"].item() == pytest.approx(-1.0)
+    # bc_steps: the first updates raise the policy's likelihood of the data actions and leave the critic's
+    # gradient out of the actor; afterwards the actor follows Q again
+    cfg = _core_cfg(bc_steps=3, actor_lr=1e-3)
+    agent = Agent(cfg)
+    batch = cql.random_batch(cfg, 8)
+    z = lambda: agent.policy.embed(batch["obs"])
+    onehot = agent._onehot(batch["task"])
+    with torch.no_grad():
+        before = agent.policy.log_prob(z(), batch["state"], onehot, batch["action"]).mean()
+    infos = [agent.update(batch) for _ in range(3)]
+    with torch.no_grad():
+        after = agent.policy.log_prob(z(), batch["state"], onehot, batch["action"]).mean()
+    assert after > before
+    twin = Agent(_core_cfg(bc_steps=3, actor_lr=1e-3))
+    twin_infos = [twin.update(batch) for _ in range(3)]
+    assert all(torch.equal(a["actor_loss"], b["actor_loss"]) for a, b in zip(infos, twin_infos))
+    reference = Agent(_core_cfg(actor_lr=1e-3))  # bc_steps 0: the paper's actor from the first step
+    assert not torch.equal(reference.update(batch)["actor_loss"], infos[0]["actor_loss"])
+    saved = agent.state_dict()
+    still_imitating = Agent.from_state_dict(
+        {**saved, "config": {**saved["config"], "bc_steps": 10}}
+    )
+    never_imitated = Agent.from_state_dict({**saved, "config": {**saved["config"], "bc_steps": 0}})
+    fourth = agent.update(batch)["actor_loss"]  # update 4: the Q-maximising loss again
+    assert torch.equal(fourth, never_imitated.update(batch)["actor_loss"])
+    assert not torch.equal(fourth, still_imitating.update(batch)["actor_loss"])
 
 
 def test_core_tabular_cql_fixed_point():
@@ -1520,6 +1585,39 @@ def test_core_switch_cql_to_awbc():
         bc.update(batch)
 
 
+def test_core_state_statistics_travel_with_checkpoints_and_old_ones_load_as_identity():
+    cfg = _core_cfg()
+    agent = Agent(cfg)
+    mean = torch.linspace(-1.0, 1.0, 7)
+    std = torch.linspace(0.1, 0.7, 7)
+    agent.set_state_statistics(mean, std)
+    saved = agent.state_dict()
+    again = Agent.from_state_dict(saved)
+    assert torch.equal(again.policy.state_norm.mean, mean)
+    assert torch.equal(again.policy.state_norm.std, std)
+    agent.cfg.algo = "awbc"  # the BC policy created later sees the state as the policy does
+    agent.update(cql.random_batch(cfg, 4))
+    assert torch.equal(agent.bc_policy.state_norm.mean, mean)
+    # a checkpoint written before the normalizer existed: identity, so its policy acts as it did
+    old = copy.deepcopy(saved)
+    for net in old["nets"].values():
+        net.pop("state_norm.mean", None)
+        net.pop("state_norm.std", None)
+    legacy = Agent.from_state_dict(old)
+    assert torch.equal(legacy.policy.state_norm.mean, torch.zeros(7))
+    assert torch.equal(legacy.policy.state_norm.std, torch.ones(7))
+    x = cql.random_batch(cfg, 4, seed=1)
+    unnormalized = Agent.from_state_dict(saved)
+    unnormalized.set_state_statistics(torch.zeros(7), torch.ones(7))
+    assert torch.equal(
+        legacy.act(x["obs"], x["state"], x["task"]),
+        unnormalized.act(x["obs"], x["state"], x["task"]),
+    )
+    assert not torch.equal(
+        again.act(x["obs"], x["state"], x["task"]), legacy.act(x["obs"], x["state"], x["task"])
+    )
+
+
 def test_core_spatial_embedding_by_hand():
     """Figure 2: each channel's map times K learned (H, W) maps, summed over H, W; output index c * K + k."""
     emb = model.SpatialEmbedding(2, 2, 3, 2)
@@ -1649,6 +1747,23 @@ def test_pipeline_pretrain_writes_run_folder(pipe_pretrained):
         and train.ckpt_config(ckpt)["num_tasks"] == 4
         and len(ckpt["action_low"]) == 7
     )
+
+
+def test_pipeline_policy_state_statistics_are_the_train_split_s(pipe_data, pipe_pretrained):
+    """train.py normalizes the policy's state with the mean / std over every frame of the prior data's
+    train trajectories (the val split left out), computed here from the source files."""
+    _, prior, _ = pipe_data
+    states = []
+    for path in sorted(prior.glob("*/*/train/out.npy")):
+        for traj in data.read_bridge_file(str(path)):
+            frames = [*traj["observations"], traj["next_observations"][-1]]
+            states += [step["state"] for step in frames]
+    states = np.array(states, np.float64)
+    ckpt = train.load_checkpoint(str(pipe_pretrained / "ckpt_00000004.pt"))
+    norm = ckpt["agent"]["nets"]["policy"]
+    assert len(states) == 3 * 4 * 9  # 3 tasks x 4 train trajectories x (8 + 1) frames
+    np.testing.assert_allclose(norm["state_norm.mean"].numpy(), states.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(norm["state_norm.std"].numpy(), states.std(0), rtol=1e-5)
 
 
 def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretrained):
@@ -2509,7 +2624,7 @@ def test_sim_reset_step_shapes_and_action_semantics():
     assert (
         set(info["in_bin"]) == set(env.objects)
         and "cube" in info["in_bin"]
-        and len(env.objects) == 2
+        and len(env.objects) == 1 + sb.DISTRACTORS
     )
     assert np.allclose(obs["state"][:3], [0.25, -0.02, 0.18], atol=3e-3)
     assert np.allclose(obs["state"][3:6], [0, 0, 0.25], atol=5e-3)
@@ -2601,7 +2716,7 @@ def test_sim_scripted_sort_succeeds():
 
 def test_sim_episodes_are_deterministic():
     """Same seed, same episode (collection with several workers relies on it); another seed, another scene."""
-    env = sb.BinSortEnv("pickplace", image_size=8)
+    env = sb.BinSortEnv("pickplace", image_size=24)  # large enough to show where the object is
     runs = []
     for seed in (7, 7, 8):
         obs = env.reset(seed=seed)

@@ -1,15 +1,22 @@
-"""PTR phase 1: multi-task offline RL pre-training (paper Section IV-A), and the baselines of Section V-A.
+"""PTR phase 1: multi-task offline RL pre-training (paper Section IV-A), and the
+baselines of Section V-A.
 
-    python train.py --data bridge/ --arch resnet34                   # PTR: multi-task CQL on all tasks
-    python train.py --data bridge/ --exclude toykitchen6             # hold a domain out, as the paper does
-    python train.py --data bridge/ --algo bc                         # BC pre-training (the "BC finetune" baseline)
-    python train.py --data bridge/ --target my_task/ --mix 0.9       # joint training from scratch (COG / BC joint)
-    torchrun --nproc_per_node=4 train.py --data bridge/              # data parallel over 4 GPUs (gloo on CPU)
+    python train.py --data bridge/ --arch resnet34                   # PTR: multi-task CQL
+                                                                       on all tasks
+    python train.py --data bridge/ --exclude toykitchen6             # hold a domain out,
+                                                                       as the paper does
+    python train.py --data bridge/ --algo bc                         # BC pre-training
+                                                                       (the "BC finetune" baseline)
+    python train.py --data bridge/ --target my_task/ --mix 0.9       # joint training from scratch
+                                                                       (COG / BC joint)
+    torchrun --nproc_per_node=4 train.py --data bridge/              # data parallel over 4 GPUs
+                                                                       (gloo on CPU)
 
-The run folder (--out) holds config.json (every resolved option), progress.csv, and ckpt_<step>.pt files
-written atomically every --save_every steps; --resume continues from the newest checkpoint with the same
-result as an uninterrupted run (step, optimizers, sampler and torch RNG state). finetune.py and online.py
-reuse this file's checkpoint and loop helpers, so a run of any phase looks the same on disk.
+The run folder (--out) holds config.json (every resolved option), progress.csv, and ckpt_<step>.pt
+files written atomically every --save_every steps; --resume continues from the newest checkpoint
+with the same result as an uninterrupted run (step, optimizers, sampler and torch RNG state).
+finetune.py and online.py reuse this file's checkpoint and loop helpers, so a run of any
+phase looks the same on disk.
 """
 
 import argparse
@@ -40,7 +47,8 @@ MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; pap
 RESERVED_TASK = (
     "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
 )
-# Options that fix the network's shapes: a checkpoint only loads into a run that agrees on all of them.
+# Options that fix the network's shapes: a checkpoint only loads into a run that
+# agrees on all of them.
 
 
 class CheckpointError(ExpectedError, RuntimeError):
@@ -64,7 +72,8 @@ def atomic_torch_save(obj, path):
 
 
 def load_checkpoint(path):
-    """Load a PTR checkpoint on the CPU (weights_only), with a clear error for every way it can be wrong."""
+    """Load a PTR checkpoint on the CPU (weights_only), with a clear error for every
+    way it can be wrong."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -91,7 +100,8 @@ def ckpt_config(ckpt):
 
 
 def check_compatible(ckpt, path, expected):
-    """Refuse a checkpoint whose network shapes differ from what this run asks for (arch, image size, tasks...)."""
+    """Refuse a checkpoint whose network shapes differ from what this run asks for
+    (arch, image size, tasks...)."""
     cfg = ckpt_config(ckpt)
     for key, want in expected.items():
         if want is not None and key in cfg and cfg[key] != want:
@@ -127,7 +137,8 @@ def restore_rng(state):
 
 
 def prepare_batch(batch, device):
-    """Move a CPU batch to the device and augment both images (random crop + color jitter, Appendix B)."""
+    """Move a CPU batch to the device and augment both images (random crop + color
+    jitter, Appendix B)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     batch["obs"] = augment(batch["obs"])
     batch["next_obs"] = augment(batch["next_obs"])
@@ -135,7 +146,8 @@ def prepare_batch(batch, device):
 
 
 def open_store(src, args, store_dir=None, prior=True):
-    """Build (first time) and open a store; --include/--exclude/--aliases select the prior data only."""
+    """Build (first time) and open a store; --include/--exclude/--aliases select
+    the prior data only."""
     store = load_store(
         src,
         store=store_dir,
@@ -166,7 +178,8 @@ def open_store(src, args, store_dir=None, prior=True):
 
 
 def store_task_ids(store, task_names, src):
-    """Global one-hot index of each task of a store, by name; a task the checkpoint never saw is an error."""
+    """Global one-hot index of each task of a store, by name; a task the checkpoint
+    never saw is an error."""
     ids = []
     for name in store.task_names:
         if name not in task_names:
@@ -182,7 +195,8 @@ def store_task_ids(store, task_names, src):
 
 
 class RunLog:
-    """progress.csv + one stdout line every --log_every steps (+ TensorBoard when asked). Rank 0 only."""
+    """progress.csv + one stdout line every --log_every steps (+ TensorBoard when asked).
+    Rank 0 only."""
 
     def __init__(self, out, total_steps, start_step, enabled=True, tensorboard=False):
         self.out, self.total, self.enabled = out, total_steps, enabled
@@ -259,7 +273,8 @@ def write_config(out, args, extra):
 
 
 def prepare_out_dir(out, resume):
-    """A fresh run refuses a folder that already holds checkpoints, so nothing is overwritten by accident."""
+    """A fresh run refuses a folder that already holds checkpoints, so nothing is
+    overwritten by accident."""
     if list_checkpoints(out) and not resume:
         raise SystemExit(
             f"{out} already holds checkpoints: pass --resume to continue that run, or another --out"
@@ -298,7 +313,8 @@ def claim_run_folder(out, resume):
             if owner == os.getpid():  # this process already owns it (an earlier main() in-process)
                 break
             print(
-                f"{out}: taking over the lock of a run that ended without releasing it (pid {owner})"
+                f"{out}: taking over the lock of a run that ended without releasing it "
+                f"(pid {owner})"
             )
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
@@ -343,8 +359,8 @@ def _distributed():
 
 
 def assert_ranks_in_sync(agent):
-    """Ranks that drifted apart would silently train different networks: compare a checksum of the weights
-    (parameters only: BatchNorm statistics are per rank by design)."""
+    """Ranks that drifted apart would silently train different networks: compare a checksum of the
+    weights (parameters only: BatchNorm statistics are per rank by design)."""
     if not _distributed():
         return
     total = sum(p.detach().double().sum() for net in agent.nets.values() for p in net.parameters())
@@ -362,7 +378,8 @@ def assert_ranks_in_sync(agent):
 
 
 def check_finite(info, step):
-    """One device sync per step (a single stacked check); the loop over names runs only after a failure."""
+    """One device sync per step (a single stacked check); the loop over names runs
+    only after a failure."""
     if bool(torch.isfinite(torch.stack([v.float() for v in info.values()])).all()):
         return
     for name, value in info.items():
@@ -440,14 +457,14 @@ def build_checkpoint(payload, step, agent, sampler_state, rng, **extra):
 def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0):
     """Shared by pre-training and offline fine-tuning: train_step, log, checkpoint, retention.
 
-    payload: the checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds the step,
-    the agent, the sampler's RNG and torch's RNG, which is all an exact resume needs.
+    payload: the checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds
+    the step, the agent, the sampler's RNG and torch's RNG, which is all an exact resume needs.
     """
     log = RunLog(args.out, args.steps, start_step, enabled=rank == 0, tensorboard=args.tensorboard)
 
     def save(step, all_ranks=True):
-        # every rank's random streams, so that a torchrun resume stays exact and data-parallel; gathering is a
-        # collective, skipped when stopping (one rank may be interrupted alone)
+        # every rank's random streams, so that a torchrun resume stays exact and data-parallel;
+        # gathering is a collective, skipped when stopping (one rank may be interrupted alone)
         mine = {
             "sampler": sampler.state_dict(),
             "rng": capture_rng(),
@@ -508,9 +525,9 @@ def resume_state(args, payload_check):
 
 
 def restore_run(ckpt, agent, sampler, rank=0):
-    """Weights, optimizers and this rank's random streams. A rank the checkpoint has no streams for (a Ctrl-C
-    checkpoint of a torchrun run, or more processes than before) keeps its fresh seed + rank streams:
-    still data-parallel, no longer bit-exact."""
+    """Weights, optimizers and this rank's random streams. A rank the checkpoint has no streams
+    for (a Ctrl-C checkpoint of a torchrun run, or more processes than before) keeps its fresh
+    seed + rank streams: still data-parallel, no longer bit-exact."""
     agent.load_state_dict(ckpt["agent"])
     states = ckpt.get("rank_states") or [{"sampler": ckpt["sampler"], "rng": ckpt["rng"]}]
     if rank < len(states):
@@ -676,6 +693,11 @@ def main(argv=None):
         action="store_true",
         help="draw batches in a background thread (into pinned memory on CUDA)",
     )
+    p.add_argument(
+        "--raw_state",
+        action="store_true",
+        help="feed the policy the state unnormalized (as before 2026-12; ablation)",
+    )
     add_data_args(p)
     add_agent_args(p)
     args = p.parse_args(argv)
@@ -688,7 +710,8 @@ def main(argv=None):
         if rank == 0:  # rank 0 writes the run folder, so it owns it
             owned.enter_context(claim_run_folder(args.out, args.resume))
         elif world > 1:
-            dist.barrier()  # rank 0 converts the data first; the other ranks then open the cached stores
+            # rank 0 converts the data first; the other ranks then open the cached stores
+            dist.barrier()
         train(args, rank, world, device)
 
 
@@ -726,6 +749,8 @@ def train(args, rank, world, device):
     )
     cfg = agent_config(args, len(task_names), prior.image_size[0])
     agent = Agent(cfg, device=device)  # initialised from cfg.seed: the same weights on every rank
+    if not args.raw_state:  # the prior data's statistics (a resumed run loads the ones it saved)
+        agent.set_state_statistics(*prior.state_statistics("train"))
     if args.compile:
         agent.compile(args.compile)
     torch.manual_seed(args.seed + rank)  # augmentation differs per rank
@@ -741,7 +766,8 @@ def train(args, rank, world, device):
         },
     }
     if target_ids is not None:
-        # joint training (COG, BC joint): the target's slots, so online.py evaluates the target by default
+        # joint training (COG, BC joint): the target's slots, so online.py evaluates
+        # the target by default
         payload["target_task_ids"] = target_ids
     start = 0
     ckpt = resume_state(args, {k: getattr(cfg, k) for k in STRUCTURE})
@@ -760,8 +786,8 @@ def train(args, rank, world, device):
             },
         )
         print(
-            f"{len(prior.task_names)} tasks, {prior.num_transitions('train')} transitions, {world} process(es), "
-            f"{cfg.arch} at {cfg.image_size}px on {device}"
+            f"{len(prior.task_names)} tasks, {prior.num_transitions('train')} transitions, "
+            f"{world} process(es), {cfg.arch} at {cfg.image_size}px on {device}"
         )
     try:
         train_loop(agent, sampler, args, payload, start_step=start, rank=rank)

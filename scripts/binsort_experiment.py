@@ -72,15 +72,20 @@ class Protocol:
     alpha: float = 1.0  # the paper's simulation values (SPEC section 3)
     gamma: float = 0.98
     mix: float = 0.9  # tau: prior data per fine-tuning / joint batch
-    cql_pre_steps: int = 4000
-    bc_pre_steps: int = 10000
-    ft_steps: int = 1500
+    cql_pre_steps: int = 5000
+    # every CQL run from scratch: the actor's first N updates imitate the data (cql.AgentConfig
+    # bc_steps), then it maximises Q; fine-tuning resumes past them, so PTR's actor maximises Q there.
+    # Measured: a Q-maximising actor trained from scratch does not learn to grasp at this scale.
+    cql_bc_steps: int = 5000
+    bc_pre_steps: int = 5000
+    ft_steps: int = 2000
     bc_ft_steps: int = 2000
     ft_save_every: int = 250  # PTR checkpoints to choose from
     pick_episodes: int = 25  # per held-in pick-place task
     sort_episodes: int = 50
     ckpt_episodes: int = 20  # per saved PTR checkpoint (selection vs best)
     curve_episodes: int = 10  # per task and saved pre-training checkpoint (success vs steps)
+    raw_evals: int = 0  # 1: also evaluate with the gripper as predicted (not binarized)
     eval_seed: int = 1000  # evaluation episodes use seeds the data never used
     extra: list = field(default_factory=list)  # flags passed to every training command
 
@@ -117,10 +122,12 @@ def build_jobs(p, out):
     target = os.path.join(d, "target")
     run = {name: os.path.join(out, name) for name in ["cql_pre", "bc_pre", *METHODS]}
     common = ["--arch", p.arch, "--batch_size", str(p.batch_size), "--log_every", "250", *p.extra]
-    cql = ["--algo", "cql", "--alpha", str(p.alpha), "--gamma", str(p.gamma)]
+    cql_base = ["--algo", "cql", "--alpha", str(p.alpha), "--gamma", str(p.gamma)]
+    cql = [*cql_base, "--bc_steps", str(p.cql_bc_steps)]
     bc = ["--algo", "bc", "--gamma", str(p.gamma)]
     joint_cql_steps = p.cql_pre_steps + p.ft_steps
     joint_bc_steps = p.bc_pre_steps + p.bc_ft_steps
+    target_bc_steps = round(p.cql_bc_steps * p.ft_steps / joint_cql_steps)
 
     def train(name, steps, algo, *flags, data=prior, save_every=None):
         cmd = python("train.py", "--data", data, "--out", run[name], "--steps", str(steps))
@@ -150,14 +157,15 @@ def build_jobs(p, out):
         train("bc_joint", joint_bc_steps, bc, "--target", target, "--mix", str(p.mix)),
         finetune("ptr", "cql_pre", p.ft_steps, p.ft_save_every),
         finetune("bc_ft", "bc_pre", p.bc_ft_steps, max(p.bc_ft_steps // 4, 1)),
-        train("cql_tgt", p.ft_steps, cql, data=target),  # 5 demos: as many steps as fine-tuning
+        # 5 demos, as many steps as fine-tuning, imitating for the joint run's share of its steps
+        train("cql_tgt", p.ft_steps, [*cql_base, "--bc_steps", str(target_bc_steps)], data=target),
     ]
     select = python("select_ckpt.py", run["ptr"], "--plot", os.path.join(out, "qvalues.png"))
     jobs.append(Job("select", select, ("ptr",), os.path.join(run["ptr"], "selection.json")))
     evals = os.path.join(out, "eval")
     for pre in ("cql_pre", "bc_pre"):
         for task in PICK_TASKS:
-            for binary in (True, False):
+            for binary in (True, False) if p.raw_evals else (True,):
                 ckpt = ckpt_path(run[pre], pre_steps[pre])
                 job = eval_job(
                     f"{pre}_{task}", ckpt, p.pick_episodes, p, evals, (pre,), binary, task
@@ -172,7 +180,7 @@ def build_jobs(p, out):
     for method in METHODS:
         ckpt = "SELECTED" if method == "ptr" else f"LAST:{run[method]}"
         deps = ("select",) if method == "ptr" else (method,)
-        for binary in (True, False) if method in ("ptr", "bc_ft") else (True,):
+        for binary in (True, False) if p.raw_evals and method in ("ptr", "bc_ft") else (True,):
             job = eval_job(
                 f"sort_{method}", ckpt, p.sort_episodes, p, evals, deps, binary, SORT_TASK
             )

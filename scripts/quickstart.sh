@@ -28,9 +28,12 @@ phase "1/6 collect: $N_PRIOR pick-and-place demos (prior), $N_TARGET full-sort d
 [ -d "$DATA/target" ] || "$PY" sim_binsort.py collect --task sort --n "$N_TARGET" --image_size "$SIZE" \
     --workers "$WORKERS" --out "$DATA/target"
 
+# The actor imitates the data while the critic pre-trains (--bc_steps): at this scale an actor that
+# maximises Q from the first step does not learn to grasp (results/binsort_cpu.md, section 2).
 phase "2/6 pre-train multi-task CQL ($ARCH, $PRE_STEPS steps), one one-hot slot kept for the target task"
 "$PY" train.py --data "$DATA/prior" --out "$OUT/pretrain" --arch "$ARCH" --steps "$PRE_STEPS" \
-    --save_every "$PRE_STEPS" --log_every 100 --batch_size "$BATCH" --alpha 1 --gamma 0.98 --extra_tasks 1 --resume
+    --save_every "$PRE_STEPS" --log_every 100 --batch_size "$BATCH" --alpha 1 --gamma 0.98 --extra_tasks 1 \
+    --bc_steps "$PRE_STEPS" --resume
 PRE=$(ls "$OUT"/pretrain/ckpt_*.pt | tail -1)
 
 phase "3/6 fine-tune offline on the target demos ($FT_STEPS steps, tau = 0.9 prior data per batch)"
