@@ -149,7 +149,8 @@ class Policy:
         # The Bridge gripper command is absolute, 0 closed .. 1 open, and the demos command 0 or 1;
         # a regression policy can average the two near a grasp (0.3-0.9 dithering opens the fingers
         # again). Binarizing at 0.5 executes the nearer of the two, as the Open X-Embodiment Bridge
-        # transform does for the data. Off by default: results/binsort_cpu.md measures both.
+        # transform does for the data. Off by default: results/binsort_round2/report.md measures
+        # both.
         self.binarize_gripper = binarize_gripper
 
     def __call__(self, image, state, deterministic=True):

@@ -364,11 +364,7 @@ def write_table(p, out, seconds=None):
                 continue
             row = [label, gripper, percent(r), percent(r, "grasped"), percent(r, "first_in_bin")]
             lines.append("| " + " | ".join(row) + f" | {PAPER[method]} % |")
-    steps = []
-    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
-        r = load_eval(out, f"ptr_step_{step:06d}")
-        if r is not None:
-            steps.append((step, r))
+    steps = ptr_checkpoint_evals(p, out)
     chosen = selected_ckpt(out)
     if steps and chosen:
         lines += [
@@ -416,6 +412,26 @@ def pooled(results):
     }
 
 
+def ptr_checkpoint_evals(p, out):
+    """[(step, eval)] of the saved PTR checkpoints whose sort evaluation exists."""
+    evals = []
+    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
+        r = load_eval(out, f"ptr_step_{step:06d}")
+        if r is not None:
+            evals.append((step, r))
+    return evals
+
+
+def label_axes(ax, xlabel, title):
+    """Both panels of success_vs_steps.png: episodes in percent, 0-100, a legend where lines exist."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("episodes (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    if ax.lines:
+        ax.legend(fontsize=8)
+
+
 def pretraining_curves(p, out):
     """{pre: [(step, pooled eval over PICK_TASKS)]} for the steps whose four evaluations exist."""
     curves = {}
@@ -454,17 +470,9 @@ def plot_curves(p, out):
                 hi.append(100 * value[prefix + "hi"])
             ax_pre.plot(steps, rate, style, label=f"{pre} {key}")
             ax_pre.fill_between(steps, lo, hi, alpha=0.15)
-    ax_pre.set_xlabel("pre-training gradient steps")
-    ax_pre.set_ylabel("episodes (%)")
-    ax_pre.set_ylim(0, 100)
-    ax_pre.set_title(f"held-in pick-place, {len(PICK_TASKS)} tasks x {p.curve_episodes} episodes")
-    if ax_pre.lines:
-        ax_pre.legend(fontsize=8)
-    points = []
-    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
-        r = load_eval(out, f"ptr_step_{step:06d}")
-        if r is not None:
-            points.append((step, r))
+    pick_title = f"held-in pick-place, {len(PICK_TASKS)} tasks x {p.curve_episodes} episodes"
+    label_axes(ax_pre, "pre-training gradient steps", pick_title)
+    points = ptr_checkpoint_evals(p, out)
     if points:
         steps = [step for step, _ in points]
         ax_ft.plot(steps, [100 * r["success"] for _, r in points], "o-", label="full sort")
@@ -478,12 +486,8 @@ def plot_curves(p, out):
             ax_ft.plot(
                 steps, [100 * r["stages"][stage]["rate"] for _, r in points], "--", label=stage
             )
-    ax_ft.set_xlabel("PTR offline fine-tuning gradient steps")
-    ax_ft.set_ylabel("episodes (%)")
-    ax_ft.set_ylim(0, 100)
-    ax_ft.set_title(f"target sort, {p.ckpt_episodes} episodes per checkpoint")
-    if ax_ft.lines:
-        ax_ft.legend(fontsize=8)
+    sort_title = f"target sort, {p.ckpt_episodes} episodes per checkpoint"
+    label_axes(ax_ft, "PTR offline fine-tuning gradient steps", sort_title)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "success_vs_steps.png"), dpi=120)
 
