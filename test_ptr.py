@@ -2750,7 +2750,7 @@ def test_sim_collect_writes_bridge_format(tmp_path):
             assert {"observations", "next_observations", "actions", "terminals"} <= set(traj)
             T = len(traj["actions"])
             assert (
-                15 <= T <= 40 and len(traj["observations"]) == len(traj["next_observations"]) == T
+                15 <= T <= sb.MAX_STEPS["pick"] and len(traj["observations"]) == len(traj["next_observations"]) == T
             )
             assert traj["actions"].dtype == np.float32 and traj["actions"].shape == (T, 7)
             assert np.all(sb.ACTION_LOW - 1e-6 <= traj["actions"]) and np.all(
