@@ -1,7 +1,8 @@
-"""Conversion throughput of each source format (issue 12): the same Bridge-like episodes written as a
-numpy tree of out.npy, an RLDS / TFDS folder of several shards, and LeRobot v2.1 (h264, one file per
-episode) and v3.0 (AV1, several episodes per file) folders, each converted by `data.py convert
---image_size 128` in a child process. Prints episodes/s, MB/s of source bytes and the child's peak RSS.
+"""Conversion throughput of each source format (issue 12): the same Bridge-like episodes written
+as a numpy tree of out.npy, an RLDS / TFDS folder of several shards, and LeRobot v2.1 (h264, one
+file per episode) and v3.0 (AV1, several episodes per file) folders, each converted by `data.py
+convert --image_size 128` in a child process. Prints episodes/s, MB/s of source bytes and the
+child's peak RSS.
 
     python scripts/bench_formats.py [--episodes 48] [--steps 38] [--size 256]
 
@@ -96,7 +97,8 @@ def main():
             mb = folder_bytes(src) / 1e6
             print(
                 f"{name:22} {args.episodes / seconds:6.1f} episodes/s {mb / seconds:7.1f} MB/s "
-                f"({mb:.0f} MB in {seconds:.1f} s with interpreter start), peak RSS {rss / 1e6:.0f} MB"
+                f"({mb:.0f} MB in {seconds:.1f} s with interpreter start), "
+                f"peak RSS {rss / 1e6:.0f} MB"
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

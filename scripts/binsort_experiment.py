@@ -1,28 +1,29 @@
-"""PTR against its baselines on the simulated bin-sort, at laptop scale (paper Section V-A, Table VII;
-SPEC section 7), as one resumable command:
+"""PTR against its baselines on the simulated bin-sort, at laptop scale (paper Section V-A, Table
+VII; SPEC section 7), as one resumable command:
 
-    python scripts/binsort_experiment.py --out runs/binsort            # the whole protocol, 2 jobs at a time
-    python scripts/binsort_experiment.py --out runs/binsort --table    # only (re)write the results table
+    python scripts/binsort_experiment.py --out runs/binsort          # the whole protocol
+    python scripts/binsort_experiment.py --out runs/binsort --table  # only (re)write the table
 
-It collects the prior data (scripted pick-and-place demos of 10 objects into either bin) and 5 demos of the
-target sort, then trains, each job one thread, --jobs at a time:
-    cql_pre   multi-task CQL pre-training with one reserved one-hot slot        (PTR, phase 1)
-    bc_pre    multi-task BC pre-training                                          (BC finetune, phase 1)
-    ptr       cql_pre fine-tuned offline on the target, tau = 0.9 prior data      (PTR, phase 2)
-    bc_ft     bc_pre fine-tuned on the target, tau = 0.9                          (BC finetune)
-    cog       CQL trained from scratch on prior + target mixed 0.9 / 0.1          (COG / CQL joint)
-    bc_joint  BC trained from scratch on prior + target mixed 0.9 / 0.1           (BC joint)
-    cql_tgt   CQL on the target demos alone                                       (target data only)
+It collects the prior data (scripted pick-and-place demos of 10 objects into either bin) and 5
+demos of the target sort, then trains, each job one thread, --jobs at a time:
+    cql_pre   multi-task CQL pre-training with one reserved one-hot slot   (PTR, phase 1)
+    bc_pre    multi-task BC pre-training                                     (BC finetune, phase 1)
+    ptr       cql_pre fine-tuned offline on the target, tau = 0.9 prior data (PTR, phase 2)
+    bc_ft     bc_pre fine-tuned on the target, tau = 0.9                     (BC finetune)
+    cog       CQL trained from scratch on prior + target mixed 0.9 / 0.1     (COG / CQL joint)
+    bc_joint  BC trained from scratch on prior + target mixed 0.9 / 0.1      (BC joint)
+    cql_tgt   CQL on the target demos alone                                  (target data only)
 Joint runs get as many gradient steps as pre-training plus fine-tuning, target-only CQL as many as
-fine-tuning. PTR's checkpoint is
-chosen by select_ckpt.py from Q-values on held-out target demos (phase 3); every method's last checkpoint is
-evaluated on the sort, and every saved PTR checkpoint too, so the chosen one can be compared with the best.
-The pre-trained policies are evaluated on held-in pick-place tasks. Evaluations: online.py eval, deterministic
-episodes from fixed seeds, success and stages with Wilson 95% intervals, one JSON each.
+fine-tuning. PTR's checkpoint is chosen by select_ckpt.py from Q-values on held-out target demos
+(phase 3); every method's last checkpoint is evaluated on the sort, and every saved PTR checkpoint
+too, so the chosen one can be compared with the best. The pre-trained policies are evaluated on
+held-in pick-place tasks. Evaluations: online.py eval, deterministic episodes from fixed seeds,
+success and stages with Wilson 95% intervals, one JSON each.
 
 Everything lands in --out: data/, one run folder per job, logs/<job>.log, eval/<name>.json, then
-results.md (the table, with the commands) and success_vs_steps.png. Re-running skips what is done and resumes
-what is not (train.py / finetune.py --resume). Progress lines say which job runs and how far it got.
+results.md (the table, with the commands) and success_vs_steps.png. Re-running skips what is done
+and resumes what is not (train.py / finetune.py --resume). Progress lines say which job runs and
+how far it got.
 """
 
 import argparse
@@ -41,7 +42,8 @@ sys.path.insert(0, ROOT)
 from fileio import atomic_write_text  # noqa: E402  (the project's leaves: no torch, no pybullet)
 from runfolder import CKPT_PATTERN, list_checkpoints  # noqa: E402
 
-# the target's one-hot slot by name: joint runs (train.py --target) do not record which slot is the target
+# the target's one-hot slot by name: joint runs (train.py --target) do not record which slot is
+# the target
 SORT_TASK = "sort_mug_cube"
 PICK_TASKS = ("pick_cube_to_left", "pick_duck_to_right", "pick_mug_to_left", "pick_ball_to_right")
 METHODS = {  # run folder -> the table's name for it
@@ -74,8 +76,9 @@ class Protocol:
     mix: float = 0.9  # tau: prior data per fine-tuning / joint batch
     cql_pre_steps: int = 5000
     # every CQL run from scratch: the actor's first N updates imitate the data (cql.AgentConfig
-    # bc_steps), then it maximises Q; fine-tuning resumes past them, so PTR's actor maximises Q there.
-    # Measured: a Q-maximising actor trained from scratch does not learn to grasp at this scale.
+    # bc_steps), then it maximises Q; fine-tuning resumes past them, so PTR's actor maximises Q
+    # there. Measured: a Q-maximising actor trained from scratch does not learn to grasp at this
+    # scale.
     cql_bc_steps: int = 5000
     bc_pre_steps: int = 5000
     ft_steps: int = 2000
@@ -193,8 +196,8 @@ def build_jobs(p, out):
 
 
 def pre_save_steps(p, pre, out):
-    """The steps of a pre-training run's checkpoints: those on disk once it is done (a resumed run may
-    have saved on another schedule), else the planned ones (--save_every steps // 4)."""
+    """The steps of a pre-training run's checkpoints: those on disk once it is done (a resumed run
+    may have saved on another schedule), else the planned ones (--save_every steps // 4)."""
     steps = p.cql_pre_steps if pre == "cql_pre" else p.bc_pre_steps
     run_dir = os.path.join(out, pre)
     if os.path.exists(ckpt_path(run_dir, steps)):
@@ -314,7 +317,8 @@ def percent(r, key="success"):
 
 
 def write_table(p, out, seconds=None):
-    """results.md: the pick-place and sort tables, selection against the best checkpoint, the commands."""
+    """results.md: the pick-place and sort tables, selection against the best checkpoint, the
+    commands."""
     lines = ["# PTR on the simulated bin-sort (CPU, laptop scale)", ""]
     lines += [f"Protocol: `{json.dumps(p.__dict__)}`", ""]
     if seconds is not None:
@@ -391,7 +395,8 @@ def write_table(p, out, seconds=None):
 
 
 def pooled(results):
-    """One eval-like dict from several online.py eval JSONs (episodes pooled, intervals recomputed)."""
+    """One eval-like dict from several online.py eval JSONs (episodes pooled, intervals
+    recomputed)."""
     from online import wilson_interval
 
     n = sum(r["episodes"] for r in results)
@@ -423,7 +428,8 @@ def ptr_checkpoint_evals(p, out):
 
 
 def label_axes(ax, xlabel, title):
-    """Both panels of success_vs_steps.png: episodes in percent, 0-100, a legend where lines exist."""
+    """Both panels of success_vs_steps.png: episodes in percent, 0-100, a legend where lines
+    exist."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel("episodes (%)")
     ax.set_ylim(0, 100)
@@ -445,8 +451,8 @@ def pretraining_curves(p, out):
 
 
 def plot_curves(p, out):
-    """success_vs_steps.png: pre-training success (and grasps) on the held-in pick-place tasks, and PTR's
-    sort success at every saved fine-tuning checkpoint, each with Wilson 95% intervals."""
+    """success_vs_steps.png: pre-training success (and grasps) on the held-in pick-place tasks, and
+    PTR's sort success at every saved fine-tuning checkpoint, each with Wilson 95% intervals."""
     try:
         import matplotlib
 

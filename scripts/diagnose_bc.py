@@ -3,6 +3,7 @@
 
     python scripts/diagnose_bc.py probe  STORE [--arch small --head spatial --lr 1e-4 --steps 400]
     python scripts/diagnose_bc.py valmse STORE CKPT [CKPT ...]
+    python scripts/diagnose_bc.py rollout CKPT --task pick_cube_to_left [--seed 1000 --every 2]
 
 probe   Can the encoder find the object at all? Trains an encoder + MLP to regress the object's xy
         from the image alone, on the frames before the demo closes the gripper (the object has not
@@ -13,6 +14,10 @@ valmse  Does a policy use what the image shows? Its action error on the store's 
         there the arm always starts from the same pose, so the xy action (towards the object)
         depends on the image only, and a policy that ignores the image scores the variance of those
         actions (printed as the baseline).
+rollout Where does an episode break? One deterministic episode in the simulator (gripper
+        binarized, as the protocol evaluates), a line per step: fingertip position, finger
+        opening, the commanded translation and gripper, each goal object's position, what the
+        fingers hold and which bin each object lies in.
 
 STORE is a converted store folder (<data>/.ptr_store/<key>, as train.py prints "using store ...").
 """
@@ -146,6 +151,33 @@ def valmse(args):
         )
 
 
+def rollout(args):
+    import online  # the simulator and the policy wrapper: only this subcommand needs them
+    import sim_binsort
+
+    policy = online.load_policy(args.ckpt, "cpu", task=args.task, binarize_gripper=True)
+    env = sim_binsort.BinSortEnv(task=args.task, image_size=policy.size)
+    obs = env.reset(seed=args.seed)
+    print(f"{args.ckpt}: {args.task}, seed {args.seed}; positions in cm")
+    for t in range(env.max_steps):
+        raw, _ = policy(obs["image"], obs["state"])
+        obs, _, terminated, truncated, info = env.step(raw)
+        if t % args.every == 0 or terminated or truncated:
+            objects = " ".join(
+                f"{name} {np.round(env.object_position(name) * 100, 1)} in {info['in_bin'][name]}"
+                for name in env.goal
+            )
+            print(
+                f"step {t:3d} fingertips {np.round(obs['state'][:3] * 100, 1)} opening "
+                f"{obs['state'][GRIPPER]:.2f} | command {np.round(raw[:3] * 100, 1)} gripper "
+                f"{raw[GRIPPER]:.0f} | {objects} | held {info['held']}"
+            )
+        if terminated or truncated:
+            break
+    print(f"success {info['success']}, stages {info['stages']}")
+    env.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -160,12 +192,14 @@ def main():
     v = sub.add_parser("valmse")
     v.add_argument("store")
     v.add_argument("ckpt", nargs="+")
+    r = sub.add_parser("rollout")
+    r.add_argument("ckpt")
+    r.add_argument("--task", required=True, help="e.g. pick_cube_to_left or sort")
+    r.add_argument("--seed", type=int, default=1000)
+    r.add_argument("--every", type=int, default=1, help="print every N-th step")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.cmd == "probe":
-        probe(args)
-    else:
-        valmse(args)
+    {"probe": probe, "valmse": valmse, "rollout": rollout}[args.cmd](args)
 
 
 if __name__ == "__main__":
