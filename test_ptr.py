@@ -1,10 +1,13 @@
 """The PTR-torch test suite: CPU only, small networks and images, about a minute on a laptop.
 
-Sections, in the project's import order: data.py; rlds.py and lerobot.py; model.py and cql.py;
-train.py, finetune.py, select_ckpt.py (with run-folder faults); throughput (compile, bench.py,
-prefetching); sim_binsort.py (with the data-environment loop); robot.py (dynamixel.py, widowx.py);
-online.py (with stage-wise success). Private helpers carry their section's prefix (_data_, _core_,
-_pipe_, _sim_, _robot_, _online_)."""
+One file, in two parts. First the fakes and builders that every section shares: synthetic
+Bridge-format trees and stores, tiny agents, run folders, stand-in policies and environments, a
+Dynamixel bus behind a pseudo-terminal. Then the tests, in the project's import order: cli.py,
+runfolder.py, widowx.py, dynamixel.py (the leaves; fileio.py is exercised through the data, robot
+and simulator tests); model.py; cql.py; data.py with its format readers rlds.py and lerobot.py;
+train.py; finetune.py; select_ckpt.py; classifier.py; robot.py; sim_binsort.py; online.py (which
+drives robot.py and sim_binsort.py); then bench.py and every script's command line. A test sits
+with the module whose behaviour it checks, even when it reaches that module through a later one."""
 
 import argparse
 import copy
@@ -55,17 +58,455 @@ from cql import Agent, AgentConfig
 torch.set_num_threads(1)
 
 
-# ====================================================================================================
-# data.py
-# ====================================================================================================
+# ==================================================================================================
+# Fakes and builders, shared by every section (in the order of the sections that use them)
+# ==================================================================================================
 
 
-def _data_write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0",), seed=0):
-    """Write a tiny Bridge-format tree: root/<task path>/train/out.npy (+ val/out.npy when n_val > 0).
-    tasks: task paths like "kitchen1/put_a_in_b" (the task name is the last part). T: an int or a list of
-    lengths, cycled over each file's trajectories. cameras: e.g. ("images0", "images1"). Images are random
-    uint8 (H, H, 3), actions in the release's raw ranges. Returns {task path: {"train": [...], "val": [...]}}."""
-    rng, lengths, written = np.random.default_rng(seed), np.atleast_1d(T), {}
+# ---- cli.py: a dataclass whose fields become flags -----------------------------------------------
+@dataclasses.dataclass
+class _Flags:
+    """A config whose flags add_dataclass_args generates (the comments are the help)."""
+
+    lr: float = 1e-3  # step size, 100% of it
+    wide: int = 4  # a comment on a wrapped line
+    flag: bool = False  # on or off
+    maybe: float | None = None
+
+
+# ---- widowx.py: the arm's geometry by hand -------------------------------------------------------
+def _planar_fk(q):
+    """The tip's (x, z) and pitch by hand, in the arm's x-z plane (waist and rolls at 0).
+
+    The shoulder, elbow and wrist angle turn about y."""
+    joints = np.array([[0, 0.11065], [0.04975, 0.36065], [0.29975, 0.36065], [0.458325, 0.36065]])
+    p = joints[0].copy()
+    phi = 0.0
+    for k, angle in enumerate((q[1], q[2], q[4])):
+        phi += angle
+        d = joints[k + 1] - joints[k]
+        p += [d[0] * np.cos(phi) + d[1] * np.sin(phi), -d[0] * np.sin(phi) + d[1] * np.cos(phi)]
+    return p, phi
+
+
+# the joint limits, written out (not widowx.py's): the range the random joints are drawn from
+_ARM_LOW = np.deg2rad([-180, -108, -123, -180, -100, -180])
+_ARM_HIGH = np.deg2rad([180, 114, 92, 180, 123, 180])
+
+
+def _rot(axis, angle):
+    """The rotation by `angle` about axis 0, 1 or 2 (x, y or z), as a 3 x 3 matrix."""
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    R = np.eye(3)
+    R[i, i] = c
+    R[i, j] = -s
+    R[j, i] = s
+    R[j, j] = c
+    return R
+
+
+# ---- dynamixel.py, robot.py: servos behind a pseudo-terminal, a camera, Interbotix's API ---------
+class _PtyPort:
+    """The driver's end of the pseudo-terminal, with the methods of a serial port that it uses."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.name = "/dev/pts/fake"
+
+    def read(self, n):
+        return os.read(self.fd, n) if select.select([self.fd], [], [], 0.01)[0] else b""
+
+    def write(self, data):
+        os.write(self.fd, data)
+
+    def reset_input_buffer(self):
+        import termios
+
+        termios.tcflush(self.fd, termios.TCIFLUSH)
+
+    def close(self):
+        os.close(self.fd)
+
+
+_MECH = {3: 7, 5: -5}  # how far each shadow's horn sits from its mirrored master (ticks)
+# generous: the fake's thread shares 2 busy cores; only the timeout test uses a short one
+_BUS_TIMEOUT = 0.5
+
+
+class _FakeBus:
+    """Servos 1-9 of a WidowX 250 behind a pseudo-terminal, served by a thread.
+
+    Each servo has a control table (factory defaults), a raw encoder position and the XM430 rules
+    the driver depends on: Present Position = raw + Homing Offset, mirrored when Drive Mode bit 0
+    is set; EEPROM (< 64) locked while torque is on; goals beyond the position limits refused; a
+    Secondary ID executes writes silently. Shadows 3 and 5 are bolted to their masters (mirrored, a
+    few ticks off): a shadow whose goal disagrees with where it is gets a recorded fight.
+    offset_mode: where a reversed servo adds its Homing Offset ("before" the mirroring, as
+    Interbotix assumes, "after", or "ignored"); grip_stops: where PWM drives the gripper (rad,
+    closed and open)."""
+
+    def __init__(self, joints=widowx.SLEEP_JOINTS):
+        import tty
+
+        master, slave = os.openpty()
+        tty.setraw(slave)  # bytes as they are: no echo, no newline translation
+        self.fd = master
+        self.port = _PtyPort(slave)
+        self.table = {i: bytearray(256) for i in robot.ALL_IDS}
+        for i, t in self.table.items():
+            struct.pack_into("<H", t, 0, 1060 if i == robot.GRIPPER_ID else 1020)  # model number
+            t[6] = 45  # firmware version
+            t[7] = i  # ID
+            t[9] = 250  # return delay time
+            t[11] = 3  # operating mode
+            t[12] = 255  # secondary ID
+            t[146] = 38  # present temperature (C)
+            struct.pack_into("<i", t, 48, 4095)
+        ticks = dynamixel.rad_to_ticks(joints)
+        self.raw = {i: int(t) for i, t in zip(robot.JOINT_IDS, ticks)}
+        # the wrist angle is mounted mirrored: it reads right once reversed
+        self.raw[7] = 4095 - self.raw[7]
+        self.raw[robot.GRIPPER_ID] = 2048
+        self._couple()
+        self.packets = []
+        self.raw_in = b""
+        self.fights = []
+        self.silent = set()
+        self.corrupt = 0
+        self._stop = threading.Event()
+        self.offset_mode = "before"
+        self.grip_stops = (-0.6, 1.3)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _couple(self):
+        for shadow, master in robot.SHADOWS.items():
+            self.raw[shadow] = 4095 - self.raw[master] + _MECH[shadow]
+
+    def get(self, i, addr, size):
+        return struct.unpack_from({1: "<B", 2: "<h", 4: "<i"}[size], self.table[i], addr)[0]
+
+    def present(self, i):
+        p = self.raw[i]
+        off = self.get(i, 20, 4)
+        if not self.get(i, 10, 1) & 1:
+            return p + off
+        mirrored = {"before": 4095 - (p + off), "after": 4095 - p + off, "ignored": 4095 - p}
+        return mirrored[self.offset_mode]
+
+    def fail(self, i, bits):
+        """A latched hardware error: the alert bit on every reply, torque off."""
+        self.table[i][70] = bits
+        self.table[i][64] = 0
+
+    def close(self):
+        self._stop.set()
+        self.thread.join()
+        os.close(self.fd)
+        self.port.close()
+
+    def _serve(self):
+        buf = b""
+        while not self._stop.is_set():
+            if not select.select([self.fd], [], [], 0.01)[0]:
+                continue
+            data = os.read(self.fd, 4096)
+            self.raw_in += data
+            buf += data
+            while True:
+                try:
+                    got, buf, _ = dynamixel.split_packet(buf)
+                except dynamixel.PacketError:  # drop the broken packet's header and look further
+                    buf = buf[buf.find(dynamixel.HEADER) + 1 :]
+                    continue
+                if got is None:
+                    break
+                self.packets.append(got)
+                for reply in self._handle(*got):
+                    if self.corrupt:
+                        self.corrupt -= 1
+                        reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])
+                    os.write(self.fd, reply)
+
+    def _status(self, i, error=0, data=b""):
+        if i in self.silent:
+            return []
+        error |= 0x80 if self.table[i][70] else 0
+        return [dynamixel.make_packet(i, dynamixel.STATUS, bytes([error]) + data)]
+
+    def _write(self, target, addr, data):
+        """Apply a write addressed to `target` -> error code for each primary servo {id: code}."""
+        codes = {}
+        servos = [i for i in robot.ALL_IDS if target in (i, self.table[i][12], dynamixel.BROADCAST)]
+        # masters move first, then shadows check
+        for i in sorted(servos, key=lambda i: i in robot.SHADOWS):
+            t = self.table[i]
+            code = 0
+            if addr < 64 and t[64]:
+                code = 7
+            elif addr == 116:
+                goal = struct.unpack_from("<i", data)[0]
+                if not self.get(i, 52, 4) <= goal <= self.get(i, 48, 4):
+                    code = 6
+                else:
+                    t[116:120] = data
+                    if t[64] and i in robot.SHADOWS and abs(self.present(i) - goal) > 3:
+                        self.fights.append((i, goal, self.present(i)))
+                    elif t[64] and i not in robot.SHADOWS:
+                        off = self.get(i, 20, 4)
+                        self.raw[i] = (4095 - goal if t[10] & 1 else goal) - off
+                        self._couple()
+            else:
+                t[addr : addr + len(data)] = data
+                if addr == 100 and t[64]:  # PWM: the gripper runs to an end of its travel
+                    pwm = self.get(i, 100, 2)
+                    if pwm:
+                        self.raw[i] = int(dynamixel.rad_to_ticks(self.grip_stops[pwm > 0]))
+            if target == i:
+                codes[i] = code
+        return codes
+
+    def _handle(self, target, inst, params):
+        if inst == dynamixel.SYNC_READ:
+            addr, size = struct.unpack_from("<HH", params)
+            return [r for i in params[4:] for r in self._read(i, addr, size)]
+        if inst == dynamixel.SYNC_WRITE:
+            addr, size = struct.unpack_from("<HH", params)
+            for k in range(4, len(params), size + 1):
+                self._write(params[k], addr, params[k + 1 : k + 1 + size])
+            return []
+        if inst == dynamixel.WRITE:
+            codes = self._write(target, struct.unpack_from("<H", params)[0], params[2:])
+            return [r for i, c in codes.items() for r in self._status(i, c)]
+        if target not in self.table:
+            return []
+        if inst == dynamixel.PING:
+            model_and_firmware = bytes(self.table[target][0:2]) + bytes([self.table[target][6]])
+            return self._status(target, 0, model_and_firmware)
+        if inst == dynamixel.READ:
+            return self._read(target, *struct.unpack_from("<HH", params))
+        if inst == dynamixel.REBOOT:
+            self.table[target][70] = 0
+            return self._status(target)
+        return self._status(target, 2)
+
+    def _read(self, i, addr, size):
+        struct.pack_into("<i", self.table[i], 132, self.present(i))
+        return self._status(i, 0, bytes(self.table[i][addr : addr + size]))
+
+    def sent(self, inst, addr=None):
+        """Packets the driver sent with this instruction (and start address): [(target, params)]."""
+        return [
+            (t, p)
+            for t, i, p in self.packets
+            if i == inst and (addr is None or struct.unpack_from("<H", p)[0] == addr)
+        ]
+
+
+@pytest.fixture
+def robot_bus():
+    """A _FakeBus for one test, closed after it."""
+    pytest.importorskip("termios")  # pseudo-terminals: Linux and macOS
+    bus = _FakeBus()
+    yield bus
+    bus.close()
+
+
+class _RedCamera:
+    """A camera (cv2.VideoCapture's read) that sees a red image of size (H, W)."""
+
+    def __init__(self, size):
+        self.frame = np.zeros(size + (3,), np.uint8)
+        self.frame[..., 0] = 10  # BGR: a red image
+        self.frame[..., 2] = 200
+
+    def read(self):
+        return True, self.frame.copy()
+
+
+def _fake_arm(fake, **kw):
+    """A DynamixelArm on the fake bus (kw: the arm's options, e.g. log)."""
+    return robot.DynamixelArm(robot.open_bus(fake.port, timeout=_BUS_TIMEOUT), **kw)
+
+
+def _fake_env(fake, **kw):
+    """A quiet WidowXEnv of 32 px images on the fake bus, fast enough for tests (kw: options)."""
+    arm = _fake_arm(fake, log=lambda *a: None)
+    arm.velocity_limit = 1e3  # the fake arrives at once: moves need not take the real arm's time
+    kw = dict(
+        camera=_RedCamera((32, 32)),
+        image_size=32,
+        control_hz=100.0,
+        watchdog_s=0,
+        move_s=0.05,
+        log=lambda *a: None,
+        **kw,
+    )
+    return robot.WidowXEnv(arm=arm, **kw)
+
+
+def _timed_arm(fake, monkeypatch, clock=None, **kw):
+    """A quiet arm on the fake bus and the list of its sleeps -> (arm, slept).
+
+    robot.time's sleep records instead of sleeping; its monotonic runs `clock[0]` s ahead."""
+    slept = []
+    if clock is None:
+        clock = [0.0]
+    monkeypatch.setattr(
+        robot,
+        "time",
+        types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock[0], sleep=slept.append),
+    )
+    return _fake_arm(fake, log=lambda *a: None, **kw), slept
+
+
+def _sync_goals(fake, since=0):
+    """The goal positions of every SYNC_WRITE to 116 after packet `since`: [{id: ticks}]."""
+    out = []
+    for _t, inst, p in fake.packets[since:]:
+        if inst == dynamixel.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 116:
+            out.append({p[k]: struct.unpack_from("<i", p, k + 1)[0] for k in range(4, len(p), 5)})
+    return out
+
+
+def _packet_index(fake, inst, addr, since, target=None):
+    """The index in fake.packets of the first packet from `since` on with this instruction and
+    start address (and target)."""
+    return next(
+        k
+        for k, (t, i, p) in enumerate(fake.packets)
+        if k >= since
+        and i == inst
+        and struct.unpack_from("<H", p)[0] == addr
+        and target in (None, t)
+    )
+
+
+def _moving_packets(fake, since):
+    """The packets after `since` that can move or reconfigure a servo: WRITE, SYNC_WRITE, REBOOT."""
+    moving = (dynamixel.WRITE, dynamixel.SYNC_WRITE, dynamixel.REBOOT)
+    return [(t, i, p) for t, i, p in fake.packets[since:] if i in moving]
+
+
+class _SerialException(OSError):
+    """What pyserial raises (serial.SerialException is an IOError) for a port that fails."""
+
+
+def _main_on(fake, monkeypatch, **options):
+    """robot.main() on the fake bus; the fake's port stays open when main closes its bus."""
+    port = types.SimpleNamespace(
+        name=fake.port.name,
+        read=fake.port.read,
+        write=fake.port.write,
+        reset_input_buffer=fake.port.reset_input_buffer,
+        close=lambda: None,
+    )
+
+    def open_bus(path, baud):
+        return dynamixel.DynamixelBus(
+            port, baud, names=robot.SERVO_NAMES, **{"timeout": _BUS_TIMEOUT, **options}
+        )
+
+    monkeypatch.setattr(robot, "open_bus", open_bus)
+    return port
+
+
+def _run_robot_cli(argv, capsys):
+    """cli.run_cli(robot.main, argv) -> (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(robot.main, argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def _fake_interbotix(monkeypatch):
+    """Installs a stand-in for Interbotix's ROS 2 Python API -> the list of calls it receives."""
+    calls = []
+
+    class Core:
+        q = widowx.SLEEP_JOINTS.copy()
+
+        def robot_get_joint_states(self):
+            fingers = ["gripper", "left_finger", "right_finger"]
+            names = [robot.SERVO_NAMES[i] for i in robot.JOINT_IDS] + fingers
+            return types.SimpleNamespace(name=names, position=list(self.q) + [0.0, 0.037, -0.037])
+
+        def robot_torque_enable(self, cmd_type, name, enable):
+            calls.append(("torque", cmd_type, name, enable))
+
+    class Manipulator:  # bot.core, bot.arm, bot.gripper.release / grasp
+        def __init__(self, model, group, gripper):
+            assert (model, group, gripper) == ("wx250s", "arm", "gripper")
+            self.core = Core()
+            self.arm = types.SimpleNamespace(set_joint_positions=self.move)
+            self.gripper = types.SimpleNamespace(
+                release=lambda delay: calls.append(("release", delay)),
+                grasp=lambda delay: calls.append(("grasp", delay)),
+            )
+
+        def move(self, q, moving_time, accel_time, blocking):
+            calls.append(("joints", np.array(q), moving_time))
+            self.core.q = np.array(q)
+
+    module = types.ModuleType("interbotix_xs_modules.xs_robot.arm")
+    module.InterbotixManipulatorXS = Manipulator
+    for name in ("interbotix_xs_modules", "interbotix_xs_modules.xs_robot"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "interbotix_xs_modules.xs_robot.arm", module)
+    return calls
+
+
+# ---- model.py, cql.py: tiny networks and agents --------------------------------------------------
+def _tiny_config(**kw):
+    """The AgentConfig of a tiny agent: 'small' encoder, 32 px, 3 tasks, width 32 (kw: changes)."""
+    base = dict(arch="small", image_size=32, num_tasks=3, hidden=32, embed_dim=32, seed=0)
+    base.update(kw)
+    return AgentConfig(**base)
+
+
+def _random_images(b, size=32, seed=0):
+    """A batch of b random uint8 images, (b, 3, size, size)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, size, size), generator=generator, dtype=torch.uint8)
+
+
+def _tiny_qnet(every_layer):
+    """A QNetwork of 3 hidden layers of 32 on a 16-d 'small' embedding, 3 tasks, 7-d actions."""
+    torch.manual_seed(0)
+    encoder = model.make_encoder("small", image_size=32, embed_dim=16)
+    return model.QNetwork(encoder, 3, 7, 32, 3, every_layer)
+
+
+def _act_on(agent, batch):
+    """agent.act() on a batch's images, states and tasks."""
+    return agent.act(batch["obs"], batch["state"], batch["task"])
+
+
+def _policy_mean(pi, z, state, onehot):
+    """The pre-tanh mean of a TanhGaussianPolicy, or a BCPolicy's action."""
+    if isinstance(pi, model.TanhGaussianPolicy):
+        return pi.dist(z, state, onehot)[0]
+    return pi.head(z, state, onehot)
+
+
+def _loss_entries(info):
+    """The losses, Q-values and gradient norms of an update's info dict."""
+    return {k: v for k, v in info.items() if "loss" in k or k.startswith(("q_", "cql_", "grad"))}
+
+
+# ---- data.py: Bridge-format trees and stores, good and broken ------------------------------------
+def _write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0",), seed=0):
+    """A tiny Bridge-format tree: root/<task path>/train/out.npy (+ val/out.npy when n_val > 0).
+
+    tasks: task paths like "kitchen1/put_a_in_b" (the task name is the last part). T: an int or a
+    list of lengths, cycled over each file's trajectories. cameras: e.g. ("images0", "images1").
+    Images are random uint8 (H, H, 3), actions in the release's raw ranges. seed: an int or a
+    np.random.Generator (to continue one stream over several calls). Returns
+    {task path: {"train": [...], "val": [...]}}."""
+    rng = np.random.default_rng(seed)
+    lengths = np.atleast_1d(T)
+    written = {}
     for task in tasks:
         written[task] = {}
         for split, n in (("train", n_traj), ("val", n_val)):
@@ -79,7 +520,24 @@ def _data_write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0
     return written
 
 
-def _data_save(path, obj):  # np.save of anything, as a broken release file would be
+def _tree_store(tmp_path, tasks=("k1/task_a",), **kw):
+    """A tree under tmp_path/tree (kw: _write_tree's) and its store -> (store, what was written)."""
+    tree = _write_tree(tmp_path / "tree", tasks, **kw)
+    return data.load_store(tmp_path / "tree", log=lambda *_: None), tree
+
+
+def _nhwc(images):
+    """A (N, C, H, W) tensor of images as a (N, H, W, C) numpy array."""
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+def _good_trajectory(T=3):
+    """A valid T-step Bridge trajectory of 8 px images, the same one for every call."""
+    return data.synthetic_trajectory(T, 8, np.random.default_rng(0))
+
+
+def _save_npy(path, obj):
+    """An .npy file of anything (a list: as an object array), as a broken release file would be."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arr = np.empty(len(obj), dtype=object) if isinstance(obj, list) else obj
     if isinstance(obj, list):
@@ -87,545 +545,20 @@ def _data_save(path, obj):  # np.save of anything, as a broken release file woul
     np.save(path, arr, allow_pickle=True)
 
 
-def _data_store(tmp_path, tasks=("k1/task_a",), **kw):
-    tree = _data_write_tree(tmp_path / "tree", tasks, **kw)
-    return data.load_store(tmp_path / "tree", log=lambda *_: None), tree
-
-
-def test_data_rewards_masks_and_mc_returns_by_hand(tmp_path):
-    store, _ = _data_store(tmp_path, n_traj=1, n_val=0, T=5)
-    t = data.Sampler(store, None, gamma=0.9).trajectory(0)
-    assert t["reward"].tolist() == [-1, -1, 10, 10, 10] and t["mask"].tolist() == [1, 1, 0, 0, 0]
-    # G4 = G3 = G2 = 10 (terminal), G1 = -1 + 0.9 * 10 = 8, G0 = -1 + 0.9 * 8 = 6.2
-    assert np.allclose(t["mc_return"], [6.2, 8, 10, 10, 10])
-    t = data.Sampler(
-        store, None, gamma=0.9, reward=data.RewardConfig(n_last=1, scale=1, shift=0)
-    ).trajectory(0)
-    assert t["reward"].tolist() == [0, 0, 0, 0, 1] and t["mask"].tolist() == [1, 1, 1, 1, 0]
-    assert np.allclose(t["mc_return"], [0.9**4, 0.9**3, 0.9**2, 0.9, 1])
-    # stored terminals (all 0 in the release) as the done mask: bootstrap everywhere
-    t = data.Sampler(
-        store, None, gamma=0.9, reward=data.RewardConfig(use_terminals=True)
-    ).trajectory(0)
-    assert t["mask"].tolist() == [1] * 5
-    assert np.allclose(t["mc_return"], [20.051, 23.39, 27.1, 19, 10])
-    # no success: the constant R / (1 - gamma) = -1 / 0.1
-    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(n_last=0)).trajectory(0)
-    assert t["reward"].tolist() == [-1] * 5 and np.allclose(t["mc_return"], -10)
-    assert (
-        t["task"].dtype == torch.int64
-        and t["obs"].dtype == torch.uint8
-        and t["obs"].shape == (5, 3, 8, 8)
-    )
-
-
-def test_data_mc_returns_several_trajectories():
-    r = np.array([0, 1, 0, 0, 0], np.float32)  # a success of 2 steps, then a failure of 3
-    R = 11 * r - 1
-    G = data.mc_returns(r, R, 1 - r, [2, 3], gamma=0.5)
-    assert np.allclose(G, [-1 + 0.5 * 10, 10, -2, -2, -2])
-
-
-def test_data_release_split_kept_and_90_10_split(tmp_path):
-    store, _ = _data_store(tmp_path, ("k1/with_val", "k2/train_only"), n_traj=20, n_val=0)
-    names = store.task_names
-    assert names == ["train_only", "with_val"]
-    val = store.trajectory_ids("val")
-    assert len(val) == 4 and set(store.traj_task[val]) == {0, 1}  # 10 % of 20 per task
-    assert len(set(val) | set(store.trajectory_ids("train"))) == 40
-    again = data.load_store(tmp_path / "tree", store=tmp_path / "other", log=lambda *_: None)
-    assert np.array_equal(again.trajectory_ids("val"), val)  # fixed seed
-    _data_write_tree(tmp_path / "t2", ["k/a"], n_traj=6, n_val=3)
-    st = data.load_store(tmp_path / "t2", log=lambda *_: None)
-    assert st.trajectory_ids("val").tolist() == [
-        6,
-        7,
-        8,
-    ]  # the release's val/ folder, nothing moved
-    assert st.num_transitions("train") == 30 and st.num_transitions() == 45
-
-
-def test_data_mixing_counts(tmp_path):
-    store, _ = _data_store(tmp_path, ("k/a", "k/b", "k/c"), n_traj=2)
-    samplers = [data.Sampler(store, "train", gamma=0.9, task_ids=np.full(3, k)) for k in range(3)]
-    assert data.MixedSampler(samplers[:2], [0.9, 0.1]).counts(64) == [57, 7]
-    assert data.MixedSampler(samplers[:2], [0.7, 0.3]).counts(10) == [7, 3]
-    mixed = data.MixedSampler(samplers, [0.35, 0.15, 0.5])
-    assert mixed.counts(64) == [22, 9, 33] and mixed.counts(100) == [35, 15, 50]
-    batch = mixed.sample(64)
-    assert torch.bincount(batch["task"], minlength=3).tolist() == [22, 9, 33]
-    assert batch["obs"].shape == (64, 3, 8, 8) and batch["reward"].shape == (64,)
-    with pytest.raises(ValueError, match="summing to 1"):
-        data.MixedSampler(samplers[:2], [0.9, 0.2])
-    # a 0 fraction draws nothing, even last (online.py with no online data): the rest goes to the last f > 0
-    empty = data.ReplayBuffer(10, 8, gamma=0.9)  # sampling it raises
-    no_online = data.MixedSampler(samplers[:2] + [empty], [0.35, 0.65, 0])
-    assert no_online.counts(64) == [22, 42, 0] and len(no_online.sample(64)["task"]) == 64
-    assert data.MixedSampler(samplers[:2], [1, 0]).counts(7) == [7, 0]
-
-
-def test_data_aliases_and_task_ids(tmp_path):
-    _data_write_tree(
-        tmp_path / "tree", ["k1/open_drawer_a", "k2/open_drawer_b", "k2/put_x"], n_traj=1
-    )
-    aliases = {"open_drawer_a": "open_drawer", "open_drawer_b": "open_drawer"}
-    st = data.load_store(tmp_path / "tree", aliases=aliases, log=lambda *_: None)
-    assert st.task_names == ["open_drawer", "put_x"] and np.bincount(st.traj_task).tolist() == [
-        4,
-        2,
-    ]
-    (tmp_path / "aliases.json").write_text(json.dumps(aliases))
-    assert (
-        data.load_store(
-            tmp_path / "tree", aliases=str(tmp_path / "aliases.json"), log=lambda *_: None
-        ).path
-        == st.path
-    )
-    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "new")
-    assert ids.tolist() == [3, 4] and n == 5
-    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "b")
-    assert ids.tolist() == [1, 1] and n == 3
-    with pytest.raises(ValueError, match=r"\['a', 'b', 'c'\]"):
-        data.target_task_ids(["a", "b", "c"], ["new1"], "zzz")
-    sampler = data.Sampler(st, None, gamma=0.9, task_ids=[7, 9])
-    assert set(sampler.sample(32)["task"].tolist()) <= {7, 9}
-
-
-def test_data_images_round_trip_and_cameras(tmp_path):
-    store, tree = _data_store(tmp_path, n_traj=2, n_val=0, T=[3, 4], cameras=("images0", "images1"))
-    traj = tree["k1/task_a"]["train"][1]
-    for camera in ("images0", "images1"):
-        st = data.load_store(tmp_path / "tree", camera=camera, log=lambda *_: None)
-        t = data.Sampler(st, None, gamma=0.9).trajectory(1)
-        nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
-        assert np.array_equal(nhwc(t["obs"]), np.stack([o[camera] for o in traj["observations"]]))
-        assert np.array_equal(
-            nhwc(t["next_obs"]), np.stack([o[camera] for o in traj["next_observations"]])
-        )
-        assert np.allclose(
-            t["next_state"], np.stack([o["state"] for o in traj["next_observations"]])
-        )
-    both = data.load_store(tmp_path / "tree", camera="all", log=lambda *_: None)
-    assert both.num_transitions() == 2 * store.num_transitions() == 14
-    assert np.load(os.path.join(both.path, "images.npy"), allow_pickle=False).shape == (
-        2 * 9,
-        8,
-        8,
-        3,
-    )
-
-
-def test_data_resize(tmp_path):
-    _, tree = _data_store(tmp_path, n_traj=1, n_val=0, T=2, H=16)
-    st = data.load_store(tmp_path / "tree", image_size=8, log=lambda *_: None)
-    img = tree["k1/task_a"]["train"][0]["observations"][1]["images0"]
-    expected = np.asarray(Image.fromarray(img).resize((8, 8), Image.Resampling.LANCZOS))
-    assert st.image_size == (8, 8) and np.array_equal(st.images[1], expected)
-
-
-def test_data_cache_reuse_and_rebuild(tmp_path):
-    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
-    logs = []
-    st = data.load_store(tmp_path / "tree", log=logs.append)
-    assert logs[0].startswith("converting") and ".ptr_store" in st.path
-    data.load_store(tmp_path / "tree", log=logs.append)
-    assert logs[-1].startswith("using store")  # unchanged sources: reused
-    src = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
-    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 10**9))  # touched
-    data.load_store(tmp_path / "tree", log=logs.append)
-    assert logs[-2].startswith("converting")
-    _data_write_tree(tmp_path / "tree", ["k/b"], n_traj=3, n_val=0)  # a new out.npy
-    st2 = data.load_store(tmp_path / "tree", log=logs.append)
-    assert (
-        logs[-2].startswith("converting") and st2.path == st.path and st2.task_names == ["a", "b"]
-    )
-    other = data.load_store(tmp_path / "tree", image_size=4, log=logs.append)
-    assert other.path != st.path and other.image_size == (4, 4)  # options are part of the key
-    # asking for the size the images already have (as finetune.py does) reuses the native store: no second copy
-    assert data.load_store(tmp_path / "tree", image_size=8, log=logs.append).path == st.path
-    assert logs[-1].startswith("using store")
-    assert (
-        data.load_store(st.path, log=logs.append).num_transitions() == 25
-    )  # a built store opens as it is
-
-
-def test_data_killed_conversion_leaves_no_store(tmp_path):
-    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
-    store = tmp_path / "store"
-    kill = (
-        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data; "
-        "data.resize_images = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
-        "data.load_store(sys.argv[2], store=sys.argv[3])"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", kill, os.path.dirname(data.__file__), tmp_path / "tree", store]
-    )
-    assert proc.returncode == -signal.SIGKILL
-    assert not store.exists() and [
-        p.name for p in tmp_path.iterdir() if p.name.startswith("store.tmp-")
-    ]
-    st = data.load_store(
-        tmp_path / "tree", store=store, log=lambda *_: None
-    )  # starts clean, removes the leftover
-    assert st.num_transitions() == 10 and sorted(p.name for p in tmp_path.iterdir()) == [
-        "store",
-        "tree",
-    ]
-    _data_save(
-        str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [{"actions": np.zeros((2, 7))}]
-    )
-    with pytest.raises(
-        data.BridgeFormatError
-    ):  # a bad file: the old store is left as it was, no tmp folder
-        data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
-
-
-def test_data_two_processes_converting_the_same_files(tmp_path, monkeypatch):
-    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
-    store = tmp_path / "store"
-    st = data.load_store(
-        tmp_path / "tree", store=store, log=lambda *_: None
-    )  # the first process's store
-    (store / "first").write_text("")
-    root, sources = data.find_sources(tmp_path / "tree")
-    with (
-        monkeypatch.context() as m
-    ):  # the second one looked before the first renamed its store into place
-        m.setattr(
-            os.path,
-            "exists",
-            lambda p, exists=os.path.exists: os.fspath(p) != str(store) and exists(p),
-        )
-        data.convert(
-            sources, root, str(store), st.meta["key"], st.meta["options"], log=lambda *_: None
-        )
-    assert (store / "first").exists() and data.Store(
-        store
-    ).num_transitions() == 10  # kept, no ENOTEMPTY
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]  # our tmp folder is gone
-    data.convert(sources, root, str(store), "other", st.meta["options"], log=lambda *_: None)
-    assert (
-        not (store / "first").exists() and data.Store(store).meta["key"] == "other"
-    )  # an old store is replaced
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
-
-
-def test_data_empty_split_file_counts_as_absent(tmp_path):
-    # robot.py record writes an empty val/out.npy until the 5th kept episode: the 90/10 split still holds one out
-    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=4, n_val=0)
-    _data_write_tree(tmp_path / "tree", ["k/b"], n_traj=0, n_val=4)
-    data.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
-    data.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
-    st = data.load_store(tmp_path / "tree", log=lambda *_: None)
-    assert st.task_names == ["a", "b"] and np.bincount(
-        st.traj_task[st.trajectory_ids("val")]
-    ).tolist() == [1, 1]
-    assert np.bincount(st.traj_task[st.trajectory_ids("train")]).tolist() == [3, 3]
-
-
-def test_data_augment(tmp_path):
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8).permute(
-        0, 3, 1, 2
-    )  # channels-last, like a batch
-    assert torch.equal(data.augment(x, pad=0, p_jitter=0), x)
-    y = data.augment(x, p_jitter=0)
-    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
-    shifts = set()
-    for i in range(16):  # each crop is a 12x10 window of the edge-padded image
-        found = [
-            (dy, dx)
-            for dy in range(9)
-            for dx in range(9)
-            if torch.equal(padded[i, :, dy : dy + 12, dx : dx + 10], y[i])
-        ]
-        assert found, i
-        shifts.add(found[0])
-    assert len(shifts) > 4  # independent offsets per image
-    same = x[:1].expand(64, -1, -1, -1)
-    torch.manual_seed(1)
-    z = data.augment(same, pad=0)
-    assert z.shape == (64, 3, 12, 10) and z.dtype == torch.uint8
-    changed = [not torch.equal(z[i], same[i]) for i in range(64)]
-    assert (
-        32 < sum(changed) < 64
-    )  # p_jitter 0.8: most images jittered (the others untouched), each its own way
-    assert len({tuple(z[i].float().mean((1, 2)).tolist()) for i in range(64) if changed[i]}) == sum(
-        changed
-    )
-    torch.manual_seed(1)
-    assert torch.equal(data.augment(same, pad=0), z)  # deterministic given the seed
-    g = torch.Generator().manual_seed(3)
-    assert torch.equal(
-        data.augment(x, generator=g), data.augment(x, generator=torch.Generator().manual_seed(3))
-    )
-    bright = data.augment(same, pad=0, contrast=0, saturation=0, hue=0, p_jitter=1)
-    ratio = bright.float().sum((1, 2, 3)) / same.float().sum((1, 2, 3))
-    assert (
-        (ratio > 0.75) & (ratio < 1.25)
-    ).all() and ratio.std() > 0.01  # brightness factors in [0.8, 1.2]
-
-
-def test_data_replay_buffer_fifo_and_mc_returns():
-    rb = data.ReplayBuffer(20, 4, gamma=0.5, seed=0)
-
-    def add(T, success, tag):  # frame t of this trajectory has all pixels = tag * 10 + t
-        images = (tag * 10 + np.arange(T + 1)).astype(np.uint8)[:, None, None, None] * np.ones(
-            (1, 4, 4, 3), np.uint8
-        )
-        rb.add_trajectory(
-            images, np.zeros((T + 1, 7)), np.zeros((T, 7)), np.r_[np.zeros(T - 1), success], tag
-        )
-
-    add(5, 1, 1)
-    add(7, 0, 2)
-    assert len(rb) == 12
-    add(9, 1, 3)  # 6 + 8 + 10 frames > 20: the oldest trajectory goes
-    assert len(rb) == 16 and list(rb._lengths) == [7, 9]
-    b = rb.sample(200)
-    assert set(b["task"].tolist()) == {2, 3}
-    assert torch.equal(
-        b["next_obs"].int(), b["obs"].int() + 1
-    )  # next obs = the following frame, same trajectory
-    step = b["obs"][:, 0, 0, 0].int() % 10
-    fail, ok = b["task"] == 2, b["task"] == 3
-    assert torch.allclose(b["mc_return"][fail], torch.tensor(-2.0))  # no success: -1 / (1 - 0.5)
-    last = ok & (step == 8)
-    assert torch.allclose(b["mc_return"][last], torch.tensor(10.0)) and (b["mask"][last] == 0).all()
-    seven = ok & (step == 7)
-    assert torch.allclose(b["mc_return"][seven], torch.tensor(4.0))  # -1 + 0.5 * 10
-    with pytest.raises(ValueError, match="rewards"):
-        rb.add_trajectory(
-            np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3, 7)), np.zeros((2, 7)), [0, 0.5], 0
-        )
-    with pytest.raises(ValueError, match="empty"):
-        data.ReplayBuffer(10, 4, gamma=0.9).sample(2)
-
-
-def test_data_action_rescale(tmp_path):
-    low, high = (
-        np.array([-0.05] * 3 + [-0.25] * 3 + [0.0]),
-        np.array([0.05] * 3 + [0.25] * 3 + [1.0]),
-    )
-    a = np.array(
-        [[0.0, 0.025, -0.025, 0.1, -0.1, 0.2, 0.5], [0.06, -0.06, 0.05, 0.3, -0.3, 0.25, 1.0]]
-    )
-    s = data.rescale_actions(a, low, high)
-    assert np.allclose(s[0], [0, 0.5, -0.5, 0.4, -0.4, 0.8, 0]) and np.allclose(
-        s[1], [0.99, -0.99] + [0.99] * 2 + [-0.99, 0.99, 0.99]
-    )
-    assert np.allclose(data.unscale_actions(s[0], low, high), a[0], atol=1e-7)
-    t = data.rescale_actions(torch.tensor(a, dtype=torch.float32), low, high)
-    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), s)
-    assert np.allclose(data.unscale_actions(t, low, high)[0].numpy(), a[0], atol=1e-7)
-    store, tree = _data_store(tmp_path, n_traj=3, n_val=0)
-    raw = np.concatenate([t["actions"] for t in tree["k1/task_a"]["train"]])
-    assert np.allclose(store.action_low, raw.min(0)) and np.allclose(store.action_high, raw.max(0))
-    t0 = data.Sampler(store, None, gamma=0.9).trajectory(0)["action"]
-    assert np.allclose(
-        t0.numpy(), data.rescale_actions(raw[:5], store.action_low, store.action_high)
-    )
-    other = data.Sampler(store, None, gamma=0.9, action_low=low, action_high=high).trajectory(0)[
-        "action"
-    ]
-    assert np.allclose(
-        other.numpy(), data.rescale_actions(raw[:5], low, high)
-    )  # the prior's bounds
-
-
-def test_data_sampler_resume_is_exact(tmp_path):
-    store, _ = _data_store(tmp_path)
-    s = data.Sampler(store, "train", gamma=0.9, seed=3)
-    s.sample(4)
-    state = json.loads(json.dumps(s.state_dict()))  # python ints and strings only
-    first = s.sample(16)
-    s.load_state_dict(state)
-    again = s.sample(16)
-    assert all(torch.equal(first[k], again[k]) for k in first)
-
-
-def _data_error(tmp_path, trajectories, match, **kw):
+def _assert_bad_input(tmp_path, trajectories, match, **kw):
+    """Converting an out.npy of these trajectories fails with `match` and the file's path, and
+    leaves no store and no temporary folder (kw: load_store's options)."""
     path = str(tmp_path / "bad" / "k" / "a" / "train" / "out.npy")
-    _data_save(path, trajectories)
+    _save_npy(path, trajectories)
     with pytest.raises(data.BridgeFormatError, match=match) as e:
         data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None, **kw)
     assert path in str(e.value)
-    assert not os.path.exists(tmp_path / "s") and not [
-        p for p in os.listdir(tmp_path) if ".tmp-" in p
-    ]
+    leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert not os.path.exists(tmp_path / "s") and not leftovers
 
 
-def test_data_bad_input_errors(tmp_path):
-    good = lambda T=3: data.synthetic_trajectory(T, 8, np.random.default_rng(0))  # noqa: E731
-    t = good()
-    del t["actions"]
-    _data_error(tmp_path, [good(), t], r"trajectory 1: field 'actions': expected a key")
-    t = good()
-    t["next_observations"] = t["next_observations"][:2]
-    _data_error(
-        tmp_path,
-        [t],
-        r"trajectory 0: field 'next_observations': expected a list of 3 .* got 2 entries",
-    )
-    t = good()
-    t["observations"][1] = dict(t["observations"][1], images0=np.zeros((8, 9, 3), np.uint8))
-    _data_error(
-        tmp_path,
-        [t],
-        r"field 'observations\[1\].images0': expected a uint8 image of shape \(8, 8, 3\)",
-    )
-    t = good()
-    t["observations"][0] = dict(t["observations"][0], images0=np.zeros((8, 8, 3), np.float32))
-    _data_error(
-        tmp_path, [t], r"'observations\[0\].images0': expected a uint8 image .* got float32"
-    )
-    t = good()
-    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.zeros(6))
-    _data_error(tmp_path, [t], r"'next_observations\[2\].state': expected 7 floats")
-    _data_error(
-        tmp_path,
-        [good(), good(0)],
-        r"trajectory 1: field 'actions': .* got float64 array of shape \(0, 7\)",
-    )
-    t = good()
-    t["actions"] = [list(a) for a in t["actions"]][:2] + [[0.0] * 6]
-    _data_error(
-        tmp_path,
-        [t],
-        r"trajectory 0: field 'actions': expected a \(T, 7\) float .* got a ragged list",
-    )
-    t = good()
-    t["observations"][2] = dict(t["observations"][2], state=["up"] * 7)
-    _data_error(
-        tmp_path,
-        [t],
-        r"'observations\[2\].state': expected 7 floats .* got <U2 array of shape \(7,\)",
-    )
-    t = good()
-    t["observations"][0] = dict(t["observations"][0], state=[[0.0] * 3, [0.0] * 4])
-    _data_error(tmp_path, [t], r"'observations\[0\].state': expected 7 floats .* got a ragged list")
-    _data_error(
-        tmp_path,
-        [dict(good(), terminals=[None] * 3)],
-        r"'terminals': expected 3 numbers, got object array",
-    )
-    _data_error(
-        tmp_path,
-        [good(), ["not", "a", "dict"]],
-        r"trajectory 1: field '<trajectory>': expected a dict",
-    )
-    _data_error(
-        tmp_path,
-        np.zeros(3),
-        r"field '<file>': expected a list of trajectory dicts, got float64 array",
-    )
-    _data_error(
-        tmp_path,
-        [good()],
-        r"field 'observations\[0\].images1': expected .*camera missing",
-        camera="images1",
-    )
-    path = tmp_path / "bad" / "k" / "a" / "train" / "out.npy"
-    _data_save(str(path), [good(), good()])
-    path.write_bytes(path.read_bytes()[:-500])  # truncated
-    with pytest.raises(
-        data.BridgeFormatError, match=r"out.npy: field '<file>': expected a complete .* unreadable"
-    ):
-        data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None)
-
-
-def test_data_skip_bad_and_cli(tmp_path):
-    rng = np.random.default_rng(0)
-    bad = data.synthetic_trajectory(3, 8, rng)
-    del bad["observations"]
-    ragged, words = data.synthetic_trajectory(3, 8, rng), data.synthetic_trajectory(3, 8, rng)
-    ragged["actions"] = [list(a) for a in ragged["actions"]][:2] + [
-        [0.0] * 6
-    ]  # numpy raises a bare ValueError
-    words["next_observations"][-1] = dict(words["next_observations"][-1], state=["x"] * 7)
-    _data_save(
-        str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"),
-        [
-            data.synthetic_trajectory(3, 8, rng),
-            bad,
-            data.synthetic_trajectory(4, 8, rng),
-            ragged,
-            words,
-        ],
-    )
-    logs = []
-    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
-    assert st.num_transitions() == 7 and st.meta["skipped"] == 3 and "skipped 3 bad" in logs[-1]
-    assert (
-        "trajectory 3: field 'actions'" in logs[-1]
-        and "4: field 'next_observations[2].state'" in logs[-1]
-    )
-    cli = [sys.executable, data.__file__]
-    proc = subprocess.run(
-        cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "trajectory 1: field 'observations': expected a key" in proc.stderr
-    proc = subprocess.run(
-        cli + ["convert", tmp_path / "tree", "--out", tmp_path / "s", "--skip_bad"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0 and "skipped 3 bad" in proc.stdout
-    proc = subprocess.run(cli + ["info", tmp_path / "s"], capture_output=True, text=True)
-    assert (
-        proc.returncode == 0
-        and "2 trajectories, 7 transitions" in proc.stdout
-        and " a" in proc.stdout
-    )
-
-
-# -------------------------- data.py: non-finite values, damaged stores, one-line failures (issue 14)
-
-
-def test_data_non_finite_values_rejected_and_skipped(tmp_path):
-    good = lambda T=3: data.synthetic_trajectory(T, 8, np.random.default_rng(0))  # noqa: E731
-    t = good()
-    t["actions"][1, 4] = np.nan
-    _data_error(
-        tmp_path,
-        [good(), t],
-        r"trajectory 1: field 'actions': expected finite numbers, got nan at step 1, dimension 4",
-    )
-    t = good()
-    t["observations"][2] = dict(t["observations"][2], state=np.r_[np.inf, np.zeros(6)])
-    _data_error(
-        tmp_path,
-        [t],
-        r"field 'observations\[2\].state': expected finite numbers, got inf in dimension 0",
-    )
-    t = good()
-    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.r_[np.zeros(6), -np.inf])
-    _data_error(tmp_path, [t], r"'next_observations\[2\].state': .* got -inf in dimension 6")
-    _data_error(
-        tmp_path, [dict(good(), terminals=[0.0, np.nan, 0.0])], r"'terminals': .* got nan at step 1"
-    )
-    t = good()
-    t["actions"][2, 0] = 1e39  # a float64 that the store's float32 would keep as inf
-    _data_error(
-        tmp_path, [t], r"'actions': expected finite numbers, got inf at step 2, dimension 0"
-    )
-    # --skip_bad skips them like any other bad trajectory: the action bounds stay finite
-    bad = good(4)
-    bad["actions"][0, 0] = np.nan
-    _data_save(str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"), [good(), bad, good(2)])
-    logs = []
-    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
-    assert st.num_transitions() == 5 and st.meta["skipped"] == 1
-    assert "trajectory 1: field 'actions': expected finite numbers, got nan at step 0" in logs[-1]
-    assert np.isfinite(st.action_low).all() and np.isfinite(st.action_high).all()
-
-
-def _data_damage(store, case):
-    """Damage a store the way a crash, a full disk or a careless hand does."""
+def _damage_store(store, case):
+    """Damage a store the way a crash, a full disk or a careless hand does (case: a _DAMAGE key)."""
     meta = json.loads((store / "meta.json").read_text())
     frames = meta["num_transitions"] + len(np.load(store / "trajectories.npz")["length"])
     if case == "truncated images":
@@ -645,7 +578,7 @@ def _data_damage(store, case):
 
 
 # case -> (the damaged file, what the error says about it); the store: 9 transitions, 11 frames
-_DATA_DAMAGE = {
+_DAMAGE = {
     "truncated images": ("images.npy", r"truncated or unreadable"),
     "truncated states": ("states.npy", r"truncated or unreadable"),
     "deleted actions": ("actions.npy", r"missing"),
@@ -656,15 +589,1626 @@ _DATA_DAMAGE = {
 }
 
 
+# ---- rlds.py, lerobot.py: smooth episodes in other formats ---------------------------------------
+# mean |error| per pixel (of 255) on the smooth fixture images, after JPEG q95 / video at crf 18
+# (measured: ~1.5 for JPEG, ~1.7 for h264 and AV1)
+JPEG_TOLERANCE = 3.0
+VIDEO_TOLERANCE = 4.0
+# brightness between consecutive frames: a frame read off by one is far outside the tolerances
+FRAME_STEP = 8
+
+
+def _smooth_trajectory(T, H, rng, cameras=2, episode=0):
+    """A Bridge trajectory of T actions with smooth images (JPEG and video keep them within the
+    tolerances above) whose brightness tells camera, episode and step apart (FRAME_STEP a step)."""
+    y, x = np.mgrid[0:H, 0:H] / H
+    ramp = np.stack([x, y, (x + y) / 2], -1) * 60
+    obs = []
+    for t in range(T + 1):
+        o = {"state": rng.normal(size=7).astype(np.float32)}
+        for c in range(cameras):
+            level = (20 + 40 * c + 17 * episode + FRAME_STEP * t) % 120
+            o[f"images{c}"] = (ramp + level).astype(np.uint8)
+        obs.append(o)
+    actions = rng.uniform(-1, 1, (T, 7)).astype(np.float32)
+    return {
+        "observations": obs[:-1],
+        "next_observations": obs[1:],
+        "actions": actions,
+        "terminals": np.zeros(T),
+    }
+
+
+def _stored_steps(traj):
+    """What a T-step RLDS / LeRobot episode made from traj holds, as a Bridge trajectory: the T
+    observations and T - 1 actions (the release's final next observation is not stored)."""
+    obs = [{"image": o["images0"], "state": o["state"]} for o in traj["observations"]]
+    return fileio.bridge_trajectory(obs, traj["actions"][:-1])
+
+
+def _write_rlds(folder, n=5, T=(4, 6, 5), H=16, num_shards=2, split="train", seed=0):
+    """An RLDS folder of n smooth episodes of 3 tasks -> [(trajectory, file path, instruction)]."""
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for k in range(n):
+        traj = _smooth_trajectory(T[k % len(T)], H, rng, episode=k)
+        path = f"/data/bridge_data_v2/toykitchen{k % 2}/task_{k % 3}/{k}/{split}/out.npy"
+        episodes.append((traj, path, f"put the {k % 3} in the pot"))
+    rlds.write_bridge_rlds(folder, episodes, num_shards=num_shards, split=split)
+    return episodes
+
+
+def _store_trajectories(st):
+    """(task name, split, frames, states, actions) of each trajectory of a store, in store order."""
+    images = np.asarray(st.images)
+    states = np.asarray(st.states)
+    out = []
+    for k, (start, length) in enumerate(zip(st.traj_start, st.traj_length)):
+        frames = slice(start + k, start + k + length + 1)  # T + 1 frames, see data.py's docstring
+        out.append(
+            (
+                st.task_names[st.traj_task[k]],
+                int(st.traj_split[k]),
+                images[frames],
+                states[frames],
+                np.asarray(st.actions[start : start + length]),
+            )
+        )
+    return out
+
+
+def _rewrite_record(shard, index, change):
+    """Rewrite record `index` of a shard: change(features dict) edits the decoded Example."""
+    records = list(rlds.read_tfrecords(shard))
+    features = rlds.parse_example(records[index])
+    change(features)
+    records[index] = rlds.encode_example(features)
+    rlds.write_tfrecords(shard, records)
+
+
+# ---- train.py, finetune.py, select_ckpt.py: command lines, run folders, checkpoints --------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+# a tiny learner on the CPU; finetune.py takes TINY[2:] (the architecture is the checkpoint's)
+TINY = "--arch small --image_size 32 --batch_size 8 --log_every 1 --device cpu".split()
+
+
+def _run_script(script, *args, expect_ok=True):
+    """Run one of the scripts as a user would -> the finished process (stdout, stderr as text).
+
+    One thread, so that parallel tests do not fight for the cores; expect_ok: fail on a non-zero
+    exit status."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipe_data(tmp_path_factory):
+    """A prior tree (pick_a, pick_b, open_door) and a target tree (sort_ab) of 40 px images
+    -> (root, prior, target)."""
+    root = tmp_path_factory.mktemp("pipe")
+    prior = root / "prior"
+    target = root / "target"
+    _write_tree(prior, ["k1/pick_a", "k1/pick_b", "k2/open_door"], n_traj=4, T=8, H=40)
+    _write_tree(target, ["sort_ab"], n_traj=4, T=10, H=40)
+    return root, prior, target
+
+
+@pytest.fixture(scope="module")
+def pipe_pretrained(pipe_data):
+    """A pre-training run folder on pipe_data's prior: 4 steps, checkpoints 2 and 4, one reserved
+    task slot."""
+    root, prior, _ = pipe_data
+    out = root / "pre"
+    args = ["--data", str(prior), "--out", str(out), "--steps", "4", "--save_every", "2"]
+    train.main([*args, "--extra_tasks", "1", "--seed", "3", *TINY])
+    return out
+
+
+def _finetune_args(ckpt, prior, target, out, *flags):
+    """finetune.py's argv: a tiny fine-tuning run of ckpt on prior and target data into out."""
+    paths = ["--ckpt", ckpt, "--prior", prior, "--target", target, "--out", out]
+    return [*map(str, paths), *flags, *TINY[2:]]
+
+
+def _ckpt_agent(path):
+    """The agent's state of a checkpoint file, as a dict."""
+    return {k: v for k, v in train.load_checkpoint(str(path))["agent"].items()}
+
+
+def _deep_equal(a, b):
+    """Whether two nests of dicts, lists, tuples and tensors are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _dead_pid():
+    """The pid of an ended (reaped) process: what a kill -9 leaves in a lock or tmp name."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_qtraces(folder, traces, g, reward=()):
+    """A fine-tuning run folder for select_ckpt.py: an empty checkpoint and a Q-value trace per
+    step of traces {step: Q along held-out trajectory 5 (head 1; head 2 is Q + 1)}, MC returns g."""
+    for step, q in traces.items():
+        (folder / runfolder.CKPT_PATTERN.format(step)).write_bytes(b"")
+        trajectory = {
+            "traj_id": 5,
+            "q": [list(q), [v + 1 for v in q]],
+            "mc_return": list(g),
+            "reward": list(reward),
+        }
+        doc = {"step": step, "task": 0, "trajectories": [trajectory]}
+        (folder / runfolder.QTRACE_PATTERN.format(step)).write_text(json.dumps(doc))
+
+
+# ---- online.py: a fine-tuned checkpoint, stand-in policies and environments ----------------------
+_ONLINE_FLAGS = (
+    "--env_steps 8 --max_steps 4 --utd 2 --batch_size 10 --eval_every 4 --eval_episodes 1 "
+    "--save_every 4 --device cpu"
+).split()
+_ONLINE_GAMMA = 0.98
+
+
+@pytest.fixture(scope="module")
+def online_setup(tmp_path_factory):
+    """A synthetic prior (pick_a, pick_b) and target (sort_mug_cube, a task the simulator knows)
+    at 32 px, and ft.pt: a fine-tuned-looking checkpoint of a 'small' agent whose target task
+    takes one-hot slot 2 -> the root folder."""
+    root = tmp_path_factory.mktemp("online")
+    rng = np.random.default_rng(0)  # one stream over both trees
+    _write_tree(
+        root, ["prior/k1/pick_a", "prior/k1/pick_b"], n_traj=2, n_val=2, T=6, H=32, seed=rng
+    )
+    _write_tree(root, ["target/sort_mug_cube"], n_traj=2, n_val=2, T=8, H=32, seed=rng)
+    prior = data.load_store(str(root / "prior"), log=lambda *a: None)
+    cfg = AgentConfig(num_tasks=3, arch="small", image_size=32, gamma=_ONLINE_GAMMA, alpha=1.0)
+    ckpt = {
+        "format": train.CKPT_FORMAT,
+        "kind": "finetune",
+        "step": 0,
+        "agent": Agent(cfg).state_dict(),
+        "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
+        "action_low": prior.action_low.tolist(),
+        "action_high": prior.action_high.tolist(),
+        "target_task_ids": [2],
+        "target_tasks": ["sort_mug_cube"],
+    }
+    train.atomic_torch_save(ckpt, str(root / "ft.pt"))
+    return root
+
+
+def _online_finetune_args(root, out, *extra):
+    """online.py finetune's argv for online_setup's checkpoint and data, a short run into out."""
+    paths = ["--ckpt", root / "ft.pt", "--prior", root / "prior", "--target", root / "target"]
+    return ["finetune", *map(str, paths), "--out", str(out), *_ONLINE_FLAGS, *extra]
+
+
+def _record_updates(monkeypatch):
+    """Every Agent.update call: (alpha, calql, task ids, mc returns) of its batch, then the real
+    update -> the list of calls."""
+    calls = []
+    real = Agent.update
+
+    def update(self, batch):
+        calls.append(
+            (self.cfg.alpha, self.cfg.calql, batch["task"].tolist(), batch["mc_return"].tolist())
+        )
+        return real(self, batch)
+
+    monkeypatch.setattr(Agent, "update", update)
+    return calls
+
+
+class _ReplayAgent:
+    """A stand-in for a trained actor that replays given rescaled actions, one per act() call.
+
+    It keeps the images and states the policy was shown, in `seen`."""
+
+    def __init__(self, scaled_actions, image_size):
+        self.cfg = types.SimpleNamespace(image_size=image_size)
+        self.actions = torch.as_tensor(scaled_actions)
+        self.seen = []
+
+    def act(self, images, state, task, deterministic=True):
+        self.seen.append((images[0].permute(1, 2, 0).numpy().copy(), state[0].numpy().copy()))
+        return self.actions[len(self.seen) - 1][None]
+
+
+class _ZeroPolicy:
+    """A stand-in for online.Policy on 8 px images: every action is zero."""
+
+    size = 8
+    task_name = None
+
+    def __call__(self, image, state, deterministic=True):
+        return np.zeros(7, np.float32), np.zeros(7, np.float32)
+
+
+def _wrap_env(monkeypatch, wrap):
+    """online.make_env builds its environment as before, then hands back wrap(environment)."""
+    real = online.make_env
+    monkeypatch.setattr(online, "make_env", lambda *a, **k: wrap(real(*a, **k)))
+
+
+class _SucceedAt:
+    """The simulator, except that step k of every episode is a success (reward 1, terminated)."""
+
+    def __init__(self, env, k):
+        self.env = env
+        self.k = k
+        self.t = 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self.env.reset(seed=seed)
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        self.t += 1
+        if self.t == self.k:
+            return obs, 1.0, True, False, dict(info, success=True)
+        return obs, r, term, trunc, info
+
+    def close(self):
+        self.env.close()
+
+
+class _CtrlCAt:
+    """The simulator, and a Ctrl-C (SIGINT to this process) during its k-th step call, counted
+    over episodes."""
+
+    def __init__(self, env, k):
+        self.env = env
+        self.k = k
+        self.calls = 0
+        self.reset = env.reset
+        self.close = env.close
+
+    def step(self, action):
+        self.calls += 1
+        if self.calls == self.k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.env.step(action)
+
+
+class _BrightAtEnv:
+    """An environment of dark 40 px images, bright at step k, 3 steps; it never rewards itself."""
+
+    def __init__(self, k):
+        self.k = k
+        self.t = 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self._obs()
+
+    def _obs(self):
+        return {
+            "image": np.full((40, 40, 3), 220 if self.t == self.k else 30, np.uint8),
+            "state": np.zeros(7, np.float32),
+        }
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 0.0, False, self.t >= 3, {"success": False}
+
+    def close(self):
+        pass
+
+
+class _StagedEnv:
+    """An environment of 4 steps an episode that reports stages (stages=False: none).
+
+    'grasped' holds at step 2 only (a grasp that slips), 'placed' from step 3 on in even-seeded
+    episodes, which then succeed."""
+
+    def __init__(self, stages=True):
+        self.stages = stages
+        self.t = 0
+        self.seed = None
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.seed = seed
+        return self._obs()
+
+    def _obs(self):
+        return {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
+
+    def step(self, action):
+        self.t += 1
+        placed = self.t >= 3 and self.seed % 2 == 0
+        info = {"success": placed}
+        if self.stages:
+            info["stages"] = {"grasped": self.t == 2, "placed": placed}
+        return self._obs(), float(placed), False, self.t >= 4, info
+
+    def close(self):
+        pass
+
+
+def _write_png_folder(folder, value, n, rng):
+    """A new folder of n noisy 40 px PNG images around the grey level `value`."""
+    folder.mkdir()
+    for i in range(n):
+        img = np.clip(value + rng.integers(-20, 21, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+
+
+def _progress_rows(path):
+    """The rows of a progress.csv as dicts, without the columns that depend on the clock."""
+    with open(path) as f:
+        return [
+            {k: v for k, v in r.items() if k not in ("time", "steps_per_s")}
+            for r in csv.DictReader(f)
+        ]
+
+
+# ==================================================================================================
+# cli.py
+# ==================================================================================================
+
+
+def test_pipeline_flags_are_generated_from_the_dataclasses():
+    assert cli.field_comments(_Flags) == {
+        "lr": "step size, 100% of it",
+        "wide": "a comment on a wrapped line",
+        "flag": "on or off",
+    }
+    p = argparse.ArgumentParser()
+    cli.add_dataclass_args(p, _Flags)
+    assert cli.dataclass_from_args(_Flags, p.parse_args([])) == _Flags()
+    args = p.parse_args(["--lr", "0.5", "--wide", "2", "--flag", "--maybe", "none"])
+    assert cli.dataclass_from_args(_Flags, args) == _Flags(0.5, 2, True, None)
+    assert p.parse_args(["--maybe", "2"]).maybe == 2.0
+    assert "step size, 100% of it (default: 0.001)" in " ".join(p.format_help().split())
+    # every AgentConfig field but those the run sets is a train.py flag, with AgentConfig's default
+    p = argparse.ArgumentParser()
+    train.add_agent_args(p)
+    given = dict(num_tasks=1, image_size=128, seed=0)
+    assert cli.dataclass_from_args(AgentConfig, p.parse_args([]), **given) == AgentConfig()
+    args = p.parse_args(["--critic_lr", "0", "--action_input_only", "--calql", "--polyak", "0.01"])
+    cfg = cli.dataclass_from_args(AgentConfig, args, **given)
+    got = (cfg.critic_lr, cfg.action_every_layer, cfg.calql, cfg.polyak)
+    assert got == (0.0, False, True, 0.01)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--arch", "resnet99"])  # choices: model.ARCHS
+
+
+# ==================================================================================================
+# runfolder.py
+# ==================================================================================================
+
+
+def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path):
+    assert runfolder.steps_to_delete([1, 2, 3, 4, 5], 2, [1]) == [2, 3]
+    assert runfolder.steps_to_delete([1, 2, 3], 0) == []  # 0 keeps everything
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    common = ["--data", str(prior), "--out", str(out), "--save_every", "1", *TINY]
+    train.main([*common, "--steps", "5", "--keep_last", "2", "--keep_steps", "2"])
+    assert [s for s, _ in train.list_checkpoints(out)] == [2, 4, 5]
+    # the phases' defaults: pre-training keeps its newest 5, fine-tuning all (select_ckpt.py needs
+    # them)
+    assert train.PRETRAIN_KEEP_LAST == 5 and finetune.FINETUNE_KEEP_LAST == 0
+
+
+# ==================================================================================================
+# widowx.py: the arm's kinematics
+# ==================================================================================================
+
+
+def test_widowx_is_the_one_kinematics_of_the_sim_and_the_robot():
+    # one owner (issue 11): the simulator and the robot use widowx.py's objects, not copies
+    for name in ("SCREW_AXES", "M_HOME", "JOINT_LOW", "JOINT_HIGH", "R_DOWN"):
+        assert getattr(sb, name) is getattr(widowx, name), name
+    for name in ("euler_to_mat", "mat_to_euler", "fk_and_jacobian", "solve_ik"):
+        assert getattr(sb, name) is getattr(widowx, name), name
+    for name in ("JOINT_LOW", "JOINT_HIGH", "R_DOWN", "SLEEP_JOINTS", "euler_to_mat"):
+        assert getattr(robot, name) is getattr(widowx, name), name
+    assert robot.inverse_kinematics is widowx.inverse_kinematics
+    assert robot.forward_kinematics is widowx.forward_kinematics
+    # SPEC 6's checks
+    zero = widowx.forward_kinematics(np.zeros(6))
+    np.testing.assert_allclose(zero[:3, 3], [0.458325, 0, 0.36065])
+    sleep = widowx.forward_kinematics([0, -1.80, 1.55, 0, 0.8, 0])
+    np.testing.assert_allclose(sleep[:3, 3], [0.123, 0, 0.081], atol=1e-3)
+
+
+def test_robot_forward_kinematics_at_zero_and_sleep():
+    T = widowx.forward_kinematics(np.zeros(6))
+    np.testing.assert_allclose(T[:3, 3], widowx.M_HOME, atol=1e-12)
+    np.testing.assert_allclose(T[:3, :3], np.eye(3), atol=1e-12)
+    T = widowx.forward_kinematics(widowx.SLEEP_JOINTS)
+    (x, z), phi = _planar_fk(widowx.SLEEP_JOINTS)
+    np.testing.assert_allclose(T[:3, 3], [x, 0, z], atol=1e-9)
+    np.testing.assert_allclose(T[:3, 3], [0.123, 0, 0.081], atol=1e-3)  # SPEC 6
+    np.testing.assert_allclose(
+        T[:3, :3],
+        [[np.cos(phi), 0, np.sin(phi)], [0, 1, 0], [-np.sin(phi), 0, np.cos(phi)]],
+        atol=1e-9,
+    )
+    T = widowx.forward_kinematics([np.pi / 2, 0, 0, 0, 0, 0])  # the waist turns the arm onto +y
+    np.testing.assert_allclose(T[:3, 3], [0, 0.458325, 0.36065], atol=1e-9)
+    state = robot.pose_to_state(widowx.forward_kinematics(robot.RESET_JOINTS), 1.0)
+    # pointing down = zero euler
+    np.testing.assert_allclose(state, [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-4)
+    # Rz(90) Rx(90): x turns first, about the world axes
+    R = widowx.euler_to_mat([np.pi / 2, 0, np.pi / 2])
+    np.testing.assert_allclose(R, [[0, 0, 1], [1, 0, 0], [0, 1, 0]], atol=1e-12)
+    e = np.array([0.1, -0.2, 0.3])
+    T = np.eye(4)
+    T[:3, :3] = widowx.euler_to_mat(e) @ widowx.R_DOWN
+    np.testing.assert_allclose(robot.pose_to_state(T, 0.5)[3:], [*e, 0.5], atol=1e-6)
+
+
+def test_robot_inverse_kinematics_round_trips():
+    rng = np.random.default_rng(0)
+    for _ in range(15):
+        q = rng.uniform(-1, 1, 6) * [2.5, 1.2, 1.2, 2.0, 1.2, 2.5]
+        T = widowx.forward_kinematics(q)
+        q_ik = widowx.inverse_kinematics(T, q + rng.normal(0, 0.15, 6))
+        T_ik = widowx.forward_kinematics(q_ik)
+        assert np.linalg.norm(T_ik[:3, 3] - T[:3, 3]) < 1e-4
+        assert widowx.rotation_angle(T_ik[:3, :3] @ T[:3, :3].T) < 1e-3
+        assert np.all(q_ik >= widowx.JOINT_LOW) and np.all(q_ik <= widowx.JOINT_HIGH)
+    q = np.array([0.3, -0.4, 0.5, 0.2, 0.6, -0.1])
+    eps = 1e-6  # the Jacobian against finite differences
+    R, p, J = widowx.fk_and_jacobian(q)
+    for i in range(6):
+        R_i, p_i, _ = widowx.fk_and_jacobian(q + eps * np.eye(6)[i])
+        np.testing.assert_allclose(J[3:, i], (p_i - p) / eps, atol=1e-5)
+        dR = R_i @ R.T  # a small rotation: I + [w] eps
+        w = np.array([dR[2, 1] - dR[1, 2], dR[0, 2] - dR[2, 0], dR[1, 0] - dR[0, 1]]) / 2
+        np.testing.assert_allclose(J[:3, i], w / eps, atol=1e-5)
+    far = widowx.forward_kinematics(np.zeros(6))
+    far[:3, 3] = [0.9, 0, 0.3]
+    with pytest.raises(widowx.IKError, match=r"did not converge in 100 iterations: .* mm"):
+        widowx.inverse_kinematics(far, np.zeros(6))
+
+
+# ==================================================================================================
+# dynamixel.py: the protocol
+# ==================================================================================================
+
+
+def test_robot_packets_match_the_spec_vectors(robot_bus):
+    ping = bytes.fromhex("FF FF FD 00 01 03 00 01 19 4E")
+    read = bytes.fromhex("FF FF FD 00 01 07 00 02 84 00 04 00 1D 15")
+    assert dynamixel.make_packet(1, dynamixel.PING) == ping
+    assert dynamixel.make_packet(1, dynamixel.READ, bytes([0x84, 0, 4, 0])) == read
+    assert dynamixel.crc16(bytes.fromhex("FF FF FD 00 01 03 00 01")) == 0x4E19
+    bus = robot.open_bus(robot_bus.port, timeout=_BUS_TIMEOUT)
+    assert bus.read(1, dynamixel.PRESENT_POSITION) == 2048  # waist at 0 rad
+    assert robot_bus.raw_in == read  # on the wire
+    assert bus.ping(9) == 1060 and bus.ping(4) == 1020
+
+
+def test_robot_byte_stuffing_both_ways():
+    params = bytes([0x74, 0x00, 0xFF, 0xFF, 0xFD, 0x01])
+    packet = dynamixel.make_packet(3, dynamixel.WRITE, params)
+    assert b"\xff\xff\xfd\xfd\x01" in packet
+    assert struct.unpack_from("<H", packet, 5)[0] == 1 + len(params) + 1 + 2  # LEN counts the FD
+    # junk before, half a header after
+    got, rest, need = dynamixel.split_packet(b"\x00\xff" + packet + b"\xff\xff")
+    assert got == (3, dynamixel.WRITE, params) and rest == b"\xff\xff" and need == 0
+    # the partial header waits for the rest
+    assert dynamixel.split_packet(rest) == (None, b"\xff\xff", 9)
+    header_like = b"\xff\xff\xfd\xfd\xff\xff\xfd"
+    assert dynamixel.unstuff(dynamixel.stuff(header_like)) == header_like
+    assert dynamixel.split_packet(packet[:9]) == (None, packet[:9], len(packet) - 9)
+    with pytest.raises(dynamixel.PacketError, match="bad CRC"):
+        dynamixel.split_packet(packet[:-1] + bytes([packet[-1] ^ 1]))
+
+
+# ==================================================================================================
+# model.py
+# ==================================================================================================
+
+
+def test_core_resnet34_structure():
+    enc = model.make_encoder("resnet34", "spatial", "group", 128, 256)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in enc.modules())
+    norms = [m for m in enc.trunk.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_groups == 4 for m in norms)
+    conv = sum(
+        p.numel() for m in enc.trunk.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()
+    )
+    assert abs(conv - 21.3e6) < 0.1e6, conv  # SPEC section 4: 21.3 M parameters
+    with torch.no_grad():
+        f = enc.trunk(torch.zeros(1, 3, 128, 128))
+        assert f.shape == (1, 512, 16, 16) and enc.feature_shape == (512, 16, 16)
+        z = enc.proj(enc.pool(f))
+    assert z.shape == (1, 256) and z.abs().max() <= 1  # tanh output
+    # (C, H, W, K): K = 8 learned spatial maps per channel
+    assert enc.pool.kernel.shape == (512, 16, 16, 8)
+
+
+@pytest.mark.parametrize("arch", ["small", "impala", "resnet18"])
+def test_core_encoders_any_size(arch):
+    for head in model.HEADS:
+        for size in (32, 48):
+            enc = model.make_encoder(arch, head, "group", size, 16)
+            assert enc(_random_images(2, size)).shape == (2, 16)
+    batch_norm = model.make_encoder(arch, norm="batch", image_size=32)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in batch_norm.modules())
+
+
+def test_core_encoder_errors():
+    with pytest.raises(ValueError, match="model.py: arch='vgg'"):
+        model.make_encoder("vgg")
+    with pytest.raises(ValueError, match="head='max'"):
+        model.make_encoder("small", head="max")
+    with pytest.raises(ValueError, match="norm='layer'"):
+        model.make_encoder("small", norm="layer")
+    with pytest.raises(ValueError, match="image_size=16"):
+        model.make_encoder("small", image_size=16)
+    with pytest.raises(ValueError, match="uint8"):
+        model.make_encoder("small", image_size=32)(torch.zeros(1, 3, 32, 32))
+
+
+def test_core_spatial_embedding_by_hand():
+    """Figure 2: each channel's map times K learned (H, W) maps, summed over H, W; output index
+    c * K + k."""
+    emb = model.SpatialEmbedding(2, 2, 3, 2)
+    f = torch.arange(12.0).reshape(1, 2, 2, 3)
+    with torch.no_grad():
+        emb.kernel.copy_(torch.arange(24.0).reshape(2, 2, 3, 2) / 10)
+    kernel = emb.kernel.detach()
+    want = [
+        sum(float(f[0, c, h, w] * kernel[c, h, w, k]) for h in range(2) for w in range(3))
+        for c in range(2)
+        for k in range(2)
+    ]
+    assert torch.allclose(emb(f)[0], torch.tensor(want))
+
+
+@pytest.mark.parametrize("every_layer", [True, False])
+def test_core_action_reaches_every_layer(every_layer):
+    q = _tiny_qnet(every_layer)
+    z = torch.randn(5, 16)
+    a = torch.rand(5, 7) * 2 - 1
+    t = torch.eye(3)[[0, 1, 2, 0, 1]]
+    q.heads(z, a, t).sum().backward()
+    assert len(q.layers) == 4  # 3 hidden + output
+    for i, layer in enumerate(q.layers):
+        cols = q.action_columns(i)
+        if every_layer or i == 0:
+            assert layer.weight.grad[:, cols].abs().sum(-1).min() > 0, (
+                f"layer {i} gets no action gradient"
+            )
+        else:
+            assert cols is None and layer.weight.shape[1] == 32 + 16  # [hidden, embedding]
+    # cut the action's input path: the action still matters only when it is fed to the later
+    # layers
+    with torch.no_grad():
+        q.layers[0].weight[:, q.action_columns(0)] = 0
+    a.requires_grad_(True)
+    (g,) = torch.autograd.grad(q.heads(z, a, t).sum(), a)
+    assert (g.abs().sum() > 0) == every_layer
+
+
+def test_core_qnetwork_shapes_and_detached_heads():
+    q = _tiny_qnet(True)
+    z = torch.randn(4, 16)
+    t = torch.eye(3)[[0, 1, 2, 0]]
+    a = torch.rand(4, 5, 7) * 2 - 1
+    many = q.heads(z, a, t)
+    assert many.shape == (4, 5, 2)
+    assert torch.allclose(many[:, 3], q.heads(z, a[:, 3], t), atol=1e-6)  # N actions == one by one
+    assert not torch.equal(many[..., 0], many[..., 1])  # 2 independently initialised heads
+    a.requires_grad_(True)
+    q.heads(z, a, t, detach_params=True).sum().backward()
+    assert a.grad.abs().sum() > 0 and all(p.grad is None for p in q.parameters())
+    with pytest.raises(AssertionError, match="task one-hot"):
+        q.heads(z, a, torch.eye(4))
+
+
+@pytest.mark.parametrize("every_layer", [True, False])
+def test_core_factored_heads_equal_the_concatenated_form(every_layer):
+    """The per-state factoring of the Q heads (issue 10, part 5) is the same function with the same
+    gradients, to 1e-5, for the 1 + 2N actions of a CQL update."""
+    q = _tiny_qnet(every_layer)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 16, generator=g, requires_grad=True)
+    a = (torch.rand(6, 9, 7, generator=g) * 2 - 1).requires_grad_(True)
+    t = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    ours = q.heads(z, a, t)
+    ref = q.heads_concatenated(z, a, t)
+    assert ours.shape == ref.shape == (6, 9, 2)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(ref.shape, generator=g)  # a loss that weights every output differently
+    params = [z, a, *q.layers.parameters()]
+    g_ours = torch.autograd.grad((ours * weights).sum(), params)
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    for mine, theirs in zip(g_ours, g_ref):
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_core_tanh_gaussian_log_prob():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, 7, generator=g) * 0.5
+    log_std = torch.rand(64, 7, generator=g) - 1.0
+    a, logp = model.tanh_gaussian_sample(mean, log_std, generator=g)
+    ref = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()]
+    )
+    assert torch.allclose(logp, ref.log_prob(a).sum(-1), atol=1e-3)
+    assert torch.allclose(model.tanh_gaussian_log_prob(mean, log_std, a), logp, atol=1e-3)
+    other = model.tanh_gaussian_log_prob(mean, log_std, a.flip(0))
+    assert (other - logp).abs().min() > 0  # depends on the action
+    a4, logp4 = model.tanh_gaussian_sample(mean, log_std, num_samples=4, generator=g)
+    assert a4.shape == (64, 4, 7) and logp4.shape == (64, 4) and a4.abs().max() <= 1
+    u = torch.tensor([[20.0, -20.0, 0.0]])  # stable where 1 - tanh^2 underflows
+    by_hand = torch.tensor(4 * math.log(2) - 80.0 + 0.0)
+    assert torch.allclose(model.tanh_log_det(u), by_hand, atol=1e-4)
+
+
+def test_core_policy_log_std_clip_and_deterministic():
+    torch.manual_seed(0)
+    encoder = model.make_encoder("small", image_size=32, embed_dim=16)
+    pi = model.TanhGaussianPolicy(encoder, 2, 7, 7, 32, 2)
+    with torch.no_grad():
+        pi.net[-1].bias[7:] = 100.0
+    z = torch.randn(3, 16)
+    s = torch.randn(3, 7)
+    t = torch.eye(2)[[0, 1, 1]]
+    mean, log_std = pi.dist(z, s, t)
+    assert torch.all(log_std == model.LOG_STD_MAX)
+    with torch.no_grad():
+        pi.net[-1].bias[7:] = -100.0
+    assert torch.all(pi.dist(z, s, t)[1] == model.LOG_STD_MIN)
+    assert torch.equal(pi.deterministic(z, s, t), torch.tanh(pi.dist(z, s, t)[0]))
+
+
+def test_core_policies_normalize_the_state_with_the_data_statistics():
+    torch.manual_seed(0)
+    mean = torch.tensor([0.25, 0.0, 0.1, 0.0, 0.0, 0.0, 0.8])
+    std = torch.tensor([0.03, 0.1, 0.05, 0.02, 0.02, 0.5, 0.0])  # the gripper constant here
+    z = torch.randn(3, 16)
+    onehot = torch.eye(2)[[0, 1, 1]]
+    state = mean + std * torch.randn(3, 7)
+    by_hand = (state - mean) / torch.tensor([0.03, 0.1, 0.05, 0.02, 0.02, 0.5, 1e-3])
+    for make in (model.TanhGaussianPolicy, model.BCPolicy):
+        pi = make(model.make_encoder("small", image_size=32, embed_dim=16), 2, 7, 7, 32, 2).eval()
+        unnormalized = pi.net(torch.cat([z, state, onehot], -1))[:, :7]
+        assert torch.equal(_policy_mean(pi, z, state, onehot), unnormalized)  # until set
+        pi.state_norm.set_statistics(mean, std)
+        assert pi.state_norm.std[-1] == model.STATE_STD_MIN  # a constant dimension is centred
+        assert torch.allclose(pi.state_norm(state), by_hand)
+        expected = pi.net(torch.cat([z, by_hand, onehot], -1))[:, :7]
+        assert torch.allclose(_policy_mean(pi, z, state, onehot), expected, atol=1e-6)
+        assert {"state_norm.mean", "state_norm.std"} <= set(pi.state_dict())
+    with pytest.raises(ValueError, match=r"shape \(6,\) / \(7,\), expected \(7,\) each"):
+        pi.state_norm.set_statistics(mean[:6], std)
+    with pytest.raises(ValueError, match="finite, with std >= 0"):
+        pi.state_norm.set_statistics(mean, -std)
+
+
+# ==================================================================================================
+# cql.py
+# ==================================================================================================
+
+
+# ---- the losses ----------------------------------------------------------------------------------
+def test_core_importance_logsumexp_closed_form():
+    c = 3.0
+    log_pi = torch.tensor([[-1.0, 0.5, 2.0, -3.0]])
+    q_pi = torch.full((1, 4, 2), c)
+    q_rand = torch.full((1, 4, 2), c)
+    log_rand = cql.uniform_log_density(7)
+    assert log_rand == pytest.approx(7 * math.log(0.5))
+    # temp * log( sum_j exp((c - l_j) / temp) + N exp((c - 7 log 0.5) / temp) )
+    for temp in (1.0, 2.0):
+        s = sum(math.exp(-lp / temp) for lp in log_pi[0].tolist()) + 4 * 2 ** (7 / temp)
+        got = cql.importance_logsumexp(q_pi, log_pi, q_rand, log_rand, temp)
+        assert torch.allclose(got, torch.full((1, 2), c + temp * math.log(s)), atol=1e-5)
+
+
+def test_core_penalty_gradients():
+    g = torch.Generator().manual_seed(1)
+    q_data = torch.randn(1, 2, generator=g).requires_grad_(True)
+    q_pi = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
+    q_rand = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
+    log_pi = torch.randn(1, 4, generator=g)
+    pen, _ = cql.cql_penalty(q_data, q_pi, log_pi, q_rand, cql.uniform_log_density(7), 1.0)
+    assert pen.shape == (2,)
+    pen.sum().backward()
+    sampled = q_pi.grad.sum(1) + q_rand.grad.sum(1)  # per head: softmax weights sum to 1
+    assert torch.allclose(sampled, torch.ones(1, 2), atol=1e-6)
+    assert torch.allclose(q_data.grad, -torch.ones(1, 2))
+    assert q_pi.grad.min() > 0 and q_rand.grad.min() > 0
+
+
+def test_core_calql_bound_zero_gradient_below():
+    q_pi = torch.tensor([[[-30.0, 5.0], [0.0, -40.0]]], requires_grad=True)  # (B=1, N=2, heads=2)
+    mc = torch.tensor([-25.0])
+    log_pi = torch.zeros(1, 2)
+    q_rand = torch.zeros(1, 2, 2)
+    pen, _ = cql.cql_penalty(torch.zeros(1, 2), q_pi, log_pi, q_rand, 0.0, 1.0, mc_return=mc)
+    pen.sum().backward()
+    below = q_pi.detach() < mc
+    assert torch.all(q_pi.grad[below] == 0) and torch.all(q_pi.grad[~below] > 0)
+    clipped = torch.tensor([[[-25.0, 5.0], [0.0, -25.0]]])
+    ref, _ = cql.cql_penalty(torch.zeros(1, 2), clipped, log_pi, q_rand, 0.0, 1.0)
+    assert torch.allclose(pen, ref)
+
+
+def test_core_td_target_hand_values():
+    next_q = torch.tensor(
+        [
+            [[1.0, 2.0], [5.0, 3.0], [0.0, 9.0]],  # min over heads: 1, 3, 0 -> max 3
+            [[4.0, 4.0], [-1.0, 7.0], [2.0, 2.5]],  # 4, -1, 2 -> max 4
+        ]
+    )
+    reward = torch.tensor([-1.0, 10.0])
+    mask = torch.tensor([1.0, 0.0])
+    target = cql.td_target(reward, mask, next_q, 0.5)
+    assert torch.allclose(target, torch.tensor([-1.0 + 1.5, 10.0]))
+    first = cql.td_target(reward, torch.ones(2), next_q, 0.5, max_backup=False)
+    assert torch.allclose(first, torch.tensor([-0.5, 12.0]))
+
+
+def test_core_actor_temperature_bc_losses():
+    q = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])  # min over heads: 1, 0
+    # mean(0.5 * [-2, 4] - [1, 0]) = 0
+    loss, _ = cql.actor_loss(q, torch.tensor([[-2.0, 4.0]]), 0.5)
+    assert loss.item() == pytest.approx(0.0)
+    log_temp = torch.zeros((), requires_grad=True)
+    # entropy -6, target -7
+    loss, info = cql.temperature_loss(log_temp, torch.tensor([[5.0, 7.0]]), -7.0)
+    loss.backward()
+    # entropy above target -> temperature goes down
+    assert loss.item() == pytest.approx(1.0) and log_temp.grad > 0
+    pred = torch.zeros(2, 2)
+    act = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    assert cql.bc_loss(pred, act)[0].item() == pytest.approx((1 + 1 + 4 + 0) / 4)
+    # min, max over N: 1; 1
+    q_samples = torch.tensor([[[1.0, 2.0], [-1.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]])
+    w = cql.awbc_weights(torch.tensor([[0.0, 1.0], [5.0, 6.0]]), q_samples, 20.0)
+    # exp(0 - 1); exp(5 - 1) clipped at 20
+    assert torch.allclose(w, torch.tensor([math.exp(-1.0), 20.0]))
+    weighted = (math.exp(-1.0) * 1.0 + 20.0 * 2.0) / 2
+    assert cql.bc_loss(pred, act, w)[0].item() == pytest.approx(weighted)
+
+
+def test_core_actor_imitation_warm_up():
+    # by hand: mean(0.5 * [-2, 4]) - mean([-1, -3]) = 0.5 + 2 = 2.5
+    loss, info = cql.actor_imitation_loss(
+        torch.tensor([[-2.0, 4.0]] * 2), torch.tensor([-1.0, -3.0]), 0.5
+    )
+    assert loss.item() == pytest.approx(2.5) and info["entropy"].item() == pytest.approx(-1.0)
+    # bc_steps: the first updates raise the policy's likelihood of the data actions and leave the
+    # critic's gradient out of the actor; afterwards the actor follows Q again
+    cfg = _tiny_config(bc_steps=3, actor_lr=1e-3)
+    agent = Agent(cfg)
+    batch = cql.random_batch(cfg, 8)
+
+    def z():
+        return agent.policy.embed(batch["obs"])
+
+    onehot = agent._onehot(batch["task"])
+    with torch.no_grad():
+        before = agent.policy.log_prob(z(), batch["state"], onehot, batch["action"]).mean()
+    infos = [agent.update(batch) for _ in range(3)]
+    with torch.no_grad():
+        after = agent.policy.log_prob(z(), batch["state"], onehot, batch["action"]).mean()
+    assert after > before
+    twin = Agent(_tiny_config(bc_steps=3, actor_lr=1e-3))
+    twin_infos = [twin.update(batch) for _ in range(3)]
+    assert all(torch.equal(a["actor_loss"], b["actor_loss"]) for a, b in zip(infos, twin_infos))
+    reference = Agent(
+        _tiny_config(actor_lr=1e-3)
+    )  # bc_steps 0: the paper's actor from the first step
+    assert not torch.equal(reference.update(batch)["actor_loss"], infos[0]["actor_loss"])
+    saved = agent.state_dict()
+    still_imitating = Agent.from_state_dict(
+        {**saved, "config": {**saved["config"], "bc_steps": 10}}
+    )
+    never_imitated = Agent.from_state_dict({**saved, "config": {**saved["config"], "bc_steps": 0}})
+    fourth = agent.update(batch)["actor_loss"]  # update 4: the Q-maximising loss again
+    assert torch.equal(fourth, never_imitated.update(batch)["actor_loss"])
+    assert not torch.equal(fourth, still_imitating.update(batch)["actor_loss"])
+
+
+def test_core_tabular_cql_fixed_point():
+    """One state, two actions a0, a1, each once in the data, both looping back to the state
+    (mask 1); the 'sampled' actions are the two actions themselves, with density 1/2 (uniform on
+    [-1, 1], action_dim 1). Per head, the gradient of TD + alpha * penalty wrt Q(a) is
+    (Q(a) - y(a)) + alpha (p(a) - 1/2) with p = softmax(Q) and y(a) = r(a) + gamma Q(a0).
+    Choosing r0 - r1 = log 3 + alpha / 2 makes p = (3/4, 1/4) consistent:
+    Q(a0) = (r0 - alpha / 4) / (1 - gamma), Q(a1) = r1 + gamma Q(a0) + alpha / 4."""
+    alpha = 2.0
+    gamma = 0.5
+    r1 = 0.0
+    r0 = math.log(3) + alpha / 2
+    cfg = AgentConfig(alpha=alpha, gamma=gamma, action_dim=1, num_actions=2)
+    table = torch.zeros(2, 2, requires_grad=True)  # (heads, actions)
+    with torch.no_grad():
+        # heads start apart; min over heads must not matter at the end
+        table[1] = torch.tensor([1.0, -1.0])
+    batch = {"reward": torch.tensor([r0, r1]), "mask": torch.ones(2), "mc_return": torch.zeros(2)}
+    log_pi = torch.full((2, 2), math.log(0.5))
+    opt = torch.optim.SGD([table], lr=0.5)
+    for _ in range(400):
+        q_sa = table.T[None].expand(2, 2, 2)  # (B, N, heads): every action at the one state
+        q_next = table.detach().T[None].expand(2, 2, 2)
+        loss, _ = cql.critic_loss(table.T, q_sa, log_pi, q_sa, q_next, batch, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q0 = (r0 - alpha / 4) / (1 - gamma)
+    want = torch.tensor([q0, r1 + gamma * q0 + alpha / 4])
+    assert torch.allclose(table.detach(), want.expand(2, 2), atol=1e-4), (table, want)
+    assert torch.softmax(table.detach()[0], 0)[0].item() == pytest.approx(0.75, abs=1e-4)
+
+
+# ---- the agent -----------------------------------------------------------------------------------
+def test_core_update_runs_each_encoder_once():
+    agent = Agent(_tiny_config(algo="awbc"))
+    calls = {}
+    for name, net in agent.nets.items():
+
+        def count(*_, n=name):
+            calls[n] = calls.get(n, 0) + 1
+
+        net.encoder.register_forward_hook(count)
+    info = agent.update(cql.random_batch(agent.cfg, 4))
+    assert calls == {"critic": 1, "target_critic": 1, "policy": 2, "bc_policy": 1}
+    keys = "critic_loss td_loss cql_penalty q_data cql_gap actor_loss temperature alpha bc_loss"
+    for key in keys.split() + ["grad_norm_critic", "grad_norm_actor", "grad_norm_bc"]:
+        value = info[key]
+        assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value), key
+
+
+def test_core_conservatism_after_training():
+    """One action per state in the data: CQL must rank the data action above random ones."""
+    cfg = _tiny_config(num_tasks=1, critic_lr=1e-3, actor_lr=1e-3)
+    agent = Agent(cfg)
+    g = torch.Generator().manual_seed(3)
+    images = _random_images(4, seed=3).repeat(4, 1, 1, 1)
+    data_actions = (torch.rand(4, 7, generator=g) * 1.6 - 0.8).repeat(4, 1)
+    batch = {
+        "obs": images,
+        "next_obs": images.roll(1, 0),
+        "state": torch.zeros(16, 7),
+        "next_state": torch.zeros(16, 7),
+        "action": data_actions,
+        "reward": torch.full((16,), -1.0),
+        "mask": torch.ones(16),
+        "mc_return": torch.full((16,), -25.0),
+        "task": torch.zeros(16, dtype=torch.int64),
+    }
+    for _ in range(60):
+        agent.update(batch)
+    q_data = agent.q_values(batch).mean(-1)
+    random_actions = [{**batch, "action": torch.rand(16, 7, generator=g) * 2 - 1} for _ in range(8)]
+    q_rand = torch.stack([agent.q_values(b).mean(-1) for b in random_actions]).mean(0)
+    assert torch.all(q_data > q_rand), (q_data, q_rand)
+
+
+def test_core_save_load_continue_identical(tmp_path):
+    cfg = _tiny_config()
+    batches = [cql.random_batch(cfg, 6, seed=s) for s in range(4)]
+    a = Agent(cfg)
+    for b in batches[:2]:
+        a.update(b)
+    torch.save(a.state_dict(), tmp_path / "agent.pt")
+    d = torch.load(tmp_path / "agent.pt", weights_only=True)
+    b_agent = Agent(_tiny_config(seed=7))  # different init: everything must come from the file
+    b_agent.load_state_dict(d)
+    x = batches[0]
+    assert torch.equal(a.q_values(x), b_agent.q_values(x))
+    assert torch.equal(_act_on(a, x), _act_on(b_agent, x))
+    for b in batches[2:]:
+        ia = a.update(b)
+        ib = b_agent.update(b)
+        assert all(torch.equal(ia[k], ib[k]) for k in ia)
+    for name, net in a.nets.items():
+        for (k, p), q in zip(net.state_dict().items(), b_agent.nets[name].state_dict().values()):
+            assert torch.equal(p, q), (name, k)
+    assert torch.equal(a.log_temp, b_agent.log_temp) and a.updates == b_agent.updates == 4
+    with pytest.raises(ValueError, match="num_tasks: checkpoint 3, agent 5"):
+        Agent(_tiny_config(num_tasks=5)).load_state_dict(d)
+    no_bc = r"checkpoint \(algo='cql'\) has no \['bc_policy', 'bc optimizer'\]"
+    with pytest.raises(ValueError, match=no_bc):
+        Agent(_tiny_config(algo="awbc")).load_state_dict(d)
+    aw = Agent(_tiny_config(algo="awbc", seed=7))  # AW-BC on a PTR checkpoint: critic from the file
+    assert aw.load_state_dict(d, strict=False) == ["bc_policy", "bc optimizer"]
+    assert torch.equal(aw.q_values(x), Agent.from_state_dict(d).q_values(x))
+
+
+def test_core_grow_tasks_keeps_old_outputs():
+    cfg = _tiny_config(algo="awbc", num_tasks=2)
+    agent = Agent(cfg)
+    batch = cql.random_batch(cfg, 6)
+    agent.update(batch)
+    q_before = agent.q_values(batch)
+    a_before = _act_on(agent, batch)
+    z = agent.policy.embed(batch["obs"])
+    mean_before = agent.policy.dist(z, batch["state"], agent._onehot(batch["task"]))[0]
+    agent.grow_tasks(5)
+    assert agent.cfg.num_tasks == 5
+    # zero weights on the new one-hot slots: the same numbers up to float summation order
+    assert torch.allclose(agent.q_values(batch), q_before, rtol=0, atol=1e-6)
+    assert torch.allclose(_act_on(agent, batch), a_before, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        z = agent.policy.embed(batch["obs"])
+        mean_after = agent.policy.dist(z, batch["state"], agent._onehot(batch["task"]))[0]
+    assert torch.allclose(mean_after, mean_before.detach(), rtol=0, atol=1e-6)
+    for name, params in agent.params.items():  # Adam state moved to the widened parameters
+        for p in params:
+            st = agent.optimizers[name].state[p]
+            assert st["exp_avg"].shape == st["exp_avg_sq"].shape == p.shape, name
+    w0 = agent.nets["critic"].layers[0].weight  # (heads, [task 5, action, z], hidden)
+    st = agent.optimizers["critic"].state[w0]
+    assert torch.all(st["exp_avg"][:, 2:5] == 0) and st["exp_avg"][:, :2].abs().sum() > 0
+    new = {**batch, "task": torch.tensor([4, 3, 2, 1, 0, 4])}
+    agent.update(new)  # new slots train
+    assert agent.nets["critic"].layers[0].weight[:, 2:5].abs().sum() > 0
+    target_w0 = agent.nets["target_critic"].layers[0].weight
+    assert target_w0.shape == agent.nets["critic"].layers[0].weight.shape
+    with pytest.raises(ValueError, match="cannot shrink"):
+        agent.grow_tasks(3)
+
+
+def test_core_bc_agent():
+    cfg = _tiny_config(algo="bc", actor_lr=1e-3)
+    agent = Agent(cfg)
+    dropout = agent.nets["bc_policy"].net[2]  # after the first ReLU
+    assert set(agent.nets) == {"bc_policy"} and dropout.p == 0.4
+    batch = cql.random_batch(cfg, 8)
+    losses = [agent.update(batch)["bc_loss"].item() for _ in range(15)]
+    assert losses[-1] < losses[0]
+    act = _act_on(agent, batch)
+    assert act.shape == (8, 7) and act.abs().max() <= 1
+    with pytest.raises(ValueError, match="algo='bc'"):
+        agent.q_values(batch)
+    with pytest.raises(ValueError, match="AgentConfig.algo='sac'"):
+        AgentConfig(algo="sac")
+
+
+def test_core_switch_cql_to_awbc():
+    """finetune.py sets cfg.algo = 'awbc' on an agent built from a cql checkpoint: the BC policy
+    appears."""
+    cfg = _tiny_config()
+    agent = Agent(cfg)
+    batch = cql.random_batch(cfg, 6)
+    a_cql = _act_on(agent, batch)
+    agent.cfg.algo = "awbc"
+    info = agent.update(batch)
+    assert agent.bc_policy is not None and "awbc_weight" in info
+    assert 0 < info["awbc_weight"] <= cfg.awbc_max_weight
+    a_bc = _act_on(agent, batch)
+    assert a_bc.shape == a_cql.shape and not torch.allclose(a_bc, a_cql)
+    again = Agent.from_state_dict(agent.state_dict())
+    assert again.cfg.algo == "awbc" and torch.equal(_act_on(again, batch), a_bc)
+    bc = Agent(_tiny_config(algo="bc"))
+    bc.cfg.algo = "cql"
+    with pytest.raises(ValueError, match="algo='cql' needs a critic"):
+        bc.update(batch)
+
+
+def test_core_state_statistics_travel_with_checkpoints_and_old_ones_load_as_identity():
+    cfg = _tiny_config()
+    agent = Agent(cfg)
+    mean = torch.linspace(-1.0, 1.0, 7)
+    std = torch.linspace(0.1, 0.7, 7)
+    agent.set_state_statistics(mean, std)
+    saved = agent.state_dict()
+    again = Agent.from_state_dict(saved)
+    assert torch.equal(again.policy.state_norm.mean, mean)
+    assert torch.equal(again.policy.state_norm.std, std)
+    agent.cfg.algo = "awbc"  # the BC policy created later sees the state as the policy does
+    agent.update(cql.random_batch(cfg, 4))
+    assert torch.equal(agent.bc_policy.state_norm.mean, mean)
+    # a checkpoint written before the normalizer existed: identity, so its policy acts as it did
+    old = copy.deepcopy(saved)
+    for net in old["nets"].values():
+        net.pop("state_norm.mean", None)
+        net.pop("state_norm.std", None)
+    legacy = Agent.from_state_dict(old)
+    assert torch.equal(legacy.policy.state_norm.mean, torch.zeros(7))
+    assert torch.equal(legacy.policy.state_norm.std, torch.ones(7))
+    x = cql.random_batch(cfg, 4, seed=1)
+    unnormalized = Agent.from_state_dict(saved)
+    unnormalized.set_state_statistics(torch.zeros(7), torch.ones(7))
+    assert torch.equal(_act_on(legacy, x), _act_on(unnormalized, x))
+    assert not torch.equal(_act_on(again, x), _act_on(legacy, x))
+
+
+def test_core_optimizer_state_takes_the_parameters_layout_on_load():
+    """A GPU checkpoint holds channels_last Adam moments; loading it elsewhere must give the
+    parameter's layout."""
+    cfg = _tiny_config()
+    a = Agent(cfg)
+    batch = cql.random_batch(cfg, 4)
+    a.update(batch)
+    # as torch.load gives it: no tensor shared with a's live optimizer
+    sd = copy.deepcopy(a.state_dict())
+    for st in sd["optimizers"]["critic"]["state"].values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() == 4:
+                st[k] = v.contiguous(memory_format=torch.channels_last)
+    b = Agent(cfg)
+    c = Agent(cfg)
+    b.load_state_dict(sd)
+    c.load_state_dict(copy.deepcopy(a.state_dict()))
+    for opt in b.optimizers.values():
+        for p, st in opt.state.items():
+            moments = [v for v in st.values() if torch.is_tensor(v) and v.shape == p.shape]
+            assert all(v.stride() == p.stride() for v in moments)
+    b.update(batch)
+    c.update(batch)
+    for (name, x), (_, y) in zip(b.critic.named_parameters(), c.critic.named_parameters()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_pipeline_a_phase_switch_is_one_config_change():
+    cfg = _tiny_config()
+    agent = Agent(cfg)
+    frozen = dataclasses.replace(cfg, critic_lr=0.0, alpha=3.0)
+    agent.set_config(frozen)
+    assert agent.cfg == frozen and agent.cfg is not frozen
+    assert [g["lr"] for g in agent.optimizers["critic"].param_groups] == [0.0]
+    before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    agent.update(cql.random_batch(cfg, 4))
+    assert all(torch.equal(v, agent.critic.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"set_config cannot change \['hidden'\]"):
+        agent.set_config(dataclasses.replace(cfg, hidden=cfg.hidden * 2))
+    online_cfg = online.OnlineConfig()
+    assert online.online_learner(cfg, online_cfg, buffer_filled=False).alpha == 5.0
+    assert online.online_learner(cfg, online_cfg, buffer_filled=True).alpha == 0.5
+    assert online.online_learner(cfg, online_cfg, buffer_filled=True).calql
+    with pytest.raises(SystemExit, match="--algo bc cannot fine-tune a cql checkpoint"):
+        finetune.finetune_config(cfg, {"algo": "bc"})
+
+
+def test_perf_compiled_update_equals_eager():
+    """Agent.compile captures update()'s passes and losses and gives the eager losses and weights,
+    within rtol 1e-5 / atol 1e-6 (float reassociation; inductor differed by 5e-7 here). The backend
+    is aot_eager: it checks the capture and the autograd of the captured graph in ~4 s, where
+    inductor compiles C++ for ~90 s on a 2-core CPU (measured, this config). The agent's random
+    stream (resume) must be the eager one. (Dropout, in the BC policy, draws other numbers from
+    torch's RNG when compiled: not compared here.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cfg = _tiny_config()
+    eager = Agent(cfg)
+    compiled = Agent(copy.deepcopy(cfg))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled.compile(backend=counter)
+    for seed in range(2):
+        batch = cql.random_batch(cfg, 6, seed=seed)
+        want = _loss_entries(eager.update(batch))
+        got = _loss_entries(compiled.update(batch))
+        assert want.keys() == got.keys() and "critic_loss" in want
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (seed, k)
+    assert counter.frame_count >= 1 and sum(len(g.graph.nodes) for g in counter.graphs) > 100
+    for name, net in eager.nets.items():
+        for (p, x), (_, y) in zip(net.named_parameters(), compiled.nets[name].named_parameters()):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (name, p)
+    assert torch.equal(eager.generator.get_state(), compiled.generator.get_state())
+    with pytest.raises(ValueError, match=r"compile mode='fast', expected one of \('default'"):
+        compiled.compile("fast")
+
+
+# ==================================================================================================
+# data.py
+# ==================================================================================================
+
+
+def test_data_rewards_masks_and_mc_returns_by_hand(tmp_path):
+    store, _ = _tree_store(tmp_path, n_traj=1, n_val=0, T=5)
+    t = data.Sampler(store, None, gamma=0.9).trajectory(0)
+    assert t["reward"].tolist() == [-1, -1, 10, 10, 10] and t["mask"].tolist() == [1, 1, 0, 0, 0]
+    # G4 = G3 = G2 = 10 (terminal), G1 = -1 + 0.9 * 10 = 8, G0 = -1 + 0.9 * 8 = 6.2
+    assert np.allclose(t["mc_return"], [6.2, 8, 10, 10, 10])
+    last_step = data.RewardConfig(n_last=1, scale=1, shift=0)
+    t = data.Sampler(store, None, gamma=0.9, reward=last_step).trajectory(0)
+    assert t["reward"].tolist() == [0, 0, 0, 0, 1] and t["mask"].tolist() == [1, 1, 1, 1, 0]
+    assert np.allclose(t["mc_return"], [0.9**4, 0.9**3, 0.9**2, 0.9, 1])
+    # stored terminals (all 0 in the release) as the done mask: bootstrap everywhere
+    terminals = data.RewardConfig(use_terminals=True)
+    t = data.Sampler(store, None, gamma=0.9, reward=terminals).trajectory(0)
+    assert t["mask"].tolist() == [1] * 5
+    assert np.allclose(t["mc_return"], [20.051, 23.39, 27.1, 19, 10])
+    # no success: the constant R / (1 - gamma) = -1 / 0.1
+    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(n_last=0)).trajectory(0)
+    assert t["reward"].tolist() == [-1] * 5 and np.allclose(t["mc_return"], -10)
+    assert t["task"].dtype == torch.int64
+    assert t["obs"].dtype == torch.uint8 and t["obs"].shape == (5, 3, 8, 8)
+
+
+def test_data_mc_returns_several_trajectories():
+    r = np.array([0, 1, 0, 0, 0], np.float32)  # a success of 2 steps, then a failure of 3
+    R = 11 * r - 1
+    G = data.mc_returns(r, R, 1 - r, [2, 3], gamma=0.5)
+    assert np.allclose(G, [-1 + 0.5 * 10, 10, -2, -2, -2])
+
+
+def test_data_release_split_kept_and_90_10_split(tmp_path):
+    store, _ = _tree_store(tmp_path, ("k1/with_val", "k2/train_only"), n_traj=20, n_val=0)
+    names = store.task_names
+    assert names == ["train_only", "with_val"]
+    val = store.trajectory_ids("val")
+    assert len(val) == 4 and set(store.traj_task[val]) == {0, 1}  # 10 % of 20 per task
+    assert len(set(val) | set(store.trajectory_ids("train"))) == 40
+    again = data.load_store(tmp_path / "tree", store=tmp_path / "other", log=lambda *_: None)
+    assert np.array_equal(again.trajectory_ids("val"), val)  # fixed seed
+    _write_tree(tmp_path / "t2", ["k/a"], n_traj=6, n_val=3)
+    st = data.load_store(tmp_path / "t2", log=lambda *_: None)
+    assert st.trajectory_ids("val").tolist() == [6, 7, 8]  # the release's val/, nothing moved
+    assert st.num_transitions("train") == 30 and st.num_transitions() == 45
+
+
+def test_data_mixing_counts(tmp_path):
+    store, _ = _tree_store(tmp_path, ("k/a", "k/b", "k/c"), n_traj=2)
+    samplers = [data.Sampler(store, "train", gamma=0.9, task_ids=np.full(3, k)) for k in range(3)]
+    assert data.MixedSampler(samplers[:2], [0.9, 0.1]).counts(64) == [57, 7]
+    assert data.MixedSampler(samplers[:2], [0.7, 0.3]).counts(10) == [7, 3]
+    mixed = data.MixedSampler(samplers, [0.35, 0.15, 0.5])
+    assert mixed.counts(64) == [22, 9, 33] and mixed.counts(100) == [35, 15, 50]
+    batch = mixed.sample(64)
+    assert torch.bincount(batch["task"], minlength=3).tolist() == [22, 9, 33]
+    assert batch["obs"].shape == (64, 3, 8, 8) and batch["reward"].shape == (64,)
+    with pytest.raises(ValueError, match="summing to 1"):
+        data.MixedSampler(samplers[:2], [0.9, 0.2])
+    # a 0 fraction draws nothing, even last (online.py with no online data): the rest goes to the
+    # last f > 0
+    empty = data.ReplayBuffer(10, 8, gamma=0.9)  # sampling it raises
+    no_online = data.MixedSampler(samplers[:2] + [empty], [0.35, 0.65, 0])
+    assert no_online.counts(64) == [22, 42, 0] and len(no_online.sample(64)["task"]) == 64
+    assert data.MixedSampler(samplers[:2], [1, 0]).counts(7) == [7, 0]
+
+
+def test_data_aliases_and_task_ids(tmp_path):
+    _write_tree(tmp_path / "tree", ["k1/open_drawer_a", "k2/open_drawer_b", "k2/put_x"], n_traj=1)
+    aliases = {"open_drawer_a": "open_drawer", "open_drawer_b": "open_drawer"}
+    st = data.load_store(tmp_path / "tree", aliases=aliases, log=lambda *_: None)
+    assert st.task_names == ["open_drawer", "put_x"]
+    assert np.bincount(st.traj_task).tolist() == [4, 2]
+    (tmp_path / "aliases.json").write_text(json.dumps(aliases))
+    aliases_file = str(tmp_path / "aliases.json")
+    from_file = data.load_store(tmp_path / "tree", aliases=aliases_file, log=lambda *_: None)
+    assert from_file.path == st.path
+    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "new")
+    assert ids.tolist() == [3, 4] and n == 5
+    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "b")
+    assert ids.tolist() == [1, 1] and n == 3
+    with pytest.raises(ValueError, match=r"\['a', 'b', 'c'\]"):
+        data.target_task_ids(["a", "b", "c"], ["new1"], "zzz")
+    sampler = data.Sampler(st, None, gamma=0.9, task_ids=[7, 9])
+    assert set(sampler.sample(32)["task"].tolist()) <= {7, 9}
+
+
+def test_data_images_round_trip_and_cameras(tmp_path):
+    store, tree = _tree_store(tmp_path, n_traj=2, n_val=0, T=[3, 4], cameras=("images0", "images1"))
+    traj = tree["k1/task_a"]["train"][1]
+    for camera in ("images0", "images1"):
+        st = data.load_store(tmp_path / "tree", camera=camera, log=lambda *_: None)
+        t = data.Sampler(st, None, gamma=0.9).trajectory(1)
+        observations = traj["observations"]
+        next_observations = traj["next_observations"]
+        assert np.array_equal(_nhwc(t["obs"]), np.stack([o[camera] for o in observations]))
+        assert np.array_equal(
+            _nhwc(t["next_obs"]), np.stack([o[camera] for o in next_observations])
+        )
+        assert np.allclose(t["next_state"], np.stack([o["state"] for o in next_observations]))
+    both = data.load_store(tmp_path / "tree", camera="all", log=lambda *_: None)
+    assert both.num_transitions() == 2 * store.num_transitions() == 14
+    images = np.load(os.path.join(both.path, "images.npy"), allow_pickle=False)
+    assert images.shape == (2 * 9, 8, 8, 3)
+
+
+def test_data_resize(tmp_path):
+    _, tree = _tree_store(tmp_path, n_traj=1, n_val=0, T=2, H=16)
+    st = data.load_store(tmp_path / "tree", image_size=8, log=lambda *_: None)
+    img = tree["k1/task_a"]["train"][0]["observations"][1]["images0"]
+    expected = np.asarray(Image.fromarray(img).resize((8, 8), Image.Resampling.LANCZOS))
+    assert st.image_size == (8, 8) and np.array_equal(st.images[1], expected)
+
+
+def test_data_cache_reuse_and_rebuild(tmp_path):
+    _write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
+    logs = []
+    st = data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[0].startswith("converting") and ".ptr_store" in st.path
+    data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[-1].startswith("using store")  # unchanged sources: reused
+    src = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
+    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 10**9))  # touched
+    data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[-2].startswith("converting")
+    _write_tree(tmp_path / "tree", ["k/b"], n_traj=3, n_val=0)  # a new out.npy
+    st2 = data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[-2].startswith("converting")
+    assert st2.path == st.path and st2.task_names == ["a", "b"]
+    other = data.load_store(tmp_path / "tree", image_size=4, log=logs.append)
+    assert other.path != st.path and other.image_size == (4, 4)  # options are part of the key
+    # asking for the size the images already have (as finetune.py does) reuses the native store:
+    # no second copy
+    assert data.load_store(tmp_path / "tree", image_size=8, log=logs.append).path == st.path
+    assert logs[-1].startswith("using store")
+    # a built store opens as it is
+    assert data.load_store(st.path, log=logs.append).num_transitions() == 25
+
+
+def test_data_killed_conversion_leaves_no_store(tmp_path):
+    _write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
+    store = tmp_path / "store"
+    kill = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import data; "
+        "data.resize_images = lambda f, s: os.kill(os.getpid(), signal.SIGKILL); "
+        "data.load_store(sys.argv[2], store=sys.argv[3])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", kill, os.path.dirname(data.__file__), tmp_path / "tree", store]
+    )
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("store.tmp-")]
+    assert not store.exists() and leftovers
+    # starts clean, removes the leftover
+    st = data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
+    assert st.num_transitions() == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
+    bad = str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy")
+    _save_npy(bad, [{"actions": np.zeros((2, 7))}])
+    # a bad file: the old store is left as it was, no tmp folder
+    with pytest.raises(data.BridgeFormatError):
+        data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
+
+
+def test_data_two_processes_converting_the_same_files(tmp_path, monkeypatch):
+    _write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0)
+    store = tmp_path / "store"
+    st = data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)  # the first one's
+    (store / "first").write_text("")
+    root, sources = data.find_sources(tmp_path / "tree")
+
+    def exists_but_the_store(p, exists=os.path.exists):
+        return os.fspath(p) != str(store) and exists(p)
+
+    # the second one looked before the first renamed its store into place
+    with monkeypatch.context() as m:
+        m.setattr(os.path, "exists", exists_but_the_store)
+        data.convert(
+            sources, root, str(store), st.meta["key"], st.meta["options"], log=lambda *_: None
+        )
+    # kept, no ENOTEMPTY
+    assert (store / "first").exists() and data.Store(store).num_transitions() == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]  # our tmp folder is gone
+    data.convert(sources, root, str(store), "other", st.meta["options"], log=lambda *_: None)
+    # an old store is replaced
+    assert not (store / "first").exists() and data.Store(store).meta["key"] == "other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
+
+
+def test_data_empty_split_file_counts_as_absent(tmp_path):
+    # robot.py record writes an empty val/out.npy until the 5th kept episode: the 90/10 split
+    # still holds one out
+    _write_tree(tmp_path / "tree", ["k/a"], n_traj=4, n_val=0)
+    _write_tree(tmp_path / "tree", ["k/b"], n_traj=0, n_val=4)
+    data.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
+    data.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
+    st = data.load_store(tmp_path / "tree", log=lambda *_: None)
+    assert st.task_names == ["a", "b"]
+    assert np.bincount(st.traj_task[st.trajectory_ids("val")]).tolist() == [1, 1]
+    assert np.bincount(st.traj_task[st.trajectory_ids("train")]).tolist() == [3, 3]
+
+
+def test_data_augment(tmp_path):
+    torch.manual_seed(0)
+    # channels-last, like a batch
+    x = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    assert torch.equal(data.augment(x, pad=0, p_jitter=0), x)
+    y = data.augment(x, p_jitter=0)
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
+    shifts = set()
+    for i in range(16):  # each crop is a 12x10 window of the edge-padded image
+        found = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(padded[i, :, dy : dy + 12, dx : dx + 10], y[i])
+        ]
+        assert found, i
+        shifts.add(found[0])
+    assert len(shifts) > 4  # independent offsets per image
+    same = x[:1].expand(64, -1, -1, -1)
+    torch.manual_seed(1)
+    z = data.augment(same, pad=0)
+    assert z.shape == (64, 3, 12, 10) and z.dtype == torch.uint8
+    changed = [not torch.equal(z[i], same[i]) for i in range(64)]
+    # p_jitter 0.8: most images jittered (the others untouched), each its own way
+    assert 32 < sum(changed) < 64
+    colours = {tuple(z[i].float().mean((1, 2)).tolist()) for i in range(64) if changed[i]}
+    assert len(colours) == sum(changed)
+    torch.manual_seed(1)
+    assert torch.equal(data.augment(same, pad=0), z)  # deterministic given the seed
+    g = torch.Generator().manual_seed(3)
+    first = data.augment(x, generator=g)
+    assert torch.equal(first, data.augment(x, generator=torch.Generator().manual_seed(3)))
+    bright = data.augment(same, pad=0, contrast=0, saturation=0, hue=0, p_jitter=1)
+    ratio = bright.float().sum((1, 2, 3)) / same.float().sum((1, 2, 3))
+    # brightness factors in [0.8, 1.2]
+    assert ((ratio > 0.75) & (ratio < 1.25)).all() and ratio.std() > 0.01
+
+
+def test_data_replay_buffer_fifo_and_mc_returns():
+    rb = data.ReplayBuffer(20, 4, gamma=0.5, seed=0)
+
+    def add(T, success, tag):  # frame t of this trajectory has all pixels = tag * 10 + t
+        levels = (tag * 10 + np.arange(T + 1)).astype(np.uint8)
+        images = levels[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+        rewards = np.r_[np.zeros(T - 1), success]
+        rb.add_trajectory(images, np.zeros((T + 1, 7)), np.zeros((T, 7)), rewards, tag)
+
+    add(5, 1, 1)
+    add(7, 0, 2)
+    assert len(rb) == 12
+    add(9, 1, 3)  # 6 + 8 + 10 frames > 20: the oldest trajectory goes
+    assert len(rb) == 16 and list(rb._lengths) == [7, 9]
+    b = rb.sample(200)
+    assert set(b["task"].tolist()) == {2, 3}
+    # next obs = the following frame, same trajectory
+    assert torch.equal(b["next_obs"].int(), b["obs"].int() + 1)
+    step = b["obs"][:, 0, 0, 0].int() % 10
+    fail = b["task"] == 2
+    ok = b["task"] == 3
+    assert torch.allclose(b["mc_return"][fail], torch.tensor(-2.0))  # no success: -1 / (1 - 0.5)
+    last = ok & (step == 8)
+    assert torch.allclose(b["mc_return"][last], torch.tensor(10.0)) and (b["mask"][last] == 0).all()
+    seven = ok & (step == 7)
+    assert torch.allclose(b["mc_return"][seven], torch.tensor(4.0))  # -1 + 0.5 * 10
+    with pytest.raises(ValueError, match="rewards"):
+        images = np.zeros((3, 4, 4, 3), np.uint8)
+        rb.add_trajectory(images, np.zeros((3, 7)), np.zeros((2, 7)), [0, 0.5], 0)
+    with pytest.raises(ValueError, match="empty"):
+        data.ReplayBuffer(10, 4, gamma=0.9).sample(2)
+
+
+def test_data_action_rescale(tmp_path):
+    low = np.array([-0.05] * 3 + [-0.25] * 3 + [0.0])
+    high = np.array([0.05] * 3 + [0.25] * 3 + [1.0])
+    a = np.array(
+        [[0.0, 0.025, -0.025, 0.1, -0.1, 0.2, 0.5], [0.06, -0.06, 0.05, 0.3, -0.3, 0.25, 1.0]]
+    )
+    s = data.rescale_actions(a, low, high)
+    assert np.allclose(s[0], [0, 0.5, -0.5, 0.4, -0.4, 0.8, 0])
+    assert np.allclose(s[1], [0.99, -0.99] + [0.99] * 2 + [-0.99, 0.99, 0.99])
+    assert np.allclose(data.unscale_actions(s[0], low, high), a[0], atol=1e-7)
+    t = data.rescale_actions(torch.tensor(a, dtype=torch.float32), low, high)
+    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), s)
+    assert np.allclose(data.unscale_actions(t, low, high)[0].numpy(), a[0], atol=1e-7)
+    store, tree = _tree_store(tmp_path, n_traj=3, n_val=0)
+    raw = np.concatenate([t["actions"] for t in tree["k1/task_a"]["train"]])
+    assert np.allclose(store.action_low, raw.min(0)) and np.allclose(store.action_high, raw.max(0))
+    t0 = data.Sampler(store, None, gamma=0.9).trajectory(0)["action"]
+    scaled = data.rescale_actions(raw[:5], store.action_low, store.action_high)
+    assert np.allclose(t0.numpy(), scaled)
+    prior_bounds = data.Sampler(store, None, gamma=0.9, action_low=low, action_high=high)
+    other = prior_bounds.trajectory(0)["action"]
+    assert np.allclose(other.numpy(), data.rescale_actions(raw[:5], low, high))
+
+
+def test_data_sampler_resume_is_exact(tmp_path):
+    store, _ = _tree_store(tmp_path)
+    s = data.Sampler(store, "train", gamma=0.9, seed=3)
+    s.sample(4)
+    state = json.loads(json.dumps(s.state_dict()))  # python ints and strings only
+    first = s.sample(16)
+    s.load_state_dict(state)
+    again = s.sample(16)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_perf_prefetcher_batches_and_resume_are_exact(tmp_path):
+    """The prefetched batches are the sampler's own, bit for bit, and state_dict() is the state
+    after the batches handed out, not after those drawn ahead, so a resume continues with the next
+    batch."""
+    store, _ = _tree_store(tmp_path, n_traj=6, T=7)
+    plain = data.Sampler(store, "train", gamma=0.9, seed=5)
+    want = [plain.sample(4) for _ in range(5)]
+    sampler = data.Sampler(store, "train", gamma=0.9, seed=5)
+    pre = data.Prefetcher(sampler, 4, depth=2)
+    got = [pre.sample(4), pre.sample(4)]
+    state = json.loads(json.dumps(pre.state_dict()))  # python values only, as in a checkpoint
+    for future in list(pre._pending):  # let the thread finish its 2 draws ahead of the loop
+        future.result()
+    assert state != sampler.state_dict()  # the sampler itself is now 2 batches further
+    resumed = data.Prefetcher(data.Sampler(store, "train", gamma=0.9, seed=0), 4)
+    resumed.load_state_dict(state)
+    got += [resumed.sample(4) for _ in range(3)]
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pre.load_state_dict(state)  # again on the prefetcher that has drawn ahead: those are dropped
+    again = pre.sample(4)
+    assert all(torch.equal(again[k], want[2][k]) for k in want[2])
+    with pytest.raises(ValueError, match=r"Prefetcher.sample\(8\): .* draws batches of 4"):
+        pre.sample(8)
+    pre.close()
+    resumed.close()
+
+
+def test_data_bad_input_errors(tmp_path):
+    t = _good_trajectory()
+    del t["actions"]
+    _assert_bad_input(
+        tmp_path, [_good_trajectory(), t], r"trajectory 1: field 'actions': expected a key"
+    )
+    t = _good_trajectory()
+    t["next_observations"] = t["next_observations"][:2]
+    _assert_bad_input(
+        tmp_path,
+        [t],
+        r"trajectory 0: field 'next_observations': expected a list of 3 .* got 2 entries",
+    )
+    t = _good_trajectory()
+    t["observations"][1] = dict(t["observations"][1], images0=np.zeros((8, 9, 3), np.uint8))
+    _assert_bad_input(
+        tmp_path,
+        [t],
+        r"field 'observations\[1\].images0': expected a uint8 image of shape \(8, 8, 3\)",
+    )
+    t = _good_trajectory()
+    t["observations"][0] = dict(t["observations"][0], images0=np.zeros((8, 8, 3), np.float32))
+    _assert_bad_input(
+        tmp_path, [t], r"'observations\[0\].images0': expected a uint8 image .* got float32"
+    )
+    t = _good_trajectory()
+    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.zeros(6))
+    _assert_bad_input(tmp_path, [t], r"'next_observations\[2\].state': expected 7 floats")
+    _assert_bad_input(
+        tmp_path,
+        [_good_trajectory(), _good_trajectory(0)],
+        r"trajectory 1: field 'actions': .* got float64 array of shape \(0, 7\)",
+    )
+    t = _good_trajectory()
+    t["actions"] = [list(a) for a in t["actions"]][:2] + [[0.0] * 6]
+    _assert_bad_input(
+        tmp_path,
+        [t],
+        r"trajectory 0: field 'actions': expected a \(T, 7\) float .* got a ragged list",
+    )
+    t = _good_trajectory()
+    t["observations"][2] = dict(t["observations"][2], state=["up"] * 7)
+    _assert_bad_input(
+        tmp_path,
+        [t],
+        r"'observations\[2\].state': expected 7 floats .* got <U2 array of shape \(7,\)",
+    )
+    t = _good_trajectory()
+    t["observations"][0] = dict(t["observations"][0], state=[[0.0] * 3, [0.0] * 4])
+    _assert_bad_input(
+        tmp_path, [t], r"'observations\[0\].state': expected 7 floats .* got a ragged list"
+    )
+    _assert_bad_input(
+        tmp_path,
+        [dict(_good_trajectory(), terminals=[None] * 3)],
+        r"'terminals': expected 3 numbers, got object array",
+    )
+    _assert_bad_input(
+        tmp_path,
+        [_good_trajectory(), ["not", "a", "dict"]],
+        r"trajectory 1: field '<trajectory>': expected a dict",
+    )
+    _assert_bad_input(
+        tmp_path,
+        np.zeros(3),
+        r"field '<file>': expected a list of trajectory dicts, got float64 array",
+    )
+    _assert_bad_input(
+        tmp_path,
+        [_good_trajectory()],
+        r"field 'observations\[0\].images1': expected .*camera missing",
+        camera="images1",
+    )
+    path = tmp_path / "bad" / "k" / "a" / "train" / "out.npy"
+    _save_npy(str(path), [_good_trajectory(), _good_trajectory()])
+    path.write_bytes(path.read_bytes()[:-500])  # truncated
+    truncated = r"out.npy: field '<file>': expected a complete .* unreadable"
+    with pytest.raises(data.BridgeFormatError, match=truncated):
+        data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None)
+
+
+def test_data_skip_bad_and_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    bad = data.synthetic_trajectory(3, 8, rng)
+    del bad["observations"]
+    ragged = data.synthetic_trajectory(3, 8, rng)
+    words = data.synthetic_trajectory(3, 8, rng)
+    # numpy raises a bare ValueError
+    ragged["actions"] = [list(a) for a in ragged["actions"]][:2] + [[0.0] * 6]
+    words["next_observations"][-1] = dict(words["next_observations"][-1], state=["x"] * 7)
+    first = data.synthetic_trajectory(3, 8, rng)
+    third = data.synthetic_trajectory(4, 8, rng)
+    _save_npy(
+        str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"), [first, bad, third, ragged, words]
+    )
+    logs = []
+    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
+    assert st.num_transitions() == 7 and st.meta["skipped"] == 3 and "skipped 3 bad" in logs[-1]
+    assert "trajectory 3: field 'actions'" in logs[-1]
+    assert "4: field 'next_observations[2].state'" in logs[-1]
+    convert = ["convert", tmp_path / "tree", "--out", tmp_path / "s"]
+    proc = _run_script("data.py", *convert, expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "trajectory 1: field 'observations': expected a key" in proc.stderr
+    proc = _run_script("data.py", *convert, "--skip_bad", expect_ok=False)
+    assert proc.returncode == 0 and "skipped 3 bad" in proc.stdout
+    proc = _run_script("data.py", "info", tmp_path / "s", expect_ok=False)
+    assert proc.returncode == 0
+    assert "2 trajectories, 7 transitions" in proc.stdout and " a" in proc.stdout
+
+
+# ---- non-finite values, damaged stores, one-line failures (issue 14) -----------------------------
+def test_data_non_finite_values_rejected_and_skipped(tmp_path):
+    t = _good_trajectory()
+    t["actions"][1, 4] = np.nan
+    _assert_bad_input(
+        tmp_path,
+        [_good_trajectory(), t],
+        r"trajectory 1: field 'actions': expected finite numbers, got nan at step 1, dimension 4",
+    )
+    t = _good_trajectory()
+    t["observations"][2] = dict(t["observations"][2], state=np.r_[np.inf, np.zeros(6)])
+    _assert_bad_input(
+        tmp_path,
+        [t],
+        r"field 'observations\[2\].state': expected finite numbers, got inf in dimension 0",
+    )
+    t = _good_trajectory()
+    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.r_[np.zeros(6), -np.inf])
+    _assert_bad_input(tmp_path, [t], r"'next_observations\[2\].state': .* got -inf in dimension 6")
+    t = dict(_good_trajectory(), terminals=[0.0, np.nan, 0.0])
+    _assert_bad_input(tmp_path, [t], r"'terminals': .* got nan at step 1")
+    t = _good_trajectory()
+    t["actions"][2, 0] = 1e39  # a float64 that the store's float32 would keep as inf
+    _assert_bad_input(
+        tmp_path, [t], r"'actions': expected finite numbers, got inf at step 2, dimension 0"
+    )
+    # --skip_bad skips them like any other bad trajectory: the action bounds stay finite
+    bad = _good_trajectory(4)
+    bad["actions"][0, 0] = np.nan
+    _save_npy(
+        str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"),
+        [_good_trajectory(), bad, _good_trajectory(2)],
+    )
+    logs = []
+    st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
+    assert st.num_transitions() == 5 and st.meta["skipped"] == 1
+    assert "trajectory 1: field 'actions': expected finite numbers, got nan at step 0" in logs[-1]
+    assert np.isfinite(st.action_low).all() and np.isfinite(st.action_high).all()
+
+
 def test_data_damaged_store_given_is_an_error_with_the_rebuild_command(tmp_path):
-    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0, T=[4, 5])
+    _write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0, T=[4, 5])
     built = tmp_path / "built"
     data.load_store(tmp_path / "tree", store=built, log=lambda *_: None)
-    for case, (file, problem) in _DATA_DAMAGE.items():
+    for case, (file, problem) in _DAMAGE.items():
         store = tmp_path / case.replace(" ", "_")
         match = re.escape(str(store / file)) + ": " + problem  # the message starts with the file
         shutil.copytree(built, store)
-        _data_damage(store, case)
+        _damage_store(store, case)
         rebuild = f"rebuild the store: python data.py convert {tmp_path / 'tree'} --out {store}"
         with pytest.raises(data.StoreError, match=match) as e:
             data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
@@ -674,32 +2218,28 @@ def test_data_damaged_store_given_is_an_error_with_the_rebuild_command(tmp_path)
         # the command it names rebuilds it
         data.main(["convert", str(tmp_path / "tree"), "--out", str(store)])
         assert data.Store(store).num_transitions() == 9, case
-    proc = subprocess.run(
-        [sys.executable, data.__file__, "info", built], capture_output=True, text=True
-    )
+    proc = _run_script("data.py", "info", built, expect_ok=False)
     assert proc.returncode == 0
     # a garbage meta.json was misread as a source tree: "expected at least one out.npy"
-    _data_damage(built, "garbage meta")
-    proc = subprocess.run(
-        [sys.executable, data.__file__, "info", built], capture_output=True, text=True
-    )
+    _damage_store(built, "garbage meta")
+    proc = _run_script("data.py", "info", built, expect_ok=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"data.py: error: {built / 'meta.json'}: unreadable")
 
 
 def test_data_damaged_default_store_is_rebuilt_from_its_sources(tmp_path):
-    _data_write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0, T=[4, 5])
+    _write_tree(tmp_path / "tree", ["k/a"], n_traj=2, n_val=0, T=[4, 5])
     store = data.load_store(tmp_path / "tree", log=lambda *_: None)
     images = np.array(store.images)
-    for case in _DATA_DAMAGE:
-        _data_damage(pathlib.Path(store.path), case)
+    for case in _DAMAGE:
+        _damage_store(pathlib.Path(store.path), case)
         logs = []
         again = data.load_store(tmp_path / "tree", log=logs.append)
         assert again.path == store.path and np.array_equal(again.images, images), case
         notice = logs[0]
         assert notice.startswith(f"store {store.path} is damaged (") and "\n" not in notice
         assert notice.endswith(f"rebuilding it from {tmp_path / 'tree'}")
-        assert f"is damaged ({_DATA_DAMAGE[case][0]}: " in notice, (case, notice)
+        assert f"is damaged ({_DAMAGE[case][0]}: " in notice, (case, notice)
     assert sorted(os.listdir(os.path.dirname(store.path))) == [os.path.basename(store.path)]
 
 
@@ -725,12 +2265,10 @@ def test_data_source_reader_seam(tmp_path, monkeypatch):
 def test_data_one_line_failures_and_nothing_half_written(tmp_path):
     assert issubclass(data.BridgeFormatError, cli.ExpectedError)
     assert issubclass(data.BridgeFormatError, ValueError)
-    _data_write_tree(tmp_path / "tree", ["k/b"], n_traj=2, n_val=0)
+    _write_tree(tmp_path / "tree", ["k/b"], n_traj=2, n_val=0)
     os.makedirs(tmp_path / "tree" / "k" / "a" / "train" / "out.npy")  # a folder, not a file
-    with pytest.raises(
-        data.BridgeFormatError,
-        match=r"a/train/out.npy: field '<file>': expected a file.* got a directory",
-    ):
+    a_folder = r"a/train/out.npy: field '<file>': expected a file.* got a directory"
+    with pytest.raises(data.BridgeFormatError, match=a_folder):
         data.load_store(tmp_path / "tree", log=lambda *_: None)
     logs = []
     st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
@@ -743,11 +2281,7 @@ def test_data_one_line_failures_and_nothing_half_written(tmp_path):
         data.load_store(tmp_path / "tree", store=tmp_path / "mine", skip_bad=True, log=logs.append)
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
     # a missing path and Ctrl-C during a conversion: one line each, no store, no tmp folder
-    proc = subprocess.run(
-        [sys.executable, data.__file__, "convert", tmp_path / "missing"],
-        capture_output=True,
-        text=True,
-    )
+    proc = _run_script("data.py", "convert", tmp_path / "missing", expect_ok=False)
     assert proc.returncode == 2
     assert proc.stderr == f"data.py: error: {tmp_path / 'missing'}: no such file or folder\n"
     interrupt = (
@@ -766,74 +2300,7 @@ def test_data_one_line_failures_and_nothing_half_written(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("s")]
 
 
-# ====================================================================================================
-# rlds.py and lerobot.py: RLDS / TFDS and LeRobot datasets into the store (issue 12)
-# ====================================================================================================
-# mean |error| per pixel (of 255) on the smooth fixture images, after JPEG q95 / video at crf 18
-# (measured: ~1.5 for JPEG, ~1.7 for h264 and AV1)
-JPEG_TOLERANCE = 3.0
-VIDEO_TOLERANCE = 4.0
-# brightness between consecutive frames: a frame read off by one is far outside the tolerances
-FRAME_STEP = 8
-
-
-def _formats_trajectory(T, H, rng, cameras=2, episode=0):
-    """A Bridge trajectory of T actions with smooth images (JPEG and video keep them within the
-    tolerances above) whose brightness tells camera, episode and step apart (FRAME_STEP a step)."""
-    y, x = np.mgrid[0:H, 0:H] / H
-    ramp = np.stack([x, y, (x + y) / 2], -1) * 60
-    obs = []
-    for t in range(T + 1):
-        o = {"state": rng.normal(size=7).astype(np.float32)}
-        for c in range(cameras):
-            level = (20 + 40 * c + 17 * episode + FRAME_STEP * t) % 120
-            o[f"images{c}"] = (ramp + level).astype(np.uint8)
-        obs.append(o)
-    actions = rng.uniform(-1, 1, (T, 7)).astype(np.float32)
-    return {
-        "observations": obs[:-1],
-        "next_observations": obs[1:],
-        "actions": actions,
-        "terminals": np.zeros(T),
-    }
-
-
-def _formats_steps(traj):
-    """What a T-step RLDS / LeRobot episode made from traj holds, as a Bridge trajectory: the T
-    observations and T - 1 actions (the release's final next observation is not stored)."""
-    obs = [{"image": o["images0"], "state": o["state"]} for o in traj["observations"]]
-    return fileio.bridge_trajectory(obs, traj["actions"][:-1])
-
-
-def _formats_rlds(folder, n=5, T=(4, 6, 5), H=16, num_shards=2, split="train", seed=0):
-    rng = np.random.default_rng(seed)
-    episodes = []
-    for k in range(n):
-        traj = _formats_trajectory(T[k % len(T)], H, rng, episode=k)
-        path = f"/data/bridge_data_v2/toykitchen{k % 2}/task_{k % 3}/{k}/{split}/out.npy"
-        episodes.append((traj, path, f"put the {k % 3} in the pot"))
-    rlds.write_bridge_rlds(folder, episodes, num_shards=num_shards, split=split)
-    return episodes
-
-
-def _formats_store_trajectories(st):
-    """(task name, split, frames, states, actions) of every trajectory of a store, in store order."""
-    images, states = np.asarray(st.images), np.asarray(st.states)
-    out = []
-    for k, (start, length) in enumerate(zip(st.traj_start, st.traj_length)):
-        frames = slice(start + k, start + k + length + 1)  # T + 1 frames, see data.py's docstring
-        out.append(
-            (
-                st.task_names[st.traj_task[k]],
-                int(st.traj_split[k]),
-                images[frames],
-                states[frames],
-                np.asarray(st.actions[start : start + length]),
-            )
-        )
-    return out
-
-
+# ---- rlds.py and lerobot.py: RLDS / TFDS and LeRobot datasets into the store (issue 12) ----------
 def test_formats_crc32c_and_example_wire_format():
     assert rlds.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     rng = np.random.default_rng(0)
@@ -849,11 +2316,8 @@ def test_formats_crc32c_and_example_wire_format():
     hand = bytes.fromhex("0a0c0a0a0a016112051a030a0101")
     assert rlds.encode_example({"a": np.array([1])}) == hand
     assert {k: v.tolist() for k, v in rlds.parse_example(hand).items()} == {"a": [1]}
-    got = rlds.parse_example(
-        rlds.encode_example(
-            {"i": np.array([-3, 2**40]), "f": np.array([1.5, -2.0]), "s": [b"xy", b""]}
-        )
-    )
+    features = {"i": np.array([-3, 2**40]), "f": np.array([1.5, -2.0]), "s": [b"xy", b""]}
+    got = rlds.parse_example(rlds.encode_example(features))
     assert got["i"].tolist() == [-3, 2**40] and got["f"].tolist() == [1.5, -2.0]
     assert got["s"] == [b"xy", b""]
     # floats and ints one field per value (wire types 5 and 0), as older writers do
@@ -862,7 +2326,7 @@ def test_formats_crc32c_and_example_wire_format():
 
 
 def test_formats_rlds_round_trip_tasks_and_cameras(tmp_path):
-    episodes = _formats_rlds(tmp_path / "ds", n=5, num_shards=2)
+    episodes = _write_rlds(tmp_path / "ds", n=5, num_shards=2)
     features, cameras = rlds.read_schema(tmp_path / "ds")
     assert cameras == ["steps/observation/image_0", "steps/observation/image_1"]
     shards = rlds.find_shards(tmp_path / "ds")
@@ -879,9 +2343,8 @@ def test_formats_rlds_round_trip_tasks_and_cameras(tmp_path):
         ]
         assert len(read) == len(episodes)  # episode boundaries: one trajectory per record
         for (task, source, traj), (ref, file_path, _) in zip(read, episodes):
-            assert (
-                source == file_path and task == file_path.split("/")[-4]
-            )  # task_k, not the number
+            # task_k, not the number
+            assert source == file_path and task == file_path.split("/")[-4]
             assert len(traj["actions"]) == len(ref["actions"]) - 1
             assert np.array_equal(traj["actions"], ref["actions"][:-1])
             got = np.stack(
@@ -899,28 +2362,32 @@ def test_formats_rlds_round_trip_tasks_and_cameras(tmp_path):
         for _, task, _, _ in rlds.read_shard(path, features, cameras, task_source="instruction")
     ]
     assert by_instruction == [instruction for *_, instruction in episodes]
-    assert rlds.task_from_file_path("/a/bridge/toykitchen2/put_sushi_in_pot/train/out.npy") == (
-        "put_sushi_in_pot"
-    )
+    file_path = "/a/bridge/toykitchen2/put_sushi_in_pot/train/out.npy"
+    assert rlds.task_from_file_path(file_path) == "put_sushi_in_pot"
     with pytest.raises(fileio.FormatError, match=r"features.json: field 'camera': expected one of"):
         next(rlds.read_shard(shards[0][0], features, cameras, "wrist"))
 
 
 def test_formats_rlds_store_equals_numpy_store(tmp_path):
-    """The same episodes as an RLDS folder (train and val shards) and as a numpy tree of out.npy give
-    the same store: tasks, splits, lengths and actions / states exactly, images within JPEG error."""
-    train = _formats_rlds(tmp_path / "ds", n=6, num_shards=2, split="train", seed=1)
-    val = _formats_rlds(tmp_path / "ds", n=2, num_shards=1, split="val", seed=2)
+    """The same episodes as an RLDS folder (train and val shards) and as a numpy tree of out.npy
+    give the same store: tasks, splits, lengths and actions / states exactly, images within JPEG
+    error."""
+    train = _write_rlds(tmp_path / "ds", n=6, num_shards=2, split="train", seed=1)
+    val = _write_rlds(tmp_path / "ds", n=2, num_shards=1, split="val", seed=2)
     for split, episodes in (("train", train), ("val", val)):
         by_file = {}
         for traj, file_path, _ in episodes:
-            by_file.setdefault(file_path.split("/")[-4], []).append(_formats_steps(traj))
+            by_file.setdefault(file_path.split("/")[-4], []).append(_stored_steps(traj))
         for task, trajs in by_file.items():
-            fileio.write_bridge_file(str(tmp_path / "tree" / "k" / task / split / "out.npy"), trajs)
+            path = tmp_path / "tree" / "k" / task / split / "out.npy"
+            fileio.write_bridge_file(str(path), trajs)
     quiet = {"image_size": 8, "log": lambda *_: None}
-    from_rlds = _formats_store_trajectories(data.load_store(tmp_path / "ds", **quiet))
-    from_numpy = _formats_store_trajectories(data.load_store(tmp_path / "tree", **quiet))
-    order = lambda t: (t[0], t[1], t[4][0].tolist())  # noqa: E731  (the stores list files in other orders)
+    from_rlds = _store_trajectories(data.load_store(tmp_path / "ds", **quiet))
+    from_numpy = _store_trajectories(data.load_store(tmp_path / "tree", **quiet))
+
+    def order(t):  # the stores list files in other orders
+        return (t[0], t[1], t[4][0].tolist())
+
     assert len(from_rlds) == len(from_numpy) == 8
     for a, b in zip(sorted(from_rlds, key=order), sorted(from_numpy, key=order)):
         assert a[:2] == b[:2] and a[2].shape == b[2].shape
@@ -929,17 +2396,8 @@ def test_formats_rlds_store_equals_numpy_store(tmp_path):
     assert {t[1] for t in from_rlds} == {0, 1}  # the shards' train / val split is kept
 
 
-def _formats_rewrite_record(shard, index, change):
-    """Rewrite record `index` of a shard: change(features dict) edits the decoded Example."""
-    records = list(rlds.read_tfrecords(shard))
-    features = rlds.parse_example(records[index])
-    change(features)
-    records[index] = rlds.encode_example(features)
-    rlds.write_tfrecords(shard, records)
-
-
 def test_formats_rlds_bad_input_and_skip_bad(tmp_path, capsys):
-    _formats_rlds(tmp_path / "ds", n=6, num_shards=2)
+    _write_rlds(tmp_path / "ds", n=6, num_shards=2)
     shard0, shard1 = (str(p) for p, _ in rlds.find_shards(tmp_path / "ds"))
     store = tmp_path / "store"
 
@@ -948,14 +2406,16 @@ def test_formats_rlds_bad_input_and_skip_bad(tmp_path, capsys):
             data.load_store(tmp_path / "ds", store=store, log=lambda *_: None, **kw)
         assert not os.path.exists(store)  # nothing half-written
 
-    _formats_rewrite_record(shard0, 1, lambda f: f.pop(rlds.STATE_KEY))
+    _rewrite_record(shard0, 1, lambda f: f.pop(rlds.STATE_KEY))
     fails(
         r"00000-of-00002: episode 1: field 'steps/observation/state': expected a feature of every"
     )
-    _formats_rlds(tmp_path / "ds", n=6, num_shards=2)
-    _formats_rewrite_record(
-        shard0, 2, lambda f: f["steps/observation/image_0"].__setitem__(3, b"\xff\xd8 not a jpeg")
-    )
+    _write_rlds(tmp_path / "ds", n=6, num_shards=2)
+
+    def break_image_3(features):
+        features["steps/observation/image_0"][3] = b"\xff\xd8 not a jpeg"
+
+    _rewrite_record(shard0, 2, break_image_3)
     fails(r"episode 2: field 'steps/observation/image_0\[3\]': expected a JPEG or PNG image")
     with open(shard1, "r+b") as f:  # the second shard ends in the middle of its last record
         f.truncate(os.path.getsize(shard1) - 100)
@@ -993,7 +2453,7 @@ def test_formats_lerobot_v21_and_v30_round_trip(tmp_path):
     pytest.importorskip("av")
     rng = np.random.default_rng(0)
     episodes = [
-        (_formats_trajectory(T, 32, rng, episode=k), f"task {k % 2}")
+        (_smooth_trajectory(T, 32, rng, episode=k), f"task {k % 2}")
         for k, T in enumerate((4, 6, 5, 3, 5))
     ]
     for version in ("v2.1", "v3.0"):
@@ -1025,7 +2485,7 @@ def test_formats_lerobot_v21_and_v30_round_trip(tmp_path):
     # cameras of dtype image: PNG bytes in the frame table, read back exactly
     lerobot.write_lerobot(tmp_path / "png", episodes, version="v2.1", video=False)
     st = data.load_store(tmp_path / "png", camera="image_1", log=lambda *_: None)
-    for (ref, _), got in zip(episodes, _formats_store_trajectories(st), strict=True):
+    for (ref, _), got in zip(episodes, _store_trajectories(st), strict=True):
         assert np.array_equal(got[2], [o["images1"] for o in ref["observations"]])
 
 
@@ -1033,16 +2493,10 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
     pytest.importorskip("pyarrow")
     pytest.importorskip("av")
     rng = np.random.default_rng(0)
-    episodes = [(_formats_trajectory(4, 32, rng, episode=k), "wipe") for k in range(3)]
+    episodes = [(_smooth_trajectory(4, 32, rng, episode=k), "wipe") for k in range(3)]
     lerobot.write_lerobot(tmp_path / "le", episodes, version="v2.1")
-    video = (
-        tmp_path
-        / "le"
-        / "videos"
-        / "chunk-000"
-        / "observation.images.image_0"
-        / "episode_000001.mp4"
-    )
+    videos = tmp_path / "le" / "videos" / "chunk-000"
+    video = videos / "observation.images.image_0" / "episode_000001.mp4"
     video.write_bytes(video.read_bytes()[:200])
     with pytest.raises(
         fileio.FormatError, match=r"episode_000001.mp4: episode 1: field '<video>': expected"
@@ -1052,680 +2506,20 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
     assert st.meta["skipped"] == 1 and st.traj_length.tolist() == [3, 3]
     info = tmp_path / "le" / "meta" / "info.json"
     info.write_text(info.read_text().replace('"v2.1"', '"v1.6"'))
-    with pytest.raises(
-        fileio.FormatError,
-        match=r"info.json: field 'codebase_version': expected one of \('v2.0', 'v2.1', 'v3.0'\), got 'v1.6'",
-    ):
+    old_version = (
+        r"info.json: field 'codebase_version': expected one of \('v2.0', 'v2.1', 'v3.0'\), "
+        r"got 'v1.6'"
+    )
+    with pytest.raises(fileio.FormatError, match=old_version):
         data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
     with pytest.raises(lerobot.MissingPackageError, match="needs no_such_package: pip install no_"):
         lerobot._require("no_such_package")
     assert issubclass(lerobot.MissingPackageError, cli.ExpectedError)  # one line from run_cli
 
 
-# ====================================================================================================
-# model.py and cql.py
-# ====================================================================================================
-
-
-def _core_cfg(**kw):
-    base = dict(arch="small", image_size=32, num_tasks=3, hidden=32, embed_dim=32, seed=0)
-    base.update(kw)
-    return AgentConfig(**base)
-
-
-def _core_images(b, size=32, seed=0):
-    return torch.randint(
-        0, 256, (b, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
-    )
-
-
-# ---------------------------------------------------------------------------------------------- model.py
-def test_core_resnet34_structure():
-    enc = model.make_encoder("resnet34", "spatial", "group", 128, 256)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in enc.modules())
-    norms = [m for m in enc.trunk.modules() if isinstance(m, nn.GroupNorm)]
-    assert norms and all(m.num_groups == 4 for m in norms)
-    conv = sum(
-        p.numel() for m in enc.trunk.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()
-    )
-    assert abs(conv - 21.3e6) < 0.1e6, conv  # SPEC section 4: 21.3 M parameters
-    with torch.no_grad():
-        f = enc.trunk(torch.zeros(1, 3, 128, 128))
-        assert f.shape == (1, 512, 16, 16) and enc.feature_shape == (512, 16, 16)
-        z = enc.proj(enc.pool(f))
-    assert z.shape == (1, 256) and z.abs().max() <= 1  # tanh output
-    assert enc.pool.kernel.shape == (
-        512,
-        16,
-        16,
-        8,
-    )  # (C, H, W, K): K = 8 learned spatial maps per channel
-
-
-@pytest.mark.parametrize("arch", ["small", "impala", "resnet18"])
-def test_core_encoders_any_size(arch):
-    for head in model.HEADS:
-        for size in (32, 48):
-            enc = model.make_encoder(arch, head, "group", size, 16)
-            assert enc(_core_images(2, size)).shape == (2, 16)
-    assert any(
-        isinstance(m, nn.BatchNorm2d)
-        for m in model.make_encoder(arch, norm="batch", image_size=32).modules()
-    )
-
-
-def test_core_encoder_errors():
-    with pytest.raises(ValueError, match="model.py: arch='vgg'"):
-        model.make_encoder("vgg")
-    with pytest.raises(ValueError, match="head='max'"):
-        model.make_encoder("small", head="max")
-    with pytest.raises(ValueError, match="norm='layer'"):
-        model.make_encoder("small", norm="layer")
-    with pytest.raises(ValueError, match="image_size=16"):
-        model.make_encoder("small", image_size=16)
-    with pytest.raises(ValueError, match="uint8"):
-        model.make_encoder("small", image_size=32)(torch.zeros(1, 3, 32, 32))
-
-
-def _core_qnet(every_layer):
-    torch.manual_seed(0)
-    return model.QNetwork(
-        model.make_encoder("small", image_size=32, embed_dim=16), 3, 7, 32, 3, every_layer
-    )
-
-
-@pytest.mark.parametrize("every_layer", [True, False])
-def test_core_action_reaches_every_layer(every_layer):
-    q = _core_qnet(every_layer)
-    z, a, t = torch.randn(5, 16), torch.rand(5, 7) * 2 - 1, torch.eye(3)[[0, 1, 2, 0, 1]]
-    q.heads(z, a, t).sum().backward()
-    assert len(q.layers) == 4  # 3 hidden + output
-    for i, layer in enumerate(q.layers):
-        cols = q.action_columns(i)
-        if every_layer or i == 0:
-            assert layer.weight.grad[:, cols].abs().sum(-1).min() > 0, (
-                f"layer {i} gets no action gradient"
-            )
-        else:
-            assert cols is None and layer.weight.shape[1] == 32 + 16  # [hidden, embedding]
-    # cut the action's input path: the action still matters only when it is fed to the later layers
-    with torch.no_grad():
-        q.layers[0].weight[:, q.action_columns(0)] = 0
-    a.requires_grad_(True)
-    (g,) = torch.autograd.grad(q.heads(z, a, t).sum(), a)
-    assert (g.abs().sum() > 0) == every_layer
-
-
-def test_core_qnetwork_shapes_and_detached_heads():
-    q = _core_qnet(True)
-    z, t = torch.randn(4, 16), torch.eye(3)[[0, 1, 2, 0]]
-    a = torch.rand(4, 5, 7) * 2 - 1
-    many = q.heads(z, a, t)
-    assert many.shape == (4, 5, 2)
-    assert torch.allclose(many[:, 3], q.heads(z, a[:, 3], t), atol=1e-6)  # N actions == one by one
-    assert not torch.equal(many[..., 0], many[..., 1])  # 2 independently initialised heads
-    a.requires_grad_(True)
-    q.heads(z, a, t, detach_params=True).sum().backward()
-    assert a.grad.abs().sum() > 0 and all(p.grad is None for p in q.parameters())
-    with pytest.raises(AssertionError, match="task one-hot"):
-        q.heads(z, a, torch.eye(4))
-
-
-@pytest.mark.parametrize("every_layer", [True, False])
-def test_core_factored_heads_equal_the_concatenated_form(every_layer):
-    """The per-state factoring of the Q heads (issue 10, part 5) is the same function with the same
-    gradients, to 1e-5, for the 1 + 2N actions of a CQL update."""
-    q = _core_qnet(every_layer)
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(6, 16, generator=g, requires_grad=True)
-    a = (torch.rand(6, 9, 7, generator=g) * 2 - 1).requires_grad_(True)
-    t = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
-    ours = q.heads(z, a, t)
-    ref = q.heads_concatenated(z, a, t)
-    assert ours.shape == ref.shape == (6, 9, 2)
-    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
-    weights = torch.randn(ref.shape, generator=g)  # a loss that weights every output differently
-    params = [z, a, *q.layers.parameters()]
-    g_ours = torch.autograd.grad((ours * weights).sum(), params)
-    g_ref = torch.autograd.grad((ref * weights).sum(), params)
-    for mine, theirs in zip(g_ours, g_ref):
-        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
-
-
-def test_core_tanh_gaussian_log_prob():
-    g = torch.Generator().manual_seed(0)
-    mean, log_std = torch.randn(64, 7, generator=g) * 0.5, torch.rand(64, 7, generator=g) - 1.0
-    a, logp = model.tanh_gaussian_sample(mean, log_std, generator=g)
-    ref = torch.distributions.TransformedDistribution(
-        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()]
-    )
-    assert torch.allclose(logp, ref.log_prob(a).sum(-1), atol=1e-3)
-    assert torch.allclose(model.tanh_gaussian_log_prob(mean, log_std, a), logp, atol=1e-3)
-    other = model.tanh_gaussian_log_prob(mean, log_std, a.flip(0))
-    assert (other - logp).abs().min() > 0  # depends on the action
-    a4, logp4 = model.tanh_gaussian_sample(mean, log_std, num_samples=4, generator=g)
-    assert a4.shape == (64, 4, 7) and logp4.shape == (64, 4) and a4.abs().max() <= 1
-    u = torch.tensor([[20.0, -20.0, 0.0]])  # stable where 1 - tanh^2 underflows
-    assert torch.allclose(
-        model.tanh_log_det(u), torch.tensor(4 * math.log(2) - 80.0 + 0.0), atol=1e-4
-    )
-
-
-def test_core_policy_log_std_clip_and_deterministic():
-    torch.manual_seed(0)
-    pi = model.TanhGaussianPolicy(
-        model.make_encoder("small", image_size=32, embed_dim=16), 2, 7, 7, 32, 2
-    )
-    with torch.no_grad():
-        pi.net[-1].bias[7:] = 100.0
-    z, s, t = torch.randn(3, 16), torch.randn(3, 7), torch.eye(2)[[0, 1, 1]]
-    mean, log_std = pi.dist(z, s, t)
-    assert torch.all(log_std == model.LOG_STD_MAX)
-    with torch.no_grad():
-        pi.net[-1].bias[7:] = -100.0
-    assert torch.all(pi.dist(z, s, t)[1] == model.LOG_STD_MIN)
-    assert torch.equal(pi.deterministic(z, s, t), torch.tanh(pi.dist(z, s, t)[0]))
-
-
-def _core_policy_mean(pi, z, state, onehot):
-    """The pre-tanh mean of a TanhGaussianPolicy, or a BCPolicy's action."""
-    if isinstance(pi, model.TanhGaussianPolicy):
-        return pi.dist(z, state, onehot)[0]
-    return pi.head(z, state, onehot)
-
-
-def test_core_policies_normalize_the_state_with_the_data_statistics():
-    torch.manual_seed(0)
-    mean = torch.tensor([0.25, 0.0, 0.1, 0.0, 0.0, 0.0, 0.8])
-    std = torch.tensor([0.03, 0.1, 0.05, 0.02, 0.02, 0.5, 0.0])  # the gripper constant here
-    z = torch.randn(3, 16)
-    onehot = torch.eye(2)[[0, 1, 1]]
-    state = mean + std * torch.randn(3, 7)
-    by_hand = (state - mean) / torch.tensor([0.03, 0.1, 0.05, 0.02, 0.02, 0.5, 1e-3])
-    for make in (model.TanhGaussianPolicy, model.BCPolicy):
-        pi = make(model.make_encoder("small", image_size=32, embed_dim=16), 2, 7, 7, 32, 2).eval()
-        unnormalized = pi.net(torch.cat([z, state, onehot], -1))[:, :7]
-        assert torch.equal(_core_policy_mean(pi, z, state, onehot), unnormalized)  # until set
-        pi.state_norm.set_statistics(mean, std)
-        assert pi.state_norm.std[-1] == model.STATE_STD_MIN  # a constant dimension is centred
-        assert torch.allclose(pi.state_norm(state), by_hand)
-        expected = pi.net(torch.cat([z, by_hand, onehot], -1))[:, :7]
-        assert torch.allclose(_core_policy_mean(pi, z, state, onehot), expected, atol=1e-6)
-        assert {"state_norm.mean", "state_norm.std"} <= set(pi.state_dict())
-    with pytest.raises(ValueError, match=r"shape \(6,\) / \(7,\), expected \(7,\) each"):
-        pi.state_norm.set_statistics(mean[:6], std)
-    with pytest.raises(ValueError, match="finite, with std >= 0"):
-        pi.state_norm.set_statistics(mean, -std)
-
-
-# ---------------------------------------------------------------------------------------------- cql.py losses
-def test_core_importance_logsumexp_closed_form():
-    c, log_pi = 3.0, torch.tensor([[-1.0, 0.5, 2.0, -3.0]])
-    q_pi, q_rand = torch.full((1, 4, 2), c), torch.full((1, 4, 2), c)
-    log_rand = cql.uniform_log_density(7)
-    assert log_rand == pytest.approx(7 * math.log(0.5))
-    for temp in (
-        1.0,
-        2.0,
-    ):  # temp * log( sum_j exp((c - l_j) / temp) + N exp((c - 7 log 0.5) / temp) )
-        s = sum(math.exp(-lp / temp) for lp in log_pi[0].tolist()) + 4 * 2 ** (7 / temp)
-        got = cql.importance_logsumexp(q_pi, log_pi, q_rand, log_rand, temp)
-        assert torch.allclose(got, torch.full((1, 2), c + temp * math.log(s)), atol=1e-5)
-
-
-def test_core_penalty_gradients():
-    g = torch.Generator().manual_seed(1)
-    q_data = torch.randn(1, 2, generator=g).requires_grad_(True)
-    q_pi = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
-    q_rand = (torch.randn(1, 4, 2, generator=g) * 3).requires_grad_(True)
-    pen, _ = cql.cql_penalty(
-        q_data, q_pi, torch.randn(1, 4, generator=g), q_rand, cql.uniform_log_density(7), 1.0
-    )
-    assert pen.shape == (2,)
-    pen.sum().backward()
-    sampled = q_pi.grad.sum(1) + q_rand.grad.sum(1)  # per head: softmax weights sum to 1
-    assert torch.allclose(sampled, torch.ones(1, 2), atol=1e-6)
-    assert torch.allclose(q_data.grad, -torch.ones(1, 2))
-    assert q_pi.grad.min() > 0 and q_rand.grad.min() > 0
-
-
-def test_core_calql_bound_zero_gradient_below():
-    q_pi = torch.tensor([[[-30.0, 5.0], [0.0, -40.0]]], requires_grad=True)  # (B=1, N=2, heads=2)
-    mc = torch.tensor([-25.0])
-    log_pi, q_rand = torch.zeros(1, 2), torch.zeros(1, 2, 2)
-    pen, _ = cql.cql_penalty(torch.zeros(1, 2), q_pi, log_pi, q_rand, 0.0, 1.0, mc_return=mc)
-    pen.sum().backward()
-    below = q_pi.detach() < mc
-    assert torch.all(q_pi.grad[below] == 0) and torch.all(q_pi.grad[~below] > 0)
-    clipped = torch.tensor([[[-25.0, 5.0], [0.0, -25.0]]])
-    ref, _ = cql.cql_penalty(torch.zeros(1, 2), clipped, log_pi, q_rand, 0.0, 1.0)
-    assert torch.allclose(pen, ref)
-
-
-def test_core_td_target_hand_values():
-    next_q = torch.tensor(
-        [
-            [[1.0, 2.0], [5.0, 3.0], [0.0, 9.0]],  # min over heads: 1, 3, 0 -> max 3
-            [[4.0, 4.0], [-1.0, 7.0], [2.0, 2.5]],
-        ]
-    )  # 4, -1, 2 -> max 4
-    reward, mask = torch.tensor([-1.0, 10.0]), torch.tensor([1.0, 0.0])
-    assert torch.allclose(
-        cql.td_target(reward, mask, next_q, 0.5), torch.tensor([-1.0 + 1.5, 10.0])
-    )
-    first = cql.td_target(reward, torch.ones(2), next_q, 0.5, max_backup=False)
-    assert torch.allclose(first, torch.tensor([-0.5, 12.0]))
-
-
-def test_core_actor_temperature_bc_losses():
-    q = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])  # min over heads: 1, 0
-    loss, _ = cql.actor_loss(
-        q, torch.tensor([[-2.0, 4.0]]), 0.5
-    )  # mean(0.5 * [-2, 4] - [1, 0]) = 0
-    assert loss.item() == pytest.approx(0.0)
-    log_temp = torch.zeros((), requires_grad=True)
-    loss, info = cql.temperature_loss(
-        log_temp, torch.tensor([[5.0, 7.0]]), -7.0
-    )  # entropy -6, target -7
-    loss.backward()
-    assert (
-        loss.item() == pytest.approx(1.0) and log_temp.grad > 0
-    )  # entropy above target -> temperature goes down
-    pred, act = torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [2.0, 0.0]])
-    assert cql.bc_loss(pred, act)[0].item() == pytest.approx((1 + 1 + 4 + 0) / 4)
-    q_samples = torch.tensor(
-        [[[1.0, 2.0], [-1.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]]
-    )  # min, max over N: 1; 1
-    w = cql.awbc_weights(torch.tensor([[0.0, 1.0], [5.0, 6.0]]), q_samples, 20.0)
-    assert torch.allclose(
-        w, torch.tensor([math.exp(-1.0), 20.0])
-    )  # exp(0 - 1); exp(5 - 1) clipped at 20
-    assert cql.bc_loss(pred, act, w)[0].item() == pytest.approx(
-        (math.exp(-1.0) * 1.0 + 20.0 * 2.0) / 2
-    )
-
-
-def test_core_actor_imitation_warm_up():
-    # by hand: mean(0.5 * [-2, 4]) - mean([-1, -3]) = 0.5 + 2 = 2.5
-    loss, info = cql.actor_imitation_loss(
-        torch.tensor([[-2.0, 4.0]] * 2), torch.tensor([-1.0, -3.0]), 0.5
-    )
-    assert loss.item() == pytest.approx(2.5) and info["entropy"].item() == pytest.approx(-1.0)
-    # bc_steps: the first updates raise the policy's likelihood of the data actions and leave the critic's
-    # gradient out of the actor; afterwards the actor follows Q again
-    cfg = _core_cfg(bc_steps=3, actor_lr=1e-3)
-    agent = Agent(cfg)
-    batch = cql.random_batch(cfg, 8)
-    z = lambda: agent.policy.embed(batch["obs"])
-    onehot = agent._onehot(batch["task"])
-    with torch.no_grad():
-        before = agent.policy.log_prob(z(), batch["state"], onehot, batch["action"]).mean()
-    infos = [agent.update(batch) for _ in range(3)]
-    with torch.no_grad():
-        after = agent.policy.log_prob(z(), batch["state"], onehot, batch["action"]).mean()
-    assert after > before
-    twin = Agent(_core_cfg(bc_steps=3, actor_lr=1e-3))
-    twin_infos = [twin.update(batch) for _ in range(3)]
-    assert all(torch.equal(a["actor_loss"], b["actor_loss"]) for a, b in zip(infos, twin_infos))
-    reference = Agent(_core_cfg(actor_lr=1e-3))  # bc_steps 0: the paper's actor from the first step
-    assert not torch.equal(reference.update(batch)["actor_loss"], infos[0]["actor_loss"])
-    saved = agent.state_dict()
-    still_imitating = Agent.from_state_dict(
-        {**saved, "config": {**saved["config"], "bc_steps": 10}}
-    )
-    never_imitated = Agent.from_state_dict({**saved, "config": {**saved["config"], "bc_steps": 0}})
-    fourth = agent.update(batch)["actor_loss"]  # update 4: the Q-maximising loss again
-    assert torch.equal(fourth, never_imitated.update(batch)["actor_loss"])
-    assert not torch.equal(fourth, still_imitating.update(batch)["actor_loss"])
-
-
-def test_core_tabular_cql_fixed_point():
-    """One state, two actions a0, a1, each once in the data, both looping back to the state (mask 1); the
-    'sampled' actions are the two actions themselves, with density 1/2 (uniform on [-1, 1], action_dim 1).
-    Per head, the gradient of TD + alpha * penalty wrt Q(a) is (Q(a) - y(a)) + alpha (p(a) - 1/2) with
-    p = softmax(Q) and y(a) = r(a) + gamma Q(a0). Choosing r0 - r1 = log 3 + alpha / 2 makes
-    p = (3/4, 1/4) consistent: Q(a0) = (r0 - alpha / 4) / (1 - gamma), Q(a1) = r1 + gamma Q(a0) + alpha / 4."""
-    alpha, gamma, r1 = 2.0, 0.5, 0.0
-    r0 = math.log(3) + alpha / 2
-    cfg = AgentConfig(alpha=alpha, gamma=gamma, action_dim=1, num_actions=2)
-    table = torch.zeros(2, 2, requires_grad=True)  # (heads, actions)
-    with torch.no_grad():
-        table[1] = torch.tensor(
-            [1.0, -1.0]
-        )  # heads start apart; min over heads must not matter at the end
-    batch = {"reward": torch.tensor([r0, r1]), "mask": torch.ones(2), "mc_return": torch.zeros(2)}
-    log_pi = torch.full((2, 2), math.log(0.5))
-    opt = torch.optim.SGD([table], lr=0.5)
-    for _ in range(400):
-        q_sa = table.T[None].expand(2, 2, 2)  # (B, N, heads): every action at the one state
-        loss, _ = cql.critic_loss(
-            table.T, q_sa, log_pi, q_sa, table.detach().T[None].expand(2, 2, 2), batch, cfg
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    q0 = (r0 - alpha / 4) / (1 - gamma)
-    want = torch.tensor([q0, r1 + gamma * q0 + alpha / 4])
-    assert torch.allclose(table.detach(), want.expand(2, 2), atol=1e-4), (table, want)
-    assert torch.softmax(table.detach()[0], 0)[0].item() == pytest.approx(0.75, abs=1e-4)
-
-
-# ---------------------------------------------------------------------------------------------- cql.py agent
-def test_core_update_runs_each_encoder_once():
-    agent = Agent(_core_cfg(algo="awbc"))
-    calls = {}
-    for name, net in agent.nets.items():
-        net.encoder.register_forward_hook(
-            lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1)
-        )
-    info = agent.update(cql.random_batch(agent.cfg, 4))
-    assert calls == {"critic": 1, "target_critic": 1, "policy": 2, "bc_policy": 1}
-    for key in (
-        "critic_loss",
-        "td_loss",
-        "cql_penalty",
-        "q_data",
-        "cql_gap",
-        "actor_loss",
-        "temperature",
-        "alpha",
-        "bc_loss",
-        "grad_norm_critic",
-        "grad_norm_actor",
-        "grad_norm_bc",
-    ):
-        assert info[key].dim() == 0 and not info[key].requires_grad and torch.isfinite(info[key]), (
-            key
-        )
-
-
-def test_core_conservatism_after_training():
-    """One action per state in the data: CQL must rank the data action above random ones."""
-    cfg = _core_cfg(num_tasks=1, critic_lr=1e-3, actor_lr=1e-3)
-    agent = Agent(cfg)
-    g = torch.Generator().manual_seed(3)
-    images = _core_images(4, seed=3).repeat(4, 1, 1, 1)
-    data_actions = (torch.rand(4, 7, generator=g) * 1.6 - 0.8).repeat(4, 1)
-    batch = {
-        "obs": images,
-        "next_obs": images.roll(1, 0),
-        "state": torch.zeros(16, 7),
-        "next_state": torch.zeros(16, 7),
-        "action": data_actions,
-        "reward": torch.full((16,), -1.0),
-        "mask": torch.ones(16),
-        "mc_return": torch.full((16,), -25.0),
-        "task": torch.zeros(16, dtype=torch.int64),
-    }
-    for _ in range(60):
-        agent.update(batch)
-    q_data = agent.q_values(batch).mean(-1)
-    q_rand = torch.stack(
-        [
-            agent.q_values({**batch, "action": torch.rand(16, 7, generator=g) * 2 - 1}).mean(-1)
-            for _ in range(8)
-        ]
-    ).mean(0)
-    assert torch.all(q_data > q_rand), (q_data, q_rand)
-
-
-def test_core_save_load_continue_identical(tmp_path):
-    cfg = _core_cfg()
-    batches = [cql.random_batch(cfg, 6, seed=s) for s in range(4)]
-    a = Agent(cfg)
-    for b in batches[:2]:
-        a.update(b)
-    torch.save(a.state_dict(), tmp_path / "agent.pt")
-    d = torch.load(tmp_path / "agent.pt", weights_only=True)
-    b_agent = Agent(_core_cfg(seed=7))  # different init: everything must come from the file
-    b_agent.load_state_dict(d)
-    x = batches[0]
-    assert torch.equal(a.q_values(x), b_agent.q_values(x))
-    assert torch.equal(
-        a.act(x["obs"], x["state"], x["task"]), b_agent.act(x["obs"], x["state"], x["task"])
-    )
-    for b in batches[2:]:
-        ia, ib = a.update(b), b_agent.update(b)
-        assert all(torch.equal(ia[k], ib[k]) for k in ia)
-    for name, net in a.nets.items():
-        for (k, p), q in zip(net.state_dict().items(), b_agent.nets[name].state_dict().values()):
-            assert torch.equal(p, q), (name, k)
-    assert torch.equal(a.log_temp, b_agent.log_temp) and a.updates == b_agent.updates == 4
-    with pytest.raises(ValueError, match="num_tasks: checkpoint 3, agent 5"):
-        Agent(_core_cfg(num_tasks=5)).load_state_dict(d)
-    with pytest.raises(
-        ValueError, match=r"checkpoint \(algo='cql'\) has no \['bc_policy', 'bc optimizer'\]"
-    ):
-        Agent(_core_cfg(algo="awbc")).load_state_dict(d)
-    aw = Agent(
-        _core_cfg(algo="awbc", seed=7)
-    )  # AW-BC on top of a PTR checkpoint: critic from the file
-    assert aw.load_state_dict(d, strict=False) == ["bc_policy", "bc optimizer"]
-    assert torch.equal(aw.q_values(x), Agent.from_state_dict(d).q_values(x))
-
-
-def test_core_grow_tasks_keeps_old_outputs():
-    cfg = _core_cfg(algo="awbc", num_tasks=2)
-    agent = Agent(cfg)
-    batch = cql.random_batch(cfg, 6)
-    agent.update(batch)
-    q_before = agent.q_values(batch)
-    a_before = agent.act(batch["obs"], batch["state"], batch["task"])
-    mean_before = agent.policy.dist(
-        agent.policy.embed(batch["obs"]), batch["state"], agent._onehot(batch["task"])
-    )[0]
-    agent.grow_tasks(5)
-    assert agent.cfg.num_tasks == 5
-    # zero weights on the new one-hot slots: the same numbers up to float summation order
-    assert torch.allclose(agent.q_values(batch), q_before, rtol=0, atol=1e-6)
-    assert torch.allclose(
-        agent.act(batch["obs"], batch["state"], batch["task"]), a_before, rtol=0, atol=1e-6
-    )
-    with torch.no_grad():
-        z = agent.policy.embed(batch["obs"])
-        mean_after = agent.policy.dist(z, batch["state"], agent._onehot(batch["task"]))[0]
-    assert torch.allclose(mean_after, mean_before.detach(), rtol=0, atol=1e-6)
-    for name, params in agent.params.items():  # Adam state moved to the widened parameters
-        for p in params:
-            st = agent.optimizers[name].state[p]
-            assert st["exp_avg"].shape == st["exp_avg_sq"].shape == p.shape, name
-    w0 = agent.nets["critic"].layers[0].weight  # (heads, [task 5, action, z], hidden)
-    st = agent.optimizers["critic"].state[w0]
-    assert torch.all(st["exp_avg"][:, 2:5] == 0) and st["exp_avg"][:, :2].abs().sum() > 0
-    new = {**batch, "task": torch.tensor([4, 3, 2, 1, 0, 4])}
-    agent.update(new)  # new slots train
-    assert agent.nets["critic"].layers[0].weight[:, 2:5].abs().sum() > 0
-    assert (
-        agent.nets["target_critic"].layers[0].weight.shape
-        == agent.nets["critic"].layers[0].weight.shape
-    )
-    with pytest.raises(ValueError, match="cannot shrink"):
-        agent.grow_tasks(3)
-
-
-def test_core_bc_agent():
-    cfg = _core_cfg(algo="bc", actor_lr=1e-3)
-    agent = Agent(cfg)
-    assert (
-        set(agent.nets) == {"bc_policy"} and agent.nets["bc_policy"].net[2].p == 0.4
-    )  # dropout after ReLU
-    batch = cql.random_batch(cfg, 8)
-    losses = [agent.update(batch)["bc_loss"].item() for _ in range(15)]
-    assert losses[-1] < losses[0]
-    act = agent.act(batch["obs"], batch["state"], batch["task"])
-    assert act.shape == (8, 7) and act.abs().max() <= 1
-    with pytest.raises(ValueError, match="algo='bc'"):
-        agent.q_values(batch)
-    with pytest.raises(ValueError, match="AgentConfig.algo='sac'"):
-        AgentConfig(algo="sac")
-
-
-def test_core_switch_cql_to_awbc():
-    """finetune.py sets cfg.algo = 'awbc' on an agent built from a cql checkpoint: the BC policy appears."""
-    cfg = _core_cfg()
-    agent = Agent(cfg)
-    batch = cql.random_batch(cfg, 6)
-    a_cql = agent.act(batch["obs"], batch["state"], batch["task"])
-    agent.cfg.algo = "awbc"
-    info = agent.update(batch)
-    assert (
-        agent.bc_policy is not None
-        and "awbc_weight" in info
-        and 0 < info["awbc_weight"] <= cfg.awbc_max_weight
-    )
-    a_bc = agent.act(batch["obs"], batch["state"], batch["task"])
-    assert a_bc.shape == a_cql.shape and not torch.allclose(a_bc, a_cql)
-    again = Agent.from_state_dict(agent.state_dict())
-    assert again.cfg.algo == "awbc" and torch.equal(
-        again.act(batch["obs"], batch["state"], batch["task"]), a_bc
-    )
-    bc = Agent(_core_cfg(algo="bc"))
-    bc.cfg.algo = "cql"
-    with pytest.raises(ValueError, match="algo='cql' needs a critic"):
-        bc.update(batch)
-
-
-def test_core_state_statistics_travel_with_checkpoints_and_old_ones_load_as_identity():
-    cfg = _core_cfg()
-    agent = Agent(cfg)
-    mean = torch.linspace(-1.0, 1.0, 7)
-    std = torch.linspace(0.1, 0.7, 7)
-    agent.set_state_statistics(mean, std)
-    saved = agent.state_dict()
-    again = Agent.from_state_dict(saved)
-    assert torch.equal(again.policy.state_norm.mean, mean)
-    assert torch.equal(again.policy.state_norm.std, std)
-    agent.cfg.algo = "awbc"  # the BC policy created later sees the state as the policy does
-    agent.update(cql.random_batch(cfg, 4))
-    assert torch.equal(agent.bc_policy.state_norm.mean, mean)
-    # a checkpoint written before the normalizer existed: identity, so its policy acts as it did
-    old = copy.deepcopy(saved)
-    for net in old["nets"].values():
-        net.pop("state_norm.mean", None)
-        net.pop("state_norm.std", None)
-    legacy = Agent.from_state_dict(old)
-    assert torch.equal(legacy.policy.state_norm.mean, torch.zeros(7))
-    assert torch.equal(legacy.policy.state_norm.std, torch.ones(7))
-    x = cql.random_batch(cfg, 4, seed=1)
-    unnormalized = Agent.from_state_dict(saved)
-    unnormalized.set_state_statistics(torch.zeros(7), torch.ones(7))
-    assert torch.equal(
-        legacy.act(x["obs"], x["state"], x["task"]),
-        unnormalized.act(x["obs"], x["state"], x["task"]),
-    )
-    assert not torch.equal(
-        again.act(x["obs"], x["state"], x["task"]), legacy.act(x["obs"], x["state"], x["task"])
-    )
-
-
-def test_core_spatial_embedding_by_hand():
-    """Figure 2: each channel's map times K learned (H, W) maps, summed over H, W; output index c * K + k."""
-    emb = model.SpatialEmbedding(2, 2, 3, 2)
-    f = torch.arange(12.0).reshape(1, 2, 2, 3)
-    with torch.no_grad():
-        emb.kernel.copy_(torch.arange(24.0).reshape(2, 2, 3, 2) / 10)
-    kernel = emb.kernel.detach()
-    want = [
-        sum(float(f[0, c, h, w] * kernel[c, h, w, k]) for h in range(2) for w in range(3))
-        for c in range(2)
-        for k in range(2)
-    ]
-    assert torch.allclose(emb(f)[0], torch.tensor(want))
-
-
-def test_core_optimizer_state_takes_the_parameters_layout_on_load():
-    """A GPU checkpoint holds channels_last Adam moments; loading it elsewhere must give the parameter's layout."""
-    cfg = _core_cfg()
-    a = Agent(cfg)
-    batch = cql.random_batch(cfg, 4)
-    a.update(batch)
-    sd = copy.deepcopy(
-        a.state_dict()
-    )  # as torch.load gives it: no tensor shared with a's live optimizer
-    for st in sd["optimizers"]["critic"]["state"].values():
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() == 4:
-                st[k] = v.contiguous(memory_format=torch.channels_last)
-    b, c = Agent(cfg), Agent(cfg)
-    b.load_state_dict(sd)
-    c.load_state_dict(copy.deepcopy(a.state_dict()))
-    for opt in b.optimizers.values():
-        for p, st in opt.state.items():
-            assert all(
-                v.stride() == p.stride()
-                for v in st.values()
-                if torch.is_tensor(v) and v.shape == p.shape
-            )
-    b.update(batch), c.update(batch)
-    for (name, x), (_, y) in zip(b.critic.named_parameters(), c.critic.named_parameters()):
-        assert torch.allclose(x, y, atol=1e-6), name
-
-
-# ====================================================================================================
-# train.py, finetune.py, select_ckpt.py
-# ====================================================================================================
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = [
-    "--arch",
-    "small",
-    "--image_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--log_every",
-    "1",
-    "--device",
-    "cpu",
-]
-
-
-def _pipe_run(script, *args, expect_ok=True):
-    """Run one of the CLIs as a user would, with one thread so parallel tests do not fight for the cores."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def pipe_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    prior, target = root / "prior", root / "target"
-    _data_write_tree(prior, ["k1/pick_a", "k1/pick_b", "k2/open_door"], n_traj=4, T=8, H=40)
-    _data_write_tree(target, ["sort_ab"], n_traj=4, T=10, H=40)
-    return root, prior, target
-
-
-@pytest.fixture(scope="module")
-def pipe_pretrained(pipe_data):
-    root, prior, _ = pipe_data
-    out = root / "pre"
-    train.main(
-        [
-            "--data",
-            str(prior),
-            "--out",
-            str(out),
-            "--steps",
-            "4",
-            "--save_every",
-            "2",
-            "--extra_tasks",
-            "1",
-            "--seed",
-            "3",
-            *TINY,
-        ]
-    )
-    return out
+# ==================================================================================================
+# train.py
+# ==================================================================================================
 
 
 def test_pipeline_pretrain_writes_run_folder(pipe_pretrained):
@@ -1735,23 +2529,16 @@ def test_pipeline_pretrain_writes_run_folder(pipe_pretrained):
     assert config["arch"] == "small" and config["num_tasks"] == 4 and config["image_size"] == 32
     assert len(config["task_names"]) == 4 and config["task_names"][3] == "<reserved 0>"
     rows = (out / "progress.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,time,steps_per_s") and [r.split(",")[0] for r in rows[1:]] == [
-        "1",
-        "2",
-        "3",
-        "4",
-    ]
+    steps = [r.split(",")[0] for r in rows[1:]]
+    assert rows[0].startswith("step,time,steps_per_s") and steps == ["1", "2", "3", "4"]
     ckpt = train.load_checkpoint(str(out / "ckpt_00000004.pt"))
-    assert (
-        ckpt["step"] == 4
-        and train.ckpt_config(ckpt)["num_tasks"] == 4
-        and len(ckpt["action_low"]) == 7
-    )
+    assert ckpt["step"] == 4 and train.ckpt_config(ckpt)["num_tasks"] == 4
+    assert len(ckpt["action_low"]) == 7
 
 
 def test_pipeline_policy_state_statistics_are_the_train_split_s(pipe_data, pipe_pretrained):
-    """train.py normalizes the policy's state with the mean / std over every frame of the prior data's
-    train trajectories (the val split left out), computed here from the source files."""
+    """train.py normalizes the policy's state with the mean / std over every frame of the prior
+    data's train trajectories (the val split left out), computed here from the source files."""
     _, prior, _ = pipe_data
     states = []
     for path in sorted(prior.glob("*/*/train/out.npy")):
@@ -1766,252 +2553,103 @@ def test_pipeline_policy_state_statistics_are_the_train_split_s(pipe_data, pipe_
     np.testing.assert_allclose(norm["state_norm.std"].numpy(), states.std(0), rtol=1e-5)
 
 
-def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretrained):
-    root, prior, target = pipe_data
-    ckpt = pipe_pretrained / "ckpt_00000004.pt"
-    ft_new = root / "ft_new"
-    _pipe_run(
-        "finetune.py",
-        "--ckpt",
-        ckpt,
-        "--prior",
-        prior,
-        "--target",
-        target,
-        "--task",
-        "new",
-        "--steps",
-        "4",
-        "--save_every",
-        "2",
-        "--out",
-        ft_new,
-        *TINY[2:],
-    )
-    new = train.load_checkpoint(str(ft_new / "ckpt_00000004.pt"))
-    # the target takes the slot reserved at pre-training: the one-hot size does not change
-    assert new["task_names"][3] == "sort_ab" and new["target_task_ids"] == [3]
-    assert train.ckpt_config(new)["num_tasks"] == 4 and new["kind"] == "finetune"
-    traces = json.loads((ft_new / "qvalues_00000002.json").read_text())
-    n_val = len(traces["trajectories"])
-    assert n_val >= 1 and len(traces["trajectories"][0]["q"]) == 2
-    assert len(traces["trajectories"][0]["q"][0]) == len(traces["trajectories"][0]["mc_return"])
-
-    ft_re = root / "ft_retarget"
-    _pipe_run(
-        "finetune.py",
-        "--ckpt",
-        ckpt,
-        "--prior",
-        prior,
-        "--target",
-        target,
-        "--task",
-        "pick_b",
-        "--steps",
-        "2",
-        "--save_every",
-        "2",
-        "--out",
-        ft_re,
-        *TINY[2:],
-    )
-    re = train.load_checkpoint(str(ft_re / "ckpt_00000002.pt"))
-    assert re["target_task_ids"] == [2] and re["task_names"] == new["task_names"][:3] + [
-        "<reserved 0>"
-    ]
-
-    proc = _pipe_run("select_ckpt.py", ft_new)
-    chosen = proc.stdout.strip().splitlines()[-1]
-    selection = json.loads((ft_new / "selection.json").read_text())
-    assert chosen == selection["chosen"] and os.path.exists(chosen)
-    assert sorted(r["step"] for r in selection["ranking"]) == [2, 4]
-    assert (ft_new / "qvalues.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_pipeline_finetune_grows_one_hot_without_reserved_slot(pipe_data, tmp_path):
-    root, prior, target = pipe_data
-    pre = tmp_path / "pre"
-    train.main(
-        ["--data", str(prior), "--out", str(pre), "--steps", "1", "--save_every", "1", *TINY]
-    )
-    out = tmp_path / "ft"
-    finetune.main(
-        [
-            "--ckpt",
-            str(pre / "ckpt_00000001.pt"),
-            "--prior",
-            str(prior),
-            "--target",
-            str(target),
-            "--steps",
-            "1",
-            "--save_every",
-            "1",
-            "--out",
-            str(out),
-            *TINY[2:],
-        ]
-    )
-    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
-    assert train.ckpt_config(ckpt)["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
-
-
-def _pipe_weights(path):
-    return {k: v for k, v in train.load_checkpoint(str(path))["agent"].items()}
-
-
-def _pipe_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_pipe_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_pipe_equal(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def test_pipeline_resume_equals_uninterrupted(pipe_data, tmp_path):
     _, prior, _ = pipe_data
     common = ["--data", str(prior), "--save_every", "3", *TINY]
     train.main([*common, "--out", str(tmp_path / "whole"), "--steps", "6"])
     train.main([*common, "--out", str(tmp_path / "split"), "--steps", "3"])
     train.main([*common, "--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
-    a, b = (
-        _pipe_weights(tmp_path / "whole" / "ckpt_00000006.pt"),
-        _pipe_weights(tmp_path / "split" / "ckpt_00000006.pt"),
-    )
-    assert _pipe_equal(a, b)
+    a = _ckpt_agent(tmp_path / "whole" / "ckpt_00000006.pt")
+    b = _ckpt_agent(tmp_path / "split" / "ckpt_00000006.pt")
+    assert _deep_equal(a, b)
     # and the weights did move, so equality is not trivially true
-    assert not _pipe_equal(_pipe_weights(tmp_path / "whole" / "ckpt_00000003.pt"), a)
+    assert not _deep_equal(_ckpt_agent(tmp_path / "whole" / "ckpt_00000003.pt"), a)
     rows = (tmp_path / "split" / "progress.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_perf_train_prefetch_and_compile_resume_like_a_plain_run(pipe_data, tmp_path, monkeypatch):
+    """train.py --prefetch --compile: the same data stream as a plain run, checkpoint for
+    checkpoint, and weights within float reassociation of it (compile patched to aot_eager, see
+    test_perf_compiled_update_equals_eager)."""
+    _, prior, _ = pipe_data
+    modes = []
+    original = Agent.compile
+
+    def compile_aot_eager(agent, mode):
+        modes.append(mode)
+        original(agent, mode, backend="aot_eager")
+
+    monkeypatch.setattr(Agent, "compile", compile_aot_eager)
+    common = ["--data", str(prior), "--save_every", "2", *TINY]
+    train.main([*common, "--out", str(tmp_path / "plain"), "--steps", "4"])
+    split = ["--out", str(tmp_path / "split"), "--prefetch"]
+    train.main([*common, *split, "--steps", "2"])
+    train.main([*common, *split, "--steps", "4", "--resume", "--compile"])
+    assert modes == ["default"]
+    for step in (2, 4):
+        name = train.CKPT_PATTERN.format(step)
+        a = train.load_checkpoint(str(tmp_path / "plain" / name))
+        b = train.load_checkpoint(str(tmp_path / "split" / name))
+        assert _deep_equal(a["sampler"], b["sampler"]) and _deep_equal(a["rng"], b["rng"])
+        for net, weights in a["agent"]["nets"].items():
+            for k, x in weights.items():
+                y = b["agent"]["nets"][net][k]
+                assert torch.equal(x, y) if step == 2 else torch.allclose(x, y, atol=1e-5), (net, k)
 
 
 def test_pipeline_torchrun_two_processes_gloo(pipe_data, tmp_path):
     _, prior, _ = pipe_data
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for attempt in range(2):
         out = tmp_path / f"ddp{attempt}"
+        args = ["--data", str(prior), "--out", str(out), "--steps", "2", "--save_every", "2"]
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                os.path.join(HERE, "train.py"),
-                "--data",
-                str(prior),
-                "--out",
-                str(out),
-                "--steps",
-                "2",
-                "--save_every",
-                "2",
-                *TINY,
-            ],
+            [*torchrun, os.path.join(HERE, "train.py"), *args, *TINY],
             capture_output=True,
             text=True,
             env=env,
             timeout=120,
         )
-        # Rarely (seen 2 in ~20 runs of a loaded 2-core machine) a rank aborts in gloo's C++ teardown after the
-        # run has finished ("terminate called without an active exception"): one more try for that case only.
-        if (
-            proc.returncode == 0
-            or "terminate called without an active exception" not in proc.stderr
-        ):
+        # Rarely (seen 2 in ~20 runs of a loaded 2-core machine) a rank aborts in gloo's C++
+        # teardown after the run has finished ("terminate called without an active exception"):
+        # one more try for that case only.
+        teardown = "terminate called without an active exception"
+        if proc.returncode == 0 or teardown not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [s for s, _ in train.list_checkpoints(out)] == [2]
-    # every rank's random streams are kept (an exact torchrun resume), and they differ: data parallel
+    # every rank's random streams are kept (an exact torchrun resume), and they differ: data
+    # parallel
     states = train.load_checkpoint(str(out / "ckpt_00000002.pt"))["rank_states"]
     assert len(states) == 2 and states[0]["sampler"] != states[1]["sampler"]
 
 
-def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrained, tmp_path):
-    root, prior, target = pipe_data
-    ckpt = pipe_pretrained / "ckpt_00000002.pt"
-    base = [
-        "--prior",
-        str(prior),
-        "--target",
-        str(target),
-        "--steps",
-        "1",
-        "--out",
-        str(tmp_path / "ft"),
-        *TINY[2:],
-    ]
-    with pytest.raises(train.CheckpointError, match="no such checkpoint"):
-        finetune.main(["--ckpt", str(tmp_path / "missing.pt"), *base])
-    cut = tmp_path / "cut.pt"
-    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    with pytest.raises(train.CheckpointError, match="truncated"):
-        finetune.main(["--ckpt", str(cut), *base])
-    with pytest.raises(train.CheckpointError, match="image_size=32 but --image_size is 48"):
-        finetune.main(
-            [
-                "--ckpt",
-                str(ckpt),
-                *base[: -len(TINY[2:])],
-                "--image_size",
-                "48",
-                "--batch_size",
-                "8",
-            ]
-        )
-    native = data.load_store(
-        prior, log=lambda *_: None
-    ).path  # a built store of the 40x40 source images
-    with pytest.raises(SystemExit, match="a store of 40x40 images, but 32x32 are needed"):
-        finetune.main(
-            [
-                "--ckpt",
-                str(ckpt),
-                "--prior",
-                native,
-                "--target",
-                str(target),
-                "--steps",
-                "1",
-                "--out",
-                str(tmp_path / "ft3"),
-                *TINY[2:],
-            ]
-        )
-    empty = tmp_path / "empty_task"
-    empty.mkdir()
-    proc = _pipe_run(
-        "finetune.py",
-        "--ckpt",
-        ckpt,
-        "--prior",
-        prior,
-        "--target",
-        empty,
-        "--out",
-        tmp_path / "ft2",
-        *TINY[2:],
-        expect_ok=False,
-    )
-    assert proc.returncode != 0 and str(empty) in proc.stderr and "Traceback" not in proc.stderr
-    # resuming with another architecture or task count is refused, and the run's files stay as they were
-    before = {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
-    args = ["--data", str(prior), "--out", str(pipe_pretrained), "--steps", "6", "--resume", *TINY]
-    with pytest.raises(train.CheckpointError, match="arch='small' but this run uses arch='impala'"):
-        train.main([*args, "--arch", "impala"])
-    with pytest.raises(train.CheckpointError, match="num_tasks=4 but this run uses num_tasks=5"):
-        train.main([*args, "--extra_tasks", "2"])
-    with pytest.raises(SystemExit, match="already holds checkpoints"):
-        train.main([*args[: -len(TINY) - 1], *TINY])
-    assert before == {
-        p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"
-    }
+def test_pipeline_joint_training_records_the_target_slot(pipe_data, tmp_path):
+    """A joint run (COG, BC joint: train.py --target) says which one-hot slot is the target, so
+    that online.py evaluates the target task by default, as it does for a fine-tuned checkpoint."""
+    _, prior, target = pipe_data
+    out = tmp_path / "joint"
+    args = ["--data", str(prior), "--target", str(target), "--out", str(out), "--steps", "1"]
+    train.main([*args, "--save_every", "1", "--algo", "bc", *TINY])
+    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
+    assert ckpt["task_names"][ckpt["target_task_ids"][0]] == "sort_ab"
+    policy = online.load_policy(str(out / "ckpt_00000001.pt"), "cpu")
+    assert policy.task_name == "sort_ab"
 
 
+def test_pipeline_progress_line_hides_nan_losses_and_never_reads_160_of_100(tmp_path, capsys):
+    log = train.RunLog(str(tmp_path), 100, 0)
+    log.log(0, {"critic_loss": float("nan"), "eval_success": 0.0})  # a row before any update
+    log.log(160, {"critic_loss": 2.5, "eval_success": 0.0})  # the last trajectory ran past 100
+    first, last = capsys.readouterr().out.splitlines()
+    assert first.startswith("step 0/100 |") and "nan" not in first
+    assert last.startswith("step 160 (done, 100 requested) |") and "critic_loss 2.5" in last
+
+
+# ---- faults: NaN, Ctrl-C, SIGTERM, a busy or full run folder (issue 14) --------------------------
 def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(
     pipe_data, tmp_path, monkeypatch
 ):
@@ -2037,7 +2675,8 @@ def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(
 
 def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_path, monkeypatch):
     _, prior, _ = pipe_data
-    real_update, calls = train.Agent.update, []
+    real_update = train.Agent.update
+    calls = []
 
     def update(self, batch):
         calls.append(1)
@@ -2046,17 +2685,8 @@ def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_
         return real_update(self, batch)
 
     monkeypatch.setattr(train.Agent, "update", update)
-    args = [
-        "--data",
-        str(prior),
-        "--out",
-        str(tmp_path / "run"),
-        "--steps",
-        "4",
-        "--save_every",
-        "10",
-        *TINY,
-    ]
+    run = tmp_path / "run"
+    args = ["--data", str(prior), "--out", str(run), "--steps", "4", "--save_every", "10", *TINY]
     with pytest.raises(SystemExit) as e:
         train.main(args)
     assert e.value.code == 130 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2]
@@ -2065,283 +2695,10 @@ def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_
     assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2, 4]
 
 
-def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_path):
-    _, prior, target = pipe_data
-    for seed in ("0", "1"):
-        train.main(
-            [
-                "--data",
-                str(prior),
-                "--out",
-                str(tmp_path / f"s{seed}"),
-                "--steps",
-                "1",
-                "--save_every",
-                "1",
-                "--seed",
-                seed,
-                *TINY,
-            ]
-        )
-    w0, w1 = (
-        train.load_checkpoint(str(tmp_path / f"s{s}" / "ckpt_00000001.pt"))["agent"]["nets"][
-            "critic"
-        ]
-        for s in "01"
-    )
-    assert not all(torch.equal(w0[k], w1[k]) for k in w0)  # --seed changes the initial weights too
-    train.main(
-        [
-            "--data",
-            str(prior),
-            "--out",
-            str(tmp_path / "bc"),
-            "--steps",
-            "1",
-            "--save_every",
-            "1",
-            "--algo",
-            "bc",
-            *TINY,
-        ]
-    )
-    finetune.main(
-        [
-            "--ckpt",
-            str(tmp_path / "bc" / "ckpt_00000001.pt"),
-            "--prior",
-            str(prior),
-            "--target",
-            str(target),
-            "--steps",
-            "2",
-            "--save_every",
-            "1",
-            "--out",
-            str(tmp_path / "bc_ft"),
-            *TINY[2:],
-        ]
-    )
-    assert [s for s, _ in train.list_checkpoints(tmp_path / "bc_ft")] == [1, 2]
-    assert not list(
-        (tmp_path / "bc_ft").glob("qvalues_*.json")
-    )  # a BC learner has no Q-values to trace
-
-
-def test_pipeline_joint_training_records_the_target_slot(pipe_data, tmp_path):
-    """A joint run (COG, BC joint: train.py --target) says which one-hot slot is the target, so that
-    online.py evaluates the target task by default, as it does for a fine-tuned checkpoint."""
-    _, prior, target = pipe_data
-    out = tmp_path / "joint"
-    args = ["--data", str(prior), "--target", str(target), "--out", str(out), "--steps", "1"]
-    train.main([*args, "--save_every", "1", "--algo", "bc", *TINY])
-    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
-    assert ckpt["task_names"][ckpt["target_task_ids"][0]] == "sort_ab"
-    policy = online.load_policy(str(out / "ckpt_00000001.pt"), "cpu")
-    assert policy.task_name == "sort_ab"
-
-
-def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
-    assert select_ckpt.spearman([0, 1, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
-    assert np.allclose(select_ckpt.rankdata([3, 1, 3, 2]), [2.5, 0, 2.5, 1])
-    g = np.array([-3.0, -2.0, 0.0, 10.0])
-    assert select_ckpt.trajectory_score([1, 2, 3, 4], g) == pytest.approx((1 * 3 / 13, 1.0, 3 / 13))
-    assert select_ckpt.trajectory_score(g, g)[0] == pytest.approx(1.0)
-    assert select_ckpt.trajectory_score(g[::-1], g)[0] == pytest.approx(-1.0)
-    curves = {10: g * 0.9, 20: g * 0.01, 30: g[::-1]}  # good, flat (over-trained), falling
-    for step, q in curves.items():
-        (tmp_path / train.CKPT_PATTERN.format(step)).write_bytes(b"")
-        doc = {
-            "step": step,
-            "task": 0,
-            "trajectories": [
-                {
-                    "q": [q.tolist(), (q + 1).tolist()],
-                    "mc_return": g.tolist(),
-                    "reward": [0, 0, 1, 1],
-                }
-            ],
-        }
-        (tmp_path / finetune.QTRACE_PATTERN.format(step)).write_text(json.dumps(doc))
-    rows, _ = select_ckpt.rank(str(tmp_path))
-    assert [r["step"] for r in rows] == [10, 20, 30]
-    (tmp_path / finetune.QTRACE_PATTERN.format(10)).write_text("{}")
-    with pytest.raises(SystemExit, match="not a Q-value trace file"):
-        select_ckpt.rank(str(tmp_path))
-    (tmp_path / "empty_run").mkdir()
-    with pytest.raises(SystemExit, match="no checkpoint with Q-value traces"):
-        select_ckpt.rank(str(tmp_path / "empty_run"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# train.py, finetune.py, select_ckpt.py: no silent wrong answers (issue 14)
-# ---------------------------------------------------------------------------------------------------
-def _pipe_dead_pid():
-    """The pid of an ended (reaped) process: what a kill -9 leaves in a lock or tmp name."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def _pipe_trace(step, q, g):
-    return {
-        "step": step,
-        "task": 0,
-        "trajectories": [
-            {"traj_id": 5, "q": [list(q), [v + 1 for v in q]], "mc_return": list(g), "reward": []}
-        ],
-    }
-
-
-def test_select_ckpt_never_chooses_a_non_finite_trace(tmp_path, capsys):
-    g = [-3.0, -2.0, 0.0, 10.0]
-    traces = {
-        3: [-2.7, -1.8, 0.0, 9.0],  # rising, spread 11.7 of 13: score 0.9
-        6: [-2.7, float("nan"), 0.0, 9.0],  # today: nan flatness -> 1.0, tied with step 3
-        9: [float("nan")] * 4,  # today: all-NaN scores 1.000 and ranks first
-    }
-    for step, q in traces.items():
-        (tmp_path / train.CKPT_PATTERN.format(step)).write_bytes(b"")
-        (tmp_path / finetune.QTRACE_PATTERN.format(step)).write_text(
-            json.dumps(_pipe_trace(step, q, g))
-        )
-    rows, _ = select_ckpt.rank(str(tmp_path))
-    assert [(r["step"], r["score"]) for r in rows] == [
-        (3, pytest.approx(0.9)),
-        (6, None),
-        (9, None),
-    ]
-    assert rows[1]["rejected"] == "q of held-out trajectory 5 holds nan"
-    select_ckpt.main([str(tmp_path)])
-    out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1].endswith("ckpt_00000003.pt")
-    assert "rejected, never chosen: q of held-out trajectory 5 holds nan" in out
-    assert json.loads((tmp_path / "selection.json").read_text())["step"] == 3
-    for step in (3, 6):
-        (tmp_path / finetune.QTRACE_PATTERN.format(step)).unlink()
-    with pytest.raises(SystemExit, match="no checkpoint has finite Q-value traces.*step 9: q of"):
-        select_ckpt.rank(str(tmp_path))
-
-
-def test_finetune_warns_when_it_writes_non_finite_q_values(tmp_path, capsys):
-    class Agent:  # Q(s_t, a_t) of 2 heads along a 3-step trajectory, one of them NaN
-        device = "cpu"
-
-        def q_values(self, batch):
-            return torch.tensor([[1.0, 1.0], [2.0, float("nan")], [3.0, 3.0]])
-
-    class Sampler:
-        def trajectory(self, tid):
-            return {"reward": torch.zeros(3), "mc_return": torch.zeros(3), "obs": torch.zeros(3)}
-
-    finetune.write_q_traces(Agent(), Sampler(), [4], 10, str(tmp_path), task=0)
-    err = capsys.readouterr().err
-    assert (
-        "warning: step 10: Q-values of held-out trajectory 4 are not finite (head 1, time step 1)"
-        in err
-    )
-    doc = json.loads((tmp_path / finetune.QTRACE_PATTERN.format(10)).read_text())
-    assert math.isnan(doc["trajectories"][0]["q"][1][1])
-
-
-def test_pipeline_a_second_run_on_the_same_out_stops(pipe_data, tmp_path):
-    _, prior, _ = pipe_data
-    out = tmp_path / "run"
-    out.mkdir()
-    args = ["--data", str(prior), "--out", str(out), "--steps", "1", "--save_every", "1", *TINY]
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / "run.lock").write_text(f"{other.pid}\n")
-        with pytest.raises(train.RunFolderBusy, match=f"in use by another run \\(pid {other.pid}"):
-            train.main(args)
-        assert not train.list_checkpoints(out)
-    finally:
-        other.kill()
-        other.wait()
-    train.main(args)  # the owner died: its lock is stale and taken over, then released at the end
-    assert [s for s, _ in train.list_checkpoints(out)] == [1] and not (out / "run.lock").exists()
-    assert issubclass(train.RunFolderBusy, cli.ExpectedError)
-
-
-def test_pipeline_failed_saves_leave_no_temporary_files(pipe_data, tmp_path, monkeypatch):
-    _, prior, _ = pipe_data
-    out = tmp_path / "run"
-    out.mkdir()
-    stale = out / f"ckpt_00000002.pt.tmp-{_pipe_dead_pid()}"  # a save killed by kill -9
-    stale.write_bytes(b"partial")
-    real_save = torch.save
-
-    def disk_full(obj, f):
-        real_save(obj, f)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    args = ["--data", str(prior), "--out", str(out), "--steps", "2", "--save_every", "1", *TINY]
-    with pytest.raises(OSError, match="No space left"):
-        train.main(args)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "progress.csv"]
-
-
-def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path):
-    assert runfolder.steps_to_delete([1, 2, 3, 4, 5], 2, [1]) == [2, 3]
-    assert runfolder.steps_to_delete([1, 2, 3], 0) == []  # 0 keeps everything
-    _, prior, _ = pipe_data
-    out = tmp_path / "run"
-    common = ["--data", str(prior), "--out", str(out), "--save_every", "1", *TINY]
-    train.main([*common, "--steps", "5", "--keep_last", "2", "--keep_steps", "2"])
-    assert [s for s, _ in train.list_checkpoints(out)] == [2, 4, 5]
-    # the phases' defaults: pre-training keeps its newest 5, fine-tuning all (select_ckpt.py needs them)
-    assert train.PRETRAIN_KEEP_LAST == 5 and finetune.FINETUNE_KEEP_LAST == 0
-
-
-def test_pipeline_finetune_resume_writes_missing_q_traces(pipe_data, pipe_pretrained, tmp_path):
-    _, prior, target = pipe_data
-    out = tmp_path / "ft"
-    args = [
-        "--ckpt",
-        str(pipe_pretrained / "ckpt_00000004.pt"),
-        "--prior",
-        str(prior),
-        "--target",
-        str(target),
-        "--steps",
-        "4",
-        "--save_every",
-        "2",
-        "--out",
-        str(out),
-        *TINY[2:],
-    ]
-    finetune.main(args)
-    trace = out / finetune.QTRACE_PATTERN.format(4)
-    written = json.loads(trace.read_text())
-    trace.unlink()  # killed between the checkpoint's rename and its trace
-    finetune.main([*args, "--resume"])
-    assert json.loads(trace.read_text()) == written
-    assert [r["step"] for r in select_ckpt.rank(str(out))[0]] != []
-
-
-def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
-    assert issubclass(train.CheckpointError, cli.ExpectedError) and train.run_cli is cli.run_cli
-    missing = tmp_path / "missing.pt"
-    runs = [
-        (
-            "online.py",
-            ["eval", "--ckpt", missing, "--device", "cpu"],
-            f"{missing}: no such checkpoint",
-        ),
-        ("train.py", ["--data", tmp_path / "nowhere", "--out", tmp_path / "r"], "no such file"),
-        ("select_ckpt.py", [tmp_path / "nowhere"], "no such run folder"),
-    ]
-    for script, args, message in runs:
-        proc = _pipe_run(script, *args, expect_ok=False)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
-
-
 def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, monkeypatch):
     _, prior, _ = pipe_data
-    real_update, calls = train.Agent.update, []
+    real_update = train.Agent.update
+    calls = []
 
     def update(self, batch):
         calls.append(1)
@@ -2368,862 +2725,322 @@ def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, mo
     assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3, 5]
 
 
-@dataclasses.dataclass
-class _PipeFlags:
-    """A config whose flags add_dataclass_args generates (the comments are the help)."""
-
-    lr: float = 1e-3  # step size, 100% of it
-    wide: int = 4  # a comment on a wrapped line
-    flag: bool = False  # on or off
-    maybe: float | None = None
-
-
-def test_pipeline_flags_are_generated_from_the_dataclasses():
-    assert cli.field_comments(_PipeFlags) == {
-        "lr": "step size, 100% of it",
-        "wide": "a comment on a wrapped line",
-        "flag": "on or off",
-    }
-    p = argparse.ArgumentParser()
-    cli.add_dataclass_args(p, _PipeFlags)
-    assert cli.dataclass_from_args(_PipeFlags, p.parse_args([])) == _PipeFlags()
-    args = p.parse_args(["--lr", "0.5", "--wide", "2", "--flag", "--maybe", "none"])
-    assert cli.dataclass_from_args(_PipeFlags, args) == _PipeFlags(0.5, 2, True, None)
-    assert p.parse_args(["--maybe", "2"]).maybe == 2.0
-    assert "step size, 100% of it (default: 0.001)" in " ".join(p.format_help().split())
-    # every AgentConfig field but those the run sets is a train.py flag, with AgentConfig's default
-    p = argparse.ArgumentParser()
-    train.add_agent_args(p)
-    given = dict(num_tasks=1, image_size=128, seed=0)
-    assert cli.dataclass_from_args(AgentConfig, p.parse_args([]), **given) == AgentConfig()
-    args = p.parse_args(["--critic_lr", "0", "--action_input_only", "--calql", "--polyak", "0.01"])
-    cfg = cli.dataclass_from_args(AgentConfig, args, **given)
-    assert (cfg.critic_lr, cfg.action_every_layer, cfg.calql, cfg.polyak) == (
-        0.0,
-        False,
-        True,
-        0.01,
-    )
-    with pytest.raises(SystemExit):
-        p.parse_args(["--arch", "resnet99"])  # choices: model.ARCHS
-
-
-def test_pipeline_a_phase_switch_is_one_config_change():
-    cfg = _core_cfg()
-    agent = Agent(cfg)
-    frozen = dataclasses.replace(cfg, critic_lr=0.0, alpha=3.0)
-    agent.set_config(frozen)
-    assert agent.cfg == frozen and agent.cfg is not frozen
-    assert [g["lr"] for g in agent.optimizers["critic"].param_groups] == [0.0]
-    before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
-    agent.update(cql.random_batch(cfg, 4))
-    assert all(torch.equal(v, agent.critic.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(ValueError, match=r"set_config cannot change \['hidden'\]"):
-        agent.set_config(dataclasses.replace(cfg, hidden=cfg.hidden * 2))
-    online_cfg = online.OnlineConfig()
-    assert online.online_learner(cfg, online_cfg, buffer_filled=False).alpha == 5.0
-    assert online.online_learner(cfg, online_cfg, buffer_filled=True).alpha == 0.5
-    assert online.online_learner(cfg, online_cfg, buffer_filled=True).calql
-    with pytest.raises(SystemExit, match="--algo bc cannot fine-tune a cql checkpoint"):
-        finetune.finetune_config(cfg, {"algo": "bc"})
-
-
-def test_pipeline_progress_line_hides_nan_losses_and_never_reads_160_of_100(tmp_path, capsys):
-    log = train.RunLog(str(tmp_path), 100, 0)
-    log.log(0, {"critic_loss": float("nan"), "eval_success": 0.0})  # a row before any update
-    log.log(160, {"critic_loss": 2.5, "eval_success": 0.0})  # the last trajectory ran past 100
-    first, last = capsys.readouterr().out.splitlines()
-    assert first.startswith("step 0/100 |") and "nan" not in first
-    assert last.startswith("step 160 (done, 100 requested) |") and "critic_loss 2.5" in last
-
-
-# ====================================================================================================
-# throughput: compiled update (cql.py), bench.py, batch prefetching (data.py, train.py)
-# ====================================================================================================
-
-
-def _perf_losses(info):
-    return {k: v for k, v in info.items() if "loss" in k or k.startswith(("q_", "cql_", "grad"))}
-
-
-def test_perf_compiled_update_equals_eager():
-    """Agent.compile captures update()'s passes and losses and gives the eager losses and weights, within
-    rtol 1e-5 / atol 1e-6 (float reassociation; inductor differed by 5e-7 here). The backend is aot_eager:
-    it checks the capture and the autograd of the captured graph in ~4 s, where inductor compiles C++ for
-    ~90 s on a 2-core CPU (measured, this config). The agent's random stream (resume) must be the eager one.
-    (Dropout, in the BC policy, draws other numbers from torch's RNG when compiled: not compared here.)"""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    cfg = _core_cfg()
-    eager, compiled = Agent(cfg), Agent(copy.deepcopy(cfg))
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled.compile(backend=counter)
-    for seed in range(2):
-        batch = cql.random_batch(cfg, 6, seed=seed)
-        want, got = _perf_losses(eager.update(batch)), _perf_losses(compiled.update(batch))
-        assert want.keys() == got.keys() and "critic_loss" in want
-        for k in want:
-            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (seed, k)
-    assert counter.frame_count >= 1 and sum(len(g.graph.nodes) for g in counter.graphs) > 100
-    for name, net in eager.nets.items():
-        for (p, x), (_, y) in zip(net.named_parameters(), compiled.nets[name].named_parameters()):
-            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (name, p)
-    assert torch.equal(eager.generator.get_state(), compiled.generator.get_state())
-    with pytest.raises(ValueError, match=r"compile mode='fast', expected one of \('default'"):
-        compiled.compile("fast")
-
-
-def test_perf_cql_bench_prints_eager_compiled_and_their_ratio(tmp_path):
-    """`python cql.py bench` hands its flags to bench.py; the figures printed agree with each other."""
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "cql.py"), "bench", "--arch", "small", "--batch", "4"]
-        + ["--image_size", "32", "--num_tasks", "3", "--steps", "1", "--warmup", "0"]
-        + ["--backend", "aot_eager"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    gflop = float(re.search(r"counted ([\d.]+) GFLOP/update", out).group(1))
-    rates = {}
-    for k in ("eager", "compiled"):
-        m = re.search(
-            k + r" +([\d.]+) updates/s +([\d.]+) ms/update +([\d.]+) GFLOP/s = ([\d.]+)%", out
-        )
-        rates[k] = float(m.group(1))
-        assert float(m.group(2)) == pytest.approx(1e3 / rates[k], rel=1e-2)
-        assert float(m.group(3)) == pytest.approx(gflop * rates[k], rel=1e-2)
-        assert float(m.group(4)) == pytest.approx(
-            100 * gflop * rates[k] / 96.0, rel=1e-2
-        )  # 1 thread
-    ratio = float(re.search(r"compiled / eager ([\d.]+)x", out).group(1))
-    assert ratio == pytest.approx(rates["compiled"] / rates["eager"], rel=1e-2)
-    assert gflop > 0 and "overhead ratio (eager)" in out
-    # bench.py imports cql, so cql imports it only in main(): cql.py copied with model.py alone imports
-    for name in ("cql.py", "model.py"):
-        (tmp_path / name).write_text(open(os.path.join(HERE, name)).read())
-    alone = subprocess.run(
-        [sys.executable, "-c", "import cql"], cwd=tmp_path, capture_output=True, text=True
-    )
-    assert alone.returncode == 0, alone.stderr
-
-
-def test_perf_prefetcher_batches_and_resume_are_exact(tmp_path):
-    """The prefetched batches are the sampler's own, bit for bit, and state_dict() is the state after the
-    batches handed out, not after those drawn ahead, so a resume continues with the next batch."""
-    store, _ = _data_store(tmp_path, n_traj=6, T=7)
-    plain = data.Sampler(store, "train", gamma=0.9, seed=5)
-    want = [plain.sample(4) for _ in range(5)]
-    sampler = data.Sampler(store, "train", gamma=0.9, seed=5)
-    pre = data.Prefetcher(sampler, 4, depth=2)
-    got = [pre.sample(4), pre.sample(4)]
-    state = json.loads(json.dumps(pre.state_dict()))  # python values only, as in a checkpoint
-    for future in list(pre._pending):  # let the thread finish its 2 draws ahead of the loop
-        future.result()
-    assert state != sampler.state_dict()  # the sampler itself is now 2 batches further
-    resumed = data.Prefetcher(data.Sampler(store, "train", gamma=0.9, seed=0), 4)
-    resumed.load_state_dict(state)
-    got += [resumed.sample(4) for _ in range(3)]
-    for a, b in zip(want, got):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    pre.load_state_dict(
-        state
-    )  # again on the prefetcher that has drawn ahead: those draws are dropped
-    again = pre.sample(4)
-    assert all(torch.equal(again[k], want[2][k]) for k in want[2])
-    with pytest.raises(ValueError, match=r"Prefetcher.sample\(8\): .* draws batches of 4"):
-        pre.sample(8)
-    pre.close()
-    resumed.close()
-
-
-def test_perf_train_prefetch_and_compile_resume_like_a_plain_run(pipe_data, tmp_path, monkeypatch):
-    """train.py --prefetch --compile: the same data stream as a plain run, checkpoint for checkpoint, and
-    weights within float reassociation of it (compile patched to aot_eager, see the test above)."""
+def test_pipeline_a_second_run_on_the_same_out_stops(pipe_data, tmp_path):
     _, prior, _ = pipe_data
-    modes = []
-    original = Agent.compile
-
-    def compile_aot_eager(agent, mode):
-        modes.append(mode)
-        original(agent, mode, backend="aot_eager")
-
-    monkeypatch.setattr(Agent, "compile", compile_aot_eager)
-    common = ["--data", str(prior), "--save_every", "2", *TINY]
-    train.main([*common, "--out", str(tmp_path / "plain"), "--steps", "4"])
-    split = ["--out", str(tmp_path / "split"), "--prefetch"]
-    train.main([*common, *split, "--steps", "2"])
-    train.main([*common, *split, "--steps", "4", "--resume", "--compile"])
-    assert modes == ["default"]
-    for step in (2, 4):
-        name = train.CKPT_PATTERN.format(step)
-        a = train.load_checkpoint(str(tmp_path / "plain" / name))
-        b = train.load_checkpoint(str(tmp_path / "split" / name))
-        assert _pipe_equal(a["sampler"], b["sampler"]) and _pipe_equal(a["rng"], b["rng"])
-        for net, weights in a["agent"]["nets"].items():
-            for k, x in weights.items():
-                y = b["agent"]["nets"][net][k]
-                assert torch.equal(x, y) if step == 2 else torch.allclose(x, y, atol=1e-5), (net, k)
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["--data", str(prior), "--out", str(out), "--steps", "1", "--save_every", "1", *TINY]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(f"{other.pid}\n")
+        with pytest.raises(train.RunFolderBusy, match=f"in use by another run \\(pid {other.pid}"):
+            train.main(args)
+        assert not train.list_checkpoints(out)
+    finally:
+        other.kill()
+        other.wait()
+    train.main(args)  # the owner died: its lock is stale and taken over, then released at the end
+    assert [s for s, _ in train.list_checkpoints(out)] == [1] and not (out / "run.lock").exists()
+    assert issubclass(train.RunFolderBusy, cli.ExpectedError)
 
 
-# ====================================================================================================
-# sim_binsort.py
-# ====================================================================================================
+def test_pipeline_failed_saves_leave_no_temporary_files(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / f"ckpt_00000002.pt.tmp-{_dead_pid()}"  # a save killed by kill -9
+    stale.write_bytes(b"partial")
+    real_save = torch.save
 
-_SIM_LOW = np.deg2rad([-180, -108, -123, -180, -100, -180])
-_SIM_HIGH = np.deg2rad([180, 114, 92, 180, 123, 180])
+    def disk_full(obj, f):
+        real_save(obj, f)
+        raise OSError(28, "No space left on device")
 
-
-def _sim_rot(axis, angle):
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    R = np.eye(3)
-    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
-    return R
-
-
-def test_sim_fk_matches_poe_at_random_joints():
-    # the reference is robot.py's product of exponentials, itself checked against hand-derived poses
-    env = sb.BinSortEnv("sort", image_size=8)
-    env.reset(seed=0)
-    for q in np.random.default_rng(0).uniform(_SIM_LOW, _SIM_HIGH, (25, 6)):
-        for j, qj in zip(env.arm_joints, q):
-            env.pb.resetJointState(env.arm, j, qj)
-        pos, R = env.ee_pose()
-        T = robot.forward_kinematics(q)
-        assert np.abs(pos - T[:3, 3]).max() < 1e-5, (
-            q
-        )  # the issue asks for 1 mm; exact up to rounding is better
-        assert np.abs(R - T[:3, :3]).max() < 1e-5, q
-        q_ik = sb.solve_ik(
-            T[:3, 3], T[:3, :3], q + 0.05
-        )  # IK from a nearby start recovers the pose
-        assert np.abs(robot.forward_kinematics(q_ik)[:3, 3] - T[:3, 3]).max() < 1e-3
-    env.close()
+    monkeypatch.setattr(torch, "save", disk_full)
+    args = ["--data", str(prior), "--out", str(out), "--steps", "2", "--save_every", "1", *TINY]
+    with pytest.raises(OSError, match="No space left"):
+        train.main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "progress.csv"]
 
 
-def test_sim_reset_step_shapes_and_action_semantics():
-    env = sb.BinSortEnv("pick_cube_to_left", image_size=24, max_steps=8)
-    obs = env.reset(seed=1)
+# ==================================================================================================
+# finetune.py
+# ==================================================================================================
+
+
+def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretrained):
+    root, prior, target = pipe_data
+    ckpt = pipe_pretrained / "ckpt_00000004.pt"
+    ft_new = root / "ft_new"
+    flags = ["--task", "new", "--steps", "4", "--save_every", "2"]
+    _run_script("finetune.py", *_finetune_args(ckpt, prior, target, ft_new, *flags))
+    new = train.load_checkpoint(str(ft_new / "ckpt_00000004.pt"))
+    # the target takes the slot reserved at pre-training: the one-hot size does not change
+    assert new["task_names"][3] == "sort_ab" and new["target_task_ids"] == [3]
+    assert train.ckpt_config(new)["num_tasks"] == 4 and new["kind"] == "finetune"
+    traces = json.loads((ft_new / "qvalues_00000002.json").read_text())
+    n_val = len(traces["trajectories"])
+    assert n_val >= 1 and len(traces["trajectories"][0]["q"]) == 2
+    assert len(traces["trajectories"][0]["q"][0]) == len(traces["trajectories"][0]["mc_return"])
+
+    ft_re = root / "ft_retarget"
+    flags = ["--task", "pick_b", "--steps", "2", "--save_every", "2"]
+    _run_script("finetune.py", *_finetune_args(ckpt, prior, target, ft_re, *flags))
+    retarget = train.load_checkpoint(str(ft_re / "ckpt_00000002.pt"))
+    assert retarget["target_task_ids"] == [2]
+    assert retarget["task_names"] == new["task_names"][:3] + ["<reserved 0>"]
+
+    proc = _run_script("select_ckpt.py", ft_new)
+    chosen = proc.stdout.strip().splitlines()[-1]
+    selection = json.loads((ft_new / "selection.json").read_text())
+    assert chosen == selection["chosen"] and os.path.exists(chosen)
+    assert sorted(r["step"] for r in selection["ranking"]) == [2, 4]
+    assert (ft_new / "qvalues.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pipeline_finetune_grows_one_hot_without_reserved_slot(pipe_data, tmp_path):
+    root, prior, target = pipe_data
+    pre = tmp_path / "pre"
+    train.main(
+        ["--data", str(prior), "--out", str(pre), "--steps", "1", "--save_every", "1", *TINY]
+    )
+    out = tmp_path / "ft"
+    flags = ["--steps", "1", "--save_every", "1"]
+    finetune.main(_finetune_args(pre / "ckpt_00000001.pt", prior, target, out, *flags))
+    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
+    assert train.ckpt_config(ckpt)["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
+
+
+def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_path):
+    _, prior, target = pipe_data
+    for seed in ("0", "1"):
+        out = tmp_path / f"s{seed}"
+        args = ["--data", str(prior), "--out", str(out), "--steps", "1", "--save_every", "1"]
+        train.main([*args, "--seed", seed, *TINY])
+    w0 = _ckpt_agent(tmp_path / "s0" / "ckpt_00000001.pt")["nets"]["critic"]
+    w1 = _ckpt_agent(tmp_path / "s1" / "ckpt_00000001.pt")["nets"]["critic"]
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0)  # --seed changes the initial weights too
+    bc = tmp_path / "bc"
+    args = ["--data", str(prior), "--out", str(bc), "--steps", "1", "--save_every", "1"]
+    train.main([*args, "--algo", "bc", *TINY])
+    flags = ["--steps", "2", "--save_every", "1"]
+    finetune.main(
+        _finetune_args(bc / "ckpt_00000001.pt", prior, target, tmp_path / "bc_ft", *flags)
+    )
+    assert [s for s, _ in train.list_checkpoints(tmp_path / "bc_ft")] == [1, 2]
+    # a BC learner has no Q-values to trace
+    assert not list((tmp_path / "bc_ft").glob("qvalues_*.json"))
+
+
+def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrained, tmp_path):
+    root, prior, target = pipe_data
+    ckpt = pipe_pretrained / "ckpt_00000002.pt"
+    ft = tmp_path / "ft"
+    with pytest.raises(train.CheckpointError, match="no such checkpoint"):
+        finetune.main(_finetune_args(tmp_path / "missing.pt", prior, target, ft, "--steps", "1"))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(train.CheckpointError, match="truncated"):
+        finetune.main(_finetune_args(cut, prior, target, ft, "--steps", "1"))
+    other_size = ["--steps", "1", "--image_size", "48", "--batch_size", "8"]
+    paths = ["--ckpt", str(ckpt), "--prior", str(prior), "--target", str(target), "--out", str(ft)]
+    with pytest.raises(train.CheckpointError, match="image_size=32 but --image_size is 48"):
+        finetune.main([*paths, *other_size])
+    native = data.load_store(prior, log=lambda *_: None).path  # a store of the 40x40 images
+    with pytest.raises(SystemExit, match="a store of 40x40 images, but 32x32 are needed"):
+        finetune.main(_finetune_args(ckpt, native, target, tmp_path / "ft3", "--steps", "1"))
+    empty = tmp_path / "empty_task"
+    empty.mkdir()
+    args = _finetune_args(ckpt, prior, empty, tmp_path / "ft2")
+    proc = _run_script("finetune.py", *args, expect_ok=False)
+    assert proc.returncode != 0 and str(empty) in proc.stderr and "Traceback" not in proc.stderr
+    # resuming with another architecture or task count is refused, and the run's files stay as
+    # they were
+    before = {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
+    args = ["--data", str(prior), "--out", str(pipe_pretrained), "--steps", "6", "--resume", *TINY]
+    with pytest.raises(train.CheckpointError, match="arch='small' but this run uses arch='impala'"):
+        train.main([*args, "--arch", "impala"])
+    with pytest.raises(train.CheckpointError, match="num_tasks=4 but this run uses num_tasks=5"):
+        train.main([*args, "--extra_tasks", "2"])
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train.main([*args[: -len(TINY) - 1], *TINY])
+    after = {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
+    assert before == after
+
+
+def test_pipeline_finetune_resume_writes_missing_q_traces(pipe_data, pipe_pretrained, tmp_path):
+    _, prior, target = pipe_data
+    out = tmp_path / "ft"
+    flags = ["--steps", "4", "--save_every", "2"]
+    args = _finetune_args(pipe_pretrained / "ckpt_00000004.pt", prior, target, out, *flags)
+    finetune.main(args)
+    trace = out / finetune.QTRACE_PATTERN.format(4)
+    written = json.loads(trace.read_text())
+    trace.unlink()  # killed between the checkpoint's rename and its trace
+    finetune.main([*args, "--resume"])
+    assert json.loads(trace.read_text()) == written
+    assert [r["step"] for r in select_ckpt.rank(str(out))[0]] != []
+
+
+def test_finetune_warns_when_it_writes_non_finite_q_values(tmp_path, capsys):
+    class Agent:  # Q(s_t, a_t) of 2 heads along a 3-step trajectory, one of them NaN
+        device = "cpu"
+
+        def q_values(self, batch):
+            return torch.tensor([[1.0, 1.0], [2.0, float("nan")], [3.0, 3.0]])
+
+    class Sampler:
+        def trajectory(self, tid):
+            return {"reward": torch.zeros(3), "mc_return": torch.zeros(3), "obs": torch.zeros(3)}
+
+    finetune.write_q_traces(Agent(), Sampler(), [4], 10, str(tmp_path), task=0)
+    err = capsys.readouterr().err
     assert (
-        obs["image"].dtype == np.uint8
-        and obs["image"].shape == (24, 24, 3)
-        and obs["image"].std() > 5
+        "warning: step 10: Q-values of held-out trajectory 4 are not finite (head 1, time step 1)"
+        in err
     )
-    assert obs["state"].dtype == np.float32 and obs["state"].shape == (7,)
-    assert (
-        np.allclose(obs["state"][:6], [0.22, 0, 0.18, 0, 0, 0], atol=3e-3)
-        and obs["state"][6] > 0.95
-    )
-    # translation in the base frame, yaw about the world z axis through the end effector
-    obs, reward, terminated, truncated, info = env.step(np.array([0.03, -0.02, 0, 0, 0, 0.25, 1.0]))
-    assert (reward, terminated, truncated) == (0.0, False, False) and isinstance(reward, float)
-    assert info["success"] is False and info["task"] == "pick_cube_to_left" and info["held"] is None
-    assert (
-        set(info["in_bin"]) == set(env.objects)
-        and "cube" in info["in_bin"]
-        and len(env.objects) == 1 + sb.DISTRACTORS
-    )
-    assert np.allclose(obs["state"][:3], [0.25, -0.02, 0.18], atol=3e-3)
-    assert np.allclose(obs["state"][3:6], [0, 0, 0.25], atol=5e-3)
-    # then roll about the WORLD x axis: R = Rx(0.25) @ Rz(0.25) (pitch -0.061; composing the other way gives 0),
-    # and move along the BASE x axis although the gripper is now turned (in its own frame y would change by 7 mm)
-    obs = env.step(np.array([0.03, 0, 0, 0.25, 0, 0, 1.0]))[0]
-    expected = sb.mat_to_euler(_sim_rot(0, 0.25) @ _sim_rot(2, 0.25))
-    assert abs(expected[1] + 0.0612) < 1e-3 and np.allclose(obs["state"][3:6], expected, atol=5e-3)
-    assert np.allclose(obs["state"][:3], [0.28, -0.02, 0.18], atol=3e-3)
-    # gripper absolute: closing on nothing shuts the fingers; the target is clipped to the workspace
-    for _ in range(4):
-        obs, _, _, truncated, _ = env.step(np.array([0, 0, 0.05, 0, 0, 0, 0.0]))
-    assert obs["state"][6] < 0.05 and env.target_pos[2] == pytest.approx(0.33) and not truncated
-    for _ in range(2):
-        obs, _, terminated, truncated, _ = env.step(np.array([0, 0, 0.05, 0, 0, 0, 0.0]))
-    assert obs["state"][2] < 0.335 and truncated and not terminated  # 8 steps: the limit
-    with pytest.raises(RuntimeError, match="reset"):
-        env.step(np.zeros(7))
-    env.close()
+    doc = json.loads((tmp_path / finetune.QTRACE_PATTERN.format(10)).read_text())
+    assert math.isnan(doc["trajectories"][0]["q"][1][1])
 
 
-def test_sim_bad_action_errors():
-    env = sb.BinSortEnv("sort", image_size=8)
-    env.reset(seed=0)
-    with pytest.raises(
-        ValueError, match=r"sim_binsort.py: action must have shape \(7,\).*got shape \(6,\)"
-    ):
-        env.step(np.zeros(6))
-    with pytest.raises(ValueError, match=r"got shape \(1, 7\)"):
-        env.step(np.zeros((1, 7)))
-    with pytest.raises(ValueError, match=r"action\[3\] \(droll\) must be finite, got nan"):
-        env.step([0, 0, 0, np.nan, 0, 0, 1])
-    with pytest.raises(ValueError, match=r"action\[6\] \(gripper\) must be finite, got inf"):
-        env.step([0, 0, 0, 0, 0, 0, np.inf])
-    with pytest.raises(ValueError, match="7-d numeric vector"):
-        env.step(["a"] * 7)
-    with pytest.raises(ValueError, match="task must be.*'duck'"):
-        sb.BinSortEnv("pick_dragon_to_left")
-    env.close()
+# ==================================================================================================
+# select_ckpt.py
+# ==================================================================================================
 
 
-def test_sim_scenes_never_hold_the_sort_pair_in_pickplace():
-    rng = np.random.default_rng(0)
-    for target in sb.OBJECTS:
-        for k in range(60):
-            scene = sb.choose_scene(rng, {target: "left"}, 1 + k % 3, sb.SORT_PAIR)
-            assert scene[0] == target and len(set(scene)) == len(scene) == 2 + k % 3
-            assert not set(sb.SORT_PAIR) <= set(scene), scene
-    assert sb.choose_scene(
-        rng, dict(zip(sb.SORT_PAIR, ("left", "right"))), 1, sb.SORT_PAIR
-    ) == list(sb.SORT_PAIR)
-    assert sb.parse_task("sort") == ("sort", {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"})
-    assert (
-        sb.parse_task("pick_duck_to_right") == ("pick", {"duck": "right"})
-        and sb.parse_task("pickplace")[1] is None
-    )
-    assert sb.task_name(*sb.parse_task("sort_lego_ball")) == "sort_lego_ball"
+def test_select_ckpt_score_prefers_rising_over_flat_and_falling(tmp_path):
+    assert select_ckpt.spearman([0, 1, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
+    assert np.allclose(select_ckpt.rankdata([3, 1, 3, 2]), [2.5, 0, 2.5, 1])
+    g = np.array([-3.0, -2.0, 0.0, 10.0])
+    assert select_ckpt.trajectory_score([1, 2, 3, 4], g) == pytest.approx((1 * 3 / 13, 1.0, 3 / 13))
+    assert select_ckpt.trajectory_score(g, g)[0] == pytest.approx(1.0)
+    assert select_ckpt.trajectory_score(g[::-1], g)[0] == pytest.approx(-1.0)
+    curves = {10: g * 0.9, 20: g * 0.01, 30: g[::-1]}  # good, flat (over-trained), falling
+    _write_qtraces(tmp_path, curves, g, reward=[0, 0, 1, 1])
+    rows, _ = select_ckpt.rank(str(tmp_path))
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    (tmp_path / finetune.QTRACE_PATTERN.format(10)).write_text("{}")
+    with pytest.raises(SystemExit, match="not a Q-value trace file"):
+        select_ckpt.rank(str(tmp_path))
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(SystemExit, match="no checkpoint with Q-value traces"):
+        select_ckpt.rank(str(tmp_path / "empty_run"))
 
 
-def test_sim_scripted_pickplace_succeeds():
-    env = sb.BinSortEnv("pickplace", image_size=8, terminate_on_success=False)
-    wins = [sb.run_episode(env, "pickplace", seed, noise=0.1)[3] for seed in range(5)]
-    assert sum(wins) >= 4, wins
-    # the default env ends the episode at its first successful step, with reward 1 and the object in its bin
-    env = sb.BinSortEnv("pick_lego_to_right", image_size=8)
-    obs = env.reset(seed=5)
-    policy = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(5))
-    for _ in range(40):
-        obs, reward, terminated, truncated, info = env.step(policy(obs))
-        if terminated or truncated:
-            break
-    assert terminated and reward == 1.0 and info["in_bin"]["lego"] == "right" and info["success"]
-    env.close()
-
-
-def test_sim_scripted_sort_succeeds():
-    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
-    wins = []
-    for seed in range(3):
-        observations, actions, rewards, ok = sb.run_episode(env, "sort", seed, noise=0.1)
-        wins.append(ok)
-        assert len(actions) > 40  # two pick-and-places: longer than any pick-place demo
-    assert sum(wins) >= 2, wins
-    assert (
-        env.info()["in_bin"] == {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"} or not wins[-1]
-    )
-    env.close()
-
-
-def test_sim_episodes_are_deterministic():
-    """Same seed, same episode (collection with several workers relies on it); another seed, another scene."""
-    env = sb.BinSortEnv("pickplace", image_size=24)  # large enough to show where the object is
-    runs = []
-    for seed in (7, 7, 8):
-        obs = env.reset(seed=seed)
-        policy, frames = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(seed)), [obs]
-        for _ in range(6):
-            frames.append(env.step(policy(frames[-1]))[0])
-        runs.append(
-            (
-                env.task_name,
-                np.stack([f["state"] for f in frames]),
-                np.stack([f["image"] for f in frames]),
-            )
-        )
-    assert runs[0][0] == runs[1][0]
-    assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])
-    assert not np.array_equal(runs[0][2][0], runs[2][2][0])
-    env.close()
-
-
-def test_sim_collect_writes_bridge_format(tmp_path):
-    summary = sb.collect(
-        "pick_duck_to_left", 2, str(tmp_path), seed=3, image_size=16, min_val=1, log=None
-    )
-    assert summary["tasks"] == {"pick_duck_to_left": {"train": 2, "val": 1}}
-    for split, n in (("train", 2), ("val", 1)):
-        folder = tmp_path / "pick_duck_to_left" / split
-        assert os.listdir(folder) == ["out.npy"]  # no temporary files left behind
-        trajs = np.load(folder / "out.npy", allow_pickle=True)
-        assert trajs.dtype == object and trajs.shape == (n,)
-        for traj in trajs:
-            assert {"observations", "next_observations", "actions", "terminals"} <= set(traj)
-            T = len(traj["actions"])
-            assert (
-                15 <= T <= sb.MAX_STEPS["pick"] and len(traj["observations"]) == len(traj["next_observations"]) == T
-            )
-            assert traj["actions"].dtype == np.float32 and traj["actions"].shape == (T, 7)
-            assert np.all(sb.ACTION_LOW - 1e-6 <= traj["actions"]) and np.all(
-                traj["actions"] <= sb.ACTION_HIGH + 1e-6
-            )
-            assert traj["terminals"].shape == (T,) and not traj["terminals"].any()
-            assert (
-                np.array_equal(traj["rewards"][-3:], [1, 1, 1]) and traj["rewards"][0] == 0
-            )  # ends 3 steps in
-            for t, (o, o2) in enumerate(zip(traj["observations"], traj["next_observations"])):
-                assert o["images0"].dtype == np.uint8 and o["images0"].shape == (16, 16, 3)
-                assert (
-                    o["state"].dtype == np.float32
-                    and o["state"].shape == (7,)
-                    and 0 <= o["state"][6] <= 1
-                )
-                if t + 1 < T:
-                    assert np.array_equal(o2["images0"], traj["observations"][t + 1]["images0"])
-                    assert np.array_equal(o2["state"], traj["observations"][t + 1]["state"])
-            dz = traj["next_observations"][0]["state"][2] - traj["observations"][0]["state"][2]
-            assert (
-                abs(dz - traj["actions"][0][2]) < 5e-3
-            )  # the state moves by the action (base frame)
-    # and data.py reads what the simulator wrote: same frames, same actions, the task name from the folder
-    store = data.load_store(tmp_path, log=lambda *_: None)
-    assert store.task_names == ["pick_duck_to_left"] and store.num_transitions("val") == len(
-        trajs[0]["actions"]
-    )
-    traj = data.Sampler(store, "val", gamma=0.98).trajectory(store.trajectory_ids("val")[0])
-    first = trajs[0]["observations"][0]["images0"]
-    assert np.array_equal(traj["obs"][0].permute(1, 2, 0).numpy(), first)
-    raw = data.unscale_actions(traj["action"].numpy(), store.action_low, store.action_high)
-    # rescaling clips to +-0.99, so an action at a bound comes back within 1% of the half range
-    assert np.all(
-        np.abs(raw - trajs[0]["actions"]) <= 0.005 * (store.action_high - store.action_low) + 1e-6
-    )
-
-
-# ---- the loop between the data and the environment (issue 10, part 1) ----------------------------
-def test_sim_recorded_actions_replayed_open_loop_reproduce_the_success():
-    """The scripted demos' recorded actions, executed open loop from the same reset seed, give the same
-    episode again: the data's actions ARE what was executed (at the size training uses)."""
-    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
-    for seed in range(3):
-        observations, actions, _, ok = sb.run_episode(env, "pick_cube_to_left", seed)
-        assert ok
-        replayed, info = sb.replay_actions(env, "pick_cube_to_left", seed, actions)
-        assert info["success"] and info["stages"] == {"grasped": False, "placed": True}
-        assert len(replayed) == len(observations)
-        for recorded, again in zip(observations, replayed):
-            assert np.array_equal(recorded["image"], again["image"])
-            assert np.array_equal(recorded["state"], again["state"])
-    env.close()
-
-
-class _SimDemoAgent:
-    """Stands in for a trained actor: act() returns the demo's rescaled actions one after another and keeps
-    the images and states the policy was shown."""
-
-    def __init__(self, scaled_actions, image_size):
-        self.cfg = types.SimpleNamespace(image_size=image_size)
-        self.actions = torch.as_tensor(scaled_actions)
-        self.seen = []
-
-    def act(self, images, state, task, deterministic=True):
-        self.seen.append((images[0].permute(1, 2, 0).numpy().copy(), state[0].numpy().copy()))
-        return self.actions[len(self.seen) - 1][None]
-
-
-@pytest.mark.parametrize("store_size", [64, 32])
-def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tmp_path, store_size):
-    """Collect one demo, convert it (at the env's size, and resized to 32 px), then drive online.py's Policy
-    with the demo's stored [-1, 1] actions: the policy is shown exactly the stored images and states, the
-    actions go rescale -> Policy (clip +-0.99) -> unscale -> env with the gripper on the same side of 0.5 at
-    every step, and the episode succeeds again."""
-    sb.collect("pick_cube_to_left", 1, str(tmp_path), image_size=64, min_val=0, log=None)
-    store = data.load_store(str(tmp_path), image_size=store_size, log=lambda *a: None)
-    sampler = data.Sampler(store, "train", gamma=0.98)
-    demo = sampler.trajectory(0)
-    raw = np.asarray(store.actions[: len(demo["action"])])
-    executed = data.unscale_actions(demo["action"].numpy(), store.action_low, store.action_high)
-    assert np.array_equal(
-        executed[:, 6] < 0.5, raw[:, 6] < 0.5
-    )  # 0 closed .. 1 open, grasp below 0.5
-    assert (
-        np.abs(executed[:, :6] - raw[:, :6]).max()
-        < 0.01 * (store.action_high - store.action_low).max()
-    )
-    agent = _SimDemoAgent(demo["action"].numpy(), store_size)
-    policy = online.Policy(agent, store.action_low, store.action_high, task=0)
-    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
-    seed = sb.env_seed_of(sb.demo_seed(0, "pick_cube_to_left", "train", 0))
-    episode = online.run_episode(env, policy, seed, max_steps=len(raw))
-    env.close()
-    assert episode["success"]
-    stored_images = demo["obs"].permute(0, 2, 3, 1).numpy()
-    stored_states = demo["state"].numpy()
-    image, state = agent.seen[
-        0
-    ]  # after the reset: the same simulator state as the stored first frame
-    assert np.array_equal(image, stored_images[0]) and np.array_equal(state, stored_states[0])
-    # later frames follow actions clipped at +-0.99 of the range: the same scene within a few pixels
-    images = np.stack([img for img, _ in agent.seen])
-    assert np.abs(images.astype(int) - stored_images[: len(images)]).mean() < 2.0
-
-
-def test_sim_stages_on_a_scripted_sort():
-    """info["stages"] of a scripted sort: grasped before either object is in its bin, first_in_bin before
-    both_in_bins, and both_in_bins == success at the end."""
-    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
-    obs = env.reset(seed=3)
-    assert env.info()["stages"] == {"grasped": False, "first_in_bin": False, "both_in_bins": False}
-    policy = sb.ScriptedPolicy(env, 0.0, np.random.default_rng(3))
-    first = {}
-    for t in range(80):
-        obs, reward, _, _, info = env.step(policy(obs))
-        for stage, holds in info["stages"].items():
-            if holds:
-                first.setdefault(stage, t)
-        if reward:
-            break
-    assert info["success"] and info["stages"]["both_in_bins"]
-    assert first["grasped"] < first["first_in_bin"] < first["both_in_bins"]
-    assert sb.task_stages("pick", {"cube": "left"}, {"cube": "left", "duck": None}, None) == {
-        "grasped": False,
-        "placed": True,
+def test_select_ckpt_never_chooses_a_non_finite_trace(tmp_path, capsys):
+    g = [-3.0, -2.0, 0.0, 10.0]
+    traces = {
+        3: [-2.7, -1.8, 0.0, 9.0],  # rising, spread 11.7 of 13: score 0.9
+        6: [-2.7, float("nan"), 0.0, 9.0],  # today: nan flatness -> 1.0, tied with step 3
+        9: [float("nan")] * 4,  # today: all-NaN scores 1.000 and ranks first
     }
-    assert sb.task_stages("pick", {"cube": "left"}, {"cube": None}, "cube")["grasped"]
-    env.close()
+    _write_qtraces(tmp_path, traces, g)
+    rows, _ = select_ckpt.rank(str(tmp_path))
+    assert [(r["step"], r["score"]) for r in rows] == [
+        (3, pytest.approx(0.9)),
+        (6, None),
+        (9, None),
+    ]
+    assert rows[1]["rejected"] == "q of held-out trajectory 5 holds nan"
+    select_ckpt.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].endswith("ckpt_00000003.pt")
+    assert "rejected, never chosen: q of held-out trajectory 5 holds nan" in out
+    assert json.loads((tmp_path / "selection.json").read_text())["step"] == 3
+    for step in (3, 6):
+        (tmp_path / finetune.QTRACE_PATTERN.format(step)).unlink()
+    with pytest.raises(SystemExit, match="no checkpoint has finite Q-value traces.*step 9: q of"):
+        select_ckpt.rank(str(tmp_path))
 
 
-# ====================================================================================================
+# ==================================================================================================
+# classifier.py
+# ==================================================================================================
+
+
+def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
+    online_setup, tmp_path, monkeypatch
+):
+    rng = np.random.default_rng(0)
+    _write_png_folder(tmp_path / "pos", 220, 10, rng)
+    _write_png_folder(tmp_path / "neg", 30, 10, rng)
+    clf = tmp_path / "clf.pt"
+    folders = ["classifier", "--pos", str(tmp_path / "pos"), "--neg", str(tmp_path / "neg")]
+    flags = "--arch small --image_size 32 --steps 40 --batch_size 16 --lr 1e-3 --device cpu"
+    accuracy = online.main([*folders, "--out", str(clf), *flags.split()])
+    assert accuracy >= 0.9
+    labeler = online.load_labeler(str(clf), "cpu")
+    dark = np.full((40, 40, 3), 30, np.uint8)
+    bright = np.full((40, 40, 3), 220, np.uint8)
+    # r_t labels the observation after action t: frames (dark, bright, dark) -> rewards (1, 0)
+    assert labeler([dark, bright, dark]).tolist() == [1.0, 0.0]
+    # rollouts labelled by the classifier (images resized 40 -> 32 for both networks): rewards
+    # (0, 1, 0)
+    monkeypatch.setattr(online, "make_env", lambda *a, **k: _BrightAtEnv(2))
+    root = online_setup
+    ev = str(tmp_path / "ev.json")
+    ckpt = str(root / "ft.pt")
+    online.main(["eval", "--ckpt", ckpt, "--episodes", "1", "--classifier", str(clf), "--json", ev])
+    per_episode = json.loads(open(ev).read())["per_episode"]
+    assert per_episode == [{"success": True, "return": 1.0, "length": 3}]
+    flags = ["--env_steps", "3", "--utd", "1", "--eval_every", "0", "--classifier", str(clf)]
+    online.main(_online_finetune_args(root, tmp_path / "run", *flags))
+    with np.load(tmp_path / "run" / "episodes" / "episode_000000.npz") as z:
+        assert z["rewards"].tolist() == [0.0, 1.0, 0.0]
+    # Bridge-format input: one group per trajectory, the last N frames of each with --pos_last N
+    _write_tree(tmp_path / "bridge", ["t"], n_traj=3, n_val=0, T=5, H=32, seed=rng)
+    bridge = str(tmp_path / "bridge")
+    images, groups = classifier.read_images(bridge, 32, last=2, log=lambda *a: None)
+    assert images.shape == (6, 32, 32, 3) and groups.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+# ==================================================================================================
 # robot.py
-# ====================================================================================================
+# ==================================================================================================
 
 
-class _RobotPtyPort:
-    """The driver's end of the pseudo-terminal: the read/write/reset_input_buffer a serial port offers."""
-
-    def __init__(self, fd):
-        self.fd, self.name = fd, "/dev/pts/fake"
-
-    def read(self, n):
-        return os.read(self.fd, n) if select.select([self.fd], [], [], 0.01)[0] else b""
-
-    def write(self, data):
-        os.write(self.fd, data)
-
-    def reset_input_buffer(self):
-        import termios
-
-        termios.tcflush(self.fd, termios.TCIFLUSH)
-
-    def close(self):
-        os.close(self.fd)
-
-
-_ROBOT_MECH = {3: 7, 5: -5}  # how far each shadow's horn sits from its mirrored master (ticks)
-_ROBOT_TIMEOUT = (
-    0.5  # generous: the fake's thread shares 2 busy cores; only the timeout test uses a short one
-)
-
-
-class _RobotFakeBus:
-    """Servos 1-9 behind a pseudo-terminal, served by a thread. Each servo has a control table (factory
-    defaults), a raw encoder position and the XM430 rules the driver depends on: Present Position = raw + Homing
-    Offset, mirrored when Drive Mode bit 0 is set; EEPROM (< 64) locked while torque is on; goals beyond the
-    position limits refused; a Secondary ID executes writes silently. Shadows 3 and 5 are bolted to their
-    masters (mirrored, a few ticks off): a shadow whose goal disagrees with where it is gets a recorded fight.
-    offset_mode: where a reversed servo adds its Homing Offset ("before" the mirroring, as Interbotix assumes,
-    "after", or "ignored"); grip_stops: where PWM drives the gripper (rad, closed and open)."""
-
-    def __init__(self, joints=widowx.SLEEP_JOINTS):
-        import tty
-
-        master, slave = os.openpty()
-        tty.setraw(slave)  # bytes as they are: no echo, no newline translation
-        self.fd, self.port = master, _RobotPtyPort(slave)
-        self.table = {i: bytearray(256) for i in robot.ALL_IDS}
-        for i, t in self.table.items():
-            struct.pack_into("<H", t, 0, 1060 if i == robot.GRIPPER_ID else 1020)
-            t[6], t[7], t[9], t[11], t[12], t[146] = (
-                45,
-                i,
-                250,
-                3,
-                255,
-                38,
-            )  # firmware, ID, delay, mode, 2nd ID, C
-            struct.pack_into("<i", t, 48, 4095)
-        ticks = dynamixel.rad_to_ticks(joints)
-        self.raw = {i: int(t) for i, t in zip(robot.JOINT_IDS, ticks)}
-        self.raw[7] = (
-            4095 - self.raw[7]
-        )  # the wrist angle is mounted mirrored: it reads right once reversed
-        self.raw[robot.GRIPPER_ID] = 2048
-        self._couple()
-        self.packets, self.raw_in, self.fights = [], b"", []
-        self.silent, self.corrupt, self._stop = set(), 0, threading.Event()
-        self.offset_mode, self.grip_stops = "before", (-0.6, 1.3)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _couple(self):
-        for shadow, master in robot.SHADOWS.items():
-            self.raw[shadow] = 4095 - self.raw[master] + _ROBOT_MECH[shadow]
-
-    def get(self, i, addr, size):
-        return struct.unpack_from({1: "<B", 2: "<h", 4: "<i"}[size], self.table[i], addr)[0]
-
-    def present(self, i):
-        p, off = self.raw[i], self.get(i, 20, 4)
-        if not self.get(i, 10, 1) & 1:
-            return p + off
-        return {"before": 4095 - (p + off), "after": 4095 - p + off, "ignored": 4095 - p}[
-            self.offset_mode
-        ]
-
-    def fail(self, i, bits):  # a latched hardware error: alert bit on every reply, torque off
-        self.table[i][70], self.table[i][64] = bits, 0
-
-    def close(self):
-        self._stop.set()
-        self.thread.join()
-        os.close(self.fd)
-        self.port.close()
-
-    def _serve(self):
-        buf = b""
-        while not self._stop.is_set():
-            if not select.select([self.fd], [], [], 0.01)[0]:
-                continue
-            data = os.read(self.fd, 4096)
-            self.raw_in, buf = self.raw_in + data, buf + data
-            while True:
-                try:
-                    got, buf, _ = dynamixel.split_packet(buf)
-                except dynamixel.PacketError:  # drop the broken packet's header and look further
-                    got, buf = None, buf[buf.find(dynamixel.HEADER) + 1 :]
-                    continue
-                if got is None:
-                    break
-                self.packets.append(got)
-                for reply in self._handle(*got):
-                    if self.corrupt:
-                        self.corrupt, reply = (
-                            self.corrupt - 1,
-                            reply[:-1] + bytes([reply[-1] ^ 0xFF]),
-                        )
-                    os.write(self.fd, reply)
-
-    def _status(self, i, error=0, data=b""):
-        if i in self.silent:
-            return []
-        error |= 0x80 if self.table[i][70] else 0
-        return [dynamixel.make_packet(i, dynamixel.STATUS, bytes([error]) + data)]
-
-    def _write(self, target, addr, data):
-        """Apply a write addressed to `target` -> error code for each primary servo {id: code}."""
-        codes = {}
-        servos = [i for i in robot.ALL_IDS if target in (i, self.table[i][12], dynamixel.BROADCAST)]
-        for i in sorted(
-            servos, key=lambda i: i in robot.SHADOWS
-        ):  # masters move first, then shadows check
-            t, code = self.table[i], 0
-            if addr < 64 and t[64]:
-                code = 7
-            elif addr == 116:
-                goal = struct.unpack_from("<i", data)[0]
-                if not self.get(i, 52, 4) <= goal <= self.get(i, 48, 4):
-                    code = 6
-                else:
-                    t[116:120] = data
-                    if t[64] and i in robot.SHADOWS and abs(self.present(i) - goal) > 3:
-                        self.fights.append((i, goal, self.present(i)))
-                    elif t[64] and i not in robot.SHADOWS:
-                        off = self.get(i, 20, 4)
-                        self.raw[i] = (4095 - goal if t[10] & 1 else goal) - off
-                        self._couple()
-            else:
-                t[addr : addr + len(data)] = data
-                if addr == 100 and t[64]:  # PWM: the gripper runs to an end of its travel
-                    pwm = self.get(i, 100, 2)
-                    self.raw[i] = (
-                        int(dynamixel.rad_to_ticks(self.grip_stops[pwm > 0]))
-                        if pwm
-                        else self.raw[i]
-                    )
-            if target == i:
-                codes[i] = code
-        return codes
-
-    def _handle(self, target, inst, params):
-        if inst == dynamixel.SYNC_READ:
-            addr, size = struct.unpack_from("<HH", params)
-            return [r for i in params[4:] for r in self._read(i, addr, size)]
-        if inst == dynamixel.SYNC_WRITE:
-            addr, size = struct.unpack_from("<HH", params)
-            for k in range(4, len(params), size + 1):
-                self._write(params[k], addr, params[k + 1 : k + 1 + size])
-            return []
-        if inst == dynamixel.WRITE:
-            codes = self._write(target, struct.unpack_from("<H", params)[0], params[2:])
-            return [r for i, c in codes.items() for r in self._status(i, c)]
-        if target not in self.table:
-            return []
-        if inst == dynamixel.PING:
-            return self._status(
-                target, 0, bytes(self.table[target][0:2]) + bytes([self.table[target][6]])
-            )
-        if inst == dynamixel.READ:
-            return self._read(target, *struct.unpack_from("<HH", params))
-        if inst == dynamixel.REBOOT:
-            self.table[target][70] = 0
-            return self._status(target)
-        return self._status(target, 2)
-
-    def _read(self, i, addr, size):
-        struct.pack_into("<i", self.table[i], 132, self.present(i))
-        return self._status(i, 0, bytes(self.table[i][addr : addr + size]))
-
-    def sent(self, inst, addr=None):
-        """Packets the driver sent with this instruction (and start address): [(target, params)]."""
-        return [
-            (t, p)
-            for t, i, p in self.packets
-            if i == inst and (addr is None or struct.unpack_from("<H", p)[0] == addr)
-        ]
-
-
-class _RobotCamera:
-    def __init__(self, size):
-        self.frame = np.zeros(size + (3,), np.uint8)
-        self.frame[..., 0], self.frame[..., 2] = 10, 200  # BGR: a red image
-
-    def read(self):
-        return True, self.frame.copy()
-
-
-@pytest.fixture
-def robot_bus():
-    pytest.importorskip("termios")  # pseudo-terminals: Linux and macOS
-    bus = _RobotFakeBus()
-    yield bus
-    bus.close()
-
-
-def _robot_env(fake, **kw):
-    arm = robot.DynamixelArm(robot.open_bus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None)
-    arm.velocity_limit = 1e3  # the fake arrives at once: moves need not take the real arm's time
-    kw = dict(
-        camera=_RobotCamera((32, 32)),
-        image_size=32,
-        control_hz=100.0,
-        watchdog_s=0,
-        move_s=0.05,
-        log=lambda *a: None,
-        **kw,
-    )
-    return robot.WidowXEnv(arm=arm, **kw)
-
-
-def _robot_sync_goals(fake, since=0):
-    """The goal positions of every SYNC_WRITE to 116 after packet `since`: [{id: ticks}]."""
-    out = []
-    for _t, inst, p in fake.packets[since:]:
-        if inst == dynamixel.SYNC_WRITE and struct.unpack_from("<H", p)[0] == 116:
-            out.append({p[k]: struct.unpack_from("<i", p, k + 1)[0] for k in range(4, len(p), 5)})
-    return out
-
-
-# ---- protocol ---------------------------------------------------------------------------------------------------
-def test_robot_packets_match_the_spec_vectors(robot_bus):
-    assert dynamixel.make_packet(1, dynamixel.PING) == bytes.fromhex(
-        "FF FF FD 00 01 03 00 01 19 4E"
-    )
-    assert dynamixel.make_packet(1, dynamixel.READ, bytes([0x84, 0, 4, 0])) == bytes.fromhex(
-        "FF FF FD 00 01 07 00 02 84 00 04 00 1D 15"
-    )
-    assert dynamixel.crc16(bytes.fromhex("FF FF FD 00 01 03 00 01")) == 0x4E19
-    bus = robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
-    assert bus.read(1, dynamixel.PRESENT_POSITION) == 2048  # waist at 0 rad
-    assert robot_bus.raw_in == bytes.fromhex(
-        "FF FF FD 00 01 07 00 02 84 00 04 00 1D 15"
-    )  # on the wire
-    assert bus.ping(9) == 1060 and bus.ping(4) == 1020
-
-
-def test_robot_byte_stuffing_both_ways():
-    params = bytes([0x74, 0x00, 0xFF, 0xFF, 0xFD, 0x01])
-    packet = dynamixel.make_packet(3, dynamixel.WRITE, params)
-    assert b"\xff\xff\xfd\xfd\x01" in packet
-    assert (
-        struct.unpack_from("<H", packet, 5)[0] == 1 + len(params) + 1 + 2
-    )  # LEN counts the extra FD
-    got, rest, need = dynamixel.split_packet(
-        b"\x00\xff" + packet + b"\xff\xff"
-    )  # junk before, half a header after
-    assert got == (3, dynamixel.WRITE, params) and rest == b"\xff\xff" and need == 0
-    assert dynamixel.split_packet(rest) == (
-        None,
-        b"\xff\xff",
-        9,
-    )  # the partial header waits for the rest
-    assert (
-        dynamixel.unstuff(dynamixel.stuff(b"\xff\xff\xfd\xfd\xff\xff\xfd"))
-        == b"\xff\xff\xfd\xfd\xff\xff\xfd"
-    )
-    assert dynamixel.split_packet(packet[:9]) == (None, packet[:9], len(packet) - 9)
-    with pytest.raises(dynamixel.PacketError, match="bad CRC"):
-        dynamixel.split_packet(packet[:-1] + bytes([packet[-1] ^ 1]))
-
-
-# ---- the simulated bus ----------------------------------------------------------------------------------------
+# ---- the arm on the simulated bus ----------------------------------------------------------------
 def test_robot_setup_configures_the_arm_like_interbotix(robot_bus):
-    arm = robot.DynamixelArm(robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
+    arm = _fake_arm(robot_bus)
     arm.setup()
     g = robot_bus.get
-    assert [g(i, 10, 1) for i in robot.ALL_IDS] == [
-        4,
-        4,
-        5,
-        4,
-        5,
-        4,
-        5,
-        4,
-        0,
-    ]  # reverse 3, 5, 7; time profile
+    present = robot_bus.present
+    # drive modes: reverse 3, 5, 7; time profile
+    assert [g(i, 10, 1) for i in robot.ALL_IDS] == [4, 4, 5, 4, 5, 4, 5, 4, 0]
     assert [g(i, 12, 1) for i in robot.ALL_IDS] == [255, 255, 2, 255, 4, 255, 255, 255, 255]
     assert [g(i, 11, 1) for i in robot.ALL_IDS] == [3] * 8 + [16]
     assert [g(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9 and g(1, 9, 1) == 0
     assert (g(2, 52, 4), g(2, 48, 4)) == (819, 3344)  # shoulder -108..114 deg in ticks
     assert (g(3, 52, 4), g(3, 48, 4)) == (819, 3344)  # a shadow takes its master's limits
     assert (g(3, 20, 4), g(5, 20, 4)) == (-7, 5)  # reversed shadows: offset = shadow - master
-    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(
-        5
-    ) == robot_bus.present(4)
+    assert present(3) == present(2) and present(5) == present(4)
     assert g(2, 108, 4) == 500 and g(2, 112, 4) == 2000  # a slow 2 s profile until told otherwise
     n = len(robot_bus.packets)
     arm.setup()  # configured already: no EEPROM register written again
-    assert all(
-        struct.unpack_from("<H", p)[0] >= 64
-        for t, i, p in robot_bus.packets[n:]
-        if i == dynamixel.WRITE
-    )
+    writes = [p for t, i, p in robot_bus.packets[n:] if i == dynamixel.WRITE]
+    assert all(struct.unpack_from("<H", p)[0] >= 64 for p in writes)
     assert robot_bus.fights == []
 
 
 def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
-    arm = robot.DynamixelArm(robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT))
+    arm = _fake_arm(robot_bus)
     arm.setup()
     q = np.array([0.3, -0.5, 0.7, -0.2, 1.0, 0.4])
     arm.command(q, seconds=0.2)
     joints, grip = arm.read()  # a round trip: the fake has handled the SYNC_WRITE before it
     ticks = dynamixel.rad_to_ticks(q)
     assert [robot_bus.present(i) for i in robot.JOINT_IDS] == ticks.tolist()
-    assert (
-        robot_bus.present(3) == ticks[1] and robot_bus.present(5) == ticks[2]
-    )  # shadows followed their IDs
+    # shadows followed their IDs
+    assert robot_bus.present(3) == ticks[1] and robot_bus.present(5) == ticks[2]
     assert robot_bus.fights == []
     np.testing.assert_allclose(joints, q, atol=np.pi / 2048)
-    assert robot_bus.sent(dynamixel.SYNC_READ)[-1][1] == struct.pack("<HH", 132, 4) + bytes(
-        range(1, 10)
-    )
-    arm.command(
-        [0, 0, 3.0, 0, 0, -4.0]
-    )  # beyond the elbow and wrist-rotate limits: clipped, never sent
+    positions_of_all = struct.pack("<HH", 132, 4) + bytes(range(1, 10))
+    assert robot_bus.sent(dynamixel.SYNC_READ)[-1][1] == positions_of_all
+    # beyond the elbow and wrist-rotate limits: clipped, never sent
+    arm.command([0, 0, 3.0, 0, 0, -4.0])
     arm.read()
-    assert (
-        robot_bus.present(4) == dynamixel.rad_to_ticks(widowx.JOINT_HIGH[2])
-        and robot_bus.present(8) == 0
-    )
+    elbow_high = dynamixel.rad_to_ticks(widowx.JOINT_HIGH[2])
+    assert robot_bus.present(4) == elbow_high and robot_bus.present(8) == 0
     arm.set_gripper(-1)
     assert arm.read()[1] == 0.0 and robot_bus.get(9, 100, 2) == -350
     arm.set_gripper(-1)  # closed on nothing: the motor stops at the end of the travel
@@ -3242,94 +3059,57 @@ def test_robot_error_and_timeout_paths(robot_bus):
     with pytest.raises(dynamixel.NoStatusError, match="servo ID 4 "):
         short.sync_read(robot.JOINT_IDS, dynamixel.PRESENT_POSITION)
     robot_bus.silent.clear()
-    bus = robot.open_bus(robot_bus.port, timeout=_ROBOT_TIMEOUT)
+    bus = robot.open_bus(robot_bus.port, timeout=_BUS_TIMEOUT)
     robot_bus.corrupt = 1  # one corrupted reply: the driver asks again
     assert bus.read(2, dynamixel.DRIVE_MODE) == 0 and robot_bus.corrupt == 0
     bus.write(1, dynamixel.TORQUE_ENABLE, 1)
-    with pytest.raises(
-        dynamixel.ServoError, match=r"ID 1 \(waist\) answered WRITE with access error"
-    ):
+    locked = r"ID 1 \(waist\) answered WRITE with access error"
+    with pytest.raises(dynamixel.ServoError, match=locked):
         bus.write(1, dynamixel.DRIVE_MODE, 1)
     with pytest.raises(dynamixel.ServoError, match="data limit error"):
         bus.write(1, dynamixel.GOAL_POSITION, 5000)
     robot_bus.fail(4, 0x20)
-    assert bus.read(4, dynamixel.PRESENT_POSITION) > 0 and bus.alerts == {
-        4
-    }  # data still valid, alert noted
-    assert dynamixel.hardware_messages(bus.read(4, dynamixel.HARDWARE_ERROR)) == [
-        "overload (too much load for too long)"
-    ]
+    # data still valid, alert noted
+    assert bus.read(4, dynamixel.PRESENT_POSITION) > 0 and bus.alerts == {4}
+    messages = dynamixel.hardware_messages(bus.read(4, dynamixel.HARDWARE_ERROR))
+    assert messages == ["overload (too much load for too long)"]
     lines = []
     assert robot.check(bus, reboot=True, log=lines.append) is True
-    assert (
-        "XM430-W350" in lines[0]
-        and "XL430-W250" in lines[8]
-        and "overload" in lines[3]
-        and "rebooted" in lines[3]
-    )
+    assert "XM430-W350" in lines[0] and "XL430-W250" in lines[8]
+    assert "overload" in lines[3] and "rebooted" in lines[3]
     assert robot_bus.table[4][70] == 0 and bus.alerts == set()
     robot_bus.silent.add(6)
     lines.clear()
-    assert (
-        robot.check(robot.open_bus(robot_bus.port, timeout=0.3, retries=1), log=lines.append)
-        is False
-    )
-    assert (
-        "ID 6 forearm_roll" in lines[5] and "no reply" in lines[5] and "latency_timer" in lines[5]
-    )
-
-
-def _robot_arm(fake, monkeypatch, clock=None, **kw):
-    """An arm on the fake bus; robot.time's sleep records instead of sleeping, monotonic runs `clock[0]` s ahead."""
-    slept, clock = [], clock if clock is not None else [0.0]
-    monkeypatch.setattr(
-        robot,
-        "time",
-        types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock[0], sleep=slept.append),
-    )
-    return robot.DynamixelArm(
-        robot.open_bus(fake.port, timeout=_ROBOT_TIMEOUT), log=lambda *a: None, **kw
-    ), slept
-
-
-def _robot_index(fake, inst, addr, since, target=None):
-    """Index in fake.packets of the first packet after `since` with this instruction, address (and target)."""
-    return next(
-        k
-        for k, (t, i, p) in enumerate(fake.packets)
-        if k >= since
-        and i == inst
-        and struct.unpack_from("<H", p)[0] == addr
-        and target in (None, t)
-    )
+    slow = robot.open_bus(robot_bus.port, timeout=0.3, retries=1)
+    assert robot.check(slow, log=lines.append) is False
+    assert "ID 6 forearm_roll" in lines[5] and "no reply" in lines[5]
+    assert "latency_timer" in lines[5]
 
 
 def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
-    arm, slept = _robot_arm(robot_bus, monkeypatch)
+    arm, slept = _timed_arm(robot_bus, monkeypatch)
     arm.setup()
     arm.command(robot.HOME_JOINTS, seconds=0.5)  # where `python robot.py home` leaves it: torque on
-    arm.read()  # a round trip: sync writes get no reply, so only now has the fake surely applied them
+    # a round trip: sync writes get no reply, so only now has the fake surely applied them
+    arm.read()
     home = [robot_bus.present(i) for i in robot.ALL_IDS]
     n = len(robot_bus.packets)
     arm.setup()  # configured: reads only, the torque stays on, the arm stays up
-    assert not [
-        p for t, i, p in robot_bus.packets[n:] if i == dynamixel.SYNC_WRITE and p[:2] == b"\x40\x00"
-    ]
+    sync_writes = [p for t, i, p in robot_bus.packets[n:] if i == dynamixel.SYNC_WRITE]
+    assert not [p for p in sync_writes if p[:2] == b"\x40\x00"]
     assert [robot_bus.present(i) for i in robot.ALL_IDS] == home and slept == []
-    robot_bus.table[1][10] = (
-        0  # the waist lost its time profile (another tool): EEPROM to write, torque on
-    )
+    # the waist lost its time profile (another tool): EEPROM to write, torque on
+    robot_bus.table[1][10] = 0
     n = len(robot_bus.packets)
     arm.setup()
-    goal = _robot_index(robot_bus, dynamixel.SYNC_WRITE, 116, n)
-    off = _robot_index(robot_bus, dynamixel.SYNC_WRITE, 64, n)
-    assert (
-        goal < off < _robot_index(robot_bus, dynamixel.WRITE, 10, n, target=1)
-    )  # sleep pose, torque off, write
-    assert _robot_sync_goals(robot_bus, n)[0] == dict(
-        zip(robot.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS))
-    )
-    # the waist's velocity profile: 20 x 0.229 rpm = 0.48 rad/s, so the shoulder's 1.80 rad take 1.80 / 0.48 + 0.5 s
+    goal = _packet_index(robot_bus, dynamixel.SYNC_WRITE, 116, n)
+    off = _packet_index(robot_bus, dynamixel.SYNC_WRITE, 64, n)
+    # sleep pose, torque off, write
+    assert goal < off < _packet_index(robot_bus, dynamixel.WRITE, 10, n, target=1)
+    sleep_goals = dict(zip(robot.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS)))
+    assert _sync_goals(robot_bus, n)[0] == sleep_goals
+    # the waist's velocity profile: 20 x 0.229 rpm = 0.48 rad/s, so the shoulder's 1.80 rad take
+    # 1.80 / 0.48 + 0.5 s
     assert slept == [pytest.approx(1.1 * (1.80 / 0.48 + 0.5), rel=1e-3)]
     p = next(
         p
@@ -3338,55 +3118,40 @@ def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
     )
     profile = {p[k]: struct.unpack_from("<ii", p, k + 1) for k in range(4, len(p), 9)}
     assert profile[1] == (5, 20) and profile[2][1] == round(1000 * slept[0] / 1.1)
-    assert (
-        robot_bus.get(1, 10, 1) == 4 and [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9
-    )
-    assert (
-        robot_bus.present(2) == dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS[1])
-        and robot_bus.fights == []
-    )
+    torque = [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS]
+    assert robot_bus.get(1, 10, 1) == 4 and torque == [1] * 9
+    shoulder_asleep = dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS[1])
+    assert robot_bus.present(2) == shoulder_asleep and robot_bus.fights == []
 
 
 def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
-    arm, slept = _robot_arm(robot_bus, monkeypatch)
-    robot_bus.offset_mode = (
-        "after"  # a firmware that adds the offset after the mirroring: SPEC 6's sign
-    )
+    arm, slept = _timed_arm(robot_bus, monkeypatch)
+    present = robot_bus.present
+    # a firmware that adds the offset after the mirroring: SPEC 6's sign
+    robot_bus.offset_mode = "after"
     arm.setup()
-    written = lambda i: [
-        struct.unpack_from("<i", p, 2)[0] for t, p in robot_bus.sent(dynamixel.WRITE, 20) if t == i
-    ]
-    assert written(3) == [0, -7, 7] and written(5) == [
-        0,
-        5,
-        -5,
-    ]  # Interbotix's sign first, checked, the other
-    assert robot_bus.present(3) == robot_bus.present(2) and robot_bus.present(
-        5
-    ) == robot_bus.present(4)
-    monkeypatch.setitem(
-        _ROBOT_MECH, 3, 7 + 4
-    )  # a horn that flexed by 4 ticks: within the tolerance
+
+    def written(i):  # the Homing Offsets written to servo i
+        offsets = robot_bus.sent(dynamixel.WRITE, 20)
+        return [struct.unpack_from("<i", p, 2)[0] for t, p in offsets if t == i]
+
+    # Interbotix's sign first, checked, the other
+    assert written(3) == [0, -7, 7] and written(5) == [0, 5, -5]
+    assert present(3) == present(2) and present(5) == present(4)
+    monkeypatch.setitem(_MECH, 3, 7 + 4)  # a horn that flexed by 4 ticks: within the tolerance
     robot_bus._couple()
     n = len(robot_bus.packets)
     arm.setup()
-    assert not [
-        p
-        for t, i, p in robot_bus.packets[n:]
-        if i == dynamixel.WRITE and struct.unpack_from("<H", p)[0] < 64
-    ]
+    writes = [p for t, i, p in robot_bus.packets[n:] if i == dynamixel.WRITE]
+    assert not [p for p in writes if struct.unpack_from("<H", p)[0] < 64]
     monkeypatch.setitem(
-        _ROBOT_MECH, 3, 7 + 9
+        _MECH, 3, 7 + 9
     )  # 9 ticks: calibrated again (torque on: via the sleep pose)
     robot_bus._couple()
     arm.setup()
-    assert (
-        written(3)[3:] == [0, -16, 16]
-        and robot_bus.present(3) == robot_bus.present(2)
-        and len(slept) == 1
-    )
+    assert written(3)[3:] == [0, -16, 16] and present(3) == present(2) and len(slept) == 1
     robot_bus.offset_mode = "ignored"  # neither sign helps: stop, with the numbers
-    monkeypatch.setitem(_ROBOT_MECH, 3, 30)
+    monkeypatch.setitem(_MECH, 3, 30)
     robot_bus._couple()
     with pytest.raises(
         dynamixel.DynamixelError,
@@ -3398,8 +3163,9 @@ def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
 
 
 def test_robot_gripper_stall_guard(robot_bus, monkeypatch):
-    clock, logs = [0.0], []
-    arm, _ = _robot_arm(robot_bus, monkeypatch, clock, stall_s=10.0)
+    clock = [0.0]
+    logs = []
+    arm, _ = _timed_arm(robot_bus, monkeypatch, clock, stall_s=10.0)
     arm.log = logs.append
     robot_bus.grip_stops = (-0.3, 0.8)  # this gripper's stops come before Interbotix's 0 and 1
     arm.setup()
@@ -3418,200 +3184,98 @@ def test_robot_gripper_stall_guard(robot_bus, monkeypatch):
     clock[0] = 30.0
     arm.read()
     arm.set_gripper(-1)
-    assert (
-        robot_bus.get(9, 100, 2) == -150
-    )  # closed on something (or a stop): it holds with less PWM
+    assert robot_bus.get(9, 100, 2) == -150  # closed on something (or a stop): it holds, less PWM
     arm.set_gripper(1)
     assert robot_bus.get(9, 100, 2) == 350  # a new direction: full PWM again
 
 
 def test_robot_moves_respect_the_velocity_limit(robot_bus, monkeypatch):
     assert robot.move_seconds(np.full(6, 0.3), np.zeros(6), 2.0) == 2.0
-    assert robot.move_seconds([3.0, 0, 0, 0, 0, 0], [-3.0, 0, 0, 0, 0, 0], 2.0) == pytest.approx(
-        1.5 * 6 / np.pi
-    )
-    assert robot.move_seconds([4.0, 0, 0, 0, 0, 0], np.zeros(6), 1.0) == pytest.approx(
-        1.5
-    )  # clipped to pi
-    arm, slept = _robot_arm(robot_bus, monkeypatch)
+    waist_only = [3.0, 0, 0, 0, 0, 0]
+    back = [-3.0, 0, 0, 0, 0, 0]
+    assert robot.move_seconds(waist_only, back, 2.0) == pytest.approx(1.5 * 6 / np.pi)
+    far = [4.0, 0, 0, 0, 0, 0]
+    assert robot.move_seconds(far, np.zeros(6), 1.0) == pytest.approx(1.5)  # clipped to pi
+    arm, slept = _timed_arm(robot_bus, monkeypatch)
     arm.setup()
     arm.command([-3.0, 0, 0, 0, 0, 0])
     arm.move([3.0, 0, 0, 0, 0, 0])  # a long waist move: longer than the 2 s asked
     arm.read()  # a round trip, so that the fake has applied the profile write
     ms = robot_bus.get(1, 112, 4)
-    assert ms == round(
-        1000
-        * 1.5
-        * float(np.diff(dynamixel.ticks_to_rad(dynamixel.rad_to_ticks([-3.0, 3.0])))[0])
-        / np.pi
-    )
-    assert (
-        slept == [pytest.approx(1.1 * ms / 1000, abs=1e-3)] and robot_bus.get(1, 108, 4) == ms // 4
-    )
+    waist = float(np.diff(dynamixel.ticks_to_rad(dynamixel.rad_to_ticks([-3.0, 3.0])))[0])
+    assert ms == round(1000 * 1.5 * waist / np.pi)
+    assert slept == [pytest.approx(1.1 * ms / 1000, abs=1e-3)]
+    assert robot_bus.get(1, 108, 4) == ms // 4
 
 
-# ---- kinematics -------------------------------------------------------------------------------------------------
-def _robot_planar_fk(q):
-    """By hand, in the x-z plane of the arm (waist and rolls at 0): shoulder, elbow and wrist turn about y."""
-    joints = np.array([[0, 0.11065], [0.04975, 0.36065], [0.29975, 0.36065], [0.458325, 0.36065]])
-    p, phi = joints[0].copy(), 0.0
-    for k, angle in enumerate((q[1], q[2], q[4])):
-        phi += angle
-        d = joints[k + 1] - joints[k]
-        p += [d[0] * np.cos(phi) + d[1] * np.sin(phi), -d[0] * np.sin(phi) + d[1] * np.cos(phi)]
-    return p, phi
-
-
-def test_widowx_is_the_one_kinematics_of_the_sim_and_the_robot():
-    # one owner (issue 11): the simulator and the robot use widowx.py's objects, not copies
-    for name in ("SCREW_AXES", "M_HOME", "JOINT_LOW", "JOINT_HIGH", "R_DOWN"):
-        assert getattr(sb, name) is getattr(widowx, name), name
-    for name in ("euler_to_mat", "mat_to_euler", "fk_and_jacobian", "solve_ik"):
-        assert getattr(sb, name) is getattr(widowx, name), name
-    for name in ("JOINT_LOW", "JOINT_HIGH", "R_DOWN", "SLEEP_JOINTS", "euler_to_mat"):
-        assert getattr(robot, name) is getattr(widowx, name), name
-    assert robot.inverse_kinematics is widowx.inverse_kinematics
-    assert robot.forward_kinematics is widowx.forward_kinematics
-    # SPEC 6's checks
-    np.testing.assert_allclose(
-        widowx.forward_kinematics(np.zeros(6))[:3, 3], [0.458325, 0, 0.36065]
-    )
-    np.testing.assert_allclose(
-        widowx.forward_kinematics([0, -1.80, 1.55, 0, 0.8, 0])[:3, 3], [0.123, 0, 0.081], atol=1e-3
-    )
-
-
-def test_robot_forward_kinematics_at_zero_and_sleep():
-    T = widowx.forward_kinematics(np.zeros(6))
-    np.testing.assert_allclose(T[:3, 3], widowx.M_HOME, atol=1e-12)
-    np.testing.assert_allclose(T[:3, :3], np.eye(3), atol=1e-12)
-    T = widowx.forward_kinematics(widowx.SLEEP_JOINTS)
-    (x, z), phi = _robot_planar_fk(widowx.SLEEP_JOINTS)
-    np.testing.assert_allclose(T[:3, 3], [x, 0, z], atol=1e-9)
-    np.testing.assert_allclose(T[:3, 3], [0.123, 0, 0.081], atol=1e-3)  # SPEC 6
-    np.testing.assert_allclose(
-        T[:3, :3],
-        [[np.cos(phi), 0, np.sin(phi)], [0, 1, 0], [-np.sin(phi), 0, np.cos(phi)]],
-        atol=1e-9,
-    )
-    T = widowx.forward_kinematics([np.pi / 2, 0, 0, 0, 0, 0])  # the waist turns the arm onto +y
-    np.testing.assert_allclose(T[:3, 3], [0, 0.458325, 0.36065], atol=1e-9)
-    state = robot.pose_to_state(widowx.forward_kinematics(robot.RESET_JOINTS), 1.0)
-    np.testing.assert_allclose(
-        state, [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-4
-    )  # pointing down = zero euler
-    np.testing.assert_allclose(
-        widowx.euler_to_mat([np.pi / 2, 0, np.pi / 2]),
-        [[0, 0, 1], [1, 0, 0], [0, 1, 0]],
-        atol=1e-12,
-    )  # Rz(90) Rx(90): x turns first, about the world axes
-    e = np.array([0.1, -0.2, 0.3])
-    T = np.eye(4)
-    T[:3, :3] = widowx.euler_to_mat(e) @ widowx.R_DOWN
-    np.testing.assert_allclose(robot.pose_to_state(T, 0.5)[3:], [*e, 0.5], atol=1e-6)
-
-
-def test_robot_inverse_kinematics_round_trips():
-    rng = np.random.default_rng(0)
-    for _ in range(15):
-        q = rng.uniform(-1, 1, 6) * [2.5, 1.2, 1.2, 2.0, 1.2, 2.5]
-        T = widowx.forward_kinematics(q)
-        q_ik = widowx.inverse_kinematics(T, q + rng.normal(0, 0.15, 6))
-        T_ik = widowx.forward_kinematics(q_ik)
-        assert np.linalg.norm(T_ik[:3, 3] - T[:3, 3]) < 1e-4
-        assert widowx.rotation_angle(T_ik[:3, :3] @ T[:3, :3].T) < 1e-3
-        assert np.all(q_ik >= widowx.JOINT_LOW) and np.all(q_ik <= widowx.JOINT_HIGH)
-    q = np.array([0.3, -0.4, 0.5, 0.2, 0.6, -0.1])
-    eps = 1e-6  # the Jacobian against finite differences
-    R, p, J = widowx.fk_and_jacobian(q)
-    for i in range(6):
-        R_i, p_i, _ = widowx.fk_and_jacobian(q + eps * np.eye(6)[i])
-        np.testing.assert_allclose(J[3:, i], (p_i - p) / eps, atol=1e-5)
-        dR = R_i @ R.T  # a small rotation: I + [w] eps
-        w = np.array([dR[2, 1] - dR[1, 2], dR[0, 2] - dR[2, 0], dR[1, 0] - dR[0, 1]]) / 2
-        np.testing.assert_allclose(J[:3, i], w / eps, atol=1e-5)
-    far = widowx.forward_kinematics(np.zeros(6))
-    far[:3, 3] = [0.9, 0, 0.3]
-    with pytest.raises(widowx.IKError, match=r"did not converge in 100 iterations: .* mm"):
-        widowx.inverse_kinematics(far, np.zeros(6))
-
-
-# ---- the environment --------------------------------------------------------------------------------------------
+# ---- the environment -----------------------------------------------------------------------------
 def test_robot_env_moves_the_target_clips_and_limits(robot_bus):
-    env = _robot_env(robot_bus, max_steps=3, max_joint_step=0.3)
+    env = _fake_env(robot_bus, max_steps=3, max_joint_step=0.3)
     obs = env.reset()
-    assert (
-        obs["image"].shape == (32, 32, 3)
-        and obs["image"].dtype == np.uint8
-        and obs["image"][0, 0, 0] == 200
-    )
+    image = obs["image"]
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image[0, 0, 0] == 200
     assert obs["state"].dtype == np.float32
-    np.testing.assert_allclose(
-        obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-3
-    )  # reset pose, open
+    # reset pose, open
+    np.testing.assert_allclose(obs["state"], [0.25, 0, 0.18, 0, 0, 0, 1], atol=2e-3)
     obs, reward, terminated, truncated, info = env.step([0.02, -0.01, 0, 0, 0, 0.1, 1])
     np.testing.assert_allclose(obs["state"][:6], [0.27, -0.01, 0.18, 0, 0, 0.1], atol=2e-3)
     assert (reward, terminated, truncated, info["success"]) == (0.0, False, False, False)
-    before, n = env._q.copy(), len(robot_bus.packets)
-    obs, _, _, truncated, info = env.step(
-        [0, 0, 0, 0, 0, 1.2, 1]
-    )  # a big yaw: at most 0.3 rad per joint a tick
-    (goal,) = _robot_sync_goals(robot_bus, n)
+    before = env._q.copy()
+    n = len(robot_bus.packets)
+    # a big yaw: at most 0.3 rad per joint a tick
+    obs, _, _, truncated, info = env.step([0, 0, 0, 0, 0, 1.2, 1])
+    (goal,) = _sync_goals(robot_bus, n)
     moved = dynamixel.ticks_to_rad([goal[i] for i in robot.JOINT_IDS]) - before
-    assert (
-        "ik_error" not in info and abs(np.abs(moved).max() - 0.3) < 2e-3
-    )  # IK wanted more: clipped
+    # IK wanted more: clipped
+    assert "ik_error" not in info and abs(np.abs(moved).max() - 0.3) < 2e-3
     assert not truncated
-    obs, _, _, truncated, _ = env.step(
-        [0, 0, -0.25, 0, 0, 0, 1]
-    )  # through the table: clipped at z = 0
+    # through the table: clipped at z = 0
+    obs, _, _, truncated, _ = env.step([0, 0, -0.25, 0, 0, 0, 1])
     assert truncated and env._target[2, 3] == 0.0 and obs["state"][2] >= -2e-3
-    with pytest.raises(
-        ValueError, match="7 finite numbers"
-    ):  # a broken policy output stops the arm too
+    # a broken policy output stops the arm too
+    with pytest.raises(ValueError, match="7 finite numbers"):
         env.step([0, 0, 0, np.nan, 0, 0, 1])
     env.arm.bus.ping(1)  # a round trip: the fake has handled every packet before it
     assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
 
 
 def test_robot_env_holds_when_ik_fails_and_on_the_watchdog(robot_bus):
-    env = _robot_env(robot_bus)
+    env = _fake_env(robot_bus)
     env.reset()
     q = env._q.copy()
-    # clipped to (0.41, 0, 0.30) pointing down: the wrist would be 0.54 m from the shoulder, the arm reaches 0.50
+    # clipped to (0.41, 0, 0.30) pointing down: the wrist would be 0.54 m from the shoulder, the
+    # arm reaches 0.50
     env._target[:3, 3] = [0.9, 0, 0.3]
     n = len(robot_bus.packets)
     _, _, _, _, info = env.step([0, 0, 0, 0, 0, 0, 1])
     assert "did not converge" in info["ik_error"]
-    (goal,) = _robot_sync_goals(robot_bus, n)
-    assert [goal[i] for i in robot.JOINT_IDS] == dynamixel.rad_to_ticks(
-        q
-    ).tolist()  # held where it was
+    (goal,) = _sync_goals(robot_bus, n)
+    # held where it was
+    assert [goal[i] for i in robot.JOINT_IDS] == dynamixel.rad_to_ticks(q).tolist()
     env._target = widowx.forward_kinematics(q)
     env.step([0, 0, 0, 0, 0, 0, 0])  # closing
-    env.arm.pwm, env.arm.grip = 350, 0.5  # pretend the gripper is opening half way
+    # pretend the gripper is opening half way
+    env.arm.pwm = 350
+    env.arm.grip = 0.5
     n = len(robot_bus.packets)
     env.watchdog_tick(time.monotonic() + 1.0)
-    assert (
-        len(_robot_sync_goals(robot_bus, n)) == 1 and robot_bus.get(9, 100, 2) == 0
-    )  # held, gripper stopped
+    # held, gripper stopped
+    assert len(_sync_goals(robot_bus, n)) == 1 and robot_bus.get(9, 100, 2) == 0
     env.watchdog_tick(time.monotonic() + 2.0)
-    assert len(_robot_sync_goals(robot_bus, n)) == 1  # once per stall
+    assert len(_sync_goals(robot_bus, n)) == 1  # once per stall
     assert env.step([0, 0, 0, 0, 0, 0, 1])[4]["held_by_watchdog"]
 
 
 def test_robot_safe_stop_on_an_injected_hardware_error(robot_bus):
-    env = _robot_env(robot_bus)
+    env = _fake_env(robot_bus)
     env.reset()
     env.step([0, 0, 0, 0, 0, 0, 0])  # close the gripper
     assert robot_bus.get(9, 100, 2) == -350
-    robot_bus.fail(
-        5, 0x04
-    )  # the elbow's shadow overheats: its reply to the tick's SYNC_READ carries the alert
+    # the elbow's shadow overheats: its reply to the tick's SYNC_READ carries the alert
+    robot_bus.fail(5, 0x04)
     n = len(robot_bus.packets)
-    with pytest.raises(
-        dynamixel.HardwareError, match=r"ID 5 \(elbow_shadow\): overheating.*--reboot"
-    ):
+    overheating = r"ID 5 \(elbow_shadow\): overheating.*--reboot"
+    with pytest.raises(dynamixel.HardwareError, match=overheating):
         env.step([0.01, 0, 0, 0, 0, 0, 0])
     env.arm.bus.ping(1)  # a round trip: the fake has handled every packet before it
     after = [(t, i, p) for t, i, p in robot_bus.packets[n:]]
@@ -3628,22 +3292,19 @@ def test_robot_safe_stop_on_an_injected_hardware_error(robot_bus):
         and p[:2] == b"\x74\x00"
         and [struct.unpack_from("<i", p, 5 + 5 * j)[0] for j in range(6)] == sleep
     ]
+    all_off = struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)
     torque_off = [
-        k
-        for k, (t, i, p) in enumerate(after)
-        if i == dynamixel.SYNC_WRITE
-        and p == struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)
+        k for k, (t, i, p) in enumerate(after) if i == dynamixel.SYNC_WRITE and p == all_off
     ]
-    assert (
-        pwm and goals and torque_off and pwm[0] < goals[0] < torque_off[-1]
-    )  # open, sleep pose, torque off
+    # open, sleep pose, torque off
+    assert pwm and goals and torque_off and pwm[0] < goals[0] < torque_off[-1]
     assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
     with pytest.raises(RuntimeError, match="reset"):
         env.step([0, 0, 0, 0, 0, 0, 1])
 
 
 def test_robot_ctrl_c_inside_step_stops_safely(robot_bus, monkeypatch):
-    env = _robot_env(robot_bus)
+    env = _fake_env(robot_bus)
     env.reset()
 
     def interrupted(*args, **kwargs):
@@ -3657,49 +3318,32 @@ def test_robot_ctrl_c_inside_step_stops_safely(robot_bus, monkeypatch):
 
 
 def test_robot_record_writes_the_bridge_format(robot_bus, tmp_path):
-    env = _robot_env(robot_bus)
-    script = iter(
-        [
-            "w",
-            "w",
-            " ",
-            "",
-            "\n",  # episode 1: 4 steps, kept
-            "a",
-            "\x7f",  # episode 2: discarded
-            "r",
-            "\n",
-        ]
-    )  # episode 3: 1 step, kept
-    kept = robot.record(
-        env, str(tmp_path / "task"), 2, lambda: next(script), val_every=2, log=lambda *a: None
-    )
+    env = _fake_env(robot_bus)
+    episode_1 = ["w", "w", " ", "", "\n"]  # 4 steps, kept
+    episode_2 = ["a", "\x7f"]  # discarded
+    episode_3 = ["r", "\n"]  # 1 step, kept
+    script = iter(episode_1 + episode_2 + episode_3)
+    task = str(tmp_path / "task")
+    kept = robot.record(env, task, 2, lambda: next(script), val_every=2, log=lambda *a: None)
     assert kept == 2
-    train = np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)
-    val = np.load(tmp_path / "task" / "val" / "out.npy", allow_pickle=True)
-    assert (
-        len(train) == 1 and len(val) == 1 and os.listdir(tmp_path / "task" / "train") == ["out.npy"]
-    )
-    t = train[0]
-    assert len(t["observations"]) == len(t["next_observations"]) == 4 and t["actions"].shape == (
-        4,
-        7,
-    )
+    train_trajs = np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)
+    val_trajs = np.load(tmp_path / "task" / "val" / "out.npy", allow_pickle=True)
+    assert len(train_trajs) == 1 and len(val_trajs) == 1
+    assert os.listdir(tmp_path / "task" / "train") == ["out.npy"]
+    t = train_trajs[0]
+    assert len(t["observations"]) == len(t["next_observations"]) == 4
+    assert t["actions"].shape == (4, 7)
     np.testing.assert_allclose(t["actions"][0], [0.02, 0, 0, 0, 0, 0, 1])
     np.testing.assert_allclose(t["actions"][2:, 6], [0, 0])  # space closed the gripper
     assert t["next_observations"][0]["state"] is t["observations"][1]["state"]
-    assert t["observations"][0]["images0"].shape == (32, 32, 3) and t["observations"][0][
-        "state"
-    ].shape == (7,)
-    assert (
-        t["next_observations"][1]["state"][0] > t["observations"][0]["state"][0] + 0.03
-    )  # moved forward
+    first = t["observations"][0]
+    assert first["images0"].shape == (32, 32, 3) and first["state"].shape == (7,)
+    # moved forward
+    assert t["next_observations"][1]["state"][0] > t["observations"][0]["state"][0] + 0.03
     np.testing.assert_array_equal(t["terminals"], np.zeros(4))
-    np.testing.assert_allclose(val[0]["actions"], [[0, 0, 0.02, 0, 0, 0, 1]])
+    np.testing.assert_allclose(val_trajs[0]["actions"], [[0, 0, 0.02, 0, 0, 0, 1]])
     script = iter(["s", "\n"])
-    robot.record(
-        env, str(tmp_path / "task"), 1, lambda: next(script), val_every=2, log=lambda *a: None
-    )
+    robot.record(env, task, 1, lambda: next(script), val_every=2, log=lambda *a: None)
     assert len(np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)) == 2  # appended
 
 
@@ -3719,66 +3363,30 @@ def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
     assert "w/s forward/back" in capsys.readouterr().out
 
 
-# ---- faults and the command line (issue 14: items 3 and 9) -------------------------------------------
-class _RobotSerialException(OSError):
-    """What pyserial raises (serial.SerialException is an IOError): a port that cannot open or died."""
-
-
-def _robot_main_on(fake, monkeypatch, **options):
-    """robot.main() on the fake bus; the fake's port stays open when main closes its bus."""
-    port = types.SimpleNamespace(
-        name=fake.port.name,
-        read=fake.port.read,
-        write=fake.port.write,
-        reset_input_buffer=fake.port.reset_input_buffer,
-        close=lambda: None,
-    )
-
-    def open_bus(path, baud):
-        return dynamixel.DynamixelBus(
-            port, baud, names=robot.SERVO_NAMES, **{"timeout": _ROBOT_TIMEOUT, **options}
-        )
-
-    monkeypatch.setattr(robot, "open_bus", open_bus)
-    return port
-
-
-def _robot_run(argv, capsys):
-    """cli.run_cli(robot.main, argv) -> (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        cli.run_cli(robot.main, argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
-def _robot_moves(fake, since):
-    """The packets after `since` that could move or reconfigure a servo (WRITE, SYNC_WRITE, REBOOT)."""
-    moving = (dynamixel.WRITE, dynamixel.SYNC_WRITE, dynamixel.REBOOT)
-    return [(t, i, p) for t, i, p in fake.packets[since:] if i in moving]
-
-
+# ---- faults and the command line (issue 14: items 3 and 9) ---------------------------------------
 def test_robot_home_and_sleep_refuse_to_move_with_a_latched_hardware_error(
     robot_bus, monkeypatch, capsys
 ):
     # today's bug: home moved the other joints while the overloaded elbow hung limp, and exited 0
-    env = _robot_env(robot_bus)
-    _robot_main_on(robot_bus, monkeypatch)
+    env = _fake_env(robot_bus)
+    _main_on(robot_bus, monkeypatch)
     robot_bus.fail(4, 0x20)
     for command in ("home", "sleep"):
         n = len(robot_bus.packets)
-        status, _, err = _robot_run([command], capsys)
+        status, _, err = _run_robot_cli([command], capsys)
         assert status == 2 and err.count("\n") == 1
         assert "error: not moving the arm: servo hardware error: ID 4 (elbow): overload" in err
         assert "reboot it with: python robot.py check --port /dev/pts/fake --reboot" in err
-        assert _robot_moves(robot_bus, n) == []  # pings and reads only
+        assert _moving_packets(robot_bus, n) == []  # pings and reads only
     n = len(robot_bus.packets)  # the environment refuses the same way, and does not safe-stop
     with pytest.raises(robot.RefusedToMove, match=r"ID 4 \(elbow\): overload"):
         env.reset()
-    assert _robot_moves(robot_bus, n) == [] and not env._ready  # not ready: close() moves nothing
+    # not ready: close() moves nothing
+    assert _moving_packets(robot_bus, n) == [] and not env._ready
 
 
 def test_robot_env_reset_refuses_on_a_ready_arm(robot_bus):
-    env = _robot_env(robot_bus)
+    env = _fake_env(robot_bus)
     env.reset()
     robot_bus.fail(1, 0x01 | 0x08)  # between episodes: the waist's supply dips, its encoder fails
     n = len(robot_bus.packets)
@@ -3788,133 +3396,90 @@ def test_robot_env_reset_refuses_on_a_ready_arm(robot_bus):
         r"encoder error\. .*check --port /dev/pts/fake --reboot",
     ):
         env.reset()
-    assert (
-        _robot_moves(robot_bus, n) == [] and not env._ready
-    )  # no safe stop: it would move the arm
+    # no safe stop: it would move the arm
+    assert _moving_packets(robot_bus, n) == [] and not env._ready
 
 
 def test_robot_check_exits_nonzero_until_the_error_is_rebooted(robot_bus, monkeypatch, capsys):
-    _robot_main_on(robot_bus, monkeypatch)
+    _main_on(robot_bus, monkeypatch)
     robot_bus.fail(4, 0x20)
-    status, out, _ = _robot_run(["check"], capsys)
+    status, out, _ = _run_robot_cli(["check"], capsys)
     lines = out.splitlines()
     assert status == 1 and "ID 4 elbow" in lines[3] and "overload" in lines[3]
     assert lines[9] == (
         "hardware error on ID 4 (elbow): the arm will not move until it is rebooted with "
         "python robot.py check --port /dev/pts/fake --reboot"
     )
-    status, out, _ = _robot_run(["check", "--reboot"], capsys)
+    status, out, _ = _run_robot_cli(["check", "--reboot"], capsys)
     assert status == 0 and "overload (too much load for too long) -> rebooted" in out
     assert robot_bus.table[4][70] == 0
-    status, out, _ = _robot_run(["check"], capsys)
+    status, out, _ = _run_robot_cli(["check"], capsys)
     assert status == 0 and out.count("no errors") == 9
 
 
 def test_robot_missing_port_gives_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "serial", None)  # pyserial not installed
-    status, _, err = _robot_run(["check", "--port", "/nonexistent/ttyUSB9"], capsys)
+    status, _, err = _run_robot_cli(["check", "--port", "/nonexistent/ttyUSB9"], capsys)
     assert status == 2 and err.count("\n") == 1
-    assert (
+    needs = (
         "error: opening the serial port /nonexistent/ttyUSB9 needs pyserial: pip install pyserial"
-        in err
     )
+    assert needs in err
 
     def serial_port(path, baud, timeout):  # pyserial's behaviour on a missing device
-        raise _RobotSerialException(2, f"could not open port {path}: No such file or directory")
+        raise _SerialException(2, f"could not open port {path}: No such file or directory")
 
     module = types.ModuleType("serial")
     module.Serial = serial_port
     monkeypatch.setitem(sys.modules, "serial", module)
     for command in ("check", "home", "sleep"):
-        status, _, err = _robot_run([command, "--port", "/nonexistent/ttyUSB9"], capsys)
+        status, _, err = _run_robot_cli([command, "--port", "/nonexistent/ttyUSB9"], capsys)
         assert status == 2 and err.count("\n") == 1
         assert "error: [Errno 2] could not open port /nonexistent/ttyUSB9: No such file" in err
 
 
 def test_robot_bus_dying_mid_command_gives_one_line(robot_bus, monkeypatch, capsys):
-    port = _robot_main_on(robot_bus, monkeypatch)
+    port = _main_on(robot_bus, monkeypatch)
     writes = []
 
     def write(data):  # the U2D2 unplugged after 3 packets
         writes.append(data)
         if len(writes) > 3:
-            raise _RobotSerialException("write failed: [Errno 5] Input/output error")
+            raise _SerialException("write failed: [Errno 5] Input/output error")
         robot_bus.port.write(data)
 
     port.write = write
-    status, _, err = _robot_run(["home"], capsys)
+    status, _, err = _run_robot_cli(["home"], capsys)
     assert status == 2 and err.count("\n") == 1
-    assert (
-        "error: the serial port /dev/pts/fake failed: write failed: [Errno 5] Input/output" in err
-    )
-    _robot_main_on(robot_bus, monkeypatch, timeout=0.1, retries=1)
+    failed = "error: the serial port /dev/pts/fake failed: write failed: [Errno 5] Input/output"
+    assert failed in err
+    _main_on(robot_bus, monkeypatch, timeout=0.1, retries=1)
     robot_bus.silent.update(robot.ALL_IDS)  # the 12 V supply off: no servo answers
-    status, _, err = _robot_run(["sleep"], capsys)
+    status, _, err = _run_robot_cli(["sleep"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert "error: no status packet from servo ID 1 on /dev/pts/fake" in err
 
 
 def test_robot_env_on_a_dead_port_logs_one_line(robot_bus, monkeypatch):
-    env = _robot_env(robot_bus)
+    env = _fake_env(robot_bus)
     env.reset()
     logs = []
     env.log = logs.append
 
     def dead(data):
-        raise _RobotSerialException("write failed: [Errno 5] Input/output error")
+        raise _SerialException("write failed: [Errno 5] Input/output error")
 
     monkeypatch.setattr(env.arm.bus.port, "write", dead)
     with pytest.raises(dynamixel.PortError, match="/dev/pts/fake failed: write failed"):
         env.step([0, 0, 0, 0, 0, 0, 1])
     # the safe stop cannot reach a servo: one line, not one failure per part
-    assert logs == [
-        "robot: no safe stop: the port is gone; the servos keep holding their last goal"
-    ]
+    no_stop = "robot: no safe stop: the port is gone; the servos keep holding their last goal"
+    assert logs == [no_stop]
     assert not env._ready
 
 
-def _robot_fake_interbotix(monkeypatch):
-    """Installs a stand-in for Interbotix's ROS 2 Python API -> the list of calls it receives."""
-    calls = []
-
-    class Core:
-        q = widowx.SLEEP_JOINTS.copy()
-
-        def robot_get_joint_states(self):
-            names = [robot.SERVO_NAMES[i] for i in robot.JOINT_IDS] + [
-                "gripper",
-                "left_finger",
-                "right_finger",
-            ]
-            return types.SimpleNamespace(name=names, position=list(self.q) + [0.0, 0.037, -0.037])
-
-        def robot_torque_enable(self, cmd_type, name, enable):
-            calls.append(("torque", cmd_type, name, enable))
-
-    class Manipulator:  # bot.core, bot.arm, bot.gripper.release / grasp
-        def __init__(self, model, group, gripper):
-            assert (model, group, gripper) == ("wx250s", "arm", "gripper")
-            self.core = Core()
-            self.arm = types.SimpleNamespace(set_joint_positions=self.move)
-            self.gripper = types.SimpleNamespace(
-                release=lambda delay: calls.append(("release", delay)),
-                grasp=lambda delay: calls.append(("grasp", delay)),
-            )
-
-        def move(self, q, moving_time, accel_time, blocking):
-            calls.append(("joints", np.array(q), moving_time))
-            self.core.q = np.array(q)
-
-    module = types.ModuleType("interbotix_xs_modules.xs_robot.arm")
-    module.InterbotixManipulatorXS = Manipulator
-    for name in ("interbotix_xs_modules", "interbotix_xs_modules.xs_robot"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "interbotix_xs_modules.xs_robot.arm", module)
-    return calls
-
-
 def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
-    calls = _robot_fake_interbotix(monkeypatch)
+    calls = _fake_interbotix(monkeypatch)
     env = robot.WidowXEnv(
         backend="interbotix",
         camera=None,
@@ -3938,8 +3503,9 @@ def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
 
 
 def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
-    _robot_fake_interbotix(monkeypatch)
-    clock, slept = [100.0], []
+    _fake_interbotix(monkeypatch)
+    clock = [100.0]
+    slept = []
 
     def sleep(seconds):
         slept.append(round(seconds, 6))
@@ -3960,211 +3526,285 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
     for policy_s in (0.0, 0.05, 0.3):  # in time, in time, late
         clock[0] += policy_s
         env.step([0, 0, 0, 0, 0, 0, 1])
-    # the reset move: the shoulder's 1.609 rad from sleep at pi rad/s takes 1.5 x 1.609 / pi > move_s, +10 %;
-    # then the rest of each tick; half a tick after a late one
+    # the reset move: the shoulder's 1.609 rad from sleep at pi rad/s takes 1.5 x 1.609 / pi >
+    # move_s, +10 %; then the rest of each tick; half a tick after a late one
     assert slept == [round(1.1 * 1.5 * (1.80 - 0.191) / np.pi, 6), 0.2, 0.15, 0.1]
 
 
-# ====================================================================================================
-# online.py
-# ====================================================================================================
-
-_ONLINE_RUN = [
-    "--env_steps",
-    "8",
-    "--max_steps",
-    "4",
-    "--utd",
-    "2",
-    "--batch_size",
-    "10",
-    "--eval_every",
-    "4",
-    "--eval_episodes",
-    "1",
-    "--save_every",
-    "4",
-    "--device",
-    "cpu",
-]
-_ONLINE_GAMMA = 0.98
+# ==================================================================================================
+# sim_binsort.py
+# ==================================================================================================
 
 
-@pytest.fixture(scope="module")
-def online_setup(tmp_path_factory):
-    """Synthetic prior (pick_a, pick_b) and target (sort_mug_cube, a task the simulator knows) at 32 px, and a
-    fine-tuned-looking checkpoint of a 'small' agent whose target task takes one-hot slot 2."""
-    root = tmp_path_factory.mktemp("online")
+def test_sim_fk_matches_poe_at_random_joints():
+    # the reference is widowx.py's product of exponentials (robot.forward_kinematics), itself
+    # checked against hand-derived poses
+    env = sb.BinSortEnv("sort", image_size=8)
+    env.reset(seed=0)
+    for q in np.random.default_rng(0).uniform(_ARM_LOW, _ARM_HIGH, (25, 6)):
+        for j, qj in zip(env.arm_joints, q):
+            env.pb.resetJointState(env.arm, j, qj)
+        pos, R = env.ee_pose()
+        T = robot.forward_kinematics(q)
+        # the issue asks for 1 mm; exact up to rounding is better
+        assert np.abs(pos - T[:3, 3]).max() < 1e-5, q
+        assert np.abs(R - T[:3, :3]).max() < 1e-5, q
+        q_ik = sb.solve_ik(T[:3, 3], T[:3, :3], q + 0.05)  # IK from a nearby start: the same pose
+        assert np.abs(robot.forward_kinematics(q_ik)[:3, 3] - T[:3, 3]).max() < 1e-3
+    env.close()
+
+
+def test_sim_reset_step_shapes_and_action_semantics():
+    env = sb.BinSortEnv("pick_cube_to_left", image_size=24, max_steps=8)
+    obs = env.reset(seed=1)
+    image = obs["image"]
+    assert image.dtype == np.uint8 and image.shape == (24, 24, 3) and image.std() > 5
+    assert obs["state"].dtype == np.float32 and obs["state"].shape == (7,)
+    at_reset = np.allclose(obs["state"][:6], [0.22, 0, 0.18, 0, 0, 0], atol=3e-3)
+    assert at_reset and obs["state"][6] > 0.95
+    # translation in the base frame, yaw about the world z axis through the end effector
+    obs, reward, terminated, truncated, info = env.step(np.array([0.03, -0.02, 0, 0, 0, 0.25, 1.0]))
+    assert (reward, terminated, truncated) == (0.0, False, False) and isinstance(reward, float)
+    assert info["success"] is False and info["task"] == "pick_cube_to_left" and info["held"] is None
+    assert set(info["in_bin"]) == set(env.objects) and "cube" in info["in_bin"]
+    assert len(env.objects) == 1 + sb.DISTRACTORS
+    assert np.allclose(obs["state"][:3], [0.25, -0.02, 0.18], atol=3e-3)
+    assert np.allclose(obs["state"][3:6], [0, 0, 0.25], atol=5e-3)
+    # then roll about the WORLD x axis: R = Rx(0.25) @ Rz(0.25) (pitch -0.061; composing the other
+    # way gives 0), and move along the BASE x axis although the gripper is now turned (in its own
+    # frame y would change by 7 mm)
+    obs = env.step(np.array([0.03, 0, 0, 0.25, 0, 0, 1.0]))[0]
+    expected = sb.mat_to_euler(_rot(0, 0.25) @ _rot(2, 0.25))
+    assert abs(expected[1] + 0.0612) < 1e-3 and np.allclose(obs["state"][3:6], expected, atol=5e-3)
+    assert np.allclose(obs["state"][:3], [0.28, -0.02, 0.18], atol=3e-3)
+    # gripper absolute: closing on nothing shuts the fingers; the target is clipped to the workspace
+    for _ in range(4):
+        obs, _, _, truncated, _ = env.step(np.array([0, 0, 0.05, 0, 0, 0, 0.0]))
+    assert obs["state"][6] < 0.05 and env.target_pos[2] == pytest.approx(0.33) and not truncated
+    for _ in range(2):
+        obs, _, terminated, truncated, _ = env.step(np.array([0, 0, 0.05, 0, 0, 0, 0.0]))
+    assert obs["state"][2] < 0.335 and truncated and not terminated  # 8 steps: the limit
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(7))
+    env.close()
+
+
+def test_sim_bad_action_errors():
+    env = sb.BinSortEnv("sort", image_size=8)
+    env.reset(seed=0)
+    short = r"sim_binsort.py: action must have shape \(7,\).*got shape \(6,\)"
+    with pytest.raises(ValueError, match=short):
+        env.step(np.zeros(6))
+    with pytest.raises(ValueError, match=r"got shape \(1, 7\)"):
+        env.step(np.zeros((1, 7)))
+    with pytest.raises(ValueError, match=r"action\[3\] \(droll\) must be finite, got nan"):
+        env.step([0, 0, 0, np.nan, 0, 0, 1])
+    with pytest.raises(ValueError, match=r"action\[6\] \(gripper\) must be finite, got inf"):
+        env.step([0, 0, 0, 0, 0, 0, np.inf])
+    with pytest.raises(ValueError, match="7-d numeric vector"):
+        env.step(["a"] * 7)
+    with pytest.raises(ValueError, match="task must be.*'duck'"):
+        sb.BinSortEnv("pick_dragon_to_left")
+    env.close()
+
+
+def test_sim_scenes_never_hold_the_sort_pair_in_pickplace():
     rng = np.random.default_rng(0)
-    for task, T in (("prior/k1/pick_a", 6), ("prior/k1/pick_b", 6), ("target/sort_mug_cube", 8)):
-        for split in ("train", "val"):
-            data.write_bridge_file(
-                str(root / task / split / "out.npy"),
-                [data.synthetic_trajectory(T, 32, rng) for _ in range(2)],
+    for target in sb.OBJECTS:
+        for k in range(60):
+            scene = sb.choose_scene(rng, {target: "left"}, 1 + k % 3, sb.SORT_PAIR)
+            assert scene[0] == target and len(set(scene)) == len(scene) == 2 + k % 3
+            assert not set(sb.SORT_PAIR) <= set(scene), scene
+    sort_bins = dict(zip(sb.SORT_PAIR, ("left", "right")))
+    assert sb.choose_scene(rng, sort_bins, 1, sb.SORT_PAIR) == list(sb.SORT_PAIR)
+    assert sb.parse_task("sort") == ("sort", {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"})
+    assert sb.parse_task("pick_duck_to_right") == ("pick", {"duck": "right"})
+    assert sb.parse_task("pickplace")[1] is None
+    assert sb.task_name(*sb.parse_task("sort_lego_ball")) == "sort_lego_ball"
+
+
+def test_sim_scripted_pickplace_succeeds():
+    env = sb.BinSortEnv("pickplace", image_size=8, terminate_on_success=False)
+    wins = [sb.run_episode(env, "pickplace", seed, noise=0.1)[3] for seed in range(5)]
+    assert sum(wins) >= 4, wins
+    # the default env ends the episode at its first successful step, with reward 1 and the object
+    # in its bin
+    env = sb.BinSortEnv("pick_lego_to_right", image_size=8)
+    obs = env.reset(seed=5)
+    policy = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(5))
+    for _ in range(40):
+        obs, reward, terminated, truncated, info = env.step(policy(obs))
+        if terminated or truncated:
+            break
+    assert terminated and reward == 1.0 and info["in_bin"]["lego"] == "right" and info["success"]
+    env.close()
+
+
+def test_sim_scripted_sort_succeeds():
+    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
+    wins = []
+    for seed in range(3):
+        observations, actions, rewards, ok = sb.run_episode(env, "sort", seed, noise=0.1)
+        wins.append(ok)
+        assert len(actions) > 40  # two pick-and-places: longer than any pick-place demo
+    assert sum(wins) >= 2, wins
+    in_their_bins = {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"}
+    assert env.info()["in_bin"] == in_their_bins or not wins[-1]
+    env.close()
+
+
+def test_sim_episodes_are_deterministic():
+    """Same seed, same episode (collection with several workers relies on it); another seed,
+    another scene."""
+    env = sb.BinSortEnv("pickplace", image_size=24)  # large enough to show where the object is
+    runs = []
+    for seed in (7, 7, 8):
+        obs = env.reset(seed=seed)
+        policy = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(seed))
+        frames = [obs]
+        for _ in range(6):
+            frames.append(env.step(policy(frames[-1]))[0])
+        states = np.stack([f["state"] for f in frames])
+        runs.append((env.task_name, states, np.stack([f["image"] for f in frames])))
+    assert runs[0][0] == runs[1][0]
+    assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])
+    assert not np.array_equal(runs[0][2][0], runs[2][2][0])
+    env.close()
+
+
+def test_sim_collect_writes_bridge_format(tmp_path):
+    out = str(tmp_path)
+    summary = sb.collect("pick_duck_to_left", 2, out, seed=3, image_size=16, min_val=1, log=None)
+    assert summary["tasks"] == {"pick_duck_to_left": {"train": 2, "val": 1}}
+    for split, n in (("train", 2), ("val", 1)):
+        folder = tmp_path / "pick_duck_to_left" / split
+        assert os.listdir(folder) == ["out.npy"]  # no temporary files left behind
+        trajs = np.load(folder / "out.npy", allow_pickle=True)
+        assert trajs.dtype == object and trajs.shape == (n,)
+        for traj in trajs:
+            assert {"observations", "next_observations", "actions", "terminals"} <= set(traj)
+            T = len(traj["actions"])
+            assert 15 <= T <= sb.MAX_STEPS["pick"]
+            assert len(traj["observations"]) == len(traj["next_observations"]) == T
+            actions = traj["actions"]
+            assert actions.dtype == np.float32 and actions.shape == (T, 7)
+            assert np.all(sb.ACTION_LOW - 1e-6 <= actions) and np.all(
+                actions <= sb.ACTION_HIGH + 1e-6
             )
-    prior = data.load_store(str(root / "prior"), log=lambda *a: None)
-    cfg = AgentConfig(num_tasks=3, arch="small", image_size=32, gamma=_ONLINE_GAMMA, alpha=1.0)
-    ckpt = {
-        "format": train.CKPT_FORMAT,
-        "kind": "finetune",
-        "step": 0,
-        "agent": Agent(cfg).state_dict(),
-        "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
-        "action_low": prior.action_low.tolist(),
-        "action_high": prior.action_high.tolist(),
-        "target_task_ids": [2],
-        "target_tasks": ["sort_mug_cube"],
-    }
-    train.atomic_torch_save(ckpt, str(root / "ft.pt"))
-    return root
+            assert traj["terminals"].shape == (T,) and not traj["terminals"].any()
+            # ends 3 steps in
+            assert np.array_equal(traj["rewards"][-3:], [1, 1, 1]) and traj["rewards"][0] == 0
+            for t, (o, o2) in enumerate(zip(traj["observations"], traj["next_observations"])):
+                assert o["images0"].dtype == np.uint8 and o["images0"].shape == (16, 16, 3)
+                state = o["state"]
+                assert state.dtype == np.float32 and state.shape == (7,) and 0 <= state[6] <= 1
+                if t + 1 < T:
+                    assert np.array_equal(o2["images0"], traj["observations"][t + 1]["images0"])
+                    assert np.array_equal(o2["state"], traj["observations"][t + 1]["state"])
+            dz = traj["next_observations"][0]["state"][2] - traj["observations"][0]["state"][2]
+            assert abs(dz - traj["actions"][0][2]) < 5e-3  # the state moves by the action (base)
+    # and data.py reads what the simulator wrote: same frames, same actions, the task name from the
+    # folder
+    store = data.load_store(tmp_path, log=lambda *_: None)
+    assert store.task_names == ["pick_duck_to_left"]
+    assert store.num_transitions("val") == len(trajs[0]["actions"])
+    traj = data.Sampler(store, "val", gamma=0.98).trajectory(store.trajectory_ids("val")[0])
+    first = trajs[0]["observations"][0]["images0"]
+    assert np.array_equal(traj["obs"][0].permute(1, 2, 0).numpy(), first)
+    raw = data.unscale_actions(traj["action"].numpy(), store.action_low, store.action_high)
+    # rescaling clips to +-0.99, so an action at a bound comes back within 1% of the half range
+    tolerance = 0.005 * (store.action_high - store.action_low) + 1e-6
+    assert np.all(np.abs(raw - trajs[0]["actions"]) <= tolerance)
 
 
-def _online_args(root, out, *extra):
-    return [
-        "finetune",
-        "--ckpt",
-        str(root / "ft.pt"),
-        "--prior",
-        str(root / "prior"),
-        "--target",
-        str(root / "target"),
-        "--out",
-        str(out),
-        *_ONLINE_RUN,
-        *extra,
-    ]
+def test_sim_recorded_actions_replayed_open_loop_reproduce_the_success():
+    """The scripted demos' recorded actions, executed open loop from the same reset seed, give the
+    same episode again: the data's actions ARE what was executed (at the size training uses)."""
+    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
+    for seed in range(3):
+        observations, actions, _, ok = sb.run_episode(env, "pick_cube_to_left", seed)
+        assert ok
+        replayed, info = sb.replay_actions(env, "pick_cube_to_left", seed, actions)
+        assert info["success"] and info["stages"] == {"grasped": False, "placed": True}
+        assert len(replayed) == len(observations)
+        for recorded, again in zip(observations, replayed):
+            assert np.array_equal(recorded["image"], again["image"])
+            assert np.array_equal(recorded["state"], again["state"])
+    env.close()
 
 
-def _online_record_updates(monkeypatch):
-    """Every Agent.update call: (alpha, calql, task ids, mc returns) of its batch, then the real update."""
-    calls, real = [], Agent.update
-
-    def update(self, batch):
-        calls.append(
-            (self.cfg.alpha, self.cfg.calql, batch["task"].tolist(), batch["mc_return"].tolist())
-        )
-        return real(self, batch)
-
-    monkeypatch.setattr(Agent, "update", update)
-    return calls
-
-
-def _online_wrap_env(monkeypatch, wrap):
-    real = online.make_env
-    monkeypatch.setattr(online, "make_env", lambda *a, **k: wrap(real(*a, **k)))
-
-
-class _OnlineSucceedAt:
-    """The simulator, except that step k of every episode is a success (reward 1, terminated)."""
-
-    def __init__(self, env, k):
-        self.env, self.k, self.t = env, k, 0
-
-    def reset(self, seed=None):
-        self.t = 0
-        return self.env.reset(seed=seed)
-
-    def step(self, action):
-        obs, r, term, trunc, info = self.env.step(action)
-        self.t += 1
-        if self.t == self.k:
-            return obs, 1.0, True, False, dict(info, success=True)
-        return obs, r, term, trunc, info
-
-    def close(self):
-        self.env.close()
+def test_sim_stages_on_a_scripted_sort():
+    """info["stages"] of a scripted sort: grasped before either object is in its bin, first_in_bin
+    before both_in_bins, and both_in_bins == success at the end."""
+    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
+    obs = env.reset(seed=3)
+    assert env.info()["stages"] == {"grasped": False, "first_in_bin": False, "both_in_bins": False}
+    policy = sb.ScriptedPolicy(env, 0.0, np.random.default_rng(3))
+    first = {}
+    for t in range(80):
+        obs, reward, _, _, info = env.step(policy(obs))
+        for stage, holds in info["stages"].items():
+            if holds:
+                first.setdefault(stage, t)
+        if reward:
+            break
+    assert info["success"] and info["stages"]["both_in_bins"]
+    assert first["grasped"] < first["first_in_bin"] < first["both_in_bins"]
+    placed = sb.task_stages("pick", {"cube": "left"}, {"cube": "left", "duck": None}, None)
+    assert placed == {"grasped": False, "placed": True}
+    assert sb.task_stages("pick", {"cube": "left"}, {"cube": None}, "cube")["grasped"]
+    env.close()
 
 
-class _OnlineCtrlCAt:
-    """The simulator, and a Ctrl-C (SIGINT to this process) during its k-th step call, counted over episodes."""
-
-    def __init__(self, env, k):
-        self.env, self.k, self.calls = env, k, 0
-        self.reset, self.close = env.reset, env.close
-
-    def step(self, action):
-        self.calls += 1
-        if self.calls == self.k:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.env.step(action)
-
-
-def _online_rows(path):
-    with open(path) as f:
-        return [
-            {k: v for k, v in r.items() if k not in ("time", "steps_per_s")}
-            for r in csv.DictReader(f)
-        ]
+# ==================================================================================================
+# online.py
+# ==================================================================================================
 
 
 def test_online_wilson_interval_matches_hand_values():
-    # z = 1.96, n = 10: center = (p + z^2/20) / (1 + z^2/10), half = z / (1 + z^2/10) * sqrt(p(1-p)/10 + z^2/400)
+    # z = 1.96, n = 10: center = (p + z^2/20) / (1 + z^2/10),
+    # half = z / (1 + z^2/10) * sqrt(p(1-p)/10 + z^2/400)
     assert online.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert online.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert online.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    s = online.summarize(
-        [
-            {"success": True, "return": 1.0, "length": 3},
-            {"success": False, "return": 0.0, "length": 5},
-        ]
-    )
+    won = {"success": True, "return": 1.0, "length": 3}
+    lost = {"success": False, "return": 0.0, "length": 5}
+    s = online.summarize([won, lost])
     assert (s["successes"], s["success"], s["return"], s["length"]) == (1, 0.5, 0.5, 4.0)
 
 
 def test_online_eval_in_sim_is_reproducible_resizes_and_saves_strips(online_setup, tmp_path):
     root = online_setup
-    args = [
-        "eval",
-        "--ckpt",
-        str(root / "ft.pt"),
-        "--episodes",
-        "2",
-        "--max_steps",
-        "3",
-        "--seed",
-        "7",
-        "--env_image_size",
-        "48",
-        "--device",
-        "cpu",
-    ]  # the env renders 48 px, the policy takes 32 px
-    a = online.main(
-        [
-            *args,
-            "--json",
-            str(tmp_path / "a.json"),
-            "--save_video",
-            str(tmp_path / "v"),
-            "--video_format",
-            "png",
-        ]
-    )
+    # the env renders 48 px, the policy takes 32 px
+    flags = "--episodes 2 --max_steps 3 --seed 7 --env_image_size 48 --device cpu".split()
+    args = ["eval", "--ckpt", str(root / "ft.pt"), *flags]
+    video = ["--save_video", str(tmp_path / "v"), "--video_format", "png"]
+    a = online.main([*args, "--json", str(tmp_path / "a.json"), *video])
     b = online.main([*args, "--json", str(tmp_path / "b.json")])
-    ja, jb = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    ja = json.loads((tmp_path / "a.json").read_text())
+    jb = json.loads((tmp_path / "b.json").read_text())
     assert a == b and ja["per_episode"] == jb["per_episode"] and ja["episodes"] == 2
     assert [e["length"] for e in ja["per_episode"]] == [3, 3] and ja["successes"] == 0
     strips = sorted(os.listdir(tmp_path / "v"))
     assert strips == ["episode_000_fail.png", "episode_001_fail.png"]
-    assert Image.open(tmp_path / "v" / strips[0]).size == (
-        48 * 4,
-        48,
-    )  # obs 0..3 of a 3-step episode, env size
+    # obs 0..3 of a 3-step episode, env size
+    assert Image.open(tmp_path / "v" / strips[0]).size == (48 * 4, 48)
     with pytest.raises(SystemExit, match="not a task of"):
         online.main([*args, "--task", "open_door"])
 
 
 def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_path, monkeypatch):
-    root, out = online_setup, tmp_path / "run"
-    calls = _online_record_updates(monkeypatch)
-    online.main(_online_args(root, out))
+    root = online_setup
+    out = tmp_path / "run"
+    calls = _record_updates(monkeypatch)
+    online.main(_online_finetune_args(root, out))
     assert len(calls) == 2 * 8  # UTD 2 per collected transition, 2 trajectories of 4 steps
     for alpha, calql, task, mc in calls:
-        assert (
-            alpha == 0.5 and calql
-        )  # online alpha from the first trajectory on, Cal-QL throughout
+        assert alpha == 0.5 and calql  # online alpha from the first trajectory on, Cal-QL always
         # 0.35 / 0.15 / 0.5 of 10: floor 3 prior, floor 1 target, the rest (6) online, in that order
         assert set(task[:3]) <= {0, 1} and task[3:] == [2] * 7
-        # a failed online episode has the constant MC return R / (1 - gamma) = -1 / 0.02 at every step
+        # a failed online episode has the constant MC return R / (1 - gamma) = -1 / 0.02 at every
+        # step
         assert mc[4:] == pytest.approx([-50.0] * 6) and mc[3] != pytest.approx(-50.0)
     assert [s for s, _ in train.list_checkpoints(out)] == [4, 8]
     ckpt = train.load_checkpoint(str(out / "ckpt_00000008.pt"))
@@ -4173,18 +3813,12 @@ def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_p
     assert ckpt["loop"]["live"] == [[0, 4], [1, 4]]  # the buffer holds both trajectories
     assert sorted(os.listdir(out / "episodes")) == ["episode_000000.npz", "episode_000001.npz"]
     with np.load(out / "episodes" / "episode_000001.npz") as z:
-        assert (
-            z["images"].shape == (5, 32, 32, 3)
-            and z["actions"].shape == (4, 7)
-            and not z["rewards"].any()
-        )
+        assert z["images"].shape == (5, 32, 32, 3) and z["actions"].shape == (4, 7)
+        assert not z["rewards"].any()
         assert np.abs(z["actions"]).max() <= 0.99 and int(z["task"]) == 2
-    rows = _online_rows(out / "progress.csv")
-    assert [r["step"] for r in rows] == ["0", "4", "8"] and [r["grad_steps"] for r in rows] == [
-        "0.0",
-        "8.0",
-        "16.0",
-    ]
+    rows = _progress_rows(out / "progress.csv")
+    grad_steps = [r["grad_steps"] for r in rows]
+    assert [r["step"] for r in rows] == ["0", "4", "8"] and grad_steps == ["0.0", "8.0", "16.0"]
     assert all(r["eval_success"] == "0.0" for r in rows) and rows[0]["critic_loss"] == "nan"
     assert rows[2]["buffer_transitions"] == "8.0" and float(rows[2]["critic_loss"]) > 0
     assert online.load_policy(str(out / "ckpt_00000008.pt"), "cpu").task == 2
@@ -4193,23 +3827,13 @@ def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_p
 def test_online_calql_bound_uses_mc_returns_of_online_successes(
     online_setup, tmp_path, monkeypatch
 ):
-    root, out = online_setup, tmp_path / "run"
-    calls = _online_record_updates(monkeypatch)
-    _online_wrap_env(monkeypatch, lambda env: _OnlineSucceedAt(env, 3))
-    online.main(
-        _online_args(
-            root,
-            out,
-            "--env_steps",
-            "6",
-            "--offline_steps",
-            "2",
-            "--eval_every",
-            "0",
-            "--buffer_capacity",
-            "5",
-        )
-    )  # room for one 3-step trajectory, not two
+    root = online_setup
+    out = tmp_path / "run"
+    calls = _record_updates(monkeypatch)
+    _wrap_env(monkeypatch, lambda env: _SucceedAt(env, 3))
+    flags = ["--env_steps", "6", "--offline_steps", "2", "--eval_every", "0"]
+    capacity = ["--buffer_capacity", "5"]  # room for one 3-step trajectory, not two
+    online.main(_online_finetune_args(root, out, *flags, *capacity))
     # the warm-up runs before any online data: alpha_offline, prior / target only at 0.7 / 0.3
     assert [c[0] for c in calls] == [5.0, 5.0] + [0.5] * 12 and all(c[1] for c in calls)
     assert set(calls[0][2][:7]) <= {0, 1} and calls[0][2][7:] == [2, 2, 2]
@@ -4230,25 +3854,23 @@ def test_online_calql_bound_uses_mc_returns_of_online_successes(
 
 def test_online_ctrl_c_then_resume_equals_uninterrupted(online_setup, tmp_path, monkeypatch):
     root = online_setup
-    online.main(_online_args(root, tmp_path / "whole"))
+    online.main(_online_finetune_args(root, tmp_path / "whole"))
     with monkeypatch.context() as m:
-        # step calls: evaluation at env step 0 (1-4), rollout 1 (5-8), evaluation at 4 (9-12), Ctrl-C in rollout 2
-        _online_wrap_env(m, lambda env: _OnlineCtrlCAt(env, 14))
+        # step calls: evaluation at env step 0 (1-4), rollout 1 (5-8), evaluation at 4 (9-12),
+        # Ctrl-C in rollout 2
+        _wrap_env(m, lambda env: _CtrlCAt(env, 14))
         with pytest.raises(SystemExit) as stopped:
-            online.main(_online_args(root, tmp_path / "split"))
-    assert stopped.value.code == 130 and [
-        s for s, _ in train.list_checkpoints(tmp_path / "split")
-    ] == [4]
-    online.main(_online_args(root, tmp_path / "split", "--resume"))
-    whole, split = (
-        train.load_checkpoint(str(tmp_path / d / "ckpt_00000008.pt")) for d in ("whole", "split")
-    )
+            online.main(_online_finetune_args(root, tmp_path / "split"))
+    saved = [s for s, _ in train.list_checkpoints(tmp_path / "split")]
+    assert stopped.value.code == 130 and saved == [4]
+    online.main(_online_finetune_args(root, tmp_path / "split", "--resume"))
+    whole = train.load_checkpoint(str(tmp_path / "whole" / "ckpt_00000008.pt"))
+    split = train.load_checkpoint(str(tmp_path / "split" / "ckpt_00000008.pt"))
     for k, v in whole["agent"]["nets"]["critic"].items():
         assert torch.equal(v, split["agent"]["nets"]["critic"][k]), k
     assert whole["loop"] == split["loop"] and whole["sampler"] == split["sampler"]
-    assert _online_rows(tmp_path / "whole" / "progress.csv") == _online_rows(
-        tmp_path / "split" / "progress.csv"
-    )
+    whole_rows = _progress_rows(tmp_path / "whole" / "progress.csv")
+    assert whole_rows == _progress_rows(tmp_path / "split" / "progress.csv")
     for name in ("episode_000000.npz", "episode_000001.npz"):
         with (
             np.load(tmp_path / "whole" / "episodes" / name) as a,
@@ -4262,143 +3884,16 @@ def test_online_errors_name_the_problem(online_setup, tmp_path):
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "ckpt_00000004.pt").write_bytes(b"")
-        online.main(_online_args(root, tmp_path / "run"))
-    with pytest.raises(
-        SystemExit,
-        match=r"was fine-tuned on \['sort_mug_cube'\], but --target holds \['pick_a', 'pick_b'\]",
-    ):
-        online.main(
-            [
-                "finetune",
-                "--ckpt",
-                str(root / "ft.pt"),
-                "--prior",
-                str(root / "prior"),
-                "--target",
-                str(root / "prior"),
-                "--out",
-                str(tmp_path / "x"),
-                "--device",
-                "cpu",
-            ]
-        )
-    with pytest.raises(
-        train.CheckpointError,
-        match="episode_000003.npz: missing, but the checkpoint's replay buffer",
-    ):
+        online.main(_online_finetune_args(root, tmp_path / "run"))
+    other_target = (
+        r"was fine-tuned on \['sort_mug_cube'\], but --target holds \['pick_a', 'pick_b'\]"
+    )
+    with pytest.raises(SystemExit, match=other_target):
+        paths = ["--ckpt", root / "ft.pt", "--prior", root / "prior", "--target", root / "prior"]
+        online.main(["finetune", *map(str, paths), "--out", str(tmp_path / "x"), "--device", "cpu"])
+    missing = "episode_000003.npz: missing, but the checkpoint's replay buffer"
+    with pytest.raises(train.CheckpointError, match=missing):
         online.refill_buffer(data.ReplayBuffer(10, 32, gamma=0.9), str(tmp_path), [[3, 4]])
-
-
-def _online_png_folder(folder, value, n, rng):
-    folder.mkdir()
-    for i in range(n):
-        img = np.clip(value + rng.integers(-20, 21, (40, 40, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i}.png")
-
-
-class _OnlineBrightAt:
-    """A stand-in environment: dark 40 px images, bright after step k, 3 steps; it never rewards by itself."""
-
-    def __init__(self, k):
-        self.k, self.t = k, 0
-
-    def reset(self, seed=None):
-        self.t = 0
-        return self._obs()
-
-    def _obs(self):
-        return {
-            "image": np.full((40, 40, 3), 220 if self.t == self.k else 30, np.uint8),
-            "state": np.zeros(7, np.float32),
-        }
-
-    def step(self, action):
-        self.t += 1
-        return self._obs(), 0.0, False, self.t >= 3, {"success": False}
-
-    def close(self):
-        pass
-
-
-def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
-    online_setup, tmp_path, monkeypatch
-):
-    rng = np.random.default_rng(0)
-    _online_png_folder(tmp_path / "pos", 220, 10, rng)
-    _online_png_folder(tmp_path / "neg", 30, 10, rng)
-    clf = tmp_path / "clf.pt"
-    accuracy = online.main(
-        [
-            "classifier",
-            "--pos",
-            str(tmp_path / "pos"),
-            "--neg",
-            str(tmp_path / "neg"),
-            "--out",
-            str(clf),
-            "--arch",
-            "small",
-            "--image_size",
-            "32",
-            "--steps",
-            "40",
-            "--batch_size",
-            "16",
-            "--lr",
-            "1e-3",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert accuracy >= 0.9
-    labeler = online.load_labeler(str(clf), "cpu")
-    dark, bright = np.full((40, 40, 3), 30, np.uint8), np.full((40, 40, 3), 220, np.uint8)
-    # r_t labels the observation after action t: frames (dark, bright, dark) -> rewards (1, 0)
-    assert labeler([dark, bright, dark]).tolist() == [1.0, 0.0]
-    # rollouts labelled by the classifier (images resized 40 -> 32 for both networks): rewards (0, 1, 0)
-    monkeypatch.setattr(online, "make_env", lambda *a, **k: _OnlineBrightAt(2))
-    root, ev = online_setup, str(tmp_path / "ev.json")
-    online.main(
-        [
-            "eval",
-            "--ckpt",
-            str(root / "ft.pt"),
-            "--episodes",
-            "1",
-            "--classifier",
-            str(clf),
-            "--json",
-            ev,
-        ]
-    )
-    assert json.loads(open(ev).read())["per_episode"] == [
-        {"success": True, "return": 1.0, "length": 3}
-    ]
-    online.main(
-        _online_args(
-            root,
-            tmp_path / "run",
-            "--env_steps",
-            "3",
-            "--utd",
-            "1",
-            "--eval_every",
-            "0",
-            "--classifier",
-            str(clf),
-        )
-    )
-    with np.load(tmp_path / "run" / "episodes" / "episode_000000.npz") as z:
-        assert z["rewards"].tolist() == [0.0, 1.0, 0.0]
-    # Bridge-format input: one group per trajectory, the last N frames of each with --pos_last N
-    data.write_bridge_file(
-        str(tmp_path / "bridge" / "t" / "train" / "out.npy"),
-        [data.synthetic_trajectory(5, 32, rng) for _ in range(3)],
-    )
-    images, groups = classifier.read_images(
-        str(tmp_path / "bridge"), 32, last=2, log=lambda *a: None
-    )
-    assert images.shape == (6, 32, 32, 3) and groups.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
@@ -4409,75 +3904,63 @@ def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
     frames = [None] * 5  # 4 transitions
     assert ask(frames).tolist() == [0, 0, 0, 1] and ask(frames).tolist() == [0, 0, 0, 0]
     assert ask(frames).sum() == 0
-    assert (
-        online.make_labeler(types.SimpleNamespace(classifier=None, env="binsort", device="cpu"))
-        is None
-    )
+    in_sim = types.SimpleNamespace(classifier=None, env="binsort", device="cpu")
+    assert online.make_labeler(in_sim) is None
 
 
-# ---------------------------------------------------------------------------------------------------
-# online.py: stage-wise success (issue 10, section 2)
-# ---------------------------------------------------------------------------------------------------
-class _OnlineStagedEnv:
-    """4 steps per episode; 'grasped' holds at step 2 only (a grasp that slips), 'placed' from step
-    3 on in even-seeded episodes, which then succeed. stages=False: an env that reports no
-    stages."""
-
-    def __init__(self, stages=True):
-        self.stages = stages
-        self.t = 0
-        self.seed = None
-
-    def reset(self, seed=None):
-        self.t = 0
-        self.seed = seed
-        return self._obs()
-
-    def _obs(self):
-        return {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
-
-    def step(self, action):
-        self.t += 1
-        placed = self.t >= 3 and self.seed % 2 == 0
-        info = {"success": placed}
-        if self.stages:
-            info["stages"] = {"grasped": self.t == 2, "placed": placed}
-        return self._obs(), float(placed), False, self.t >= 4, info
-
-    def close(self):
-        pass
-
-
-class _OnlineFixedPolicy:
-    size = 8
-    task_name = None
-
-    def __call__(self, image, state, deterministic=True):
-        return np.zeros(7, np.float32), np.zeros(7, np.float32)
+# ---- the loop between the data and the environment (issue 10, part 1) ----------------------------
+@pytest.mark.parametrize("store_size", [64, 32])
+def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tmp_path, store_size):
+    """Collect one demo, convert it (at the env's size, and resized to 32 px), then drive
+    online.py's Policy with the demo's stored [-1, 1] actions: the policy is shown exactly the
+    stored images and states, the actions go rescale -> Policy (clip +-0.99) -> unscale -> env
+    with the gripper on the same side of 0.5 at every step, and the episode succeeds again."""
+    sb.collect("pick_cube_to_left", 1, str(tmp_path), image_size=64, min_val=0, log=None)
+    store = data.load_store(str(tmp_path), image_size=store_size, log=lambda *a: None)
+    sampler = data.Sampler(store, "train", gamma=0.98)
+    demo = sampler.trajectory(0)
+    raw = np.asarray(store.actions[: len(demo["action"])])
+    executed = data.unscale_actions(demo["action"].numpy(), store.action_low, store.action_high)
+    # 0 closed .. 1 open, grasp below 0.5
+    assert np.array_equal(executed[:, 6] < 0.5, raw[:, 6] < 0.5)
+    one_percent = 0.01 * (store.action_high - store.action_low).max()
+    assert np.abs(executed[:, :6] - raw[:, :6]).max() < one_percent
+    agent = _ReplayAgent(demo["action"].numpy(), store_size)
+    policy = online.Policy(agent, store.action_low, store.action_high, task=0)
+    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
+    seed = sb.env_seed_of(sb.demo_seed(0, "pick_cube_to_left", "train", 0))
+    episode = online.run_episode(env, policy, seed, max_steps=len(raw))
+    env.close()
+    assert episode["success"]
+    stored_images = _nhwc(demo["obs"])
+    stored_states = demo["state"].numpy()
+    # after the reset: the same simulator state as the stored first frame
+    image, state = agent.seen[0]
+    assert np.array_equal(image, stored_images[0]) and np.array_equal(state, stored_states[0])
+    # later frames follow actions clipped at +-0.99 of the range: the same scene within a few pixels
+    images = np.stack([img for img, _ in agent.seen])
+    assert np.abs(images.astype(int) - stored_images[: len(images)]).mean() < 2.0
 
 
+# ---- stage-wise success (issue 10, section 2) ----------------------------------------------------
 def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch, capsys):
-    results = online.evaluate(_OnlineStagedEnv(), _OnlineFixedPolicy(), 4, seed=0, log=print)
-    assert [r["stages"] for r in results] == [
-        {"grasped": True, "placed": s % 2 == 0} for s in range(4)
-    ]  # a stage counts when it was reached at any step, even if lost again
+    results = online.evaluate(_StagedEnv(), _ZeroPolicy(), 4, seed=0, log=print)
+    # a stage counts when it was reached at any step, even if lost again
+    reached = [{"grasped": True, "placed": s % 2 == 0} for s in range(4)]
+    assert [r["stages"] for r in results] == reached
     stages = online.summarize(results)["stages"]
     assert list(stages) == ["grasped", "placed"]
     # Wilson by hand, n = 4, z = 1.96: 2/4 -> 0.5 +- 0.35, 4/4 -> center 0.755, half 0.245
-    assert stages["placed"] == pytest.approx(
-        {"count": 2, "rate": 0.5, "lo": 0.150, "hi": 0.850}, abs=1e-3
-    )
-    assert stages["grasped"] == pytest.approx(
-        {"count": 4, "rate": 1.0, "lo": 0.510, "hi": 1.0}, abs=1e-3
-    )
-    assert (
-        "episode   1 seed 1: return 0.00, length 4, failure (reached: grasped)"
-        in capsys.readouterr().out
-    )
+    placed = {"count": 2, "rate": 0.5, "lo": 0.150, "hi": 0.850}
+    assert stages["placed"] == pytest.approx(placed, abs=1e-3)
+    grasped = {"count": 4, "rate": 1.0, "lo": 0.510, "hi": 1.0}
+    assert stages["grasped"] == pytest.approx(grasped, abs=1e-3)
+    episode_1 = "episode   1 seed 1: return 0.00, length 4, failure (reached: grasped)"
+    assert episode_1 in capsys.readouterr().out
     # the CLI prints each stage and writes them to the JSON; an env without stages reports none
-    monkeypatch.setattr(online, "load_policy", lambda *a: _OnlineFixedPolicy())
+    monkeypatch.setattr(online, "load_policy", lambda *a: _ZeroPolicy())
     for has_stages in (True, False):
-        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages: _OnlineStagedEnv(s))
+        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages: _StagedEnv(s))
         path = tmp_path / f"eval_{has_stages}.json"
         args = ["eval", "--ckpt", "x.pt", "--episodes", "4", "--json", path, "--device", "cpu"]
         online.main([str(a) for a in args])
@@ -4492,15 +3975,15 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
 
 
 def test_online_binarized_gripper_executes_zero_or_one():
-    """A regression policy's 0.38 near a grasp is executed as closed (0) with --binarize_gripper, 0.62 as
-    open (1); the buffer gets the executed action rescaled like the data's; the arm dimensions are kept."""
+    """A regression policy's 0.38 near a grasp is executed as closed (0) with --binarize_gripper,
+    0.62 as open (1); the buffer gets the executed action rescaled like the data's; the arm
+    dimensions are kept."""
     low = np.array([-0.05] * 3 + [-0.25] * 3 + [0.0], np.float32)
     high = np.array([0.05] * 3 + [0.25] * 3 + [1.0], np.float32)
     for gripper, executed in ((0.38, 0.0), (0.62, 1.0)):
-        action = data.rescale_actions(
-            np.array([0.01, 0, 0, 0, 0, 0, gripper], np.float32), low, high
-        )
-        agent = _SimDemoAgent(action[None], 8)
+        raw_action = np.array([0.01, 0, 0, 0, 0, 0, gripper], np.float32)
+        action = data.rescale_actions(raw_action, low, high)
+        agent = _ReplayAgent(action[None], 8)
         plain = online.Policy(agent, low, high, task=0)
         raw, _ = plain(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))
         assert raw[6] == pytest.approx(gripper, abs=1e-6)
@@ -4509,3 +3992,57 @@ def test_online_binarized_gripper_executes_zero_or_one():
         raw, scaled = binary(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))
         assert raw[6] == executed and raw[0] == pytest.approx(0.01, abs=1e-6)
         assert scaled[6] == pytest.approx(0.99 if executed else -0.99)
+
+
+# ==================================================================================================
+# benchmarks and every script's command line
+# ==================================================================================================
+
+
+def test_perf_cql_bench_prints_eager_compiled_and_their_ratio(tmp_path):
+    """`python cql.py bench` hands its flags to bench.py; the figures printed agree with each
+    other."""
+    flags = "--arch small --batch 4 --image_size 32 --num_tasks 3 --steps 1 --warmup 0"
+    proc = _run_script("cql.py", "bench", *flags.split(), "--backend", "aot_eager", expect_ok=False)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    gflop = float(re.search(r"counted ([\d.]+) GFLOP/update", out).group(1))
+    rates = {}
+    for k in ("eager", "compiled"):
+        m = re.search(
+            k + r" +([\d.]+) updates/s +([\d.]+) ms/update +([\d.]+) GFLOP/s = ([\d.]+)%", out
+        )
+        rates[k] = float(m.group(1))
+        assert float(m.group(2)) == pytest.approx(1e3 / rates[k], rel=1e-2)
+        assert float(m.group(3)) == pytest.approx(gflop * rates[k], rel=1e-2)
+        # 1 thread
+        assert float(m.group(4)) == pytest.approx(100 * gflop * rates[k] / 96.0, rel=1e-2)
+    ratio = float(re.search(r"compiled / eager ([\d.]+)x", out).group(1))
+    assert ratio == pytest.approx(rates["compiled"] / rates["eager"], rel=1e-2)
+    assert gflop > 0 and "overhead ratio (eager)" in out
+    # bench.py imports cql, so cql imports it only in main(): cql.py copied with model.py alone
+    # imports
+    for name in ("cql.py", "model.py"):
+        (tmp_path / name).write_text(open(os.path.join(HERE, name)).read())
+    alone = subprocess.run(
+        [sys.executable, "-c", "import cql"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert alone.returncode == 0, alone.stderr
+
+
+def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
+    assert issubclass(train.CheckpointError, cli.ExpectedError) and train.run_cli is cli.run_cli
+    missing = tmp_path / "missing.pt"
+    runs = [
+        (
+            "online.py",
+            ["eval", "--ckpt", missing, "--device", "cpu"],
+            f"{missing}: no such checkpoint",
+        ),
+        ("train.py", ["--data", tmp_path / "nowhere", "--out", tmp_path / "r"], "no such file"),
+        ("select_ckpt.py", [tmp_path / "nowhere"], "no such run folder"),
+    ]
+    for script, args, message in runs:
+        proc = _run_script(script, *args, expect_ok=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
