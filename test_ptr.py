@@ -3653,6 +3653,27 @@ def test_sim_scripted_sort_succeeds():
     env.close()
 
 
+def test_sim_grasp_yaw_turns_only_for_objects_too_long_for_the_opening():
+    # the opening is 2 * FINGER_MAX = 7.4 cm; with 7 mm a side an object up to 6.0 cm long fits
+    assert sb.grasp_yaw([0.060, 0.020, 0.01]) is None
+    assert sb.grasp_yaw([0.045, 0.045, 0.04]) is None
+    # longer along x: the fingers (closing along y at yaw 0) go across its short side
+    assert sb.grasp_yaw([0.065, 0.020, 0.01]) == 0.0
+    assert sb.grasp_yaw([0.020, 0.065, 0.01]) == pytest.approx(np.pi / 2)
+
+
+def test_sim_every_object_fits_the_opening_at_any_yaw():
+    """The sizes in OBJECTS are chosen so that no demo has to turn the gripper (sim_binsort.py,
+    OBJECTS): every object's long side, as loaded, is at most 6 cm."""
+    env = sb.BinSortEnv(image_size=16)
+    try:
+        for name in sb.OBJECTS:
+            env.reset(seed=0, task=f"pick_{name}_to_left")
+            assert env.grasp_yaw[name] is None, name
+    finally:
+        env.close()
+
+
 def test_sim_episodes_are_deterministic():
     """Same seed, same episode (collection with several workers relies on it); another seed,
     another scene."""
