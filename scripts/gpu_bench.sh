@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU figures of README's benchmark table in one run of under 10 minutes on one GPU (issue 13):
 #   OUT=/tmp/gpu_bench scripts/gpu_bench.sh
-# Writes into $OUT: one <step>.txt per step (its full output), summary.txt (one line per step: rc and
-# seconds, or "skipped" once the time budget is spent) and figures.txt (the lines to copy into README).
-# The steps run most important first: the ResNet-34 update eager vs compiled, the end-to-end train.py
-# steps/s on a synthetic store, the nccl check, then ResNet-18 / ResNet-50 and CUDA graphs.
+# Writes into $OUT: one <step>.txt per step (its full output), summary.txt (one line per step:
+# rc and seconds, or "skipped" once the time budget is spent) and figures.txt (the lines to copy
+# into README). The steps run most important first: the ResNet-34 update eager vs compiled, the
+# end-to-end train.py steps/s on a synthetic store, the nccl check, then ResNet-18 / ResNet-50
+# and CUDA graphs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder for the figures}
@@ -22,7 +23,8 @@ step() { # step NAME TIMEOUT_S COMMAND...: run one step unless the budget is spe
         return
     fi
     local t0=$SECONDS
-    # the commands are this file's functions: a child bash gets them exported, and timeout can kill it
+    # the commands are this file's functions: a child bash gets them exported, and timeout can
+    # kill it
     timeout "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.txt" 2>&1
     echo "$name rc=$? $((SECONDS - t0)) s" >>"$OUT/summary.txt"
 }
@@ -32,7 +34,8 @@ bench() { # bench ARCH MODE: the CQL update at batch 64, 128 px, eager vs compil
         --compile_mode "$2"
 }
 
-synthetic_tree() { # 8 tasks x 10 trajectories x 40 steps of random 128x128 images (3,200 transitions)
+# 8 tasks x 10 trajectories x 40 steps of random 128x128 images (3,200 transitions)
+synthetic_tree() {
     $PY - "$WORK/tree" <<'EOF'
 import os, sys
 import numpy as np
@@ -51,7 +54,8 @@ for task in range(8):
 EOF
 }
 
-train_steps() { # train_steps NAME FLAGS...: 400 steps of train.py; steps/s after the first 100 (warm-up)
+# train_steps NAME FLAGS...: 400 steps of train.py; steps/s after the first 100 (warm-up)
+train_steps() {
     local name=$1
     shift
     $PY - --data "$WORK/tree" --store "$WORK/store" --out "$WORK/$name" --arch resnet34 \
@@ -68,11 +72,13 @@ finally:
 rows = list(csv.DictReader(open(os.path.join(args[args.index("--out") + 1], "progress.csv"))))
 a, b = rows[0], rows[-1]
 sps = (int(b["step"]) - int(a["step"])) / (float(b["time"]) - float(a["time"]))
-print(f"end-to-end {sps:.2f} steps/s (steps {a['step']}..{b['step']}, data + augmentation + update)")
+span = f"steps {a['step']}..{b['step']}"
+print(f"end-to-end {sps:.2f} steps/s ({span}, data + augmentation + update)")
 EOF
 }
 
-nccl_check() { # train.py runs a world of 1 without a process group: check nccl itself under torchrun
+# train.py runs a world of 1 without a process group: check nccl itself under torchrun
+nccl_check() {
     cat >"$WORK/nccl_check.py" <<'EOF'
 import os
 import torch
@@ -85,7 +91,8 @@ dist.all_reduce(x)
 states = [None] * dist.get_world_size()
 dist.all_gather_object(states, {"rank": dist.get_rank()})
 dist.barrier()
-print(f"nccl ok: backend {dist.get_backend()}, world {dist.get_world_size()}, all_reduce {x.tolist()}")
+world = dist.get_world_size()
+print(f"nccl ok: backend {dist.get_backend()}, world {world}, all_reduce {x.tolist()}")
 dist.destroy_process_group()
 EOF
     local torchrun="$PY -m torch.distributed.run --standalone --nproc_per_node=1"

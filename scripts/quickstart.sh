@@ -1,78 +1,107 @@
 #!/usr/bin/env bash
-# PTR end to end on the simulated bin-sort at laptop scale (SPEC section 7): collect prior pick-and-place demos and
-# a few full-sort target demos, pre-train multi-task CQL, fine-tune offline on the target, select a checkpoint from
-# its Q-values on held-out demos, evaluate in the simulator, optionally fine-tune online; then a results table.
+# PTR end to end on the simulated bin-sort at laptop scale (SPEC section 7): collect prior
+# pick-and-place demos and a few full-sort target demos, pre-train multi-task CQL, fine-tune
+# offline on the target, select a checkpoint from its Q-values on held-out demos, evaluate in the
+# simulator, optionally fine-tune online; then a results table. The settings are those of
+# scripts/binsort_experiment.py with shorter runs (results/binsort_cpu.md measures both).
 #
-#   bash scripts/quickstart.sh                      # everything under runs/quickstart
-#   PRE_STEPS=20000 FT_STEPS=5000 ARCH=impala bash scripts/quickstart.sh   # longer, closer to the paper
-#   ONLINE_STEPS=2000 bash scripts/quickstart.sh    # also fine-tune online (Cal-QL, UTD, 0.35/0.15/0.5 mix)
+#   bash scripts/quickstart.sh                         # everything under runs/quickstart
+#   PRE_STEPS=20000 FT_STEPS=5000 bash scripts/quickstart.sh   # longer, closer to the paper
+#   ONLINE_STEPS=2000 bash scripts/quickstart.sh       # also fine-tune online (Cal-QL, UTD 10)
 #
-# Re-running continues where it stopped: collected data is kept and every phase runs with --resume.
-# Scale knobs (environment variables): N_PRIOR, N_TARGET, SIZE, ARCH, BATCH, PRE_STEPS, FT_STEPS, EPISODES,
-# ONLINE_STEPS, UTD (online gradient steps per env step: an 80-step episode costs 80 * UTD updates), OUT. The sim's paper values are used: CQL alpha 1, discount 0.98 (SPEC section 3).
+# Re-running continues where it stopped: collected data is kept and every phase runs with
+# --resume. Scale knobs (environment variables): N_PRIOR, N_TARGET, SIZE, ARCH, BATCH, PRE_STEPS,
+# FT_STEPS, EPISODES, ONLINE_STEPS, UTD (online gradient steps per env step: a 100-step episode
+# costs 100 * UTD updates), THREADS (torch threads per training process), OUT. The simulation's
+# paper values are used: CQL alpha 1, discount 0.98 (SPEC section 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 OUT=${OUT:-runs/quickstart}
-N_PRIOR=${N_PRIOR:-200} N_TARGET=${N_TARGET:-5} SIZE=${SIZE:-64} ARCH=${ARCH:-small} BATCH=${BATCH:-64}
-PRE_STEPS=${PRE_STEPS:-1500} FT_STEPS=${FT_STEPS:-600} EPISODES=${EPISODES:-10} ONLINE_STEPS=${ONLINE_STEPS:-0} UTD=${UTD:-10}
-WORKERS=${WORKERS:-$(( $(nproc 2>/dev/null || echo 2) < 4 ? $(nproc 2>/dev/null || echo 2) : 4 ))}
+N_PRIOR=${N_PRIOR:-800}
+N_TARGET=${N_TARGET:-5}
+SIZE=${SIZE:-64}
+ARCH=${ARCH:-small}
+BATCH=${BATCH:-64}
+PRE_STEPS=${PRE_STEPS:-4000}
+FT_STEPS=${FT_STEPS:-1000}
+EPISODES=${EPISODES:-20}
+ONLINE_STEPS=${ONLINE_STEPS:-0}
+UTD=${UTD:-10}
+NPROC=$(nproc 2>/dev/null || echo 2)
+WORKERS=${WORKERS:-$(( NPROC < 4 ? NPROC : 4 ))}
+export OMP_NUM_THREADS=${THREADS:-$NPROC}
 DATA=$OUT/data
 mkdir -p "$OUT"
 T0=$(date +%s)
 phase() { echo; echo "=== $1 ($(( $(date +%s) - T0 )) s so far)"; }
 
-phase "1/6 collect: $N_PRIOR pick-and-place demos (prior), $N_TARGET full-sort demos (target), ${SIZE}px"
-[ -d "$DATA/prior" ] || "$PY" sim_binsort.py collect --task pickplace --n "$N_PRIOR" --image_size "$SIZE" \
-    --workers "$WORKERS" --out "$DATA/prior"
-[ -d "$DATA/target" ] || "$PY" sim_binsort.py collect --task sort --n "$N_TARGET" --image_size "$SIZE" \
-    --workers "$WORKERS" --out "$DATA/target"
+phase "1/6 collect: $N_PRIOR pick-and-place demos (prior), $N_TARGET full-sort demos (target)"
+[ -d "$DATA/prior" ] || "$PY" sim_binsort.py collect --task pickplace --n "$N_PRIOR" \
+    --image_size "$SIZE" --workers "$WORKERS" --out "$DATA/prior"
+[ -d "$DATA/target" ] || "$PY" sim_binsort.py collect --task sort --n "$N_TARGET" \
+    --image_size "$SIZE" --workers "$WORKERS" --out "$DATA/target"
 
-# The actor imitates the data while the critic pre-trains (--bc_steps): at this scale an actor that
-# maximises Q from the first step does not learn to grasp (results/binsort_cpu.md, section 2).
-phase "2/6 pre-train multi-task CQL ($ARCH, $PRE_STEPS steps), one one-hot slot kept for the target task"
+# The actor imitates the data while the critic pre-trains (--bc_steps): at this scale an actor
+# that maximises Q from the first step does not learn to grasp (results/binsort_cpu.md).
+phase "2/6 pre-train multi-task CQL ($ARCH, $PRE_STEPS steps), one one-hot slot for the target"
 "$PY" train.py --data "$DATA/prior" --out "$OUT/pretrain" --arch "$ARCH" --steps "$PRE_STEPS" \
-    --save_every "$PRE_STEPS" --log_every 100 --batch_size "$BATCH" --alpha 1 --gamma 0.98 --extra_tasks 1 \
-    --bc_steps "$PRE_STEPS" --resume
+    --save_every "$PRE_STEPS" --log_every 250 --batch_size "$BATCH" --alpha 1 --gamma 0.98 \
+    --extra_tasks 1 --bc_steps "$PRE_STEPS" --resume
 PRE=$(ls "$OUT"/pretrain/ckpt_*.pt | tail -1)
 
-phase "3/6 fine-tune offline on the target demos ($FT_STEPS steps, tau = 0.9 prior data per batch)"
-"$PY" finetune.py --ckpt "$PRE" --prior "$DATA/prior" --target "$DATA/target" --out "$OUT/finetune" \
-    --steps "$FT_STEPS" --save_every $(( FT_STEPS / 4 > 0 ? FT_STEPS / 4 : 1 )) --log_every 100 \
-    --batch_size "$BATCH" --resume
+phase "3/6 fine-tune offline on the target demos ($FT_STEPS steps, tau = 0.9 prior data)"
+"$PY" finetune.py --ckpt "$PRE" --prior "$DATA/prior" --target "$DATA/target" \
+    --out "$OUT/finetune" --steps "$FT_STEPS" --log_every 250 --batch_size "$BATCH" \
+    --save_every $(( FT_STEPS / 4 > 0 ? FT_STEPS / 4 : 1 )) --resume
 LAST=$(ls "$OUT"/finetune/ckpt_*.pt | tail -1)
 
 phase "4/6 select the checkpoint whose Q-values rise most monotonically on held-out target demos"
 CHOSEN=$("$PY" select_ckpt.py "$OUT/finetune" | tail -1)
 
-phase "5/6 evaluate in the simulator ($EPISODES deterministic episodes each)"
-"$PY" online.py eval --ckpt "$CHOSEN" --episodes "$EPISODES" --json "$OUT/eval_selected.json" \
-    --save_video "$OUT/videos_selected"
-[ "$LAST" = "$CHOSEN" ] || "$PY" online.py eval --ckpt "$LAST" --episodes "$EPISODES" --json "$OUT/eval_last.json"
+# the gripper command executed as 0 or 1, as the protocol evaluates (online.py eval --help)
+phase "5/6 evaluate in the simulator ($EPISODES deterministic episodes each, from seed 1000)"
+"$PY" online.py eval --ckpt "$CHOSEN" --episodes "$EPISODES" --seed 1000 --binarize_gripper \
+    --json "$OUT/eval_selected.json" --save_video "$OUT/videos_selected"
+[ "$LAST" = "$CHOSEN" ] || "$PY" online.py eval --ckpt "$LAST" --episodes "$EPISODES" \
+    --seed 1000 --binarize_gripper --json "$OUT/eval_last.json"
 
 if [ "$ONLINE_STEPS" -gt 0 ]; then
     phase "6/6 fine-tune online from the selected checkpoint ($ONLINE_STEPS env steps)"
-    "$PY" online.py finetune --ckpt "$CHOSEN" --prior "$DATA/prior" --target "$DATA/target" --out "$OUT/online" \
-        --env_steps "$ONLINE_STEPS" --eval_every "$ONLINE_STEPS" --eval_episodes "$EPISODES" \
-        --save_every "$ONLINE_STEPS" --utd "$UTD" --batch_size "$BATCH" --resume
-    "$PY" online.py eval --ckpt "$(ls "$OUT"/online/ckpt_*.pt | tail -1)" --episodes "$EPISODES" \
-        --json "$OUT/eval_online.json"
+    "$PY" online.py finetune --ckpt "$CHOSEN" --prior "$DATA/prior" --target "$DATA/target" \
+        --out "$OUT/online" --env_steps "$ONLINE_STEPS" --eval_every "$ONLINE_STEPS" \
+        --eval_episodes "$EPISODES" --save_every "$ONLINE_STEPS" --utd "$UTD" \
+        --batch_size "$BATCH" --resume
+    "$PY" online.py eval --ckpt "$(ls "$OUT"/online/ckpt_*.pt | tail -1)" \
+        --episodes "$EPISODES" --seed 1000 --binarize_gripper --json "$OUT/eval_online.json"
 else
     phase "6/6 online fine-tuning skipped (set ONLINE_STEPS)"
 fi
 
 SECONDS_TOTAL=$(( $(date +%s) - T0 ))
 "$PY" - "$OUT" "$SECONDS_TOTAL" <<'PYEOF'
-import json, os, sys
+import json
+import os
+import sys
+
 out, seconds = sys.argv[1], int(sys.argv[2])
-print(f"\nPTR quickstart results (simulated bin-sort, target task: sort both objects; {seconds // 60} min {seconds % 60} s)")
-print(f"{'policy':<34} {'checkpoint':<40} {'success':>8}  95% CI (Wilson)")
-for label, name in (("offline fine-tuned, selected by Q", "eval_selected"), ("offline fine-tuned, last", "eval_last"),
-                    ("after online fine-tuning", "eval_online")):
+print(f"\nPTR quickstart on the simulated bin-sort ({seconds // 60} min {seconds % 60} s)")
+print(f"{'policy':<34} {'full sort':>9}  95% CI (Wilson)   grasped  first in bin")
+runs = (
+    ("offline fine-tuned, selected by Q", "eval_selected"),
+    ("offline fine-tuned, last", "eval_last"),
+    ("after online fine-tuning", "eval_online"),
+)
+for label, name in runs:
     path = os.path.join(out, name + ".json")
     if os.path.exists(path):
         r = json.load(open(path))
-        print(f"{label:<34} {os.path.relpath(r['ckpt'], out):<40} {r['successes']:>3}/{r['episodes']:<4}"
-              f"  {100 * r['success_lo']:.0f}% .. {100 * r['success_hi']:.0f}%")
-print("paper (Section V-E, full scale): PTR 17.41 +- 1.77 %, BC finetune 4.88 +- 4.07 %, COG 8.00 +- 1.00 %")
+        n = len(r["per_episode"])
+        stages = {k: f"{v['count']}/{n}" for k, v in r["stages"].items()}
+        ci = f"{100 * r['success_lo']:.0f}% .. {100 * r['success_hi']:.0f}%"
+        print(
+            f"{label:<34} {r['successes']:>4}/{n:<4}  {ci:<16} {stages.get('grasped', '-'):>8}"
+            f"  {stages.get('first_in_bin', '-'):>12}   ({os.path.relpath(r['ckpt'], out)})"
+        )
+print("paper (Section V-E, full scale): PTR 17.41 +- 1.77 %, BC finetune 4.88 +- 4.07 %")
 PYEOF
