@@ -129,7 +129,8 @@ MIN_GAP = 0.08  # between spawned objects, so that each can be grasped alone
 GRASP_MARGIN = 0.007  # clearance a side between an object's long side and the open fingers
 # Other objects in a pick-place scene. None by default: with one, a 64 px policy must also tell the
 # commanded object from the other before it can learn where it is, and at laptop scale it does not
-# (multi-task BC after 20k steps still reached for the average position; results/binsort_cpu.md).
+# (multi-task BC after 20k steps still reached for the average position;
+# results/binsort_round3/report.md).
 DISTRACTORS = 0
 # name -> (pybullet_data URDF, scale, RGBA or None to keep the texture).
 # No "_" in names: task names are split at "_".
