@@ -317,13 +317,15 @@ def evaluate(
     video=None,
     labeler=None,
     log=print,
+    deterministic=True,
 ):
-    """Deterministic episodes, episode i from env.reset(seed + i): reproducible. video:
-    (folder, "gif" | "png"). Returns [{success, return, length (, stages)}] per episode,
-    or None when stopped."""
+    """Episodes from env.reset(seed + i): reproducible. deterministic: the actor's mean action
+    (False: a sample, drawn from the agent's seeded generator). video: (folder, "gif" | "png").
+    Returns [{success, return, length (, stages)}] per episode, or None when stopped."""
     results = []
     for i in range(episodes):
-        ep = run_episode(env, policy, seed + i, True, max_steps, stop, bool(video), labeler)
+        keep = bool(video)
+        ep = run_episode(env, policy, seed + i, deterministic, max_steps, stop, keep, labeler)
         if ep is None:  # stopped: no reset either
             return None
         resetter()
@@ -743,6 +745,7 @@ def cmd_eval(args):
             resetter,
             video=video,
             labeler=labeler,
+            deterministic=not args.sample_actions,
         )
     finally:
         env.close()
@@ -753,7 +756,8 @@ def cmd_eval(args):
             f"  stage {name}: {rate_text(stage['count'], s['episodes'], stage['lo'], stage['hi'])}"
         )
     if args.json:
-        doc = {**s, "ckpt": args.ckpt, "per_episode": results}
+        doc = {**s, "ckpt": args.ckpt, "sampled_actions": args.sample_actions}
+        doc["per_episode"] = results
         atomic_write_text(json.dumps(doc, indent=2) + "\n", args.json)
     return s
 
@@ -792,7 +796,7 @@ def add_env_args(p):
 
 def add_eval_parser(sub):
     e = sub.add_parser(
-        "eval", help="deterministic episodes: success rate with a 95%% Wilson interval"
+        "eval", help="reproducible episodes: success rate with a 95%% Wilson interval"
     )
     e.add_argument("--ckpt", required=True, help="a PTR checkpoint of any phase")
     e.add_argument("--episodes", type=int, default=OnlineConfig.eval_episodes)
@@ -809,6 +813,15 @@ def add_eval_parser(sub):
     )
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # Measured on the bin-sort (results/binsort_cpu.md, round 4): an imitating tanh-Gaussian actor's
+    # mean gripper command stops at 0.5-0.8 where the demos close, the arm stands still and the mean
+    # action never changes; a sample crosses the threshold.
+    e.add_argument(
+        "--sample_actions",
+        action="store_true",
+        help="draw each action from the actor (tanh-Gaussian) instead of taking its mean; "
+        "a BC policy is deterministic either way",
+    )
     add_env_args(e)
 
 

@@ -3995,6 +3995,32 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
             assert all("stages" not in e for e in doc["per_episode"])
 
 
+class _RecordingPolicy(_ZeroPolicy):
+    """_ZeroPolicy that records the `deterministic` flag of every call."""
+
+    def __init__(self):
+        self.flags = []
+
+    def __call__(self, image, state, deterministic=True):
+        self.flags.append(deterministic)
+        return super().__call__(image, state, deterministic)
+
+
+def test_online_eval_samples_actions_only_when_asked(tmp_path, monkeypatch):
+    policy = _RecordingPolicy()
+    online.evaluate(_StagedEnv(), policy, 2, seed=0, log=lambda line: None)
+    assert policy.flags == [True] * 8  # 2 episodes of 4 steps, the actor's mean
+    for flag, expected in ((["--sample_actions"], False), ([], True)):
+        policy = _RecordingPolicy()
+        monkeypatch.setattr(online, "load_policy", lambda *a, p=policy: p)
+        monkeypatch.setattr(online, "make_env", lambda *a: _StagedEnv())
+        path = tmp_path / f"eval_{expected}.json"
+        args = ["eval", "--ckpt", "x.pt", "--episodes", "2", "--json", str(path), *flag]
+        online.main(args + ["--device", "cpu"])
+        assert policy.flags == [expected] * 8
+        assert json.loads(path.read_text())["sampled_actions"] is not expected
+
+
 def test_online_binarized_gripper_executes_zero_or_one():
     """A regression policy's 0.38 near a grasp is executed as closed (0) with --binarize_gripper,
     0.62 as open (1); the buffer gets the executed action rescaled like the data's; the arm
