@@ -922,9 +922,8 @@ class Store:
         ids = self.trajectory_ids(split)
         if len(ids) == 0:
             raise ValueError(f"{self.path}: no {split} trajectories to take state statistics of")
-        first = (
-            self.traj_start[ids] + ids
-        )  # trajectory i's frames start after i earlier extra frames
+        # trajectory i's T + 1 frames start after the i extra (final) frames of those before it
+        first = self.traj_start[ids] + ids
         frames = np.concatenate(
             [np.arange(f, f + n + 1) for f, n in zip(first, self.traj_length[ids])]
         )
