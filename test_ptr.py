@@ -3756,10 +3756,12 @@ def test_sim_recorded_actions_replayed_open_loop_reproduce_the_success():
 
 def test_sim_stages_on_a_scripted_sort():
     """info["stages"] of a scripted sort: grasped before either object is in its bin, first_in_bin
-    before both_in_bins, and both_in_bins == success at the end."""
+    before both_in_bins, and both_in_bins == success at the end. The demo sorts in the goal's order:
+    the mug is in its bin first."""
     env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
     obs = env.reset(seed=3)
     assert env.info()["stages"] == {"grasped": False, "first_in_bin": False, "both_in_bins": False}
+    assert list(env.goal) == list(sb.SORT_PAIR)
     policy = sb.ScriptedPolicy(env, 0.0, np.random.default_rng(3))
     first = {}
     for t in range(80):
@@ -3767,8 +3769,11 @@ def test_sim_stages_on_a_scripted_sort():
         for stage, holds in info["stages"].items():
             if holds:
                 first.setdefault(stage, t)
+        if info["stages"]["first_in_bin"] and "in_bin_first" not in first:
+            first["in_bin_first"] = {k: v for k, v in info["in_bin"].items() if v}
         if reward:
             break
+    assert first["in_bin_first"] == {"mug": "left"}
     assert info["success"] and info["stages"]["both_in_bins"]
     assert first["grasped"] < first["first_in_bin"] < first["both_in_bins"]
     placed = sb.task_stages("pick", {"cube": "left"}, {"cube": "left", "duck": None}, None)

@@ -9,16 +9,18 @@ demos of the target sort, then trains, each job one thread, --jobs at a time:
     cql_pre   multi-task CQL pre-training with one reserved one-hot slot   (PTR, phase 1)
     bc_pre    multi-task BC pre-training                                     (BC finetune, phase 1)
     ptr       cql_pre fine-tuned offline on the target, tau = 0.9 prior data (PTR, phase 2)
+    ptr_q     the same with the paper's Q-maximising actor in fine-tuning  (PTR as published)
     bc_ft     bc_pre fine-tuned on the target, tau = 0.9                     (BC finetune)
     cog       CQL trained from scratch on prior + target mixed 0.9 / 0.1     (COG / CQL joint)
     bc_joint  BC trained from scratch on prior + target mixed 0.9 / 0.1      (BC joint)
     cql_tgt   CQL on the target demos alone                                  (target data only)
 Joint runs get as many gradient steps as pre-training plus fine-tuning, target-only CQL as many as
-fine-tuning. PTR's checkpoint is chosen by select_ckpt.py from Q-values on held-out target demos
+fine-tuning. PTR's checkpoints are chosen by select_ckpt.py from Q-values on held-out target demos
 (phase 3); every method's last checkpoint is evaluated on the sort, and every saved PTR checkpoint
 too, so the chosen one can be compared with the best. The pre-trained policies are evaluated on
-held-in pick-place tasks. Evaluations: online.py eval, deterministic episodes from fixed seeds,
-success and stages with Wilson 95% intervals, one JSON each.
+held-in pick-place tasks. Evaluations: online.py eval, episodes from fixed seeds, actions sampled
+from the tanh-Gaussian actor of the CQL runs (--sample_actions; BC is deterministic), success and
+stages with Wilson 95% intervals, one JSON each.
 
 Everything lands in --out: data/, one run folder per job, logs/<job>.log, eval/<name>.json, then
 results.md (the table, with the commands) and success_vs_steps.png. Re-running skips what is done
@@ -47,14 +49,17 @@ from runfolder import CKPT_PATTERN, list_checkpoints  # noqa: E402
 SORT_TASK = "sort_mug_cube"
 PICK_TASKS = ("pick_cube_to_left", "pick_duck_to_right", "pick_mug_to_left", "pick_ball_to_right")
 METHODS = {  # run folder -> the table's name for it
-    "ptr": "PTR (CQL pre-training + offline fine-tuning)",
+    "ptr": "PTR (CQL pre-training + offline fine-tuning, actor imitating)",
+    "ptr_q": "PTR, Q-maximising actor in fine-tuning (as published)",
     "bc_ft": "BC finetune",
     "cog": "COG (CQL joint training)",
     "bc_joint": "BC joint",
     "cql_tgt": "CQL on target data only",
 }
+CQL_RUNS = ("cql_pre", "ptr", "ptr_q", "cog", "cql_tgt")  # tanh-Gaussian actors
 PAPER = {  # Section V-E, the simulated bin-sort, 95% intervals
     "ptr": "17.41 +- 1.77",
+    "ptr_q": "17.41 +- 1.77",
     "bc_ft": "4.88 +- 4.07",
     "cog": "8.00 +- 1.00",
     "bc_joint": "7.00 +- 0.00",
@@ -74,13 +79,15 @@ class Protocol:
     alpha: float = 1.0  # the paper's simulation values (SPEC section 3)
     gamma: float = 0.98
     mix: float = 0.9  # tau: prior data per fine-tuning / joint batch
-    cql_pre_steps: int = 5000
-    # every CQL run from scratch: the actor's first N updates imitate the data (cql.AgentConfig
-    # bc_steps), then it maximises Q; fine-tuning resumes past them, so PTR's actor maximises Q
-    # there. Measured: a Q-maximising actor trained from scratch does not learn to grasp at this
-    # scale.
-    cql_bc_steps: int = 5000
-    bc_pre_steps: int = 5000
+    cql_pre_steps: int = 10000
+    # every CQL run: the actor's first N updates, counted from the start of pre-training, imitate
+    # the data (cql.AgentConfig bc_steps), then it maximises Q. The default covers every update of
+    # every run, so only ptr_q's actor maximises Q (from its first fine-tuning update, as in the
+    # paper). Measured (results/binsort_cpu.md): a Q-maximising actor trained from scratch does not
+    # learn to grasp at this scale, and in fine-tuning it loses the pre-trained grasp within 500
+    # updates; the critic is trained by CQL in every run and chooses PTR's checkpoint.
+    cql_bc_steps: int = 12000
+    bc_pre_steps: int = 10000
     ft_steps: int = 2000
     bc_ft_steps: int = 2000
     ft_save_every: int = 250  # PTR checkpoints to choose from
@@ -90,6 +97,9 @@ class Protocol:
     curve_episodes: int = 10  # per task and saved pre-training checkpoint (success vs steps)
     raw_evals: int = 0  # 1: also evaluate with the gripper as predicted (not binarized)
     eval_seed: int = 1000  # evaluation episodes use seeds the data never used
+    # 1: the CQL runs' actors are evaluated with sampled actions. Their mean gripper command stalls
+    # between open and closed where the demos close (results/binsort_cpu.md, round 4).
+    sample_actions: int = 1
     extra: list = field(default_factory=list)  # flags passed to every training command
 
 
@@ -103,6 +113,13 @@ class Job:
     def done(self):
         return bool(self.done_file) and os.path.exists(self.done_file)
 
+    def sampling(self, sample_actions):
+        """This evaluation job with actions drawn from the actor (online.py eval
+        --sample_actions) when sample_actions is true."""
+        if sample_actions:
+            self.cmd.append("--sample_actions")
+        return self
+
 
 def python(*args):
     return [sys.executable, *args]
@@ -112,14 +129,15 @@ def ckpt_path(run_dir, step):
     return os.path.join(run_dir, CKPT_PATTERN.format(step))
 
 
-def selected_ckpt(out):
-    """The checkpoint select_ckpt.py chose (its selection.json in the PTR run folder), or None."""
-    path = os.path.join(out, "ptr", "selection.json")
+def selected_ckpt(out, method="ptr"):
+    """The checkpoint select_ckpt.py chose (selection.json in the method's run folder), or None."""
+    path = os.path.join(out, method, "selection.json")
     return json.load(open(path))["chosen"] if os.path.exists(path) else None
 
 
 def build_jobs(p, out):
-    """Every job of the protocol, in the order the scheduler prefers (long runs first)."""
+    """Every job of the protocol, in the order the scheduler prefers (long runs first, PTR's
+    fine-tuning as soon as its pre-training is done)."""
     d = os.path.join(out, "data")
     prior = os.path.join(d, "prior")
     target = os.path.join(d, "target")
@@ -137,11 +155,11 @@ def build_jobs(p, out):
         cmd += ["--save_every", str(save_every or max(steps // 4, 1)), *algo, *common, *flags]
         return Job(name, cmd + ["--resume"], ("collect",), ckpt_path(run[name], steps))
 
-    def finetune(name, pre, steps, save_every):
+    def finetune(name, pre, steps, save_every, *flags):
         cmd = python("finetune.py", "--ckpt", ckpt_path(run[pre], pre_steps[pre]), "--prior", prior)
         cmd += ["--target", target, "--out", run[name], "--mix", str(p.mix), "--steps", str(steps)]
         cmd += ["--save_every", str(save_every), "--batch_size", str(p.batch_size)]
-        cmd += ["--log_every", "250", "--resume"]
+        cmd += ["--log_every", "250", *flags, "--resume"]
         return Job(name, cmd, (pre,), ckpt_path(run[name], steps))
 
     pre_steps = {"cql_pre": p.cql_pre_steps, "bc_pre": p.bc_pre_steps}
@@ -157,15 +175,23 @@ def build_jobs(p, out):
         train("cql_pre", p.cql_pre_steps, cql, "--extra_tasks", "1"),
         train("cog", joint_cql_steps, cql, "--target", target, "--mix", str(p.mix)),
         train("bc_pre", p.bc_pre_steps, bc, "--extra_tasks", "1"),
+        finetune("ptr", "cql_pre", p.ft_steps, p.ft_save_every, "--bc_steps", str(p.cql_bc_steps)),
+        # the actor maximises Q from the first fine-tuning update
+        finetune(
+            "ptr_q", "cql_pre", p.ft_steps, p.ft_save_every, "--bc_steps", str(p.cql_pre_steps)
+        ),
         train("bc_joint", joint_bc_steps, bc, "--target", target, "--mix", str(p.mix)),
-        finetune("ptr", "cql_pre", p.ft_steps, p.ft_save_every),
         finetune("bc_ft", "bc_pre", p.bc_ft_steps, max(p.bc_ft_steps // 4, 1)),
         # 5 demos, as many steps as fine-tuning, imitating for the joint run's share of its steps
         train("cql_tgt", p.ft_steps, [*cql_base, "--bc_steps", str(target_bc_steps)], data=target),
     ]
-    select = python("select_ckpt.py", run["ptr"], "--plot", os.path.join(out, "qvalues.png"))
-    jobs.append(Job("select", select, ("ptr",), os.path.join(run["ptr"], "selection.json")))
+    for method, plot in (("ptr", "qvalues.png"), ("ptr_q", "qvalues_ptr_q.png")):
+        select = python("select_ckpt.py", run[method], "--plot", os.path.join(out, plot))
+        done_file = os.path.join(run[method], "selection.json")
+        jobs.append(Job("select_" + method, select, (method,), done_file))
     evals = os.path.join(out, "eval")
+    # the CQL runs' actors are tanh-Gaussian: sampled when the protocol says so; BC's are not
+    sampled = {name: bool(p.sample_actions) and name in CQL_RUNS for name in run}
     for pre in ("cql_pre", "bc_pre"):
         for task in PICK_TASKS:
             for binary in (True, False) if p.raw_evals else (True,):
@@ -173,25 +199,28 @@ def build_jobs(p, out):
                 job = eval_job(
                     f"{pre}_{task}", ckpt, p.pick_episodes, p, evals, (pre,), binary, task
                 )
-                jobs.append(job)
+                jobs.append(job.sampling(sampled[pre]))
     for pre in ("cql_pre", "bc_pre"):  # the learning curve: every saved pre-training checkpoint
         for step in pre_save_steps(p, pre, out):
             for task in PICK_TASKS:
                 ckpt = ckpt_path(run[pre], step)
                 name = f"curve_{pre}_{step:06d}_{task}"
-                jobs.append(eval_job(name, ckpt, p.curve_episodes, p, evals, (pre,), True, task))
+                job = eval_job(name, ckpt, p.curve_episodes, p, evals, (pre,), True, task)
+                jobs.append(job.sampling(sampled[pre]))
     for method in METHODS:
-        ckpt = "SELECTED" if method == "ptr" else f"LAST:{run[method]}"
-        deps = ("select",) if method == "ptr" else (method,)
+        chosen = method in ("ptr", "ptr_q")
+        ckpt = f"SELECTED:{method}" if chosen else f"LAST:{run[method]}"
+        deps = ("select_" + method,) if chosen else (method,)
         for binary in (True, False) if p.raw_evals and method in ("ptr", "bc_ft") else (True,):
             job = eval_job(
                 f"sort_{method}", ckpt, p.sort_episodes, p, evals, deps, binary, SORT_TASK
             )
-            jobs.append(job)
+            jobs.append(job.sampling(sampled[method]))
     for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
         ckpt = ckpt_path(run["ptr"], step)
         name = f"ptr_step_{step:06d}"
-        jobs.append(eval_job(name, ckpt, p.ckpt_episodes, p, evals, ("ptr",), True, SORT_TASK))
+        job = eval_job(name, ckpt, p.ckpt_episodes, p, evals, ("ptr",), True, SORT_TASK)
+        jobs.append(job.sampling(sampled["ptr"]))
     return jobs
 
 
@@ -226,8 +255,8 @@ def resolve(cmd, out):
     """Checkpoint placeholders filled in once the job that writes them is done."""
     resolved = []
     for arg in cmd:
-        if arg == "SELECTED":
-            arg = selected_ckpt(out)
+        if arg.startswith("SELECTED:"):
+            arg = selected_ckpt(out, arg[9:])
         elif arg.startswith("LAST:"):
             arg = list_checkpoints(arg[5:])[-1][1]
         resolved.append(arg)
@@ -316,6 +345,13 @@ def percent(r, key="success"):
     return f"{100 * rate:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def actions_text(r, suffix):
+    """How an evaluation acted: the actor's mean or a sample; the gripper as predicted (_raw) or
+    binarized."""
+    actions = "sampled" if r.get("sampled_actions") else "mean"
+    return actions + (", gripper as predicted" if suffix == "_raw" else "")
+
+
 def write_table(p, out, seconds=None):
     """results.md: the pick-place and sort tables, selection against the best checkpoint, the
     commands."""
@@ -324,9 +360,9 @@ def write_table(p, out, seconds=None):
     if seconds is not None:
         lines += [f"Wall time of this invocation: {seconds / 60:.0f} min.", ""]
     lines += ["## Pre-trained multi-task policies on held-in pick-place tasks", ""]
-    lines += ["| policy | gripper | task | success [95% CI] | grasped |", "|---|---|---|---|---|"]
+    lines += ["| policy | actions | task | success [95% CI] | grasped |", "|---|---|---|---|---|"]
     for pre in ("cql_pre", "bc_pre"):
-        for suffix, gripper in (("", "binarized"), ("_raw", "as predicted")):
+        for suffix in ("", "_raw"):
             total = 0
             n = 0
             for task in PICK_TASKS:
@@ -335,12 +371,13 @@ def write_table(p, out, seconds=None):
                     continue
                 total += r["successes"]
                 n += r["episodes"]
+                actions = actions_text(r, suffix)
                 lines.append(
-                    f"| {pre} | {gripper} | {task} | {percent(r)} | {percent(r, 'grasped')} |"
+                    f"| {pre} | {actions} | {task} | {percent(r)} | {percent(r, 'grasped')} |"
                 )
             if n:
                 lines.append(
-                    f"| {pre} | {gripper} | **mean of {n} episodes** | "
+                    f"| {pre} | {actions} | **mean of {n} episodes** | "
                     f"**{100 * total / n:.0f}%** | |"
                 )
     curves = pretraining_curves(p, out)
@@ -358,16 +395,20 @@ def write_table(p, out, seconds=None):
                 lines.append("| " + " | ".join(row) + f" | {percent(r, 'placed')} |")
     lines += ["", "## The target task: sort both objects (paper Table VII)", ""]
     lines += [
-        "| method | gripper | full success [95% CI] | grasped | first object in its bin | paper |",
+        "| method | actions | full success [95% CI] | grasped | first object in its bin | paper |",
         "|---|---|---|---|---|---|",
     ]
     for method, label in METHODS.items():
-        for suffix, gripper in (("", "binarized"), ("_raw", "as predicted")):
+        for suffix in ("", "_raw"):
             r = load_eval(out, f"sort_{method}{suffix}")
             if r is None:
                 continue
-            row = [label, gripper, percent(r), percent(r, "grasped"), percent(r, "first_in_bin")]
+            actions = actions_text(r, suffix)
+            row = [label, actions, percent(r), percent(r, "grasped"), percent(r, "first_in_bin")]
             lines.append("| " + " | ".join(row) + f" | {PAPER[method]} % |")
+    for method in ("ptr", "ptr_q"):
+        if selected_ckpt(out, method):
+            lines += ["", f"{method}: select_ckpt.py chose `{selected_ckpt(out, method)}`."]
     steps = ptr_checkpoint_evals(p, out)
     chosen = selected_ckpt(out)
     if steps and chosen:
