@@ -13,6 +13,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -4098,3 +4099,32 @@ def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
         proc = _run_script(script, *args, expect_ok=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tmp_path):
+    """The protocol's commands: every CQL actor is evaluated with sampled actions and BC's are not;
+    PTR's actor imitates through fine-tuning, ptr_q's maximises Q from its first fine-tuning update;
+    each PTR variant's sort evaluation takes the checkpoint its own select_ckpt.py run chose."""
+    spec = importlib.util.spec_from_file_location(
+        "binsort_experiment", os.path.join(HERE, "scripts", "binsort_experiment.py")
+    )
+    be = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(be)
+    p = be.Protocol(cql_pre_steps=100, cql_bc_steps=120, ft_steps=20, ft_save_every=10)
+    jobs = {job.name: job.cmd for job in be.build_jobs(p, str(tmp_path))}
+
+    def flag(cmd, name):
+        return cmd[cmd.index(name) + 1]
+
+    assert flag(jobs["ptr"], "--bc_steps") == "120" and flag(jobs["ptr_q"], "--bc_steps") == "100"
+    assert flag(jobs["cog"], "--bc_steps") == "120" and flag(jobs["cql_pre"], "--bc_steps") == "120"
+    evals = {name[5:]: cmd for name, cmd in jobs.items() if name.startswith("eval_")}
+    assert evals and all(
+        ("--sample_actions" in cmd) == ("bc_" not in name) for name, cmd in evals.items()
+    )
+    assert flag(evals["sort_ptr_q"], "--ckpt") == "SELECTED:ptr_q"
+    (tmp_path / "ptr_q").mkdir()
+    (tmp_path / "ptr_q" / "selection.json").write_text(json.dumps({"chosen": "q.pt"}))
+    assert flag(be.resolve(evals["sort_ptr_q"], str(tmp_path)), "--ckpt") == "q.pt"
+    unsampled = be.build_jobs(be.Protocol(sample_actions=0), str(tmp_path))
+    assert not any("--sample_actions" in job.cmd for job in unsampled)
