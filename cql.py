@@ -562,10 +562,11 @@ class Agent:
         }
 
     @classmethod
-    def from_state_dict(cls, d, device="cpu"):
-        """An agent built with the checkpoint's own config, then loaded."""
+    def from_state_dict(cls, d, device="cpu", strict=True):
+        """An agent built with the checkpoint's own config, then loaded (strict: see
+        load_state_dict)."""
         agent = cls(AgentConfig(**d["config"]), device)
-        agent.load_state_dict(d)
+        agent.load_state_dict(d, strict)
         return agent
 
     def load_state_dict(self, d, strict=True):

@@ -7,6 +7,7 @@ rollouts lives in classifier.py; `online.py classifier` trains it.
     python online.py finetune --ckpt runs/ft/ckpt_00005000.pt --env binsort --prior data/prior \
         --target data/target --env_steps 20000 --out runs/online
     python online.py classifier --pos door_open/ --neg door_closed/ --out clf.pt
+    python online.py export --ckpt runs/ft/ckpt_00005000.pt --out ptr_policy.pt  # actors only
     python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt \
         --reset_ckpt reset.pt
 
@@ -72,6 +73,7 @@ from train import (
     claim_run_folder,
     learner_overrides,
     load_checkpoint,
+    policy_checkpoint,
     prune_checkpoints,
     restore_rng,
     train_step,
@@ -391,7 +393,7 @@ def load_policy(path, device, task=None, binarize_gripper=False):
     """The actor of any PTR checkpoint; task by name or index, default the fine-tuned
     (or online) target."""
     ckpt = load_checkpoint(path)
-    agent = agent_from_checkpoint(ckpt, device, path)
+    agent = agent_from_checkpoint(ckpt, device, path, acting_only=True)
     names = ckpt["task_names"]
     if task is None:
         task = ckpt.get("online_task", (ckpt.get("target_task_ids") or [0])[0])
@@ -762,6 +764,15 @@ def cmd_eval(args):
     return s
 
 
+def cmd_export(args):
+    """Write the checkpoint's actors alone (train.policy_checkpoint), atomically."""
+    ckpt = policy_checkpoint(load_checkpoint(args.ckpt))
+    ckpt["source_ckpt"] = os.path.abspath(args.ckpt)
+    atomic_torch_save(ckpt, args.out)
+    size = os.path.getsize(args.out) / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB): the actors of {args.ckpt}, for online.py eval")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -870,8 +881,16 @@ def main(argv=None):
     add_finetune_parser(sub)
     c = sub.add_parser("classifier", help="train the success classifier (Appendix F)")
     add_classifier_args(c)
+    x = sub.add_parser("export", help="a checkpoint's actors alone, to share: `eval` loads it")
+    x.add_argument("--ckpt", required=True)
+    x.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    commands = {"eval": cmd_eval, "finetune": cmd_finetune, "classifier": cmd_classifier}
+    commands = {
+        "eval": cmd_eval,
+        "finetune": cmd_finetune,
+        "classifier": cmd_classifier,
+        "export": cmd_export,
+    }
     return commands[args.cmd](args)
 
 

@@ -4012,6 +4012,36 @@ class _RecordingPolicy(_ZeroPolicy):
         return super().__call__(image, state, deterministic)
 
 
+def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(online_setup, tmp_path):
+    """online.py export: the actors alone, a fraction of the checkpoint; the policy loaded from it
+    acts exactly as the original's; fine-tuning from it stops with a one-line error."""
+    root = online_setup
+    small = tmp_path / "policy.pt"
+    online.main(["export", "--ckpt", str(root / "ft.pt"), "--out", str(small)])
+    ckpt = train.load_checkpoint(str(small))
+    assert ckpt["kind"] == "policy" and list(ckpt["agent"]["nets"]) == ["policy"]
+    assert ckpt["agent"]["optimizers"] == {} and "sampler" not in ckpt
+    assert os.path.getsize(small) < 0.5 * os.path.getsize(root / "ft.pt")
+    original = online.load_policy(str(root / "ft.pt"), "cpu")
+    exported = online.load_policy(str(small), "cpu")
+    assert (
+        (exported.task, exported.task_name)
+        == (original.task, original.task_name)
+        == (2, "sort_mug_cube")
+    )
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    state = rng.normal(size=7).astype(np.float32)
+    for a, b in zip(original(image, state), exported(image, state)):
+        assert np.array_equal(a, b)
+    argv = _online_finetune_args(root, tmp_path / "run")
+    argv[argv.index("--ckpt") + 1] = str(small)
+    proc = _run_script("online.py", *argv, expect_ok=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "policy-only checkpoint" in lines[0] and "not trained" in lines[0]
+
+
 def test_online_eval_samples_actions_only_when_asked(tmp_path, monkeypatch):
     policy = _RecordingPolicy()
     online.evaluate(_StagedEnv(), policy, 2, seed=0, log=lambda line: None)

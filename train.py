@@ -42,6 +42,8 @@ from model import ARCHS, HEADS, NORMS
 from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints, steps_to_delete
 
 CKPT_FORMAT = 1
+POLICY_KIND = "policy"  # a checkpoint cut down to its actors (policy_checkpoint)
+ACTORS = ("policy", "bc_policy")  # the networks that act: CQL's tanh-Gaussian, BC's MSE policy
 PRETRAIN_KEEP_LAST = 5  # ours: a pre-training run keeps its 5 newest checkpoints (issue 14)
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
 RESERVED_TASK = (
@@ -111,13 +113,34 @@ def check_compatible(ckpt, path, expected):
             )
 
 
-def agent_from_checkpoint(ckpt, device, path="checkpoint"):
+def agent_from_checkpoint(ckpt, device, path="checkpoint", acting_only=False):
+    """The agent a checkpoint holds. acting_only: a policy checkpoint (policy_checkpoint) is
+    accepted, its critic left as initialised; training needs the whole checkpoint."""
+    policy_only = ckpt.get("kind") == POLICY_KIND
+    if policy_only and not acting_only:
+        raise CheckpointError(
+            f"{path}: a policy-only checkpoint (online.py export) can be evaluated but not trained "
+            "from; use the run folder's ckpt_*.pt"
+        )
     try:
-        return Agent.from_state_dict(ckpt["agent"], device)
+        return Agent.from_state_dict(ckpt["agent"], device, strict=not policy_only)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{path}: weights do not fit the network its config describes ({e})"
         ) from None
+
+
+def policy_checkpoint(ckpt):
+    """The acting part of a checkpoint, for sharing a result: the actors' weights (with their
+    state normalization), the config, task names and action bounds. No critic, optimizer or run
+    state: about a tenth of the size; online.py eval loads it, training does not."""
+    agent = ckpt["agent"]
+    nets = {name: agent["nets"][name] for name in ACTORS if name in agent["nets"]}
+    run_state = ("agent", "sampler", "rng", "rank_states")
+    kept = {k: v for k, v in ckpt.items() if k not in run_state}
+    actor = {"config": agent["config"], "updates": agent["updates"], "log_temp": agent["log_temp"]}
+    actor.update(nets=nets, optimizers={}, generator=agent["generator"])
+    return {**kept, "kind": POLICY_KIND, "source_kind": ckpt.get("kind"), "agent": actor}
 
 
 def capture_rng():
