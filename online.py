@@ -824,9 +824,9 @@ def add_eval_parser(sub):
     )
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # Measured on the bin-sort (results/binsort_cpu.md, round 4): an imitating tanh-Gaussian actor's
-    # mean gripper command stops at 0.5-0.8 where the demos close, the arm stands still and the mean
-    # action never changes; a sample crosses the threshold.
+    # Measured on the bin-sort (results/binsort_round4/report.md): an imitating tanh-Gaussian
+    # actor's mean gripper command stops at 0.5-0.8 where the demos close, the arm stands still
+    # and the mean action never changes; a sample crosses the threshold.
     e.add_argument(
         "--sample_actions",
         action="store_true",

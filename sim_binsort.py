@@ -21,7 +21,7 @@ Design choices (SPEC sections 2, 5, 6, 7):
   opening (>= 0.5) releases it. The fingers still close onto the object, so images and the gripper
   state look like a real grasp. The rule is forgiving: closing with the fingertips up to 3 cm off
   the object's centre and up to 3.5 cm above the table grasps in 177 of 180 attempts over 5 objects
-  (scripts/grasp_tolerance.py; results/binsort_cpu.md, section 1).
+  (scripts/grasp_tolerance.py; results/grasp_tolerance.txt, results/binsort_round2/report.md).
 - Bins "left" and "right" as seen in the image (the camera faces the robot: image left = robot's
   right, -y).
 - Episodes end at the step limit (truncated: 40 pick-place, 80 sort); terminate_on_success=True
@@ -138,7 +138,7 @@ DISTRACTORS = 0
 # GRASP_MARGIN a side whatever its yaw, and the demos never turn the gripper. At the old sizes the
 # mug (7.5 cm with its handle), stick (7.0) and jenga block (6.8) had to be grasped at one yaw,
 # which a 64 px policy must read from the image, and learned policies grasped the mug in 0-8 of
-# 25 episodes (results/binsort_cpu.md, round 4).
+# 25 episodes (results/binsort_round4/report.md).
 OBJECTS = {
     "cube": ("cube_small.urdf", 0.9, (0.85, 0.1, 0.1, 1)),
     "duck": ("duck_vhacd.urdf", 0.45, None),

@@ -98,7 +98,7 @@ class Protocol:
     raw_evals: int = 0  # 1: also evaluate with the gripper as predicted (not binarized)
     eval_seed: int = 1000  # evaluation episodes use seeds the data never used
     # 1: the CQL runs' actors are evaluated with sampled actions. Their mean gripper command stalls
-    # between open and closed where the demos close (results/binsort_cpu.md, round 4).
+    # between open and closed where the demos close (results/binsort_round4/report.md).
     sample_actions: int = 1
     extra: list = field(default_factory=list)  # flags passed to every training command
 

@@ -1,6 +1,6 @@
 """How forgiving is the simulator's grasp? For each object: move the fingertips above it with an
-offset, descend to a closing height, close, lift, and count the grasps (results/binsort_cpu.md,
-"the loop").
+offset, descend to a closing height, close, lift, and count the grasps
+(results/binsort_round2/report.md, "the loop").
 
     python scripts/grasp_tolerance.py --objects cube mug duck ball lego --resets 3
 """
