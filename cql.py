@@ -36,7 +36,13 @@ import torch.nn.functional as F
 
 # SuccessClassifier is re-exported for online.py, which may import cql but not
 # model (SPEC section 2)
-from model import BCPolicy, QNetwork, SuccessClassifier, TanhGaussianPolicy, make_encoder  # noqa: F401
+from model import (  # noqa: F401
+    BCPolicy,
+    QNetwork,
+    SuccessClassifier,
+    TanhGaussianPolicy,
+    make_encoder,
+)
 
 ALGOS = ("cql", "bc", "awbc")
 # torch.compile modes of Agent.compile(): inductor's default, CUDA graphs (removes the
