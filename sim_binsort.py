@@ -599,15 +599,20 @@ class ScriptedPolicy:
     missed grasp, a drop or a bounce out of the bin restarts that sub-goal. Noise N(0, noise^2) in
     normalized action units, then clipped to the bounds."""
 
-    def __init__(self, env, noise=0.1, rng=None, max_step=0.025):
+    def __init__(self, env, noise=0.1, rng=None, max_step=0.025, first=None):
         self.env = env
         self.noise = noise
         self.max_step = max_step
         self.rng = np.random.default_rng(rng)
-        # Sort demos place the objects in the goal's order (the mug, then the cube). With either
-        # order at random, 5 demos show each second segment (from one bin to the other object)
-        # only two or three times, and a policy after the first object wandered (round 4).
+        # Sort demos place the objects in one fixed order: `first` (an object of the goal), then
+        # the other; by default the goal's order (the mug, then the cube). With either order at
+        # random, 5 demos show each second segment (from one bin to the other object) only two or
+        # three times, and a policy after the first object wandered (round 4).
         self.plan = list(env.goal.items())
+        if first is not None and len(self.plan) > 1:
+            if first not in env.goal:
+                raise ValueError(f"sim_binsort.py: first={first!r} is not an object of {env.goal}")
+            self.plan.sort(key=lambda item: item[0] != first)
         self.phase = "approach"
         self.count = 0  # steps spent in this phase
 
@@ -688,14 +693,14 @@ class ScriptedPolicy:
         return np.clip(action, ACTION_LOW, ACTION_HIGH).astype(np.float32)
 
 
-def run_episode(env, task, seed, noise=0.1, extra_success_steps=2):
+def run_episode(env, task, seed, noise=0.1, extra_success_steps=2, first=None):
     """One scripted episode (reset included), stopped `extra_success_steps` steps after the task is
-    first solved; seed: int or list of ints. Returns (T + 1 observations, actions (T, 7), rewards
-    (T,), success at the end). env.reset(seed=env_seed_of(seed)) gives the same world again
-    (replay_actions)."""
+    first solved; seed: int or list of ints; first: see ScriptedPolicy. Returns (T + 1
+    observations, actions (T, 7), rewards (T,), success at the end).
+    env.reset(seed=env_seed_of(seed)) gives the same world again (replay_actions)."""
     env_seed, policy_seed = np.random.SeedSequence(seed).generate_state(2)
     obs = env.reset(seed=int(env_seed), task=task)
-    policy = ScriptedPolicy(env, noise, np.random.default_rng(int(policy_seed)))
+    policy = ScriptedPolicy(env, noise, np.random.default_rng(int(policy_seed)), first=first)
     observations = [obs]
     actions = []
     rewards = []
@@ -738,13 +743,15 @@ _WORKER = {}  # the environment of this (worker) process, made by its first job
 def _collect_job(job):
     """Attempts at one demo until one succeeds; seeds from (seed, task, split, index, attempt) and a
     world rebuilt at every reset make the data independent of --workers."""
-    name, split, i, seed, noise, keep_failures, max_attempts, env_kwargs = job
+    name, split, i, seed, noise, keep_failures, max_attempts, env_kwargs, first = job
     if "env" not in _WORKER:
         _WORKER["env"] = BinSortEnv(terminate_on_success=False, **env_kwargs)
     steps = 0
     for attempt in range(max_attempts):
         key = demo_seed(seed, name, split, i, attempt)
-        observations, actions, rewards, ok = run_episode(_WORKER["env"], name, key, noise)
+        observations, actions, rewards, ok = run_episode(
+            _WORKER["env"], name, key, noise, first=first
+        )
         steps += len(actions)
         if ok or keep_failures:
             trajectory = bridge_trajectory(observations, actions, rewards)
@@ -775,10 +782,11 @@ def collect(
     num_distractors=DISTRACTORS,
     max_attempts=20,
     log=sys.stderr,
+    first=None,
 ):
     """Scripted demos into <out>/<task name>/{train,val}/out.npy. The n training demos are split
     evenly over the tasks; each task also gets max(min_val, round(val_frac * its n)) held-out demos.
-    Returns a summary."""
+    first: the object sort demos place first (ScriptedPolicy). Returns a summary."""
     parse_task(
         "sort_" + "_".join(sort_pair), sort_pair
     )  # a bad --sort_pair fails here, not in a worker
@@ -800,7 +808,8 @@ def collect(
         counts[name] = {"train": n_train, "val": max(min_val, round(val_frac * n_train))}
         for split in ("train", "val"):
             for i in range(counts[name][split]):
-                jobs.append((name, split, i, seed, noise, keep_failures, max_attempts, env_kwargs))
+                job = (name, split, i, seed, noise, keep_failures, max_attempts, env_kwargs, first)
+                jobs.append(job)
     # spawn, not fork: a forked PyBullet client is not safe
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     # imap keeps the job order, whoever ran a job
@@ -927,6 +936,11 @@ def main(argv=None):
         help="distractor objects in pick-place scenes",
     )
     c.add_argument("--max_attempts", type=int, default=20)
+    c.add_argument(
+        "--first",
+        default=None,
+        help="sort demos: the object placed first (default: the sort pair's first, the left one)",
+    )
     s = sub.add_parser("show", parents=[common], help="PNG film strip of one scripted episode")
     s.add_argument("--out", default="strip.png")
     s.add_argument("--task", default="sort")
@@ -952,6 +966,7 @@ def main(argv=None):
             tuple(args.sort_pair.split(",")),
             args.distractors,
             args.max_attempts,
+            first=args.first,
         )
         print(
             f"wrote {summary['demos']} demos ({summary['steps']} steps, "

@@ -3757,26 +3757,30 @@ def test_sim_recorded_actions_replayed_open_loop_reproduce_the_success():
 
 def test_sim_stages_on_a_scripted_sort():
     """info["stages"] of a scripted sort: grasped before either object is in its bin, first_in_bin
-    before both_in_bins, and both_in_bins == success at the end. The demo sorts in the goal's order:
-    the mug is in its bin first."""
+    before both_in_bins, and both_in_bins == success at the end. The demo sorts in the goal's order
+    (the mug is in its bin first) unless told which object goes first."""
     env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
-    obs = env.reset(seed=3)
-    assert env.info()["stages"] == {"grasped": False, "first_in_bin": False, "both_in_bins": False}
-    assert list(env.goal) == list(sb.SORT_PAIR)
-    policy = sb.ScriptedPolicy(env, 0.0, np.random.default_rng(3))
-    first = {}
-    for t in range(80):
-        obs, reward, _, _, info = env.step(policy(obs))
-        for stage, holds in info["stages"].items():
-            if holds:
-                first.setdefault(stage, t)
-        if info["stages"]["first_in_bin"] and "in_bin_first" not in first:
-            first["in_bin_first"] = {k: v for k, v in info["in_bin"].items() if v}
-        if reward:
-            break
-    assert first["in_bin_first"] == {"mug": "left"}
-    assert info["success"] and info["stages"]["both_in_bins"]
-    assert first["grasped"] < first["first_in_bin"] < first["both_in_bins"]
+    for first_object, in_bin_first in ((None, {"mug": "left"}), ("cube", {"cube": "right"})):
+        obs = env.reset(seed=3)
+        assert list(env.goal) == list(sb.SORT_PAIR)
+        none = {"grasped": False, "first_in_bin": False, "both_in_bins": False}
+        assert env.info()["stages"] == none
+        policy = sb.ScriptedPolicy(env, 0.0, np.random.default_rng(3), first=first_object)
+        first = {}
+        for t in range(80):
+            obs, reward, _, _, info = env.step(policy(obs))
+            for stage, holds in info["stages"].items():
+                if holds:
+                    first.setdefault(stage, t)
+            if info["stages"]["first_in_bin"] and "in_bin_first" not in first:
+                first["in_bin_first"] = {k: v for k, v in info["in_bin"].items() if v}
+            if reward:
+                break
+        assert first["in_bin_first"] == in_bin_first
+        assert info["success"] and info["stages"]["both_in_bins"]
+        assert first["grasped"] < first["first_in_bin"] < first["both_in_bins"]
+    with pytest.raises(ValueError, match="first='duck' is not an object of"):
+        sb.ScriptedPolicy(env, first="duck")
     placed = sb.task_stages("pick", {"cube": "left"}, {"cube": "left", "duck": None}, None)
     assert placed == {"grasped": False, "placed": True}
     assert sb.task_stages("pick", {"cube": "left"}, {"cube": None}, "cube")["grasped"]

@@ -158,9 +158,10 @@ def rollout(args):
     policy = online.load_policy(args.ckpt, "cpu", task=args.task, binarize_gripper=True)
     env = sim_binsort.BinSortEnv(task=args.task, image_size=policy.size)
     obs = env.reset(seed=args.seed)
-    print(f"{args.ckpt}: {args.task}, seed {args.seed}; positions in cm")
+    actions = "sampled" if args.sample_actions else "the mean"
+    print(f"{args.ckpt}: {args.task}, seed {args.seed}, actions {actions}; positions in cm")
     for t in range(env.max_steps):
-        raw, _ = policy(obs["image"], obs["state"])
+        raw, _ = policy(obs["image"], obs["state"], deterministic=not args.sample_actions)
         obs, _, terminated, truncated, info = env.step(raw)
         if t % args.every == 0 or terminated or truncated:
             objects = " ".join(
@@ -197,6 +198,7 @@ def main():
     r.add_argument("--task", required=True, help="e.g. pick_cube_to_left or sort")
     r.add_argument("--seed", type=int, default=1000)
     r.add_argument("--every", type=int, default=1, help="print every N-th step")
+    r.add_argument("--sample_actions", action="store_true", help="as online.py eval's")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"probe": probe, "valmse": valmse, "rollout": rollout}[args.cmd](args)
