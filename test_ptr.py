@@ -4162,3 +4162,8 @@ def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tm
     assert flag(be.resolve(evals["sort_ptr_q"], str(tmp_path)), "--ckpt") == "q.pt"
     unsampled = be.build_jobs(be.Protocol(sample_actions=0), str(tmp_path))
     assert not any("--sample_actions" in job.cmd for job in unsampled)
+    # by default the actors imitate through pre-training and fine-tuning, whatever their lengths
+    longer = be.Protocol(cql_pre_steps=300, ft_steps=50, ft_save_every=10)
+    jobs = {job.name: job.cmd for job in be.build_jobs(longer, str(tmp_path))}
+    assert flag(jobs["ptr"], "--bc_steps") == "350" and flag(jobs["cog"], "--bc_steps") == "350"
+    assert flag(jobs["cql_tgt"], "--bc_steps") == "50"

@@ -81,12 +81,12 @@ class Protocol:
     mix: float = 0.9  # tau: prior data per fine-tuning / joint batch
     cql_pre_steps: int = 10000
     # every CQL run: the actor's first N updates, counted from the start of pre-training, imitate
-    # the data (cql.AgentConfig bc_steps), then it maximises Q. The default covers every update of
-    # every run, so only ptr_q's actor maximises Q (from its first fine-tuning update, as in the
-    # paper). Measured (results/binsort_cpu.md): a Q-maximising actor trained from scratch does not
+    # the data (cql.AgentConfig bc_steps), then it maximises Q. The default, -1, covers every update
+    # of every run (cql_pre_steps + ft_steps), so only ptr_q's actor maximises Q (from its first
+    # fine-tuning update, as in the paper). Measured (results/binsort_cpu.md): a Q-maximising actor trained from scratch does not
     # learn to grasp at this scale, and in fine-tuning it loses the pre-trained grasp within 500
     # updates; the critic is trained by CQL in every run and chooses PTR's checkpoint.
-    cql_bc_steps: int = 12000
+    cql_bc_steps: int = -1
     bc_pre_steps: int = 10000
     ft_steps: int = 2000
     bc_ft_steps: int = 2000
@@ -144,11 +144,12 @@ def build_jobs(p, out):
     run = {name: os.path.join(out, name) for name in ["cql_pre", "bc_pre", *METHODS]}
     common = ["--arch", p.arch, "--batch_size", str(p.batch_size), "--log_every", "250", *p.extra]
     cql_base = ["--algo", "cql", "--alpha", str(p.alpha), "--gamma", str(p.gamma)]
-    cql = [*cql_base, "--bc_steps", str(p.cql_bc_steps)]
-    bc = ["--algo", "bc", "--gamma", str(p.gamma)]
     joint_cql_steps = p.cql_pre_steps + p.ft_steps
+    bc_steps = joint_cql_steps if p.cql_bc_steps < 0 else p.cql_bc_steps
+    cql = [*cql_base, "--bc_steps", str(bc_steps)]
+    bc = ["--algo", "bc", "--gamma", str(p.gamma)]
     joint_bc_steps = p.bc_pre_steps + p.bc_ft_steps
-    target_bc_steps = round(p.cql_bc_steps * p.ft_steps / joint_cql_steps)
+    target_bc_steps = round(bc_steps * p.ft_steps / joint_cql_steps)
 
     def train(name, steps, algo, *flags, data=prior, save_every=None):
         cmd = python("train.py", "--data", data, "--out", run[name], "--steps", str(steps))
@@ -175,7 +176,7 @@ def build_jobs(p, out):
         train("cql_pre", p.cql_pre_steps, cql, "--extra_tasks", "1"),
         train("cog", joint_cql_steps, cql, "--target", target, "--mix", str(p.mix)),
         train("bc_pre", p.bc_pre_steps, bc, "--extra_tasks", "1"),
-        finetune("ptr", "cql_pre", p.ft_steps, p.ft_save_every, "--bc_steps", str(p.cql_bc_steps)),
+        finetune("ptr", "cql_pre", p.ft_steps, p.ft_save_every, "--bc_steps", str(bc_steps)),
         # the actor maximises Q from the first fine-tuning update
         finetune(
             "ptr_q", "cql_pre", p.ft_steps, p.ft_save_every, "--bc_steps", str(p.cql_pre_steps)
