@@ -10,7 +10,7 @@
 #   ONLINE_STEPS=2000 bash scripts/quickstart.sh       # also fine-tune online (Cal-QL, UTD 10)
 #
 # Re-running continues where it stopped: collected data is kept and every phase runs with
-# --resume. Scale knobs (environment variables): N_PRIOR, N_TARGET, SIZE, ARCH, BATCH, PRE_STEPS,
+# --resume. Scale knobs (environment variables): N_PRIOR, N_TARGET, FIRST, SIZE, ARCH, BATCH, PRE_STEPS,
 # FT_STEPS, EPISODES, ONLINE_STEPS, UTD (online gradient steps per env step: a 100-step episode
 # costs 100 * UTD updates), THREADS (torch threads per training process), OUT. The simulation's
 # paper values are used: CQL alpha 1, discount 0.98 (SPEC section 3).
@@ -20,6 +20,9 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 OUT=${OUT:-runs/quickstart}
 N_PRIOR=${N_PRIOR:-800}
 N_TARGET=${N_TARGET:-5}
+# the object the sort demos place first: with the cube first, PTR put the first object in its bin
+# in 90% of 50 episodes, with the mug first 36% (results/binsort_cpu.md, round 5)
+FIRST=${FIRST:-cube}
 SIZE=${SIZE:-64}
 ARCH=${ARCH:-small}
 BATCH=${BATCH:-64}
@@ -40,7 +43,7 @@ phase "1/6 collect: $N_PRIOR pick-and-place demos (prior), $N_TARGET full-sort d
 [ -d "$DATA/prior" ] || "$PY" sim_binsort.py collect --task pickplace --n "$N_PRIOR" \
     --image_size "$SIZE" --workers "$WORKERS" --out "$DATA/prior"
 [ -d "$DATA/target" ] || "$PY" sim_binsort.py collect --task sort --n "$N_TARGET" \
-    --image_size "$SIZE" --workers "$WORKERS" --out "$DATA/target"
+    --image_size "$SIZE" --workers "$WORKERS" --first "$FIRST" --out "$DATA/target"
 
 # The actor imitates the data while the critic trains with CQL (--bc_steps), in pre-training and
 # fine-tuning, as in the protocol: at this scale an actor that maximises Q does not learn to grasp
