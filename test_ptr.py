@@ -4167,3 +4167,7 @@ def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tm
     jobs = {job.name: job.cmd for job in be.build_jobs(longer, str(tmp_path))}
     assert flag(jobs["ptr"], "--bc_steps") == "350" and flag(jobs["cog"], "--bc_steps") == "350"
     assert flag(jobs["cql_tgt"], "--bc_steps") == "50"
+    assert "--first" not in jobs["collect"][2]
+    cube_first = be.build_jobs(be.Protocol(sort_first="cube"), str(tmp_path))[0]
+    assert cube_first.name == "collect" and "--task sort --n 5" in cube_first.cmd[2]
+    assert cube_first.cmd[2].split(" && ")[1].endswith("--first cube")

@@ -73,6 +73,9 @@ class Protocol:
 
     n_prior: int = 800  # pick-and-place demos, split over the 20 (object, bin) tasks
     n_target: int = 5  # full-sort demos (paper: 5), plus 3 held out for checkpoint selection
+    # the object the sort demos place first ("": the goal's order, the mug; round 5's table). With
+    # the cube first PTR sorted 34% of 50 episodes, with the mug first 16% (results/binsort_cpu.md)
+    sort_first: str = ""
     image_size: int = 64
     arch: str = "small"
     batch_size: int = 64
@@ -83,9 +86,10 @@ class Protocol:
     # every CQL run: the actor's first N updates, counted from the start of pre-training, imitate
     # the data (cql.AgentConfig bc_steps), then it maximises Q. The default, -1, covers every update
     # of every run (cql_pre_steps + ft_steps), so only ptr_q's actor maximises Q (from its first
-    # fine-tuning update, as in the paper). Measured (results/binsort_cpu.md): a Q-maximising actor trained from scratch does not
-    # learn to grasp at this scale, and in fine-tuning it loses the pre-trained grasp within 500
-    # updates; the critic is trained by CQL in every run and chooses PTR's checkpoint.
+    # fine-tuning update, as in the paper). Measured (results/binsort_cpu.md): a Q-maximising
+    # actor trained from scratch does not learn to grasp at this scale, and in fine-tuning it loses
+    # the pre-trained grasp within 500 updates; the critic is trained by CQL in every run and
+    # chooses PTR's checkpoint.
     cql_bc_steps: int = -1
     bc_pre_steps: int = 10000
     ft_steps: int = 2000
@@ -164,11 +168,16 @@ def build_jobs(p, out):
         return Job(name, cmd, (pre,), ckpt_path(run[name], steps))
 
     pre_steps = {"cql_pre": p.cql_pre_steps, "bc_pre": p.bc_pre_steps}
+    collect_sort = (
+        f"{shlex.quote(sys.executable)} sim_binsort.py collect --task sort --n {p.n_target} "
+        f"--image_size {p.image_size} --out {target}"
+    )
+    if p.sort_first:
+        collect_sort += f" --first {shlex.quote(p.sort_first)}"
     collect = [
         f"{shlex.quote(sys.executable)} sim_binsort.py collect --task pickplace --n {p.n_prior} "
         f"--image_size {p.image_size} --workers 2 --out {prior}",
-        f"{shlex.quote(sys.executable)} sim_binsort.py collect --task sort --n {p.n_target} "
-        f"--image_size {p.image_size} --out {target}",
+        collect_sort,
         f"touch {os.path.join(d, 'collected')}",
     ]
     jobs = [
@@ -547,7 +556,7 @@ def main():
     ap.add_argument("--table", action="store_true", help="only write results.md from what exists")
     defaults = Protocol()
     for name, value in defaults.__dict__.items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float, str)):
             ap.add_argument(f"--{name}", type=type(value), default=value)
     args = ap.parse_args()
     p = Protocol(**{k: getattr(args, k) for k in defaults.__dict__ if hasattr(args, k)})

@@ -10,10 +10,10 @@
 #   ONLINE_STEPS=2000 bash scripts/quickstart.sh       # also fine-tune online (Cal-QL, UTD 10)
 #
 # Re-running continues where it stopped: collected data is kept and every phase runs with
-# --resume. Scale knobs (environment variables): N_PRIOR, N_TARGET, FIRST, SIZE, ARCH, BATCH, PRE_STEPS,
-# FT_STEPS, EPISODES, ONLINE_STEPS, UTD (online gradient steps per env step: a 100-step episode
-# costs 100 * UTD updates), THREADS (torch threads per training process), OUT. The simulation's
-# paper values are used: CQL alpha 1, discount 0.98 (SPEC section 3).
+# --resume. Scale knobs (environment variables): N_PRIOR, N_TARGET, FIRST, SIZE, ARCH, BATCH,
+# PRE_STEPS, FT_STEPS, EPISODES, ONLINE_STEPS, UTD (online gradient steps per env step: a 100-step
+# episode costs 100 * UTD updates), THREADS (torch threads per training process), OUT. The
+# simulation's paper values are used: CQL alpha 1, discount 0.98 (SPEC section 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
