@@ -528,6 +528,8 @@ def plot_curves(p, out):
             ax_pre.plot(steps, rate, style, label=f"{pre} {key}")
             ax_pre.fill_between(steps, lo, hi, alpha=0.15)
     pick_title = f"held-in pick-place, {len(PICK_TASKS)} tasks x {p.curve_episodes} episodes"
+    if p.sample_actions:
+        pick_title += "\n(cql_pre's actions sampled, bc_pre deterministic)"
     label_axes(ax_pre, "pre-training gradient steps", pick_title)
     points = ptr_checkpoint_evals(p, out)
     if points:
@@ -544,6 +546,8 @@ def plot_curves(p, out):
                 steps, [100 * r["stages"][stage]["rate"] for _, r in points], "--", label=stage
             )
     sort_title = f"target sort, {p.ckpt_episodes} episodes per checkpoint"
+    if p.sample_actions:
+        sort_title += "\n(actions sampled)"
     label_axes(ax_ft, "PTR offline fine-tuning gradient steps", sort_title)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "success_vs_steps.png"), dpi=120)
