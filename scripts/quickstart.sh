@@ -33,6 +33,8 @@ ONLINE_STEPS=${ONLINE_STEPS:-0}
 UTD=${UTD:-10}
 NPROC=$(nproc 2>/dev/null || echo 2)
 WORKERS=${WORKERS:-$(( NPROC < 4 ? NPROC : 4 ))}
+# With other jobs on the cores use THREADS=1: 2 threads next to one other process on 2 cores did
+# not reach step 250 in 10 minutes, 1 thread ran 3.4 steps/s (results/binsort_cpu.md, round 5)
 export OMP_NUM_THREADS=${THREADS:-$NPROC}
 DATA=$OUT/data
 mkdir -p "$OUT"
