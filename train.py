@@ -138,8 +138,14 @@ def policy_checkpoint(ckpt):
     nets = {name: agent["nets"][name] for name in ACTORS if name in agent["nets"]}
     run_state = ("agent", "sampler", "rng", "rank_states")
     kept = {k: v for k, v in ckpt.items() if k not in run_state}
-    actor = {"config": agent["config"], "updates": agent["updates"], "log_temp": agent["log_temp"]}
-    actor.update(nets=nets, optimizers={}, generator=agent["generator"])
+    actor = {
+        "config": agent["config"],
+        "updates": agent["updates"],
+        "log_temp": agent["log_temp"],
+        "nets": nets,
+        "optimizers": {},
+        "generator": agent["generator"],
+    }
     return {**kept, "kind": POLICY_KIND, "source_kind": ckpt.get("kind"), "agent": actor}
 
 

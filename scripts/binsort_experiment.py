@@ -117,13 +117,6 @@ class Job:
     def done(self):
         return bool(self.done_file) and os.path.exists(self.done_file)
 
-    def sampling(self, sample_actions):
-        """This evaluation job with actions drawn from the actor (online.py eval
-        --sample_actions) when sample_actions is true."""
-        if sample_actions:
-            self.cmd.append("--sample_actions")
-        return self
-
 
 def python(*args):
     return [sys.executable, *args]
@@ -200,37 +193,34 @@ def build_jobs(p, out):
         done_file = os.path.join(run[method], "selection.json")
         jobs.append(Job("select_" + method, select, (method,), done_file))
     evals = os.path.join(out, "eval")
-    # the CQL runs' actors are tanh-Gaussian: sampled when the protocol says so; BC's are not
-    sampled = {name: bool(p.sample_actions) and name in CQL_RUNS for name in run}
     for pre in ("cql_pre", "bc_pre"):
         for task in PICK_TASKS:
             for binary in (True, False) if p.raw_evals else (True,):
                 ckpt = ckpt_path(run[pre], pre_steps[pre])
                 job = eval_job(
-                    f"{pre}_{task}", ckpt, p.pick_episodes, p, evals, (pre,), binary, task
+                    f"{pre}_{task}", pre, ckpt, p.pick_episodes, p, evals, (pre,), binary, task
                 )
-                jobs.append(job.sampling(sampled[pre]))
+                jobs.append(job)
     for pre in ("cql_pre", "bc_pre"):  # the learning curve: every saved pre-training checkpoint
         for step in pre_save_steps(p, pre, out):
             for task in PICK_TASKS:
                 ckpt = ckpt_path(run[pre], step)
                 name = f"curve_{pre}_{step:06d}_{task}"
-                job = eval_job(name, ckpt, p.curve_episodes, p, evals, (pre,), True, task)
-                jobs.append(job.sampling(sampled[pre]))
+                job = eval_job(name, pre, ckpt, p.curve_episodes, p, evals, (pre,), True, task)
+                jobs.append(job)
     for method in METHODS:
         chosen = method in ("ptr", "ptr_q")
         ckpt = f"SELECTED:{method}" if chosen else f"LAST:{run[method]}"
         deps = ("select_" + method,) if chosen else (method,)
         for binary in (True, False) if p.raw_evals and method in ("ptr", "bc_ft") else (True,):
-            job = eval_job(
-                f"sort_{method}", ckpt, p.sort_episodes, p, evals, deps, binary, SORT_TASK
-            )
-            jobs.append(job.sampling(sampled[method]))
+            name = f"sort_{method}"
+            job = eval_job(name, method, ckpt, p.sort_episodes, p, evals, deps, binary, SORT_TASK)
+            jobs.append(job)
     for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
         ckpt = ckpt_path(run["ptr"], step)
         name = f"ptr_step_{step:06d}"
-        job = eval_job(name, ckpt, p.ckpt_episodes, p, evals, ("ptr",), True, SORT_TASK)
-        jobs.append(job.sampling(sampled["ptr"]))
+        job = eval_job(name, "ptr", ckpt, p.ckpt_episodes, p, evals, ("ptr",), True, SORT_TASK)
+        jobs.append(job)
     return jobs
 
 
@@ -248,8 +238,10 @@ def pre_save_steps(p, pre, out):
     return list(range(every, steps + 1, every))
 
 
-def eval_job(name, ckpt, episodes, p, evals, deps, binarize_gripper=True, task=None):
-    """online.py eval of one checkpoint; the gripper binarized unless the name ends in _raw."""
+def eval_job(name, run_name, ckpt, episodes, p, evals, deps, binarize_gripper=True, task=None):
+    """online.py eval of one checkpoint of the run folder run_name; the gripper binarized unless
+    the name ends in _raw; actions sampled where the protocol says so and the actor is a CQL run's
+    tanh-Gaussian (BC's is deterministic)."""
     name = name if binarize_gripper else name + "_raw"
     json_path = os.path.join(evals, name + ".json")
     cmd = python("online.py", "eval", "--ckpt", ckpt, "--episodes", str(episodes))
@@ -258,6 +250,8 @@ def eval_job(name, ckpt, episodes, p, evals, deps, binarize_gripper=True, task=N
         cmd.append("--binarize_gripper")
     if task:
         cmd += ["--task", task]
+    if p.sample_actions and run_name in CQL_RUNS:
+        cmd.append("--sample_actions")
     return Job("eval_" + name, cmd, deps, json_path)
 
 
