@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cli import add_dataclass_args, dataclass_from_args, run_cli
-from data import Sampler, augment, load_store, resize_image
+from batches import Sampler, augment
+from data import load_store, resize_image
 from fileio import atomic_write
 from model import ARCHS, HEADS, NORMS, SuccessClassifier, make_encoder
 

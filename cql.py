@@ -436,7 +436,7 @@ class Agent:
         self._losses = torch.compile(self._update_losses, mode=mode, backend=backend, dynamic=False)
 
     def update(self, batch):
-        """One gradient step on every network. batch: data.py's batch, on self.device, already
+        """One gradient step on every network. batch: batches.py's batch, on self.device, already
         augmented. Each encoder runs at most once per image batch: critic on s (grad), target
         on s', policy on s (grad) and s' (no grad); the BC policy (bc, awbc) on s. Returns
         {name: 0-d detached tensor} (no host sync)."""
@@ -704,7 +704,7 @@ class Agent:
 
 # =================================================================================== random batches
 def random_batch(cfg, batch_size, device="cpu", seed=0):
-    """A batch in data.py's format (see data._make_batch) with random content (tests, bench.py)."""
+    """A batch in batches.py's format (see batches._make_batch) with random content (tests, bench.py)."""
     g = torch.Generator().manual_seed(seed)
     img = lambda: torch.randint(
         0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8

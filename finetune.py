@@ -26,7 +26,7 @@ import sys
 import torch
 
 from cli import run_cli
-from data import MixedSampler, Sampler, target_task_ids
+from batches import MixedSampler, Sampler, target_task_ids
 from fileio import atomic_write_text
 from runfolder import QTRACE_PATTERN, list_checkpoints
 from train import (

@@ -48,14 +48,8 @@ from PIL import Image
 
 from classifier import add_classifier_args, cmd_classifier, load_labeler
 from cli import add_dataclass_args, dataclass_from_args, run_cli
-from data import (
-    ACTION_CLIP,
-    MixedSampler,
-    ReplayBuffer,
-    rescale_actions,
-    resize_image,
-    unscale_actions,
-)
+from batches import ACTION_CLIP, MixedSampler, ReplayBuffer, rescale_actions, unscale_actions
+from data import resize_image
 from fileio import atomic_write, atomic_write_text
 from finetune import assign_target_slots, open_run, task_samplers
 from runfolder import CKPT_PATTERN, EPISODE_PATTERN
@@ -106,7 +100,9 @@ class OnlineConfig:
     eval_seed: int = 0  # evaluation episode i resets with eval_seed + i
     save_every: int = 5_000  # ours: a checkpoint every N environment steps
     offline_steps: int = 0  # ours: Cal-QL warm-up steps on prior + target before the first rollout
-    buffer_capacity: int = 0  # ours: frames in data.ReplayBuffer's ring (0: keep every transition)
+    buffer_capacity: int = (
+        0  # ours: frames in batches.ReplayBuffer's ring (0: keep every transition)
+    )
 
 
 @dataclass

@@ -54,13 +54,11 @@ import zlib
 import numpy as np
 
 from fileio import atomic_write, bridge_trajectory, write_bridge_file
-from widowx import (  # the arm's kinematics (SPEC section 6), shared with robot.py
-    JOINT_HIGH,
-    JOINT_LOW,
-    M_HOME,
+from widowx import (  # the arm's kinematics (SPEC section 6), shared with robot.py, and its URDF
+    ARM_JOINTS,
+    FINGER_MAX,
     R_DOWN,
-    SCREW_AXES,
-    cross3,
+    arm_urdf,
     euler_to_mat,
     fk_and_jacobian,  # noqa: F401 (importable from here, as before)
     mat_to_euler,
@@ -91,18 +89,6 @@ with quiet_stdout():
     import pybullet_data
     from pybullet_utils import bullet_client
 
-
-# ---------------------------------------------------------------- the arm (SPEC section 6)
-JOINT_ALONG_AXIS = [
-    0.072,
-    0.0,
-    0.0,
-    0.14975,
-    0.0,
-    0.36475,
-]  # where each joint sits on its axis: looks only
-FINGER_MAX = 0.037  # m of travel per finger: a 7.4 cm opening
-ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
 
 # ---------------------------------------------------------------- the task
 CONTROL_HZ = 5
@@ -161,85 +147,6 @@ STAGES = {"pick": ("grasped", "placed"), "sort": ("grasped", "first_in_bin", "bo
 HOVER_Z = 0.13
 CARRY_Z = 0.13
 RELEASE_Z = 0.10
-
-
-# ----------------------------------------------------------- the arm as a URDF, from the screw axes
-def _box(center, size, rpy=(0, 0, 0), rgba=(0.15, 0.15, 0.15, 1)):
-    origin = '<origin xyz="%g %g %g" rpy="%g %g %g"/>' % (*center, *rpy)
-    geometry = '<geometry><box size="%g %g %g"/></geometry>' % tuple(size)
-    material = "c%02x%02x%02x" % tuple(int(255 * x) for x in rgba[:3])  # one name per colour
-    return (
-        '<visual>%s%s<material name="%s"><color rgba="%g %g %g %g"/></material></visual>'
-        "<collision>%s%s</collision>" % (origin, geometry, material, *rgba, origin, geometry)
-    )
-
-
-def _beam(vector, width):
-    """A box from the origin along `vector` (in the x-z plane), as the links between joints."""
-    rpy = (0, np.arctan2(vector[0], vector[2]), 0)
-    return _box(np.divide(vector, 2), (width, width, np.linalg.norm(vector)), rpy)
-
-
-def _link(name, body, mass=0.2):
-    inertial = (
-        '<inertial><origin xyz="0 0 0"/><mass value="%g"/>'
-        '<inertia ixx="1e-3" ixy="0" ixz="0" iyy="1e-3" iyz="0" izz="1e-3"/></inertial>' % mass
-    )
-    return '<link name="%s">%s%s</link>' % (name, inertial, body)
-
-
-def _joint(name, kind, parent, child, xyz, axis="1 0 0", limit=""):
-    return (
-        '<joint name="%s" type="%s"><parent link="%s"/><child link="%s"/><origin xyz="%g %g %g"/>'
-        '<axis xyz="%s"/>%s</joint>' % (name, kind, parent, child, *xyz, axis, limit)
-    )
-
-
-def arm_urdf():
-    """The wx250s as a URDF string: joint i at a point of the axis of S_i, axis w_i, link frames
-    world-aligned."""
-    # w x v is the axis point nearest the origin; JOINT_ALONG_AXIS slides it along the axis
-    points = [cross3(S[:3], S[3:]) + s * S[:3] for S, s in zip(SCREW_AXES, JOINT_ALONG_AXIS)]
-    x_ee = M_HOME[0] - points[5][0]
-    grey = (0.45, 0.45, 0.5, 1)
-    bodies = [
-        _box((0, 0, -0.036), (0.12, 0.12, 0.07)) + _box((0, 0, 0.02), (0.07, 0.09, 0.04)),
-        _beam(points[2] - points[1], 0.04),
-        _beam(points[3] - points[2], 0.045),
-        _beam(points[4] - points[3], 0.04),
-        _beam(points[5] - points[4], 0.035),
-        _box((x_ee - 0.062, 0, 0), (0.033, 0.09, 0.028), rgba=grey),
-    ]
-    names = ["shoulder", "upper_arm", "upper_forearm", "lower_forearm", "wrist", "gripper"]
-    parts = [
-        '<robot name="wx250s">',
-        _link("base_link", _box((0, 0, 0.03), (0.14, 0.14, 0.06)), 0.0),
-    ]
-    parent = "base_link"
-    previous_point = np.zeros(3)
-    for i in range(6):
-        limit = '<limit lower="%g" upper="%g" effort="50" velocity="3.14159"/>' % (
-            JOINT_LOW[i],
-            JOINT_HIGH[i],
-        )
-        child = names[i] + "_link"
-        axis = "%g %g %g" % tuple(SCREW_AXES[i, :3])
-        offset = points[i] - previous_point
-        parts.append(_link(child, bodies[i]))
-        parts.append(_joint(ARM_JOINTS[i], "revolute", parent, child, offset, axis, limit))
-        parent = child
-        previous_point = points[i]
-    parts.append(_link("ee_gripper_link", "", 0.001))
-    parts.append(_joint("ee_gripper", "fixed", parent, "ee_gripper_link", (x_ee, 0, 0)))
-    limit = '<limit lower="0" upper="%g" effort="20" velocity="0.4"/>' % FINGER_MAX
-    # finger inner faces at y = +-q: touching when closed
-    for side, sign in (("left", 1), ("right", -1)):
-        finger = _box((x_ee - 0.0225, sign * 0.006, 0), (0.045, 0.012, 0.024), rgba=grey)
-        child = side + "_finger_link"
-        axis = "0 %d 0" % sign
-        parts.append(_link(child, finger, 0.03))
-        parts.append(_joint(side + "_finger", "prismatic", parent, child, (0, 0, 0), axis, limit))
-    return "".join(parts) + "</robot>"
 
 
 # ---------------------------------------------------------------- tasks

@@ -5,9 +5,10 @@ Bridge-format trees and stores, tiny agents, run folders, stand-in policies and 
 Dynamixel bus behind a pseudo-terminal. Then the tests, in the project's import order: cli.py,
 runfolder.py, widowx.py, dynamixel.py (the leaves; fileio.py is exercised through the data, robot
 and simulator tests); model.py; cql.py; data.py with its format readers rlds.py and lerobot.py;
-train.py; finetune.py; select_ckpt.py; classifier.py; robot.py; sim_binsort.py; online.py (which
-drives robot.py and sim_binsort.py); then bench.py and every script's command line. A test sits
-with the module whose behaviour it checks, even when it reaches that module through a later one."""
+batches.py (a leaf too, tested on data.py's stores); train.py; finetune.py; select_ckpt.py;
+classifier.py; robot.py; sim_binsort.py; online.py (which drives robot.py and sim_binsort.py);
+then bench.py and every script's command line. A test sits with the module whose behaviour it
+checks, even when it reaches that module through a later one."""
 
 import argparse
 import copy
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import batches
 import classifier
 import cli
 import cql
@@ -1017,9 +1019,10 @@ def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path)
 
 def test_widowx_is_the_one_kinematics_of_the_sim_and_the_robot():
     # one owner (issue 11): the simulator and the robot use widowx.py's objects, not copies
-    for name in ("SCREW_AXES", "M_HOME", "JOINT_LOW", "JOINT_HIGH", "R_DOWN"):
+    # (the simulator's arm model, arm_urdf, is built in widowx.py from the same screw axes)
+    for name in ("R_DOWN", "FINGER_MAX", "ARM_JOINTS"):
         assert getattr(sb, name) is getattr(widowx, name), name
-    for name in ("euler_to_mat", "mat_to_euler", "fk_and_jacobian", "solve_ik"):
+    for name in ("euler_to_mat", "mat_to_euler", "fk_and_jacobian", "solve_ik", "arm_urdf"):
         assert getattr(sb, name) is getattr(widowx, name), name
     for name in ("JOINT_LOW", "JOINT_HIGH", "R_DOWN", "SLEEP_JOINTS", "euler_to_mat"):
         assert getattr(robot, name) is getattr(widowx, name), name
@@ -1716,35 +1719,6 @@ def test_perf_compiled_update_equals_eager():
 # ==================================================================================================
 
 
-def test_data_rewards_masks_and_mc_returns_by_hand(tmp_path):
-    store, _ = _tree_store(tmp_path, n_traj=1, n_val=0, T=5)
-    t = data.Sampler(store, None, gamma=0.9).trajectory(0)
-    assert t["reward"].tolist() == [-1, -1, 10, 10, 10] and t["mask"].tolist() == [1, 1, 0, 0, 0]
-    # G4 = G3 = G2 = 10 (terminal), G1 = -1 + 0.9 * 10 = 8, G0 = -1 + 0.9 * 8 = 6.2
-    assert np.allclose(t["mc_return"], [6.2, 8, 10, 10, 10])
-    last_step = data.RewardConfig(n_last=1, scale=1, shift=0)
-    t = data.Sampler(store, None, gamma=0.9, reward=last_step).trajectory(0)
-    assert t["reward"].tolist() == [0, 0, 0, 0, 1] and t["mask"].tolist() == [1, 1, 1, 1, 0]
-    assert np.allclose(t["mc_return"], [0.9**4, 0.9**3, 0.9**2, 0.9, 1])
-    # stored terminals (all 0 in the release) as the done mask: bootstrap everywhere
-    terminals = data.RewardConfig(use_terminals=True)
-    t = data.Sampler(store, None, gamma=0.9, reward=terminals).trajectory(0)
-    assert t["mask"].tolist() == [1] * 5
-    assert np.allclose(t["mc_return"], [20.051, 23.39, 27.1, 19, 10])
-    # no success: the constant R / (1 - gamma) = -1 / 0.1
-    t = data.Sampler(store, None, gamma=0.9, reward=data.RewardConfig(n_last=0)).trajectory(0)
-    assert t["reward"].tolist() == [-1] * 5 and np.allclose(t["mc_return"], -10)
-    assert t["task"].dtype == torch.int64
-    assert t["obs"].dtype == torch.uint8 and t["obs"].shape == (5, 3, 8, 8)
-
-
-def test_data_mc_returns_several_trajectories():
-    r = np.array([0, 1, 0, 0, 0], np.float32)  # a success of 2 steps, then a failure of 3
-    R = 11 * r - 1
-    G = data.mc_returns(r, R, 1 - r, [2, 3], gamma=0.5)
-    assert np.allclose(G, [-1 + 0.5 * 10, 10, -2, -2, -2])
-
-
 def test_data_release_split_kept_and_90_10_split(tmp_path):
     store, _ = _tree_store(tmp_path, ("k1/with_val", "k2/train_only"), n_traj=20, n_val=0)
     names = store.task_names
@@ -1760,26 +1734,6 @@ def test_data_release_split_kept_and_90_10_split(tmp_path):
     assert st.num_transitions("train") == 30 and st.num_transitions() == 45
 
 
-def test_data_mixing_counts(tmp_path):
-    store, _ = _tree_store(tmp_path, ("k/a", "k/b", "k/c"), n_traj=2)
-    samplers = [data.Sampler(store, "train", gamma=0.9, task_ids=np.full(3, k)) for k in range(3)]
-    assert data.MixedSampler(samplers[:2], [0.9, 0.1]).counts(64) == [57, 7]
-    assert data.MixedSampler(samplers[:2], [0.7, 0.3]).counts(10) == [7, 3]
-    mixed = data.MixedSampler(samplers, [0.35, 0.15, 0.5])
-    assert mixed.counts(64) == [22, 9, 33] and mixed.counts(100) == [35, 15, 50]
-    batch = mixed.sample(64)
-    assert torch.bincount(batch["task"], minlength=3).tolist() == [22, 9, 33]
-    assert batch["obs"].shape == (64, 3, 8, 8) and batch["reward"].shape == (64,)
-    with pytest.raises(ValueError, match="summing to 1"):
-        data.MixedSampler(samplers[:2], [0.9, 0.2])
-    # a 0 fraction draws nothing, even last (online.py with no online data): the rest goes to the
-    # last f > 0
-    empty = data.ReplayBuffer(10, 8, gamma=0.9)  # sampling it raises
-    no_online = data.MixedSampler(samplers[:2] + [empty], [0.35, 0.65, 0])
-    assert no_online.counts(64) == [22, 42, 0] and len(no_online.sample(64)["task"]) == 64
-    assert data.MixedSampler(samplers[:2], [1, 0]).counts(7) == [7, 0]
-
-
 def test_data_aliases_and_task_ids(tmp_path):
     _write_tree(tmp_path / "tree", ["k1/open_drawer_a", "k2/open_drawer_b", "k2/put_x"], n_traj=1)
     aliases = {"open_drawer_a": "open_drawer", "open_drawer_b": "open_drawer"}
@@ -1790,13 +1744,13 @@ def test_data_aliases_and_task_ids(tmp_path):
     aliases_file = str(tmp_path / "aliases.json")
     from_file = data.load_store(tmp_path / "tree", aliases=aliases_file, log=lambda *_: None)
     assert from_file.path == st.path
-    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "new")
+    ids, n = batches.target_task_ids(["a", "b", "c"], ["new1", "new2"], "new")
     assert ids.tolist() == [3, 4] and n == 5
-    ids, n = data.target_task_ids(["a", "b", "c"], ["new1", "new2"], "b")
+    ids, n = batches.target_task_ids(["a", "b", "c"], ["new1", "new2"], "b")
     assert ids.tolist() == [1, 1] and n == 3
     with pytest.raises(ValueError, match=r"\['a', 'b', 'c'\]"):
-        data.target_task_ids(["a", "b", "c"], ["new1"], "zzz")
-    sampler = data.Sampler(st, None, gamma=0.9, task_ids=[7, 9])
+        batches.target_task_ids(["a", "b", "c"], ["new1"], "zzz")
+    sampler = batches.Sampler(st, None, gamma=0.9, task_ids=[7, 9])
     assert set(sampler.sample(32)["task"].tolist()) <= {7, 9}
 
 
@@ -1805,7 +1759,7 @@ def test_data_images_round_trip_and_cameras(tmp_path):
     traj = tree["k1/task_a"]["train"][1]
     for camera in ("images0", "images1"):
         st = data.load_store(tmp_path / "tree", camera=camera, log=lambda *_: None)
-        t = data.Sampler(st, None, gamma=0.9).trajectory(1)
+        t = batches.Sampler(st, None, gamma=0.9).trajectory(1)
         observations = traj["observations"]
         next_observations = traj["next_observations"]
         assert np.array_equal(_nhwc(t["obs"]), np.stack([o[camera] for o in observations]))
@@ -1914,140 +1868,6 @@ def test_data_empty_split_file_counts_as_absent(tmp_path):
     assert st.task_names == ["a", "b"]
     assert np.bincount(st.traj_task[st.trajectory_ids("val")]).tolist() == [1, 1]
     assert np.bincount(st.traj_task[st.trajectory_ids("train")]).tolist() == [3, 3]
-
-
-def test_data_augment(tmp_path):
-    torch.manual_seed(0)
-    # channels-last, like a batch
-    x = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-    assert torch.equal(data.augment(x, pad=0, p_jitter=0), x)
-    y = data.augment(x, p_jitter=0)
-    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
-    shifts = set()
-    for i in range(16):  # each crop is a 12x10 window of the edge-padded image
-        found = [
-            (dy, dx)
-            for dy in range(9)
-            for dx in range(9)
-            if torch.equal(padded[i, :, dy : dy + 12, dx : dx + 10], y[i])
-        ]
-        assert found, i
-        shifts.add(found[0])
-    assert len(shifts) > 4  # independent offsets per image
-    same = x[:1].expand(64, -1, -1, -1)
-    torch.manual_seed(1)
-    z = data.augment(same, pad=0)
-    assert z.shape == (64, 3, 12, 10) and z.dtype == torch.uint8
-    changed = [not torch.equal(z[i], same[i]) for i in range(64)]
-    # p_jitter 0.8: most images jittered (the others untouched), each its own way
-    assert 32 < sum(changed) < 64
-    colours = {tuple(z[i].float().mean((1, 2)).tolist()) for i in range(64) if changed[i]}
-    assert len(colours) == sum(changed)
-    torch.manual_seed(1)
-    assert torch.equal(data.augment(same, pad=0), z)  # deterministic given the seed
-    g = torch.Generator().manual_seed(3)
-    first = data.augment(x, generator=g)
-    assert torch.equal(first, data.augment(x, generator=torch.Generator().manual_seed(3)))
-    bright = data.augment(same, pad=0, contrast=0, saturation=0, hue=0, p_jitter=1)
-    ratio = bright.float().sum((1, 2, 3)) / same.float().sum((1, 2, 3))
-    # brightness factors in [0.8, 1.2]
-    assert ((ratio > 0.75) & (ratio < 1.25)).all() and ratio.std() > 0.01
-
-
-def test_data_replay_buffer_fifo_and_mc_returns():
-    rb = data.ReplayBuffer(20, 4, gamma=0.5, seed=0)
-
-    def add(T, success, tag):  # frame t of this trajectory has all pixels = tag * 10 + t
-        levels = (tag * 10 + np.arange(T + 1)).astype(np.uint8)
-        images = levels[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
-        rewards = np.r_[np.zeros(T - 1), success]
-        rb.add_trajectory(images, np.zeros((T + 1, 7)), np.zeros((T, 7)), rewards, tag)
-
-    add(5, 1, 1)
-    add(7, 0, 2)
-    assert len(rb) == 12
-    add(9, 1, 3)  # 6 + 8 + 10 frames > 20: the oldest trajectory goes
-    assert len(rb) == 16 and list(rb._lengths) == [7, 9]
-    b = rb.sample(200)
-    assert set(b["task"].tolist()) == {2, 3}
-    # next obs = the following frame, same trajectory
-    assert torch.equal(b["next_obs"].int(), b["obs"].int() + 1)
-    step = b["obs"][:, 0, 0, 0].int() % 10
-    fail = b["task"] == 2
-    ok = b["task"] == 3
-    assert torch.allclose(b["mc_return"][fail], torch.tensor(-2.0))  # no success: -1 / (1 - 0.5)
-    last = ok & (step == 8)
-    assert torch.allclose(b["mc_return"][last], torch.tensor(10.0)) and (b["mask"][last] == 0).all()
-    seven = ok & (step == 7)
-    assert torch.allclose(b["mc_return"][seven], torch.tensor(4.0))  # -1 + 0.5 * 10
-    with pytest.raises(ValueError, match="rewards"):
-        images = np.zeros((3, 4, 4, 3), np.uint8)
-        rb.add_trajectory(images, np.zeros((3, 7)), np.zeros((2, 7)), [0, 0.5], 0)
-    with pytest.raises(ValueError, match="empty"):
-        data.ReplayBuffer(10, 4, gamma=0.9).sample(2)
-
-
-def test_data_action_rescale(tmp_path):
-    low = np.array([-0.05] * 3 + [-0.25] * 3 + [0.0])
-    high = np.array([0.05] * 3 + [0.25] * 3 + [1.0])
-    a = np.array(
-        [[0.0, 0.025, -0.025, 0.1, -0.1, 0.2, 0.5], [0.06, -0.06, 0.05, 0.3, -0.3, 0.25, 1.0]]
-    )
-    s = data.rescale_actions(a, low, high)
-    assert np.allclose(s[0], [0, 0.5, -0.5, 0.4, -0.4, 0.8, 0])
-    assert np.allclose(s[1], [0.99, -0.99] + [0.99] * 2 + [-0.99, 0.99, 0.99])
-    assert np.allclose(data.unscale_actions(s[0], low, high), a[0], atol=1e-7)
-    t = data.rescale_actions(torch.tensor(a, dtype=torch.float32), low, high)
-    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), s)
-    assert np.allclose(data.unscale_actions(t, low, high)[0].numpy(), a[0], atol=1e-7)
-    store, tree = _tree_store(tmp_path, n_traj=3, n_val=0)
-    raw = np.concatenate([t["actions"] for t in tree["k1/task_a"]["train"]])
-    assert np.allclose(store.action_low, raw.min(0)) and np.allclose(store.action_high, raw.max(0))
-    t0 = data.Sampler(store, None, gamma=0.9).trajectory(0)["action"]
-    scaled = data.rescale_actions(raw[:5], store.action_low, store.action_high)
-    assert np.allclose(t0.numpy(), scaled)
-    prior_bounds = data.Sampler(store, None, gamma=0.9, action_low=low, action_high=high)
-    other = prior_bounds.trajectory(0)["action"]
-    assert np.allclose(other.numpy(), data.rescale_actions(raw[:5], low, high))
-
-
-def test_data_sampler_resume_is_exact(tmp_path):
-    store, _ = _tree_store(tmp_path)
-    s = data.Sampler(store, "train", gamma=0.9, seed=3)
-    s.sample(4)
-    state = json.loads(json.dumps(s.state_dict()))  # python ints and strings only
-    first = s.sample(16)
-    s.load_state_dict(state)
-    again = s.sample(16)
-    assert all(torch.equal(first[k], again[k]) for k in first)
-
-
-def test_perf_prefetcher_batches_and_resume_are_exact(tmp_path):
-    """The prefetched batches are the sampler's own, bit for bit, and state_dict() is the state
-    after the batches handed out, not after those drawn ahead, so a resume continues with the next
-    batch."""
-    store, _ = _tree_store(tmp_path, n_traj=6, T=7)
-    plain = data.Sampler(store, "train", gamma=0.9, seed=5)
-    want = [plain.sample(4) for _ in range(5)]
-    sampler = data.Sampler(store, "train", gamma=0.9, seed=5)
-    pre = data.Prefetcher(sampler, 4, depth=2)
-    got = [pre.sample(4), pre.sample(4)]
-    state = json.loads(json.dumps(pre.state_dict()))  # python values only, as in a checkpoint
-    for future in list(pre._pending):  # let the thread finish its 2 draws ahead of the loop
-        future.result()
-    assert state != sampler.state_dict()  # the sampler itself is now 2 batches further
-    resumed = data.Prefetcher(data.Sampler(store, "train", gamma=0.9, seed=0), 4)
-    resumed.load_state_dict(state)
-    got += [resumed.sample(4) for _ in range(3)]
-    for a, b in zip(want, got):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    pre.load_state_dict(state)  # again on the prefetcher that has drawn ahead: those are dropped
-    again = pre.sample(4)
-    assert all(torch.equal(again[k], want[2][k]) for k in want[2])
-    with pytest.raises(ValueError, match=r"Prefetcher.sample\(8\): .* draws batches of 4"):
-        pre.sample(8)
-    pre.close()
-    resumed.close()
 
 
 def test_data_bad_input_errors(tmp_path):
@@ -2516,6 +2336,196 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
     with pytest.raises(lerobot.MissingPackageError, match="needs no_such_package: pip install no_"):
         lerobot._require("no_such_package")
     assert issubclass(lerobot.MissingPackageError, cli.ExpectedError)  # one line from run_cli
+
+
+# ==================================================================================================
+# batches.py (a leaf; its samplers are tested on data.py's stores)
+# ==================================================================================================
+
+
+def test_batches_rewards_masks_and_mc_returns_by_hand(tmp_path):
+    store, _ = _tree_store(tmp_path, n_traj=1, n_val=0, T=5)
+    t = batches.Sampler(store, None, gamma=0.9).trajectory(0)
+    assert t["reward"].tolist() == [-1, -1, 10, 10, 10] and t["mask"].tolist() == [1, 1, 0, 0, 0]
+    # G4 = G3 = G2 = 10 (terminal), G1 = -1 + 0.9 * 10 = 8, G0 = -1 + 0.9 * 8 = 6.2
+    assert np.allclose(t["mc_return"], [6.2, 8, 10, 10, 10])
+    last_step = batches.RewardConfig(n_last=1, scale=1, shift=0)
+    t = batches.Sampler(store, None, gamma=0.9, reward=last_step).trajectory(0)
+    assert t["reward"].tolist() == [0, 0, 0, 0, 1] and t["mask"].tolist() == [1, 1, 1, 1, 0]
+    assert np.allclose(t["mc_return"], [0.9**4, 0.9**3, 0.9**2, 0.9, 1])
+    # stored terminals (all 0 in the release) as the done mask: bootstrap everywhere
+    terminals = batches.RewardConfig(use_terminals=True)
+    t = batches.Sampler(store, None, gamma=0.9, reward=terminals).trajectory(0)
+    assert t["mask"].tolist() == [1] * 5
+    assert np.allclose(t["mc_return"], [20.051, 23.39, 27.1, 19, 10])
+    # no success: the constant R / (1 - gamma) = -1 / 0.1
+    t = batches.Sampler(store, None, gamma=0.9, reward=batches.RewardConfig(n_last=0)).trajectory(0)
+    assert t["reward"].tolist() == [-1] * 5 and np.allclose(t["mc_return"], -10)
+    assert t["task"].dtype == torch.int64
+    assert t["obs"].dtype == torch.uint8 and t["obs"].shape == (5, 3, 8, 8)
+
+
+def test_batches_mc_returns_several_trajectories():
+    r = np.array([0, 1, 0, 0, 0], np.float32)  # a success of 2 steps, then a failure of 3
+    R = 11 * r - 1
+    G = batches.mc_returns(r, R, 1 - r, [2, 3], gamma=0.5)
+    assert np.allclose(G, [-1 + 0.5 * 10, 10, -2, -2, -2])
+
+
+def test_batches_mixing_counts(tmp_path):
+    store, _ = _tree_store(tmp_path, ("k/a", "k/b", "k/c"), n_traj=2)
+    samplers = [
+        batches.Sampler(store, "train", gamma=0.9, task_ids=np.full(3, k)) for k in range(3)
+    ]
+    assert batches.MixedSampler(samplers[:2], [0.9, 0.1]).counts(64) == [57, 7]
+    assert batches.MixedSampler(samplers[:2], [0.7, 0.3]).counts(10) == [7, 3]
+    mixed = batches.MixedSampler(samplers, [0.35, 0.15, 0.5])
+    assert mixed.counts(64) == [22, 9, 33] and mixed.counts(100) == [35, 15, 50]
+    batch = mixed.sample(64)
+    assert torch.bincount(batch["task"], minlength=3).tolist() == [22, 9, 33]
+    assert batch["obs"].shape == (64, 3, 8, 8) and batch["reward"].shape == (64,)
+    with pytest.raises(ValueError, match="summing to 1"):
+        batches.MixedSampler(samplers[:2], [0.9, 0.2])
+    # a 0 fraction draws nothing, even last (online.py with no online data): the rest goes to the
+    # last f > 0
+    empty = batches.ReplayBuffer(10, 8, gamma=0.9)  # sampling it raises
+    no_online = batches.MixedSampler(samplers[:2] + [empty], [0.35, 0.65, 0])
+    assert no_online.counts(64) == [22, 42, 0] and len(no_online.sample(64)["task"]) == 64
+    assert batches.MixedSampler(samplers[:2], [1, 0]).counts(7) == [7, 0]
+
+
+def test_batches_augment(tmp_path):
+    torch.manual_seed(0)
+    # channels-last, like a batch
+    x = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    assert torch.equal(batches.augment(x, pad=0, p_jitter=0), x)
+    y = batches.augment(x, p_jitter=0)
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
+    shifts = set()
+    for i in range(16):  # each crop is a 12x10 window of the edge-padded image
+        found = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(padded[i, :, dy : dy + 12, dx : dx + 10], y[i])
+        ]
+        assert found, i
+        shifts.add(found[0])
+    assert len(shifts) > 4  # independent offsets per image
+    same = x[:1].expand(64, -1, -1, -1)
+    torch.manual_seed(1)
+    z = batches.augment(same, pad=0)
+    assert z.shape == (64, 3, 12, 10) and z.dtype == torch.uint8
+    changed = [not torch.equal(z[i], same[i]) for i in range(64)]
+    # p_jitter 0.8: most images jittered (the others untouched), each its own way
+    assert 32 < sum(changed) < 64
+    colours = {tuple(z[i].float().mean((1, 2)).tolist()) for i in range(64) if changed[i]}
+    assert len(colours) == sum(changed)
+    torch.manual_seed(1)
+    assert torch.equal(batches.augment(same, pad=0), z)  # deterministic given the seed
+    g = torch.Generator().manual_seed(3)
+    first = batches.augment(x, generator=g)
+    assert torch.equal(first, batches.augment(x, generator=torch.Generator().manual_seed(3)))
+    bright = batches.augment(same, pad=0, contrast=0, saturation=0, hue=0, p_jitter=1)
+    ratio = bright.float().sum((1, 2, 3)) / same.float().sum((1, 2, 3))
+    # brightness factors in [0.8, 1.2]
+    assert ((ratio > 0.75) & (ratio < 1.25)).all() and ratio.std() > 0.01
+
+
+def test_batches_replay_buffer_fifo_and_mc_returns():
+    rb = batches.ReplayBuffer(20, 4, gamma=0.5, seed=0)
+
+    def add(T, success, tag):  # frame t of this trajectory has all pixels = tag * 10 + t
+        levels = (tag * 10 + np.arange(T + 1)).astype(np.uint8)
+        images = levels[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+        rewards = np.r_[np.zeros(T - 1), success]
+        rb.add_trajectory(images, np.zeros((T + 1, 7)), np.zeros((T, 7)), rewards, tag)
+
+    add(5, 1, 1)
+    add(7, 0, 2)
+    assert len(rb) == 12
+    add(9, 1, 3)  # 6 + 8 + 10 frames > 20: the oldest trajectory goes
+    assert len(rb) == 16 and list(rb._lengths) == [7, 9]
+    b = rb.sample(200)
+    assert set(b["task"].tolist()) == {2, 3}
+    # next obs = the following frame, same trajectory
+    assert torch.equal(b["next_obs"].int(), b["obs"].int() + 1)
+    step = b["obs"][:, 0, 0, 0].int() % 10
+    fail = b["task"] == 2
+    ok = b["task"] == 3
+    assert torch.allclose(b["mc_return"][fail], torch.tensor(-2.0))  # no success: -1 / (1 - 0.5)
+    last = ok & (step == 8)
+    assert torch.allclose(b["mc_return"][last], torch.tensor(10.0)) and (b["mask"][last] == 0).all()
+    seven = ok & (step == 7)
+    assert torch.allclose(b["mc_return"][seven], torch.tensor(4.0))  # -1 + 0.5 * 10
+    with pytest.raises(ValueError, match="rewards"):
+        images = np.zeros((3, 4, 4, 3), np.uint8)
+        rb.add_trajectory(images, np.zeros((3, 7)), np.zeros((2, 7)), [0, 0.5], 0)
+    with pytest.raises(ValueError, match="empty"):
+        batches.ReplayBuffer(10, 4, gamma=0.9).sample(2)
+
+
+def test_batches_action_rescale(tmp_path):
+    low = np.array([-0.05] * 3 + [-0.25] * 3 + [0.0])
+    high = np.array([0.05] * 3 + [0.25] * 3 + [1.0])
+    a = np.array(
+        [[0.0, 0.025, -0.025, 0.1, -0.1, 0.2, 0.5], [0.06, -0.06, 0.05, 0.3, -0.3, 0.25, 1.0]]
+    )
+    s = batches.rescale_actions(a, low, high)
+    assert np.allclose(s[0], [0, 0.5, -0.5, 0.4, -0.4, 0.8, 0])
+    assert np.allclose(s[1], [0.99, -0.99] + [0.99] * 2 + [-0.99, 0.99, 0.99])
+    assert np.allclose(batches.unscale_actions(s[0], low, high), a[0], atol=1e-7)
+    t = batches.rescale_actions(torch.tensor(a, dtype=torch.float32), low, high)
+    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), s)
+    assert np.allclose(batches.unscale_actions(t, low, high)[0].numpy(), a[0], atol=1e-7)
+    store, tree = _tree_store(tmp_path, n_traj=3, n_val=0)
+    raw = np.concatenate([t["actions"] for t in tree["k1/task_a"]["train"]])
+    assert np.allclose(store.action_low, raw.min(0)) and np.allclose(store.action_high, raw.max(0))
+    t0 = batches.Sampler(store, None, gamma=0.9).trajectory(0)["action"]
+    scaled = batches.rescale_actions(raw[:5], store.action_low, store.action_high)
+    assert np.allclose(t0.numpy(), scaled)
+    prior_bounds = batches.Sampler(store, None, gamma=0.9, action_low=low, action_high=high)
+    other = prior_bounds.trajectory(0)["action"]
+    assert np.allclose(other.numpy(), batches.rescale_actions(raw[:5], low, high))
+
+
+def test_batches_sampler_resume_is_exact(tmp_path):
+    store, _ = _tree_store(tmp_path)
+    s = batches.Sampler(store, "train", gamma=0.9, seed=3)
+    s.sample(4)
+    state = json.loads(json.dumps(s.state_dict()))  # python ints and strings only
+    first = s.sample(16)
+    s.load_state_dict(state)
+    again = s.sample(16)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_perf_prefetcher_batches_and_resume_are_exact(tmp_path):
+    """The prefetched batches are the sampler's own, bit for bit, and state_dict() is the state
+    after the batches handed out, not after those drawn ahead, so a resume continues with the next
+    batch."""
+    store, _ = _tree_store(tmp_path, n_traj=6, T=7)
+    plain = batches.Sampler(store, "train", gamma=0.9, seed=5)
+    want = [plain.sample(4) for _ in range(5)]
+    sampler = batches.Sampler(store, "train", gamma=0.9, seed=5)
+    pre = batches.Prefetcher(sampler, 4, depth=2)
+    got = [pre.sample(4), pre.sample(4)]
+    state = json.loads(json.dumps(pre.state_dict()))  # python values only, as in a checkpoint
+    for future in list(pre._pending):  # let the thread finish its 2 draws ahead of the loop
+        future.result()
+    assert state != sampler.state_dict()  # the sampler itself is now 2 batches further
+    resumed = batches.Prefetcher(batches.Sampler(store, "train", gamma=0.9, seed=0), 4)
+    resumed.load_state_dict(state)
+    got += [resumed.sample(4) for _ in range(3)]
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pre.load_state_dict(state)  # again on the prefetcher that has drawn ahead: those are dropped
+    again = pre.sample(4)
+    assert all(torch.equal(again[k], want[2][k]) for k in want[2])
+    with pytest.raises(ValueError, match=r"Prefetcher.sample\(8\): .* draws batches of 4"):
+        pre.sample(8)
+    pre.close()
+    resumed.close()
 
 
 # ==================================================================================================
@@ -3730,10 +3740,10 @@ def test_sim_collect_writes_bridge_format(tmp_path):
     store = data.load_store(tmp_path, log=lambda *_: None)
     assert store.task_names == ["pick_duck_to_left"]
     assert store.num_transitions("val") == len(trajs[0]["actions"])
-    traj = data.Sampler(store, "val", gamma=0.98).trajectory(store.trajectory_ids("val")[0])
+    traj = batches.Sampler(store, "val", gamma=0.98).trajectory(store.trajectory_ids("val")[0])
     first = trajs[0]["observations"][0]["images0"]
     assert np.array_equal(traj["obs"][0].permute(1, 2, 0).numpy(), first)
-    raw = data.unscale_actions(traj["action"].numpy(), store.action_low, store.action_high)
+    raw = batches.unscale_actions(traj["action"].numpy(), store.action_low, store.action_high)
     # rescaling clips to +-0.99, so an action at a bound comes back within 1% of the half range
     tolerance = 0.005 * (store.action_high - store.action_low) + 1e-6
     assert np.all(np.abs(raw - trajs[0]["actions"]) <= tolerance)
@@ -3872,7 +3882,7 @@ def test_online_calql_bound_uses_mc_returns_of_online_successes(
     assert live == [[1, 3]]  # the first trajectory was dropped from the buffer (its file stays)
     with np.load(out / "episodes" / "episode_000000.npz") as z:
         assert z["rewards"].tolist() == [0, 0, 1]
-    buffer = data.ReplayBuffer(100, 32, gamma=_ONLINE_GAMMA)
+    buffer = batches.ReplayBuffer(100, 32, gamma=_ONLINE_GAMMA)
     online.refill_buffer(buffer, str(out), live)
     assert len(buffer) == 3
     batch = buffer.sample(64)
@@ -3924,7 +3934,7 @@ def test_online_errors_name_the_problem(online_setup, tmp_path):
         online.main(["finetune", *map(str, paths), "--out", str(tmp_path / "x"), "--device", "cpu"])
     missing = "episode_000003.npz: missing, but the checkpoint's replay buffer"
     with pytest.raises(train.CheckpointError, match=missing):
-        online.refill_buffer(data.ReplayBuffer(10, 32, gamma=0.9), str(tmp_path), [[3, 4]])
+        online.refill_buffer(batches.ReplayBuffer(10, 32, gamma=0.9), str(tmp_path), [[3, 4]])
 
 
 def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
@@ -3948,10 +3958,10 @@ def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tm
     with the gripper on the same side of 0.5 at every step, and the episode succeeds again."""
     sb.collect("pick_cube_to_left", 1, str(tmp_path), image_size=64, min_val=0, log=None)
     store = data.load_store(str(tmp_path), image_size=store_size, log=lambda *a: None)
-    sampler = data.Sampler(store, "train", gamma=0.98)
+    sampler = batches.Sampler(store, "train", gamma=0.98)
     demo = sampler.trajectory(0)
     raw = np.asarray(store.actions[: len(demo["action"])])
-    executed = data.unscale_actions(demo["action"].numpy(), store.action_low, store.action_high)
+    executed = batches.unscale_actions(demo["action"].numpy(), store.action_low, store.action_high)
     # 0 closed .. 1 open, grasp below 0.5
     assert np.array_equal(executed[:, 6] < 0.5, raw[:, 6] < 0.5)
     one_percent = 0.01 * (store.action_high - store.action_low).max()
@@ -4069,7 +4079,7 @@ def test_online_binarized_gripper_executes_zero_or_one():
     high = np.array([0.05] * 3 + [0.25] * 3 + [1.0], np.float32)
     for gripper, executed in ((0.38, 0.0), (0.62, 1.0)):
         raw_action = np.array([0.01, 0, 0, 0, 0, 0, gripper], np.float32)
-        action = data.rescale_actions(raw_action, low, high)
+        action = batches.rescale_actions(raw_action, low, high)
         agent = _ReplayAgent(action[None], 8)
         plain = online.Policy(agent, low, high, task=0)
         raw, _ = plain(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))

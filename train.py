@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from cli import EXIT_INTERRUPTED, ExpectedError, add_dataclass_args, dataclass_from_args, run_cli
 from cql import ALGOS, COMPILE_MODES, STRUCTURE, Agent, AgentConfig
-from data import MixedSampler, Prefetcher, Sampler, augment, load_store, target_task_ids
+from batches import MixedSampler, Prefetcher, Sampler, augment, target_task_ids
+from data import load_store
 from fileio import atomic_write, atomic_write_text, pid_alive, sweep_stale_tmp
 from model import ARCHS, HEADS, NORMS
 from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints, steps_to_delete

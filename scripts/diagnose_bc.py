@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import batches  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
@@ -94,7 +95,7 @@ def probe(args):
     print(f"{100 * std[0]:.1f} / {100 * std[1]:.1f} cm")
     for step in range(1, args.steps + 1):
         rows = rng.choice(train_rows, args.batch_size)
-        x = data.augment(images(store, frames[rows]), pad=args.pad)
+        x = batches.augment(images(store, frames[rows]), pad=args.pad)
         loss = (head(encoder(x)) - target[rows]).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -129,7 +130,7 @@ def valmse(args):
             obs = images(store, np.arange(frame0, frame0 + length))
             state = torch.from_numpy(np.array(store.states[frame0 : frame0 + length]))
             pred = agent.act(obs, state, torch.full((length,), task)).numpy()
-            wanted = np.clip(data.rescale_actions(actions, low, high), -0.99, 0.99)
+            wanted = np.clip(batches.rescale_actions(actions, low, high), -0.99, 0.99)
             error = (pred - wanted) ** 2
             close = first_close(actions)
             close = length if close is None else close
