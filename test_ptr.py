@@ -4177,7 +4177,11 @@ def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tm
     jobs = {job.name: job.cmd for job in be.build_jobs(longer, str(tmp_path))}
     assert flag(jobs["ptr"], "--bc_steps") == "350" and flag(jobs["cog"], "--bc_steps") == "350"
     assert flag(jobs["cql_tgt"], "--bc_steps") == "50"
-    assert "--first" not in jobs["collect"][2]
-    cube_first = be.build_jobs(be.Protocol(sort_first="cube"), str(tmp_path))[0]
-    assert cube_first.name == "collect" and "--task sort --n 5" in cube_first.cmd[2]
-    assert cube_first.cmd[2].split(" && ")[1].endswith("--first cube")
+    # one tau for every method that mixes prior and target data; the cube first by default
+    mixing = ("ptr", "ptr_q", "bc_ft", "cog", "bc_joint")
+    assert {flag(jobs[name], "--mix") for name in mixing} == {"0.7"} and p.mix == 0.7
+    assert "--mix" not in jobs["cql_tgt"]
+    collect = jobs["collect"][2].split(" && ")
+    assert "--task sort --n 5" in collect[1] and collect[1].endswith("--first cube")
+    goal_order = be.build_jobs(be.Protocol(sort_first=""), str(tmp_path))[0]
+    assert goal_order.name == "collect" and "--first" not in goal_order.cmd[2]
