@@ -4145,6 +4145,31 @@ def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
         assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
+def test_binsort_experiment_fisher_p_by_hand_and_in_the_table(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "binsort_experiment", os.path.join(HERE, "scripts", "binsort_experiment.py")
+    )
+    be = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(be)
+    # 3 of 3 against 0 of 3: each extreme table has probability 1 / C(6, 3), both tails count
+    assert be.fisher_exact_p(3, 3, 0, 3) == pytest.approx(2 / 20)
+    # 8 of 50 against 0 of 50: only the two extreme tables are as unlikely as the observed one
+    assert be.fisher_exact_p(8, 50, 0, 50) == pytest.approx(
+        2 * math.comb(50, 8) / math.comb(100, 8)
+    )
+    assert be.fisher_exact_p(0, 50, 8, 50) == be.fisher_exact_p(8, 50, 0, 50)
+    assert be.fisher_exact_p(5, 10, 5, 10) == pytest.approx(1.0)
+    # the sort table compares every method with PTR's evaluation
+    (tmp_path / "eval").mkdir()
+    for name, k in (("sort_ptr", 3), ("sort_cog", 0)):
+        stages = {"grasped": {"count": 3, "rate": 1.0, "lo": 0.4, "hi": 1.0}}
+        r = {"episodes": 3, "successes": k, "success": k / 3, "success_lo": 0.0, "success_hi": 1.0}
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps({**r, "stages": stages}))
+    be.write_table(be.Protocol(), str(tmp_path))
+    table = (tmp_path / "results.md").read_text()
+    assert "| 0 vs 3, p = 0.1 |" in table and table.count(" vs 3, p = ") == 1
+
+
 def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tmp_path):
     """The protocol's commands: every CQL actor is evaluated with sampled actions and BC's are not;
     PTR's actor imitates through fine-tuning, ptr_q's maximises Q from its first fine-tuning update;

@@ -30,6 +30,7 @@ how far it got.
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -353,6 +354,24 @@ def percent(r, key="success"):
     return f"{100 * rate:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def fisher_exact_p(k1, n1, k2, n2):
+    """Two-sided p-value of Fisher's exact test that k1 of n1 and k2 of n2 episodes come from one
+    success rate: the probability, under the hypergeometric law of the 2x2 table with its margins
+    fixed, of every table no more likely than the observed one."""
+    successes = k1 + k2
+    total = math.comb(n1 + n2, successes)
+
+    def probability(k):  # k of the successes in the first sample
+        return math.comb(n1, k) * math.comb(n2, successes - k) / total
+
+    observed = probability(k1)
+    low = max(0, successes - n2)
+    high = min(successes, n1)
+    # 1 + 1e-7: tables as likely as the observed one, up to rounding, count (as in R and SciPy)
+    tail = [probability(k) for k in range(low, high + 1)]
+    return min(1.0, sum(q for q in tail if q <= observed * (1 + 1e-7)))
+
+
 def actions_text(r, suffix):
     """How an evaluation acted: the actor's mean or a sample; the gripper as predicted (_raw) or
     binarized."""
@@ -403,9 +422,11 @@ def write_table(p, out, seconds=None):
                 lines.append("| " + " | ".join(row) + f" | {percent(r, 'placed')} |")
     lines += ["", "## The target task: sort both objects (paper Table VII)", ""]
     lines += [
-        "| method | actions | full success [95% CI] | grasped | first object in its bin | paper |",
-        "|---|---|---|---|---|---|",
+        "| method | actions | full success [95% CI] | grasped | first object in its bin | "
+        "against PTR (Fisher p) | paper |",
+        "|---|---|---|---|---|---|---|",
     ]
+    ptr = load_eval(out, "sort_ptr")
     for method, label in METHODS.items():
         for suffix in ("", "_raw"):
             r = load_eval(out, f"sort_{method}{suffix}")
@@ -413,7 +434,13 @@ def write_table(p, out, seconds=None):
                 continue
             actions = actions_text(r, suffix)
             row = [label, actions, percent(r), percent(r, "grasped"), percent(r, "first_in_bin")]
-            lines.append("| " + " | ".join(row) + f" | {PAPER[method]} % |")
+            against = "-"
+            if ptr is not None and (method, suffix) != ("ptr", ""):
+                p_value = fisher_exact_p(
+                    r["successes"], r["episodes"], ptr["successes"], ptr["episodes"]
+                )
+                against = f"{r['successes']} vs {ptr['successes']}, p = {p_value:.2g}"
+            lines.append("| " + " | ".join(row) + f" | {against} | {PAPER[method]} % |")
     for method in ("ptr", "ptr_q"):
         if selected_ckpt(out, method):
             lines += ["", f"{method}: select_ckpt.py chose `{selected_ckpt(out, method)}`."]
