@@ -704,7 +704,7 @@ class Agent:
 
 # =================================================================================== random batches
 def random_batch(cfg, batch_size, device="cpu", seed=0):
-    """A batch in batches.py's format (batches._make_batch) with random content (tests, bench.py)."""
+    """A batch in batches.py's format (batches._make_batch), random content (tests, bench.py)."""
     g = torch.Generator().manual_seed(seed)
     img = lambda: torch.randint(
         0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8
