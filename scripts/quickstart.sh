@@ -3,7 +3,8 @@
 # pick-and-place demos and a few full-sort target demos, pre-train multi-task CQL, fine-tune
 # offline on the target, select a checkpoint from its Q-values on held-out demos, evaluate in the
 # simulator, optionally fine-tune online; then a results table. The settings are those of
-# scripts/binsort_experiment.py with shorter runs (results/binsort_cpu.md measures both).
+# scripts/binsort_experiment.py with shorter runs (results/binsort_cpu.md measures both). Measured
+# with the defaults on an idle 2-core VM: 5 of 20 sorts, 20 minutes (results/binsort/quickstart.txt).
 #
 #   bash scripts/quickstart.sh                         # everything under runs/quickstart
 #   PRE_STEPS=20000 FT_STEPS=5000 bash scripts/quickstart.sh   # longer, closer to the paper
