@@ -1,7 +1,7 @@
 """Update speed of the PTR agent: eager and compiled updates/s, counted FLOPs, fraction of the peak.
 
-    python cql.py bench --arch resnet34 --batch 64 --image_size 128 --device cuda
-    python bench.py --arch small --batch 64 --image_size 64              # the same, called directly
+    python bench.py --arch resnet34 --batch 64 --image_size 128 --device cuda
+    python bench.py --arch small --batch 64 --image_size 64
 
 The arithmetic of the PTR ResNet-34 variant (SPEC section 4, 11.3 GFLOP per 128x128 image forward):
 one CQL update at batch 64 runs the critic on s with gradient, the target on s', the policy on s
@@ -173,9 +173,9 @@ def bench(args):
     )
 
 
-def main(argv=None, prog=None):
+def main(argv=None):
     d = AgentConfig()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default=d.arch)
     p.add_argument("--algo", default=d.algo, choices=ALGOS)
     p.add_argument("--batch", type=int, default=64, help="SPEC section 3 batch size")

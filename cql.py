@@ -21,10 +21,9 @@ live in AgentConfig below:
           temperature: temp * (entropy - target)
   bc      MSE;  awbc: MSE weighted by exp(Q(s,a) - max_j Q(s,a^pi_j)), clipped at awbc_max_weight.
 
-`python cql.py bench ...` measures update speed, eager and compiled (bench.py).
+`python bench.py ...` measures update speed, eager and compiled (bench.py imports this file).
 """
 
-import argparse
 import contextlib
 import copy
 import math
@@ -721,24 +720,3 @@ def random_batch(cfg, batch_size, device="cpu", seed=0):
     batch["mask"] = (batch["reward"] < 0).float()
     batch["mc_return"] = torch.randn(batch_size, generator=g) * 5
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    # bench.py parses the subcommand's own flags (and its --help)
-    sub.add_parser(
-        "bench",
-        add_help=False,
-        help="eager vs compiled updates/s, fraction of peak FLOP/s (bench.py)",
-    )
-    _, rest = parser.parse_known_args(argv)
-    # imported here, not at the top: bench.py imports cql, and a copy of cql.py without
-    # bench.py still imports
-    import bench
-
-    bench.main(rest, prog="cql.py bench")
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,7 @@ step() { # step NAME TIMEOUT_S COMMAND...: run one step unless the budget is spe
 }
 
 bench() { # bench ARCH MODE: the CQL update at batch 64, 128 px, eager vs compiled
-    $PY cql.py bench --arch "$1" --batch 64 --image_size 128 --device cuda --steps 20 --warmup 3 \
+    $PY bench.py --arch "$1" --batch 64 --image_size 128 --device cuda --steps 20 --warmup 3 \
         --compile_mode "$2"
 }
 
