@@ -100,9 +100,7 @@ class OnlineConfig:
     eval_seed: int = 0  # evaluation episode i resets with eval_seed + i
     save_every: int = 5_000  # ours: a checkpoint every N environment steps
     offline_steps: int = 0  # ours: Cal-QL warm-up steps on prior + target before the first rollout
-    buffer_capacity: int = (
-        0  # ours: frames in batches.ReplayBuffer's ring (0: keep every transition)
-    )
+    buffer_capacity: int = 0  # ours: frames in the ReplayBuffer's ring (0: keep every transition)
 
 
 @dataclass

@@ -130,7 +130,7 @@ def valmse(args):
             obs = images(store, np.arange(frame0, frame0 + length))
             state = torch.from_numpy(np.array(store.states[frame0 : frame0 + length]))
             pred = agent.act(obs, state, torch.full((length,), task)).numpy()
-            wanted = np.clip(batches.rescale_actions(actions, low, high), -0.99, 0.99)
+            wanted = batches.rescale_actions(actions, low, high)  # clipped to +-ACTION_CLIP
             error = (pred - wanted) ** 2
             close = first_close(actions)
             close = length if close is None else close
