@@ -6,8 +6,9 @@ keeps pickle out of training.
 
 The path of the data, top to bottom in this file:
   find_sources() lists the source files of a tree (or an RLDS / LeRobot dataset folder) ->
-  _episodes() yields each file's trajectories (read_source() for out.npy; rlds.py, lerobot.py) ->
-  parse_trajectory() checks one -> convert() streams them into a store -> Store opens it
+  _episodes() yields each file's trajectories (bridge.py's read_source() for out.npy; rlds.py,
+  lerobot.py) -> bridge.py's parse_trajectory() checks one -> convert() streams them into a store
+  -> Store opens it
   (checked against its meta.json). batches.py takes it from there: Sampler, MixedSampler and
   ReplayBuffer relabel and make batches, augment() shifts and jitters them.
 load_store() ties this file together and caches: a store is rebuilt when its sources change.
@@ -44,11 +45,18 @@ from PIL import Image
 import lerobot
 import rlds
 from batches import Sampler, augment, describe, image_hw
+from bridge import (
+    SOURCE_NAME,
+    BridgeFormatError,
+    parse_trajectory,
+    read_bridge_file,
+    read_source,
+    synthetic_trajectory,
+)
 from cli import ExpectedError, run_cli
 from fileio import FormatError, pid_alive, write_bridge_file  # data.write_bridge_file is fileio's
 
 FORMAT_VERSION = 1
-SOURCE_NAME = "out.npy"  # the Bridge release's file name (SPEC section 5)
 # The default store location, under the source root; the tree scan skips dot-folders.
 STORE_DIR = ".ptr_store"
 SPLITS = ("train", "val")  # split codes 0 and 1
@@ -69,13 +77,6 @@ META_FIELDS = (
 )
 # A fixed .npy header size, so that the final frame count can be written over it in place.
 _HEADER_BYTES = 128
-
-
-class BridgeFormatError(ExpectedError, FormatError):
-    """A source file that does not follow the Bridge numpy format (SPEC section 5): names the file,
-    the trajectory (its index in the file), the field, what was expected and what was found."""
-
-    unit = "trajectory"  # FormatError's message: "<file>: trajectory <i>: field ..."
 
 
 class StoreError(ExpectedError, ValueError):
@@ -108,66 +109,6 @@ def resize_images(frames, size):
 
 
 # -------------------- the Bridge numpy format (SPEC section 5)
-def synthetic_trajectory(T, image_size, rng, cameras=("images0",)):
-    """A Bridge-format trajectory of random images, states and actions in the release's ranges
-    (tests, bench). It has several cameras per step, so it builds its dict itself (fileio's
-    bridge_trajectory takes one); next_observations share their dicts with observations (the
-    release stores two copies)."""
-    height, width = image_hw(image_size)
-    observations = []
-    for _ in range(T + 1):
-        step = {c: rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for c in cameras}
-        step["state"] = rng.uniform(-0.3, 0.3, 7).astype(np.float32)
-        observations.append(step)
-    translation = rng.uniform(-0.05, 0.05, (T, 3))
-    rotation = rng.uniform(-0.25, 0.25, (T, 3))
-    gripper = rng.integers(0, 2, (T, 1))
-    return {
-        "observations": observations[:-1],
-        "next_observations": observations[1:],
-        "actions": np.concatenate([translation, rotation, gripper], axis=1),
-        "terminals": np.zeros(T),
-    }
-
-
-def read_bridge_file(path):
-    """Unpickle one out.npy -> list of trajectory dicts. The only place that unpickles."""
-    if os.path.isdir(path):
-        raise BridgeFormatError(
-            path, None, "<file>", "a file: an np.save'd list of trajectory dicts", "a directory"
-        )
-    try:
-        data = np.load(path, allow_pickle=True)
-    # a truncated pickle raises EOFError, UnpicklingError, ValueError, ... by where it ends
-    except Exception as e:
-        raise BridgeFormatError(
-            path,
-            None,
-            "<file>",
-            "a complete np.save'd list of trajectory dicts",
-            f"unreadable ({type(e).__name__}: {e})",
-        ) from None
-    if isinstance(data, np.ndarray) and data.dtype == object and data.ndim == 0:
-        data = data.item()
-    elif isinstance(data, np.ndarray) and data.dtype == object and data.ndim == 1:
-        data = list(data)
-    if not isinstance(data, list):
-        raise BridgeFormatError(path, None, "<file>", "a list of trajectory dicts", describe(data))
-    return data
-
-
-def read_source(path):
-    """The trajectories of one out.npy as Bridge trajectory dicts (SPEC section 5), in order.
-
-    The numpy format's side of the seam where source formats plug in: find_sources() lists the
-    files, _episodes() turns one into trajectories (through read_source() for an out.npy, rlds.py or
-    lerobot.py for an RLDS shard or a LeRobot table), and convert() checks each one with
-    parse_trajectory() and streams it into the store. A reader yields the dicts (a list or a
-    generator) and raises a FormatError for a file it cannot read (convert reports it, or skips the
-    rest of that file under skip_bad)."""
-    return read_bridge_file(path)
-
-
 def _episodes(path, task, root, options):
     """(index in file, task, load) for each trajectory of one source; load() gives its Bridge
     trajectory dict. An out.npy (task from its folder) comes from read_source(); an RLDS shard or a
@@ -192,108 +133,6 @@ def _episodes(path, task, root, options):
             if any(k in source for k in exclude):
                 continue
         yield index, name, load
-
-
-def _first_non_finite(a, steps):
-    """Where the first NaN / inf of a (T, D), (T,) or (D,) array is, for an error message."""
-    position = tuple(np.argwhere(~np.isfinite(a))[0])
-    value = a[position]
-    if not steps:
-        return f"{value} in dimension {position[0]}"
-    if len(position) == 1:
-        return f"{value} at step {position[0]}"
-    return f"{value} at step {position[0]}, dimension {position[1]}"
-
-
-def _numbers(x, fail, field, expected, shape_ok, steps=False):
-    """x as an array of finite numbers whose shape passes shape_ok, or fail(...)'s
-    BridgeFormatError. steps: axis 0 of x counts steps (actions, terminals), for the message about a
-    non-finite entry."""
-    try:
-        a = np.asarray(x)
-    except (ValueError, TypeError):  # numpy >= 1.24 refuses ragged nested lists
-        raise fail(
-            field, expected, f"a ragged {type(x).__name__} (rows of unequal length)"
-        ) from None
-    if a.dtype.kind not in "fiub" or not shape_ok(a.shape):
-        got = "nothing (key missing)" if x is None else describe(a)
-        raise fail(field, expected, got)
-    if a.dtype.kind == "f":  # checked as the store keeps them: float32
-        with np.errstate(over="ignore"):  # a float64 beyond float32's range: inf, reported below
-            stored = a.astype(np.float32)
-        if not np.isfinite(stored).all():
-            raise fail(field, "finite numbers", _first_non_finite(stored, steps))
-    return a
-
-
-def parse_trajectory(traj, path, index, camera="images0"):
-    """Check one trajectory dict -> ({camera: uint8 frames (T+1, H, W, 3)}, states (T+1, 7), actions
-    (T, 7), terminals (T,)), all finite. Frame t < T is observations[t]; frame T is
-    next_observations[T-1] (the final next obs). camera="all": every images<k> key, each one a
-    trajectory of its own in the store."""
-
-    def fail(field, expected, got=None):
-        return BridgeFormatError(path, index, field, expected, got)
-
-    if not isinstance(traj, dict):
-        raise fail("<trajectory>", "a dict", describe(traj))
-    for key in ("observations", "next_observations", "actions"):
-        if key not in traj:
-            raise fail(key, "a key of the trajectory dict", f"keys {sorted(map(str, traj))}")
-    actions = _numbers(
-        traj["actions"],
-        fail,
-        "actions",
-        "a (T, 7) float array, T >= 1",
-        lambda s: len(s) == 2 and s[1] == 7 and s[0] >= 1,
-        steps=True,
-    )
-    T = len(actions)
-    for key in ("observations", "next_observations"):
-        entries = traj[key]
-        if not isinstance(entries, (list, tuple, np.ndarray)) or len(entries) != T:
-            got = f"{len(entries)} entries" if hasattr(entries, "__len__") else describe(entries)
-            raise fail(key, f"a list of {T} observation dicts (one per action)", got)
-    observations = list(traj["observations"]) + [traj["next_observations"][-1]]
-    names = [f"observations[{t}]" for t in range(T)] + [f"next_observations[{T - 1}]"]
-    cameras = [camera]
-    if camera == "all" and isinstance(observations[0], dict):
-        cameras = sorted(k for k in observations[0] if re.fullmatch(r"images\d+", k))
-    if not cameras:
-        raise fail(f"{names[0]}.images*", "at least one camera image (images0, images1, ...)")
-    for t, (obs, name) in enumerate(zip(observations, names)):
-        if not isinstance(obs, dict):
-            raise fail(name, "an observation dict", describe(obs))
-        for cam in cameras:
-            image = obs.get(cam)
-            shape = observations[0][cam].shape if t else "(H, W, 3)"
-            is_image = (
-                isinstance(image, np.ndarray)
-                and image.dtype == np.uint8
-                and image.ndim == 3
-                and image.shape[2] == 3
-            )
-            if not is_image or (t and image.shape != shape):
-                got = "nothing (camera missing)" if image is None else describe(image)
-                raise fail(f"{name}.{cam}", f"a uint8 image of shape {shape}", got)
-        _numbers(
-            obs.get("state"),
-            fail,
-            f"{name}.state",
-            "7 floats (xyz, euler, gripper)",
-            lambda s: s == (7,),
-        )
-    terminals = _numbers(
-        traj.get("terminals", np.zeros(T)),
-        fail,
-        "terminals",
-        f"{T} numbers",
-        lambda s: s == (T,),
-        steps=True,
-    )
-    images = {c: np.stack([obs[c] for obs in observations]) for c in cameras}
-    states = np.array([obs["state"] for obs in observations], np.float32)
-    return images, states, actions.astype(np.float32), terminals.astype(np.float32)
 
 
 def find_sources(src, include=(), exclude=()):
