@@ -19,6 +19,8 @@ live in AgentConfig below:
           alpha = 10 means this one.
   actor   mean [ temp * log pi(a|s) - min_heads Q(s,a) ],  a ~ pi;
           temperature: temp * (entropy - target)
+          imitating (bc_steps): mean [ temp * log pi(a|s) ] - mean [ w * log pi(a_data|s) ],
+          w = 1, or with actor_awbc the awbc weights below divided by their batch mean
   bc      MSE;  awbc: MSE weighted by exp(Q(s,a) - max_j Q(s,a^pi_j)), clipped at awbc_max_weight.
 
 `python bench.py ...` measures update speed, eager and compiled (bench.py imports this file).
@@ -98,6 +100,7 @@ class AgentConfig:
     bc_steps: int = 0  # the first N actor updates imitate the data (max likelihood), not Q
     bc_dropout: float = 0.4  # dropout of the BC policy (Table XI)
     awbc_max_weight: float = 20.0  # ours: exp(advantage) clipped at 20 (advantage <= ln 20)
+    actor_awbc: bool = False  # ours: the imitating actor weighs data actions by awbc's weights
     seed: int = 0  # network init and the agent's own sampling generator
 
     def __post_init__(self):
@@ -197,13 +200,20 @@ def actor_loss(q_pi, log_pi, temp):
     return loss, {"actor_loss": loss.detach(), "entropy": -log_pi.mean().detach()}
 
 
-def actor_imitation_loss(log_pi, log_pi_data, temp):
+def actor_imitation_loss(log_pi, log_pi_data, temp, weights=None):
     """The actor's warm-up (cfg.bc_steps; the CQL reference code's policy_eval_start): maximise the
     log-likelihood of the data action plus entropy while the critic is still uninformative. log_pi
-    (B, N) at reparameterised samples, log_pi_data (B,) at the data action."""
+    (B, N) at reparameterised samples, log_pi_data (B,) at the data action; weights (B,), treated
+    as constants, weigh each data action's likelihood (cfg.actor_awbc)."""
     assert log_pi.shape[0] == log_pi_data.shape[0], (log_pi.shape, log_pi_data.shape)
-    loss = (temp * log_pi).mean() - log_pi_data.mean()
-    return loss, {"actor_loss": loss.detach(), "entropy": -log_pi.mean().detach()}
+    info = {"entropy": -log_pi.mean().detach()}
+    if weights is None:
+        loss = (temp * log_pi).mean() - log_pi_data.mean()
+    else:
+        assert weights.shape == log_pi_data.shape, (weights.shape, log_pi_data.shape)
+        loss = (temp * log_pi).mean() - (weights.detach() * log_pi_data).mean()
+        info["actor_weight_max"] = weights.max().detach()
+    return loss, {"actor_loss": loss.detach(), **info}
 
 
 def temperature_loss(log_temp, log_pi, target_entropy):
@@ -494,7 +504,13 @@ class Agent:
         temp = self.log_temp.exp().detach()
         if imitate:
             log_pi_data = self.policy.log_prob(z_pi, state, onehot, action)
-            a_loss, a_info = actor_imitation_loss(log_pi, log_pi_data, temp)
+            w = None
+            if cfg.actor_awbc:
+                # mean 1: the step size stays plain imitation's; the critic only chooses which
+                # data actions the actor imitates most (Section V-D's AW-BC, on the CQL actor)
+                w = awbc_weights(q_data.detach(), q_pi.detach(), cfg.awbc_max_weight)
+                w = w / w.mean()
+            a_loss, a_info = actor_imitation_loss(log_pi, log_pi_data, temp, w)
         else:
             # actor: same embedding and heads, but detached, so this loss only reaches the policy
             q_actor = self.critic.heads(z_q.detach(), a_pi, onehot, detach_params=True)

@@ -4,7 +4,7 @@ One file, in two parts. First the fakes and builders that every section shares: 
 Bridge-format trees and stores, tiny agents, run folders, stand-in policies and environments, a
 Dynamixel bus behind a pseudo-terminal. Then the tests, in the project's import order: cli.py,
 runfolder.py, widowx.py, dynamixel.py (the leaves; fileio.py is exercised through the data, robot
-and simulator tests); model.py; cql.py; data.py with its format readers rlds.py and lerobot.py;
+and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py and lerobot.py;
 batches.py (a leaf too, tested on data.py's stores); train.py; finetune.py; select_ckpt.py;
 classifier.py; robot.py; sim_binsort.py; online.py (which drives robot.py and sim_binsort.py);
 then bench.py and every script's command line. A test sits with the module whose behaviour it
@@ -37,6 +37,7 @@ import torch.nn as nn
 from PIL import Image
 
 import batches
+import bridge
 import classifier
 import cli
 import cql
@@ -515,7 +516,7 @@ def _write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0",), 
         for split, n in (("train", n_traj), ("val", n_val)):
             if n:
                 trajs = [
-                    data.synthetic_trajectory(int(lengths[i % len(lengths)]), H, rng, cameras)
+                    bridge.synthetic_trajectory(int(lengths[i % len(lengths)]), H, rng, cameras)
                     for i in range(n)
                 ]
                 data.write_bridge_file(os.path.join(root, task, split, "out.npy"), trajs)
@@ -536,7 +537,7 @@ def _nhwc(images):
 
 def _good_trajectory(T=3):
     """A valid T-step Bridge trajectory of 8 px images, the same one for every call."""
-    return data.synthetic_trajectory(T, 8, np.random.default_rng(0))
+    return bridge.synthetic_trajectory(T, 8, np.random.default_rng(0))
 
 
 def _save_npy(path, obj):
@@ -553,7 +554,7 @@ def _assert_bad_input(tmp_path, trajectories, match, **kw):
     leaves no store and no temporary folder (kw: load_store's options)."""
     path = str(tmp_path / "bad" / "k" / "a" / "train" / "out.npy")
     _save_npy(path, trajectories)
-    with pytest.raises(data.BridgeFormatError, match=match) as e:
+    with pytest.raises(bridge.BridgeFormatError, match=match) as e:
         data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None, **kw)
     assert path in str(e.value)
     leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
@@ -1398,6 +1399,11 @@ def test_core_actor_imitation_warm_up():
         torch.tensor([[-2.0, 4.0]] * 2), torch.tensor([-1.0, -3.0]), 0.5
     )
     assert loss.item() == pytest.approx(2.5) and info["entropy"].item() == pytest.approx(-1.0)
+    # weighted (actor_awbc): mean(0.5 * [-2, 4]) - mean([1.5 * -1, 0.5 * -3]) = 0.5 + 1.5 = 2.0
+    loss, info = cql.actor_imitation_loss(
+        torch.tensor([[-2.0, 4.0]] * 2), torch.tensor([-1.0, -3.0]), 0.5, torch.tensor([1.5, 0.5])
+    )
+    assert loss.item() == pytest.approx(2.0) and info["actor_weight_max"].item() == 1.5
     # bc_steps: the first updates raise the policy's likelihood of the data actions and leave the
     # critic's gradient out of the actor; afterwards the actor follows Q again
     cfg = _tiny_config(bc_steps=3, actor_lr=1e-3)
@@ -1429,6 +1435,12 @@ def test_core_actor_imitation_warm_up():
     fourth = agent.update(batch)["actor_loss"]  # update 4: the Q-maximising loss again
     assert torch.equal(fourth, never_imitated.update(batch)["actor_loss"])
     assert not torch.equal(fourth, still_imitating.update(batch)["actor_loss"])
+    # actor_awbc: the same first update but for the critic's weights on the data actions, which
+    # differ between data actions and average 1
+    weighted = Agent(_tiny_config(bc_steps=3, actor_lr=1e-3, actor_awbc=True)).update(batch)
+    assert weighted["actor_weight_max"] > 1.0
+    assert not torch.equal(weighted["actor_loss"], infos[0]["actor_loss"])
+    assert torch.equal(weighted["critic_loss"], infos[0]["critic_loss"])
 
 
 def test_core_tabular_cql_fixed_point():
@@ -1827,7 +1839,7 @@ def test_data_killed_conversion_leaves_no_store(tmp_path):
     bad = str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy")
     _save_npy(bad, [{"actions": np.zeros((2, 7))}])
     # a bad file: the old store is left as it was, no tmp folder
-    with pytest.raises(data.BridgeFormatError):
+    with pytest.raises(bridge.BridgeFormatError):
         data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
 
@@ -1947,21 +1959,21 @@ def test_data_bad_input_errors(tmp_path):
     _save_npy(str(path), [_good_trajectory(), _good_trajectory()])
     path.write_bytes(path.read_bytes()[:-500])  # truncated
     truncated = r"out.npy: field '<file>': expected a complete .* unreadable"
-    with pytest.raises(data.BridgeFormatError, match=truncated):
+    with pytest.raises(bridge.BridgeFormatError, match=truncated):
         data.load_store(tmp_path / "bad", store=tmp_path / "s", log=lambda *_: None)
 
 
 def test_data_skip_bad_and_cli(tmp_path):
     rng = np.random.default_rng(0)
-    bad = data.synthetic_trajectory(3, 8, rng)
+    bad = bridge.synthetic_trajectory(3, 8, rng)
     del bad["observations"]
-    ragged = data.synthetic_trajectory(3, 8, rng)
-    words = data.synthetic_trajectory(3, 8, rng)
+    ragged = bridge.synthetic_trajectory(3, 8, rng)
+    words = bridge.synthetic_trajectory(3, 8, rng)
     # numpy raises a bare ValueError
     ragged["actions"] = [list(a) for a in ragged["actions"]][:2] + [[0.0] * 6]
     words["next_observations"][-1] = dict(words["next_observations"][-1], state=["x"] * 7)
-    first = data.synthetic_trajectory(3, 8, rng)
-    third = data.synthetic_trajectory(4, 8, rng)
+    first = bridge.synthetic_trajectory(3, 8, rng)
+    third = bridge.synthetic_trajectory(4, 8, rng)
     _save_npy(
         str(tmp_path / "tree" / "k" / "a" / "train" / "out.npy"), [first, bad, third, ragged, words]
     )
@@ -2064,6 +2076,35 @@ def test_data_damaged_default_store_is_rebuilt_from_its_sources(tmp_path):
     assert sorted(os.listdir(os.path.dirname(store.path))) == [os.path.basename(store.path)]
 
 
+def test_data_bridge_reader_copied_alone_reads_and_checks_without_torch(tmp_path):
+    """bridge.py with the leaves it imports (batches, cli, fileio) is the whole Bridge reader: it
+    unpickles, checks and reports a bad field, and never loads torch."""
+    for name in ("bridge.py", "batches.py", "cli.py", "fileio.py"):
+        (tmp_path / name).write_text(open(os.path.join(HERE, name)).read())
+    path = tmp_path / "out.npy"
+    trajectory = bridge.synthetic_trajectory(3, 8, np.random.default_rng(0))
+    fileio.write_bridge_file(str(path), [trajectory, {**trajectory, "actions": np.zeros((3, 6))}])
+    script = (
+        "import sys, bridge\n"
+        f"good, bad = bridge.read_bridge_file({str(path)!r})\n"
+        "images, states, actions, terminals = bridge.parse_trajectory(good, 'out.npy', 0)\n"
+        "print(images['images0'].shape, actions.shape)\n"
+        "try:\n"
+        "    bridge.parse_trajectory(bad, 'out.npy', 1)\n"
+        "except bridge.BridgeFormatError as e:\n"
+        "    print(e)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    alone = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert alone.returncode == 0, alone.stderr
+    shapes, error, torch_loaded = alone.stdout.strip().split("\n")
+    assert shapes == "(4, 8, 8, 3) (3, 7)"
+    assert error.startswith("out.npy: trajectory 1: field 'actions'") and "(T, 7)" in error
+    assert torch_loaded == "False"
+
+
 def test_data_source_reader_seam(tmp_path, monkeypatch):
     # a reader may yield trajectory dicts lazily and fail part-way: what it yielded before stays
     rng = np.random.default_rng(0)
@@ -2071,25 +2112,25 @@ def test_data_source_reader_seam(tmp_path, monkeypatch):
     data.write_bridge_file(str(path), [])
 
     def reader(source):
-        yield data.synthetic_trajectory(3, 8, rng)
-        yield data.synthetic_trajectory(2, 8, rng)
-        raise data.BridgeFormatError(source, 2, "<record>", "a complete record", "end of file")
+        yield bridge.synthetic_trajectory(3, 8, rng)
+        yield bridge.synthetic_trajectory(2, 8, rng)
+        raise bridge.BridgeFormatError(source, 2, "<record>", "a complete record", "end of file")
 
     monkeypatch.setattr(data, "read_source", reader)
     logs = []
     st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
     assert st.traj_length.tolist() == [3, 2] and "trajectory 2: field '<record>'" in logs[-1]
-    with pytest.raises(data.BridgeFormatError, match="end of file"):
+    with pytest.raises(bridge.BridgeFormatError, match="end of file"):
         data.load_store(tmp_path / "tree", store=tmp_path / "s", log=lambda *_: None)
 
 
 def test_data_one_line_failures_and_nothing_half_written(tmp_path):
-    assert issubclass(data.BridgeFormatError, cli.ExpectedError)
-    assert issubclass(data.BridgeFormatError, ValueError)
+    assert issubclass(bridge.BridgeFormatError, cli.ExpectedError)
+    assert issubclass(bridge.BridgeFormatError, ValueError)
     _write_tree(tmp_path / "tree", ["k/b"], n_traj=2, n_val=0)
     os.makedirs(tmp_path / "tree" / "k" / "a" / "train" / "out.npy")  # a folder, not a file
     a_folder = r"a/train/out.npy: field '<file>': expected a file.* got a directory"
-    with pytest.raises(data.BridgeFormatError, match=a_folder):
+    with pytest.raises(bridge.BridgeFormatError, match=a_folder):
         data.load_store(tmp_path / "tree", log=lambda *_: None)
     logs = []
     st = data.load_store(tmp_path / "tree", skip_bad=True, log=logs.append)
@@ -2553,7 +2594,7 @@ def test_pipeline_policy_state_statistics_are_the_train_split_s(pipe_data, pipe_
     _, prior, _ = pipe_data
     states = []
     for path in sorted(prior.glob("*/*/train/out.npy")):
-        for traj in data.read_bridge_file(str(path)):
+        for traj in bridge.read_bridge_file(str(path)):
             frames = [*traj["observations"], traj["next_observations"][-1]]
             states += [step["state"] for step in frames]
     states = np.array(states, np.float64)
