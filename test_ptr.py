@@ -4,11 +4,11 @@ One file, in two parts. First the fakes and builders that every section shares: 
 Bridge-format trees and stores, tiny agents, run folders, stand-in policies and environments, a
 Dynamixel bus behind a pseudo-terminal. Then the tests, in the project's import order: cli.py,
 runfolder.py, widowx.py, dynamixel.py (the leaves; fileio.py is exercised through the data, robot
-and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py and lerobot.py;
-batches.py (a leaf too, tested on data.py's stores); train.py; finetune.py; select_ckpt.py;
-classifier.py; robot.py; sim_binsort.py; online.py (which drives robot.py and sim_binsort.py);
-then bench.py and every script's command line. A test sits with the module whose behaviour it
-checks, even when it reaches that module through a later one."""
+and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py and
+lerobot.py; batches.py (a leaf too, tested on data.py's stores); train.py; finetune.py;
+select_ckpt.py; classifier.py; robot.py; sim_binsort.py; online.py (which drives robot.py and
+sim_binsort.py); then bench.py and every script's command line. A test sits with the module whose
+behaviour it checks, even when it reaches that module through a later one."""
 
 import argparse
 import copy

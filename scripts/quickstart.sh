@@ -3,8 +3,9 @@
 # pick-and-place demos and a few full-sort target demos, pre-train multi-task CQL, fine-tune
 # offline on the target, select a checkpoint from its Q-values on held-out demos, evaluate in the
 # simulator, optionally fine-tune online; then a results table. The settings are those of
-# scripts/binsort_experiment.py with shorter runs (results/binsort_cpu.md measures both). Measured
-# with the defaults on an idle 2-core VM: 5 of 20 sorts, 20 minutes (results/binsort/quickstart.txt).
+# scripts/binsort_experiment.py with shorter runs (results/binsort_round6/report.md measures both).
+# Measured with the defaults on an idle 2-core VM: 5 of 20 sorts, 20 minutes
+# (results/binsort_round6/quickstart.txt).
 #
 #   bash scripts/quickstart.sh                         # everything under runs/quickstart
 #   PRE_STEPS=20000 FT_STEPS=5000 bash scripts/quickstart.sh   # longer, closer to the paper
@@ -30,7 +31,7 @@ BATCH=${BATCH:-64}
 PRE_STEPS=${PRE_STEPS:-5000}
 FT_STEPS=${FT_STEPS:-1000}
 # tau, the prior data's share of each fine-tuning batch: the protocol's 0.7 (PTR sorted 39/50 at
-# 0.7, 17/50 at 0.9; results/binsort_cpu.md, round 6)
+# 0.7, 17/50 at 0.9; results/binsort_round6/report.md)
 MIX=${MIX:-0.7}
 EPISODES=${EPISODES:-20}
 ONLINE_STEPS=${ONLINE_STEPS:-0}
