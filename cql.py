@@ -207,12 +207,12 @@ def actor_imitation_loss(log_pi, log_pi_data, temp, weights=None):
     as constants, weigh each data action's likelihood (cfg.actor_awbc)."""
     assert log_pi.shape[0] == log_pi_data.shape[0], (log_pi.shape, log_pi_data.shape)
     info = {"entropy": -log_pi.mean().detach()}
-    if weights is None:
-        loss = (temp * log_pi).mean() - log_pi_data.mean()
-    else:
+    likelihood = log_pi_data
+    if weights is not None:
         assert weights.shape == log_pi_data.shape, (weights.shape, log_pi_data.shape)
-        loss = (temp * log_pi).mean() - (weights.detach() * log_pi_data).mean()
+        likelihood = weights.detach() * log_pi_data
         info["actor_weight_max"] = weights.max().detach()
+    loss = (temp * log_pi).mean() - likelihood.mean()
     return loss, {"actor_loss": loss.detach(), **info}
 
 
