@@ -3705,6 +3705,25 @@ def test_sim_scripted_sort_succeeds():
     env.close()
 
 
+def test_sim_scripted_demo_gives_each_view_one_gripper_label():
+    """The scripted demo closes on the view that reaches the grasp height, not one step later, and
+    lifts on the first view that holds the object. With the switch a step late (rounds 1-7) the arm
+    stood at the bottom, "open" was recorded there and "close" from the same view a step later, and
+    a deterministic policy averaged the two and hovered (round 8)."""
+    env = sb.BinSortEnv("pick_cube_to_left", image_size=8)
+    for seed in range(3):
+        observations, actions, _, ok = sb.run_episode(env, "pick_cube_to_left", seed, noise=0.0)
+        assert ok
+        states = np.stack([o["state"] for o in observations])
+        close = int(np.flatnonzero(actions[:, 6] < 0.5)[0])
+        # every "open" before the close was commanded from at least 1 cm away from where it was
+        apart = np.linalg.norm(states[:close, :3] - states[close, :3], axis=1)
+        assert apart.min() > 0.01, (seed, apart.min())
+        # one closed step grasps the cube; the next command lifts it, still closed
+        assert actions[close + 1, 2] > 0.01 and actions[close + 1, 6] < 0.5, actions[close + 1]
+    env.close()
+
+
 def test_sim_grasp_yaw_turns_only_for_objects_too_long_for_the_opening():
     # the opening is 2 * FINGER_MAX = 7.4 cm; with 7 mm a side an object up to 6.0 cm long fits
     assert sb.grasp_yaw([0.060, 0.020, 0.01]) is None
