@@ -33,9 +33,6 @@ import re
 import shlex
 import shutil
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 import zlib
 
@@ -44,17 +41,15 @@ from PIL import Image
 
 import lerobot
 import rlds
-from batches import Sampler, augment, describe, image_hw
+from batches import describe, image_hw
 from bridge import (
     SOURCE_NAME,
     BridgeFormatError,
     parse_trajectory,
-    read_bridge_file,
     read_source,
-    synthetic_trajectory,
 )
 from cli import ExpectedError, run_cli
-from fileio import FormatError, pid_alive, write_bridge_file  # data.write_bridge_file is fileio's
+from fileio import FormatError, pid_alive
 
 FORMAT_VERSION = 1
 # The default store location, under the source root; the tree scan skips dot-folders.
@@ -757,99 +752,10 @@ def info(path):
     print(f"action high {np.round(store.action_high, 4)}")
 
 
-# A launcher reports the conversion's own peak RSS (a direct child inherits this process's peak).
-_PEAK_RSS_LAUNCHER = (
-    "import resource, subprocess as s, sys; s.run(sys.argv[1:], check=True, stdout=s.DEVNULL); "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"  # KiB on Linux
-)
-
-
-def bench(transitions=20000, image_size=128, B=64):
-    """Conversion MB/s and peak RSS, sampling vs unpickling transitions/s (one core), augmentation
-    ms."""
-    import torch
-
-    torch.set_num_threads(1)
-    tmp = tempfile.mkdtemp(prefix="ptr_bench_")
-    rng = np.random.default_rng(0)
-    T = 35
-    per_file = math.ceil(transitions / 4 / T)  # trajectories per file
-    try:
-        files = [os.path.join(tmp, "tree", f"task{k}", "train", "out.npy") for k in range(4)]
-        for path in files:  # 4 files of equal size: the tree is 4x its largest out.npy
-            trajectories = [synthetic_trajectory(T, image_size, rng) for _ in range(per_file)]
-            write_bridge_file(path, trajectories)
-        sizes = [os.path.getsize(p) for p in files]
-        megabytes = sum(sizes) / 1e6
-        command = [sys.executable, os.path.abspath(__file__), "convert", os.path.join(tmp, "tree")]
-        command += ["--out", os.path.join(tmp, "store")]
-        t = time.time()
-        launched = subprocess.run(
-            [sys.executable, "-c", _PEAK_RSS_LAUNCHER, *command],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.time() - t
-        rss = 1024 * int(launched.stdout)
-        bound = (2 * max(sizes) + 300e6) / 1e6
-        print(
-            f"conversion: {megabytes / seconds:.1f} MB/s ({megabytes:.0f} MB, {seconds:.1f} s with "
-            f"interpreter start); peak RSS {rss / 1e6:.0f} MB, bound 2 x largest file + 300 MB = "
-            f"{bound:.0f} MB"
-        )
-
-        sampler = Sampler(Store(os.path.join(tmp, "store")), None, gamma=0.96)
-        n = 0
-        t = time.time()
-        while time.time() - t < 3:
-            n += len(sampler.sample(B)["obs"])
-        print(
-            f"sampling: {n / (time.time() - t):.0f} transitions/s (batch {B}, obs + next obs at "
-            f"{image_size}x{image_size}, {len(sampler._idx)} transitions, one core)"
-        )
-
-        t = time.time()
-        trajectories = read_bridge_file(files[0])
-        picks = zip(rng.integers(0, len(trajectories), B), rng.integers(0, T, B))
-        np.stack(
-            [
-                trajectories[j][key][step]["images0"]
-                for j, step in picks
-                for key in ("observations", "next_observations")
-            ]
-        )
-        print(
-            f"unpickle baseline: {B / (time.time() - t):.0f} transitions/s (one "
-            f"{sizes[0] / 1e6:.0f} MB out.npy unpickled per batch of {B})"
-        )
-        del trajectories
-
-        batch = sampler.sample(64)
-        x = torch.cat([batch["obs"], batch["next_obs"]])
-        for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
-            x = x.to(device)
-            augment(x)  # warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.time()
-            for _ in range(10):
-                augment(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            threads = " (one thread)" if device == "cpu" else ""
-            print(
-                f"augment: {(time.time() - t) * 100:.1f} ms for 64 obs + 64 next obs at "
-                f"{image_size}x{image_size} on {device}{threads}"
-            )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="PTR data: convert Bridge out.npy trees, RLDS and LeRobot datasets; inspect, "
-        "benchmark."
+        description="PTR data: convert Bridge out.npy trees, RLDS and LeRobot datasets; inspect "
+        "(benchmark: scripts/bench_data.py)."
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     convert_cmd = sub.add_parser(
@@ -897,8 +803,6 @@ def main(argv=None):
     )
     info_cmd = sub.add_parser("info", help="tasks, transitions, trajectory lengths, action bounds")
     info_cmd.add_argument("store")
-    bench_cmd = sub.add_parser("bench", help="conversion, sampling and augmentation figures")
-    bench_cmd.add_argument("--image_size", type=int, default=128)
     args = p.parse_args(argv)
     if args.cmd == "convert":
         load_store(
@@ -913,10 +817,8 @@ def main(argv=None):
             repair=True,
             task_source=args.task_source,
         )
-    elif args.cmd == "info":
-        info(args.store)
     else:
-        bench(image_size=args.image_size)
+        info(args.store)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 and B.2).
 
 Two bins in front of a WidowX 250 6-DOF in PyBullet. Pre-training data: pick-and-place demos (one of
-10 objects into one of the two bins, 30-40 steps). Target task: sort two given objects, each into
+10 objects into one of the two bins, about 25 steps). Target task: sort two given objects, each into
 its own bin, within 80 steps; success only when both lie in their bins. A pick-place scene holds its
 object plus DISTRACTORS others (none by default), never both objects of the sort pair, so the pair
 never appears together in the prior data.
@@ -32,6 +32,11 @@ Design choices (SPEC sections 2, 5, 6, 7):
   step's info["stages"] says which parts of the task hold now: pick-place "grasped", "placed"; sort
   "grasped" (a goal object in the gripper), "first_in_bin" (at least one goal object in its bin),
   "both_in_bins".
+- Scripted demos decide from each observation which phase they are in and command that phase on
+  the same step: the step that reaches the grasp height closes, the first step holding the object
+  lifts. Until round 8 the switch came a step late, so the arm stood at the bottom with "open"
+  recorded and then "close" from the same view; a deterministic BC policy averaged the two and
+  hovered there (results/binsort_cpu.md).
 - Scripted demos add Gaussian noise of std `noise` (0.1) in normalized action units (fractions of
   each half range): 0.1 -> 5 mm, 0.025 rad, 0.05 of the gripper range. Data: the Bridge numpy format
   (SPEC 5): <out>/<task>/{train,val}/out.npy, tasks "pick_duck_to_left", "sort_mug_cube". Usage:

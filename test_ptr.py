@@ -519,7 +519,7 @@ def _write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0",), 
                     bridge.synthetic_trajectory(int(lengths[i % len(lengths)]), H, rng, cameras)
                     for i in range(n)
                 ]
-                data.write_bridge_file(os.path.join(root, task, split, "out.npy"), trajs)
+                fileio.write_bridge_file(os.path.join(root, task, split, "out.npy"), trajs)
                 written[task][split] = trajs
     return written
 
@@ -1441,6 +1441,12 @@ def test_core_actor_imitation_warm_up():
     assert weighted["actor_weight_max"] > 1.0
     assert not torch.equal(weighted["actor_loss"], infos[0]["actor_loss"])
     assert torch.equal(weighted["critic_loss"], infos[0]["critic_loss"])
+    # every weight clipped to the same tiny value: divided by their mean they are all 1, and the
+    # loss is plain imitation's (without the division it would be 1e-6 times the likelihood term)
+    cfg_flat = _tiny_config(bc_steps=3, actor_lr=1e-3, actor_awbc=True, awbc_max_weight=1e-6)
+    flat = Agent(cfg_flat).update(batch)
+    assert flat["actor_weight_max"].item() == pytest.approx(1.0)
+    assert torch.allclose(flat["actor_loss"], infos[0]["actor_loss"], atol=1e-6)
 
 
 def test_core_tabular_cql_fixed_point():
@@ -1874,8 +1880,8 @@ def test_data_empty_split_file_counts_as_absent(tmp_path):
     # still holds one out
     _write_tree(tmp_path / "tree", ["k/a"], n_traj=4, n_val=0)
     _write_tree(tmp_path / "tree", ["k/b"], n_traj=0, n_val=4)
-    data.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
-    data.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
+    fileio.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
+    fileio.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
     st = data.load_store(tmp_path / "tree", log=lambda *_: None)
     assert st.task_names == ["a", "b"]
     assert np.bincount(st.traj_task[st.trajectory_ids("val")]).tolist() == [1, 1]
@@ -2109,7 +2115,7 @@ def test_data_source_reader_seam(tmp_path, monkeypatch):
     # a reader may yield trajectory dicts lazily and fail part-way: what it yielded before stays
     rng = np.random.default_rng(0)
     path = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
-    data.write_bridge_file(str(path), [])
+    fileio.write_bridge_file(str(path), [])
 
     def reader(source):
         yield bridge.synthetic_trajectory(3, 8, rng)
