@@ -3,6 +3,7 @@
 
     python scripts/diagnose_bc.py probe  STORE [--arch small --head spatial --lr 1e-4 --steps 400]
     python scripts/diagnose_bc.py valmse STORE CKPT [CKPT ...]
+    python scripts/diagnose_bc.py labels STORE
     python scripts/diagnose_bc.py rollout CKPT --task pick_cube_to_left [--seed 1000 --every 2]
 
 probe   Can the encoder find the object at all? Trains an encoder + MLP to regress the object's xy
@@ -14,6 +15,10 @@ valmse  Does a policy use what the image shows? Its action error on the store's 
         there the arm always starts from the same pose, so the xy action (towards the object)
         depends on the image only, and a policy that ignores the image scores the variance of those
         actions (printed as the baseline).
+labels  Does each view get one gripper label? For every demo, how far above the view that first
+        commands "close" the view before it (which commanded "open") was: 0 cm means the arm stood
+        at the grasp height and the same view was recorded both open and closed (round 7's demos);
+        and the demos' mean length.
 rollout Where does an episode break? One deterministic episode in the simulator (gripper
         binarized, as the protocol evaluates), a line per step: fingertip position, finger
         opening, the commanded translation and gripper, each goal object's position, what the
@@ -115,6 +120,25 @@ def probe(args):
             )
 
 
+def labels(args):
+    store = data.Store(args.store)
+    heights = []
+    lengths = []
+    for _, frame0, start, length in trajectories(store):
+        close = first_close(np.asarray(store.actions[start : start + length]))
+        if close is None or close == 0:
+            continue
+        z = np.asarray(store.states[frame0 + close - 1 : frame0 + close + 1, 2])
+        heights.append(100 * (z[0] - z[1]))
+        lengths.append(length)
+    heights = np.array(heights)
+    print(
+        f"{len(heights)} demos that close the gripper, {np.mean(lengths):.1f} steps on average; "
+        f"the 'open' view before the first 'close' view is {np.median(heights):.2f} cm above it "
+        f"(median), under 0.5 cm in {100 * np.mean(heights < 0.5):.0f}% of the demos"
+    )
+
+
 def valmse(args):
     store = data.Store(args.store)
     first_actions = []
@@ -191,6 +215,8 @@ def main():
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--pad", type=int, default=4, help="random-shift padding, as in training")
+    g = sub.add_parser("labels")
+    g.add_argument("store")
     v = sub.add_parser("valmse")
     v.add_argument("store")
     v.add_argument("ckpt", nargs="+")
@@ -202,7 +228,8 @@ def main():
     r.add_argument("--sample_actions", action="store_true", help="as online.py eval's")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    {"probe": probe, "valmse": valmse, "rollout": rollout}[args.cmd](args)
+    commands = {"probe": probe, "labels": labels, "valmse": valmse, "rollout": rollout}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
