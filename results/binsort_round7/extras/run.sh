@@ -1,5 +1,5 @@
 #!/bin/bash
-# Round 7 extras (results/binsort/extras/), run after the protocol (runs/binsort7) from /work/wt7x (a detached worktree):
+# Round 7 extras (results/binsort_round7/extras/), run after the protocol (runs/binsort7) from /work/wt7x (a detached worktree):
 #   bash run.sh ptr_aw   PTR's fine-tuning with --actor_awbc: the critic weighs what the actor imitates
 #   bash run.sh bc_d0    BC pre-training with --bc_dropout 0 (the paper tunes BC; Table XI's is 0.4)
 # One thread each; resumable (train/finetune --resume; an eval is skipped when its JSON exists).
