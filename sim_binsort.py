@@ -604,10 +604,8 @@ class ScriptedPolicy:
         phase = self.phase
         goal, grip = self._command(obs)
         if self.phase != phase:
-            # A phase that ends on this observation hands over at once, so each view gets one
-            # label. With the switch a step late (rounds 1-7) the demo reached the grasp height,
-            # recorded "open" there and "close" one step later from the same view; a deterministic
-            # policy averaged the two and hovered above the object (round 8).
+            # the phase ended on this observation: the next one commands this step, so each view
+            # gets one label (the module docstring, "Scripted demos decide ...")
             goal, grip = self._command(obs)
         # the action moves the accumulated target (not the measured pose) towards the goal
         translation = np.clip(goal - env.target_pos, -self.max_step, self.max_step)
