@@ -4245,8 +4245,12 @@ def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tm
     )
     be = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(be)
-    p = be.Protocol(cql_pre_steps=100, cql_bc_steps=120, ft_steps=20, ft_save_every=10)
+    p = be.Protocol(cql_pre_steps=100, cql_bc_steps=120, ft_steps=20, ft_save_every=10, ptr_q=1)
     jobs = {job.name: job.cmd for job in be.build_jobs(p, str(tmp_path))}
+    # ptr_q is opt-in: by default neither it nor its selection or evaluation is scheduled
+    default = [job.name for job in be.build_jobs(be.Protocol(), str(tmp_path))]
+    assert "eval_sort_ptr" in default and not [name for name in default if "ptr_q" in name]
+    assert {"ptr_q", "select_ptr_q", "eval_sort_ptr_q"} <= set(jobs)
 
     def flag(cmd, name):
         return cmd[cmd.index(name) + 1]
@@ -4264,7 +4268,7 @@ def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tm
     unsampled = be.build_jobs(be.Protocol(sample_actions=0), str(tmp_path))
     assert not any("--sample_actions" in job.cmd for job in unsampled)
     # by default the actors imitate through pre-training and fine-tuning, whatever their lengths
-    longer = be.Protocol(cql_pre_steps=300, ft_steps=50, ft_save_every=10)
+    longer = be.Protocol(cql_pre_steps=300, ft_steps=50, ft_save_every=10, ptr_q=1)
     jobs = {job.name: job.cmd for job in be.build_jobs(longer, str(tmp_path))}
     assert flag(jobs["ptr"], "--bc_steps") == "350" and flag(jobs["cog"], "--bc_steps") == "350"
     assert flag(jobs["cql_tgt"], "--bc_steps") == "50"
