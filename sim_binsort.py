@@ -42,7 +42,7 @@ Design choices (SPEC sections 2, 5, 6, 7):
   (SPEC 5): <out>/<task>/{train,val}/out.npy, tasks "pick_duck_to_left", "sort_mug_cube". Usage:
   python sim_binsort.py collect --task pickplace --n 2000 --out data/binsort/prior  (or --task sort
   --n 5)
-       python sim_binsort.py show --out strip.png;   python sim_binsort.py bench
+       python sim_binsort.py show --out strip.png   (speed: scripts/bench_sim.py)
 """
 
 import argparse
@@ -53,7 +53,6 @@ import os
 import sys
 import tempfile
 import time
-import timeit
 import zlib
 
 import numpy as np
@@ -771,7 +770,7 @@ def collect(
     }
 
 
-# ---------------------------------------------------------------- show, bench, command line
+# ---------------------------------------------------------------- show, command line
 def show(out, task="sort", seed=0, image_size=128, frames=12, noise=0.1):
     """A PNG film strip (one row, 2 px white gaps) of one scripted episode."""
     from PIL import Image  # pillow: only this subcommand needs it
@@ -789,34 +788,6 @@ def show(out, task="sort", seed=0, image_size=128, frames=12, noise=0.1):
     print(
         f"{out}: {env.task_name}, {len(actions)} steps, success {ok}, "
         f"frames at steps {picks.tolist()}"
-    )
-
-
-def bench(image_size=128, episodes=6, workers=2):
-    env = BinSortEnv("pickplace", image_size, terminate_on_success=False)
-    t0 = time.perf_counter()
-    # resets and the scripted policy included
-    steps = sum(len(run_episode(env, "pickplace", seed)[1]) for seed in range(episodes))
-    seconds = time.perf_counter() - t0
-    render_ms = timeit.timeit(env.render, number=20) / 20 * 1e3
-    print(
-        f"{steps / seconds:.1f} steps/s (scripted pick-place at {image_size}x{image_size} "
-        f"on one core, TinyRenderer; rendering takes {render_ms:.1f} ms of a step)"
-    )
-    with tempfile.TemporaryDirectory() as d:
-        s = collect(
-            "pickplace",
-            episodes * workers,
-            d,
-            workers=workers,
-            image_size=image_size,
-            min_val=0,
-            log=None,
-        )
-    print(
-        f"collect: {s['demos'] / s['seconds']:.2f} demos/s, "
-        f"{s['steps'] / s['seconds']:.0f} steps/s with --workers {workers} "
-        f"at {image_size}x{image_size} ({s['demos']} demos, process start-up included)"
     )
 
 
@@ -868,11 +839,6 @@ def main(argv=None):
     s.add_argument("--out", default="strip.png")
     s.add_argument("--task", default="sort")
     s.add_argument("--frames", type=int, default=12)
-    b = sub.add_parser(
-        "bench", parents=[common], help="environment steps/s and collection throughput"
-    )
-    b.add_argument("--episodes", type=int, default=6)
-    b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         summary = collect(
@@ -896,10 +862,8 @@ def main(argv=None):
             f"{summary['discarded']} failed attempts discarded) in {summary['seconds']:.0f}s "
             f"for {len(summary['tasks'])} task(s) to {args.out}"
         )
-    elif args.cmd == "show":
-        show(args.out, args.task, args.seed, args.image_size, args.frames, args.noise)
     else:
-        bench(args.image_size, args.episodes, args.workers)
+        show(args.out, args.task, args.seed, args.image_size, args.frames, args.noise)
 
 
 if __name__ == "__main__":
