@@ -36,7 +36,7 @@ Design choices (SPEC sections 2, 5, 6, 7):
   the same step: the step that reaches the grasp height closes, the first step holding the object
   lifts. Until round 8 the switch came a step late, so the arm stood at the bottom with "open"
   recorded and then "close" from the same view; a deterministic BC policy averaged the two and
-  hovered there (results/binsort_cpu.md).
+  hovered there (results/binsort_round8/report.md).
 - Scripted demos add Gaussian noise of std `noise` (0.1) in normalized action units (fractions of
   each half range): 0.1 -> 5 mm, 0.025 rad, 0.05 of the gripper range. Data: the Bridge numpy format
   (SPEC 5): <out>/<task>/{train,val}/out.npy, tasks "pick_duck_to_left", "sort_mug_cube". Usage:

@@ -4234,6 +4234,11 @@ def test_binsort_experiment_fisher_p_by_hand_and_in_the_table(tmp_path):
     be.write_table(be.Protocol(), str(tmp_path))
     table = (tmp_path / "results.md").read_text()
     assert "| 0 vs 3, p = 0.1 |" in table and table.count(" vs 3, p = ") == 1
+    assert "Wall time" not in table
+    # the run's wall time survives a later --table rewrite, which runs nothing
+    be.write_table(be.Protocol(), str(tmp_path), seconds=5400)
+    be.write_table(be.Protocol(), str(tmp_path))
+    assert "that ran the jobs: 90 min." in (tmp_path / "results.md").read_text()
 
 
 def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tmp_path):

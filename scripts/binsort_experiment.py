@@ -95,7 +95,7 @@ class Protocol:
     # every CQL run: the actor's first N updates, counted from the start of pre-training, imitate
     # the data (cql.AgentConfig bc_steps), then it maximises Q. The default, -1, covers every update
     # of every run (cql_pre_steps + ft_steps), so only ptr_q's actor maximises Q (from its first
-    # fine-tuning update, as in the paper). Measured (results/binsort_cpu.md): a Q-maximising
+    # fine-tuning update, as in the paper). Measured (results/binsort_round8/ and earlier): a Q-maximising
     # actor trained from scratch does not learn to grasp at this scale, and in fine-tuning it loses
     # the pre-trained grasp within 500 updates; the critic is trained by CQL in every run and
     # chooses PTR's checkpoint.

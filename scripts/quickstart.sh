@@ -4,8 +4,8 @@
 # offline on the target, select a checkpoint from its Q-values on held-out demos, evaluate in the
 # simulator, optionally fine-tune online; then a results table. The settings are those of
 # scripts/binsort_experiment.py with shorter runs (results/binsort_round6/report.md measures both).
-# Measured with the defaults on an idle 2-core VM: 5 of 20 sorts, 20 minutes
-# (results/binsort_round6/quickstart.txt).
+# Measured with the defaults on an idle 2-core VM: 4 of 20 sorts, 23 minutes
+# (results/binsort/quickstart.txt).
 #
 #   bash scripts/quickstart.sh                         # everything under runs/quickstart
 #   PRE_STEPS=20000 FT_STEPS=5000 bash scripts/quickstart.sh   # longer, closer to the paper
@@ -54,7 +54,7 @@ phase "1/6 collect: $N_PRIOR pick-and-place demos (prior), $N_TARGET full-sort d
 
 # The actor imitates the data while the critic trains with CQL (--bc_steps), in pre-training and
 # fine-tuning, as in the protocol: at this scale an actor that maximises Q does not learn to grasp
-# from scratch and loses the pre-trained grasp in fine-tuning (results/binsort_cpu.md). The critic
+# from scratch and loses the pre-trained grasp in fine-tuning (results/binsort_round8/). The critic
 # chooses the checkpoint (phase 4).
 BC_STEPS=$(( PRE_STEPS + FT_STEPS ))
 phase "2/6 pre-train multi-task CQL ($ARCH, $PRE_STEPS steps), one one-hot slot for the target"
