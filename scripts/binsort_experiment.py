@@ -88,17 +88,16 @@ class Protocol:
     # text uses 0.7-0.9 (SPEC section 3: 0.9, BC baselines 0.9). Round 6: PTR sorted 39/50 at 0.7
     # against 17/50 at 0.9 (cube first, same pre-training), so every method gets 0.7
     mix: float = 0.7
-    # 7500 pre-training steps (10000 until round 8) fit the protocol in 120 minutes on a 2-core VM
-    # that ran 10000 in 138; round 8's held-in curve at 7500 steps was CQL 36/40, BC 31/40
-    # (10000: 39/40, 32/40; results/binsort_round8/)
+    # 7500 pre-training steps: the whole protocol took 103 minutes on a 2-core VM, 138 with round
+    # 8's 10000 (results/binsort_cpu.md); held-in success 92% (CQL) and 79% (BC) against 99% and 89%
     cql_pre_steps: int = 7500
     # every CQL run: the actor's first N updates, counted from the start of pre-training, imitate
     # the data (cql.AgentConfig bc_steps), then it maximises Q. The default, -1, covers every update
     # of every run (cql_pre_steps + ft_steps), so only ptr_q's actor maximises Q (from its first
-    # fine-tuning update, as in the paper). Measured (results/binsort_round8/ and earlier): a Q-maximising
-    # actor trained from scratch does not learn to grasp at this scale, and in fine-tuning it loses
-    # the pre-trained grasp within 500 updates; the critic is trained by CQL in every run and
-    # chooses PTR's checkpoint.
+    # fine-tuning update, as in the paper). Measured (results/binsort_round8/ and earlier): a
+    # Q-maximising actor trained from scratch does not learn to grasp at this scale, and in
+    # fine-tuning it loses the pre-trained grasp within 500 updates; the critic is trained by CQL in
+    # every run and chooses PTR's checkpoint.
     cql_bc_steps: int = -1
     bc_pre_steps: int = 7500
     ft_steps: int = 2000
