@@ -2,14 +2,13 @@
 "Reward classifier"; SPEC section 3): ResNet-34 -> small head -> one logit of P(success | image),
 trained with BCE on success / failure images, augmented like the RL data.
 
-    python online.py classifier --pos door_open/ --neg door_closed/ --out clf.pt
-    python classifier.py --pos door_open/ --neg door_closed/ --out clf.pt        # the same
+    python classifier.py --pos door_open/ --neg door_closed/ --out clf.pt
 
 --pos / --neg: a folder of png/jpg images, or Bridge-format data (every frame, or with --pos_last N
 the last N frames of each trajectory). A fraction val_frac of each class is held out by group (an
 image file, or a whole trajectory), and the balanced held-out accuracy is reported and stored with
 the weights. online.py loads the file with load_labeler(): r_t = 1 when the observation after action
-t is a success. Imports model, data, fileio and cli only.
+t is a success; it owns the file's format and the network's builder, which this file imports.
 """
 
 import argparse
@@ -26,10 +25,11 @@ from cli import add_dataclass_args, dataclass_from_args, run_cli
 from batches import Sampler, augment
 from data import load_store, resize_image
 from fileio import atomic_write
-from model import ARCHS, HEADS, NORMS, SuccessClassifier, make_encoder
+from model import ARCHS, HEADS, NORMS
 
-CLF_FORMAT = 1
-THRESHOLD = 0.5  # P(success) above which a frame is labelled a success
+# the classifier file's format and network, which online.py reads (SPEC section 2: online.py may
+# not import this file)
+from online import CLF_FORMAT, THRESHOLD, build_classifier, classifier_logits
 
 
 @dataclass
@@ -85,27 +85,12 @@ def read_images(src, image_size, last=0, log=print):
 # ----------------------------------------------------------------------------- the network
 
 
-def build_classifier(cfg):
-    """cfg: a dict with arch, head, norm and image_size (as the classifier file stores it)."""
-    return SuccessClassifier(make_encoder(cfg["arch"], cfg["head"], cfg["norm"], cfg["image_size"]))
-
-
 def classifier_loss(images, labels, clf):
     """BCE on the logit of P(success | image); images already augmented."""
     logits = clf(images)
     loss = F.binary_cross_entropy_with_logits(logits, labels)  # raises unless both are (B,)
     accuracy = ((logits > 0) == (labels > 0.5)).float().mean()
     return loss, {"clf_loss": loss.detach(), "clf_acc": accuracy}
-
-
-@torch.no_grad()
-def classifier_logits(clf, images, device, chunk=256):
-    """uint8 (N, H, W, 3) numpy images -> (N,) CPU logits, a chunk at a time."""
-    logits = []
-    for i in range(0, len(images), chunk):
-        x = torch.from_numpy(images[i : i + chunk]).permute(0, 3, 1, 2).to(device)
-        logits.append(clf(x).float().cpu())
-    return torch.cat(logits)
 
 
 def split_held_out(images, groups, val_frac, rng):
@@ -170,36 +155,11 @@ def save_classifier(clf, cfg, accuracy, path):
     atomic_write(path, lambda f: torch.save(doc, f))
 
 
-def load_labeler(path, device):
-    """Rollout rewards from a trained classifier: r_t = 1 when the observation AFTER action t is a
-    success. Returns labeler(frames) -> float32 (T,) rewards for T + 1 frames."""
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path}: cannot read the classifier ({e})") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("kind") != "classifier"
-        or doc.get("format") != CLF_FORMAT
-    ):
-        raise SystemExit(f"{path}: not a success classifier written by `online.py classifier`")
-    clf = build_classifier(doc["config"]).to(device).eval()
-    clf.load_state_dict(doc["model"])
-    size = doc["config"]["image_size"]
-
-    def labeler(frames):
-        images = np.stack([resize_image(f, size) for f in frames[1:]])
-        p_success = torch.sigmoid(classifier_logits(clf, images, device))
-        return (p_success > doc["threshold"]).float().numpy()
-
-    return labeler
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
 def add_classifier_args(p):
-    """The options of `online.py classifier` and of this file's own CLI."""
+    """The options of this file's CLI."""
     p.add_argument(
         "--pos", required=True, help="success images: a folder of png/jpg, or Bridge-format data"
     )

@@ -1,12 +1,12 @@
 """PTR in an environment: evaluate a policy and fine-tune it online with the Cal-QL bound (paper
 Section V-F and Appendix F; SPEC section 3 "Online"). The success classifier that labels real-robot
-rollouts lives in classifier.py; `online.py classifier` trains it.
+rollouts is trained by classifier.py; this file reads its files (load_labeler).
 
     python online.py eval --ckpt runs/ft/ckpt_00005000.pt --env binsort --episodes 50 \
         --save_video videos/
     python online.py finetune --ckpt runs/ft/ckpt_00005000.pt --env binsort --prior data/prior \
         --target data/target --env_steps 20000 --out runs/online
-    python online.py classifier --pos door_open/ --neg door_closed/ --out clf.pt
+    python classifier.py --pos door_open/ --neg door_closed/ --out clf.pt
     python online.py export --ckpt runs/ft/ckpt_00005000.pt --out ptr_policy.pt  # actors only
     python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt \
         --reset_ckpt reset.pt
@@ -46,13 +46,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classifier import add_classifier_args, cmd_classifier, load_labeler
 from cli import add_dataclass_args, dataclass_from_args, run_cli
 from batches import ACTION_CLIP, MixedSampler, ReplayBuffer, rescale_actions, unscale_actions
 from data import resize_image
 from fileio import atomic_write, atomic_write_text
 from finetune import assign_target_slots, open_run, task_samplers
 from runfolder import CKPT_PATTERN, EPISODE_PATTERN
+from cql import SuccessClassifier, make_encoder
 from train import (
     CheckpointError,
     RunLog,
@@ -402,6 +402,52 @@ def load_policy(path, device, task=None, binarize_gripper=False):
     low = ckpt["action_low"]
     high = ckpt["action_high"]
     return Policy(agent, low, high, int(task), name, binarize_gripper)
+
+
+# ------------------------------------------------------------ success classifier files (Appendix F)
+# classifier.py trains and writes them; this file reads them to label real-arm rollouts
+CLF_FORMAT = 1
+THRESHOLD = 0.5  # P(success) above which a frame is labelled a success
+
+
+def build_classifier(cfg):
+    """cfg: a dict with arch, head, norm and image_size (as the classifier file stores it)."""
+    return SuccessClassifier(make_encoder(cfg["arch"], cfg["head"], cfg["norm"], cfg["image_size"]))
+
+
+@torch.no_grad()
+def classifier_logits(clf, images, device, chunk=256):
+    """uint8 (N, H, W, 3) numpy images -> (N,) CPU logits, a chunk at a time."""
+    logits = []
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(images[i : i + chunk]).permute(0, 3, 1, 2).to(device)
+        logits.append(clf(x).float().cpu())
+    return torch.cat(logits)
+
+
+def load_labeler(path, device):
+    """Rollout rewards from a trained classifier: r_t = 1 when the observation AFTER action t is a
+    success. Returns labeler(frames) -> float32 (T,) rewards for T + 1 frames."""
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: cannot read the classifier ({e})") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("kind") != "classifier"
+        or doc.get("format") != CLF_FORMAT
+    ):
+        raise SystemExit(f"{path}: not a success classifier written by classifier.py")
+    clf = build_classifier(doc["config"]).to(device).eval()
+    clf.load_state_dict(doc["model"])
+    size = doc["config"]["image_size"]
+
+    def labeler(frames):
+        images = np.stack([resize_image(f, size) for f in frames[1:]])
+        p_success = torch.sigmoid(classifier_logits(clf, images, device))
+        return (p_success > doc["threshold"]).float().numpy()
+
+    return labeler
 
 
 def make_labeler(args):
@@ -790,7 +836,7 @@ def add_env_args(p):
     p.add_argument(
         "--classifier",
         default=None,
-        help="rewards from this success classifier (online.py classifier)",
+        help="rewards from this success classifier (written by classifier.py)",
     )
     p.add_argument(
         "--binarize_gripper",
@@ -873,8 +919,6 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     add_eval_parser(sub)
     add_finetune_parser(sub)
-    c = sub.add_parser("classifier", help="train the success classifier (Appendix F)")
-    add_classifier_args(c)
     x = sub.add_parser("export", help="a checkpoint's actors alone, to share: `eval` loads it")
     x.add_argument("--ckpt", required=True)
     x.add_argument("--out", required=True)
@@ -882,7 +926,6 @@ def main(argv=None):
     commands = {
         "eval": cmd_eval,
         "finetune": cmd_finetune,
-        "classifier": cmd_classifier,
         "export": cmd_export,
     }
     return commands[args.cmd](args)

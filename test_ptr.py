@@ -3023,9 +3023,9 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
     _write_png_folder(tmp_path / "pos", 220, 10, rng)
     _write_png_folder(tmp_path / "neg", 30, 10, rng)
     clf = tmp_path / "clf.pt"
-    folders = ["classifier", "--pos", str(tmp_path / "pos"), "--neg", str(tmp_path / "neg")]
+    folders = ["--pos", str(tmp_path / "pos"), "--neg", str(tmp_path / "neg")]
     flags = "--arch small --image_size 32 --steps 40 --batch_size 16 --lr 1e-3 --device cpu"
-    accuracy = online.main([*folders, "--out", str(clf), *flags.split()])
+    accuracy = classifier.main([*folders, "--out", str(clf), *flags.split()])
     assert accuracy >= 0.9
     labeler = online.load_labeler(str(clf), "cpu")
     dark = np.full((40, 40, 3), 30, np.uint8)
