@@ -19,8 +19,12 @@ live in AgentConfig below:
           alpha = 10 means this one.
   actor   mean [ temp * log pi(a|s) - min_heads Q(s,a) ],  a ~ pi;
           temperature: temp * (entropy - target)
-          imitating (bc_steps): mean [ temp * log pi(a|s) ] - mean [ w * log pi(a_data|s) ],
-          w = 1, or with actor_awbc the awbc weights below divided by their batch mean
+          imitating (bc_steps): mean [ temp * log pi(a|s) ] - mean [ w * log pi(a_data|s) ]
+                                 - lambda * mean [ min_heads Q(s,a) ] / mean |min_heads Q(s,a_data)|
+          w = 1; with actor_awr_beta the AWR / AWAC / IQL weights exp(beta * normalised advantage),
+          clipped and divided by their batch mean; with actor_awbc the awbc weights below, ditto.
+          lambda (actor_q_weight, TD3+BC's normalised Q term) ramps up from actor_q_start.
+  gbc     Gaussian BC: the imitating actor's loss alone, no critic (the matched imitation control)
   bc      MSE;  awbc: MSE weighted by exp(Q(s,a) - max_j Q(s,a^pi_j)), clipped at awbc_max_weight.
 
 `python bench.py ...` measures update speed, eager and compiled (bench.py imports this file).
@@ -45,7 +49,9 @@ from model import (  # noqa: F401
     make_encoder,
 )
 
-ALGOS = ("cql", "bc", "awbc")
+ALGOS = ("cql", "bc", "awbc", "gbc")
+# the networks each algo trains: an algo switch (set_config) stays within one family
+ALGO_FAMILY = {"cql": "critic", "awbc": "critic", "bc": "bc", "gbc": "gaussian"}
 # torch.compile modes of Agent.compile(): inductor's default, CUDA graphs (removes the
 # launch overhead of the many small kernels of the MLP heads and losses), or autotuned
 # kernels without CUDA graphs
@@ -84,7 +90,7 @@ class AgentConfig:
     hidden: int = 256  # width of the Q-head and policy MLPs
     depth: int = 3  # hidden layers of those MLPs
     action_every_layer: bool = True  # the action enters every Q-MLP layer (Table XIV)
-    algo: str = "cql"  # cql | bc | awbc
+    algo: str = "cql"  # cql | bc | awbc | gbc (Gaussian BC: the CQL actor by likelihood alone)
     alpha: float = 10.0  # CQL alpha, fixed (no Lagrange); sim: 1.0; online: 0.5
     gamma: float = 0.96  # discount; sim: 0.98
     num_actions: int = 4  # N policy + N uniform actions (penalty), N next actions (backup)
@@ -101,6 +107,14 @@ class AgentConfig:
     bc_dropout: float = 0.4  # dropout of the BC policy (Table XI)
     awbc_max_weight: float = 20.0  # ours: exp(advantage) clipped at 20 (advantage <= ln 20)
     actor_awbc: bool = False  # ours: the imitating actor weighs data actions by awbc's weights
+    # the imitating actor's critic terms (SPEC section 3: TD3+BC's normalised Q, AWR extraction)
+    actor_q_weight: float = 0.0  # lambda of the Q term: -lambda Q(s,a~pi) / mean|Q(s,a_data)|
+    actor_q_start: int = 0  # the Q term starts at this update (counted from pre-training's first)
+    actor_q_ramp: int = 0  # and lambda ramps linearly from 0 over this many updates
+    actor_q_gripper: bool = True  # the Q term's gradient reaches the gripper dimension
+    actor_q_encoder: bool = True  # the Q term's gradient reaches the actor's encoder
+    actor_awr_beta: float = 0.0  # inverse temperature of AWR weights on normalised advantages
+    awr_max_weight: float = 100.0  # AWR weights are clipped here (IQL), then divided by their mean
     seed: int = 0  # network init and the agent's own sampling generator
 
     def __post_init__(self):
@@ -216,6 +230,38 @@ def actor_imitation_loss(log_pi, log_pi_data, temp, weights=None):
     return loss, {"actor_loss": loss.detach(), **info}
 
 
+def actor_q_term(q_pi, q_data, q_weight):
+    """TD3+BC's critic term, added to the imitating actor's loss: -lambda * mean min-heads
+    Q(s, a~pi) / mean |min-heads Q(s, a_data)|. Dividing by the data's Q scale (a constant) makes
+    lambda independent of the reward scale. q_pi (B, N, H) at reparameterised policy actions with
+    the critic's parameters detached, q_data (B, H); q_weight a float or 0-d tensor."""
+    assert q_pi.dim() == 3 and q_data.shape == (q_pi.shape[0], q_pi.shape[2]), (
+        q_pi.shape,
+        q_data.shape,
+    )
+    scale = q_data.detach().min(-1).values.abs().mean().clamp_min(1e-6)
+    q = q_pi.min(-1).values.mean()
+    loss = -q_weight * q / scale
+    return loss, {"actor_q": q.detach(), "actor_q_scale": scale, "actor_q_term": loss.detach()}
+
+
+def awr_weights(q_data, q_pi, beta, max_weight):
+    """AWR / AWAC / IQL policy extraction: w = exp(beta * A / std(A)) with the advantage
+    A = min-heads Q(s, a_data) - V(s) and the mean baseline V(s) = mean_j min-heads Q(s, a_j),
+    a_j ~ pi (N samples). Normalising A by its batch standard deviation makes beta scale-free;
+    weights are clipped at max_weight, then divided by their batch mean so the step size stays
+    plain imitation's. Returns (w (B,) detached, info with the effective sample size fraction
+    (sum w)^2 / (B sum w^2): 1 when all weigh alike, 1/B when one transition carries the batch)."""
+    assert q_data.dim() == 2 and q_pi.shape[0] == q_data.shape[0], (q_data.shape, q_pi.shape)
+    adv = q_data.min(-1).values - q_pi.min(-1).values.mean(1)
+    adv = adv.detach()
+    std = adv.std(correction=0).clamp_min(1e-6)
+    w = (beta * adv / std).exp().clamp(max=max_weight)
+    w = w / w.mean()
+    ess = w.sum() ** 2 / (w.numel() * (w**2).sum())
+    return w, {"awr_ess": ess, "awr_weight_max": w.max(), "advantage_std": std}
+
+
 def temperature_loss(log_temp, log_pi, target_entropy):
     """Auto-tuned entropy temperature: raises temp when the entropy is below
     target, lowers it above."""
@@ -272,8 +318,8 @@ def _allreduce_mean_(params):
 
 class Agent:
     """Owns the networks, the target critic, the optimizers, the entropy temperature and a sampling
-    generator. algo cql: critic (QNetwork) + target + TanhGaussianPolicy + temperature; bc: BCPolicy
-    only; awbc: the cql set, still trained with CQL, plus a BCPolicy trained with MSE weighted by
+    generator. algo cql: critic (QNetwork) + target + TanhGaussianPolicy + temperature; gbc: the
+    TanhGaussianPolicy and temperature only (Gaussian BC); bc: BCPolicy only; awbc: the cql set, still trained with CQL, plus a BCPolicy trained with MSE weighted by
     the critic's advantages; act() uses the BCPolicy. cfg.algo may switch between cql and awbc at
     any time (finetune.py starts AW-BC from a PTR checkpoint, through set_config): the BCPolicy is
     created then. For the paper's frozen Q-function (Table IX), start from a fine-tuned PTR
@@ -286,7 +332,7 @@ class Agent:
             torch.manual_seed(cfg.seed)
             enc = lambda: make_encoder(cfg.arch, cfg.head, cfg.norm, cfg.image_size, cfg.embed_dim)
             self.nets = {}
-            if cfg.algo in ("cql", "awbc"):
+            if ALGO_FAMILY[cfg.algo] == "critic":
                 self.nets["critic"] = QNetwork(
                     enc(),
                     cfg.num_tasks,
@@ -298,6 +344,7 @@ class Agent:
                 self.nets["target_critic"] = copy.deepcopy(self.nets["critic"]).requires_grad_(
                     False
                 )
+            if ALGO_FAMILY[cfg.algo] in ("critic", "gaussian"):
                 self.nets["policy"] = TanhGaussianPolicy(
                     enc(), cfg.num_tasks, cfg.state_dim, cfg.action_dim, cfg.hidden, cfg.depth
                 )
@@ -314,6 +361,7 @@ class Agent:
         self.params, self.optimizers, self.lr_fields = {}, {}, {}
         if self.critic is not None:
             self._add_optimizer("critic", list(self.critic.parameters()), "critic_lr")
+        if self.policy is not None:
             self._add_optimizer("actor", list(self.policy.parameters()), "actor_lr")
             self._add_optimizer("temp", [self.log_temp], "temp_lr")
         if cfg.algo in ("bc", "awbc"):
@@ -382,17 +430,19 @@ class Agent:
         algo = self.cfg.algo
         if algo not in ALGOS:
             raise ValueError(f"cql.py: AgentConfig.algo={algo!r}, expected one of {ALGOS}")
-        if algo != "bc" and self.critic is None:
+        built = "critic" if self.critic is not None else "bc" if self.policy is None else "gaussian"
+        if ALGO_FAMILY[algo] != built:
             raise ValueError(
-                f"cql.py: AgentConfig.algo={algo!r} needs a critic, "
-                f"but this agent was built with algo='bc'"
+                f"cql.py: AgentConfig.algo={algo!r} trains {ALGO_FAMILY[algo]} networks, but this "
+                f"agent was built with {built} networks (algo in "
+                f"{[a for a, f in ALGO_FAMILY.items() if f == built]})"
             )
         if algo == "awbc":
             self._ensure_bc_policy()
 
     def _uses(self):
         """(use the critic, use the BC policy) for the current cfg.algo."""
-        return self.cfg.algo != "bc", self.cfg.algo != "cql"
+        return ALGO_FAMILY[self.cfg.algo] == "critic", self.cfg.algo in ("bc", "awbc")
 
     def _apply_learning_rates(self):
         for name, opt in self.optimizers.items():
@@ -456,7 +506,10 @@ class Agent:
             # a new step for the CUDA graphs: the previous update's outputs are no longer read
             torch.compiler.cudagraph_mark_step_begin()
         imitate = use_critic and self.updates < self.cfg.bc_steps
-        loss, info = self._losses(batch, use_critic, use_bc, imitate)
+        q_weight = self.actor_q_weight() if imitate else 0.0
+        # a tensor, so that a compiled update does not recompile for every value of the ramp
+        q_weight = torch.tensor(q_weight, device=self.device) if q_weight > 0 else None
+        loss, info = self._losses(batch, use_critic, use_bc, imitate, q_weight)
         info.update(self._step(loss))
         if use_critic:
             with torch.no_grad():
@@ -468,23 +521,44 @@ class Agent:
         self.updates += 1
         return info
 
-    def _update_losses(self, batch, use_critic, use_bc, imitate=False):
+    def actor_q_weight(self):
+        """lambda of the imitating actor's Q term at this update: 0 before cfg.actor_q_start, then
+        ramped linearly to cfg.actor_q_weight over cfg.actor_q_ramp updates."""
+        cfg = self.cfg
+        if cfg.actor_q_weight <= 0 or self.updates < cfg.actor_q_start:
+            return 0.0
+        ramp = min(1.0, (self.updates - cfg.actor_q_start + 1) / max(cfg.actor_q_ramp, 1))
+        return cfg.actor_q_weight * ramp
+
+    def _update_losses(self, batch, use_critic, use_bc, imitate=False, q_weight=None):
         """The forward half of update(): every network pass and loss, no parameter changed; this
         is what compile() captures (the backward follows it into the compiled graph). imitate: the
-        actor's warm-up loss (cfg.bc_steps). -> (summed loss, info)."""
+        actor's warm-up loss (cfg.bc_steps); q_weight: lambda of its Q term (None: no Q term).
+        -> (summed loss, info)."""
         cfg = self.cfg
         onehot, state, action = self._onehot(batch["task"]), batch["state"], batch["action"]
         b, n = action.shape[0], cfg.num_actions
+        temp = self.log_temp.exp().detach()
+        target_entropy = (
+            cfg.target_entropy if cfg.target_entropy is not None else -float(cfg.action_dim)
+        )
         with self._autocast():
             z_bc = self.bc_policy.embed(batch["obs"]).float() if use_bc else None
+            z_pi = self.policy.embed(batch["obs"]).float() if self.policy is not None else None
             if use_critic:
                 z_q = self.critic.embed(batch["obs"]).float()
-                z_pi = self.policy.embed(batch["obs"]).float()
                 with torch.no_grad():
                     z_next_t = self.target_critic.embed(batch["next_obs"]).float()
                     z_next_pi = self.policy.embed(batch["next_obs"]).float()
-        if not use_critic:  # algo == "bc"
+        if cfg.algo == "bc":
             return bc_loss(self.bc_policy.head(z_bc, state, onehot), action)
+        if cfg.algo == "gbc":  # the imitating actor and its temperature, nothing else
+            a_pi, log_pi = self.policy.sample(z_pi, state, onehot, n, self.generator)
+            log_pi_data = self.policy.log_prob(z_pi, state, onehot, action)
+            a_loss, info = actor_imitation_loss(log_pi, log_pi_data, temp)
+            t_loss, t_info = temperature_loss(self.log_temp, log_pi, target_entropy)
+            info.update(t_info)
+            return a_loss + t_loss, info
         with torch.no_grad():
             a_next, _ = self.policy.sample(
                 z_next_pi, batch["next_state"], onehot, n, self.generator
@@ -501,23 +575,22 @@ class Agent:
         )
         q_data, q_pi, q_rand = q_all[:, 0], q_all[:, 1 : n + 1], q_all[:, n + 1 :]
         c_loss, info = critic_loss(q_data, q_pi, log_pi.detach(), q_rand, next_q, batch, cfg)
-        temp = self.log_temp.exp().detach()
         if imitate:
             log_pi_data = self.policy.log_prob(z_pi, state, onehot, action)
-            w = None
-            if cfg.actor_awbc:
-                # mean 1: the step size stays plain imitation's; the critic only chooses which
-                # data actions the actor imitates most (Section V-D's AW-BC, on the CQL actor)
-                w = awbc_weights(q_data.detach(), q_pi.detach(), cfg.awbc_max_weight)
-                w = w / w.mean()
+            w, w_info = self._imitation_weights(q_data.detach(), q_pi.detach())
             a_loss, a_info = actor_imitation_loss(log_pi, log_pi_data, temp, w)
+            a_info.update(w_info)
+            if q_weight is not None:
+                a_q = self._q_term_actions(a_pi, z_pi, state, onehot)
+                # the critic's embedding and parameters detached: this term moves the actor only
+                q_actor = self.critic.heads(z_q.detach(), a_q, onehot, detach_params=True)
+                q_loss, q_info = actor_q_term(q_actor, q_data, q_weight)
+                a_loss = a_loss + q_loss
+                a_info.update(q_info, actor_loss=a_loss.detach(), actor_q_weight=q_weight.detach())
         else:
             # actor: same embedding and heads, but detached, so this loss only reaches the policy
             q_actor = self.critic.heads(z_q.detach(), a_pi, onehot, detach_params=True)
             a_loss, a_info = actor_loss(q_actor, log_pi, temp)
-        target_entropy = (
-            cfg.target_entropy if cfg.target_entropy is not None else -float(cfg.action_dim)
-        )
         t_loss, t_info = temperature_loss(self.log_temp, log_pi, target_entropy)
         loss = c_loss + a_loss + t_loss  # disjoint parameter sets: one backward serves all three
         info.update(a_info, **t_info, alpha=torch.full((), cfg.alpha, device=self.device))
@@ -527,6 +600,30 @@ class Agent:
             loss = loss + b_loss
             info.update(b_info)
         return loss, info
+
+    def _imitation_weights(self, q_data, q_pi):
+        """Per-transition weights of the imitating actor's likelihood, each with mean 1 so the
+        step size stays plain imitation's and the critic only chooses which data actions weigh
+        most: AWR's (cfg.actor_awr_beta), Section V-D's AW-BC (cfg.actor_awbc), or None."""
+        cfg = self.cfg
+        if cfg.actor_awr_beta > 0:
+            return awr_weights(q_data, q_pi, cfg.actor_awr_beta, cfg.awr_max_weight)
+        if cfg.actor_awbc:
+            w = awbc_weights(q_data, q_pi, cfg.awbc_max_weight)
+            return w / w.mean(), {}
+        return None, {}
+
+    def _q_term_actions(self, a_pi, z_pi, state, onehot):
+        """The policy actions the Q term differentiates through: a_pi itself, or, where the term
+        must not reach the actor's encoder (cfg.actor_q_encoder False), fresh samples from the
+        detached embedding; the gripper dimension detached unless cfg.actor_q_gripper."""
+        if not self.cfg.actor_q_encoder:
+            a_pi, _ = self.policy.sample(
+                z_pi.detach(), state, onehot, self.cfg.num_actions, self.generator
+            )
+        if not self.cfg.actor_q_gripper:
+            a_pi = torch.cat([a_pi[..., :-1], a_pi[..., -1:].detach()], -1)
+        return a_pi
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -554,7 +651,9 @@ class Agent:
     def q_values(self, batch):
         """Q(s, a_data) of both heads, (B, 2), from batch obs / action / task."""
         if self.critic is None:
-            raise ValueError("cql.py: q_values needs a critic, but AgentConfig.algo='bc' has none")
+            raise ValueError(
+                f"cql.py: q_values needs a critic, but AgentConfig.algo={self.cfg.algo!r} has none"
+            )
         self._mode(False)
         with self._autocast():
             z = self.critic.embed(batch["obs"].to(self.device)).float()
@@ -614,7 +713,7 @@ class Agent:
         if extra:
             raise ValueError(
                 f"cql.py: load_state_dict: checkpoint has {extra}, "
-                f"which an agent built with algo='bc' lacks"
+                f"which an agent built with algo={self.cfg.algo!r} lacks"
             )
         missing = [k for k in self.nets if k not in d["nets"]] + [
             f"{k} optimizer" for k in self.optimizers if k not in d["optimizers"]

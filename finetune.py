@@ -26,6 +26,7 @@ import sys
 import torch
 
 from cli import run_cli
+from cql import ALGO_FAMILY
 from batches import MixedSampler, Sampler, target_task_ids
 from fileio import atomic_write_text
 from runfolder import QTRACE_PATTERN, list_checkpoints
@@ -131,13 +132,14 @@ def assign_target_slots(task_names, target_names, task):
 
 def finetune_config(cfg, overrides):
     """Phase 2's learner (Section IV-A): the checkpoint's AgentConfig with the learner flags given
-    here, e.g. --alpha 5, or --algo awbc to start advantage-weighted BC from a PTR checkpoint. BC
-    and the critic-based learners have different networks, so --algo cannot cross between them."""
+    here, e.g. --alpha 5, or --algo awbc to start advantage-weighted BC from a PTR checkpoint. BC,
+    Gaussian BC and the critic-based learners have different networks, so --algo cannot cross
+    between them."""
     new = dataclasses.replace(cfg, **overrides)
-    if (new.algo == "bc") != (cfg.algo == "bc"):
+    if ALGO_FAMILY[new.algo] != ALGO_FAMILY[cfg.algo]:
         raise SystemExit(
-            f"--algo {new.algo} cannot fine-tune a {cfg.algo} checkpoint (BC and CQL learners "
-            f"have different networks)"
+            f"--algo {new.algo} cannot fine-tune a {cfg.algo} checkpoint (BC, Gaussian BC and CQL "
+            f"learners have different networks)"
         )
     return new
 

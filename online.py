@@ -692,9 +692,10 @@ def online_finetune(args):
     resumed, source, source_path, prior, target = open_run(args)
     size = args.image_size
     agent = agent_from_checkpoint(source, args.device, source_path)
-    if agent.cfg.algo == "bc":
+    if agent.critic is None:
         raise SystemExit(
-            f"{source_path}: a BC checkpoint has no Q-function to fine-tune online (use a CQL one)"
+            f"{source_path}: a {agent.cfg.algo} checkpoint has no Q-function to fine-tune online "
+            f"(use a CQL one)"
         )
     agent.set_config(dataclasses.replace(agent.cfg, **learner_overrides(args, skip=ONLINE_SETS)))
     names, target_ids = target_assignment(source, source_path, target, agent, args.task)

@@ -1449,6 +1449,103 @@ def test_core_actor_imitation_warm_up():
     assert torch.allclose(flat["actor_loss"], infos[0]["actor_loss"], atol=1e-6)
 
 
+def test_core_actor_q_term_and_awr_weights_by_hand():
+    # min over heads: Q(s, a~pi) = 1, 0 (mean 0.5); Q(s, a_data) = 2, -6 (mean |.| 4)
+    q_pi = torch.tensor([[[1.0, 3.0]], [[2.0, 0.0]]])
+    q_data = torch.tensor([[2.0, 4.0], [-6.0, 1.0]])
+    loss, info = cql.actor_q_term(q_pi, q_data, 2.0)
+    assert loss.item() == pytest.approx(-2.0 * 0.5 / 4.0) and info["actor_q_scale"].item() == 4.0
+    assert cql.actor_q_term(q_pi, q_data, 0.0)[0].item() == 0.0
+    # advantages: state 0: 0 - mean(-1, 1) = 0; state 1: 2 - mean(0, 0) = 2; population std 1
+    q_data = torch.tensor([[0.0, 5.0], [2.0, 3.0]])
+    q_samples = torch.tensor([[[-1.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 4.0]]])
+    w, info = cql.awr_weights(q_data, q_samples, 1.0, 100.0)
+    raw = torch.tensor([1.0, math.exp(2.0)])
+    assert torch.allclose(w, raw / raw.mean())
+    ess = raw.sum() ** 2 / (2 * (raw**2).sum())
+    assert info["awr_ess"].item() == pytest.approx(ess.item()) and w.mean().item() == 1.0
+    # clipped at 2 before the division by the mean: [1, 2] -> [2/3, 4/3]
+    w, _ = cql.awr_weights(q_data, q_samples, 1.0, 2.0)
+    assert torch.allclose(w, torch.tensor([2 / 3, 4 / 3]))
+    # beta scales the normalised advantage: doubling the rewards' scale leaves the weights alone
+    assert torch.allclose(
+        cql.awr_weights(3 * q_data, 3 * q_samples, 1.0, 100.0)[0], raw / raw.mean()
+    )
+
+
+def test_core_imitating_actor_with_lambda_zero_is_imitation_exactly():
+    batch = cql.random_batch(_tiny_config(), 8)
+
+    def run(**kw):
+        agent = Agent(_tiny_config(bc_steps=10, actor_lr=1e-3, **kw))
+        return agent, [agent.update(batch) for _ in range(3)]
+
+    _, plain = run()
+    _, zero = run(actor_q_weight=0.0, actor_awr_beta=0.0)
+    for a, b in zip(plain, zero):
+        assert all(torch.equal(a[k], b[k]) for k in ("actor_loss", "critic_loss", "temperature"))
+    with_q, infos = run(actor_q_weight=1.0)
+    # the critic's first update does not see the actor's objective; the actor's loss does
+    assert torch.equal(infos[0]["critic_loss"], plain[0]["critic_loss"])
+    assert not torch.equal(infos[0]["actor_loss"], plain[0]["actor_loss"])
+    term = infos[0]["actor_q_term"].item()
+    expected = -infos[0]["actor_q"].item() / infos[0]["actor_q_scale"].item()
+    assert term == pytest.approx(expected, rel=1e-5)
+    # AWR weights: the same critic update, weights of mean 1 and an effective sample size <= 1
+    _, awr = run(actor_awr_beta=3.0)
+    assert torch.equal(awr[0]["critic_loss"], plain[0]["critic_loss"])
+    assert 0 < awr[0]["awr_ess"].item() <= 1.0 and awr[0]["awr_weight_max"].item() > 1.0
+
+
+def test_core_actor_q_term_ramp_and_gradient_stops():
+    agent = Agent(_tiny_config(bc_steps=100, actor_q_weight=2.0, actor_q_start=10, actor_q_ramp=4))
+    weights = []
+    for updates in (0, 9, 10, 11, 13, 50):
+        agent.updates = updates
+        weights.append(agent.actor_q_weight())
+    assert weights == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
+    batch = cql.random_batch(agent.cfg, 4)
+    onehot = agent._onehot(batch["task"])
+    z = agent.policy.embed(batch["obs"])
+    a_pi = torch.zeros(4, 2, 7, requires_grad=True)
+    agent.cfg.actor_q_gripper = False
+    agent._q_term_actions(a_pi, z, batch["state"], onehot).sum().backward()
+    assert torch.all(a_pi.grad[..., :-1] == 1) and torch.all(a_pi.grad[..., -1] == 0)
+    # no encoder gradient: the term's actions are drawn from the detached embedding
+    agent.cfg.actor_q_encoder = False
+    agent._q_term_actions(a_pi, z, batch["state"], onehot).sum().backward()
+    assert all(p.grad is None for p in agent.policy.encoder.parameters())
+    assert any(p.grad is not None for p in agent.policy.net.parameters())
+
+
+def test_core_gaussian_bc_agent_is_the_imitating_actor_without_a_critic():
+    cfg = _tiny_config(algo="gbc", actor_lr=1e-3)
+    agent = Agent(cfg)
+    assert set(agent.nets) == {"policy"} and set(agent.optimizers) == {"actor", "temp"}
+    batch = cql.random_batch(cfg, 8)
+    onehot = agent._onehot(batch["task"])
+    generator = torch.Generator().set_state(agent.generator.get_state())
+    with torch.no_grad():  # the first update's loss, by hand from the same sampling stream
+        z = agent.policy.embed(batch["obs"])
+        _, log_pi = agent.policy.sample(z, batch["state"], onehot, cfg.num_actions, generator)
+        log_pi_data = agent.policy.log_prob(z, batch["state"], onehot, batch["action"])
+        expected, _ = cql.actor_imitation_loss(log_pi, log_pi_data, 1.0)
+    infos = [agent.update(batch) for _ in range(10)]
+    assert infos[0]["actor_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with torch.no_grad():
+        z = agent.policy.embed(batch["obs"])
+        after = agent.policy.log_prob(z, batch["state"], onehot, batch["action"])
+    assert after.mean() > log_pi_data.mean()
+    assert _act_on(agent, batch).shape == (8, 7)
+    with pytest.raises(ValueError, match="algo='gbc' has none"):
+        agent.q_values(batch)
+    again = Agent.from_state_dict(agent.state_dict())
+    assert torch.equal(_act_on(again, batch), _act_on(agent, batch))
+    agent.cfg.algo = "cql"
+    with pytest.raises(ValueError, match="algo='cql' trains critic networks"):
+        agent.update(batch)
+
+
 def test_core_tabular_cql_fixed_point():
     """One state, two actions a0, a1, each once in the data, both looping back to the state
     (mask 1); the 'sampled' actions are the two actions themselves, with density 1/2 (uniform on
@@ -1623,7 +1720,7 @@ def test_core_switch_cql_to_awbc():
     assert again.cfg.algo == "awbc" and torch.equal(_act_on(again, batch), a_bc)
     bc = Agent(_tiny_config(algo="bc"))
     bc.cfg.algo = "cql"
-    with pytest.raises(ValueError, match="algo='cql' needs a critic"):
+    with pytest.raises(ValueError, match="algo='cql' trains critic networks"):
         bc.update(batch)
 
 
