@@ -661,6 +661,45 @@ class Agent:
             z, batch["action"].to(self.device).float(), self._onehot(batch["task"])
         )
 
+    @torch.no_grad()
+    def validation_loss(self, batch):
+        """The acting policy's imitation error on held-out (s, a) pairs, networks in eval mode (no
+        dropout): the BC policy's mean squared error (algo bc, awbc), else the tanh-Gaussian
+        policy's negative log-likelihood. The BC baselines' checkpoint rule (the paper picks BC
+        checkpoints by validation error). -> (float, metric name)."""
+        self._build_algo_networks()
+        _, use_bc = self._uses()
+        self._mode(False)
+        obs, state = batch["obs"].to(self.device), batch["state"].to(self.device).float()
+        action, onehot = batch["action"].to(self.device).float(), self._onehot(batch["task"])
+        net = self.bc_policy if use_bc else self.policy
+        with self._autocast():
+            z = net.embed(obs).float()
+        if use_bc:
+            return bc_loss(self.bc_policy.head(z, state, onehot), action)[0].item(), "mse"
+        return -self.policy.log_prob(z, state, onehot, action).mean().item(), "nll"
+
+    def critic_diagnostics(self, batch):
+        """What tells whether the critic can steer the actor, on (s, a) pairs: the mean |dQ/da|
+        per action dimension at the data action (min over heads), and the actor's mean sigma per
+        dimension (pre-tanh). -> {name: list of action_dim floats}."""
+        self._mode(False)
+        obs, state = batch["obs"].to(self.device), batch["state"].to(self.device).float()
+        onehot = self._onehot(batch["task"])
+        action = batch["action"].to(self.device).float().requires_grad_(True)
+        with torch.no_grad(), self._autocast():
+            z_q = self.critic.embed(obs).float()
+            z_pi = self.policy.embed(obs).float()
+        with torch.enable_grad():
+            q = self.critic.heads(z_q, action, onehot, detach_params=True).min(-1).values
+            (grad,) = torch.autograd.grad(q.sum(), action)
+        with torch.no_grad():
+            log_std = self.policy.dist(z_pi, state, onehot)[1]
+        return {
+            "dq_da": grad.abs().mean(0).tolist(),
+            "sigma": log_std.exp().mean(0).tolist(),
+        }
+
     def set_state_statistics(self, mean, std):
         """The per-dimension mean and std of the training data's proprioceptive states, which every
         policy normalizes its state input with (model.StateNormalizer). Set once, before the first
@@ -764,6 +803,36 @@ class Agent:
         self.updates = int(d["updates"])
         return missing
 
+    def _task_columns(self):
+        """[(module, column of one-hot slot 0 in module.weight)] of every layer that reads the task
+        one-hot: the critics' first layer ([task, action, z]) and the policies' ([z, state, task])."""
+        columns = []
+        for name in ("critic", "target_critic"):
+            if name in self.nets:
+                columns.append((self.nets[name].layers[0], 0))
+        for name in ("policy", "bc_policy"):
+            if name in self.nets:
+                first = self.nets[name].net[0]
+                columns.append((first, first.weight.shape[1] - self.cfg.num_tasks))
+        return columns
+
+    @torch.no_grad()
+    def zero_task_slots(self, slots):
+        """Set the input weights of these one-hot slots (and their Adam moments) to zero, which is
+        how grow_tasks creates a slot: a new task then starts from the task-agnostic part of every
+        network. A slot reserved at pre-training (train.py --extra_tasks) saw no data, so it still
+        holds its random initial weights, an arbitrary offset for the task fine-tuning gives it."""
+        owner = {id(p): opt for name, opt in self.optimizers.items() for p in self.params[name]}
+        for module, first in self._task_columns():
+            opt = owner.get(id(module.weight))
+            moments = opt.state.get(module.weight, {}) if opt is not None else {}
+            for slot in slots:
+                assert 0 <= slot < self.cfg.num_tasks, (slot, self.cfg.num_tasks)
+                module.weight[:, first + slot] = 0
+                for v in moments.values():
+                    if torch.is_tensor(v) and v.shape == module.weight.shape:
+                        v[:, first + slot] = 0
+
     def grow_tasks(self, num_tasks):
         """Widen the task one-hot to num_tasks slots (offline fine-tuning on new tasks,
         Section IV-A). The new input weights are zero, so outputs for old tasks are unchanged and
@@ -779,18 +848,9 @@ class Agent:
                 f"cql.py: grow_tasks({num_tasks}) cannot shrink the one-hot from {old} tasks"
             )
         owner = {id(p): opt for name, opt in self.optimizers.items() for p in self.params[name]}
-        # (module, dim, index): where the one-hot's weight rows/columns go in module.weight
-        widen = []
-        for name in ("critic", "target_critic"):
-            if name in self.nets:
-                widen.append(
-                    (self.nets[name].layers[0], 1, old)
-                )  # layer-0 input: [task, action, z]
-        for name in ("policy", "bc_policy"):
-            if name in self.nets:
-                first = self.nets[name].net[0]  # input: [z, state, task]
-                widen.append((first, 1, first.weight.shape[1]))
-        for module, dim, index in widen:
+        dim = 1  # the one-hot's columns in module.weight; new slots go after the old ones
+        for module, first in self._task_columns():
+            index = first + old
             old_p = module.weight
             new_p = torch.nn.Parameter(
                 _insert_zeros(old_p.detach(), dim, index, num_tasks - old), old_p.requires_grad

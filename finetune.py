@@ -23,13 +23,14 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 from cli import run_cli
 from cql import ALGO_FAMILY
 from batches import MixedSampler, Sampler, target_task_ids
 from fileio import atomic_write_text
-from runfolder import QTRACE_PATTERN, list_checkpoints
+from runfolder import QTRACE_PATTERN, VALLOSS_PATTERN, list_checkpoints
 from train import (
     MIX_TAU,
     CheckpointError,
@@ -98,7 +99,30 @@ def write_q_traces(agent, sampler, traj_ids, step, out, task):
             file=sys.stderr,
         )
     doc = {"step": step, "task": task, "trajectories": traces}
+    held_out = concat_trajectories(sampler, traj_ids, agent.device)
+    doc["diagnostics"] = {
+        # a value that is far from the return where the task is half done cannot steer a policy
+        "q_minus_mc_at_t0": float(
+            np.mean([min(t["q"][0][0], t["q"][1][0]) - t["mc_return"][0] for t in traces])
+        ),
+        **agent.critic_diagnostics(held_out),
+    }
     atomic_write_text(json.dumps(doc) + "\n", os.path.join(out, QTRACE_PATTERN.format(step)))
+
+
+def concat_trajectories(sampler, traj_ids, device):
+    """Every transition of the held-out trajectories as one batch on device."""
+    parts = [sampler.trajectory(int(tid)) for tid in traj_ids]
+    return {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}
+
+
+def write_val_loss(agent, sampler, traj_ids, step, out):
+    """valloss_<step>.json beside ckpt_<step>.pt: the acting policy's imitation error on the
+    held-out target demos (Agent.validation_loss), which select_ckpt.py --by val_loss ranks (the
+    paper's rule for the BC baselines)."""
+    value, metric = agent.validation_loss(concat_trajectories(sampler, traj_ids, agent.device))
+    doc = {"step": step, "val_loss": value, "metric": metric}
+    atomic_write_text(json.dumps(doc) + "\n", os.path.join(out, VALLOSS_PATTERN.format(step)))
 
 
 def write_missing_q_traces(out, val_sampler, val_ids, task, device):
@@ -195,6 +219,13 @@ def main(argv=None):
         default="new",
         help="'new' (fresh one-hot slot) or an existing task name (re-target)",
     )
+    p.add_argument(
+        "--zero_target_slot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a slot reserved at pre-training starts with zero input weights, as a slot "
+        "grow_tasks adds does (--no-zero_target_slot: its untrained random ones)",
+    )
     p.add_argument("--prior_store", default=None)
     p.add_argument("--target_store", default=None)
     add_run_args(p, steps=50_000, save_every=5_000, keep_last=FINETUNE_KEEP_LAST)
@@ -229,6 +260,10 @@ def finetune(args):
         target_ids, names = assign_target_slots(source["task_names"], target.task_names, args.task)
         if len(names) > agent.cfg.num_tasks:
             agent.grow_tasks(len(names))
+        before = source["task_names"]
+        reserved = [i for i in target_ids if i < len(before) and is_reserved(before[i])]
+        if args.zero_target_slot and reserved:
+            agent.zero_task_slots(reserved)
     low, high = source["action_low"], source["action_high"]
     samplers = task_samplers(
         prior, target, names, target_ids, source, agent.cfg.gamma, args.seed, args.prior
@@ -287,6 +322,8 @@ def finetune(args):
     )
 
     def on_save(step):
+        if len(val_ids):
+            write_val_loss(agent, val_sampler, val_ids, step, args.out)
         if len(val_ids) and agent.critic is not None:
             write_q_traces(agent, val_sampler, val_ids, step, args.out, target_ids[0])
 

@@ -8,6 +8,7 @@ A run folder (--out of train.py, finetune.py, online.py finetune) holds:
     run.lock                  the pid of the process that owns the folder (train.claim_run_folder)
     ckpt_<step>.pt            checkpoints, step zero-padded to 8 digits
     qvalues_<step>.json       finetune.py: Q-values on the held-out target demos at that checkpoint
+    valloss_<step>.json       finetune.py: the policy's imitation error on those demos
     selection.json            select_ckpt.py: the ranking and the chosen checkpoint
     episodes/episode_<n>.npz  online.py: each online trajectory, written once
 """
@@ -18,6 +19,7 @@ import re
 
 CKPT_PATTERN = "ckpt_{:08d}.pt"
 QTRACE_PATTERN = "qvalues_{:08d}.json"
+VALLOSS_PATTERN = "valloss_{:08d}.json"
 EPISODE_PATTERN = os.path.join("episodes", "episode_{:06d}.npz")
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"

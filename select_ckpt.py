@@ -1,6 +1,7 @@
 """PTR checkpoint selection from Q-values on held-out target demos (paper Section IV-B, Figure 3).
 
     python select_ckpt.py runs/ft_my_task  # ranked table, selection.json, qvalues.png, chosen path
+    python select_ckpt.py runs/bc_ft --by val_loss   # the BC baselines' rule: validation error
 
 The paper picks, by eye, the fine-tuning checkpoint whose Q-values on held-out target demonstrations
 rise most monotonically along each trajectory: a valid Q-function of a successful demonstration
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from cli import run_cli
 from fileio import atomic_write, atomic_write_text
-from runfolder import QTRACE_PATTERN, list_checkpoints
+from runfolder import QTRACE_PATTERN, VALLOSS_PATTERN, list_checkpoints
 
 METRIC = (
     "mean over held-out trajectories of spearman(t, min-head Q) "
@@ -151,6 +152,38 @@ def rank(run_dir):
     return scored + rejected, traces
 
 
+def rank_by_val_loss(run_dir):
+    """The BC baselines' rule (the paper picks them by validation error): checkpoints ranked by
+    the policy's imitation error on the held-out target demos (finetune.py's valloss files),
+    lowest first; ties go to the earlier checkpoint."""
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"{run_dir}: no such run folder")
+    ckpts = dict(list_checkpoints(run_dir))
+    rows = []
+    for step, ckpt in ckpts.items():
+        path = os.path.join(run_dir, VALLOSS_PATTERN.format(step))
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+            value = float(doc["val_loss"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SystemExit(
+                f"{path}: not a validation-loss file written by finetune.py (expected 'val_loss')"
+            ) from None
+        if np.isfinite(value):
+            rows.append(
+                {"step": step, "ckpt": ckpt, "val_loss": value, "metric": doc.get("metric")}
+            )
+    if not rows:
+        raise SystemExit(
+            f"{run_dir}: no checkpoint with a finite validation loss ({VALLOSS_PATTERN.format(0)} "
+            f"...); run finetune.py with a --target that has held-out (val) trajectories"
+        )
+    return sorted(rows, key=lambda r: (r["val_loss"], r["step"]))
+
+
 def _dashed(draw, points, fill, dash=5):
     """A polyline drawn as dashes of `dash` pixels (PIL has no dashed style)."""
     for k in range(0, len(points) - 1, 2):
@@ -235,7 +268,25 @@ def main(argv=None):
     )
     p.add_argument("run_dir", help="a finetune.py run folder")
     p.add_argument("--plot", default=None, help="PNG path (default RUN_DIR/qvalues.png)")
+    p.add_argument(
+        "--by",
+        choices=("qvalues", "val_loss"),
+        default="qvalues",
+        help="qvalues: PTR's rule (Section IV-B); val_loss: the lowest imitation error on the "
+        "held-out demos (the BC baselines' rule)",
+    )
     args = p.parse_args(argv)
+    if args.by == "val_loss":
+        rows = rank_by_val_loss(args.run_dir)
+        for i, r in enumerate(rows):
+            print(f"{i + 1:>4} {r['step']:>9} {r['metric']} {r['val_loss']:>9.4f}  {r['ckpt']}")
+        doc = {"chosen": rows[0]["ckpt"], "step": rows[0]["step"], "ranking": rows}
+        doc["metric"] = f"lowest validation {rows[0]['metric']} on the held-out target demos"
+        atomic_write_text(
+            json.dumps(doc, indent=2) + "\n", os.path.join(args.run_dir, "selection.json")
+        )
+        print(rows[0]["ckpt"])
+        return
     rows, traces = rank(args.run_dir)
     best = rows[0]
     print(f"{'rank':>4} {'step':>9} {'score':>7} {'rho':>7} {'flat':>6}  checkpoint")

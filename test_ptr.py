@@ -1518,6 +1518,41 @@ def test_core_actor_q_term_ramp_and_gradient_stops():
     assert any(p.grad is not None for p in agent.policy.net.parameters())
 
 
+def test_core_zero_task_slots_makes_a_slot_task_agnostic_as_grow_tasks_does():
+    cfg = _tiny_config(actor_lr=1e-3)
+    agent = Agent(cfg)
+    batch = cql.random_batch(cfg, 6)
+    batch["task"] = torch.tensor([0, 1, 2, 2, 1, 0])
+    for _ in range(2):  # Adam moments on every slot's columns
+        agent.update(batch)
+    z_q = agent.critic.embed(batch["obs"])
+    z_pi = agent.policy.embed(batch["obs"])
+    onehot = torch.eye(3)[batch["task"]]
+
+    def outputs(task_onehot):
+        with torch.no_grad():
+            q = agent.critic.heads(z_q, batch["action"], task_onehot)
+            return q, agent.policy.dist(z_pi, batch["state"], task_onehot)[0]
+
+    q_before, mean_before = outputs(onehot)
+    agent.zero_task_slots([2])
+    q_after, mean_after = outputs(onehot)
+    q_none, mean_none = outputs(torch.zeros(6, 3))
+    rows = batch["task"] == 2
+    assert torch.allclose(q_after[rows], q_none[rows]) and torch.allclose(
+        mean_after[rows], mean_none[rows]
+    )
+    assert torch.equal(q_after[~rows], q_before[~rows]) and not torch.allclose(q_before, q_after)
+    assert torch.equal(mean_after[~rows], mean_before[~rows])
+    policy_in = agent.policy.net[0].weight
+    moments = agent.optimizers["actor"].state[policy_in]
+    column = policy_in.shape[1] - 3 + 2
+    assert torch.all(moments["exp_avg"][:, column] == 0) and torch.any(
+        moments["exp_avg"][:, column - 1] != 0
+    )
+    assert torch.all(agent.target_critic.layers[0].weight[:, 2] == 0)
+
+
 def test_core_gaussian_bc_agent_is_the_imitating_actor_without_a_critic():
     cfg = _tiny_config(algo="gbc", actor_lr=1e-3)
     agent = Agent(cfg)
@@ -2937,6 +2972,10 @@ def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretraine
     n_val = len(traces["trajectories"])
     assert n_val >= 1 and len(traces["trajectories"][0]["q"]) == 2
     assert len(traces["trajectories"][0]["q"][0]) == len(traces["trajectories"][0]["mc_return"])
+    diagnostics = traces["diagnostics"]
+    assert len(diagnostics["dq_da"]) == 7 and min(diagnostics["sigma"]) > 0
+    q0 = [min(t["q"][0][0], t["q"][1][0]) - t["mc_return"][0] for t in traces["trajectories"]]
+    assert diagnostics["q_minus_mc_at_t0"] == pytest.approx(float(np.mean(q0)))
 
     ft_re = root / "ft_retarget"
     flags = ["--task", "pick_b", "--steps", "2", "--save_every", "2"]
@@ -2983,8 +3022,34 @@ def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_
         _finetune_args(bc / "ckpt_00000001.pt", prior, target, tmp_path / "bc_ft", *flags)
     )
     assert [s for s, _ in train.list_checkpoints(tmp_path / "bc_ft")] == [1, 2]
-    # a BC learner has no Q-values to trace
+    # a BC learner has no Q-values to trace; its rule is the validation error on the held-out demos
     assert not list((tmp_path / "bc_ft").glob("qvalues_*.json"))
+    losses = {}
+    for step in (1, 2):
+        doc = json.loads((tmp_path / "bc_ft" / runfolder.VALLOSS_PATTERN.format(step)).read_text())
+        assert doc["step"] == step and doc["metric"] == "mse" and doc["val_loss"] > 0
+        losses[step] = doc["val_loss"]
+    # the lower one is chosen; rewriting the losses reverses the choice
+    for order in ((1, 2), (2, 1)):
+        for step, value in zip(order, (0.5, 0.25)):
+            doc = {"step": step, "val_loss": value, "metric": "mse"}
+            path = tmp_path / "bc_ft" / runfolder.VALLOSS_PATTERN.format(step)
+            path.write_text(json.dumps(doc))
+        select_ckpt.main([str(tmp_path / "bc_ft"), "--by", "val_loss"])
+        chosen = json.loads((tmp_path / "bc_ft" / "selection.json").read_text())
+        assert chosen["step"] == order[1] and chosen["chosen"].endswith(f"{order[1]:08d}.pt")
+    # Gaussian BC: pre-training and fine-tuning without a critic, ranked by likelihood
+    gbc = tmp_path / "gbc"
+    args = ["--data", str(prior), "--out", str(gbc), "--steps", "1", "--save_every", "1"]
+    train.main([*args, "--algo", "gbc", *TINY])
+    assert set(_ckpt_agent(gbc / "ckpt_00000001.pt")["nets"]) == {"policy"}
+    finetune.main(_finetune_args(gbc / "ckpt_00000001.pt", prior, target, tmp_path / "gft", *flags))
+    doc = json.loads((tmp_path / "gft" / runfolder.VALLOSS_PATTERN.format(2)).read_text())
+    assert doc["metric"] == "nll" and math.isfinite(doc["val_loss"])
+    with pytest.raises(SystemExit, match="--algo cql cannot fine-tune a gbc checkpoint"):
+        finetune.main(
+            _finetune_args(gbc / "ckpt_00000001.pt", prior, target, tmp_path / "x", "--algo", "cql")
+        )
 
 
 def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrained, tmp_path):
