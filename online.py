@@ -37,7 +37,6 @@ episode (Section V-F), otherwise the program waits for Enter.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -52,6 +51,7 @@ from data import resize_image
 from fileio import atomic_write, atomic_write_text
 from finetune import assign_target_slots, open_run, task_samplers
 from runfolder import CKPT_PATTERN, EPISODE_PATTERN
+from stats import wilson_interval
 from cql import SuccessClassifier, make_encoder
 from train import (
     CheckpointError,
@@ -75,7 +75,6 @@ from train import (
 )
 
 ENVS = ("binsort", "widowx")
-WILSON_Z = 1.959964  # 95%, two-sided
 GRIPPER = 6  # the gripper's index in the 7-d Bridge action
 GRIPPER_THRESHOLD = 0.5  # absolute gripper command: closed below it, open at or above (sim, robot)
 # Learner fields that online fine-tuning sets itself (online_learner), so they
@@ -214,17 +213,6 @@ def run_episode(
         "length": len(actions),
         "frames": frames,
     }
-
-
-def wilson_interval(successes, n, z=WILSON_Z):
-    """95% Wilson score interval of a success rate: inside [0, 1] and sensible at 0/n and n/n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    zz = z * z
-    center = (p + zz / (2 * n)) / (1 + zz / n)
-    half = z / (1 + zz / n) * math.sqrt(p * (1 - p) / n + zz / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def rate_text(count, n, lo, hi):

@@ -53,6 +53,7 @@ import robot
 import runfolder
 import select_ckpt
 import sim_binsort as sb
+import stats
 import train
 import widowx
 from cql import Agent, AgentConfig
@@ -4373,77 +4374,146 @@ def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
         assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
-def test_binsort_experiment_fisher_p_by_hand_and_in_the_table(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "binsort_experiment", os.path.join(HERE, "scripts", "binsort_experiment.py")
-    )
-    be = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(be)
-    # 3 of 3 against 0 of 3: each extreme table has probability 1 / C(6, 3), both tails count
-    assert be.fisher_exact_p(3, 3, 0, 3) == pytest.approx(2 / 20)
-    # 8 of 50 against 0 of 50: only the two extreme tables are as unlikely as the observed one
-    assert be.fisher_exact_p(8, 50, 0, 50) == pytest.approx(
+def test_stats_mcnemar_holm_fisher_and_wilson_by_hand():
+    # 1 discordant pair one way, 6 the other: p = 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125
+    assert stats.mcnemar_exact_p(1, 6) == pytest.approx(0.125)
+    assert stats.mcnemar_exact_p(6, 1) == stats.mcnemar_exact_p(1, 6)
+    assert stats.mcnemar_exact_p(0, 0) == 1.0 and stats.mcnemar_exact_p(3, 3) == 1.0
+    assert stats.mcnemar_exact_p(0, 10) == pytest.approx(2 / 1024)
+    assert stats.discordant([1, 1, 0, 0, 1], [1, 0, 1, 0, 0]) == (2, 1)
+    with pytest.raises(ValueError, match="different lengths, 2 and 3"):
+        stats.discordant([1, 0], [1, 0, 1])
+    # R: p.adjust(c(0.01, 0.04, 0.03), "holm") = 0.03 0.06 0.06
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and stats.holm([]) == []
+    # Fisher: 3 of 3 against 0 of 3, each extreme table has probability 1 / C(6, 3)
+    assert stats.fisher_exact_p(3, 3, 0, 3) == pytest.approx(2 / 20)
+    assert stats.fisher_exact_p(8, 50, 0, 50) == pytest.approx(
         2 * math.comb(50, 8) / math.comb(100, 8)
     )
-    assert be.fisher_exact_p(0, 50, 8, 50) == be.fisher_exact_p(8, 50, 0, 50)
-    assert be.fisher_exact_p(5, 10, 5, 10) == pytest.approx(1.0)
-    # the sort table compares every method with PTR's evaluation
-    (tmp_path / "eval").mkdir()
-    for name, k in (("sort_ptr", 3), ("sort_cog", 0)):
-        stages = {"grasped": {"count": 3, "rate": 1.0, "lo": 0.4, "hi": 1.0}}
-        r = {"episodes": 3, "successes": k, "success": k / 3, "success_lo": 0.0, "success_hi": 1.0}
-        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps({**r, "stages": stages}))
-    be.write_table(be.Protocol(), str(tmp_path))
-    table = (tmp_path / "results.md").read_text()
-    assert "| 0 vs 3, p = 0.1 |" in table and table.count(" vs 3, p = ") == 1
-    assert "Wall time" not in table
-    # the run's wall time survives a later --table rewrite, which runs nothing
-    be.write_table(be.Protocol(), str(tmp_path), seconds=5400)
-    be.write_table(be.Protocol(), str(tmp_path))
-    assert "that ran the jobs: 90 min." in (tmp_path / "results.md").read_text()
+    assert stats.fisher_exact_p(5, 10, 5, 10) == pytest.approx(1.0)
+    assert stats.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert online.wilson_interval is stats.wilson_interval
 
 
-def test_binsort_experiment_jobs_sample_cql_actors_and_only_ptr_q_maximises_q(tmp_path):
-    """The protocol's commands: every CQL actor is evaluated with sampled actions and BC's are not;
-    PTR's actor imitates through fine-tuning, ptr_q's maximises Q from its first fine-tuning update;
-    each PTR variant's sort evaluation takes the checkpoint its own select_ckpt.py run chose."""
+def _binsort_experiment():
     spec = importlib.util.spec_from_file_location(
         "binsort_experiment", os.path.join(HERE, "scripts", "binsort_experiment.py")
     )
     be = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(be)
-    p = be.Protocol(cql_pre_steps=100, cql_bc_steps=120, ft_steps=20, ft_save_every=10, ptr_q=1)
+    return be
+
+
+def _fake_eval(path, outcomes):
+    """An online.py eval JSON with these per-episode successes."""
+    k, n = sum(outcomes), len(outcomes)
+    lo, hi = stats.wilson_interval(k, n)
+    stages = {"grasped": {"count": n}, "first_in_bin": {"count": k}}
+    doc = {"episodes": n, "successes": k, "success": k / n, "success_lo": lo, "success_hi": hi}
+    doc.update(stages=stages, per_episode=[{"success": bool(x)} for x in outcomes])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def test_binsort_experiment_dev_and_test_seeds_and_each_runs_flags(tmp_path):
+    be = _binsort_experiment()
+    p = be.Protocol(cql_pre_steps=100, ft_steps=20, ft_save_every=10, q_weights="0,2")
     jobs = {job.name: job.cmd for job in be.build_jobs(p, str(tmp_path))}
-    # ptr_q is opt-in: by default neither it nor its selection or evaluation is scheduled
-    default = [job.name for job in be.build_jobs(be.Protocol(), str(tmp_path))]
-    assert "eval_sort_ptr" in default and not [name for name in default if "ptr_q" in name]
-    assert {"ptr_q", "select_ptr_q", "eval_sort_ptr_q"} <= set(jobs)
 
     def flag(cmd, name):
         return cmd[cmd.index(name) + 1]
 
-    assert flag(jobs["ptr"], "--bc_steps") == "120" and flag(jobs["ptr_q"], "--bc_steps") == "100"
-    assert flag(jobs["cog"], "--bc_steps") == "120" and flag(jobs["cql_pre"], "--bc_steps") == "120"
-    evals = {name[5:]: cmd for name, cmd in jobs.items() if name.startswith("eval_")}
-    assert evals and all(
-        ("--sample_actions" in cmd) == ("bc_" not in name) for name, cmd in evals.items()
+    # lambda 0 is plain imitation; lambda 2 starts after q_warmup fine-tuning updates
+    assert flag(jobs["s0/ptr_q0"], "--actor_q_weight") == "0"
+    assert flag(jobs["s0/ptr_q2"], "--actor_q_start") == str(100 + p.q_warmup)
+    assert flag(jobs["s0/ptr_q2"], "--bc_steps") == "120"  # imitating through fine-tuning
+    assert flag(jobs["s0/ptr_awr3"], "--actor_awr_beta") == "3"
+    assert flag(jobs["s0/gbc_pre"], "--algo") == "gbc"
+    assert flag(jobs["s0/bc_pre_d0"], "--bc_dropout") == "0"
+    assert flag(jobs["s0/bc_ft_d0_m0.9"], "--mix") == "0.9"
+    assert flag(jobs["s0/bc_ft_d0_m0.9"], "--ckpt").endswith("bc_pre_d0/ckpt_00007500.pt")
+    # PTR's rule is the Q-values; the baselines' the validation error
+    assert "--by" not in jobs["s0/select_ptr_q2"]
+    assert flag(jobs["s0/select_gbc_ft_m0.7"], "--by") == "val_loss"
+    # development evaluations reset with the development seeds; Gaussian actors sample, BC not
+    dev = jobs["s0/eval_dev_ptr_q2"]
+    assert flag(dev, "--seed") == "1000" and "--sample_actions" in dev
+    assert "--sample_actions" not in jobs["s0/eval_dev_bc_ft_d0.4_m0.7"]
+    assert flag(jobs["s0/eval_dev_ptr_q0_step_000010"], "--ckpt").endswith("ckpt_00000010.pt")
+    assert not [name for name in jobs if "test_" in name]
+    # every training seed collects its own data and trains with its own seed
+    collect = jobs["s0/collect"][2].split(" && ")
+    assert "--seed 0" in collect[0] and collect[1].endswith("--first cube")
+    with pytest.raises(SystemExit, match="overlap"):
+        be.build_jobs(be.Protocol(test_seed=1010), str(tmp_path))
+    with pytest.raises(SystemExit, match="needs the development evaluations of seed 0"):
+        be.build_jobs(be.Protocol(test=1), str(tmp_path))
+
+
+def test_binsort_experiment_test_phase_picks_dev_winners_and_tests_them_paired(tmp_path):
+    be = _binsort_experiment()
+    p = be.Protocol(
+        q_weights="0,1",
+        awr_betas="2",
+        gbc_mixes="0.7,0.9",
+        bc_mixes="0.7",
+        bc_dropouts="0.4",
+        seeds="0,1",
+        test=1,
     )
-    assert flag(evals["sort_ptr_q"], "--ckpt") == "SELECTED:ptr_q"
-    (tmp_path / "ptr_q").mkdir()
-    (tmp_path / "ptr_q" / "selection.json").write_text(json.dumps({"chosen": "q.pt"}))
-    assert flag(be.resolve(evals["sort_ptr_q"], str(tmp_path)), "--ckpt") == "q.pt"
-    unsampled = be.build_jobs(be.Protocol(sample_actions=0), str(tmp_path))
-    assert not any("--sample_actions" in job.cmd for job in unsampled)
-    # by default the actors imitate through pre-training and fine-tuning, whatever their lengths
-    longer = be.Protocol(cql_pre_steps=300, ft_steps=50, ft_save_every=10, ptr_q=1)
-    jobs = {job.name: job.cmd for job in be.build_jobs(longer, str(tmp_path))}
-    assert flag(jobs["ptr"], "--bc_steps") == "350" and flag(jobs["cog"], "--bc_steps") == "350"
-    assert flag(jobs["cql_tgt"], "--bc_steps") == "50"
-    # one tau for every method that mixes prior and target data; the cube first by default
-    mixing = ("ptr", "ptr_q", "bc_ft", "cog", "bc_joint")
-    assert {flag(jobs[name], "--mix") for name in mixing} == {"0.7"} and p.mix == 0.7
-    assert "--mix" not in jobs["cql_tgt"]
-    collect = jobs["collect"][2].split(" && ")
-    assert "--task sort --n 5" in collect[1] and collect[1].endswith("--first cube")
-    goal_order = be.build_jobs(be.Protocol(sort_first=""), str(tmp_path))[0]
-    assert goal_order.name == "collect" and "--first" not in goal_order.cmd[2]
+    dev = {
+        "ptr_q0": 5,
+        "ptr_q1": 7,
+        "ptr_awr2": 7,
+        "gbc_ft_m0.7": 3,
+        "gbc_ft_m0.9": 4,
+        "bc_ft_d0.4_m0.7": 2,
+    }
+    for run, k in dev.items():
+        _fake_eval(tmp_path / "seed_0" / "eval" / f"dev_{run}.json", [1] * k + [0] * (10 - k))
+    # ties go to the first candidate: lambda 1 before beta 2
+    assert be.test_runs(p, str(tmp_path)) == {
+        "ptr_imitating": "ptr_q0",
+        "ptr_critic": "ptr_q1",
+        "gbc": "gbc_ft_m0.9",
+        "bc": "bc_ft_d0.4_m0.7",
+    }
+    jobs = {job.name: job.cmd for job in be.build_jobs(p, str(tmp_path))}
+    test = jobs["s1/eval_test_ptr_q1"]
+    assert test[test.index("--seed") + 1] == str(p.test_seed)
+    assert "s1/ptr_awr2" not in jobs and "s1/gbc_ft_m0.7" not in jobs and "s1/ptr_q0" in jobs
+    assert "--seed 1" in jobs["s1/collect"][2]
+    # seed 0: A wins 3 episodes B loses, B wins 1; seed 1: 4 and 0 -> b = 7, c = 1
+    outcomes = {
+        ("ptr_q1", 0): [1, 1, 1, 1, 0, 0],
+        ("gbc_ft_m0.9", 0): [1, 0, 0, 0, 1, 0],
+        ("ptr_q1", 1): [1, 1, 1, 1, 0, 0],
+        ("gbc_ft_m0.9", 1): [0, 0, 0, 0, 0, 0],
+        ("ptr_q0", 0): [0] * 6,
+        ("ptr_q0", 1): [0] * 6,
+        ("bc_ft_d0.4_m0.7", 0): [0] * 6,
+        ("bc_ft_d0.4_m0.7", 1): [0] * 6,
+    }
+    for (run, seed), x in outcomes.items():
+        _fake_eval(tmp_path / f"seed_{seed}" / "eval" / f"test_{run}.json", x)
+    assert be.paired_test(
+        [
+            json.loads((tmp_path / f"seed_{s}" / "eval" / "test_ptr_q1.json").read_text())
+            for s in (0, 1)
+        ],
+        [
+            json.loads((tmp_path / f"seed_{s}" / "eval" / "test_gbc_ft_m0.9.json").read_text())
+            for s in (0, 1)
+        ],
+    ) == (7, 1, pytest.approx(stats.mcnemar_exact_p(7, 1)))
+    be.write_table(p, str(tmp_path), seconds=5400)
+    table = (tmp_path / "results.md").read_text()
+    raw = [stats.mcnemar_exact_p(7, 1), stats.mcnemar_exact_p(8, 0), 1.0, 1.0]
+    holm = stats.holm(raw)
+    assert (
+        f"| ptr_critic vs gbc | the critic-driven actor beats matched imitation | 7 | 1 | "
+        f"{raw[0]:.2g} | {holm[0]:.2g} |" in table
+    )
+    assert "**8/12 = 67% [" in table and "Paper (Section V-E" in table
+    assert "that ran the jobs: 90 min." in table

@@ -1,36 +1,43 @@
-"""PTR against its baselines on the simulated bin-sort, at laptop scale (paper Section V-A, Table
-VII; SPEC section 7), as one resumable command:
+"""Does offline RL do the work? PTR against matched imitation on the simulated bin-sort, at laptop
+scale (paper Section V-A, Table VII; SPEC section 7), as one resumable command:
 
-    python scripts/binsort_experiment.py --out runs/binsort          # the whole protocol
-    python scripts/binsort_experiment.py --out runs/binsort --table  # only (re)write the table
+    python scripts/binsort_experiment.py --out runs/binsort               # the development phase
+    python scripts/binsort_experiment.py --out runs/binsort --test 1 --seeds 0,1,2   # final table
+    python scripts/binsort_experiment.py --out runs/binsort --table       # only rewrite the tables
 
-It collects the prior data (scripted pick-and-place demos of 10 objects into either bin) and 5
-demos of the target sort, then trains, each job one thread, --jobs at a time:
-    cql_pre   multi-task CQL pre-training with one reserved one-hot slot   (PTR, phase 1)
-    bc_pre    multi-task BC pre-training                                     (BC finetune, phase 1)
-    ptr       cql_pre fine-tuned offline on the target, tau = 0.7 prior data (PTR, phase 2)
-    ptr_q     the same with the paper's Q-maximising actor in fine-tuning  (as published; --ptr_q 1)
-    bc_ft     bc_pre fine-tuned on the target, tau = 0.7                     (BC finetune)
-    cog       CQL trained from scratch on prior + target mixed 0.7 / 0.3     (COG / CQL joint)
-    bc_joint  BC trained from scratch on prior + target mixed 0.7 / 0.3      (BC joint)
-    cql_tgt   CQL on the target demos alone                                  (target data only)
-Joint runs get as many gradient steps as pre-training plus fine-tuning, target-only CQL as many as
-fine-tuning. PTR's checkpoints are chosen by select_ckpt.py from Q-values on held-out target demos
-(phase 3); every method's last checkpoint is evaluated on the sort, and every saved PTR checkpoint
-too, so the chosen one can be compared with the best. The pre-trained policies are evaluated on
-held-in pick-place tasks. Evaluations: online.py eval, episodes from fixed seeds, actions sampled
-from the tanh-Gaussian actor of the CQL runs (--sample_actions; BC is deterministic), success and
-stages with Wilson 95% intervals, one JSON each.
+Two kinds of evaluation episodes, never mixed: development seeds (dev_seed + i) for every choice
+(the dose-response of the actor's critic terms, the baselines' tau and dropout, per-checkpoint
+curves, the selection study), and test seeds (test_seed + i), evaluated once per policy for the
+final table. Each training seed s collects its own data (sim_binsort.py collect --seed s) and trains
+every network with --seed s, in its own folder out/seed_<s>/.
 
-Everything lands in --out: data/, one run folder per job, logs/<job>.log, eval/<name>.json, then
-results.md (the table, with the commands) and success_vs_steps.png. Re-running skips what is done
-and resumes what is not (train.py / finetune.py --resume). Progress lines say which job runs and
-how far it got.
+The development phase (the first training seed only) trains
+    cql_pre        multi-task CQL pre-training, one reserved one-hot slot, actor imitating (PTR 1)
+    gbc_pre        Gaussian BC pre-training: the same actor and schedule by likelihood alone
+    bc_pre_d<p>    BC (MSE) pre-training with dropout p
+and fine-tunes on the 5 target demos with tau of prior data in each batch:
+    ptr_q<lambda>  from cql_pre, the imitating actor plus lambda * normalised Q (TD3+BC); lambda 0
+                   is Gaussian BC with a critic beside it, which only picks the checkpoint
+    ptr_awr<beta>  from cql_pre, advantage-weighted likelihood (AWR / IQL extraction)
+    gbc_ft_m<tau>  from gbc_pre (matched Gaussian BC)
+    bc_ft_d<p>_m<tau>  from bc_pre_d<p> (BC finetune)
+PTR's checkpoints are chosen by select_ckpt.py from Q-values on the held-out target demos (Section
+IV-B), the BC baselines' by validation error on the same demos (select_ckpt.py --by val_loss).
+
+The test phase (--test 1) takes, from the first seed's development evaluations, the best
+critic-driven PTR setting, Gaussian BC's tau and BC finetune's tau and dropout; trains them (and PTR
+with lambda 0) for every seed in --seeds, and evaluates each chosen checkpoint once on the test
+seeds. The table shows each seed and the pooled rate with Wilson intervals, and paired exact
+McNemar tests stratified over seeds, Holm-corrected over the table's comparisons. Adding a seed to
+--seeds later resumes: finished jobs are skipped, unfinished ones resume (train.py / finetune.py
+--resume).
+
+Everything lands in --out: seed_<s>/{data, one run folder per job, logs/, eval/}, then results.md
+and dose_response.png. Jobs run --jobs at a time, one thread each.
 """
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -42,79 +49,53 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from fileio import atomic_write_text  # noqa: E402  (the project's leaves: no torch, no pybullet)
-from runfolder import CKPT_PATTERN, list_checkpoints  # noqa: E402
+# the project's leaves: no torch, no pybullet
+from fileio import atomic_write_text, pid_alive  # noqa: E402
+from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints  # noqa: E402
+from stats import discordant, holm, mcnemar_exact_p, wilson_interval  # noqa: E402
 
-# the target's one-hot slot by name: joint runs (train.py --target) do not record which slot is
-# the target
-SORT_TASK = "sort_mug_cube"
+SORT_TASK = "sort_mug_cube"  # the target's one-hot slot by name
 PICK_TASKS = ("pick_cube_to_left", "pick_duck_to_right", "pick_mug_to_left", "pick_ball_to_right")
-METHODS = {  # run folder -> the table's name for it
-    "ptr": "PTR (CQL pre-training + offline fine-tuning, actor imitating)",
-    "ptr_q": "PTR, Q-maximising actor in fine-tuning (as published)",
-    "bc_ft": "BC finetune",
-    "cog": "COG (CQL joint training)",
-    "bc_joint": "BC joint",
-    "cql_tgt": "CQL on target data only",
-}
-PTR_RUNS = ("ptr", "ptr_q")  # fine-tuned from cql_pre; sorted with select_ckpt.py's choice
-CQL_RUNS = ("cql_pre", "ptr", "ptr_q", "cog", "cql_tgt")  # tanh-Gaussian actors
-PAPER = {  # Section V-E, the simulated bin-sort, 95% intervals
-    "ptr": "17.41 +- 1.77",
-    "ptr_q": "17.41 +- 1.77",
-    "bc_ft": "4.88 +- 4.07",
-    "cog": "8.00 +- 1.00",
-    "bc_joint": "7.00 +- 0.00",
-    "cql_tgt": "-",
-}
+PAPER_FOOTNOTE = (
+    "Paper (Section V-E, the simulated bin-sort at full scale, another simulator; 95% intervals): "
+    "PTR 17.41 +- 1.77 %, BC finetune 4.88 +- 4.07 %, COG 8.00 +- 1.00 %, BC joint 7.00 +- 0.00 %."
+)
 
 
 @dataclass
 class Protocol:
     """The laptop-scale protocol; results/binsort_cpu.md reports these values."""
 
-    n_prior: int = 800  # pick-and-place demos, split over the 20 (object, bin) tasks
+    n_prior: int = 800  # pick-and-place demos over the 20 (object, bin) tasks
     n_target: int = 5  # full-sort demos (paper: 5), plus 3 held out for checkpoint selection
-    # the object the sort demos place first ("": the goal's order, the mug). Round 5 measured PTR
-    # (tau 0.9) at 16% of 50 sorts with the mug first, 34% with the cube first; the mug-first
-    # policies carry the cube to the mug's bin (results/binsort_round5/report.md)
-    sort_first: str = "cube"
+    sort_first: str = "cube"  # the object the sort demos place first ("": the goal's order)
     image_size: int = 64
     arch: str = "small"
     batch_size: int = 64
     alpha: float = 1.0  # the paper's simulation values (SPEC section 3)
     gamma: float = 0.98
-    # tau: prior data per fine-tuning / joint batch, one value for every method. The paper's main
-    # text uses 0.7-0.9 (SPEC section 3: 0.9, BC baselines 0.9). Round 6: PTR sorted 39/50 at 0.7
-    # against 17/50 at 0.9 (cube first, same pre-training), so every method gets 0.7
-    mix: float = 0.7
-    # 7500 pre-training steps: the whole protocol took 103 minutes on a 2-core VM, 138 with round
-    # 8's 10000 (results/binsort_cpu.md); held-in success 92% (CQL) and 79% (BC) against 99% and 89%
+    mix: float = 0.7  # PTR's tau: prior data per fine-tuning batch
     cql_pre_steps: int = 7500
-    # every CQL run: the actor's first N updates, counted from the start of pre-training, imitate
-    # the data (cql.AgentConfig bc_steps), then it maximises Q. The default, -1, covers every update
-    # of every run (cql_pre_steps + ft_steps), so only ptr_q's actor maximises Q (from its first
-    # fine-tuning update, as in the paper). Measured (results/binsort_round8/ and earlier): a
-    # Q-maximising actor trained from scratch does not learn to grasp at this scale, and in
-    # fine-tuning it loses the pre-trained grasp within 500 updates; the critic is trained by CQL in
-    # every run and chooses PTR's checkpoint.
-    cql_bc_steps: int = -1
+    gbc_pre_steps: int = 7500
     bc_pre_steps: int = 7500
-    ft_steps: int = 2000
-    bc_ft_steps: int = 2000
-    ft_save_every: int = 250  # PTR checkpoints to choose from
-    pick_episodes: int = 25  # per held-in pick-place task
-    sort_episodes: int = 50
-    ckpt_episodes: int = 20  # per saved PTR checkpoint (selection vs best)
-    curve_episodes: int = 10  # per task and saved pre-training checkpoint (success vs steps)
-    raw_evals: int = 0  # 1: also evaluate with the gripper as predicted (not binarized)
-    eval_seed: int = 1000  # evaluation episodes use seeds the data never used
-    # 1: the CQL runs' actors are evaluated with sampled actions. Their mean gripper command stalls
-    # between open and closed where the demos close (results/binsort_round4/report.md).
-    sample_actions: int = 1
-    # 1: also run ptr_q, PTR with the paper's Q-maximising actor in fine-tuning (about 10 minutes
-    # more on 2 cores). Round 8 measured it at 0/50 sorts, none grasped (results/binsort_round8/)
-    ptr_q: int = 0
+    ft_steps: int = 2000  # every fine-tuning run, PTR and baselines alike
+    ft_save_every: int = 250  # checkpoints to choose from
+    seeds: str = "0"  # training seeds; seed s also collects its own data
+    dev_seed: int = 1000  # development episodes reset with dev_seed + i
+    test_seed: int = 200000  # test episodes reset with test_seed + i (the final table only)
+    sort_episodes: int = 50  # per chosen checkpoint
+    ckpt_episodes: int = 20  # per saved checkpoint of the curve runs (development seeds)
+    pick_episodes: int = 25  # per held-in pick-place task, pre-trained policies
+    sample_actions: int = 1  # tanh-Gaussian actors act with sampled actions (BC: deterministic)
+    q_weights: str = "0,0.3,1,3"  # lambda of the imitating actor's Q term (development)
+    awr_betas: str = "1,3"  # inverse temperatures of AWR's weights (development)
+    q_warmup: int = 500  # fine-tuning updates before the Q term starts (the critic fits the target)
+    q_ramp: int = 500  # then lambda ramps up linearly over this many updates
+    gbc_mixes: str = "0.7,0.9"  # Gaussian BC's tau candidates (development)
+    bc_mixes: str = "0.7,0.9"  # BC finetune's tau candidates (development)
+    bc_dropouts: str = "0.4,0"  # BC's dropout candidates (development; Table XI: 0.4)
+    curve_runs: str = "ptr_"  # runs (or name prefixes) whose every checkpoint is evaluated
+    test: int = 0  # 1: the final table on the test seeds, for every seed in --seeds
     extra: list = field(default_factory=list)  # flags passed to every training command
 
 
@@ -129,6 +110,21 @@ class Job:
         return bool(self.done_file) and os.path.exists(self.done_file)
 
 
+def numbers(text):
+    return [float(x) for x in str(text).split(",") if x.strip()]
+
+
+def seed_list(p):
+    seeds = [int(x) for x in str(p.seeds).split(",") if x.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"binsort_experiment: --seeds {p.seeds!r}: expected distinct integers")
+    return seeds
+
+
+def tag(x):
+    return f"{x:g}"
+
+
 def python(*args):
     return [sys.executable, *args]
 
@@ -137,161 +133,240 @@ def ckpt_path(run_dir, step):
     return os.path.join(run_dir, CKPT_PATTERN.format(step))
 
 
-def selected_ckpt(out, method="ptr"):
-    """The checkpoint select_ckpt.py chose (selection.json in the method's run folder), or None."""
-    path = os.path.join(out, method, "selection.json")
-    return json.load(open(path))["chosen"] if os.path.exists(path) else None
+def check_seed_sets(p):
+    """Development and test episodes never share a reset seed."""
+    dev = range(p.dev_seed, p.dev_seed + max(p.sort_episodes, p.ckpt_episodes, p.pick_episodes))
+    test = range(p.test_seed, p.test_seed + p.sort_episodes)
+    if set(dev) & set(test):
+        raise SystemExit(
+            f"binsort_experiment: development seeds {dev.start}..{dev.stop - 1} and test seeds "
+            f"{test.start}..{test.stop - 1} overlap; choose --dev_seed / --test_seed apart"
+        )
 
 
-def build_jobs(p, out):
-    """Every job of the protocol, in the order the scheduler prefers (long runs first, PTR's
-    fine-tuning as soon as its pre-training is done)."""
-    d = os.path.join(out, "data")
+# ------------------------------------------------------------------------------------ the runs
+def finetune_runs(p):
+    """{run name: (pre-training run, finetune.py flags)} of the development phase."""
+    start = p.cql_pre_steps + p.q_warmup
+    imitate = ["--bc_steps", str(p.cql_pre_steps + p.ft_steps)]  # the actor never maximises Q alone
+    runs = {}
+    for lam in numbers(p.q_weights):
+        q = ["--actor_q_weight", tag(lam), "--actor_q_start", str(start)]
+        runs[f"ptr_q{tag(lam)}"] = ("cql_pre", [*imitate, *q, "--actor_q_ramp", str(p.q_ramp)])
+    for beta in numbers(p.awr_betas):
+        runs[f"ptr_awr{tag(beta)}"] = ("cql_pre", [*imitate, "--actor_awr_beta", tag(beta)])
+    for mix in numbers(p.gbc_mixes):
+        runs[f"gbc_ft_m{tag(mix)}"] = ("gbc_pre", ["--mix", tag(mix)])
+    for dropout in numbers(p.bc_dropouts):
+        for mix in numbers(p.bc_mixes):
+            runs[f"bc_ft_d{tag(dropout)}_m{tag(mix)}"] = (
+                f"bc_pre_d{tag(dropout)}",
+                ["--mix", tag(mix)],
+            )
+    return runs
+
+
+def describe(run):
+    """(actor objective, checkpoint rule) of a run, for the tables."""
+    if run.startswith("ptr_q"):
+        lam = run[5:]
+        objective = "tanh-Gaussian likelihood" + (f" + {lam} x normalised Q" if lam != "0" else "")
+        return objective + " (CQL critic)", "Q-values (select_ckpt.py)"
+    if run.startswith("ptr_awr"):
+        return f"likelihood weighted by exp({run[7:]} A / std A) (CQL critic)", "Q-values"
+    if run.startswith("gbc_ft"):
+        return f"tanh-Gaussian likelihood, no critic, tau {run.split('_m')[1]}", "validation NLL"
+    if run.startswith("bc_ft"):
+        dropout, mix = run[7:].split("_m")
+        return f"MSE, dropout {dropout}, tau {mix}", "validation MSE"
+    return run, "-"
+
+
+def is_gaussian(run):
+    return not run.startswith("bc_")
+
+
+def pre_steps(p, pre):
+    return {"cql_pre": p.cql_pre_steps, "gbc_pre": p.gbc_pre_steps}.get(pre, p.bc_pre_steps)
+
+
+# ------------------------------------------------------------------------------------ the jobs
+def seed_jobs(p, out, seed, runs, evals):
+    """The jobs of one training seed: collection, the pre-trainings the runs need, the runs, their
+    checkpoint selection and the evaluations in evals [(name, run, "chosen" | "last" | step,
+    episodes, "dev" | "test")]."""
+    s = os.path.join(out, f"seed_{seed}")
+    d = os.path.join(s, "data")
     prior = os.path.join(d, "prior")
     target = os.path.join(d, "target")
-    run = {name: os.path.join(out, name) for name in ["cql_pre", "bc_pre", *METHODS]}
-    common = ["--arch", p.arch, "--batch_size", str(p.batch_size), "--log_every", "250", *p.extra]
-    cql_base = ["--algo", "cql", "--alpha", str(p.alpha), "--gamma", str(p.gamma)]
-    joint_cql_steps = p.cql_pre_steps + p.ft_steps
-    bc_steps = joint_cql_steps if p.cql_bc_steps < 0 else p.cql_bc_steps
-    cql = [*cql_base, "--bc_steps", str(bc_steps)]
-    bc = ["--algo", "bc", "--gamma", str(p.gamma)]
-    joint_bc_steps = p.bc_pre_steps + p.bc_ft_steps
-    target_bc_steps = round(bc_steps * p.ft_steps / joint_cql_steps)
-
-    def train(name, steps, algo, *flags, data=prior, save_every=None):
-        cmd = python("train.py", "--data", data, "--out", run[name], "--steps", str(steps))
-        cmd += ["--save_every", str(save_every or max(steps // 4, 1)), *algo, *common, *flags]
-        return Job(name, cmd + ["--resume"], ("collect",), ckpt_path(run[name], steps))
-
-    def finetune(name, pre, steps, save_every, *flags):
-        cmd = python("finetune.py", "--ckpt", ckpt_path(run[pre], pre_steps[pre]), "--prior", prior)
-        cmd += ["--target", target, "--out", run[name], "--mix", str(p.mix), "--steps", str(steps)]
-        cmd += ["--save_every", str(save_every), "--batch_size", str(p.batch_size)]
-        cmd += ["--log_every", "250", *flags, "--resume"]
-        return Job(name, cmd, (pre,), ckpt_path(run[name], steps))
-
-    pre_steps = {"cql_pre": p.cql_pre_steps, "bc_pre": p.bc_pre_steps}
-    collect_sort = (
-        f"{shlex.quote(sys.executable)} sim_binsort.py collect --task sort --n {p.n_target} "
-        f"--image_size {p.image_size} --out {target}"
-    )
+    py = shlex.quote(sys.executable)
+    size = f"--image_size {p.image_size} --seed {seed}"
+    collect_sort = f"{py} sim_binsort.py collect --task sort --n {p.n_target} {size} --out {target}"
     if p.sort_first:
         collect_sort += f" --first {shlex.quote(p.sort_first)}"
     collect = [
-        f"{shlex.quote(sys.executable)} sim_binsort.py collect --task pickplace --n {p.n_prior} "
-        f"--image_size {p.image_size} --workers 2 --out {prior}",
+        f"{py} sim_binsort.py collect --task pickplace --n {p.n_prior} {size} --workers 2 "
+        f"--out {prior}",
         collect_sort,
         f"touch {os.path.join(d, 'collected')}",
     ]
-    selected = ["ptr", "ptr_q"] if p.ptr_q else ["ptr"]  # the PTR runs, sorted as chosen by Q
-    ptr_q = []
-    if p.ptr_q:  # its actor maximises Q from the first fine-tuning update
-        bc_pre_only = ("--bc_steps", str(p.cql_pre_steps))
-        ptr_q.append(finetune("ptr_q", "cql_pre", p.ft_steps, p.ft_save_every, *bc_pre_only))
-    jobs = [
-        Job("collect", ["bash", "-c", " && ".join(collect)], (), os.path.join(d, "collected")),
-        train("cql_pre", p.cql_pre_steps, cql, "--extra_tasks", "1"),
-        train("cog", joint_cql_steps, cql, "--target", target, "--mix", str(p.mix)),
-        train("bc_pre", p.bc_pre_steps, bc, "--extra_tasks", "1"),
-        finetune("ptr", "cql_pre", p.ft_steps, p.ft_save_every, "--bc_steps", str(bc_steps)),
-        *ptr_q,
-        train("bc_joint", joint_bc_steps, bc, "--target", target, "--mix", str(p.mix)),
-        finetune("bc_ft", "bc_pre", p.bc_ft_steps, max(p.bc_ft_steps // 4, 1)),
-        # 5 demos, as many steps as fine-tuning, imitating for the joint run's share of its steps
-        train("cql_tgt", p.ft_steps, [*cql_base, "--bc_steps", str(target_bc_steps)], data=target),
-    ]
-    methods = [method for method in METHODS if method in selected or method not in PTR_RUNS]
-    for method in selected:
-        plot = "qvalues.png" if method == "ptr" else f"qvalues_{method}.png"
-        select = python("select_ckpt.py", run[method], "--plot", os.path.join(out, plot))
-        done_file = os.path.join(run[method], "selection.json")
-        jobs.append(Job("select_" + method, select, (method,), done_file))
-    evals = os.path.join(out, "eval")
-    for pre in ("cql_pre", "bc_pre"):
-        for task in PICK_TASKS:
-            for binary in (True, False) if p.raw_evals else (True,):
-                ckpt = ckpt_path(run[pre], pre_steps[pre])
-                job = eval_job(
-                    f"{pre}_{task}", pre, ckpt, p.pick_episodes, p, evals, (pre,), binary, task
-                )
-                jobs.append(job)
-    for pre in ("cql_pre", "bc_pre"):  # the learning curve: every saved pre-training checkpoint
-        for step in pre_save_steps(p, pre, out):
-            for task in PICK_TASKS:
-                ckpt = ckpt_path(run[pre], step)
-                name = f"curve_{pre}_{step:06d}_{task}"
-                job = eval_job(name, pre, ckpt, p.curve_episodes, p, evals, (pre,), True, task)
-                jobs.append(job)
-    for method in methods:
-        chosen = method in PTR_RUNS
-        ckpt = f"SELECTED:{method}" if chosen else f"LAST:{run[method]}"
-        deps = ("select_" + method,) if chosen else (method,)
-        for binary in (True, False) if p.raw_evals and method in ("ptr", "bc_ft") else (True,):
-            name = f"sort_{method}"
-            job = eval_job(name, method, ckpt, p.sort_episodes, p, evals, deps, binary, SORT_TASK)
-            jobs.append(job)
-    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
-        ckpt = ckpt_path(run["ptr"], step)
-        name = f"ptr_step_{step:06d}"
-        job = eval_job(name, "ptr", ckpt, p.ckpt_episodes, p, evals, ("ptr",), True, SORT_TASK)
-        jobs.append(job)
+    name = lambda job: f"s{seed}/{job}"  # noqa: E731
+    jobs = [Job(name("collect"), ["bash", "-c", " && ".join(collect)], (), f"{d}/collected")]
+    common = ["--arch", p.arch, "--batch_size", str(p.batch_size), "--log_every", "250"]
+    common += ["--seed", str(seed), *p.extra]
+    pre_flags = {
+        "cql_pre": ["--algo", "cql", "--alpha", str(p.alpha)],
+        "gbc_pre": ["--algo", "gbc"],
+    }
+    for dropout in numbers(p.bc_dropouts):
+        pre_flags[f"bc_pre_d{tag(dropout)}"] = ["--algo", "bc", "--bc_dropout", tag(dropout)]
+    pre_flags["cql_pre"] += ["--bc_steps", str(p.cql_pre_steps + p.ft_steps)]
+    needed = sorted({runs[run][0] for run in runs}, key=list(pre_flags).index)
+    for pre in needed:
+        steps = pre_steps(p, pre)
+        cmd = python("train.py", "--data", prior, "--out", os.path.join(s, pre))
+        cmd += ["--steps", str(steps), "--save_every", str(max(steps // 4, 1))]
+        cmd += [*pre_flags[pre], "--gamma", str(p.gamma), *common, "--extra_tasks", "1", "--resume"]
+        jobs.append(Job(name(pre), cmd, (name("collect"),), ckpt_path(os.path.join(s, pre), steps)))
+    for run, (pre, flags) in runs.items():
+        mix = [] if "--mix" in flags else ["--mix", str(p.mix)]
+        cmd = python("finetune.py", "--ckpt", ckpt_path(os.path.join(s, pre), pre_steps(p, pre)))
+        cmd += ["--prior", prior, "--target", target, "--out", os.path.join(s, run), *mix]
+        cmd += ["--steps", str(p.ft_steps), "--save_every", str(p.ft_save_every)]
+        cmd += ["--batch_size", str(p.batch_size), "--log_every", "250", "--seed", str(seed)]
+        cmd += [*flags, "--resume"]
+        done = ckpt_path(os.path.join(s, run), p.ft_steps)
+        jobs.append(Job(name(run), cmd, (name(pre),), done))
+        rule = [] if run.startswith("ptr") else ["--by", "val_loss"]
+        select = python("select_ckpt.py", os.path.join(s, run), *rule)
+        done = os.path.join(s, run, "selection.json")
+        jobs.append(Job(name("select_" + run), select, (name(run),), done))
+    for eval_name, run, which, episodes, phase, task in evals:
+        run_dir = os.path.join(s, run)
+        if which == "chosen":
+            ckpt, dep = f"SELECTED:{run_dir}", "select_" + run
+        elif which == "last":
+            ckpt, dep = f"LAST:{run_dir}", run
+        else:
+            ckpt, dep = ckpt_path(run_dir, which), run
+        json_path = os.path.join(s, "eval", eval_name + ".json")
+        first = p.dev_seed if phase == "dev" else p.test_seed
+        cmd = python("online.py", "eval", "--ckpt", ckpt, "--episodes", str(episodes))
+        cmd += ["--seed", str(first), "--json", json_path, "--binarize_gripper", "--task", task]
+        if p.sample_actions and is_gaussian(run):
+            cmd.append("--sample_actions")
+        jobs.append(Job(name("eval_" + eval_name), cmd, (name(dep),), json_path))
     return jobs
 
 
-def pre_save_steps(p, pre, out):
-    """The steps of a pre-training run's checkpoints: those on disk once it is done (a resumed run
-    may have saved on another schedule), else the planned ones (--save_every steps // 4)."""
-    steps = p.cql_pre_steps if pre == "cql_pre" else p.bc_pre_steps
-    run_dir = os.path.join(out, pre)
-    if os.path.exists(ckpt_path(run_dir, steps)):
-        names = sorted(
-            f for f in os.listdir(run_dir) if f.startswith("ckpt_") and f.endswith(".pt")
-        )
-        return [int(name[5:-3]) for name in names]
-    every = max(steps // 4, 1)
-    return list(range(every, steps + 1, every))
+def dev_evals(p, runs):
+    """The development evaluations of the first seed: held-in pick-place tasks of the pre-trained
+    policies, the sort for every run's chosen and last checkpoint, every checkpoint of the curve
+    runs."""
+    evals = []
+    pres = sorted({pre for pre, _ in runs.values()})
+    for pre in pres:
+        for task in PICK_TASKS:
+            evals.append((f"dev_{pre}_{task}", pre, "last", p.pick_episodes, "dev", task))
+    for run in runs:
+        evals.append((f"dev_{run}", run, "chosen", p.sort_episodes, "dev", SORT_TASK))
+        evals.append((f"dev_{run}_last", run, "last", p.sort_episodes, "dev", SORT_TASK))
+    for run in curve_runs(p, runs):
+        for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
+            name = f"dev_{run}_step_{step:06d}"
+            evals.append((name, run, step, p.ckpt_episodes, "dev", SORT_TASK))
+    return evals
 
 
-def eval_job(name, run_name, ckpt, episodes, p, evals, deps, binarize_gripper=True, task=None):
-    """online.py eval of one checkpoint of the run folder run_name; the gripper binarized unless
-    the name ends in _raw; actions sampled where the protocol says so and the actor is a CQL run's
-    tanh-Gaussian (BC's is deterministic)."""
-    name = name if binarize_gripper else name + "_raw"
-    json_path = os.path.join(evals, name + ".json")
-    cmd = python("online.py", "eval", "--ckpt", ckpt, "--episodes", str(episodes))
-    cmd += ["--seed", str(p.eval_seed), "--json", json_path]
-    if binarize_gripper:
-        cmd.append("--binarize_gripper")
-    if task:
-        cmd += ["--task", task]
-    if p.sample_actions and run_name in CQL_RUNS:
-        cmd.append("--sample_actions")
-    return Job("eval_" + name, cmd, deps, json_path)
+def curve_runs(p, runs):
+    """The runs whose every saved checkpoint is evaluated: those p.curve_runs names or prefixes."""
+    prefixes = [x for x in str(p.curve_runs).split(",") if x]
+    return [run for run in runs if any(run.startswith(x) for x in prefixes)]
 
 
-def resolve(cmd, out):
+def test_runs(p, out):
+    """{role: run name} of the final table, chosen from the first seed's development evaluations:
+    the critic-driven PTR setting, Gaussian BC's tau and BC's (tau, dropout) with the highest
+    development success (ties: the first in finetune_runs' order, the smaller lambda or beta)."""
+    first = seed_list(p)[0]
+    runs = finetune_runs(p)
+    roles = {
+        "ptr_critic": [r for r in runs if r.startswith("ptr_") and r != "ptr_q0"],
+        "gbc": [r for r in runs if r.startswith("gbc_ft")],
+        "bc": [r for r in runs if r.startswith("bc_ft")],
+    }
+    chosen = {"ptr_imitating": "ptr_q0"}
+    for role, candidates in roles.items():
+        results = [(load_eval(out, first, f"dev_{run}"), run) for run in candidates]
+        missing = [run for r, run in results if r is None]
+        if missing or not candidates:
+            raise SystemExit(
+                f"binsort_experiment: --test 1 needs the development evaluations of seed {first} "
+                f"first (missing: {missing or role}); run without --test"
+            )
+        chosen[role] = max(results, key=lambda rr: (rr[0]["successes"], -candidates.index(rr[1])))[
+            1
+        ]
+    return chosen
+
+
+def build_jobs(p, out):
+    """Every job: the development phase on the first seed; with p.test, the final table's runs on
+    every seed and their test evaluations."""
+    check_seed_sets(p)
+    seeds = seed_list(p)
+    runs = finetune_runs(p)
+    jobs = seed_jobs(p, out, seeds[0], runs, dev_evals(p, runs))
+    if not p.test:
+        return jobs
+    chosen = sorted(set(test_runs(p, out).values()))
+    for seed in seeds:
+        evals = [
+            (f"test_{run}", run, "chosen", p.sort_episodes, "test", SORT_TASK) for run in chosen
+        ]
+        mine = seed_jobs(p, out, seed, {run: runs[run] for run in chosen}, evals)
+        known = {job.name for job in jobs}
+        jobs += [job for job in mine if job.name not in known]
+    return jobs
+
+
+def resolve(cmd):
     """Checkpoint placeholders filled in once the job that writes them is done."""
     resolved = []
     for arg in cmd:
         if arg.startswith("SELECTED:"):
-            arg = selected_ckpt(out, arg[9:])
+            arg = json.load(open(os.path.join(arg[9:], "selection.json")))["chosen"]
         elif arg.startswith("LAST:"):
             arg = list_checkpoints(arg[5:])[-1][1]
         resolved.append(arg)
     return resolved
 
 
+def owner_elsewhere(job):
+    """The pid of a live process that holds the lock of the job's run folder (the same run started
+    by hand or by another invocation), or None."""
+    if "--out" not in job.cmd:
+        return None
+    lock = os.path.join(job.cmd[job.cmd.index("--out") + 1], LOCK_FILE)
+    try:
+        with open(lock) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid != os.getpid() and pid_alive(pid) else None
+
+
 def run(jobs, out, max_jobs):
-    """Run the jobs, at most max_jobs at a time, each as soon as its dependencies are done."""
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    """Run the jobs, at most max_jobs at a time, each as soon as its dependencies are done. A job
+    whose run folder another live process owns is waited for, and counts as running."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     by_name = {job.name: job for job in jobs}
     running = {}
     t0 = time.time()
     while True:
-        pending = [job for job in jobs if not job.done() and job.name not in running]
+        elsewhere = {job.name for job in jobs if not job.done() and owner_elsewhere(job)}
+        elsewhere -= set(running)
+        pending = [job for job in jobs if not job.done() and job.name not in running | elsewhere]
         for name, (proc, job, log) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -300,17 +375,20 @@ def run(jobs, out, max_jobs):
             if proc.returncode != 0 or not job.done():
                 raise SystemExit(
                     f"binsort_experiment: job {name} failed (exit {proc.returncode}); see "
-                    f"{os.path.join(out, 'logs', name + '.log')}, fix, and run again to resume"
+                    f"{log_path(out, name)}, fix, and run again to resume"
                 )
             print(f"[{elapsed(t0)}] done {name}", flush=True)
-        if not pending and not running:
+        if not pending and not running and not elsewhere:
             break
         for job in pending:
-            if len(running) >= max_jobs:
+            if len(running) + len(elsewhere) >= max_jobs:
                 break
             if all(by_name[dep].done() for dep in job.deps):
-                cmd = resolve(job.cmd, out)
-                log = open(os.path.join(out, "logs", job.name + ".log"), "a")
+                cmd = resolve(job.cmd)
+                path = log_path(out, job.name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.makedirs(os.path.dirname(job.done_file), exist_ok=True)
+                log = open(path, "a")
                 log.write(f"\n$ {shlex.join(cmd)}\n")
                 log.flush()
                 proc = subprocess.Popen(
@@ -320,6 +398,11 @@ def run(jobs, out, max_jobs):
                 print(f"[{elapsed(t0)}] start {job.name}", flush=True)
         time.sleep(5)
         report(running, out, t0)
+
+
+def log_path(out, job_name):
+    seed, name = job_name.split("/", 1)
+    return os.path.join(out, "seed_" + seed[1:], "logs", name + ".log")
 
 
 _last_report = [0.0]
@@ -333,7 +416,7 @@ def report(running, out, t0):
     parts = []
     for name in running:
         try:
-            with open(os.path.join(out, "logs", name + ".log")) as f:
+            with open(log_path(out, name)) as f:
                 tail = f.read().replace("\r", "\n").strip().splitlines()[-1][:60]
         except (OSError, IndexError):
             tail = ""
@@ -346,53 +429,170 @@ def elapsed(t0):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-# ---------------------------------------------------------------- the results
-def load_eval(out, name):
-    path = os.path.join(out, "eval", name + ".json")
+# -------------------------------------------------------------------------------- the results
+def load_eval(out, seed, name):
+    path = os.path.join(out, f"seed_{seed}", "eval", name + ".json")
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-def percent(r, key="success"):
-    """'34.0% [21.6, 48.1]': a rate with its Wilson 95% interval, from an online.py eval JSON."""
-    if key == "success":
-        rate, lo, hi = r["success"], r["success_lo"], r["success_hi"]
-    else:
-        stage = r.get("stages", {}).get(key)
-        if stage is None:
-            return "-"
-        rate, lo, hi = stage["rate"], stage["lo"], stage["hi"]
-    return f"{100 * rate:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+def outcomes(r):
+    """The per-episode successes of an online.py eval JSON, in episode (reset seed) order."""
+    return [bool(e["success"]) for e in r["per_episode"]]
 
 
-def fisher_exact_p(k1, n1, k2, n2):
-    """Two-sided p-value of Fisher's exact test that k1 of n1 and k2 of n2 episodes come from one
-    success rate: the probability, under the hypergeometric law of the 2x2 table with its margins
-    fixed, of every table no more likely than the observed one."""
-    successes = k1 + k2
-    total = math.comb(n1 + n2, successes)
-
-    def probability(k):  # k of the successes in the first sample
-        return math.comb(n1, k) * math.comb(n2, successes - k) / total
-
-    observed = probability(k1)
-    low = max(0, successes - n2)
-    high = min(successes, n1)
-    # 1 + 1e-7: tables as likely as the observed one, up to rounding, count (as in R and SciPy)
-    tail = [probability(k) for k in range(low, high + 1)]
-    return min(1.0, sum(q for q in tail if q <= observed * (1 + 1e-7)))
+def rate(k, n):
+    """'31/50 = 62% [48, 74]': a rate with its Wilson 95% interval."""
+    lo, hi = wilson_interval(k, n)
+    return f"{k}/{n} = {100 * k / max(n, 1):.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
-def actions_text(r, suffix):
-    """How an evaluation acted: the actor's mean or a sample; the gripper as predicted (_raw) or
-    binarized."""
-    actions = "sampled" if r.get("sampled_actions") else "mean"
-    return actions + (", gripper as predicted" if suffix == "_raw" else "")
+def stage(r, key):
+    count = r.get("stages", {}).get(key, {}).get("count")
+    return "-" if count is None else f"{count}/{r['episodes']}"
+
+
+def paired_test(a_results, b_results):
+    """Exact McNemar over episodes paired by reset seed, stratified over training seeds (the
+    discordant counts add up). -> (b, c, p)."""
+    b = c = 0
+    for ra, rb in zip(a_results, b_results):
+        if ra["episodes"] != rb["episodes"]:
+            raise SystemExit("binsort_experiment: paired evaluations of different episode counts")
+        db, dc = discordant(outcomes(ra), outcomes(rb))
+        b, c = b + db, c + dc
+    return b, c, mcnemar_exact_p(b, c)
+
+
+def dev_table(p, out):
+    """Markdown lines of the development phase (first seed, development episodes)."""
+    first = seed_list(p)[0]
+    runs = finetune_runs(p)
+    lines = [f"## Development phase (training seed {first}; episodes reset with seeds "]
+    lines[0] += f"{p.dev_seed}..{p.dev_seed + p.sort_episodes - 1})"
+    lines += ["", "Pre-trained policies on the held-in pick-place tasks, pooled over 4 tasks:", ""]
+    lines += ["| pre-training | success [95% CI] | grasped |", "|---|---|---|"]
+    for pre in sorted({pre for pre, _ in runs.values()}):
+        results = [load_eval(out, first, f"dev_{pre}_{task}") for task in PICK_TASKS]
+        if all(r is not None for r in results):
+            k = sum(r["successes"] for r in results)
+            n = sum(r["episodes"] for r in results)
+            grasped = sum(r["stages"]["grasped"]["count"] for r in results)
+            lines.append(f"| {pre} | {rate(k, n)} | {grasped}/{n} |")
+    lines += ["", "The sort (exploratory: McNemar against ptr_q0, uncorrected):", ""]
+    lines += [
+        "| run | actor objective | checkpoint rule | chosen step | full sort, chosen [95% CI] | "
+        "grasped | first in bin | last checkpoint | vs ptr_q0 (b, c, p) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    reference = load_eval(out, first, "dev_ptr_q0")
+    for run in runs:
+        r = load_eval(out, first, f"dev_{run}")
+        if r is None:
+            continue
+        objective, rule = describe(run)
+        last = load_eval(out, first, f"dev_{run}_last")
+        selection = os.path.join(out, f"seed_{first}", run, "selection.json")
+        step = json.load(open(selection))["step"] if os.path.exists(selection) else "-"
+        versus = "-"
+        if reference is not None and run != "ptr_q0":
+            b, c, pv = paired_test([r], [reference])
+            versus = f"{b}, {c}, {pv:.2g}"
+        last_text = rate(last["successes"], last["episodes"]) if last else "-"
+        lines.append(
+            f"| {run} | {objective} | {rule} | {step} | {rate(r['successes'], r['episodes'])} | "
+            f"{stage(r, 'grasped')} | {stage(r, 'first_in_bin')} | {last_text} | {versus} |"
+        )
+    lines += selection_study(p, out, first, runs)
+    return lines
+
+
+def selection_study(p, out, seed, runs):
+    """Markdown lines: for every curve run, the full sorts of each saved checkpoint, and the one
+    the run's rule chose against the last and the best (development episodes)."""
+    lines = []
+    steps = list(range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every))
+    header = "| run | chosen | last | best | " + " | ".join(map(str, steps)) + " |"
+    for run in curve_runs(p, runs):
+        points = dict(checkpoint_curve(p, out, seed, run))
+        selection = os.path.join(out, f"seed_{seed}", run, "selection.json")
+        if len(points) < len(steps) or not os.path.exists(selection):
+            continue
+        if not lines:
+            lines += ["", "Checkpoint selection: full sorts of every saved checkpoint "]
+            lines[-1] += f"({p.ckpt_episodes} development episodes each), steps below:"
+            lines += ["", header, "|" + "---|" * (4 + len(steps))]
+        chosen = json.load(open(selection))["step"]
+        best = max(steps, key=lambda st: (points[st]["successes"], -st))
+        k = {st: points[st]["successes"] for st in steps}
+        cells = [f"{chosen}: {k[chosen]}", f"{steps[-1]}: {k[steps[-1]]}", f"{best}: {k[best]}"]
+        lines.append(f"| {run} | " + " | ".join(cells + [str(k[st]) for st in steps]) + " |")
+    return lines
+
+
+def checkpoint_curve(p, out, seed, run):
+    points = []
+    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
+        r = load_eval(out, seed, f"dev_{run}_step_{step:06d}")
+        if r is not None:
+            points.append((step, r))
+    return points
+
+
+COMPARISONS = (  # (A, B, what A > B would mean)
+    ("ptr_critic", "gbc", "the critic-driven actor beats matched imitation"),
+    ("ptr_critic", "ptr_imitating", "the critic's term in the actor's loss helps"),
+    ("ptr_imitating", "gbc", "CQL pre-training and Q-value checkpoint selection help imitation"),
+    ("gbc", "bc", "the tanh-Gaussian likelihood beats MSE imitation"),
+)
+
+
+def test_table(p, out):
+    """Markdown lines of the final table: every seed and the pooled rate on the test episodes,
+    paired tests stratified over seeds, Holm-corrected."""
+    seeds = seed_list(p)
+    chosen = test_runs(p, out)
+    lines = [f"## Final table (test episodes, reset seeds {p.test_seed}.."]
+    lines[0] += f"{p.test_seed + p.sort_episodes - 1}; training seeds {', '.join(map(str, seeds))})"
+    lines += ["", "| method | run | actor objective | evaluation | checkpoint rule | "]
+    lines[-1] += " | ".join(f"seed {s}" for s in seeds) + " | pooled [95% CI] |"
+    lines += ["|" + "---|" * (6 + len(seeds))]
+    results = {}
+    for role, run in chosen.items():
+        per_seed = [load_eval(out, s, f"test_{run}") for s in seeds]
+        objective, rule = describe(run)
+        mode = "sampled" if p.sample_actions and is_gaussian(run) else "mean (deterministic)"
+        cells = [rate(r["successes"], r["episodes"]) if r else "-" for r in per_seed]
+        done = [r for r in per_seed if r is not None]
+        pooled = "-"
+        if len(done) == len(seeds):
+            results[role] = done
+            k = sum(r["successes"] for r in done)
+            pooled = "**" + rate(k, sum(r["episodes"] for r in done)) + "**"
+        lines.append(
+            f"| {role} | {run} | {objective} | {mode} | {rule} | "
+            + " | ".join(cells)
+            + f" | {pooled} |"
+        )
+    rows = [(a, b, why) for a, b, why in COMPARISONS if a in results and b in results]
+    if rows:
+        tests = [paired_test(results[a], results[b]) for a, b, _ in rows]
+        adjusted = holm([t[2] for t in tests])
+        lines += [
+            "",
+            "Paired exact McNemar tests over the same test episodes, stratified over "
+            "training seeds, Holm-corrected over these comparisons:",
+            "",
+        ]
+        lines += ["| A vs B | A > B would mean | b (A only) | c (B only) | p | Holm p |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for (a, b, why), (nb, nc, pv), adj in zip(rows, tests, adjusted):
+            lines.append(f"| {a} vs {b} | {why} | {nb} | {nc} | {pv:.2g} | {adj:.2g} |")
+    return lines
 
 
 def write_table(p, out, seconds=None):
-    """results.md: the pick-place and sort tables, selection against the best checkpoint, the
-    commands."""
-    lines = ["# PTR on the simulated bin-sort (CPU, laptop scale)", ""]
+    """results.md: the development tables, the final table when it exists, the commands."""
+    lines = ["# Offline RL against matched imitation on the simulated bin-sort (CPU)", ""]
     lines += [f"Protocol: `{json.dumps(p.__dict__)}`", ""]
     wall_time = os.path.join(out, "wall_time.json")
     if seconds is not None:
@@ -400,209 +600,80 @@ def write_table(p, out, seconds=None):
     if os.path.exists(wall_time):  # kept for --table, which runs nothing
         minutes = json.load(open(wall_time))["seconds"] / 60
         lines += [f"Wall time of the last invocation that ran the jobs: {minutes:.0f} min.", ""]
-    lines += ["## Pre-trained multi-task policies on held-in pick-place tasks", ""]
-    lines += ["| policy | actions | task | success [95% CI] | grasped |", "|---|---|---|---|---|"]
-    for pre in ("cql_pre", "bc_pre"):
-        for suffix in ("", "_raw"):
-            total = 0
-            n = 0
-            for task in PICK_TASKS:
-                r = load_eval(out, f"{pre}_{task}{suffix}")
-                if r is None:
-                    continue
-                total += r["successes"]
-                n += r["episodes"]
-                actions = actions_text(r, suffix)
-                lines.append(
-                    f"| {pre} | {actions} | {task} | {percent(r)} | {percent(r, 'grasped')} |"
-                )
-            if n:
-                lines.append(
-                    f"| {pre} | {actions} | **mean of {n} episodes** | "
-                    f"**{100 * total / n:.0f}%** | |"
-                )
-    curves = pretraining_curves(p, out)
-    if any(curves.values()):
-        lines += [
-            "",
-            "## Pre-training: success against gradient steps (4 held-in tasks pooled)",
-            "",
-        ]
-        lines += ["| policy | step | episodes | success [95% CI] | grasped | placed |"]
-        lines += ["|---|---|---|---|---|---|"]
-        for pre, points in curves.items():
-            for step, r in points:
-                row = [pre, str(step), str(r["episodes"]), percent(r), percent(r, "grasped")]
-                lines.append("| " + " | ".join(row) + f" | {percent(r, 'placed')} |")
-    lines += ["", "## The target task: sort both objects (paper Table VII)", ""]
-    lines += [
-        "| method | actions | full success [95% CI] | grasped | first object in its bin | "
-        "against PTR (Fisher p) | paper |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    ptr = load_eval(out, "sort_ptr")
-    for method, label in METHODS.items():
-        for suffix in ("", "_raw"):
-            r = load_eval(out, f"sort_{method}{suffix}")
-            if r is None:
-                continue
-            actions = actions_text(r, suffix)
-            row = [label, actions, percent(r), percent(r, "grasped"), percent(r, "first_in_bin")]
-            against = "-"
-            if ptr is not None and (method, suffix) != ("ptr", ""):
-                p_value = fisher_exact_p(
-                    r["successes"], r["episodes"], ptr["successes"], ptr["episodes"]
-                )
-                against = f"{r['successes']} vs {ptr['successes']}, p = {p_value:.2g}"
-            lines.append("| " + " | ".join(row) + f" | {against} | {PAPER[method]} % |")
-    for method in PTR_RUNS:
-        if selected_ckpt(out, method):
-            lines += ["", f"{method}: select_ckpt.py chose `{selected_ckpt(out, method)}`."]
-    steps = ptr_checkpoint_evals(p, out)
-    chosen = selected_ckpt(out)
-    if steps and chosen:
-        lines += [
-            "",
-            "## Checkpoint selection (select_ckpt.py) against the best saved PTR checkpoint",
-            "",
-        ]
-        lines += ["| step | success [95% CI] | grasped | chosen |", "|---|---|---|---|"]
-        for step, r in steps:
-            mark = "**chosen**" if chosen.endswith(f"ckpt_{step:08d}.pt") else ""
-            lines.append(f"| {step} | {percent(r)} | {percent(r, 'grasped')} | {mark} |")
-        best = max(steps, key=lambda sr: sr[1]["success"])
-        picked = [r for step, r in steps if chosen.endswith(f"ckpt_{step:08d}.pt")]
-        if picked:
-            gap = 100 * (best[1]["success"] - picked[0]["success"])
-            lines += [
-                "",
-                f"Best saved checkpoint: step {best[0]}; the chosen one is {gap:.0f} "
-                f"points below it ({p.ckpt_episodes} episodes per checkpoint).",
-            ]
-    lines += ["", "Commands: see logs/<job>.log (each starts with the exact command)."]
+    lines += dev_table(p, out)
+    if p.test:
+        lines += [""] + test_table(p, out)
+    lines += ["", PAPER_FOOTNOTE, ""]
+    lines += ["Commands: seed_<s>/logs/<job>.log (each starts with the exact command)."]
     atomic_write_text("\n".join(lines) + "\n", os.path.join(out, "results.md"))
-    plot_curves(p, out)
+    plot_dose_response(p, out)
 
 
-def pooled(results):
-    """One eval-like dict from several online.py eval JSONs (episodes pooled, intervals
-    recomputed)."""
-    from online import wilson_interval
-
-    n = sum(r["episodes"] for r in results)
-    k = sum(r["successes"] for r in results)
-    lo, hi = wilson_interval(k, n)
-    pooled_stages = {}
-    for stage in results[0].get("stages", {}):
-        count = sum(r["stages"][stage]["count"] for r in results)
-        stage_lo, stage_hi = wilson_interval(count, n)
-        pooled_stages[stage] = {"count": count, "rate": count / n, "lo": stage_lo, "hi": stage_hi}
-    return {
-        "episodes": n,
-        "successes": k,
-        "success": k / n,
-        "success_lo": lo,
-        "success_hi": hi,
-        "stages": pooled_stages,
-    }
-
-
-def ptr_checkpoint_evals(p, out):
-    """[(step, eval)] of the saved PTR checkpoints whose sort evaluation exists."""
-    evals = []
-    for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
-        r = load_eval(out, f"ptr_step_{step:06d}")
-        if r is not None:
-            evals.append((step, r))
-    return evals
-
-
-def label_axes(ax, xlabel, title):
-    """Both panels of success_vs_steps.png: episodes in percent, 0-100, a legend where lines
-    exist."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("episodes (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    if ax.lines:
-        ax.legend(fontsize=8)
-
-
-def pretraining_curves(p, out):
-    """{pre: [(step, pooled eval over PICK_TASKS)]} for the steps whose four evaluations exist."""
-    curves = {}
-    for pre in ("cql_pre", "bc_pre"):
-        curves[pre] = []
-        for step in pre_save_steps(p, pre, out):
-            results = [load_eval(out, f"curve_{pre}_{step:06d}_{task}") for task in PICK_TASKS]
-            if all(r is not None for r in results):
-                curves[pre].append((step, pooled(results)))
-    return curves
-
-
-def plot_curves(p, out):
-    """success_vs_steps.png: pre-training success (and grasps) on the held-in pick-place tasks, and
-    PTR's sort success at every saved fine-tuning checkpoint, each with Wilson 95% intervals."""
+def plot_dose_response(p, out):
+    """dose_response.png: development sort success against lambda and against AWR's beta, with
+    Wilson intervals; Gaussian BC's chosen tau as a band."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("binsort_experiment: no matplotlib (pip install matplotlib): no success_vs_steps.png")
+        print("binsort_experiment: no matplotlib (pip install matplotlib): no dose_response.png")
         return
-    fig, (ax_pre, ax_ft) = plt.subplots(1, 2, figsize=(11, 4))
-    for pre, points in pretraining_curves(p, out).items():
-        if not points:
-            continue
-        steps = [step for step, _ in points]
-        for key, style in (("success", "o-"), ("grasped", "s--")):
-            rate, lo, hi = [], [], []
-            for _, r in points:
-                value = r if key == "success" else r["stages"][key]
-                prefix = "success_" if key == "success" else ""
-                rate.append(100 * (value["success"] if key == "success" else value["rate"]))
-                lo.append(100 * value[prefix + "lo"])
-                hi.append(100 * value[prefix + "hi"])
-            ax_pre.plot(steps, rate, style, label=f"{pre} {key}")
-            ax_pre.fill_between(steps, lo, hi, alpha=0.15)
-    pick_title = f"held-in pick-place, {len(PICK_TASKS)} tasks x {p.curve_episodes} episodes"
-    if p.sample_actions:
-        pick_title += "\n(cql_pre's actions sampled, bc_pre deterministic)"
-    label_axes(ax_pre, "pre-training gradient steps", pick_title)
-    points = ptr_checkpoint_evals(p, out)
-    if points:
-        steps = [step for step, _ in points]
-        ax_ft.plot(steps, [100 * r["success"] for _, r in points], "o-", label="full sort")
-        ax_ft.fill_between(
-            steps,
-            [100 * r["success_lo"] for _, r in points],
-            [100 * r["success_hi"] for _, r in points],
-            alpha=0.2,
-        )
-        for stage in ("grasped", "first_in_bin"):
-            ax_ft.plot(
-                steps, [100 * r["stages"][stage]["rate"] for _, r in points], "--", label=stage
-            )
-    sort_title = f"target sort, {p.ckpt_episodes} episodes per checkpoint"
-    if p.sample_actions:
-        sort_title += "\n(actions sampled)"
-    label_axes(ax_ft, "PTR offline fine-tuning gradient steps", sort_title)
+    first = seed_list(p)[0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, prefix, values, label in (
+        (axes[0], "ptr_q", numbers(p.q_weights), "lambda (normalised Q term)"),
+        (axes[1], "ptr_awr", numbers(p.awr_betas), "beta (AWR inverse temperature)"),
+    ):
+        xs, ys, lo, hi = [], [], [], []
+        for v in values:
+            r = load_eval(out, first, f"dev_{prefix}{tag(v)}")
+            if r is None:
+                continue
+            a, b = wilson_interval(r["successes"], r["episodes"])
+            xs.append(v)
+            ys.append(100 * r["success"])
+            lo.append(100 * (r["success"] - a))
+            hi.append(100 * (b - r["success"]))
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=4, label="PTR, chosen checkpoint")
+        if prefix == "ptr_awr":  # beta = 0 is plain imitation, lambda = 0's run
+            r = load_eval(out, first, "dev_ptr_q0")
+            if r is not None:
+                ax.axhline(100 * r["success"], color="k", ls="--", label="beta = 0 (ptr_q0)")
+        gbc = [load_eval(out, first, f"dev_gbc_ft_m{tag(m)}") for m in numbers(p.gbc_mixes)]
+        gbc = [r for r in gbc if r is not None]
+        if gbc:
+            best = max(gbc, key=lambda r: r["successes"])
+            ax.axhspan(100 * best["success_lo"], 100 * best["success_hi"], color="C1", alpha=0.15)
+            ax.axhline(100 * best["success"], color="C1", label="Gaussian BC (best tau)")
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"full sorts, development episodes (%), n = {p.sort_episodes}")
+    fig.suptitle(f"Does more critic help? Training seed {first}, 95% Wilson intervals")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "success_vs_steps.png"), dpi=120)
+    fig.savefig(os.path.join(out, "dose_response.png"), dpi=120)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/binsort")
-    ap.add_argument("--jobs", type=int, default=4, help="jobs at a time (each one thread)")
+    ap.add_argument("--jobs", type=int, default=2, help="jobs at a time (each one thread)")
     ap.add_argument("--table", action="store_true", help="only write results.md from what exists")
     defaults = Protocol()
     for name, value in defaults.__dict__.items():
         if isinstance(value, (int, float, str)):
             ap.add_argument(f"--{name}", type=type(value), default=value)
+    ap.add_argument(
+        "--extra",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="flags passed to every training command (last on the line)",
+    )
     args = ap.parse_args()
-    p = Protocol(**{k: getattr(args, k) for k in defaults.__dict__ if hasattr(args, k)})
+    p = Protocol(**{k: getattr(args, k) for k in defaults.__dict__})
     out = os.path.abspath(args.out)
     t0 = time.time()
     if not args.table:
