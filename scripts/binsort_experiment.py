@@ -87,7 +87,9 @@ class Protocol:
     ckpt_episodes: int = 20  # per saved checkpoint of the curve runs (development seeds)
     pick_episodes: int = 25  # per held-in pick-place task, pre-trained policies
     sample_actions: int = 1  # tanh-Gaussian actors act with sampled actions (BC: deterministic)
-    q_weights: str = "0,0.3,1,3"  # lambda of the imitating actor's Q term (development)
+    # log-spaced: the likelihood's gradient on the actor's mean is (a - mu) / sigma^2, with sigma
+    # ~0.1 about 100x the normalised Q term's at lambda 1, so the grid spans no effect to Q-led
+    q_weights: str = "0,1,10,100"  # lambda of the imitating actor's Q term (development)
     awr_betas: str = "1,3"  # inverse temperatures of AWR's weights (development)
     q_warmup: int = 500  # fine-tuning updates before the Q term starts (the critic fits the target)
     q_ramp: int = 500  # then lambda ramps up linearly over this many updates
