@@ -368,7 +368,9 @@ def run(jobs, out, max_jobs):
     while True:
         elsewhere = {job.name for job in jobs if not job.done() and owner_elsewhere(job)}
         elsewhere -= set(running)
-        pending = [job for job in jobs if not job.done() and job.name not in running | elsewhere]
+        pending = [
+            job for job in jobs if not job.done() and job.name not in set(running) | elsewhere
+        ]
         for name, (proc, job, log) in list(running.items()):
             if proc.poll() is None:
                 continue
