@@ -371,12 +371,19 @@ def make_resetter(args, env):
     return wait_for_a_person
 
 
-def load_policy(path, device, task=None, binarize_gripper=False):
-    """The actor of any PTR checkpoint; task by name or index, default the fine-tuned
-    (or online) target."""
+def load_policy(path, device, task=None, binarize_gripper=None):
+    """The actor of any PTR checkpoint; task by name or index. What is left None comes from the
+    checkpoint's "evaluation" entry (online.py export), so a shared policy acts as its results
+    were measured; otherwise the task is the fine-tuned (or online) target and the gripper is
+    executed as predicted. The entry stays on the policy as .evaluation."""
     ckpt = load_checkpoint(path)
     agent = agent_from_checkpoint(ckpt, device, path, acting_only=True)
     names = ckpt["task_names"]
+    saved = ckpt.get("evaluation", {})
+    if binarize_gripper is None:
+        binarize_gripper = bool(saved.get("binarize_gripper", False))
+    if task is None:
+        task = saved.get("task")
     if task is None:
         task = ckpt.get("online_task", (ckpt.get("target_task_ids") or [0])[0])
     elif task in names:
@@ -389,7 +396,11 @@ def load_policy(path, device, task=None, binarize_gripper=False):
     print(f"{path}: {agent.cfg.arch} at {agent.cfg.image_size}px, task {task} ({name})")
     low = ckpt["action_low"]
     high = ckpt["action_high"]
-    return Policy(agent, low, high, int(task), name, binarize_gripper)
+    policy = Policy(agent, low, high, int(task), name, binarize_gripper)
+    policy.evaluation = saved
+    if saved:
+        print(f"{path}: evaluated as exported, {saved} (flags given here take precedence)")
+    return policy
 
 
 # ------------------------------------------------------------ success classifier files (Appendix F)
@@ -761,6 +772,9 @@ def online_finetune(args):
 
 def cmd_eval(args):
     policy = load_policy(args.ckpt, args.device, args.task, args.binarize_gripper)
+    sample_actions = args.sample_actions
+    if sample_actions is None:  # as exported (online.py export --sample_actions), else the mean
+        sample_actions = bool(getattr(policy, "evaluation", {}).get("sample_actions", False))
     size = args.env_image_size or policy.size
     env = make_env(args.env, size, policy.task_name, args.max_steps, args.port, args.backend)
     video = (args.save_video, args.video_format) if args.save_video else None
@@ -776,7 +790,7 @@ def cmd_eval(args):
             resetter,
             video=video,
             labeler=labeler,
-            deterministic=not args.sample_actions,
+            deterministic=not sample_actions,
         )
     finally:
         env.close()
@@ -787,16 +801,27 @@ def cmd_eval(args):
             f"  stage {name}: {rate_text(stage['count'], s['episodes'], stage['lo'], stage['hi'])}"
         )
     if args.json:
-        doc = {**s, "ckpt": args.ckpt, "sampled_actions": args.sample_actions}
+        doc = {**s, "ckpt": args.ckpt, "sampled_actions": sample_actions}
+        doc["binarized_gripper"] = bool(getattr(policy, "binarize_gripper", False))
         doc["per_episode"] = results
         atomic_write_text(json.dumps(doc, indent=2) + "\n", args.json)
     return s
 
 
 def cmd_export(args):
-    """Write the checkpoint's actors alone (train.policy_checkpoint), atomically."""
+    """Write the checkpoint's actors alone (train.policy_checkpoint), atomically, with how to
+    evaluate them (task, sampled or mean actions, binarized gripper), which `eval` then uses."""
     ckpt = policy_checkpoint(load_checkpoint(args.ckpt))
     ckpt["source_ckpt"] = os.path.abspath(args.ckpt)
+    evaluation = {"sample_actions": args.sample_actions, "binarize_gripper": args.binarize_gripper}
+    if args.task is not None:
+        names = ckpt["task_names"]
+        if args.task not in names:
+            raise SystemExit(
+                f"--task {args.task!r}: not a task of {args.ckpt}; its tasks are {names}"
+            )
+        evaluation["task"] = args.task
+    ckpt["evaluation"] = evaluation
     atomic_torch_save(ckpt, args.out)
     size = os.path.getsize(args.out) / 1e6
     print(f"wrote {args.out} ({size:.1f} MB): the actors of {args.ckpt}, for online.py eval")
@@ -829,7 +854,8 @@ def add_env_args(p):
     )
     p.add_argument(
         "--binarize_gripper",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="execute the gripper command as 0 or 1 (threshold 0.5), as the demos command it",
     )
 
@@ -858,11 +884,13 @@ def add_eval_parser(sub):
     # and the mean action never changes; a sample crosses the threshold.
     e.add_argument(
         "--sample_actions",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="draw each action from the actor (tanh-Gaussian) instead of taking its mean; "
-        "a BC policy is deterministic either way",
+        "a BC policy is deterministic either way (default: as exported, else the mean)",
     )
     add_env_args(e)
+    e.set_defaults(binarize_gripper=None)  # as exported, else as predicted
 
 
 def add_finetune_parser(sub):
@@ -911,6 +939,13 @@ def main(argv=None):
     x = sub.add_parser("export", help="a checkpoint's actors alone, to share: `eval` loads it")
     x.add_argument("--ckpt", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--task", default=None, help="the task eval runs (default: the target)")
+    x.add_argument(
+        "--sample_actions", action="store_true", help="eval samples actions (see eval's flag)"
+    )
+    x.add_argument(
+        "--binarize_gripper", action="store_true", help="eval binarizes the gripper command"
+    )
     args = p.parse_args(argv)
     commands = {
         "eval": cmd_eval,

@@ -4277,6 +4277,18 @@ def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(onli
     state = rng.normal(size=7).astype(np.float32)
     for a, b in zip(original(image, state), exported(image, state)):
         assert np.array_equal(a, b)
+    # the evaluation mode travels with an exported policy; flags given to eval take precedence
+    mode = tmp_path / "mode.pt"
+    flags = ["--sample_actions", "--binarize_gripper", "--task", "sort_mug_cube"]
+    online.main(["export", "--ckpt", str(root / "ft.pt"), "--out", str(mode), *flags])
+    policy = online.load_policy(str(mode), "cpu")
+    assert (policy.task_name, policy.binarize_gripper) == ("sort_mug_cube", True)
+    assert policy.evaluation["sample_actions"] is True
+    policy = online.load_policy(str(mode), "cpu", task=0, binarize_gripper=False)
+    assert (policy.task, policy.binarize_gripper) == (0, False)
+    assert online.load_policy(str(small), "cpu").binarize_gripper is False
+    with pytest.raises(SystemExit, match="--task 'nope': not a task of"):
+        online.main(["export", "--ckpt", str(root / "ft.pt"), "--out", str(mode), "--task", "nope"])
     argv = _online_finetune_args(root, tmp_path / "run")
     argv[argv.index("--ckpt") + 1] = str(small)
     proc = _run_script("online.py", *argv, expect_ok=False)
