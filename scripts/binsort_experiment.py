@@ -358,9 +358,10 @@ def owner_elsewhere(job):
     return pid if pid != os.getpid() and pid_alive(pid) else None
 
 
-def run(jobs, out, max_jobs):
-    """Run the jobs, at most max_jobs at a time, each as soon as its dependencies are done. A job
-    whose run folder another live process owns is waited for, and counts as running."""
+def run(jobs, out, max_jobs, poll=5.0):
+    """Run the jobs, at most max_jobs at a time, each as soon as its dependencies are done (checked
+    every poll seconds). A job whose run folder another live process owns is waited for, and
+    counts as running."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     by_name = {job.name: job for job in jobs}
     running = {}
@@ -400,7 +401,7 @@ def run(jobs, out, max_jobs):
                 )
                 running[job.name] = (proc, job, log)
                 print(f"[{elapsed(t0)}] start {job.name}", flush=True)
-        time.sleep(5)
+        time.sleep(poll)
         report(running, out, t0)
 
 
