@@ -111,8 +111,8 @@ class AgentConfig:
     actor_q_weight: float = 0.0  # lambda of the Q term: -lambda Q(s,a~pi) / mean|Q(s,a_data)|
     actor_q_start: int = 0  # the Q term starts at this update (counted from pre-training's first)
     actor_q_ramp: int = 0  # and lambda ramps linearly from 0 over this many updates
-    actor_q_gripper: bool = True  # the Q term's gradient reaches the gripper dimension
-    actor_q_encoder: bool = True  # the Q term's gradient reaches the actor's encoder
+    actor_q_gripper: bool = True  # Q's gradient reaches the actor's gripper dimension
+    actor_q_encoder: bool = True  # Q's gradient reaches the actor's encoder
     actor_awr_beta: float = 0.0  # inverse temperature of AWR weights on normalised advantages
     awr_max_weight: float = 100.0  # AWR weights are clipped here (IQL), then divided by their mean
     seed: int = 0  # network init and the agent's own sampling generator
@@ -589,7 +589,8 @@ class Agent:
                 a_info.update(q_info, actor_loss=a_loss.detach(), actor_q_weight=q_weight.detach())
         else:
             # actor: same embedding and heads, but detached, so this loss only reaches the policy
-            q_actor = self.critic.heads(z_q.detach(), a_pi, onehot, detach_params=True)
+            a_q = self._q_term_actions(a_pi, z_pi, state, onehot)
+            q_actor = self.critic.heads(z_q.detach(), a_q, onehot, detach_params=True)
             a_loss, a_info = actor_loss(q_actor, log_pi, temp)
         t_loss, t_info = temperature_loss(self.log_temp, log_pi, target_entropy)
         loss = c_loss + a_loss + t_loss  # disjoint parameter sets: one backward serves all three
@@ -614,9 +615,10 @@ class Agent:
         return None, {}
 
     def _q_term_actions(self, a_pi, z_pi, state, onehot):
-        """The policy actions the Q term differentiates through: a_pi itself, or, where the term
-        must not reach the actor's encoder (cfg.actor_q_encoder False), fresh samples from the
-        detached embedding; the gripper dimension detached unless cfg.actor_q_gripper."""
+        """The policy actions that Q's gradient reaches the actor through (the imitating actor's Q
+        term, or the Q-maximising actor's loss): a_pi itself, or, where it must not reach the
+        actor's encoder (cfg.actor_q_encoder False), fresh samples from the detached embedding;
+        the gripper dimension detached unless cfg.actor_q_gripper."""
         if not self.cfg.actor_q_encoder:
             a_pi, _ = self.policy.sample(
                 z_pi.detach(), state, onehot, self.cfg.num_actions, self.generator
