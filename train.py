@@ -268,6 +268,16 @@ class RunLog:
             self.columns = list(row.keys())
             with open(self.path, "w", newline="") as f:
                 csv.DictWriter(f, self.columns).writeheader()
+        elif any(k not in self.columns for k in row):
+            # a quantity that starts being logged mid-run (e.g. the actor's Q term after its
+            # warm-up) gets a column: the rows before it leave that cell empty
+            self.columns += [k for k in row if k not in self.columns]
+            with open(self.path) as f:
+                rows = list(csv.DictReader(f))
+            with open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
         if self.tb is not None:
