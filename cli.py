@@ -9,7 +9,8 @@ Set PTR_TRACEBACK=1 to see the traceback anyway (for a bug report).
 
 add_dataclass_args() turns a config dataclass into command-line flags, one per field, with the
 field's default and its trailing comment as the help text, so a default is written once (in the
-dataclass).
+dataclass). check_flags() refuses a value out of its range (a batch of 0, a mix of 1.5) in one line
+naming the flag, before a script does any work.
 """
 
 import argparse
@@ -32,6 +33,23 @@ class ExpectedError(Exception):
 EXPECTED = (ExpectedError, ValueError, OSError, FloatingPointError)
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# Rules for check_flags: (the test a value must pass, what the error says is expected).
+POSITIVE = (lambda value: value > 0, "a positive integer")
+FRACTION = (lambda value: 0 <= value <= 1, "a fraction in [0, 1]")  # NaN fails it too
+
+
+class FlagError(ExpectedError, ValueError):
+    """A command-line value the script cannot use: `--<flag> <value>: expected <what>`."""
+
+
+def check_flags(args, rules):
+    """Refuse the first flag whose value breaks its rule, right after parsing, so that nothing is
+    opened or written first. rules: {"--flag": (test, what is expected)}; the value is
+    args.<flag>."""
+    for flag, (test, expected) in rules.items():
+        value = getattr(args, flag.removeprefix("--"))
+        if not test(value):
+            raise FlagError(f"{flag} {value}: expected {expected}")
 
 
 def one_line(e):

@@ -33,6 +33,7 @@ import re
 import shlex
 import shutil
 import struct
+import sys
 import time
 import zlib
 
@@ -818,7 +819,18 @@ def main(argv=None):
             task_source=args.task_source,
         )
     else:
-        info(args.store)
+        try:
+            info(args.store)
+            sys.stdout.flush()  # a pipe's buffer goes out here, where a closed pipe is caught
+        except BrokenPipeError:
+            _stdout_closed()
+
+
+def _stdout_closed():
+    """The reader of stdout went away (`python data.py info STORE | head -1`): end quietly, as other
+    command-line tools do. stdout is pointed at /dev/null, so that the exit's flush of what is left
+    in its buffer does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

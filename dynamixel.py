@@ -9,7 +9,8 @@ by its path.
 - Status packets: instruction 0x55, an error byte (bit 7: the servo latched a hardware error, the
   data are still valid; bits 0-6: why the instruction failed), then the data.
 - DynamixelBus: ping, read, write, reboot, sync_read (all servos in one packet), sync_write; retries
-  a corrupted reply, and raises NoStatusError (with what to check) when a servo stays silent. Every
+  a missing or corrupted reply, then names the servo: NoStatusError (with what to check) when it
+  stayed silent, PacketError when its status packets kept failing their CRC. Every
   failure here is a DynamixelError, an OSError as pyserial's SerialException is; a port that fails
   mid-command (SerialException, or any OSError) becomes a PortError naming the port.
 """
@@ -90,7 +91,12 @@ class DynamixelError(OSError):
 
 
 class PacketError(DynamixelError):
-    """A corrupted packet (bad CRC)."""
+    """A corrupted packet (bad CRC). dxl_id: the ID its header names; rest: the bytes after it."""
+
+    def __init__(self, message, dxl_id=None, rest=b""):
+        super().__init__(message)
+        self.dxl_id = dxl_id
+        self.rest = rest
 
 
 class NoStatusError(DynamixelError):
@@ -160,7 +166,9 @@ def split_packet(buf):
     packet = buf[:total]
     rest = buf[total:]
     if total < 10 or struct.unpack_from("<H", packet, total - 2)[0] != crc16(packet[:-2]):
-        raise PacketError(f"bad CRC in a packet from ID {packet[4]}: {packet.hex(' ')}")
+        raise PacketError(
+            f"bad CRC in a packet from ID {packet[4]}: {packet.hex(' ')}", packet[4], rest
+        )
     body = unstuff(packet[7:-2])
     return (packet[4], body[0], body[1:]), rest, 0
 
@@ -231,16 +239,16 @@ class DynamixelBus:
 
     def transact(self, dxl_id, instruction, params=b"", reply_ids=None):
         """Send one packet -> {id: status data} for reply_ids (default: dxl_id; () where no reply
-        comes). A corrupted reply sends the packet again, up to `retries` times in all."""
+        comes). A try that misses a reply sends the packet again, up to `retries` tries in all; a
+        servo still missing then is named by _missing_error."""
         reply_ids = (dxl_id,) if reply_ids is None else tuple(reply_ids)
         packet = make_packet(dxl_id, instruction, params)
         replies = {}
+        corrupted = set()  # the servos whose status packets failed their CRC, in any try
         with self.lock:
             for _ in range(self.retries):
                 try:
-                    replies = self._send_and_collect(packet, instruction, reply_ids)
-                except PacketError:
-                    continue  # corrupted on the wire: send again
+                    replies = self._send_and_collect(packet, instruction, reply_ids, corrupted)
                 except OSError as e:
                     if isinstance(e, DynamixelError):
                         raise
@@ -250,25 +258,49 @@ class DynamixelBus:
                     ) from e
                 if len(replies) == len(reply_ids):
                     return replies
-        missing = ", ".join(str(i) for i in reply_ids if i not in replies)
-        raise NoStatusError(
-            f"no status packet from servo ID {missing} on {self.name} at {self.baud} baud "
-            f"({INSTRUCTION_NAMES[instruction]}, {self.retries} tries of {self.timeout} s). "
+        missing = [i for i in reply_ids if i not in replies]
+        raise self._missing_error(instruction, missing, corrupted)
+
+    def _missing_error(self, instruction, missing, corrupted):
+        """The error naming the servos without a valid reply after every try: NoStatusError for
+        those that never answered (power, port, baud, ID), else PacketError for those whose status
+        packets all failed their CRC (they answer, but the line garbles them: cable, connector)."""
+        tries = f"{INSTRUCTION_NAMES[instruction]}, {self.retries} tries of {self.timeout} s"
+        silent = [i for i in missing if i not in corrupted]
+        if not silent:
+            servos = ", ".join(self.servo(i) for i in missing)
+            return PacketError(
+                f"every status packet from servo {servos} on {self.name} failed its CRC ({tries}). "
+                "The servo answers but its replies arrive garbled: check its cables and connectors"
+            )
+        servos = ", ".join(self.servo(i) for i in silent)
+        return NoStatusError(
+            f"no status packet from servo {servos} on {self.name} at {self.baud} baud ({tries}). "
             "Check the 12 V power, the port (ls /dev/ttyUSB*), the baud (WidowX: 1000000), the ID. "
             "Late replies: "
             "set the FTDI latency timer to 1 ms (echo 1 | sudo tee "
             "/sys/bus/usb-serial/devices/ttyUSB0/latency_timer)"
         )
 
-    def _send_and_collect(self, packet, instruction, reply_ids):
-        """One try: write the packet, gather the status packets of reply_ids until the deadline."""
+    def _send_and_collect(self, packet, instruction, reply_ids, corrupted):
+        """One try: write the packet, gather the status packets of reply_ids until each servo has
+        answered or the deadline passes. A reply that fails its CRC is dropped and its servo added
+        to `corrupted`; the other servos' replies are still gathered."""
         self.port.reset_input_buffer()
         self.port.write(packet)
         self._buf = b""
         replies = {}
+        answered = set()  # this try's repliers, corrupted replies included
         deadline = time.monotonic() + self.timeout
-        while len(replies) < len(reply_ids):
-            got, self._buf, need = split_packet(self._buf)
+        while len(answered) < len(reply_ids):
+            try:
+                got, self._buf, need = split_packet(self._buf)
+            except PacketError as e:
+                self._buf = e.rest
+                if e.dxl_id in reply_ids:
+                    corrupted.add(e.dxl_id)
+                    answered.add(e.dxl_id)
+                continue
             if got is None:
                 if time.monotonic() > deadline:
                     break
@@ -279,6 +311,7 @@ class DynamixelBus:
                 continue  # a stale reply, or an echo
             error = params[0]
             replies[dxl_id] = bytes(params[1:])
+            answered.add(dxl_id)
             # the alert bit: the data are valid, but the servo latched a hardware error (or cleared)
             if error & ALERT:
                 self.alerts.add(dxl_id)

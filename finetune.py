@@ -13,7 +13,9 @@ checkpoint; advantage-weighted BC, Table IX).
 
 Every --save_every steps a checkpoint and the Q-values of both heads along every held-out target
 trajectory (the target's val split) are written to the run folder; select_ckpt.py ranks checkpoints
-from them (Section IV-B, "Cross-validation during offline fine-tuning", Figure 3).
+from them (Section IV-B, "Cross-validation during offline fine-tuning", Figure 3). A checkpoint
+saved when the run is stopped (Ctrl-C, SIGTERM) gets none: it is for --resume only, so
+select_ckpt.py never offers it. --resume refuses other data, --mix or --task than the run's.
 """
 
 import argparse
@@ -26,18 +28,20 @@ import sys
 import numpy as np
 import torch
 
-from cli import run_cli
+from cli import FRACTION, check_flags, run_cli
 from cql import ALGO_FAMILY
 from batches import MixedSampler, Sampler, target_task_ids
 from fileio import atomic_write_text
 from runfolder import QTRACE_PATTERN, VALLOSS_PATTERN, list_checkpoints
 from train import (
     MIX_TAU,
+    RUN_RULES,
     CheckpointError,
     add_data_args,
     add_learner_overrides,
     add_run_args,
     agent_from_checkpoint,
+    check_same_data,
     ckpt_config,
     claim_run_folder,
     is_reserved,
@@ -46,6 +50,7 @@ from train import (
     open_store,
     restore_run,
     resume_state,
+    source_record,
     store_task_ids,
     train_loop,
     write_config,
@@ -128,11 +133,14 @@ def write_val_loss(agent, sampler, traj_ids, step, out):
 def write_missing_q_traces(out, val_sampler, val_ids, task, device):
     """A kill between a checkpoint's rename and its trace leaves a checkpoint select_ckpt.py never
     lists: a resume computes the trace of every checkpoint that lacks one, from that checkpoint's
-    own weights."""
+    own weights. A checkpoint saved when the run was stopped has none on purpose (train_loop)."""
     for step, path in list_checkpoints(out):
         if os.path.exists(os.path.join(out, QTRACE_PATTERN.format(step))):
             continue
-        agent = agent_from_checkpoint(load_checkpoint(path), device, path)
+        ckpt = load_checkpoint(path)
+        if ckpt.get("stopped"):
+            continue
+        agent = agent_from_checkpoint(ckpt, device, path)
         write_q_traces(agent, val_sampler, val_ids, step, out, task)
         print(f"wrote the missing Q-value trace of {path}")
 
@@ -192,6 +200,17 @@ def open_run(args):
     return resumed, source, source_path, prior, target
 
 
+def run_data(args, prior, target):
+    """What a fine-tuning run trains on, kept in its checkpoints so that --resume refuses other data
+    (train.check_same_data): both sources, the batch mix and the target's slot."""
+    return {
+        **source_record("--prior", args.prior, prior),
+        **source_record("--target", args.target, target),
+        "--mix": args.mix,
+        "--task": args.task,
+    }
+
+
 def task_samplers(prior, target, names, target_ids, source, gamma, seed, prior_src):
     """Train-split samplers of the prior and the target data: global task ids, the
     checkpoint's action bounds."""
@@ -236,6 +255,7 @@ def main(argv=None):
         args.out = os.path.join("runs", "ft_" + os.path.basename(os.path.normpath(args.target)))
     if not args.resume and not args.ckpt:
         p.error("--ckpt is required (or --resume with an --out folder that holds checkpoints)")
+    check_flags(args, {**RUN_RULES, "--mix": FRACTION})
 
     if (
         int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -249,6 +269,9 @@ def finetune(args):
     """Offline fine-tuning in a run folder this process owns (module docstring)."""
     device = args.device
     resumed, source, source_path, prior, target = open_run(args)
+    data = run_data(args, prior, target)
+    if resumed is not None:
+        check_same_data(resumed, args.out, data)
     agent = agent_from_checkpoint(source, device, source_path)
 
     agent.set_config(finetune_config(agent.cfg, learner_overrides(args)))
@@ -304,6 +327,7 @@ def finetune(args):
         "target_task_ids": target_ids,
         "target_tasks": list(target.task_names),
         "source_ckpt": str(source.get("source_ckpt", source_path)),
+        "data": data,
     }
     write_config(
         args.out,

@@ -11,7 +11,9 @@ frame_index, timestamp, task_index) and, for cameras of dtype "video", `videos/*
   Its default codec is AV1.
 Cameras of dtype "image" are PNG / JPEG bytes inside the table. A LeRobot episode of T frames pairs
 observation t with action t, so it becomes a Bridge trajectory (SPEC section 5) of T - 1
-transitions; its task is its first frame's entry in the task table.
+transitions; its task is its first frame's entry in the task table. Rows and images are paired by
+time, and every link of that pairing is checked (see "frames" below): a disagreement is an error
+naming the file, the episode and the field, never a state stored beside another step's image.
 
 Imports from the project only the leaves fileio.py (the Bridge format, FormatError) and cli.py.
 pyarrow and PyAV are imported by the functions that need them. The writers at the end make fixtures
@@ -21,6 +23,7 @@ for the tests and scripts/bench_formats.py (throughput and peak memory against t
 import glob
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -33,6 +36,9 @@ VERSIONS = ("v2.0", "v2.1", "v3.0")
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 CHUNKS_SIZE = 1000  # files per chunk folder, LeRobot's default
+# How far (seconds) a frame's time may be from its row's: LeRobot's own loader's tolerance_s, so
+# that what LeRobot reads is read here too, and a frame one step off never is
+TIME_TOLERANCE = 1e-4
 
 
 class MissingPackageError(ExpectedError, ImportError):
@@ -97,7 +103,10 @@ class Dataset:
             raise FormatError(info_path, None, "features", "a camera (dtype video or image)")
         self.fps = float(self.info.get("fps", 30))
         self.tasks = self._read_tasks()
-        self.episodes = self._read_episodes() if self.version == "v3.0" else {}
+        self.episodes_file = os.path.join(
+            self.folder, "meta", "episodes" if self.version == "v3.0" else "episodes.jsonl"
+        )
+        self.episodes = self._read_episodes()
 
     def _read_tasks(self):
         if self.version != "v3.0":
@@ -120,20 +129,25 @@ class Dataset:
         return dict(zip(map(int, ids), tasks))
 
     def _read_episodes(self):
-        """v3.0: {episode_index: row of meta/episodes} with the video file and
-        from_timestamp per camera."""
-        columns = ["episode_index"]
+        """{episode_index: its row of the episode table}: its length and (v3.0) per camera the
+        video file and the span [from_timestamp, to_timestamp) of its frames in it."""
+        if self.version != "v3.0":
+            rows = _read_jsonl(self.episodes_file)
+            if not all(isinstance(r, dict) and {"episode_index", "length"} <= set(r) for r in rows):
+                raise FormatError(
+                    self.episodes_file, None, "<line>", "objects with episode_index and length"
+                )
+            return {int(r["episode_index"]): r for r in rows}
+        columns = ["episode_index", "length"]
         for cam in self.cameras:
             columns += [
-                f"videos/{cam}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")
+                f"videos/{cam}/{c}"
+                for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
             ]
         episodes = {}
-        paths = sorted(
-            glob.glob(
-                os.path.join(self.folder, "meta", "episodes", "**", "*.parquet"), recursive=True
-            )
-        )
-        for path in paths:  # only these columns: the rows also hold every feature's statistics
+        pattern = os.path.join(self.episodes_file, "**", "*.parquet")
+        for path in sorted(glob.glob(pattern, recursive=True)):
+            # only these columns: the rows also hold every feature's statistics
             wanted = [c for c in columns if c in _column_names(path)]
             for row in _read_parquet(path, wanted).to_pylist():
                 episodes[row["episode_index"]] = row
@@ -144,24 +158,28 @@ class Dataset:
         pattern = os.path.join(self.folder, "data", "**", "*.parquet")
         return sorted(glob.glob(pattern, recursive=True))
 
-    def video_path(self, camera, episode):
-        """(the mp4 holding this episode's frames of `camera`, the time in it where
-        the episode starts)."""
+    def video_span(self, camera, episode):
+        """(the mp4 holding this episode's frames of `camera`, the span [start, stop) of its frames
+        in it, seconds): v2.x one mp4 per episode; v3.0 from_timestamp, to_timestamp."""
         template = self.info.get("video_path")
         if self.version != "v3.0":
             chunk = episode // int(self.info.get("chunks_size", CHUNKS_SIZE))
             rel = template.format(episode_chunk=chunk, video_key=camera, episode_index=episode)
-            return os.path.join(self.folder, rel), 0.0
-        row = self.episodes.get(episode)
-        meta = os.path.join(self.folder, "meta", "episodes")
-        if row is None or f"videos/{camera}/from_timestamp" not in row:
-            raise FormatError(meta, episode, f"videos/{camera}/from_timestamp", "a row per episode")
+            return os.path.join(self.folder, rel), 0.0, math.inf
+        row = self.episodes.get(episode, {})
+        key = f"videos/{camera}"
+        for field in ("from_timestamp", "to_timestamp"):
+            if f"{key}/{field}" not in row:
+                raise FormatError(
+                    self.episodes_file, episode, f"{key}/{field}", "a row per episode"
+                )
         rel = template.format(
             video_key=camera,
-            chunk_index=row[f"videos/{camera}/chunk_index"],
-            file_index=row[f"videos/{camera}/file_index"],
+            chunk_index=row[f"{key}/chunk_index"],
+            file_index=row[f"{key}/file_index"],
         )
-        return os.path.join(self.folder, rel), float(row[f"videos/{camera}/from_timestamp"])
+        span = float(row[f"{key}/from_timestamp"]), float(row[f"{key}/to_timestamp"])
+        return os.path.join(self.folder, rel), *span
 
 
 def _column_names(path):
@@ -180,31 +198,109 @@ def _read_parquet(path, columns=None):
 
 
 # ---------------------------------------------------------------- frames
-def decode_video(path, start, n, fps, episode):
-    """n frames uint8 (n, H, W, 3) of an mp4 from time `start` (seconds) on: seek to the key frame
-    before it, decode, keep the frames from start (within half a frame) on."""
+# An episode's rows are paired with the images by time: row t with the frame of the video at the
+# episode's start + the row's timestamp. A missing, extra or misplaced row, or an fps that is not
+# the video's, would store states and actions beside another step's image, so every link of the
+# chain is checked: frame_index, the episode table's length, timestamps one 1 / fps apart, the
+# episode's span of the video, and each decoded frame's own time.
+def decode_video(path, times, episode):
+    """The frames uint8 (n, H, W, 3) of an mp4 at `times` (n ascending seconds), each of which must
+    be a frame's time (within TIME_TOLERANCE): seek to the key frame before the first, decode."""
     av = _require("av")
     frames = []
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            if start > 0:
-                container.seek(int(start / stream.time_base), stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.time is not None and frame.time < start - 0.5 / fps:
-                    continue
+            for want, frame in zip(times, _frames_from(container, stream, times[0])):
+                if frame.time is None or abs(frame.time - want) > TIME_TOLERANCE:
+                    expected = f"frame {len(frames)} at {want:.4f} s (its row's time)"
+                    raise FormatError(path, episode, "<video>", expected, _when(frame, stream))
                 frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) == n:
-                    break
     except (OSError, av.error.FFmpegError, IndexError) as e:  # IndexError: no video stream
         raise FormatError(
             path, episode, "<video>", "a decodable mp4", f"{type(e).__name__}: {e}"
         ) from None
-    if len(frames) < n:
+    if len(frames) < len(times):
         raise FormatError(
-            path, episode, "<video>", f"{n} frames from {start:.3f} s on", len(frames)
+            path, episode, "<video>", f"{len(times)} frames from {times[0]:.3f} s on", len(frames)
         )
     return np.stack(frames)
+
+
+def _frames_from(container, stream, start):
+    """The decoded frames of a stream from time `start` (seconds) on: seek to the key frame before
+    it, and pass over the frames before it."""
+    if start > 0:
+        container.seek(int(start / stream.time_base), stream=stream, backward=True)
+    for frame in container.decode(stream):
+        if frame.time is None or frame.time > start - TIME_TOLERANCE:
+            yield frame
+
+
+def _when(frame, stream):
+    """Where a decoded frame lies in its video, for an error message."""
+    if frame.time is None:
+        return "a frame without a time"
+    return f"a frame at {frame.time:.4f} s (the video runs at {stream.average_rate} fps)"
+
+
+def _episode_runs(episode_of_row):
+    """{episode index: [(first row, end row)] of each run of its rows}, in the order the episodes
+    first appear. An episode's rows come in one run; a second is an error when it is loaded."""
+    starts = np.flatnonzero(np.r_[True, episode_of_row[1:] != episode_of_row[:-1]])
+    runs = {}
+    for start, stop in zip(starts, np.r_[starts[1:], len(episode_of_row)]):
+        runs.setdefault(int(episode_of_row[start]), []).append((int(start), int(stop)))
+    return runs
+
+
+def _check_one_run(runs, path, episode):
+    """An episode's rows split in two places are an error (read as two episodes, each would be
+    paired with the images of the first frames of its video)."""
+    if len(runs) > 1:
+        rows = " and ".join(f"{start}..{stop - 1}" for start, stop in runs)
+        raise FormatError(path, episode, "episode_index", "its rows in one run", f"rows {rows}")
+
+
+def _check_rows(dataset, rows, path, episode):
+    """The rows of an episode must be its frames 0..n-1 in order, as many as its length in the
+    episode table, their timestamps 1 / fps apart. Returns the timestamps (seconds)."""
+    n = rows.num_rows
+    frame_index = rows.column("frame_index").to_numpy()
+    wrong = np.flatnonzero(frame_index != np.arange(n))
+    if len(wrong):
+        t = wrong[0]
+        got = f"{frame_index[t]} at row {t}"
+        raise FormatError(path, episode, "frame_index", f"0..{n - 1} in order", got)
+    length = dataset.episodes.get(episode, {}).get("length")
+    if length is None:
+        raise FormatError(dataset.episodes_file, episode, "length", "a row per episode")
+    if length != n:
+        raise FormatError(
+            path, episode, "<rows>", f"{length} (its length in {dataset.episodes_file})", n
+        )
+    timestamps = rows.column("timestamp").to_numpy().astype(np.float64)
+    off = np.flatnonzero(np.abs(np.diff(timestamps) - 1 / dataset.fps) > TIME_TOLERANCE)
+    if len(off):
+        t = off[0] + 1
+        expected = f"steps of 1 / fps = {1 / dataset.fps:.4f} s (info.json: {dataset.fps:g} fps)"
+        got = f"{timestamps[t] - timestamps[t - 1]:.4f} s before frame {t}"
+        raise FormatError(path, episode, "timestamp", expected, got)
+    return timestamps
+
+
+def _video_frames(dataset, camera, episode, timestamps, path):
+    """The frames of an episode's rows: at its start in the video + their timestamps, each inside
+    the episode's span of the video (v3.0: the next episode's frames follow it in the same mp4)."""
+    video, start, stop = dataset.video_span(camera, episode)
+    if timestamps[0] < -TIME_TOLERANCE or start + timestamps[-1] > stop - TIME_TOLERANCE:
+        expected = (
+            f"times in [0, {stop - start:.4f}) s, the episode's span in its video "
+            f"(to_timestamp - from_timestamp in {dataset.episodes_file})"
+        )
+        got = f"{timestamps[0]:.4f}..{timestamps[-1]:.4f} s"
+        raise FormatError(path, episode, "timestamp", expected, got)
+    return decode_video(video, start + timestamps, episode)
 
 
 def _column(table, key, path, episode, n):
@@ -231,27 +327,29 @@ def _table_images(table, key, path, episode):
 
 def read_data_file(dataset, path, camera="images0"):
     """Yield (episode index, task, source, load) for each episode of one frame table, streaming:
-    load() decodes its frames into a Bridge trajectory dict. source (what --include / --exclude
-    match) is the task.
+    load() checks its rows against its frames (see above) and decodes them into a Bridge trajectory
+    dict. source (what --include / --exclude match) is the task.
     camera: "imagesN" (the N-th camera of info.json), a camera's feature name or its last part."""
     key = choose_camera(dataset.cameras, camera, os.path.join(dataset.folder, "meta", "info.json"))
     image_column = [key] if dataset.info["features"][key]["dtype"] == "image" else []
-    columns = ["episode_index", "task_index", STATE_KEY, ACTION_KEY, *image_column]
+    columns = ["episode_index", "frame_index", "timestamp", "task_index", STATE_KEY, ACTION_KEY]
+    columns += image_column
     names = _column_names(path)
     missing = [c for c in columns if c not in names]
     if missing:
         raise FormatError(path, None, missing[0], "a column of the frame table", "nothing")
     table = _read_parquet(path, columns)  # only these: other cameras may be images in the table
-    episode_of_row = table.column("episode_index").to_numpy()
-    starts = np.flatnonzero(np.r_[True, episode_of_row[1:] != episode_of_row[:-1]])
-    for start, stop in zip(starts, np.r_[starts[1:], len(episode_of_row)]):
-        rows, episode = table.slice(start, stop - start), int(episode_of_row[start])
+    for episode, runs in _episode_runs(table.column("episode_index").to_numpy()).items():
+        start, stop = runs[0]
+        rows = table.slice(start, stop - start)
         task = dataset.tasks.get(rows.column("task_index")[0].as_py())
 
-        def load(rows=rows, episode=episode, task=task):
-            n = rows.num_rows
+        def load(rows=rows, episode=episode, task=task, runs=runs):
+            _check_one_run(runs, path, episode)
             if task is None:
                 raise FormatError(path, episode, "task_index", f"one of {sorted(dataset.tasks)}")
+            timestamps = _check_rows(dataset, rows, path, episode)
+            n = rows.num_rows
             if n < 2:
                 raise FormatError(
                     path, episode, "<frames>", "at least 2 frames (one transition)", n
@@ -261,8 +359,7 @@ def read_data_file(dataset, path, camera="images0"):
             if image_column:
                 frames = _table_images(rows, key, path, episode)
             else:
-                video, start = dataset.video_path(key, episode)
-                frames = decode_video(video, start, n, dataset.fps, episode)
+                frames = _video_frames(dataset, key, episode, timestamps, path)
             observations = [{"image": f, "state": s} for f, s in zip(frames, states)]
             return bridge_trajectory(observations, actions[:-1])
 

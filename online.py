@@ -36,7 +36,6 @@ episode (Section V-F), otherwise the program waits for Enter.
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -45,15 +44,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cli import add_dataclass_args, dataclass_from_args, run_cli
+from cli import POSITIVE, add_dataclass_args, check_flags, dataclass_from_args, run_cli
 from batches import ACTION_CLIP, MixedSampler, ReplayBuffer, rescale_actions, unscale_actions
 from data import resize_image
-from fileio import atomic_write, atomic_write_text
+from fileio import atomic_write, atomic_write_json
 from finetune import assign_target_slots, open_run, task_samplers
 from runfolder import CKPT_PATTERN, EPISODE_PATTERN
 from stats import wilson_interval
 from cql import SuccessClassifier, make_encoder
 from train import (
+    RUN_RULES,
     CheckpointError,
     RunLog,
     StopFlag,
@@ -804,7 +804,7 @@ def cmd_eval(args):
         doc = {**s, "ckpt": args.ckpt, "sampled_actions": sample_actions}
         doc["binarized_gripper"] = bool(getattr(policy, "binarize_gripper", False))
         doc["per_episode"] = results
-        atomic_write_text(json.dumps(doc, indent=2) + "\n", args.json)
+        atomic_write_json(doc, args.json, indent=2)  # null where a number is not finite
     return s
 
 
@@ -929,6 +929,11 @@ def add_finetune_parser(sub):
     add_learner_overrides(f, skip=ONLINE_SETS)
 
 
+# The flags each command checks before any work (cli.check_flags): an evaluation of no episode has no
+# success rate; online fine-tuning counts steps as train.py does.
+COMMAND_RULES = {"eval": {"--episodes": POSITIVE}, "finetune": RUN_RULES, "export": {}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -947,6 +952,7 @@ def main(argv=None):
         "--binarize_gripper", action="store_true", help="eval binarizes the gripper command"
     )
     args = p.parse_args(argv)
+    check_flags(args, COMMAND_RULES[args.cmd])
     commands = {
         "eval": cmd_eval,
         "finetune": cmd_finetune,

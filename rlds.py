@@ -10,7 +10,9 @@ flattened with "/": `steps/observation/image_0` (one JPEG per step), `steps/obse
 `episode_metadata/file_path`. Both layers are decoded here directly (the protobuf wire
 format of Example / Features / Feature is three small messages); the schema comes from the
 dataset's own features.json, so other Open X-Embodiment datasets with other camera names
-work with a camera choice.
+work with a camera choice. An interrupted download is an error, not a smaller dataset: every shard
+that the names' `-of-NNNNN` count must be there, holding as many records as dataset_info.json's
+shardLengths list.
 
 An RLDS episode of T steps pairs observation t with action t; the last step's action has no next
 observation, so it becomes a Bridge trajectory (SPEC section 5) of T - 1 transitions over
@@ -43,7 +45,11 @@ INSTRUCTION_KEY = "steps/language_instruction"
 FILE_PATH_KEY = "episode_metadata/file_path"
 TASK_SOURCES = ("path", "instruction")  # where a trajectory's task name comes from
 SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "val"}  # TFDS split -> ours
-_SHARD = re.compile(r".+-(?P<split>[A-Za-z0-9_]+)\.tfrecord-\d{5}-of-\d{5}")
+_SHARD = re.compile(
+    r"(?P<prefix>.+-(?P<split>[A-Za-z0-9_]+)\.tfrecord)-(?P<index>\d{5})-of-(?P<count>\d{5})"
+)
+DATASET_FILES = ("dataset_info.json", "features.json")  # what TFDS writes beside the shards
+SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's default shard names
 
 
 # ------------------------------------------------------- CRC32C (Castagnoli), vectorized with numpy
@@ -116,6 +122,7 @@ def read_tfrecords(path):
     """Yield the records of a TFRecord file one at a time; a truncated or corrupt file raises
     FormatError naming the record (the records before it have been yielded)."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         for i in range(1 << 62):
             header = f.read(12)
             if not header:
@@ -127,11 +134,12 @@ def read_tfrecords(path):
             (length,) = struct.unpack("<Q", header[:8])
             if struct.unpack("<I", header[8:])[0] != masked_crc(header[:8]):
                 raise FormatError(path, i, "<record length>", "a matching CRC32C", "a mismatch")
+            # the length is checked against the bytes left before reading: a corrupt length
+            # would ask for up to 2^64 bytes at once (MemoryError) instead of naming the record
+            left = size - f.tell()
+            if length + 4 > left:
+                raise FormatError(path, i, "<record>", f"{length + 4} bytes", f"{left} (truncated)")
             payload = f.read(length + 4)
-            if len(payload) < length + 4:
-                raise FormatError(
-                    path, i, "<record>", f"{length + 4} bytes", f"{len(payload)} (truncated)"
-                )
             if struct.unpack("<I", payload[length:])[0] != masked_crc(payload[:length]):
                 raise FormatError(path, i, "<record>", "a matching CRC32C", "a mismatch")
             yield payload[:length]
@@ -260,24 +268,67 @@ def encode_example(features):
 
 
 # ---------------------------------------------------------------- the dataset folder and its schema
-def is_rlds(folder):
-    return (
-        os.path.isdir(folder)
-        and all(
-            os.path.isfile(os.path.join(folder, f)) for f in ("dataset_info.json", "features.json")
-        )
-        and bool(find_shards(folder))
-    )
-
-
-def find_shards(folder):
-    """[(shard path, split "train" | "val")] of a TFDS dataset folder, in order."""
-    out = []
+def _shard_names(folder):
+    """{shard path: the match of its name} of a folder, in order."""
+    shards = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.tfrecord-*"))):
         m = _SHARD.fullmatch(os.path.basename(path))
         if m:
-            out.append((path, SPLITS.get(m["split"], "train")))
-    return out
+            shards[path] = m
+    return shards
+
+
+def is_rlds(folder):
+    """A folder of TFRecord shards (find_shards checks that the rest of the dataset is there)."""
+    return os.path.isdir(folder) and bool(_shard_names(folder))
+
+
+def read_shard_lengths(folder):
+    """{shard file name: its number of records} from dataset_info.json, whose splits list their
+    shardLengths (TFDS writes them as strings) for shards named by SHARD_TEMPLATE; {} where it
+    lists none (older writers), and then only the shard names tell what should be there."""
+    path = os.path.join(folder, "dataset_info.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        lengths = {}
+        for split in info.get("splits", []):
+            if split.get("filepathTemplate", SHARD_TEMPLATE) != SHARD_TEMPLATE:
+                continue  # shards named otherwise are not read (find_shards)
+            counts = [int(n) for n in split.get("shardLengths", [])]
+            prefix = f"{info['name']}-{split['name']}.tfrecord"
+            for k, n in enumerate(counts):
+                lengths[f"{prefix}-{k:05d}-of-{len(counts):05d}"] = n
+        return lengths
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(
+            path, None, "splits", "TFDS split infos", f"unreadable ({type(e).__name__}: {e})"
+        ) from None
+
+
+def find_shards(folder):
+    """[(shard path, split "train" | "val")] of a TFDS dataset folder, in order. An interrupted
+    download must not convert into a smaller dataset: a missing dataset_info.json or features.json
+    is an error, and so is a missing shard, which the `-of-NNNNN` in the names (and
+    dataset_info.json's shardLengths) say should be there."""
+    for name in DATASET_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FormatError(path, None, "<file>", "a TFDS file beside the shards", "missing")
+    shards = _shard_names(folder)
+    expected = set(read_shard_lengths(folder))
+    for m in shards.values():
+        expected.update(f"{m['prefix']}-{k:05d}-of-{m['count']}" for k in range(int(m["count"])))
+    missing = sorted(expected - {os.path.basename(path) for path in shards})
+    if missing:
+        raise FormatError(
+            os.path.join(folder, missing[0]),
+            None,
+            "<file>",
+            "a shard (the shard names' -of-NNNNN and dataset_info.json count them)",
+            f"missing ({len(missing)} of {len(expected)} shards)",
+        )
+    return [(path, SPLITS.get(m["split"], "train")) for path, m in shards.items()]
 
 
 def flatten_features(node, name="", per_step=False, out=None):
@@ -390,8 +441,10 @@ def _episode_trajectory(example, path, i, camera):
 def read_shard(path, features, cameras, camera="images0", task_source="path"):
     """Yield (index, task, source, load) for each episode of one shard, streaming: load() decodes
     it into a Bridge trajectory dict. source is what --include / --exclude keywords match:
-    the episode's file_path (else its shard). task and source are None where their feature is
-    missing; load() then raises.
+    the episode's file_path (else its shard). task is None where its feature is missing, task
+    and source both for a record that is no Example; load() then raises, so that --skip_bad skips
+    that episode alone. A shard that holds fewer records than dataset_info.json lists raises
+    FormatError after its last one.
     camera: "imagesN" (the N-th camera by name), a camera's feature name or its
     last part ("image_1")."""
     schema = os.path.join(os.path.dirname(path), "features.json")
@@ -401,13 +454,19 @@ def read_shard(path, features, cameras, camera="images0", task_source="path"):
     task_key = FILE_PATH_KEY if task_source == "path" else INSTRUCTION_KEY
     if task_key not in features:
         raise FormatError(schema, None, task_key, "a text feature to name tasks by", "nothing")
+    records = 0
     for i, record in enumerate(read_tfrecords(path)):
+        records += 1
         try:
             example = parse_example(record)
         except (ValueError, IndexError, struct.error, UnicodeDecodeError) as e:
-            raise FormatError(
+            # its framing and CRC are intact, so the records after it are sound: only this
+            # episode is bad (its load() raises; --skip_bad skips it and reads on)
+            error = FormatError(
                 path, i, "<record>", "a serialized tf.train.Example", f"undecodable ({e})"
-            ) from None
+            )
+            yield i, None, None, _raise(error)
+            continue
         text = _text(example, task_key)
         task = None
         if text:
@@ -419,6 +478,29 @@ def read_shard(path, features, cameras, camera="images0", task_source="path"):
             return _episode_trajectory(example, path, i, key)
 
         yield i, task, _text(example, FILE_PATH_KEY) or path, load
+    _check_record_count(path, records)
+
+
+def _raise(error):
+    """A load() that raises `error`: an episode that is bad before it is decoded."""
+
+    def load():
+        raise error
+
+    return load
+
+
+def _check_record_count(path, records):
+    """A shard cut at a record boundary reads cleanly: only its count can tell. It must hold as
+    many records as dataset_info.json's shardLengths say, or (where they are not listed) at least
+    one, since an empty shard is what an interrupted download leaves."""
+    expected = read_shard_lengths(os.path.dirname(path)).get(os.path.basename(path))
+    if expected is None and records == 0:
+        raise FormatError(path, None, "<records>", "at least one record (an episode)", 0)
+    if expected is not None and records != expected:
+        raise FormatError(
+            path, None, "<records>", f"{expected} (dataset_info.json's shardLengths)", records
+        )
 
 
 # ---------------------------------------------------------------- writing: fixtures and the bench
@@ -501,9 +583,22 @@ def write_bridge_rlds(
     num_cameras = sum(bool(re.fullmatch(r"images\d+", k)) for k in obs)
     features = bridge_features_json(obs["images0"].shape, num_cameras)
     atomic_write_text(json.dumps(features, indent=1), os.path.join(folder, "features.json"))
-    info = {"name": name, "version": "1.0.0", "splits": [{"name": split, "numShards": num_shards}]}
-    atomic_write_text(json.dumps(info, indent=1), os.path.join(folder, "dataset_info.json"))
     per_shard = np.array_split(np.arange(len(episodes)), num_shards)
+    _write_split_info(folder, name, split, [len(ids) for ids in per_shard])
     for k, ids in enumerate(per_shard):
         path = os.path.join(folder, f"{name}-{split}.tfrecord-{k:05d}-of-{num_shards:05d}")
         write_tfrecords(path, [bridge_example(*episodes[j], quality=quality) for j in ids])
+
+
+def _write_split_info(folder, name, split, shard_lengths):
+    """Add a split (its records per shard, as TFDS writes them) to the folder's
+    dataset_info.json, keeping the other splits already listed."""
+    path = os.path.join(folder, "dataset_info.json")
+    info = {"name": name, "version": "1.0.0", "splits": []}
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+    lengths = [str(n) for n in shard_lengths]
+    entry = {"name": split, "filepathTemplate": SHARD_TEMPLATE, "shardLengths": lengths}
+    info["splits"] = [s for s in info["splits"] if s["name"] != split] + [entry]
+    atomic_write_text(json.dumps(info, indent=1), path)

@@ -8,7 +8,8 @@ section 5).
   arm (servo IDs, setup, gripper), the Interbotix backend, WidowXEnv (its docstring: the safety
   rules), teleoperated recording and the command line. pyserial and opencv load only when used.
 - A servo with a latched hardware error stops every command that would move the arm, before anything
-  moves; `python robot.py check --reboot` clears it.
+  moves; `python robot.py check --reboot` clears it. So does a joint beyond its software limit,
+  until it is moved back by hand.
 - FTDI latency: the U2D2's FTDI chip holds received bytes for its latency timer (16 ms by default),
   so each reply comes 16 ms late; set 1 ms after every plug-in:
       echo 1 | sudo tee /sys/bus/usb-serial/devices/ttyUSB0/latency_timer
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 
+from bridge import parse_trajectory, read_bridge_file
 from cli import ExpectedError, run_cli
 from dynamixel import (
     DRIVE_MODE,
@@ -53,6 +55,7 @@ from dynamixel import (
     DynamixelError,
     HardwareError,
     NoStatusError,
+    PacketError,
     PortError,
     hardware_messages,
     rad_to_ticks,
@@ -92,6 +95,7 @@ SHADOWS = {3: 2, 5: 4}  # shadow -> master (the shadow's Secondary ID)
 REVERSED = (3, 5, 7)  # mounted mirrored: Drive Mode bit 0
 CALIBRATED_TICKS = 5  # a calibrated shadow reads within this of its master
 STALL_TICKS = 2  # the gripper moved when its position changed by more than this
+LIMIT_SLACK = 0.015  # rad (10 ticks): a servo holding a goal at its limit reads a few ticks past it
 # a servo without the time-based profile reads Profile Velocity in 0.229 rpm: 20 units = 0.48 rad/s
 SLOW_PROFILE = (5, 20)
 SLOW_PROFILE_SPEED = 0.48
@@ -110,8 +114,9 @@ class MissingPackageError(ExpectedError, ImportError):
     """An optional package (pyserial, opencv, Interbotix's API) is missing; the message names it."""
 
 
-class RefusedToMove(HardwareError):
-    """A servo has a latched hardware error, so the command moved nothing."""
+class RefusedToMove(DynamixelError):
+    """The arm is not fit to move (a servo with a latched hardware error, a joint beyond its
+    software limit), so the command moved nothing; the message names the servo and the fix."""
 
 
 def open_bus(port="/dev/ttyUSB0", baud=1_000_000, **options):
@@ -146,13 +151,42 @@ def hardware_error_message(errors, port):
     )
 
 
+def joints_beyond_limits(angles):
+    """{joint servo ID: angle (rad)} -> [(ID, angle, the limit it passed)] for each joint more than
+    LIMIT_SLACK beyond its software limit (JOINT_LOW, JOINT_HIGH: the servos' position limits)."""
+    beyond = []
+    for i, angle in angles.items():
+        low = JOINT_LOW[JOINT_IDS.index(i)]
+        high = JOINT_HIGH[JOINT_IDS.index(i)]
+        if angle < low - LIMIT_SLACK:
+            beyond.append((i, float(angle), float(low)))
+        elif angle > high + LIMIT_SLACK:
+            beyond.append((i, float(angle), float(high)))
+    return beyond
+
+
+def beyond_limits_message(beyond, port):
+    """[(ID, angle, limit)] -> one line naming each joint beyond its software limit, and the fix."""
+    joints = "; ".join(
+        f"ID {i} ({SERVO_NAMES[i]}) at {angle:+.3f} rad, limit {limit:+.3f} rad"
+        for i, angle, limit in beyond
+    )
+    return (
+        f"joint beyond its software limit: {joints}. The arm will not move until it is back "
+        "inside: move it by hand with the torque off (it is off after power-up), then run "
+        f"python robot.py check --port {port}"
+    )
+
+
 # ---- the arm backends ----------------------------------------------------------------------------
 class Arm:
     """A backend: read() -> (joints, gripper 0 closed .. 1 open), command(q, grip=None,
     seconds=None), set_gripper(+1 open, -1 close, 0 stop), torque(on), setup(), hardware_errors() ->
-    {id: [messages]}, close(); hold() and move() are built on those."""
+    {id: [messages]}, close(); hold() and move() are built on those. read() and move() keep
+    `joints`, where the arm was last known to be."""
 
     alerts = frozenset()  # IDs whose last reply had the hardware alert bit
+    joints = None  # the last reading, or the goal of the last finished move (None: unknown)
     opening = False  # the gripper is being driven open
     log = print
     velocity_limit = VELOCITY_LIMIT  # rad/s: move_seconds
@@ -167,20 +201,33 @@ class Arm:
         if errors:
             raise RefusedToMove(f"not moving the arm: {hardware_error_message(errors, self.port)}")
 
+    def refuse_if_beyond_limits(self, q):
+        """Raise RefusedToMove when a joint of q is beyond its software limit: it was pushed there
+        by hand or its calibration is off, and turning the torque on would drive it to the limit
+        unannounced."""
+        beyond = joints_beyond_limits(dict(zip(JOINT_IDS, q)))
+        if beyond:
+            raise RefusedToMove(f"not moving the arm: {beyond_limits_message(beyond, self.port)}")
+
     def close(self):
         pass
 
-    def hold(self):
-        """Stay where the arm is; an opening gripper stops, a closing one keeps its grasp."""
-        self.command(self.read()[0])
+    def hold(self, q=None):
+        """Stay at q (default: where the arm reads); an opening gripper stops, a closing one keeps
+        its grasp."""
+        self.command(self.read()[0] if q is None else q)
         if self.opening:
             self.set_gripper(0)
 
-    def move(self, q, seconds=2.0):
-        """A joint move taking `seconds` (or longer: move_seconds), with 10 % more to arrive."""
-        seconds = move_seconds(q, self.read()[0], seconds, self.velocity_limit)
+    def move(self, q, seconds=2.0, start=None):
+        """A joint move taking `seconds` (or longer: move_seconds from `start`, default where the
+        arm reads), with 10 % more to arrive."""
+        if start is None:
+            start = self.read()[0]
+        seconds = move_seconds(q, start, seconds, self.velocity_limit)
         self.command(q, seconds=seconds)
         time.sleep(1.1 * seconds)
+        self.joints = np.clip(np.asarray(q, float), JOINT_LOW, JOINT_HIGH)
 
 
 class DynamixelArm(Arm):
@@ -210,7 +257,8 @@ class DynamixelArm(Arm):
         """Reads first (they work with torque on), and refuses when a servo has a hardware error;
         only when EEPROM needs writing does the torque go off, and an arm holding itself up goes to
         the sleep pose before (it would drop). Then: write what differs (EEPROM wears out),
-        calibrate the shadows, goals = present positions (no jump), torque on."""
+        calibrate the shadows, refuse when a joint is beyond its software limit, goals = present
+        positions (no jump), torque on."""
         for i in ALL_IDS:  # all there before anything changes
             self.bus.ping(i)
         self.refuse_if_faulted()
@@ -234,9 +282,11 @@ class DynamixelArm(Arm):
                 self.bus.write(i, item, want[i, item])
             for shadow in calibrate:
                 self._calibrate(shadow, SHADOWS[shadow])
+        q = self.read()[0]  # in the frame the settings just written give
+        self.refuse_if_beyond_limits(q)
         self.pwm = None  # unknown: both get written
         self.seconds = None
-        self.command(self.read()[0], seconds=2.0)
+        self.command(q, seconds=2.0)
         self.set_gripper(0)
         self.torque(True)
 
@@ -326,7 +376,8 @@ class DynamixelArm(Arm):
                 "(a mechanical stop, or an object)"
             )
             self.set_gripper(self.stalled)
-        return ticks_to_rad([position[i] for i in JOINT_IDS]), self.grip
+        self.joints = ticks_to_rad([position[i] for i in JOINT_IDS])
+        return self.joints, self.grip
 
     def command(self, q, grip=None, seconds=None):
         """Goal joints, clipped to the limits whatever the caller computed, reached in `seconds`
@@ -408,8 +459,8 @@ class InterbotixArm(Arm):
         states = self.core.robot_get_joint_states()
         position = dict(zip(states.name, states.position))
         grip = (position["left_finger"] - FINGER_CLOSED) / (FINGER_OPEN - FINGER_CLOSED)
-        joints = np.array([position[SERVO_NAMES[i]] for i in JOINT_IDS])
-        return joints, float(np.clip(grip, 0.0, 1.0))
+        self.joints = np.array([position[SERVO_NAMES[i]] for i in JOINT_IDS])
+        return self.joints, float(np.clip(grip, 0.0, 1.0))
 
     def command(self, q, grip=None, seconds=None):
         self.seconds = seconds or self.seconds
@@ -433,6 +484,7 @@ class InterbotixArm(Arm):
         self.core.robot_torque_enable("group", "all", on)
 
     def setup(self):
+        self.refuse_if_beyond_limits(self.read()[0])
         self.torque(True)
 
 
@@ -481,11 +533,12 @@ class WidowXEnv:
     translation in the base frame, clipped to the workspace; rotation about the end effector with
     world axes (R <- Rz Ry Rx R). reward 0, info["success"] False: on the real arm, success comes
     from a learned classifier (online.py).
-    Safety: a servo with a latched hardware error makes reset() refuse before anything moves;
-    commands are clipped to the joint limits (the servos' limits are a backstop); at most
-    max_joint_step per joint and tick; an IK failure holds the arm; an exception, Ctrl-C or a servo
-    hardware alert in reset/step runs safe_stop; a watchdog thread holds the arm when no step()
-    came for watchdog_s (a late policy)."""
+    Safety: a servo with a latched hardware error or a joint beyond its software limit makes reset()
+    refuse before anything moves; commands are clipped to the joint limits (the servos' limits are
+    a backstop); at most max_joint_step per joint and tick; an IK failure holds the arm; an
+    exception, Ctrl-C or a servo hardware alert in reset/step runs safe_stop, which reaches the
+    sleep pose even when a servo has stopped answering; a watchdog thread holds the arm when no
+    step() came for watchdog_s (a late policy)."""
 
     def __init__(
         self,
@@ -543,8 +596,10 @@ class WidowXEnv:
 
     def safe_stop(self, reason=None):
         """Hold, open the gripper, sleep pose, torque off; every part runs even when an earlier one
-        failed. Nothing more is tried once the serial port itself is gone: the servos keep holding
-        their last goal."""
+        failed. The moves start from where the arm is, read once, else last known: a servo that
+        stopped answering must not keep the arm from its sleep pose, since goal writes need no
+        reply and the torque goes off at the end. Nothing more is tried once the serial port itself
+        is gone: the servos keep holding their last goal."""
         with self._lock:
             self._ready = False
             if isinstance(reason, PortError):
@@ -557,10 +612,11 @@ class WidowXEnv:
                     f"robot: {type(reason).__name__}: {reason} -> safe stop (hold, open gripper, "
                     "sleep, torque off)"
                 )
+            q = self._joints_for_safe_stop()
             parts = (
-                ("hold", self.arm.hold),
+                ("hold", functools.partial(self.arm.hold, q)),
                 ("open gripper", functools.partial(self.arm.set_gripper, 1)),
-                ("sleep pose", functools.partial(self.arm.move, SLEEP_JOINTS, self.move_s)),
+                ("sleep pose", functools.partial(self.arm.move, SLEEP_JOINTS, self.move_s, q)),
                 ("gripper off", functools.partial(self.arm.set_gripper, 0)),
                 ("torque off", functools.partial(self.arm.torque, False)),
             )
@@ -573,9 +629,22 @@ class WidowXEnv:
                 except BaseException as e:  # a second Ctrl-C included: the torque still goes off
                     self.log(f"safe stop: {what} failed: {type(e).__name__}: {e}")
 
+    def _joints_for_safe_stop(self):
+        """Where the arm is: a reading, else the arm's last known joints (None: unknown, the moves
+        then read for themselves)."""
+        try:
+            return self.arm.read()[0]
+        except BaseException as e:  # a second Ctrl-C included: the safe stop goes on
+            self.log(
+                f"safe stop: reading the arm failed ({type(e).__name__}): "
+                "moving from its last known joints"
+            )
+            return self.arm.joints
+
     def reset(self, seed=None):
         """Set the arm up (the first time, or after a safe stop), open the gripper, go to
-        reset_joints; seed is unused. A faulted servo: RefusedToMove, and nothing moves."""
+        reset_joints; seed is unused. A faulted servo or a joint beyond its limit: RefusedToMove,
+        and nothing moves."""
         try:
             with self._lock:
                 if self._ready:
@@ -736,13 +805,24 @@ def record_episode(env, keys, max_steps=100, step_m=0.02, step_rad=0.08):
     return bridge_trajectory(observations, actions), False
 
 
+def read_recorded(path):
+    """The trajectories already in an out.npy ([] when there is none), each checked: a damaged file
+    raises BridgeFormatError naming the file, the trajectory and the field."""
+    if not os.path.exists(path):
+        return []
+    trajectories = read_bridge_file(path)
+    for index, trajectory in enumerate(trajectories):
+        parse_trajectory(trajectory, path, index)
+    return trajectories
+
+
 def record(env, out_dir, episodes, keys, max_steps=100, val_every=5, log=print):
     """Record `episodes` more episodes into out_dir (every val_every-th to val/), saving after each
-    one, atomically: a crash loses only the episode at hand. Returns the number kept."""
+    one, atomically: a crash loses only the episode at hand. Returns the number kept. The episodes
+    already there are read and checked first: a damaged file stops it before the arm moves, and is
+    never overwritten."""
     paths = {split: os.path.join(out_dir, split, "out.npy") for split in ("train", "val")}
-    splits = {}
-    for split, path in paths.items():
-        splits[split] = list(np.load(path, allow_pickle=True)) if os.path.exists(path) else []
+    splits = {split: read_recorded(path) for split, path in paths.items()}
     already = f"{len(splits['train'])} train + {len(splits['val'])} val episodes already there"
     log(f"{out_dir}: {already}")
     log(TELEOP_HELP)
@@ -789,35 +869,32 @@ def terminal_keys():
 # ---- the command line ----------------------------------------------------------------------------
 def check(bus, reboot=False, log=print):
     """A line per servo 1-9: model, position, temperature, hardware errors (rebooted with
-    reboot=True). -> True when every servo answered and none is left with a hardware error."""
-    missing = []
+    reboot=True), a joint beyond its software limit; then a line on what keeps the arm from moving.
+    -> True when every servo answered, none is left with a hardware error and every joint is
+    within its limits."""
+    missing = []  # no valid reply: silent, or every status packet garbled
     faulted = []
+    beyond = []
     for i in ALL_IDS:
         try:
-            model = bus.ping(i)
-            position = bus.read(i, PRESENT_POSITION)
-            temperature = bus.read(i, PRESENT_TEMPERATURE)
-            status = bus.read(i, HARDWARE_ERROR)
-            if status and reboot:
-                bus.reboot(i)
-        except NoStatusError as e:
+            model, position, temperature, status = _read_servo(bus, i, reboot)
+        except (NoStatusError, PacketError) as e:
+            how = "no reply" if isinstance(e, NoStatusError) else "bad CRC"
             if missing:
-                log(f"ID {i} {SERVO_NAMES[i]:<15} no reply")
+                log(f"ID {i} {SERVO_NAMES[i]:<15} {how}")
             else:  # the first missing servo's message explains what to check
-                log(f"ID {i} {SERVO_NAMES[i]:<15} no reply\n{e}")
+                log(f"ID {i} {SERVO_NAMES[i]:<15} {how}\n{e}")
             missing.append(i)
             continue
-        if not status:
-            errors = "no errors"
-        elif reboot:
-            errors = "; ".join(hardware_messages(status)) + " -> rebooted"
-        else:
-            errors = "; ".join(hardware_messages(status))
+        angle = float(ticks_to_rad(position))
+        past = joints_beyond_limits({i: angle}) if i in JOINT_IDS else []
+        beyond += past
+        if status and not reboot:
             faulted.append(i)
         log(
             f"ID {i} {SERVO_NAMES[i]:<15} {MODEL_NAMES.get(model, f'model {model}'):<10} "
-            f"position {position:5d} ({float(ticks_to_rad(position)):+.3f} rad) "
-            f"{temperature:3d} C  {errors}"
+            f"position {position:5d} ({angle:+.3f} rad) "
+            f"{temperature:3d} C  {_servo_errors(status, reboot, past)}"
         )
     if faulted:
         servos = ", ".join(f"ID {i} ({SERVO_NAMES[i]})" for i in faulted)
@@ -825,7 +902,31 @@ def check(bus, reboot=False, log=print):
             f"hardware error on {servos}: the arm will not move until it is rebooted with "
             f"python robot.py check --port {bus.name} --reboot"
         )
-    return not missing and not faulted
+    if beyond:
+        log(beyond_limits_message(beyond, bus.name))
+    return not missing and not faulted and not beyond
+
+
+def _read_servo(bus, i, reboot):
+    """-> servo i's model, position (ticks), temperature and Hardware Error Status; with reboot,
+    a servo with a hardware error is then rebooted."""
+    model = bus.ping(i)
+    position = bus.read(i, PRESENT_POSITION)
+    temperature = bus.read(i, PRESENT_TEMPERATURE)
+    status = bus.read(i, HARDWARE_ERROR)
+    if status and reboot:
+        bus.reboot(i)
+    return model, position, temperature, status
+
+
+def _servo_errors(status, reboot, beyond):
+    """The last column of check's line: the hardware errors (-> rebooted), the limit passed."""
+    errors = []
+    if status:
+        messages = "; ".join(hardware_messages(status))
+        errors.append(f"{messages} -> rebooted" if reboot else messages)
+    errors += [f"beyond its limit {limit:+.3f} rad" for _, _, limit in beyond]
+    return "; ".join(errors) or "no errors"
 
 
 def camera_arg(text):

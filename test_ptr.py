@@ -3,17 +3,19 @@
 One file, in two parts. First the fakes and builders that every section shares: synthetic
 Bridge-format trees and stores, tiny agents, run folders, stand-in policies and environments, a
 Dynamixel bus behind a pseudo-terminal. Then the tests, in the project's import order: cli.py,
-runfolder.py, widowx.py, dynamixel.py (the leaves; fileio.py is exercised through the data, robot
-and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py and
+fileio.py, runfolder.py, widowx.py, dynamixel.py (the leaves; fileio.py also through the data,
+robot and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py and
 lerobot.py; batches.py (a leaf too, tested on data.py's stores); train.py; finetune.py;
 select_ckpt.py; classifier.py; robot.py; sim_binsort.py; online.py (which drives robot.py and
 sim_binsort.py); then bench.py and every script's command line. A test sits with the module whose
 behaviour it checks, even when it reaches that module through a later one."""
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
+import errno
 import importlib.util
 import json
 import math
@@ -149,7 +151,8 @@ class _FakeBus:
     few ticks off): a shadow whose goal disagrees with where it is gets a recorded fight.
     offset_mode: where a reversed servo adds its Homing Offset ("before" the mirroring, as
     Interbotix assumes, "after", or "ignored"); grip_stops: where PWM drives the gripper (rad,
-    closed and open)."""
+    closed and open). Faults: the servos in `silent` never answer (they still obey), those in
+    `garbled` answer with a bad CRC; `corrupt` garbles the next n replies of any servo."""
 
     def __init__(self, joints=widowx.SLEEP_JOINTS):
         import tty
@@ -178,6 +181,7 @@ class _FakeBus:
         self.raw_in = b""
         self.fights = []
         self.silent = set()
+        self.garbled = set()
         self.corrupt = 0
         self._stop = threading.Event()
         self.offset_mode = "before"
@@ -238,7 +242,10 @@ class _FakeBus:
         if i in self.silent:
             return []
         error |= 0x80 if self.table[i][70] else 0
-        return [dynamixel.make_packet(i, dynamixel.STATUS, bytes([error]) + data)]
+        packet = dynamixel.make_packet(i, dynamixel.STATUS, bytes([error]) + data)
+        if i in self.garbled:
+            packet = packet[:-1] + bytes([packet[-1] ^ 0xFF])  # the CRC's high byte
+        return [packet]
 
     def _write(self, target, addr, data):
         """Apply a write addressed to `target` -> error code for each primary servo {id: code}."""
@@ -994,6 +1001,66 @@ def test_pipeline_flags_are_generated_from_the_dataclasses():
     assert got == (0.0, False, True, 0.01)
     with pytest.raises(SystemExit):
         p.parse_args(["--arch", "resnet99"])  # choices: model.ARCHS
+
+
+# ==================================================================================================
+# fileio.py
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "kind, described", [("symlink", "a symbolic link"), ("fifo", "a FIFO"), ("dir", "a directory")]
+)
+def test_fileio_atomic_write_replaces_regular_files_only(tmp_path, kind, described):
+    """A FIFO, a device or a directory at the destination is refused, and so is a symbolic link
+    (never followed, even to a regular file): it and what it points to stay as they were."""
+    regular = tmp_path / "results.json"
+    regular.write_text("old")
+    path = tmp_path / "out"
+    if kind == "symlink":
+        path.symlink_to(regular)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    before = os.lstat(path)
+    with pytest.raises(OSError, match=re.escape(f"{path}: {described}, not a regular file")):
+        fileio.atomic_write_text("new", str(path))
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert regular.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "results.json"]
+    fileio.atomic_write_text("new", str(regular))  # a regular file is replaced as before
+    assert regular.read_text() == "new"
+
+
+def test_fileio_disk_full_is_one_line_naming_the_file(tmp_path):
+    """torch.save meets a full disk as an OSError (ENOSPC) inside its writer and raises a
+    RuntimeError from it: the save names the file and the cause, the old file stays whole."""
+    path = tmp_path / "ckpt_00000004.pt"
+    path.write_bytes(b"previous checkpoint")
+
+    def write_like_torch_on_a_full_disk(f):
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as full:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from full
+
+    with pytest.raises(OSError) as e:
+        fileio.atomic_write(str(path), write_like_torch_on_a_full_disk)
+    reason = "No space left on device; not written (any earlier version is intact)"
+    assert cli.one_line(e.value) == f"{path}: {reason}"
+    assert path.read_bytes() == b"previous checkpoint" and os.listdir(tmp_path) == [path.name]
+
+
+def test_fileio_json_holds_null_where_a_number_is_not_finite(tmp_path):
+    path = tmp_path / "eval.json"
+    doc = {"success": 0.5, "return": float("nan"), "per_episode": [{"length": float("inf")}]}
+    fileio.atomic_write_json(doc, str(path), indent=2)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"success": 0.5, "return": None, "per_episode": [{"length": None}]}
 
 
 # ==================================================================================================
@@ -2301,6 +2368,18 @@ def test_data_one_line_failures_and_nothing_half_written(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("s")]
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_data_info_exits_quietly_when_stdout_closes(tmp_path, unbuffered):
+    """`python data.py info STORE | head -1`: the reader of stdout goes away (here before the first
+    line) and data.py exits 0 without a word, its stdout buffered (a pipe's default) or not."""
+    st, _ = _tree_store(tmp_path)
+    command = [sys.executable, os.path.join(HERE, "data.py"), "info", st.path]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED=unbuffered)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        proc.stdout.close()
+        assert proc.stderr.read() == b"" and proc.wait(timeout=60) == 0
+
+
 # ---- rlds.py and lerobot.py: RLDS / TFDS and LeRobot datasets into the store (issue 12) ----------
 def test_formats_crc32c_and_example_wire_format():
     assert rlds.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
@@ -2449,6 +2528,114 @@ def test_formats_rlds_bad_input_and_skip_bad(tmp_path, capsys):
     assert "2 trajectories" in out and "put the 0 in the pot" in out and "put the 1 in" in out
 
 
+def _cut_shard(shard, keep):
+    """Rewrite a shard with its first `keep` records: cut at a record boundary."""
+    rlds.write_tfrecords(shard, list(rlds.read_tfrecords(shard))[:keep])
+
+
+def _huge_record(shard):
+    """After a shard's first record, a header claiming a 2^40-byte record (its CRC intact)."""
+    _cut_shard(shard, 1)
+    length = struct.pack("<Q", 2**40)
+    with open(shard, "ab") as f:
+        f.write(length + struct.pack("<I", rlds.masked_crc(length)) + b"16 bytes of data")
+
+
+def _undecodable_record(shard):
+    """Record 1 of a shard becomes bytes that are no tf.train.Example (framing and CRC intact)."""
+    records = list(rlds.read_tfrecords(shard))
+    records[1] = b"\x0a\x05abc"  # a field of 5 bytes, 3 of them there
+    rlds.write_tfrecords(shard, records)
+
+
+def _edit_dataset_info(folder, edit):
+    """Rewrite a TFDS dataset_info.json: edit(its list of splits) changes them."""
+    path = os.path.join(folder, "dataset_info.json")
+    with open(path) as f:
+        info = json.load(f)
+    edit(info["splits"])
+    with open(path, "w") as f:
+        json.dump(info, f)
+
+
+def _without_shard_lengths(folder, shard):
+    """An empty shard in a dataset_info.json that lists no shardLengths (older writers)."""
+    _edit_dataset_info(folder, lambda splits: splits[0].pop("shardLengths", None))
+    _cut_shard(shard, 0)
+
+
+# damage(dataset folder, [shard 0, shard 1] of 3 episodes each) -> the error it gives, and the
+# (shard, record) of each episode that --skip_bad keeps (None: a missing file is refused even then)
+RLDS_DAMAGE = {
+    "features.json missing": (
+        lambda folder, shards: os.remove(folder / "features.json"),
+        r"ds/features.json: field '<file>': expected a TFDS file beside the shards, got missing",
+        None,
+    ),
+    "shard missing": (
+        lambda folder, shards: os.remove(shards[1]),
+        r"train.tfrecord-00001-of-00002: field '<file>': expected a shard .* \(1 of 2 shards\)",
+        None,
+    ),
+    "split listed, its shards missing": (
+        lambda folder, shards: _edit_dataset_info(
+            folder, lambda splits: splits.append({"name": "val", "shardLengths": ["2"]})
+        ),
+        r"val.tfrecord-00000-of-00001: field '<file>': expected a shard .* \(1 of 3 shards\)",
+        None,
+    ),
+    "shard empty": (
+        lambda folder, shards: _cut_shard(shards[1], 0),
+        r"00001-of-00002: field '<records>': expected 3 \(dataset_info.json's shardLengths\), "
+        r"got 0",
+        [(0, 0), (0, 1), (0, 2)],
+    ),
+    "shard cut at a record boundary": (
+        lambda folder, shards: _cut_shard(shards[1], 2),
+        r"00001-of-00002: field '<records>': expected 3 \(dataset_info.json's shardLengths\), "
+        r"got 2",
+        [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)],
+    ),
+    "shard empty, no shardLengths": (
+        lambda folder, shards: _without_shard_lengths(folder, shards[1]),
+        r"00001-of-00002: field '<records>': expected at least one record \(an episode\), got 0",
+        [(0, 0), (0, 1), (0, 2)],
+    ),
+    "record of 2^40 bytes": (
+        lambda folder, shards: _huge_record(shards[1]),
+        r"00001-of-00002: episode 1: field '<record>': expected 1099511627780 bytes, "
+        r"got 16 \(truncated\)",
+        [(0, 0), (0, 1), (0, 2), (1, 0)],
+    ),
+    "undecodable Example": (
+        lambda folder, shards: _undecodable_record(shards[0]),
+        r"00000-of-00002: episode 1: field '<record>': expected a serialized tf.train.Example",
+        [(0, 0), (0, 2), (1, 0), (1, 1), (1, 2)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", RLDS_DAMAGE)
+def test_formats_rlds_incomplete_or_damaged_shards(tmp_path, case):
+    """An interrupted download or a damaged record is an error naming the file (and the episode),
+    never a smaller dataset without a word; --skip_bad keeps every intact episode and counts the
+    bad record or shard."""
+    damage, error, kept = RLDS_DAMAGE[case]
+    _write_rlds(tmp_path / "ds", n=6, num_shards=2)
+    damage(tmp_path / "ds", [path for path, _ in rlds.find_shards(tmp_path / "ds")])
+    quiet = {"store": tmp_path / "store", "log": lambda *_: None}
+    with pytest.raises(fileio.FormatError, match=error):
+        data.load_store(tmp_path / "ds", **quiet)
+    if kept is None:
+        with pytest.raises(fileio.FormatError, match=error):
+            data.load_store(tmp_path / "ds", skip_bad=True, **quiet)
+        return
+    st = data.load_store(tmp_path / "ds", skip_bad=True, **quiet)
+    with np.load(tmp_path / "store" / "trajectories.npz") as z:
+        assert list(zip(z["source"].tolist(), z["index"].tolist())) == kept
+    assert st.meta["skipped"] == 1
+
+
 def test_formats_lerobot_v21_and_v30_round_trip(tmp_path):
     pytest.importorskip("pyarrow")
     pytest.importorskip("av")
@@ -2516,6 +2703,131 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
     with pytest.raises(lerobot.MissingPackageError, match="needs no_such_package: pip install no_"):
         lerobot._require("no_such_package")
     assert issubclass(lerobot.MissingPackageError, cli.ExpectedError)  # one line from run_cli
+
+
+# the fixture of LEROBOT_DAMAGE: 3 episodes of 4 frames at 10 fps (v3.0: all in one file)
+V21_TABLE = "data/chunk-000/episode_{:06d}.parquet"
+V21_VIDEO = "videos/chunk-000/observation.images.image_0/episode_{:06d}.mp4"
+V30_TABLE = "data/chunk-000/file-000.parquet"
+V30_EPISODES = "meta/episodes/chunk-000/file-000.parquet"
+
+
+def _edit_table(path, edit):
+    """Rewrite a parquet table: edit(its columns, {name: list of values}) changes them."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    columns = pq.read_table(path).to_pydict()
+    edit(columns)
+    pq.write_table(pa.table(columns), path)
+
+
+def _reorder_rows(path, order):
+    """Rewrite a parquet table with its rows in `order` (row numbers; a row left out is dropped)."""
+
+    def edit(columns):
+        for values in columns.values():
+            values[:] = [values[row] for row in order]
+
+    _edit_table(path, edit)
+
+
+def _extra_row(folder, counted):
+    """Episode 0 of a v3.0 table gets a fifth row, frame 4, whose image in the video is episode
+    1's first; counted: its length in meta/episodes says 5 as well."""
+
+    def add_row(columns):
+        for name, values in columns.items():
+            values.insert(4, {"frame_index": 4, "timestamp": 0.4}.get(name, values[3]))
+
+    def count_it(columns):
+        columns["length"][0] = 5
+
+    _edit_table(folder / V30_TABLE, add_row)
+    if counted:
+        _edit_table(folder / V30_EPISODES, count_it)
+
+
+def _set_fps(folder, fps):
+    info = folder / "meta" / "info.json"
+    info.write_text(info.read_text().replace('"fps": 10,', f'"fps": {fps},'))
+
+
+def _video_at_rate(path, fps):
+    """Re-encode an mp4 at another frame rate: the same frames at other times."""
+    av = pytest.importorskip("av")
+    with av.open(str(path)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    lerobot.write_video(str(path), frames, fps, "h264")
+
+
+# version, damage(dataset folder) -> the error it gives, and the episodes that --skip_bad keeps
+LEROBOT_DAMAGE = {
+    "row missing": (
+        "v2.1",
+        lambda folder: _reorder_rows(folder / V21_TABLE.format(1), [0, 1, 3]),
+        r"episode_000001.parquet: episode 1: field 'frame_index': expected 0..2 in order, got 3 at",
+        [0, 2],
+    ),
+    "rows split in two places": (
+        "v3.0",
+        lambda folder: _reorder_rows(folder / V30_TABLE, [0, 1, 4, 5, 6, 7, 2, 3, *range(8, 12)]),
+        r"file-000.parquet: episode 0: field 'episode_index': expected its rows in one run, "
+        r"got rows 0..1 and 6..7",
+        [1, 2],
+    ),
+    "row extra": (
+        "v3.0",
+        lambda folder: _extra_row(folder, counted=False),
+        r"file-000.parquet: episode 0: field '<rows>': expected 4 \(its length in .*/meta/episodes"
+        r"\), got 5",
+        [1, 2],
+    ),
+    "row extra, counted in meta/episodes": (
+        "v3.0",
+        lambda folder: _extra_row(folder, counted=True),
+        r"file-000.parquet: episode 0: field 'timestamp': expected times in \[0, 0.4000\) s, the "
+        r"episode's span in its video .*, got 0.0000..0.4000 s",
+        [1, 2],
+    ),
+    "fps in info.json": (
+        "v2.1",
+        lambda folder: _set_fps(folder, 20),
+        r"episode_000000.parquet: episode 0: field 'timestamp': expected steps of 1 / fps = 0.0500 "
+        r"s \(info.json: 20 fps\), got 0.1000 s before frame 1",
+        [],
+    ),
+    "video at another rate": (
+        "v2.1",
+        lambda folder: _video_at_rate(folder / V21_VIDEO.format(1), 20),
+        r"episode_000001.mp4: episode 1: field '<video>': expected frame 1 at 0.1000 s .*, got a "
+        r"frame at 0.0500 s \(the video runs at 20 fps\)",
+        [0, 2],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LEROBOT_DAMAGE)
+def test_formats_lerobot_rows_and_frames_must_agree(tmp_path, case):
+    """Rows that disagree with their frame numbers, the episode table, info.json's fps or the video
+    are an error naming the file, the episode and the field, never states and actions stored
+    beside another step's image; --skip_bad skips that episode alone and counts it."""
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("av")
+    version, damage, error, kept = LEROBOT_DAMAGE[case]
+    rng = np.random.default_rng(0)
+    episodes = [(_smooth_trajectory(4, 32, rng, episode=k), "wipe") for k in range(3)]
+    lerobot.write_lerobot(tmp_path / "le", episodes, version=version, episodes_per_file=3)
+    damage(tmp_path / "le")
+    with pytest.raises(fileio.FormatError, match=error):
+        data.load_store(tmp_path / "le", log=lambda *_: None)
+    if not kept:
+        with pytest.raises(fileio.FormatError, match="expected at least one valid trajectory"):
+            data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
+        return
+    st = data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
+    with np.load(os.path.join(st.path, "trajectories.npz")) as z:
+        assert z["index"].tolist() == kept
+    assert st.meta["skipped"] == 1
 
 
 # ==================================================================================================
@@ -2840,6 +3152,15 @@ def test_pipeline_progress_line_hides_nan_losses_and_never_reads_160_of_100(tmp_
     assert last.startswith("step 160 (done, 100 requested) |") and "critic_loss 2.5" in last
 
 
+def test_pipeline_progress_csv_gains_a_column_that_starts_mid_run(tmp_path):
+    log = train.RunLog(str(tmp_path), 100, 0)
+    log.log(10, {"actor_loss": 1.0})
+    log.log(20, {"actor_loss": 0.5, "actor_q": 3.0})  # the Q term starts after its warm-up
+    with open(tmp_path / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["actor_q"] for r in rows] == ["", "3.0"] and rows[0]["actor_loss"] == "1.0"
+
+
 # ---- faults: NaN, Ctrl-C, SIGTERM, a busy or full run folder (issue 14) --------------------------
 def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(
     pipe_data, tmp_path, monkeypatch
@@ -2952,6 +3273,65 @@ def test_pipeline_failed_saves_leave_no_temporary_files(pipe_data, tmp_path, mon
     with pytest.raises(OSError, match="No space left"):
         train.main(args)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "progress.csv"]
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("train", ["--batch_size", "0"], "--batch_size 0: expected a positive integer"),
+        ("train", ["--batch_size", "-8"], "--batch_size -8: expected a positive integer"),
+        ("train", ["--save_every", "0"], "--save_every 0: expected a positive integer"),
+        ("train", ["--log_every", "0"], "--log_every 0: expected a positive integer"),
+        ("train", ["--mix", "-0.1"], "--mix -0.1: expected a fraction in [0, 1]"),
+        ("finetune", ["--mix", "1.5"], "--mix 1.5: expected a fraction in [0, 1]"),
+        ("finetune", ["--mix", "nan"], "--mix nan: expected a fraction in [0, 1]"),
+        ("finetune", ["--save_every", "0"], "--save_every 0: expected a positive integer"),
+    ],
+)
+def test_pipeline_flags_out_of_range_are_one_line_errors(
+    pipe_data, pipe_pretrained, tmp_path, capsys, script, flags, message
+):
+    """A value no run can use stops the script before it opens the data or makes --out, in one
+    line that names the flag."""
+    _, prior, target = pipe_data
+    out = tmp_path / "run"
+    if script == "train":
+        main = train.main
+        argv = ["--data", str(prior), "--out", str(out), "--steps", "2", *TINY, *flags]
+    else:
+        main = finetune.main
+        ckpt = pipe_pretrained / "ckpt_00000004.pt"
+        argv = [*_finetune_args(ckpt, prior, target, out, "--steps", "2"), *flags]
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == cli.EXIT_ERROR and not out.exists()
+    assert len(lines) == 1 and lines[0].endswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("change", ["data", "mix"])
+def test_pipeline_resume_refuses_other_data(pipe_data, tmp_path, change):
+    """--resume continues a run on its own data: another --data of as many tasks (the target's one
+    and two reserved slots) would rename the tasks mid-run, another --mix change the batches. Both
+    stop before anything is written, naming what differs."""
+    _, prior, target = pipe_data
+    joint = ["--data", str(prior), "--target", str(target)]
+    runs = {  # the first run's data, the resume's, and the difference the error names
+        "data": (
+            ["--data", str(prior)],
+            ["--data", str(target), "--extra_tasks", "2"],
+            "--data tasks ['sort_ab'] (checkpoint: [",
+        ),
+        "mix": (joint, [*joint, "--mix", "0.5"], "--mix 0.5 (checkpoint: 0.9)"),
+    }
+    first, again, differs = runs[change]
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--save_every", "2", *TINY]
+    train.main([*first, "--steps", "2", *common])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(train.CheckpointError, match=re.escape(differs)):
+        train.main([*again, "--steps", "4", "--resume", *common])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ==================================================================================================
@@ -3103,12 +3483,78 @@ def test_pipeline_finetune_resume_writes_missing_q_traces(pipe_data, pipe_pretra
     assert [r["step"] for r in select_ckpt.rank(str(out))[0]] != []
 
 
+@pytest.mark.parametrize("change", ["target", "mix", "task"])
+def test_pipeline_finetune_resume_refuses_other_data(pipe_data, pipe_pretrained, tmp_path, change):
+    """A fine-tuning run resumed with another --target would train the new demos in the old task's
+    slot, another --mix or --task would change what it trains: refused before anything is written
+    (config.json and the checkpoints stay), naming what differs."""
+    _, prior, target = pipe_data
+    other = tmp_path / "other"
+    _write_tree(other, ["wipe_table"], n_traj=4, T=10, H=40)
+    ckpt = pipe_pretrained / "ckpt_00000004.pt"
+    out = tmp_path / "ft"
+    finetune.main(_finetune_args(ckpt, prior, target, out, "--steps", "2", "--save_every", "2"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    changes = {  # the resume's target data, its other flags, and the difference the error names
+        "target": (other, [], "--target tasks ['wipe_table'] (checkpoint: ['sort_ab'])"),
+        "mix": (target, ["--mix", "0.5"], "--mix 0.5 (checkpoint: 0.9)"),
+        "task": (target, ["--task", "pick_b"], "--task 'pick_b' (checkpoint: 'new')"),
+    }
+    again, flags, differs = changes[change]
+    with pytest.raises(train.CheckpointError, match=re.escape(differs)):
+        finetune.main(_finetune_args(ckpt, prior, again, out, "--steps", "4", "--resume", *flags))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_pipeline_finetune_stop_checkpoint_is_no_candidate(
+    pipe_data, pipe_pretrained, tmp_path, monkeypatch
+):
+    """A SIGTERM saves the step to resume from, marked stopped, with no Q-value trace nor
+    validation loss (the resume adds none either): select_ckpt.py chooses among the checkpoints an
+    uninterrupted run writes."""
+    _, prior, target = pipe_data
+    real_update = train.Agent.update
+    calls = []
+
+    def update(self, batch):
+        calls.append(1)
+        if len(calls) == 3:  # a job scheduler stops the job during the third update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(self, batch)
+
+    def unhandled(signum, frame):  # what a run that ignores SIGTERM meets (instead of pytest dying)
+        raise RuntimeError("SIGTERM reached the test's handler")
+
+    out = tmp_path / "ft"
+    flags = ["--steps", "4", "--save_every", "2"]
+    args = _finetune_args(pipe_pretrained / "ckpt_00000004.pt", prior, target, out, *flags)
+    monkeypatch.setattr(train.Agent, "update", update)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit):
+            finetune.main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [s for s, _ in train.list_checkpoints(out)] == [2, 3]
+    assert train.load_checkpoint(str(out / train.CKPT_PATTERN.format(3)))["stopped"] is True
+    monkeypatch.setattr(train.Agent, "update", real_update)
+    finetune.main([*args, "--resume"])
+    assert [s for s, _ in train.list_checkpoints(out)] == [2, 3, 4]
+    for pattern in (runfolder.QTRACE_PATTERN, runfolder.VALLOSS_PATTERN):
+        assert [p.name for p in out.glob(pattern.replace("{:08d}", "*"))] != []
+        assert not (out / pattern.format(3)).exists()
+    assert sorted(r["step"] for r in select_ckpt.rank(str(out))[0]) == [2, 4]
+
+
 def test_finetune_warns_when_it_writes_non_finite_q_values(tmp_path, capsys):
     class Agent:  # Q(s_t, a_t) of 2 heads along a 3-step trajectory, one of them NaN
         device = "cpu"
 
         def q_values(self, batch):
             return torch.tensor([[1.0, 1.0], [2.0, float("nan")], [3.0, 3.0]])
+
+        def critic_diagnostics(self, batch):
+            return {"dq_da": [0.0] * 7, "sigma": [1.0] * 7}
 
     class Sampler:
         def trajectory(self, tid):
@@ -3678,7 +4124,7 @@ def test_robot_bus_dying_mid_command_gives_one_line(robot_bus, monkeypatch, caps
     robot_bus.silent.update(robot.ALL_IDS)  # the 12 V supply off: no servo answers
     status, _, err = _run_robot_cli(["sleep"], capsys)
     assert status == 2 and err.count("\n") == 1
-    assert "error: no status packet from servo ID 1 on /dev/pts/fake" in err
+    assert "error: no status packet from servo ID 1 (waist) on /dev/pts/fake" in err
 
 
 def test_robot_env_on_a_dead_port_logs_one_line(robot_bus, monkeypatch):
@@ -3697,6 +4143,137 @@ def test_robot_env_on_a_dead_port_logs_one_line(robot_bus, monkeypatch):
     no_stop = "robot: no safe stop: the port is gone; the servos keep holding their last goal"
     assert logs == [no_stop]
     assert not env._ready
+
+
+@pytest.mark.parametrize(
+    "fault, error, message, how",
+    [
+        (
+            "silent",
+            dynamixel.NoStatusError,
+            r"no status packet from servo ID 4 \(elbow\) on ",
+            "no reply",
+        ),
+        (
+            "garbled",
+            dynamixel.PacketError,
+            r"every status packet from servo ID 4 \(elbow\) on /dev/pts/fake failed its CRC",
+            "bad CRC",
+        ),
+    ],
+    ids=["silent", "garbled"],
+)
+def test_robot_safe_stop_reaches_sleep_without_the_failed_servo(
+    robot_bus, fault, error, message, how
+):
+    """A servo that stops answering mid-episode, or whose replies keep failing their CRC, is named
+    alone with how it failed; the safe stop still opens the gripper and puts the arm to sleep
+    before the torque goes off (goal writes need no reply; the move starts from the last known
+    joints), so no servo goes limp with the arm reaching over the table."""
+    env = _fake_env(robot_bus)
+    logs = []
+    env.log = logs.append
+    env.reset()
+    env.step([0.02, 0, 0, 0, 0, 0, 0])  # reaching out, the gripper closing
+    env.arm.bus.timeout = 0.1  # a silent servo's 3 tries take 0.3 s
+    getattr(robot_bus, fault).add(4)
+    n = len(robot_bus.packets)
+    with pytest.raises(error, match=message) as e:
+        env.step([0.01, 0, 0, 0, 0, 0, 0])
+    assert re.findall(r"ID \d", str(e.value)) == ["ID 4"]  # not the other eight
+    env.arm.bus.ping(1)  # a round trip: the fake has handled every packet before it
+    after = robot_bus.packets[n:]
+    opened = [
+        k
+        for k, (t, i, p) in enumerate(after)
+        if i == dynamixel.WRITE and t == 9 and p == struct.pack("<Hh", 100, 350)
+    ]
+    goals = [
+        k for k, (t, i, p) in enumerate(after) if i == dynamixel.SYNC_WRITE and p[:2] == b"\x74\x00"
+    ]
+    all_off = struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)
+    off = [k for k, (t, i, p) in enumerate(after) if i == dynamixel.SYNC_WRITE and p == all_off]
+    # open, sleep pose, torque off
+    assert opened and off and opened[0] < goals[-1] < off[-1]
+    sleep = dict(zip(robot.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS).tolist()))
+    assert _sync_goals(robot_bus, n)[-1] == sleep
+    # the arm rests asleep (the failed elbow too: it still obeys), open, torque off
+    assert {i: robot_bus.present(i) for i in robot.JOINT_IDS} == sleep
+    assert robot_bus.raw[9] == dynamixel.rad_to_ticks(robot_bus.grip_stops[1])
+    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
+    assert not [line for line in logs if "sleep pose failed" in line]
+    lines = []
+    assert robot.check(env.arm.bus, log=lines.append) is False
+    assert [line.split()[2] for line in lines if how in line] == ["elbow"]
+
+
+def test_robot_joint_beyond_its_limit_is_reported_and_never_driven(robot_bus, monkeypatch, capsys):
+    """A joint past its software limit (pushed there by hand, torque off) makes `check` exit 1 with
+    a line naming it, its position and the limit; home and reset() refuse before anything moves,
+    until it is back inside."""
+    env = _fake_env(robot_bus)
+    arm = _fake_arm(robot_bus, log=lambda *a: None)
+    arm.setup()
+    arm.torque(False)  # configured, then powered off and on
+    elbow = int(dynamixel.rad_to_ticks(1.75))  # its limit: 92 deg, +1.606 rad
+    robot_bus.raw[4] = elbow
+    robot_bus._couple()
+    angle = f"{float(dynamixel.ticks_to_rad(elbow)):+.3f}"
+    beyond = f"joint beyond its software limit: ID 4 (elbow) at {angle} rad, limit +1.606 rad."
+    _main_on(robot_bus, monkeypatch)
+    status, out, _ = _run_robot_cli(["check"], capsys)
+    lines = out.splitlines()
+    assert status == 1 and lines[3].endswith("beyond its limit +1.606 rad")
+    assert lines[9].startswith(beyond) and "check --port /dev/pts/fake" in lines[9]
+    n = len(robot_bus.packets)
+    status, _, err = _run_robot_cli(["home"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert f"error: not moving the arm: {beyond}" in err
+    with pytest.raises(robot.RefusedToMove, match=re.escape(beyond)):
+        env.reset()
+    assert _moving_packets(robot_bus, n) == [] and robot_bus.raw[4] == elbow and not env._ready
+    robot_bus.raw[4] = int(dynamixel.rad_to_ticks(1.5))  # moved back inside by hand
+    robot_bus._couple()
+    status, out, _ = _run_robot_cli(["check"], capsys)
+    assert status == 0 and out.count("no errors") == 9
+    env.reset()
+    assert env._ready
+
+
+def test_robot_record_onto_a_damaged_file_says_one_line_and_keeps_it(
+    robot_bus, monkeypatch, capsys, tmp_path
+):
+    """record reads the task's out.npy files through bridge.py's checks before the arm moves: a
+    damaged one ends it with one line naming the file (the trajectory and the field where it can)
+    and stays as it was."""
+    task = tmp_path / "task"
+    train = task / "train" / "out.npy"
+    trajectory = bridge.synthetic_trajectory(3, 32, np.random.default_rng(0))
+    fileio.write_bridge_file(str(train), [trajectory])
+    damaged = train.read_bytes()[:-100]  # a copy cut short
+    train.write_bytes(damaged)
+    env = _fake_env(robot_bus)
+    _main_on(robot_bus, monkeypatch)
+    monkeypatch.setattr(robot, "open_camera", lambda camera: _RedCamera((32, 32)))
+
+    def no_keys():
+        raise AssertionError("no episode may start on a damaged task folder")
+
+    monkeypatch.setattr(robot, "terminal_keys", lambda: contextlib.nullcontext(no_keys))
+    status, _, err = _run_robot_cli(["record", "--out", str(task), "--episodes", "1"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert f"error: {train}: field '<file>': expected a complete np.save'd list" in err
+    assert train.read_bytes() == damaged and not (task / "val").exists()
+    val = task / "val" / "out.npy"
+    broken = {k: v for k, v in trajectory.items() if k != "actions"}
+    fileio.write_bridge_file(str(train), [trajectory])
+    fileio.write_bridge_file(str(val), [trajectory, broken])
+    written = val.read_bytes()
+    where = re.escape(f"{val}: trajectory 1: field 'actions'")
+    with pytest.raises(bridge.BridgeFormatError, match=where):
+        robot.record(env, str(task), 1, no_keys, log=lambda *a: None)
+    assert val.read_bytes() == written and not env._ready
+    assert _moving_packets(robot_bus, 0) == []
 
 
 def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
@@ -4244,6 +4821,22 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
             assert all("stages" not in e for e in doc["per_episode"])
 
 
+@pytest.mark.parametrize("episodes", ["0", "-3"])
+def test_online_eval_refuses_fewer_than_one_episode(tmp_path, monkeypatch, capsys, episodes):
+    """No episode is no success rate (0% of nothing, NaN means): one line naming --episodes, no
+    JSON."""
+    monkeypatch.setattr(online, "load_policy", lambda *a: _ZeroPolicy())
+    monkeypatch.setattr(online, "make_env", lambda *a: _StagedEnv())
+    path = tmp_path / "eval.json"
+    args = ["eval", "--ckpt", "x.pt", "--episodes", episodes, "--json", str(path)]
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(online.main, [*args, "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == cli.EXIT_ERROR and not path.exists()
+    assert len(lines) == 1
+    assert lines[0].endswith(f"error: --episodes {episodes}: expected a positive integer")
+
+
 class _RecordingPolicy(_ZeroPolicy):
     """_ZeroPolicy that records the `deterministic` flag of every call."""
 
@@ -4461,6 +5054,24 @@ def test_binsort_experiment_dev_and_test_seeds_and_each_runs_flags(tmp_path):
         be.build_jobs(be.Protocol(test_seed=1010), str(tmp_path))
     with pytest.raises(SystemExit, match="needs the development evaluations of seed 0"):
         be.build_jobs(be.Protocol(test=1), str(tmp_path))
+
+
+def test_binsort_experiment_waits_for_a_run_another_process_owns(tmp_path):
+    """A job whose run folder is locked by a live process (the same run started by hand) is not
+    started again: the scheduler waits for its done file, then runs what depends on it."""
+    be = _binsort_experiment()
+    folder = tmp_path / "seed_0" / "pre"
+    folder.mkdir(parents=True)
+    done_a, done_b = folder / "done", tmp_path / "seed_0" / "b_done"
+    elsewhere = subprocess.Popen(["bash", "-c", f"sleep 1; touch {done_a}"])
+    (folder / runfolder.LOCK_FILE).write_text(f"{elsewhere.pid}\n")
+    marker = tmp_path / "started_twice"
+    a = be.Job("s0/a", ["bash", "-c", f"touch {marker} {done_a}", "-", "--out", str(folder)])
+    a.done_file = str(done_a)
+    b = be.Job("s0/b", ["bash", "-c", f"touch {done_b}"], ("s0/a",), str(done_b))
+    be.run([a, b], str(tmp_path), max_jobs=2, poll=0.05)
+    elsewhere.wait()
+    assert done_b.exists() and not marker.exists()
 
 
 def test_binsort_experiment_test_phase_picks_dev_winners_and_tests_them_paired(tmp_path):

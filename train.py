@@ -14,7 +14,8 @@ baselines of Section V-A.
 
 The run folder (--out) holds config.json (every resolved option), progress.csv, and ckpt_<step>.pt
 files written atomically every --save_every steps; --resume continues from the newest checkpoint
-with the same result as an uninterrupted run (step, optimizers, sampler and torch RNG state).
+with the same result as an uninterrupted run (step, optimizers, sampler and torch RNG state), and
+refuses data other than the checkpoint's (check_same_data).
 finetune.py and online.py reuse this file's checkpoint and loop helpers, so a run of any
 phase looks the same on disk.
 """
@@ -34,7 +35,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import EXIT_INTERRUPTED, ExpectedError, add_dataclass_args, dataclass_from_args, run_cli
+from cli import (
+    EXIT_INTERRUPTED,
+    FRACTION,
+    POSITIVE,
+    ExpectedError,
+    add_dataclass_args,
+    check_flags,
+    dataclass_from_args,
+    run_cli,
+)
 from cql import ALGOS, COMPILE_MODES, STRUCTURE, Agent, AgentConfig
 from batches import MixedSampler, Prefetcher, Sampler, augment, target_task_ids
 from data import load_store
@@ -112,6 +122,45 @@ def check_compatible(ckpt, path, expected):
                 f"{path}: checkpoint has {key}={cfg[key]!r} but this run uses {key}={want!r}; "
                 f"start a new --out folder or pass the checkpoint's {key}"
             )
+
+
+# Conversion options that leave a store's transitions as they are: the image size is checked with
+# the network's shapes (check_compatible), the format version is how the store lays them out.
+LAYOUT_OPTIONS = ("image_size", "format_version")
+
+
+def source_record(flag, src, store):
+    """What a data flag stood for in a run, for check_same_data: its resolved path, its store's
+    task names and the conversion options that decide the store's data (camera, include, ...)."""
+    options = {k: v for k, v in store.meta["options"].items() if k not in LAYOUT_OPTIONS}
+    record = {flag: os.path.realpath(src), f"{flag} tasks": list(store.task_names)}
+    record.update({f"{flag} {name}": value for name, value in sorted(options.items())})
+    return record
+
+
+def check_same_data(ckpt, out, record):
+    """--resume continues a run on the data it trained on. record: this run's data (source_record
+    of each source, and the flags that decide a batch such as --mix), as every checkpoint keeps it
+    (payload "data"). Refuse a checkpoint that differs in any entry both hold, naming each
+    difference; the caller has written nothing yet, so config.json and the checkpoints stay as they
+    are. A checkpoint without a record (an older format) is not checked."""
+    recorded = ckpt.get("data", {})
+    differs = [
+        f"{key} {_short(value)} (checkpoint: {_short(recorded[key])})"
+        for key, value in record.items()
+        if key in recorded and recorded[key] != value
+    ]
+    if differs:
+        raise CheckpointError(
+            f"{out}: --resume with other data than the run's checkpoints were trained on: "
+            f"{'; '.join(differs)}; resume with the run's own data and flags, or pass another --out"
+        )
+
+
+def _short(value, limit=160):
+    """repr(value), cut to `limit` characters (a list of 80 task names stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def agent_from_checkpoint(ckpt, device, path="checkpoint", acting_only=False):
@@ -499,10 +548,14 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
 
     payload: the checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds
     the step, the agent, the sampler's RNG and torch's RNG, which is all an exact resume needs.
+    A checkpoint saved because the run was stopped (Ctrl-C, SIGTERM) off the --save_every schedule
+    is a point to resume from, not a result: it is marked stopped=True and on_save (finetune.py's
+    Q-value traces, hence select_ckpt.py's candidates) skips it, so an interrupted run offers the
+    candidates of an uninterrupted one.
     """
     log = RunLog(args.out, args.steps, start_step, enabled=rank == 0, tensorboard=args.tensorboard)
 
-    def save(step, all_ranks=True):
+    def save(step, all_ranks=True, stopped=False):
         # every rank's random streams, so that a torchrun resume stays exact and data-parallel;
         # gathering is a collective, skipped when stopping (one rank may be interrupted alone)
         mine = {
@@ -516,18 +569,24 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
             dist.all_gather_object(states, mine)
         if rank == 0:
             ckpt = build_checkpoint(
-                payload, step, agent, mine["sampler"], mine["rng"], rank_states=states
+                payload,
+                step,
+                agent,
+                mine["sampler"],
+                mine["rng"],
+                rank_states=states,
+                stopped=stopped,
             )
             atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(step)))
-            if on_save is not None:
+            if on_save is not None and not stopped:
                 on_save(step)
             prune_checkpoints(args.out, args.keep_last, args.keep_steps)
 
-    def save_if_new(step):
+    def save_on_stop(step):
         if step > start_step and not os.path.exists(
             os.path.join(args.out, CKPT_PATTERN.format(step))
         ):
-            save(step, all_ranks=False)
+            save(step, all_ranks=False, stopped=True)
 
     step = start_step
     with StopFlag() as stop:
@@ -540,12 +599,12 @@ def train_loop(agent, sampler, args, payload, start_step=0, on_save=None, rank=0
                 if step % args.save_every == 0 or step == args.steps:
                     save(step)
                 if stop.requested:
-                    save_if_new(step)
+                    save_on_stop(step)
                     print(f"stopped at step {step}; resume with --resume", file=sys.stderr)
                     raise SystemExit(stop.exit_status)
         except KeyboardInterrupt:
             # a second signal: `step` counts the updates that finished, the point to resume from
-            save_if_new(step)
+            save_on_stop(step)
             print(f"interrupted at step {step}; resume with --resume", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
     assert_ranks_in_sync(agent)
@@ -581,6 +640,10 @@ def restore_run(ckpt, agent, sampler, rank=0):
 
 
 # ----------------------------------------------------------------------------- CLI
+
+# The ranges of add_run_args' counts (cli.check_flags): a batch of no sample cannot be drawn, and a
+# checkpoint or a progress row every 0 steps divides by zero.
+RUN_RULES = {"--batch_size": POSITIVE, "--save_every": POSITIVE, "--log_every": POSITIVE}
 
 
 def add_run_args(
@@ -741,6 +804,7 @@ def main(argv=None):
     add_data_args(p)
     add_agent_args(p)
     args = p.parse_args(argv)
+    check_flags(args, {**RUN_RULES, "--mix": FRACTION})
     args.out = args.out or os.path.join(
         "runs", f"{args.algo}_{args.arch}_{os.path.basename(os.path.normpath(args.data))}"
     )
@@ -761,9 +825,12 @@ def train(args, rank, world, device):
     prior = open_store(args.data, args, args.store)
     task_names = list(prior.task_names) + [RESERVED_TASK.format(i) for i in range(args.extra_tasks)]
     sampler = Sampler(prior, "train", gamma=args.gamma, seed=args.seed + rank)
+    data = source_record("--data", args.data, prior)  # what --resume must find again
     target_ids = None
     if args.target:
         target = open_store(args.target, args, prior=False)
+        data.update(source_record("--target", args.target, target))
+        data.update({"--target_task": args.target_task, "--mix": args.mix})
         ids, _ = target_task_ids(prior.task_names, target.task_names, args.target_task)
         target_ids = [int(i) for i in ids]
         # fresh slots right after the prior tasks, before any reserved ones
@@ -799,6 +866,7 @@ def train(args, rank, world, device):
         "task_names": task_names,
         "action_low": [float(x) for x in prior.action_low],
         "action_high": [float(x) for x in prior.action_high],
+        "data": data,
         "args": {
             k: v
             for k, v in vars(args).items()
@@ -812,6 +880,7 @@ def train(args, rank, world, device):
     start = 0
     ckpt = resume_state(args, {k: getattr(cfg, k) for k in STRUCTURE})
     if ckpt is not None:
+        check_same_data(ckpt, args.out, data)
         start = restore_run(ckpt, agent, sampler, rank)
     if rank == 0:
         write_config(
