@@ -93,8 +93,7 @@ def non_finite_traces(traces):
 
 def write_q_traces(agent, sampler, traj_ids, step, out, task):
     """qvalues_<step>.json beside ckpt_<step>.pt. Non-finite Q-values are written as they are (NaN
-    in the JSON), with a warning: select_ckpt.py then refuses that checkpoint and says why (issue
-    14)."""
+    in the JSON), with a warning: select_ckpt.py then refuses that checkpoint and says why."""
     traces = q_traces(agent, sampler, traj_ids)
     for traj_id, head, t in non_finite_traces(traces):
         print(

@@ -1,4 +1,4 @@
-"""lerobot.py: LeRobot datasets (format v2.0, v2.1 and v3.0) as Bridge trajectories (issue 12).
+"""lerobot.py: LeRobot datasets (format v2.0, v2.1 and v3.0) as Bridge trajectories.
 
 A LeRobot dataset folder holds `meta/info.json` (codebase_version, fps, features, path templates),
 frame tables `data/**/*.parquet` (one row per frame: observation.state, action, episode_index,

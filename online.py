@@ -223,8 +223,8 @@ def rate_text(count, n, lo, hi):
 
 
 def stage_summary(episodes):
-    """{stage: {count, rate, lo, hi}} over episodes, stages in the order the env reports them (issue
-    10): count = episodes that reached the stage at any step, lo .. hi its 95% Wilson interval."""
+    """{stage: {count, rate, lo, hi}} over episodes, stages in the order the env reports them:
+    count = episodes that reached the stage at any step, lo .. hi its 95% Wilson interval."""
     names = []
     for e in episodes:
         names.extend(name for name in e.get("stages", {}) if name not in names)

@@ -1,5 +1,5 @@
 """rlds.py: RLDS / TFDS datasets (BridgeData V2, Open X-Embodiment) read without
-TensorFlow (issue 12).
+TensorFlow.
 
 A TFDS dataset folder (e.g. `bridge_dataset/1.0.0/`) holds `dataset_info.json`, `features.json` and
 shards `<name>-<split>.tfrecord-NNNNN-of-NNNNN`. A shard is a sequence of TFRecord records

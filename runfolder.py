@@ -37,7 +37,7 @@ def list_checkpoints(run_dir):
 
 
 def steps_to_delete(steps, keep_last, keep_steps=()):
-    """Retention (issue 14): the newest keep_last checkpoints stay, and every step in keep_steps
+    """Retention: the newest keep_last checkpoints stay, and every step in keep_steps
     (the ones a user marked); keep_last 0 keeps everything. Returns the steps to delete, oldest
     first."""
     if keep_last <= 0:

@@ -55,7 +55,7 @@ from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints, steps_to_delete
 CKPT_FORMAT = 1
 POLICY_KIND = "policy"  # a checkpoint cut down to its actors (policy_checkpoint)
 ACTORS = ("policy", "bc_policy")  # the networks that act: CQL's tanh-Gaussian, BC's MSE policy
-PRETRAIN_KEEP_LAST = 5  # ours: a pre-training run keeps its 5 newest checkpoints (issue 14)
+PRETRAIN_KEEP_LAST = 5  # ours: a pre-training run keeps its 5 newest checkpoints
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
 RESERVED_TASK = (
     "<reserved {}>"  # one-hot slots kept free at pre-training for future target tasks (Sec. IV-A)
@@ -383,7 +383,7 @@ def _lock_owner(lock):
 
 @contextlib.contextmanager
 def claim_run_folder(out, resume):
-    """Own --out for the length of the run (issue 14): a lock file holds this process's pid, so a
+    """Own --out for the length of the run: a lock file holds this process's pid, so a
     second run on the same folder stops with a clear line instead of mixing its checkpoints,
     config.json and progress.csv into this one. A lock whose pid is dead (kill -9) is stale and
     taken over; so are the temporary files of dead writers (fileio.sweep_stale_tmp)."""
@@ -799,7 +799,7 @@ def main(argv=None):
     p.add_argument(
         "--raw_state",
         action="store_true",
-        help="feed the policy the state unnormalized (as before 2026-12; ablation)",
+        help="feed the policy the state unnormalized (ablation)",
     )
     add_data_args(p)
     add_agent_args(p)

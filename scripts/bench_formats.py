@@ -1,4 +1,4 @@
-"""Conversion throughput of each source format (issue 12): the same Bridge-like episodes written
+"""Conversion throughput of each source format: the same Bridge-like episodes written
 as a numpy tree of out.npy, an RLDS / TFDS folder of several shards, and LeRobot v2.1 (h264, one
 file per episode) and v3.0 (AV1, several episodes per file) folders, each converted by `data.py
 convert --image_size 128` in a child process. Prints episodes/s, MB/s of source bytes and the

@@ -1,6 +1,6 @@
 """Updates/s of the CQL update with the factored Q heads (model.QNetwork.heads) against the same
 update with heads computed as Figure 2 draws them (QNetwork.heads_concatenated), measured in one
-run, interleaved so that other load on the machine affects both alike (issue 10, part 5).
+run, interleaved so that other load on the machine affects both alike.
 
     OMP_NUM_THREADS=1 python scripts/bench_qheads.py  # small encoder, 64 px, batch 64, 5 rounds
 """
