@@ -97,6 +97,7 @@ class Protocol:
     bc_mixes: str = "0.7,0.9"  # BC finetune's tau candidates (development)
     bc_dropouts: str = "0.4,0"  # BC's dropout candidates (development; Table XI: 0.4)
     curve_runs: str = "ptr_"  # runs (or name prefixes) whose every checkpoint is evaluated
+    qmax_study: int = 0  # 1: also the paper's Q-maximising actor, with each suspected cure alone
     test: int = 0  # 1: the final table on the test seeds, for every seed in --seeds
     extra: list = field(default_factory=list)  # flags passed to every training command
 
@@ -157,6 +158,8 @@ def finetune_runs(p):
         runs[f"ptr_q{tag(lam)}"] = ("cql_pre", [*imitate, *q, "--actor_q_ramp", str(p.q_ramp)])
     for beta in numbers(p.awr_betas):
         runs[f"ptr_awr{tag(beta)}"] = ("cql_pre", [*imitate, "--actor_awr_beta", tag(beta)])
+    if p.qmax_study:
+        runs.update(qmax_runs(p))
     for mix in numbers(p.gbc_mixes):
         runs[f"gbc_ft_m{tag(mix)}"] = ("gbc_pre", ["--mix", tag(mix)])
     for dropout in numbers(p.bc_dropouts):
@@ -168,12 +171,31 @@ def finetune_runs(p):
     return runs
 
 
+def qmax_runs(p):
+    """Why the paper's Q-maximising actor loses the pre-trained grasp: the actor maximises Q from
+    the first fine-tuning update (as published), and each run changes one suspected cause alone.
+    A diagnosis, never a candidate for the final table."""
+    qmax = ["--bc_steps", str(p.cql_pre_steps)]
+    later = ["--bc_steps", str(p.cql_pre_steps + p.q_warmup)]
+    return {
+        "qmax": ("cql_pre", qmax),  # the target slot starts at zero (finetune.py's default)
+        "qmax_random_slot": ("cql_pre", [*qmax, "--no-zero_target_slot"]),  # cause 2
+        "qmax_warm": ("cql_pre", later),  # cause 1: the critic fits the target slot first
+        "qmax_alpha5": ("cql_pre", [*qmax, "--alpha", "5"]),  # cause 3: a stronger CQL gap
+        "qmax_entropy": ("cql_pre", [*qmax, "--target_entropy", "0"]),  # cause 4: a wider actor
+        "qmax_gripper": ("cql_pre", [*qmax, "--no-actor_q_gripper"]),  # cause 5: no Q on gripper
+        "qmax_encoder": ("cql_pre", [*qmax, "--no-actor_q_encoder"]),  # cause 6: no Q in encoder
+    }
+
+
 def describe(run):
     """(actor objective, checkpoint rule) of a run, for the tables."""
     if run.startswith("ptr_q"):
         lam = run[5:]
         objective = "tanh-Gaussian likelihood" + (f" + {lam} x normalised Q" if lam != "0" else "")
         return objective + " (CQL critic)", "Q-values (select_ckpt.py)"
+    if run.startswith("qmax"):
+        return f"Q-maximising from the first fine-tuning update ({run})", "Q-values"
     if run.startswith("ptr_awr"):
         return f"likelihood weighted by exp({run[7:]} A / std A) (CQL critic)", "Q-values"
     if run.startswith("gbc_ft"):
@@ -239,7 +261,7 @@ def seed_jobs(p, out, seed, runs, evals):
         cmd += [*flags, "--resume"]
         done = ckpt_path(os.path.join(s, run), p.ft_steps)
         jobs.append(Job(name(run), cmd, (name(pre),), done))
-        rule = [] if run.startswith("ptr") else ["--by", "val_loss"]
+        rule = ["--by", "val_loss"] if run.startswith(("gbc_", "bc_")) else []
         select = python("select_ckpt.py", os.path.join(s, run), *rule)
         done = os.path.join(s, run, "selection.json")
         jobs.append(Job(name("select_" + run), select, (name(run),), done))
