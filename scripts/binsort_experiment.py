@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 
 # the project's leaves: no torch, no pybullet
 from fileio import atomic_write_text, pid_alive  # noqa: E402
-from runfolder import CKPT_PATTERN, LOCK_FILE, list_checkpoints  # noqa: E402
+from runfolder import CKPT_PATTERN, LOCK_FILE, QTRACE_PATTERN, list_checkpoints  # noqa: E402
 from stats import discordant, holm, mcnemar_exact_p, wilson_interval  # noqa: E402
 
 SORT_TASK = "sort_mug_cube"  # the target's one-hot slot by name
@@ -617,6 +617,30 @@ def test_table(p, out):
     return lines
 
 
+def write_critic_diagnostics(p, out):
+    """critic_diagnostics.csv: per critic-driven run of the first seed and saved checkpoint, what
+    tells whether the critic can steer the actor (finetune.py's Q-trace diagnostics): Q - MC return
+    at the held-out demos' first step, |dQ/da| and the actor's sigma per action dimension."""
+    first = seed_list(p)[0]
+    rows = []
+    for run in finetune_runs(p):
+        for step in range(p.ft_save_every, p.ft_steps + 1, p.ft_save_every):
+            path = os.path.join(out, f"seed_{first}", run, QTRACE_PATTERN.format(step))
+            if not os.path.exists(path):
+                continue
+            diagnostics = json.load(open(path)).get("diagnostics")
+            if diagnostics:
+                values = [diagnostics["q_minus_mc_at_t0"]]
+                values += diagnostics["dq_da"] + diagnostics["sigma"]
+                rows.append(",".join([run, str(step)] + [f"{v:.4g}" for v in values]))
+    if rows:
+        dims = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+        header = ["run", "step", "q_minus_mc_t0"]
+        header += [f"dq_da_{d}" for d in dims] + [f"sigma_{d}" for d in dims]
+        text = ",".join(header) + "\n" + "\n".join(rows) + "\n"
+        atomic_write_text(text, os.path.join(out, "critic_diagnostics.csv"))
+
+
 def write_table(p, out, seconds=None):
     """results.md: the development tables, the final table when it exists, the commands."""
     lines = ["# Offline RL against matched imitation on the simulated bin-sort (CPU)", ""]
@@ -633,6 +657,7 @@ def write_table(p, out, seconds=None):
     lines += ["", PAPER_FOOTNOTE, ""]
     lines += ["Commands: seed_<s>/logs/<job>.log (each starts with the exact command)."]
     atomic_write_text("\n".join(lines) + "\n", os.path.join(out, "results.md"))
+    write_critic_diagnostics(p, out)
     plot_dose_response(p, out)
 
 
