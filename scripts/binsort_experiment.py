@@ -188,16 +188,19 @@ def qmax_runs(p):
     }
 
 
+Q_RULE = "Q-values (select_ckpt.py)"
+
+
 def describe(run):
     """(actor objective, checkpoint rule) of a run, for the tables."""
     if run.startswith("ptr_q"):
         lam = run[5:]
         objective = "tanh-Gaussian likelihood" + (f" + {lam} x normalised Q" if lam != "0" else "")
-        return objective + " (CQL critic)", "Q-values (select_ckpt.py)"
+        return objective + " (CQL critic)", Q_RULE
     if run.startswith("qmax"):
-        return f"Q-maximising from the first fine-tuning update ({run})", "Q-values"
+        return f"Q-maximising from the first fine-tuning update ({run})", Q_RULE
     if run.startswith("ptr_awr"):
-        return f"likelihood weighted by exp({run[7:]} A / std A) (CQL critic)", "Q-values"
+        return f"likelihood weighted by exp({run[7:]} A / std A) (CQL critic)", Q_RULE
     if run.startswith("gbc_ft"):
         return f"tanh-Gaussian likelihood, no critic, tau {run.split('_m')[1]}", "validation NLL"
     if run.startswith("bc_ft"):
@@ -700,6 +703,8 @@ def plot_dose_response(p, out):
             best = max(gbc, key=lambda r: r["successes"])
             ax.axhspan(100 * best["success_lo"], 100 * best["success_hi"], color="C1", alpha=0.15)
             ax.axhline(100 * best["success"], color="C1", label="Gaussian BC (best tau)")
+        if prefix == "ptr_q":  # lambda is log-spaced from 0
+            ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel(label)
         ax.set_ylim(0, 100)
         ax.legend(fontsize=8)
