@@ -705,6 +705,7 @@ def plot_dose_response(p, out):
             ax.axhline(100 * best["success"], color="C1", label="Gaussian BC (best tau)")
         if prefix == "ptr_q":  # lambda is log-spaced from 0
             ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(-0.3, 2 * max(values + [1.0]))
         ax.set_xlabel(label)
         ax.set_ylim(0, 100)
         ax.legend(fontsize=8)
