@@ -12,7 +12,7 @@ id (Sec. IV-A "Handling task identifiers"), mixes prior and target data in each 
   augment() shifts and color-jitters a batch's images on its device.
 A leaf (SPEC section 2): it imports nothing from the project. A sampler reads the store it is given
 (data.Store) through its arrays and index: images, states, actions, terminals, traj_length,
-traj_start, traj_task, task names, action bounds. torch is imported inside the functions that make
+traj_start, traj_task, traj_success, task names, action bounds. torch is imported inside the functions that make
 tensors, so that `python data.py convert` never loads it.
 """
 
@@ -32,9 +32,10 @@ _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Sparse relabelling (Sec. IV-B): the last n_last steps get r = 1, the others 0. The batch's
-    reward is scale * r + shift (+10 / -1); done = r (every rewarded step is terminal), or the
-    file's terminals."""
+    """Sparse relabelling (Sec. IV-B): the last n_last steps of a successful trajectory get r = 1,
+    the others 0; a failed attempt (the store's traj_success False) gets r = 0 on every step. The
+    batch's reward is scale * r + shift (+10 / -1); done = r (every rewarded step is terminal), or
+    the file's terminals."""
 
     n_last: int = 3
     scale: float = 11.0
@@ -154,7 +155,9 @@ class _Seeded:
 class Sampler(_Seeded):
     """Uniform transitions of one split of a store (split=None: all). Rewards, masks, MC returns and
     global task ids are computed once for every transition here, so a batch is a handful of gathers.
-    """
+    Rewards follow RewardConfig: only a successful trajectory is relabelled; a failed attempt keeps
+    r = 0 on every step (reward = shift, -1; mask 1, as done = r) and, having no success, the
+    constant MC return shift / (1 - gamma) (mc_returns, the Cal-QL bound)."""
 
     def __init__(
         self,
@@ -188,7 +191,9 @@ class Sampler(_Seeded):
         lengths = store.traj_length
         traj = np.repeat(np.arange(len(lengths)), lengths)  # the trajectory of each transition
         step = np.arange(len(traj)) - store.traj_start[traj]
-        success = (step >= lengths[traj] - reward.n_last).astype(np.float32)
+        # r = 1 on the last n_last steps of a successful trajectory; a failed attempt has no r = 1
+        last_steps = step >= lengths[traj] - reward.n_last
+        success = (last_steps & store.traj_success[traj]).astype(np.float32)
         done = np.asarray(store.terminals, np.float32) if reward.use_terminals else success
         self._reward = (reward.scale * success + reward.shift).astype(np.float32)
         self._mask = 1 - done

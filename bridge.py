@@ -4,7 +4,8 @@ PTR (Kumar et al., RSS 2023, Sec. V) pre-trains on Bridge: one folder per task, 
 train/ and val/ with an out.npy, an np.save'd list of trajectory dicts (observations,
 next_observations, actions, terminals; an observation holds images0.. uint8 (H, W, 3) and a
 7-d state). read_bridge_file() is the only place that unpickles; parse_trajectory() checks one
-trajectory and names the file, the trajectory, the field, what was expected and what was found.
+trajectory and names the file, the trajectory, the field, what was expected and what was found;
+trajectory_success() reads whether it succeeded from its optional `rewards`.
 fileio.py writes the format; data.py finds the files and converts them into a store.
 """
 
@@ -187,3 +188,22 @@ def parse_trajectory(traj, path, index, camera="images0"):
     images = {c: np.stack([obs[c] for obs in observations]) for c in cameras}
     states = np.array([obs["state"] for obs in observations], np.float32)
     return images, states, actions.astype(np.float32), terminals.astype(np.float32)
+
+
+def trajectory_success(traj, path, index):
+    """Whether a trajectory succeeded, from its optional `rewards` (SPEC section 5): a trajectory
+    whose rewards have no positive entry is a failed attempt (sim collection keeps the env's
+    rewards, so a failure stays one); a trajectory without rewards counts as a success, as the
+    Bridge release's demonstrations do. Call it after parse_trajectory(): rewards must then be one
+    finite number per action, else a BridgeFormatError names the field."""
+    if traj.get("rewards") is None:
+        return True
+    T = len(traj["actions"])
+
+    def fail(field, expected, got=None):
+        return BridgeFormatError(path, index, field, expected, got)
+
+    rewards = _numbers(
+        traj["rewards"], fail, "rewards", f"{T} numbers", lambda s: s == (T,), steps=True
+    )
+    return bool((rewards > 0).any())

@@ -18,7 +18,8 @@ Store (a folder, memory-mapped, allow_pickle=False):
   steps owns T + 1 consecutive frames, so transition g of trajectory k has its obs at frame g + k
   and its next obs at frame g + k + 1;
   actions.npy float32 (N, 7, raw units) and terminals.npy float32 (N,), one row per transition;
-  trajectories.npz: task, split (0 train / 1 val), length, source (file number), index in the file;
+  trajectories.npz: task, split (0 train / 1 val), length, source (file number), index in the file,
+  success (0: a failed attempt, whose rewards have no positive entry; bridge.trajectory_success);
   meta.json, written last: options, task names, action bounds, counts, the sources' sizes, mtimes.
 torch is imported inside the functions that make tensors: `python data.py convert` never loads it
 (~500 MB resident, 2.5 s).
@@ -48,17 +49,21 @@ from bridge import (
     BridgeFormatError,
     parse_trajectory,
     read_source,
+    trajectory_success,
 )
 from cli import ExpectedError, run_cli
 from fileio import FormatError, pid_alive
 
-FORMAT_VERSION = 1
+# The store layout's version (2: trajectories.npz keeps each trajectory's success). It is one of the
+# conversion options, so part of a store's key: a store of another version is converted again on
+# its next use, and one given by path is refused by its meta.json check with the rebuild command.
+FORMAT_VERSION = 2
 # The default store location, under the source root; the tree scan skips dot-folders.
 STORE_DIR = ".ptr_store"
 SPLITS = ("train", "val")  # split codes 0 and 1
 VAL_FRACTION = 0.1  # held out for a task that ships only one of train/ and val/
 STORE_ARRAYS = ("images", "states", "actions", "terminals")
-TRAJECTORY_FIELDS = ("task", "split", "length", "source", "index")  # trajectories.npz
+TRAJECTORY_FIELDS = ("task", "split", "length", "source", "index", "success")  # trajectories.npz
 META_FIELDS = (
     "format_version",
     "key",
@@ -316,8 +321,10 @@ def _install(tmp, store, sources, key):
 
 def _checked_frames(traj, path, index, options, size):
     """parse_trajectory(), then every camera's frames resized to `size` (None: the first
-    trajectory's size, which every later one must have). BridgeFormatError for a bad trajectory."""
+    trajectory's size, which every later one must have), and whether it succeeded
+    (trajectory_success). BridgeFormatError for a bad trajectory."""
     images, states, actions, terminals = parse_trajectory(traj, path, index, options["camera"])
+    success = trajectory_success(traj, path, index)
     images = {c: resize_images(frames, size) for c, frames in images.items()}
     size = size or next(iter(images.values())).shape[1:3]
     for c, frames in images.items():
@@ -329,14 +336,14 @@ def _checked_frames(traj, path, index, options, size):
                 f"{size[0]}x{size[1]} images like the first trajectory's (or pass image_size)",
                 describe(frames[0]),
             )
-    return images, states, actions, terminals
+    return images, states, actions, terminals, success
 
 
 def _write_trajectories(images_file, sources, root, options, skip):
     """Stream every valid trajectory's frames into images_file (after its header placeholder).
-    Returns (rows: (task name, source file, index in file, length) per trajectory, {name: per-step
-    arrays}, image (H, W)). States, actions and terminals (~0.1 % of the bytes) are gathered in
-    memory. skip(error) notes a bad trajectory or file, or raises the error."""
+    Returns (rows: (task name, source file, index in file, length, success) per trajectory,
+    {name: per-step arrays}, image (H, W)). States, actions and terminals (~0.1 % of the bytes) are
+    gathered in memory. skip(error) notes a bad trajectory or file, or raises the error."""
     size = image_hw(options["image_size"])
     aliases = options["aliases"]
     rows = []
@@ -348,19 +355,20 @@ def _write_trajectories(images_file, sources, root, options, skip):
         try:
             for index, traj_task, load in _episodes(path, task, root, options):
                 try:
-                    images, states, actions, terminals = _checked_frames(
+                    images, states, actions, terminals, success = _checked_frames(
                         load(), path, index, checks, size
                     )
                 except FormatError as e:
                     skip(e)
                     continue
                 size = next(iter(images.values())).shape[1:3]  # the first one fixes it
+                name = aliases.get(traj_task, traj_task)
                 for frames in images.values():  # camera="all": each camera a trajectory of its own
                     images_file.write(np.ascontiguousarray(frames).data)
                     arrays["states"].append(states)
                     arrays["actions"].append(actions)
                     arrays["terminals"].append(terminals)
-                    rows.append((aliases.get(traj_task, traj_task), source, index, len(actions)))
+                    rows.append((name, source, index, len(actions), success))
         # the file itself is bad, or a reader failed part-way (or skip() passed an error on)
         except FormatError as e:
             skip(e)
@@ -403,7 +411,7 @@ def convert(sources, root, store, key, options, log=print):
             np.save(os.path.join(tmp, f"{name}.npy"), a)
         task_names = sorted({row[0] for row in rows})  # RLDS / LeRobot: known once all are read
         rows = [(task_names.index(name), *rest) for name, *rest in rows]
-        task, source, index, length = np.array(rows, np.int64).T
+        task, source, index, length, success = np.array(rows, np.int64).T
         np.savez(
             os.path.join(tmp, "trajectories.npz"),
             task=task,
@@ -411,6 +419,7 @@ def convert(sources, root, store, key, options, log=print):
             index=index,
             length=length,
             split=_assign_splits(task, source, index, sources, task_names),
+            success=success.astype(np.int8),
         )
         low, high = _action_bounds(arrays["actions"])
         meta = {
@@ -604,6 +613,7 @@ class Store:
         self.traj_task = index["task"]
         self.traj_split = index["split"]
         self.traj_length = index["length"]
+        self.traj_success = index["success"].astype(bool)  # False: a failed attempt
         self.traj_start = np.cumsum(self.traj_length) - self.traj_length  # first transition of each
         transitions = self.meta["num_transitions"]
         frames = transitions + len(self.traj_length)  # T + 1 frames per trajectory
@@ -675,6 +685,8 @@ class Store:
             raise self._damaged(file, f"'task': expected ids in 0..{tasks - 1} (meta.json's tasks)")
         if not np.isin(index["split"], (0, 1)).all():
             raise self._damaged(file, "'split': expected 0 (train) or 1 (val)")
+        if not np.isin(index["success"], (0, 1)).all():
+            raise self._damaged(file, "'success': expected 0 (a failed attempt) or 1")
         return index
 
     def _open_array(self, name, shape, dtype):
@@ -740,8 +752,8 @@ def info(path):
         f"{store.path}: {len(lengths)} trajectories, {lengths.sum()} transitions of "
         f"{store.image_size} images, camera {store.meta['options']['camera']}, "
         f"{len(store.meta['sources'])} files under {store.meta['root']}, "
-        f"{store.meta['skipped']} skipped; length min {lengths.min()}, mean {lengths.mean():.1f}, "
-        f"max {lengths.max()}"
+        f"{store.meta['skipped']} skipped, {(~store.traj_success).sum()} failed attempts; "
+        f"length min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}"
     )
     print("  id  train   val  transitions  task")
     for k, name in enumerate(store.task_names):

@@ -333,15 +333,20 @@ def evaluate(
 # -------------------------------------------------------------------------- environments and resets
 
 
-def make_env(name, image_size, task=None, max_steps=0, port="/dev/ttyUSB0", backend="dynamixel"):
+def make_env(
+    name, image_size, task=None, max_steps=0, port="/dev/ttyUSB0", backend="dynamixel", camera="0"
+):
     """binsort: the simulator on `task` when it knows that name (e.g. sort_mug_cube),
     else its target sort task;
-    widowx: the real arm. Imported here, so nothing else needs pybullet or pyserial."""
+    widowx: the real arm (or twin.py's simulated one behind `port`), its images from `camera` (an
+    opencv index or path, or twin:<port>). Imported here, so nothing else needs pybullet or
+    pyserial."""
     if name == "widowx":  # (argparse's choices keep name in ENVS)
         import robot
 
         kw = {"max_steps": max_steps} if max_steps else {}  # else robot.py's (40 steps, as Bridge)
-        return robot.WidowXEnv(port, backend=backend, image_size=image_size, **kw)
+        camera = robot.camera_arg(str(camera))
+        return robot.WidowXEnv(port, backend=backend, image_size=image_size, camera=camera, **kw)
     import sim_binsort
 
     try:
@@ -748,6 +753,7 @@ def online_finetune(args):
         args.max_steps,
         args.port,
         args.backend,
+        args.camera,
     )
     try:
         labeler = make_labeler(args)
@@ -776,7 +782,9 @@ def cmd_eval(args):
     if sample_actions is None:  # as exported (online.py export --sample_actions), else the mean
         sample_actions = bool(getattr(policy, "evaluation", {}).get("sample_actions", False))
     size = args.env_image_size or policy.size
-    env = make_env(args.env, size, policy.task_name, args.max_steps, args.port, args.backend)
+    env = make_env(
+        args.env, size, policy.task_name, args.max_steps, args.port, args.backend, args.camera
+    )
     video = (args.save_video, args.video_format) if args.save_video else None
     try:
         labeler = make_labeler(args)
@@ -839,6 +847,11 @@ def add_env_args(p):
         "--max_steps", type=int, default=0, help="episode length cap (default: the env's own limit)"
     )
     p.add_argument("--port", default="/dev/ttyUSB0", help="widowx: the U2D2 serial port")
+    p.add_argument(
+        "--camera",
+        default="0",
+        help="widowx: an opencv camera index or path, or twin:<port> (twin.py's rendered frames)",
+    )
     p.add_argument(
         "--backend", default="dynamixel", choices=["dynamixel", "interbotix"], help="widowx driver"
     )

@@ -23,7 +23,10 @@ import contextlib
 import functools
 import os
 import select
+import socket
+import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -513,10 +516,64 @@ def _cv2():
     return cv2
 
 
-def open_camera(camera):
-    """None (black images), anything with read() -> (ok, BGR frame), or an opencv index or path."""
+# twin.py's camera protocol: a request is the frame size wanted (0 0: the server's), a reply the
+# frame's size then its BGR bytes
+FRAME_HEADER = "<HH"
+
+
+def twin_camera_socket(port):
+    """Where twin.py serves the camera of the simulated arm on `port`: a Unix socket in the
+    temporary folder, named after the pseudo-terminal (/dev/pts/3: widowx-twin-dev-pts-3.camera)."""
+    name = os.path.realpath(port).strip("/").replace("/", "-")
+    return os.path.join(tempfile.gettempdir(), f"widowx-twin-{name}.camera")
+
+
+class SocketCamera:
+    """Frames from a Unix socket (twin.py's simulated camera), read() as cv2.VideoCapture's:
+    (ok, BGR frame of `size`)."""
+
+    def __init__(self, path, size=(0, 0)):
+        self.path = path
+        self.size = tuple(size)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise OSError(
+                f"no simulated camera at {path} ({e.strerror}): is twin.py serving that port?"
+            ) from None
+
+    def read(self):
+        try:
+            self.sock.sendall(struct.pack(FRAME_HEADER, *self.size))
+            header = self._receive(struct.calcsize(FRAME_HEADER))
+            height, width = struct.unpack(FRAME_HEADER, header)
+            frame = np.frombuffer(self._receive(height * width * 3), np.uint8)
+        except OSError:  # the twin stopped: no frame, as a camera that was unplugged
+            return False, None
+        return True, frame.reshape(height, width, 3)
+
+    def _receive(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"{self.path} closed")
+            data += chunk
+        return data
+
+    def release(self):
+        self.sock.close()
+
+
+def open_camera(camera, size=(0, 0)):
+    """None (black images), anything with read() -> (ok, BGR frame), twin:<port> (twin.py's
+    simulated camera, frames of size (H, W)), or an opencv index or path."""
     if camera is None or hasattr(camera, "read"):
         return camera
+    if isinstance(camera, str) and camera.startswith("twin:"):
+        return SocketCamera(twin_camera_socket(camera.removeprefix("twin:")), size)
     cv2 = _cv2()
     capture = cv2.VideoCapture(camera)
     if not capture.isOpened():
@@ -559,12 +616,12 @@ class WidowXEnv:
         log=print,
     ):
         self.arm = arm if arm is not None else make_arm(backend, port, baud, log)
-        self.camera = open_camera(camera)
         self.log = log
         if np.isscalar(image_size):
             self.image_size = (image_size, image_size)
         else:
             self.image_size = tuple(image_size)
+        self.camera = open_camera(camera, self.image_size)
         self.period = 1.0 / control_hz
         self.max_steps = max_steps
         self.move_s = move_s
@@ -930,7 +987,7 @@ def _servo_errors(status, reboot, beyond):
 
 
 def camera_arg(text):
-    """--camera: an opencv index (digits) or a path."""
+    """--camera: an opencv index (digits), a path, or twin:<port> (twin.py's camera)."""
     return int(text) if text.isdigit() else text
 
 
@@ -961,7 +1018,12 @@ def build_parser():
     r.add_argument("--episodes", type=int, default=10)
     r.add_argument("--max_steps", type=int, default=100)
     r.add_argument("--val_every", type=int, default=5, help="every n-th kept episode goes to val/")
-    r.add_argument("--camera", default=0, type=camera_arg, help="opencv index or path")
+    r.add_argument(
+        "--camera",
+        default=0,
+        type=camera_arg,
+        help="opencv index or path, or twin:<port> for twin.py's simulated camera",
+    )
     return p
 
 

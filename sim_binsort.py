@@ -38,8 +38,13 @@ Design choices (SPEC sections 2, 5, 6, 7):
   recorded and then "close" from the same view; a deterministic BC policy averaged the two and
   hovered there (results/binsort_round8/report.md).
 - Scripted demos add Gaussian noise of std `noise` (0.1) in normalized action units (fractions of
-  each half range): 0.1 -> 5 mm, 0.025 rad, 0.05 of the gripper range. Data: the Bridge numpy format
-  (SPEC 5): <out>/<task>/{train,val}/out.npy, tasks "pick_duck_to_left", "sort_mug_cube". Usage:
+  each half range): 0.1 -> 5 mm, 0.025 rad, 0.05 of the gripper range.
+- `collect --style teleop` (TeleopStyle, TeleopPolicy): demos that look teleoperated, for prior data
+  of mixed quality: noise 0.3, pauses, detours the script corrects, and a fraction of attempts kept
+  failed or cut short with their zero rewards (data.py marks them failed, batches.py never
+  relabels them). Its random draws come from streams of their own (episode_stream).
+- Data: the Bridge numpy format (SPEC 5): <out>/<task>/{train,val}/out.npy, tasks
+  "pick_duck_to_left", "sort_mug_cube". Usage:
   python sim_binsort.py collect --task pickplace --n 2000 --out data/binsort/prior  (or --task sort
   --n 5)
        python sim_binsort.py show --out strip.png   (speed: scripts/bench_sim.py)
@@ -54,9 +59,12 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from cli import add_dataclass_args, dataclass_from_args
 from fileio import atomic_write, bridge_trajectory, write_bridge_file
 from widowx import (  # the arm's kinematics (SPEC section 6), shared with robot.py, and its URDF
     ARM_JOINTS,
@@ -615,19 +623,115 @@ class ScriptedPolicy:
         return np.clip(action, ACTION_LOW, ACTION_HIGH).astype(np.float32)
 
 
-def run_episode(env, task, seed, noise=0.1, extra_success_steps=2, first=None):
+# ---------------------------------------------------------------- teleoperated-looking demos
+@dataclass(frozen=True)
+class TeleopStyle:
+    """Demos that look like a person at a teleop interface (collect --style teleop; each field is a
+    flag of collect). Bridge keeps teleoperated attempts of every quality; scripted demos that all
+    succeed are the case where imitation is nearly optimal. These add noisier actions, pauses and
+    hesitations, and keep a fraction of the attempts as they end, with their true zero reward."""
+
+    teleop_noise: float = 0.3  # action noise std in normalized action units (scripted: --noise)
+    pause_prob: float = 0.05  # chance per step that a pause starts: zero motion, the gripper held
+    pause_steps: int = 3  # steps of one pause
+    detour_prob: float = 0.05  # chance per step that a hesitation (a detour) starts
+    detour_steps: int = 2  # steps of one detour, each detour_size in one random direction
+    detour_size: float = 0.02  # metres per detour step (at most 0.05); the script then steers back
+    imperfect: float = 0.3  # fraction of the demos (in each split) kept failed or cut short
+
+    def __post_init__(self):
+        # (field, lowest, highest value); a pause and a detour share one draw per step, so their
+        # chances add up to at most 1, and a detour step stays inside the action bound
+        ranges = [
+            ("teleop_noise", 0, np.inf),
+            ("pause_prob", 0, 1),
+            ("pause_steps", 1, np.inf),
+            ("detour_prob", 0, 1 - self.pause_prob),
+            ("detour_steps", 1, np.inf),
+            ("detour_size", 0, ACTION_HIGH[0]),
+            ("imperfect", 0, 1),
+        ]
+        for name, low, high in ranges:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(
+                    f"sim_binsort.py: --{name} {value}: expected a value in [{low}, {high:g}]"
+                )
+
+
+class TeleopPolicy:
+    """A person at a teleop interface, on top of a ScriptedPolicy (made with TeleopStyle's noise).
+    Before each step a pause may start (pause_steps steps of zero motion, the gripper held at its
+    last command) or a hesitation (detour_steps steps of detour_size metres in one random
+    direction, the gripper held). The scripted policy corrects a detour by itself: it steers the
+    accumulated target, wherever the detour left it, towards its goal. These choices come from a
+    random stream of their own, so with both chances 0 the actions are the scripted policy's."""
+
+    def __init__(self, scripted, style, rng):
+        self.scripted = scripted
+        self.style = style
+        self.rng = rng
+        self.planned = []  # the actions left of the pause or detour under way
+        self.gripper = 1.0  # the last gripper command; the arm starts open
+
+    def _held(self, translation):
+        """One action that moves by `translation` (m), turns nothing and keeps the gripper."""
+        return np.array([*translation, 0.0, 0.0, 0.0, self.gripper], np.float32)
+
+    def _interruption(self):
+        """The actions of a pause or a detour that starts now, or [] (the script goes on)."""
+        draw = self.rng.random()
+        if draw < self.style.pause_prob:
+            return [self._held(np.zeros(3))] * self.style.pause_steps
+        if draw < self.style.pause_prob + self.style.detour_prob:
+            direction = self.rng.standard_normal(3)
+            direction /= np.linalg.norm(direction)
+            return [self._held(self.style.detour_size * direction)] * self.style.detour_steps
+        return []
+
+    def __call__(self, obs):
+        if not self.planned:
+            self.planned = self._interruption()
+        if self.planned:
+            action = self.planned.pop(0)
+        else:
+            action = self.scripted(obs)
+        self.gripper = float(action[6])
+        return action
+
+
+# The parts of an episode that draw from random streams of their own (episode_stream)
+TELEOP_STREAM = 1  # the operator's pauses and detours
+CUT_STREAM = 2  # the step at which an imperfect attempt is cut short
+
+
+def episode_stream(seed, part):
+    """A random generator for one part of an episode, derived from the episode's seed as a stream
+    of its own: the scripted policy's noise draws stay those of the scripted episode."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(part,)))
+
+
+def run_episode(
+    env, task, seed, noise=0.1, extra_success_steps=2, first=None, teleop=None, max_steps=None
+):
     """One scripted episode (reset included), stopped `extra_success_steps` steps after the task is
-    first solved; seed: int or list of ints; first: see ScriptedPolicy. Returns (T + 1
-    observations, actions (T, 7), rewards (T,), success at the end).
+    first solved; seed: int or list of ints; first: see ScriptedPolicy. teleop: a TeleopStyle, whose
+    TeleopPolicy wraps the scripted policy (and whose teleop_noise replaces `noise`); max_steps: stop
+    after this many steps at the latest (an attempt cut short; the env's limit holds too). Returns
+    (T + 1 observations, actions (T, 7), rewards (T,), success at the end).
     env.reset(seed=env_seed_of(seed)) gives the same world again (replay_actions)."""
     env_seed, policy_seed = np.random.SeedSequence(seed).generate_state(2)
     obs = env.reset(seed=int(env_seed), task=task)
-    policy = ScriptedPolicy(env, noise, np.random.default_rng(int(policy_seed)), first=first)
+    scripted_noise = noise if teleop is None else teleop.teleop_noise
+    policy_rng = np.random.default_rng(int(policy_seed))
+    policy = ScriptedPolicy(env, scripted_noise, policy_rng, first=first)
+    if teleop is not None:
+        policy = TeleopPolicy(policy, teleop, episode_stream(seed, TELEOP_STREAM))
     observations = [obs]
     actions = []
     rewards = []
     streak = 0  # consecutive successful steps
-    for _ in range(env.max_steps):
+    for _ in range(min(max_steps or env.max_steps, env.max_steps)):
         actions.append(policy(obs))
         obs, reward, terminated, truncated, info = env.step(actions[-1])
         observations.append(obs)
@@ -660,33 +764,95 @@ def replay_actions(env, task, seed, actions):
 
 # ---------------------------------------------------------- data collection (Bridge format, SPEC 5)
 _WORKER = {}  # the environment of this (worker) process, made by its first job
+OUTCOMES = ("success", "failed", "partial")  # what a kept attempt was (collect's summary)
+
+
+class _Job(NamedTuple):
+    """One demo to collect: a job of the worker pool (collect's arguments, and this demo's place)."""
+
+    name: str
+    split: str
+    index: int
+    seed: int
+    noise: float
+    keep_failures: bool
+    max_attempts: int
+    env_kwargs: dict
+    first: str | None
+    teleop: TeleopStyle | None  # None: the scripted style
+    imperfect: bool  # this demo is kept as a failed or partial attempt (teleop style)
+
+
+def outcome_of(rewards, limit):
+    """success: a positive reward somewhere (what the store calls a success); else partial when the
+    attempt stopped before the step limit (cut short), failed when it ran out of steps."""
+    if (rewards > 0).any():
+        return "success"
+    return "partial" if len(rewards) < limit else "failed"
+
+
+def cut_step(seed, limit):
+    """The step after which an imperfect attempt is cut short: uniform in 1..limit, from the
+    attempt's seed (a cut at the limit is an attempt that fails on its own)."""
+    return int(episode_stream(seed, CUT_STREAM).integers(1, limit + 1))
 
 
 def _collect_job(job):
-    """Attempts at one demo until one succeeds; seeds from (seed, task, split, index, attempt) and a
-    world rebuilt at every reset make the data independent of --workers."""
-    name, split, i, seed, noise, keep_failures, max_attempts, env_kwargs, first = job
+    """Attempts at one demo until one ends as the demo should: with success at the end, or for an
+    imperfect demo without any success (failed, or cut short at a random step). Seeds from (seed,
+    task, split, index, attempt) and a world rebuilt at every reset make the data independent of
+    --workers. Returns (name, split, trajectory, discarded attempts, steps run, outcome)."""
     if "env" not in _WORKER:
-        _WORKER["env"] = BinSortEnv(terminate_on_success=False, **env_kwargs)
+        _WORKER["env"] = BinSortEnv(terminate_on_success=False, **job.env_kwargs)
+    env = _WORKER["env"]
+    limit = MAX_STEPS[parse_task(job.name, env.sort_pair)[0]]
     steps = 0
-    for attempt in range(max_attempts):
-        key = demo_seed(seed, name, split, i, attempt)
+    for attempt in range(job.max_attempts):
+        key = demo_seed(job.seed, job.name, job.split, job.index, attempt)
+        cut = cut_step(key, limit) if job.imperfect else None
         observations, actions, rewards, ok = run_episode(
-            _WORKER["env"], name, key, noise, first=first
+            env, job.name, key, job.noise, first=job.first, teleop=job.teleop, max_steps=cut
         )
         steps += len(actions)
-        if ok or keep_failures:
+        outcome = outcome_of(rewards, limit)
+        wanted = (outcome != "success") if job.imperfect else ok
+        if wanted or job.keep_failures:
             trajectory = bridge_trajectory(observations, actions, rewards)
-            return name, split, trajectory, attempt, steps
-    raise RuntimeError(
-        "sim_binsort.py: the scripted policy failed %d times in a row on %s (%s demo %d); raise "
-        "--max_attempts or lower --noise" % (max_attempts, name, split, i)
+            return job.name, job.split, trajectory, attempt, steps, outcome
+    raise RuntimeError(_gave_up(job))
+
+
+def _gave_up(job):
+    """Why _collect_job found no attempt it could keep, in one line."""
+    demo = f"{job.name} ({job.split} demo {job.index})"
+    if job.imperfect:
+        return (
+            f"sim_binsort.py: all {job.max_attempts} attempts at an imperfect demo of {demo} "
+            "succeeded before their cut; raise --max_attempts"
+        )
+    noise = "--noise" if job.teleop is None else "--teleop_noise"
+    return (
+        f"sim_binsort.py: the scripted policy failed {job.max_attempts} times in a row on {demo}; "
+        f"raise --max_attempts or lower {noise}"
     )
 
 
 def demo_seed(seed, name, split, index, attempt=0):
     """The run_episode seed of one collected demo."""
     return [seed, zlib.crc32(name.encode()), ("train", "val").index(split), index, attempt]
+
+
+def imperfect_demos(seed, slots, fraction):
+    """Which demos, of slots [(task, split, index)], are imperfect attempts: in each split,
+    round(fraction * its demos) of them at random over all its tasks (pick-place has 20 tasks, often
+    with a demo or two each). Drawn from the collection's seed, so independent of --workers."""
+    rng = np.random.default_rng([seed, zlib.crc32(b"imperfect")])
+    chosen = set()
+    for split in ("train", "val"):
+        in_split = [slot for slot in slots if slot[1] == split]
+        picks = rng.choice(len(in_split), int(fraction * len(in_split) + 0.5), replace=False)
+        chosen.update(in_split[k] for k in picks)
+    return chosen
 
 
 def collect(
@@ -705,10 +871,14 @@ def collect(
     max_attempts=20,
     log=sys.stderr,
     first=None,
+    teleop=None,
 ):
     """Scripted demos into <out>/<task name>/{train,val}/out.npy. The n training demos are split
     evenly over the tasks; each task also gets max(min_val, round(val_frac * its n)) held-out demos.
-    first: the object sort demos place first (ScriptedPolicy). Returns a summary."""
+    first: the object sort demos place first (ScriptedPolicy). teleop: a TeleopStyle for demos that
+    look teleoperated (--style teleop), a fraction teleop.imperfect of each split's demos imperfect
+    attempts kept with their zero rewards (imperfect_demos); None: the scripted style. Returns a
+    summary, with the count of each outcome (OUTCOMES) of the kept demos."""
     parse_task(
         "sort_" + "_".join(sort_pair), sort_pair
     )  # a bad --sort_pair fails here, not in a worker
@@ -721,17 +891,37 @@ def collect(
         "sort_pair": sort_pair,
         "num_distractors": num_distractors,
     }
-    jobs = []
     counts = {}
     for k, name in enumerate(names):
         n_train = n // len(names) + (k < n % len(names))
-        if n_train <= 0:
-            continue
-        counts[name] = {"train": n_train, "val": max(min_val, round(val_frac * n_train))}
-        for split in ("train", "val"):
-            for i in range(counts[name][split]):
-                job = (name, split, i, seed, noise, keep_failures, max_attempts, env_kwargs, first)
-                jobs.append(job)
+        if n_train > 0:
+            counts[name] = {"train": n_train, "val": max(min_val, round(val_frac * n_train))}
+    # every demo to collect, by task, split ("train" first) and index: the jobs' order
+    slots = [
+        (name, split, i)
+        for name in counts
+        for split in counts[name]
+        for i in range(counts[name][split])
+    ]
+    imperfect = set()
+    if teleop is not None:
+        imperfect = imperfect_demos(seed, slots, teleop.imperfect)
+    jobs = []
+    for name, split, i in slots:
+        job = _Job(
+            name=name,
+            split=split,
+            index=i,
+            seed=seed,
+            noise=noise,
+            keep_failures=keep_failures,
+            max_attempts=max_attempts,
+            env_kwargs=env_kwargs,
+            first=first,
+            teleop=teleop,
+            imperfect=(name, split, i) in imperfect,
+        )
+        jobs.append(job)
     # spawn, not fork: a forked PyBullet client is not safe
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     # imap keeps the job order, whoever ran a job
@@ -739,12 +929,16 @@ def collect(
     t0 = time.time()
     steps = 0
     discarded = 0
+    outcomes = dict.fromkeys(OUTCOMES, 0)
+    # an imperfect demo discards attempts that succeeded, so the teleop style says "attempts"
+    rejected = "failed attempts" if teleop is None else "attempts"
     pending = {}
     try:
-        for done, (name, split, trajectory, attempt, job_steps) in enumerate(results, 1):
+        for done, (name, split, trajectory, attempt, job_steps, outcome) in enumerate(results, 1):
             pending.setdefault(name, {"train": [], "val": []})[split].append(trajectory)
             steps += job_steps
             discarded += attempt
+            outcomes[outcome] += 1
             complete = all(len(pending[name][s]) == counts[name][s] for s in ("train", "val"))
             if complete:
                 for s, trajectories in pending.pop(name).items():
@@ -754,7 +948,7 @@ def collect(
                 eta = (len(jobs) - done) * elapsed / done
                 end = "\n" if done == len(jobs) else ""
                 log.write(
-                    f"\rcollect: {done}/{len(jobs)} demos ({name}), {discarded} failed attempts "
+                    f"\rcollect: {done}/{len(jobs)} demos ({name}), {discarded} {rejected} "
                     f"discarded, {steps / elapsed:.0f} steps/s, eta {eta:.0f}s {end}"
                 )
     finally:
@@ -766,8 +960,25 @@ def collect(
         "demos": len(jobs),
         "steps": steps,
         "discarded": discarded,
+        "outcomes": outcomes,
         "seconds": time.time() - t0,
     }
+
+
+def collect_report(summary, out, teleop=None):
+    """The line `collect` prints: what it wrote; for the teleop style also each outcome's count."""
+    if teleop is None:
+        return (
+            f"wrote {summary['demos']} demos ({summary['steps']} steps, "
+            f"{summary['discarded']} failed attempts discarded) in {summary['seconds']:.0f}s "
+            f"for {len(summary['tasks'])} task(s) to {out}"
+        )
+    kept = ", ".join(f"{summary['outcomes'][o]} {o}" for o in OUTCOMES)
+    return (
+        f"wrote {summary['demos']} teleop-style demos ({kept}; {summary['steps']} steps, "
+        f"{summary['discarded']} attempts discarded) in {summary['seconds']:.0f}s "
+        f"for {len(summary['tasks'])} task(s) to {out}"
+    )
 
 
 # ---------------------------------------------------------------- show, command line
@@ -798,7 +1009,10 @@ def main(argv=None):
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--image_size", type=int, default=128)
     common.add_argument(
-        "--noise", type=float, default=0.1, help="action noise std in normalized action units"
+        "--noise",
+        type=float,
+        default=0.1,
+        help="action noise std in normalized action units (--style teleop: --teleop_noise)",
     )
     c = sub.add_parser(
         "collect", parents=[common], help="scripted demos in the Bridge numpy format"
@@ -835,12 +1049,28 @@ def main(argv=None):
         default=None,
         help="sort demos: the object placed first (default: the sort pair's first, the left one)",
     )
+    c.add_argument(
+        "--style",
+        choices=("scripted", "teleop"),
+        default="scripted",
+        help="scripted demos, or demos that look teleoperated (the TeleopStyle flags below)",
+    )
+    add_dataclass_args(c.add_argument_group("--style teleop (TeleopStyle)"), TeleopStyle)
     s = sub.add_parser("show", parents=[common], help="PNG film strip of one scripted episode")
     s.add_argument("--out", default="strip.png")
     s.add_argument("--task", default="sort")
     s.add_argument("--frames", type=int, default=12)
+    # prefix "+": every flag after `twin` is twin.py's, passed on as it is
+    t = sub.add_parser("twin", prefix_chars="+", help="python twin.py: the arm behind a pty")
+    t.add_argument("twin_args", nargs="*", help="twin.py's flags (python twin.py -h)")
     args = ap.parse_args(argv)
+    if args.cmd == "twin":  # twin.py imports this file: imported here, when asked for
+        import twin
+        from cli import run_cli
+
+        run_cli(twin.main, args.twin_args)
     if args.cmd == "collect":
+        teleop = dataclass_from_args(TeleopStyle, args) if args.style == "teleop" else None
         summary = collect(
             args.task,
             args.n,
@@ -856,12 +1086,9 @@ def main(argv=None):
             args.distractors,
             args.max_attempts,
             first=args.first,
+            teleop=teleop,
         )
-        print(
-            f"wrote {summary['demos']} demos ({summary['steps']} steps, "
-            f"{summary['discarded']} failed attempts discarded) in {summary['seconds']:.0f}s "
-            f"for {len(summary['tasks'])} task(s) to {args.out}"
-        )
+        print(collect_report(summary, args.out, teleop))
     else:
         show(args.out, args.task, args.seed, args.image_size, args.frames, args.noise)
 

@@ -57,6 +57,7 @@ import select_ckpt
 import sim_binsort as sb
 import stats
 import train
+import twin
 import widowx
 from cql import Agent, AgentConfig
 
@@ -469,6 +470,71 @@ def _fake_interbotix(monkeypatch):
     return calls
 
 
+# ---- twin.py: the simulated arm behind a pseudo-terminal -----------------------------------------
+# the twin's world runs 10 x real time, and robot.py's clock is the twin's: a 2 s move takes 0.2 s
+_TWIN_SPEED = 10.0
+
+
+class _TwinPort(_PtyPort):
+    """The driver's end of a twin's pseudo-terminal, opened by its path as pyserial would."""
+
+    def __init__(self, path):
+        super().__init__(os.open(path, os.O_RDWR | os.O_NOCTTY))
+        self.name = path
+
+
+@pytest.fixture
+def make_twin(monkeypatch):
+    """-> start(**options of twin.Twin): a running twin at _TWIN_SPEED whose clock robot.py's
+    sleeps and timestamps follow. Every twin started is closed after the test."""
+    pytest.importorskip("termios")  # pseudo-terminals: Linux and macOS
+    twins = []
+
+    def start(**options):
+        arm = twin.Twin(speed=_TWIN_SPEED, log=lambda line: None, **options).start()
+        twins.append(arm)
+        clock = types.SimpleNamespace(monotonic=arm.clock, sleep=arm.sleep)
+        monkeypatch.setattr(robot, "time", clock)
+        return arm
+
+    yield start
+    for arm in twins:
+        arm.close()
+
+
+def _twin_bus(arm, timeout=0.1, retries=3):
+    """A DynamixelBus on the twin's port (a path, as robot.py opens a U2D2)."""
+    port = _TwinPort(arm.port)
+    return dynamixel.DynamixelBus(port, timeout=timeout, retries=retries, names=robot.SERVO_NAMES)
+
+
+def _twin_cli(monkeypatch):
+    """robot.py's commands open their bus on the twin's port without pyserial."""
+
+    def open_bus(path, baud):
+        return _twin_bus(types.SimpleNamespace(port=path))
+
+    monkeypatch.setattr(robot, "open_bus", open_bus)
+
+
+def _twin_env(arm, **options):
+    """A quiet WidowXEnv on the twin, with the twin's camera: 32 px, 0.5 s moves, no watchdog."""
+    driver = robot.DynamixelArm(_twin_bus(arm), log=lambda *a: None)
+    kw = dict(image_size=32, watchdog_s=0, move_s=0.5, log=lambda *a: None, **options)
+    return robot.WidowXEnv(arm=driver, camera=f"twin:{arm.port}", **kw)
+
+
+def _twin_state(arm):
+    """The twin's joint angles (rad), finger opening (m) and torques, once it has handled every
+    packet sent before: writes get no reply, a PING's round trip comes after them."""
+    bus = _twin_bus(arm)
+    bus.ping(1)
+    bus.close()
+    with arm.lock:
+        torques = [servo.torque for servo in arm.servos.values()]
+        return arm.world.q.copy(), arm.world.width, torques
+
+
 # ---- model.py, cql.py: tiny networks and agents --------------------------------------------------
 def _tiny_config(**kw):
     """The AgentConfig of a tiny agent: 'small' encoder, 32 px, 3 tasks, width 32 (kw: changes)."""
@@ -546,6 +612,12 @@ def _nhwc(images):
 def _good_trajectory(T=3):
     """A valid T-step Bridge trajectory of 8 px images, the same one for every call."""
     return bridge.synthetic_trajectory(T, 8, np.random.default_rng(0))
+
+
+def _bridge_frames(traj):
+    """A Bridge trajectory's T + 1 camera images and states, each stacked into one array."""
+    steps = [*traj["observations"], traj["next_observations"][-1]]
+    return np.stack([o["images0"] for o in steps]), np.stack([o["state"] for o in steps])
 
 
 def _save_npy(path, obj):
@@ -2199,6 +2271,42 @@ def test_data_skip_bad_and_cli(tmp_path):
     assert "2 trajectories, 7 transitions" in proc.stdout and " a" in proc.stdout
 
 
+def test_data_store_marks_failed_attempts_by_their_rewards(tmp_path, capsys):
+    """A trajectory whose rewards have no positive entry is a failed attempt; one without rewards
+    (the Bridge release) or with a positive reward succeeded. A store of format version 1, which
+    has no success array, is converted again with the usual notice."""
+    rng = np.random.default_rng(0)
+    demo, succeeded, failed = (bridge.synthetic_trajectory(4, 8, rng) for _ in range(3))
+    succeeded["rewards"] = np.array([0, 0, 1, 1], np.float32)
+    failed["rewards"] = np.zeros(4, np.float32)
+    source = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
+    fileio.write_bridge_file(str(source), [demo, succeeded, failed])
+    st = data.load_store(tmp_path / "tree", log=lambda *_: None)
+    assert st.traj_success.tolist() == [True, True, False]
+    data.info(st.path)
+    assert "0 skipped, 1 failed attempts;" in capsys.readouterr().out
+    # rewards that are not one number per step: an error naming the file, trajectory and field
+    bad = bridge.synthetic_trajectory(4, 8, rng)
+    bad["rewards"] = np.zeros(3)
+    _assert_bad_input(tmp_path, [bad], r"trajectory 0: field 'rewards': expected 4 numbers")
+    # the store as format version 1 wrote it, in the place its key gave it
+    meta = json.loads((pathlib.Path(st.path) / "meta.json").read_text())
+    meta["format_version"] = meta["options"]["format_version"] = 1
+    meta["key"] = data.options_key(meta["options"])
+    old = tmp_path / "tree" / data.STORE_DIR / meta["key"]
+    shutil.move(st.path, old)
+    (old / "meta.json").write_text(json.dumps(meta))
+    with np.load(old / "trajectories.npz") as z:
+        index = {name: z[name] for name in z.files if name != "success"}
+    np.savez(old / "trajectories.npz", **index)
+    version = f"'format_version': expected {data.FORMAT_VERSION}, got 1"
+    with pytest.raises(data.StoreError, match=version):
+        data.Store(old)
+    logs = []
+    again = data.load_store(tmp_path / "tree", log=logs.append)
+    assert logs[0].startswith("converting 1 files") and again.traj_success.tolist() == [1, 1, 0]
+
+
 # ---- non-finite values, damaged stores, one-line failures (issue 14) -----------------------------
 def test_data_non_finite_values_rejected_and_skipped(tmp_path):
     t = _good_trajectory()
@@ -2855,6 +2963,69 @@ def test_batches_rewards_masks_and_mc_returns_by_hand(tmp_path):
     assert t["reward"].tolist() == [-1] * 5 and np.allclose(t["mc_return"], -10)
     assert t["task"].dtype == torch.int64
     assert t["obs"].dtype == torch.uint8 and t["obs"].shape == (5, 3, 8, 8)
+
+
+def test_batches_failed_attempt_is_never_relabelled_by_hand(tmp_path):
+    """A failed attempt (rewards without success) gets r = 0 on every step: reward -1, mask 1 and
+    the constant MC return of a trajectory without success, -1 / (1 - gamma); the success next to
+    it keeps the last-3-steps labels."""
+    rng = np.random.default_rng(0)
+    succeeded, failed = (bridge.synthetic_trajectory(T, 8, rng) for T in (5, 4))
+    failed["rewards"] = np.zeros(4, np.float32)
+    source = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
+    fileio.write_bridge_file(str(source), [succeeded, failed])
+    store = data.load_store(tmp_path / "tree", log=lambda *_: None)
+    sampler = batches.Sampler(store, None, gamma=0.9)
+    t = sampler.trajectory(1)
+    assert t["reward"].tolist() == [-1] * 4 and t["mask"].tolist() == [1] * 4
+    assert np.allclose(t["mc_return"], -10)
+    t = sampler.trajectory(0)
+    assert t["reward"].tolist() == [-1, -1, 10, 10, 10] and t["mask"].tolist() == [1, 1, 0, 0, 0]
+    assert np.allclose(t["mc_return"], [6.2, 8, 10, 10, 10])
+    # the binary r itself: 0 on every step, and so is its return
+    binary = batches.RewardConfig(scale=1, shift=0)
+    t = batches.Sampler(store, None, gamma=0.9, reward=binary).trajectory(1)
+    assert t["reward"].tolist() == [0] * 4 and t["mask"].tolist() == [1] * 4
+    assert np.allclose(t["mc_return"], 0)
+
+
+def test_batches_all_success_data_gives_the_batches_of_relabelling_every_trajectory(tmp_path):
+    """Data without failed attempts, the Bridge release's (no rewards) and the scripted sim demos'
+    (rewards that end in success), give bit for bit the rewards, masks and MC returns of the rule
+    that relabels the last n_last steps of every trajectory, so the same batches."""
+    rng = np.random.default_rng(0)
+    trajectories = [bridge.synthetic_trajectory(T, 8, rng) for T in (5, 3, 7)]
+    fileio.write_bridge_file(str(tmp_path / "plain" / "k" / "a" / "out.npy"), trajectories)
+    for traj in trajectories:  # as sim collection stores them: 1 on the steps that succeed
+        T = len(traj["actions"])
+        traj["rewards"] = (np.arange(T) >= T - 3).astype(np.float32)
+    fileio.write_bridge_file(str(tmp_path / "sim" / "k" / "a" / "out.npy"), trajectories)
+    configs = [
+        batches.RewardConfig(),
+        batches.RewardConfig(n_last=1, scale=1, shift=0),
+        batches.RewardConfig(use_terminals=True),
+    ]
+    drawn = {}
+    for tree in ("plain", "sim"):
+        store = data.load_store(tmp_path / tree, log=lambda *_: None)
+        assert store.traj_success.all()
+        lengths = store.traj_length
+        step = np.concatenate([np.arange(n) for n in lengths])
+        for k, cfg in enumerate(configs):
+            r = (step >= np.repeat(lengths, lengths) - cfg.n_last).astype(np.float32)
+            reward = (cfg.scale * r + cfg.shift).astype(np.float32)
+            mask = 1 - (np.asarray(store.terminals, np.float32) if cfg.use_terminals else r)
+            mc_return = batches.mc_returns(r, reward, mask, lengths, 0.9)
+            sampler = batches.Sampler(store, None, gamma=0.9, reward=cfg, seed=k)
+            for i, start in enumerate(store.traj_start):
+                t = sampler.trajectory(i)
+                steps = slice(start, start + lengths[i])
+                assert t["reward"].numpy().tobytes() == reward[steps].tobytes()
+                assert t["mask"].numpy().tobytes() == mask[steps].tobytes()
+                assert t["mc_return"].numpy().tobytes() == mc_return[steps].tobytes()
+            drawn.setdefault(k, []).append(sampler.sample(16))
+    for plain, sim in drawn.values():
+        assert all(torch.equal(plain[key], sim[key]) for key in plain)
 
 
 def test_batches_mc_returns_several_trajectories():
@@ -4254,7 +4425,7 @@ def test_robot_record_onto_a_damaged_file_says_one_line_and_keeps_it(
     train.write_bytes(damaged)
     env = _fake_env(robot_bus)
     _main_on(robot_bus, monkeypatch)
-    monkeypatch.setattr(robot, "open_camera", lambda camera: _RedCamera((32, 32)))
+    monkeypatch.setattr(robot, "open_camera", lambda camera, size=(0, 0): _RedCamera((32, 32)))
 
     def no_keys():
         raise AssertionError("no episode may start on a damaged task folder")
@@ -4327,6 +4498,190 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
     # the reset move: the shoulder's 1.609 rad from sleep at pi rad/s takes 1.5 x 1.609 / pi >
     # move_s, +10 %; then the rest of each tick; half a tick after a late one
     assert slept == [round(1.1 * 1.5 * (1.80 - 0.191) / np.pi, 6), 0.2, 0.15, 0.1]
+
+
+# ==================================================================================================
+# twin.py: the simulated arm behind a pseudo-terminal, driven by robot.py unchanged
+# ==================================================================================================
+
+
+def test_online_widowx_env_takes_the_camera_flag(monkeypatch):
+    """online.py eval/finetune --camera reaches WidowXEnv: an opencv index as an int, twin:<port>
+    as it is."""
+    seen = []
+    monkeypatch.setattr(robot, "WidowXEnv", lambda port, **kw: seen.append((port, kw["camera"])))
+    online.make_env("widowx", 64, port="/dev/pts/9", camera="twin:/dev/pts/9")
+    online.make_env("widowx", 64, camera="2")
+    assert seen == [("/dev/pts/9", "twin:/dev/pts/9"), ("/dev/ttyUSB0", 2)]
+    parser = online.argparse.ArgumentParser()
+    online.add_env_args(parser)
+    assert parser.parse_args(["--camera", "twin:/dev/pts/4"]).camera == "twin:/dev/pts/4"
+
+
+def test_twin_answers_the_protocol_from_its_control_table(make_twin):
+    arm = make_twin()
+    # SPEC 6's instruction vectors, byte for byte: ping ID 1, read its Present Position
+    waist = arm.present(arm.servos[1])  # the arm lies still, torque off
+    for vector, reply in (
+        ("FF FF FD 00 01 03 00 01 19 4E", struct.pack("<HB", 1020, twin.FIRMWARE)),
+        ("FF FF FD 00 01 07 00 02 84 00 04 00 1D 15", struct.pack("<i", waist)),
+    ):
+        instruction, _, _ = dynamixel.split_packet(bytes.fromhex(vector))
+        [(_, status)] = arm.answer(*instruction)
+        assert status == dynamixel.make_packet(1, dynamixel.STATUS, b"\x00" + reply)
+    bus = _twin_bus(arm, timeout=0.05, retries=1)
+    assert [bus.ping(i) for i in robot.ALL_IDS] == [1020] * 7 + [1060] * 2  # XM430, XL430
+    with pytest.raises(dynamixel.NoStatusError, match="servo ID 10 "):
+        bus.ping(10)
+    # the arm at rest on its sleep pose, the shadows calibrated onto their masters
+    ticks = dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS)
+    position = bus.sync_read(robot.ALL_IDS, dynamixel.PRESENT_POSITION)
+    assert np.abs(np.array([position[i] for i in robot.JOINT_IDS]) - ticks).max() <= 2
+    assert (position[3], position[5]) == (position[2], position[4])
+    # a value holding FF FF FD travels stuffed both ways
+    bus.write(1, (112, 4), 0x00FDFFFF)
+    assert bus.read(1, (112, 4)) == 0x00FDFFFF
+    # SYNC_WRITE: the shadows take their masters' entries through their Secondary IDs
+    bus.sync_write((112, 4), {1: 100, 2: 200, 4: 400})
+    assert bus.sync_read((1, 2, 3, 4, 5), (112, 4)) == {1: 100, 2: 200, 3: 200, 4: 400, 5: 400}
+    # the XM430's write rules, as status packet errors
+    bus.write(1, dynamixel.TORQUE_ENABLE, 1)
+    with pytest.raises(dynamixel.ServoError, match=r"ID 1 \(waist\) answered WRITE with access"):
+        bus.write(1, dynamixel.DRIVE_MODE, 0)  # EEPROM with the torque on
+    with pytest.raises(dynamixel.ServoError, match="data length error"):
+        bus.write(1, (116, 2), 2048)  # half of Goal Position
+    with pytest.raises(dynamixel.ServoError, match="data limit error"):
+        bus.write(2, dynamixel.GOAL_POSITION, 4000)  # beyond the shoulder's 114 deg
+    bus.write(1, dynamixel.TORQUE_ENABLE, 0)
+    bus.write(1, dynamixel.DRIVE_MODE, 4)  # with the torque off it is accepted
+    # a latched hardware error: alert bit, torque kept off, cleared by REBOOT
+    arm.inject("overload", 4)
+    assert bus.read(4, dynamixel.HARDWARE_ERROR) == 0x20 and bus.alerts == {4}
+    bus.write(4, dynamixel.TORQUE_ENABLE, 1)
+    assert bus.read(4, dynamixel.TORQUE_ENABLE) == 0
+    bus.reboot(4)
+    assert bus.read(4, dynamixel.HARDWARE_ERROR) == 0 and bus.alerts == set()
+
+
+def test_twin_check_home_and_sleep_move_the_simulated_arm(make_twin, monkeypatch, capsys):
+    """robot.py's commands, unchanged, on the twin's port: the joints they leave the arm at (read
+    back over the bus) give the home and sleep poses by widowx.py's kinematics, as PyBullet's arm
+    does."""
+    arm = make_twin()
+    _twin_cli(monkeypatch)
+    status, out, _ = _run_robot_cli(["check", "--port", arm.port], capsys)
+    assert status == 0 and out.count("no errors") == 9
+    for command, pose in (("home", widowx.M_HOME), ("sleep", [0.1227, 0, 0.0813])):
+        assert _run_robot_cli([command, "--port", arm.port], capsys)[0] == 0
+        bus = _twin_bus(arm)
+        ticks = bus.sync_read(robot.JOINT_IDS, dynamixel.PRESENT_POSITION)
+        bus.close()
+        q = dynamixel.ticks_to_rad([ticks[i] for i in robot.JOINT_IDS])
+        np.testing.assert_allclose(widowx.forward_kinematics(q)[:3, 3], pose, atol=2e-3)
+        with arm.lock:
+            np.testing.assert_allclose(arm.world.env.ee_pose()[0], pose, atol=2e-3)
+    assert not any(_twin_state(arm)[2])  # sleep: torque off
+
+
+def test_twin_widowx_env_episode_sees_the_simulated_scene(make_twin):
+    arm = make_twin()
+    env = _twin_env(arm, max_steps=3)
+    first = env.reset()["image"]
+    for _ in range(3):
+        obs, _, _, truncated, _ = env.step([0.02, 0, -0.02, 0, 0, 0, 0])  # forward, down, close
+    assert truncated
+    # 3 steps from the reset pose (0.25, 0, 0.18): the state read on the last tick, the arm still
+    # arriving (the test's 10 x clock leaves the profile less of the tick), then where it stops
+    np.testing.assert_allclose(obs["state"][:3], [0.31, 0, 0.12], atol=1e-2)
+    arm.sleep(0.5)
+    with arm.lock:
+        np.testing.assert_allclose(arm.world.env.ee_pose()[0], [0.31, 0, 0.12], atol=2e-3)
+    assert obs["state"][6] < 0.5 and arm.world.width < 0.01  # the gripper closing
+    # the twin's camera: the scene, with the arm moved in it
+    assert obs["image"].shape == (32, 32, 3) and obs["image"].std() > 10
+    assert np.abs(obs["image"].astype(int) - first).mean() > 0.5
+    env.close()
+    assert not any(_twin_state(arm)[2])
+
+
+@pytest.mark.parametrize(
+    "kind, servo, error",
+    [
+        ("silent", 4, dynamixel.NoStatusError),
+        ("crc", 4, dynamixel.PacketError),
+        ("slow", 4, dynamixel.NoStatusError),
+        ("overload", 4, dynamixel.HardwareError),
+        ("overheat", 7, dynamixel.HardwareError),
+    ],
+)
+def test_twin_faults_end_in_the_safe_state(make_twin, kind, servo, error):
+    """A fault struck mid-episode ends it with a one-line error naming the servo alone, the arm
+    asleep, the gripper open and every torque off. The silent, garbled and slow servos still obey
+    goal writes; the overloaded elbow's shadow carries the joint to sleep alone; the overheated
+    wrist (no shadow) stays where it was."""
+    arm = make_twin(slow_s=0.5)  # later than the driver's 3 tries of 0.1 s
+    env = _twin_env(arm)
+    env.reset()
+    env.step([0.02, 0, 0, 0, 0, 0, 0])  # reaching out, the gripper closing
+    arm.inject(kind, servo)
+    held = _twin_state(arm)[0]
+    with pytest.raises(error) as e:
+        env.step([0.01, 0, 0, 0, 0, 0, 0])
+    name = f"ID {servo} ({robot.SERVO_NAMES[servo]})"
+    assert "\n" not in str(e.value) and re.findall(r"ID \d \(\w+\)", str(e.value)) == [name]
+    q, width, torques = _twin_state(arm)
+    asleep = widowx.SLEEP_JOINTS.copy()
+    if servo == 7:
+        asleep[4] = held[4]
+    np.testing.assert_allclose(q, asleep, atol=0.01)
+    assert width == pytest.approx(widowx.FINGER_MAX, abs=1e-3) and not any(torques)  # open, off
+
+
+def test_twin_joint_started_beyond_its_limit_is_reported_and_never_driven(
+    make_twin, monkeypatch, capsys
+):
+    arm = make_twin(beyond=[2])  # the shoulder leans back past -108 deg
+    _twin_cli(monkeypatch)
+    status, out, _ = _run_robot_cli(["check", "--port", arm.port], capsys)
+    assert status == 1 and out.splitlines()[1].endswith("beyond its limit -1.885 rad")
+    status, _, err = _run_robot_cli(["home", "--port", arm.port], capsys)
+    beyond = r"not moving the arm: joint beyond its software limit: ID 2 \(shoulder\) at -2\.18\d"
+    assert status == 2 and err.count("\n") == 1 and re.search(beyond, err)
+    q, _, torques = _twin_state(arm)
+    assert q[1] == pytest.approx(widowx.JOINT_LOW[1] - twin.BEYOND_LIMIT, abs=1e-3)
+    assert not any(torques)
+
+
+@pytest.mark.parametrize("command", [["twin.py"], ["sim_binsort.py", "twin"]])
+def test_twin_command_prints_its_port_first_and_stops_on_sigterm(command):
+    """The port is the first line of stdout; a fault strikes at its time; the camera serves
+    frames; SIGTERM stops it with status 0 and removes the camera's socket."""
+    script = [sys.executable, os.path.join(HERE, command[0]), *command[1:]]
+    proc = subprocess.Popen(
+        [*script, "--fault", "overheat:9@0.3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = proc.stdout.readline().strip()
+        bus = _twin_bus(types.SimpleNamespace(port=port), timeout=0.5)
+        assert bus.ping(9) == 1060
+        deadline = time.monotonic() + 10
+        while bus.read(9, dynamixel.HARDWARE_ERROR) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bus.read(9, dynamixel.HARDWARE_ERROR) == 0x04  # overheating
+        bus.close()
+        camera = robot.open_camera(f"twin:{port}", (16, 24))
+        ok, frame = camera.read()
+        camera.release()
+        assert ok and frame.shape == (16, 24, 3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and out == ""
+    assert "overheat fault on servo ID 9 (gripper)" in err
+    assert not os.path.exists(robot.twin_camera_socket(port))
 
 
 # ==================================================================================================
@@ -4553,6 +4908,70 @@ def test_sim_collect_writes_bridge_format(tmp_path):
     # rescaling clips to +-0.99, so an action at a bound comes back within 1% of the half range
     tolerance = 0.005 * (store.action_high - store.action_low) + 1e-6
     assert np.all(np.abs(raw - trajs[0]["actions"]) <= tolerance)
+
+
+def test_sim_default_style_is_the_scripted_demos(tmp_path):
+    """collect's default style writes for each demo the first successful scripted episode of its
+    seeds (demo_seed), attempt after attempt, as it always has; the teleop wrapper without pauses,
+    detours or extra noise acts as the scripted policy, draw for draw."""
+    name = "pick_cube_to_left"
+    sb.collect(name, 2, str(tmp_path), seed=4, image_size=16, min_val=1, log=None)
+    env = sb.BinSortEnv(name, image_size=16, terminate_on_success=False)
+    for split in ("train", "val"):
+        written = np.load(tmp_path / name / split / "out.npy", allow_pickle=True)
+        for i, traj in enumerate(written):
+            seeds = (sb.demo_seed(4, name, split, i, attempt) for attempt in range(20))
+            episodes = (sb.run_episode(env, name, key) for key in seeds)
+            observations, actions, rewards, _ = next(e for e in episodes if e[3])
+            want = fileio.bridge_trajectory(observations, actions, rewards)
+            for got, expected in zip(_bridge_frames(traj), _bridge_frames(want)):
+                assert np.array_equal(got, expected)
+            assert np.array_equal(traj["actions"], actions)
+            assert np.array_equal(traj["rewards"], rewards)
+    plain = sb.TeleopStyle(teleop_noise=0.1, pause_prob=0, detour_prob=0)
+    key = sb.demo_seed(4, name, "train", 0)
+    scripted = sb.run_episode(env, name, key)
+    teleop = sb.run_episode(env, name, key, teleop=plain)
+    assert np.array_equal(scripted[1], teleop[1]) and np.array_equal(scripted[2], teleop[2])
+    env.close()
+
+
+def test_sim_teleop_style_keeps_imperfect_attempts_with_zero_reward_and_pauses(tmp_path, capsys):
+    """--style teleop: the requested fraction of each split's demos are failed or partial attempts
+    with rewards all 0 (the store marks them failed, the sampler gives them -1 and the constant MC
+    return); pauses are steps of zero motion that hold the gripper; detours move detour_size."""
+    flags = ["--task", "pick_duck_to_left", "--n", "4", "--min_val", "2", "--image_size", "16"]
+    flags += ["--seed", "1", "--out", str(tmp_path), "--style", "teleop"]
+    quirks = ["--pause_prob", "0.15", "--detour_prob", "0.15", "--imperfect", "0.5"]
+    sb.main(["collect", *flags, *quirks])
+    report = capsys.readouterr().out
+    assert report.startswith("wrote 6 teleop-style demos (3 success, ")
+    trajectories = []
+    for split, n_imperfect in (("train", 2), ("val", 1)):
+        kept = np.load(tmp_path / "pick_duck_to_left" / split / "out.npy", allow_pickle=True)
+        imperfect = [t for t in kept if not (t["rewards"] > 0).any()]
+        assert len(imperfect) == n_imperfect
+        assert all(len(t["actions"]) <= sb.MAX_STEPS["pick"] for t in imperfect)
+        succeeded = [t for t in kept if (t["rewards"] > 0).any()]
+        assert all(t["rewards"][-1] == 1 for t in succeeded)  # success at the end, as scripted
+        trajectories += list(kept)
+    paused = detoured = 0
+    for traj in trajectories:
+        actions = traj["actions"]
+        still = (actions[:, :6] == 0).all(1)
+        previous_gripper = np.r_[1.0, actions[:-1, 6]]  # the arm starts open
+        assert np.array_equal(actions[still, 6], previous_gripper[still])
+        paused += still.sum()
+        unturned = (actions[:, 3:6] == 0).all(1) & ~still
+        detoured += np.isclose(np.linalg.norm(actions[unturned, :3], axis=1), 0.02).sum()
+    assert paused >= 3 and detoured >= 2
+    store = data.load_store(tmp_path, log=lambda *_: None)
+    assert (~store.traj_success).sum() == 3
+    sampler = batches.Sampler(store, None, gamma=0.98)
+    for k in np.flatnonzero(~store.traj_success):
+        t = sampler.trajectory(k)
+        assert (t["reward"] == -1).all() and (t["mask"] == 1).all()
+        assert torch.allclose(t["mc_return"], torch.tensor(-50.0))
 
 
 def test_sim_recorded_actions_replayed_open_loop_reproduce_the_success():
@@ -5050,6 +5469,12 @@ def test_binsort_experiment_dev_and_test_seeds_and_each_runs_flags(tmp_path):
     # every training seed collects its own data and trains with its own seed
     collect = jobs["s0/collect"][2].split(" && ")
     assert "--seed 0" in collect[0] and collect[1].endswith("--first cube")
+    # the Q-maximising study: one suspected cause changed per run, Q-values choose, never tested
+    study = {job.name: job.cmd for job in be.build_jobs(be.Protocol(qmax_study=1), str(tmp_path))}
+    assert flag(study["s0/qmax"], "--bc_steps") == "7500" and "--by" not in study["s0/select_qmax"]
+    assert flag(study["s0/qmax_warm"], "--bc_steps") == str(7500 + p.q_warmup)
+    assert "--no-zero_target_slot" in study["s0/qmax_random_slot"]
+    assert "--no-actor_q_gripper" in study["s0/qmax_gripper"] and "s0/qmax" not in jobs
     with pytest.raises(SystemExit, match="overlap"):
         be.build_jobs(be.Protocol(test_seed=1010), str(tmp_path))
     with pytest.raises(SystemExit, match="needs the development evaluations of seed 0"):
@@ -5130,7 +5555,13 @@ def test_binsort_experiment_test_phase_picks_dev_winners_and_tests_them_paired(t
             for s in (0, 1)
         ],
     ) == (7, 1, pytest.approx(stats.mcnemar_exact_p(7, 1)))
+    trace = {"diagnostics": {"q_minus_mc_at_t0": 2.5, "dq_da": [0.1] * 7, "sigma": [0.2] * 7}}
+    (tmp_path / "seed_0" / "ptr_q1").mkdir()
+    (tmp_path / "seed_0" / "ptr_q1" / "qvalues_00000250.json").write_text(json.dumps(trace))
     be.write_table(p, str(tmp_path), seconds=5400)
+    header, row = (tmp_path / "critic_diagnostics.csv").read_text().splitlines()
+    assert header.startswith("run,step,q_minus_mc_t0,dq_da_x") and header.endswith("sigma_gripper")
+    assert row == "ptr_q1,250,2.5," + ",".join(["0.1"] * 7 + ["0.2"] * 7)
     table = (tmp_path / "results.md").read_text()
     raw = [stats.mcnemar_exact_p(7, 1), stats.mcnemar_exact_p(8, 0), 1.0, 1.0]
     holm = stats.holm(raw)
