@@ -1159,7 +1159,7 @@ def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path)
 
 
 def test_widowx_is_the_one_kinematics_of_the_sim_and_the_robot():
-    # one owner (issue 11): the simulator and the robot use widowx.py's objects, not copies
+    # one owner: the simulator and the robot use widowx.py's objects, not copies
     # (the simulator's arm model, arm_urdf, is built in widowx.py from the same screw axes)
     for name in ("R_DOWN", "FINGER_MAX", "ARM_JOINTS"):
         assert getattr(sb, name) is getattr(widowx, name), name
@@ -1367,7 +1367,7 @@ def test_core_qnetwork_shapes_and_detached_heads():
 
 @pytest.mark.parametrize("every_layer", [True, False])
 def test_core_factored_heads_equal_the_concatenated_form(every_layer):
-    """The per-state factoring of the Q heads (issue 10, part 5) is the same function with the same
+    """The per-state factoring of the Q heads is the same function with the same
     gradients, to 1e-5, for the 1 + 2N actions of a CQL update."""
     q = _tiny_qnet(every_layer)
     g = torch.Generator().manual_seed(1)
@@ -2307,7 +2307,7 @@ def test_data_store_marks_failed_attempts_by_their_rewards(tmp_path, capsys):
     assert logs[0].startswith("converting 1 files") and again.traj_success.tolist() == [1, 1, 0]
 
 
-# ---- non-finite values, damaged stores, one-line failures (issue 14) -----------------------------
+# ---- non-finite values, damaged stores, one-line failures -----------------------------
 def test_data_non_finite_values_rejected_and_skipped(tmp_path):
     t = _good_trajectory()
     t["actions"][1, 4] = np.nan
@@ -2488,7 +2488,7 @@ def test_data_info_exits_quietly_when_stdout_closes(tmp_path, unbuffered):
         assert proc.stderr.read() == b"" and proc.wait(timeout=60) == 0
 
 
-# ---- rlds.py and lerobot.py: RLDS / TFDS and LeRobot datasets into the store (issue 12) ----------
+# ---- rlds.py and lerobot.py: RLDS / TFDS and LeRobot datasets into the store ----------
 def test_formats_crc32c_and_example_wire_format():
     assert rlds.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     rng = np.random.default_rng(0)
@@ -3332,7 +3332,7 @@ def test_pipeline_progress_csv_gains_a_column_that_starts_mid_run(tmp_path):
     assert [r["actor_q"] for r in rows] == ["", "3.0"] and rows[0]["actor_loss"] == "1.0"
 
 
-# ---- faults: NaN, Ctrl-C, SIGTERM, a busy or full run folder (issue 14) --------------------------
+# ---- faults: NaN, Ctrl-C, SIGTERM, a busy or full run folder --------------------------
 def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(
     pipe_data, tmp_path, monkeypatch
 ):
@@ -4201,7 +4201,7 @@ def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
     assert "w/s forward/back" in capsys.readouterr().out
 
 
-# ---- faults and the command line (issue 14: items 3 and 9) ---------------------------------------
+# ---- faults and the command line ---------------------------------------
 def test_robot_home_and_sleep_refuse_to_move_with_a_latched_hardware_error(
     robot_bus, monkeypatch, capsys
 ):
@@ -4810,7 +4810,7 @@ def test_sim_scripted_demo_gives_each_view_one_gripper_label():
     """The scripted demo closes on the view that reaches the grasp height, not one step later, and
     lifts on the first view that holds the object. With the switch a step late (rounds 1-7) the arm
     stood at the bottom, "open" was recorded there and "close" from the same view a step later, and
-    a deterministic policy averaged the two and hovered (round 8)."""
+    a deterministic policy averaged the two and hovered."""
     env = sb.BinSortEnv("pick_cube_to_left", image_size=8)
     for seed in range(3):
         observations, actions, _, ok = sb.run_episode(env, "pick_cube_to_left", seed, noise=0.0)
@@ -5174,7 +5174,7 @@ def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
     assert online.make_labeler(in_sim) is None
 
 
-# ---- the loop between the data and the environment (issue 10, part 1) ----------------------------
+# ---- the loop between the data and the environment ----------------------------
 @pytest.mark.parametrize("store_size", [64, 32])
 def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tmp_path, store_size):
     """Collect one demo, convert it (at the env's size, and resized to 32 px), then drive
@@ -5208,7 +5208,7 @@ def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tm
     assert np.abs(images.astype(int) - stored_images[: len(images)]).mean() < 2.0
 
 
-# ---- stage-wise success (issue 10, section 2) ----------------------------------------------------
+# ---- stage-wise success ----------------------------------------------------
 def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch, capsys):
     results = online.evaluate(_StagedEnv(), _ZeroPolicy(), 4, seed=0, log=print)
     # a stage counts when it was reached at any step, even if lost again
