@@ -31,13 +31,24 @@ so --resume refills it and continues exactly. Ctrl-C or SIGTERM stops at the nex
 step and saves (dropping an unfinished rollout); a second one aborts. Rewards: the simulator's; on
 the robot --classifier's label of each next observation, else a person's answer after each episode.
 Resets: the simulator resets itself; on the robot --reset_ckpt runs a reset policy after every
-episode (Section V-F), otherwise the program waits for Enter.
+episode (Section V-F), otherwise the program waits for Enter. A kill -9 loses what came after the
+newest checkpoint: --resume collects those episodes again, the same ones, over their files.
+
+--classifier in the simulator: its labels are the rewards, the simulator no longer ends an episode
+at its own success, and each episode file keeps the simulator's rewards (env_rewards) beside them.
+--ood (simulator): episodes start where the data never did (sim_binsort.py, OOD_STARTS).
+--filtered_bc: the control of online fine-tuning: the same loop, but the checkpoint's actor only
+imitates the target demos and the online trajectories that succeeded (imitation_learner), no
+critic, no prior data. Wall time: progress.csv's wall_<part>_s columns (rollouts, evaluation,
+updates, total) and a summary line at the end.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -51,7 +62,7 @@ from fileio import atomic_write, atomic_write_json
 from finetune import assign_target_slots, open_run, task_samplers
 from runfolder import CKPT_PATTERN, EPISODE_PATTERN
 from stats import wilson_interval
-from cql import SuccessClassifier, make_encoder
+from cql import Agent, SuccessClassifier, make_encoder
 from train import (
     RUN_RULES,
     CheckpointError,
@@ -75,6 +86,9 @@ from train import (
 )
 
 ENVS = ("binsort", "widowx")
+# the simulator's out-of-distribution starts (sim_binsort.OOD_STARTS; named here so that the flag
+# needs no pybullet): none, objects in a strip the data never used, another arm start, or both
+OOD_STARTS = ("none", "objects", "arm", "both")
 GRIPPER = 6  # the gripper's index in the 7-d Bridge action
 GRIPPER_THRESHOLD = 0.5  # absolute gripper command: closed below it, open at or above (sim, robot)
 # Learner fields that online fine-tuning sets itself (online_learner), so they
@@ -100,6 +114,7 @@ class OnlineConfig:
     save_every: int = 5_000  # ours: a checkpoint every N environment steps
     offline_steps: int = 0  # ours: Cal-QL warm-up steps on prior + target before the first rollout
     buffer_capacity: int = 0  # ours: frames in the ReplayBuffer's ring (0: keep every transition)
+    filtered_bc: bool = False  # ours: the control: imitate target demos + own successes, no critic
 
 
 @dataclass
@@ -122,6 +137,34 @@ class LoopState:
     held_rows: list = field(default_factory=list)  # [env step, row] written before any update
     train_keys: list | None = None  # the update's info keys, known after the first update
     live: list = field(default_factory=list)  # [episode, length] the buffer holds, oldest first
+
+
+@dataclass
+class WallTime:
+    """Seconds of the online loop by what they were spent on, summed over the run and its resumes;
+    progress.csv's wall_<part>_s columns, and the line that ends the run. Saved in every checkpoint
+    beside LoopState, not in it: a resumed run reproduces LoopState exactly, and no clock does."""
+
+    rollouts: float = 0.0  # collecting trajectories: the policy acting and the env stepping
+    evaluation: float = 0.0  # evaluation episodes
+    updates: float = 0.0  # gradient steps: sampling the batch, augmenting it, the update
+    total: float = 0.0  # the whole loop; the rest is checkpoints, episode files and logs
+
+
+def wall_summary(wall, env_steps, grad_steps):
+    """One line: where a run's wall time went, with the rates of its two main parts."""
+
+    def part(seconds):
+        return f"{seconds:.1f} s ({100 * seconds / max(wall.total, 1e-9):.0f}%)"
+
+    other = wall.total - wall.rollouts - wall.evaluation - wall.updates
+    env_rate = env_steps / max(wall.rollouts, 1e-9)
+    update_rate = grad_steps / max(wall.updates, 1e-9)
+    return (
+        f"wall time {wall.total:.1f} s: rollouts {part(wall.rollouts)}, {env_steps} env steps at "
+        f"{env_rate:.2f}/s; evaluation {part(wall.evaluation)}; updates {part(wall.updates)}, "
+        f"{grad_steps} at {update_rate:.2f}/s; checkpoints, files and logs {part(other)}"
+    )
 
 
 # ---------------------------------------------------------------------------- policies and episodes
@@ -171,7 +214,8 @@ def run_episode(
     """One episode from env.reset(seed); None when a stop was requested before it ended (the caller
     drops it). Rewards: binary, the env's or the labeler's; success: info["success"] at any step, or
     a labelled reward. stages: {name: reached at any step} from info["stages"], where the env
-    reports them (else empty). frames: the env's own images (for videos and the classifier)."""
+    reports them (else empty). frames: the env's own images (for videos and the classifier).
+    env_rewards: the env's own binary rewards, which a labeler's replace in rewards."""
     obs = env.reset(seed=seed)
     success = False
     done = False
@@ -197,16 +241,18 @@ def run_episode(
         for name, reached in info.get("stages", {}).items():
             stages[name] = stages.get(name, False) or bool(reached)
         done = terminated or truncated or (max_steps and len(actions) >= max_steps)
+    env_rewards = (np.asarray(rewards) > 0).astype(np.float32)
     if labeler:
         rewards = labeler(frames)
         success = bool(rewards.any())
     else:
-        rewards = (np.asarray(rewards) > 0).astype(np.float32)
+        rewards = env_rewards
     return {
         "images": np.stack(images),
         "states": np.stack(states),
         "actions": np.stack(actions).astype(np.float32),
         "rewards": rewards,
+        "env_rewards": env_rewards,
         "success": success,
         "stages": stages,
         "return": float(rewards.sum()),
@@ -334,13 +380,25 @@ def evaluate(
 
 
 def make_env(
-    name, image_size, task=None, max_steps=0, port="/dev/ttyUSB0", backend="dynamixel", camera="0"
+    name,
+    image_size,
+    task=None,
+    max_steps=0,
+    port="/dev/ttyUSB0",
+    backend="dynamixel",
+    camera="0",
+    ood="none",
+    terminate_on_success=True,
 ):
     """binsort: the simulator on `task` when it knows that name (e.g. sort_mug_cube),
-    else its target sort task;
+    else its target sort task; ood: its out-of-distribution starts (OOD_STARTS);
+    terminate_on_success False: episodes run to their step limit, as on the arm, so that a
+    classifier's rewards are all a run learns of success (not where the simulator ended it);
     widowx: the real arm (or twin.py's simulated one behind `port`), its images from `camera` (an
     opencv index or path, or twin:<port>). Imported here, so nothing else needs pybullet or
     pyserial."""
+    if name == "widowx" and ood != "none":
+        raise SystemExit(f"--ood {ood}: only the simulator (--env binsort) has such starts")
     if name == "widowx":  # (argparse's choices keep name in ENVS)
         import robot
 
@@ -353,8 +411,15 @@ def make_env(
         sim_binsort.parse_task(task)
     except (ValueError, AttributeError):  # not a task the simulator knows (or None): the sort task
         task = "sort"
-    print(f"environment: simulated bin-sort, task {task}, {image_size}px")
-    return sim_binsort.BinSortEnv(task=task, image_size=image_size, max_steps=max_steps or None)
+    starts = "" if ood == "none" else f", out-of-distribution starts: {ood}"
+    print(f"environment: simulated bin-sort, task {task}, {image_size}px{starts}")
+    return sim_binsort.BinSortEnv(
+        task=task,
+        image_size=image_size,
+        max_steps=max_steps or None,
+        terminate_on_success=terminate_on_success,
+        ood=ood,
+    )
 
 
 def make_resetter(args, env):
@@ -477,19 +542,23 @@ def make_labeler(args):
 def online_learner(cfg, online, buffer_filled):
     """The phase switch of online fine-tuning (Appendix F), as one config change: Cal-QL
     (online.calql) for the whole run; CQL alpha online.alpha_offline while the buffer is still empty
-    (the --offline_steps warm-up), online.alpha_online from the first online trajectory on."""
+    (the --offline_steps warm-up), online.alpha_online from the first online trajectory on.
+    Filtered BC has no critic: its learner stays as it is."""
+    if online.filtered_bc:
+        return cfg
     alpha = online.alpha_online if buffer_filled else online.alpha_offline
     return dataclasses.replace(cfg, calql=online.calql, alpha=alpha)
 
 
-def save_episode(path, images, states, actions, rewards, task):
+def save_episode(path, images, states, actions, rewards, task, env_rewards=None):
     """Each online trajectory is written once, when collected (the checkpoint lists the
-    ones its buffer holds)."""
+    ones its buffer holds). env_rewards: the env's own rewards beside a labeler's, if given."""
+    arrays = dict(images=images, states=states, actions=actions, rewards=rewards)
+    if env_rewards is not None:
+        arrays["env_rewards"] = env_rewards
 
     def write(f):  # a file object: np.savez would append .npz to a name
-        np.savez(
-            f, images=images, states=states, actions=actions, rewards=rewards, task=np.int64(task)
-        )
+        np.savez(f, **arrays, task=np.int64(task))
 
     atomic_write(path, write)
 
@@ -507,6 +576,12 @@ def refill_buffer(buffer, run_dir, live):
             buffer.add_trajectory(
                 z["images"], z["states"], z["actions"], z["rewards"], int(z["task"])
             )
+
+
+def rollout_seed(run_seed, episode):
+    """The env.reset seed of online trajectory `episode` of a run with --seed run_seed: far from
+    the evaluation seeds (eval_seed + i)."""
+    return 1_000_003 * (run_seed + 1) + episode
 
 
 def next_multiple(step, every):
@@ -527,15 +602,31 @@ def online_loop(
     state,
     resetter=no_reset,
     labeler=None,
+    wall=None,
 ):
     """Collect a trajectory, then online.utd gradient steps per transition, until online.env_steps
     (module docstring). state: the LoopState, saved in every checkpoint, so a resumed run continues
     exactly. args: the run's options (batch size, episode length cap, seed, out folder, logging,
-    retention)."""
+    retention). wall: the WallTime so far (a resumed run's), added to here. online.filtered_bc:
+    only the successful trajectories enter the buffer (every one is written to episodes/), and
+    while the buffer is empty the updates draw from `offline`."""
     log = RunLog(args.out, online.env_steps, state.env_steps, tensorboard=args.tensorboard)
+    wall = wall or WallTime()
+    started = time.perf_counter() - wall.total
+
+    @contextlib.contextmanager
+    def timed(part):
+        start = time.perf_counter()
+        yield
+        setattr(wall, part, getattr(wall, part) + time.perf_counter() - start)
+
+    def clock():
+        wall.total = time.perf_counter() - started
+        return wall
 
     def update(sampler):
-        info = train_step(agent, sampler, args.batch_size, state.grad_steps + 1)
+        with timed("updates"):
+            info = train_step(agent, sampler, args.batch_size, state.grad_steps + 1)
         state.grad_steps += 1
         state.sums = {k: state.sums.get(k, 0.0) + float(v) for k, v in info.items()}
         state.n_updates += 1
@@ -559,6 +650,8 @@ def online_loop(
             row[f"rollout_{k}"] = rollouts[:, i].mean() if len(rollouts) else float("nan")
         for k in ("success", "success_lo", "success_hi", "return", "length"):
             row[f"eval_{k}"] = evaluation[k] if evaluation else float("nan")
+        for part, seconds in asdict(clock()).items():
+            row[f"wall_{part}_s"] = round(seconds, 3)
         state.sums = {}
         state.n_updates = 0
         state.rollouts = []
@@ -579,6 +672,7 @@ def online_loop(
             capture_rng(),
             grad_steps=state.grad_steps,
             loop=asdict(state),
+            wall=asdict(clock()),
         )
         atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(state.env_steps)))
         prune_checkpoints(args.out, args.keep_last, args.keep_steps)
@@ -596,7 +690,7 @@ def online_loop(
                 update(offline)
                 state.offline_done += 1
             while state.pending > 0 and not stop.requested:
-                update(mixed)
+                update(mixed if len(buffer) else offline)  # (filtered BC: no success yet)
                 state.pending -= 1
             if stop.requested:
                 break
@@ -604,17 +698,18 @@ def online_loop(
             done = steps >= online.env_steps
             evaluation = None
             if evaluation_due(done):
-                results = evaluate(
-                    env,
-                    policy,
-                    online.eval_episodes,
-                    online.eval_seed,
-                    args.max_steps,
-                    resetter,
-                    stop,
-                    labeler=labeler,
-                    log=lambda line: None,
-                )
+                with timed("evaluation"):
+                    results = evaluate(
+                        env,
+                        policy,
+                        online.eval_episodes,
+                        online.eval_seed,
+                        args.max_steps,
+                        resetter,
+                        stop,
+                        labeler=labeler,
+                        log=lambda line: None,
+                    )
                 if results is None:
                     break
                 evaluation = summarize(results)
@@ -632,16 +727,21 @@ def online_loop(
             # policy noise comes from the agent's generator: both are rewound if
             # the rollout is dropped
             rng_before_rollout = (capture_rng(), agent.generator.get_state())
-            seed = 1_000_003 * (args.seed + 1) + state.episodes  # far from the evaluation seeds
-            ep = run_episode(env, policy, seed, False, args.max_steps, stop, labeler=labeler)
+            seed = rollout_seed(args.seed, state.episodes)
+            with timed("rollouts"):
+                ep = run_episode(env, policy, seed, False, args.max_steps, stop, labeler=labeler)
+                if ep is not None:
+                    resetter()
             if ep is None:
                 break
-            resetter()
             traj = (ep["images"], ep["states"], ep["actions"], ep["rewards"], policy.task)
-            save_episode(os.path.join(args.out, EPISODE_PATTERN.format(state.episodes)), *traj)
-            buffer.add_trajectory(*traj)
+            path = os.path.join(args.out, EPISODE_PATTERN.format(state.episodes))
+            # a labelled episode also keeps the simulator's own rewards, to compare the labels with
+            save_episode(path, *traj, env_rewards=ep["env_rewards"] if labeler else None)
+            if ep["success"] or not online.filtered_bc:
+                buffer.add_trajectory(*traj)
+                state.live.append([state.episodes, ep["length"]])
             enter_phase()
-            state.live.append([state.episodes, ep["length"]])
             while sum(n for _, n in state.live) > len(buffer):  # the buffer dropped the oldest
                 state.live.pop(0)
             rng_before_rollout = None
@@ -649,6 +749,7 @@ def online_loop(
             state.episodes += 1
             state.pending = online.utd * ep["length"]
             state.rollouts.append([ep["return"], float(ep["success"]), ep["length"]])
+        print(wall_summary(clock(), state.env_steps, state.grad_steps), flush=True)
         if stop.requested:
             if rng_before_rollout is not None:
                 # the rollout was dropped: rewind the RNGs to before it, so that a resumed run
@@ -659,6 +760,25 @@ def online_loop(
             print(f"stopped at env step {state.env_steps}; continue with --resume", file=sys.stderr)
             raise SystemExit(stop.exit_status)
     return state
+
+
+def imitation_learner(agent, path):
+    """Filtered BC's learner: the checkpoint's acting policy trained by imitation alone, no critic.
+    A CQL checkpoint's tanh-Gaussian actor becomes a Gaussian BC agent (algo gbc: likelihood and
+    entropy temperature), an AW-BC checkpoint's BC policy a BC agent (MSE); weights, optimizer
+    moments, update count and sampling generator are kept. A BC or Gaussian BC agent already is
+    one."""
+    if agent.critic is None:
+        return agent
+    algo, nets, optimizers = ("gbc", ["policy"], ["actor", "temp"])
+    if agent.cfg.algo == "awbc":  # act() uses its BC policy
+        algo, nets, optimizers = ("bc", ["bc_policy"], ["bc"])
+    saved = agent.state_dict()
+    saved["config"]["algo"] = algo
+    saved["nets"] = {k: saved["nets"][k] for k in nets}
+    saved["optimizers"] = {k: saved["optimizers"][k] for k in optimizers}
+    print(f"{path}: filtered BC trains its {agent.cfg.algo} actor as {algo}, without the critic")
+    return Agent.from_state_dict(saved, agent.device)
 
 
 def target_assignment(source, source_path, target, agent, task):
@@ -696,7 +816,9 @@ def online_finetune(args):
     resumed, source, source_path, prior, target = open_run(args)
     size = args.image_size
     agent = agent_from_checkpoint(source, args.device, source_path)
-    if agent.critic is None:
+    if online.filtered_bc:
+        agent = imitation_learner(agent, source_path)
+    elif agent.critic is None:
         raise SystemExit(
             f"{source_path}: a {agent.cfg.algo} checkpoint has no Q-function to fine-tune online "
             f"(use a CQL one)"
@@ -712,20 +834,29 @@ def online_finetune(args):
     # >= T + 1 frames per T steps; unused pages cost nothing
     capacity = online.buffer_capacity or 2 * online.env_steps + 1000
     buffer = ReplayBuffer(capacity, size, gamma=gamma, seed=args.seed + 104729)
-    offline_prior = online.mix_prior / max(online.mix_prior + online.mix_target, 1e-12)
-    offline = MixedSampler([prior_s, target_s], [offline_prior, 1 - offline_prior])
-    mixed = MixedSampler(
-        [prior_s, target_s, buffer], [online.mix_prior, online.mix_target, mix_online]
-    )
+    if online.filtered_bc:
+        # the control imitates the target demos and its own successes (the buffer), with the
+        # fractions the RL run gives them; while no rollout has succeeded, the demos alone
+        demos = online.mix_target / max(online.mix_target + mix_online, 1e-12)
+        offline = MixedSampler([target_s], [1.0])
+        mixed = MixedSampler([target_s, buffer], [demos, 1 - demos])
+    else:
+        offline_prior = online.mix_prior / max(online.mix_prior + online.mix_target, 1e-12)
+        offline = MixedSampler([prior_s, target_s], [offline_prior, 1 - offline_prior])
+        mixed = MixedSampler(
+            [prior_s, target_s, buffer], [online.mix_prior, online.mix_target, mix_online]
+        )
     task = target_ids[0]  # the environment runs the (first) target task
     policy = Policy(agent, low, high, task, names[task], args.binarize_gripper)
     torch.manual_seed(args.seed)
     state = LoopState(next_save=online.save_every)
+    wall = WallTime()
     if resumed is not None:
         refill_buffer(buffer, args.out, resumed["loop"]["live"])
         mixed.load_state_dict(resumed["sampler"])
         restore_rng(resumed["rng"])
         state = LoopState(**resumed["loop"])
+        wall = WallTime(**resumed.get("wall", {}))  # (checkpoints before it had none)
     payload = {
         "kind": "online",
         "task_names": names,
@@ -741,11 +872,18 @@ def online_finetune(args):
         args,
         dict(task_names=names, target_task_ids=target_ids, online_task=task, capacity=capacity),
     )
-    print(
-        f"online fine-tuning task {task} ({names[task]}) in {args.env}: prior/target/online "
-        f"{online.mix_prior}/{online.mix_target}/{mix_online:.2f}, UTD {online.utd}, "
-        f"alpha {online.alpha_online}, Cal-QL {online.calql}"
-    )
+    if online.filtered_bc:
+        print(
+            f"filtered BC online, task {task} ({names[task]}) in {args.env}: "
+            f"{agent.cfg.algo} imitating target/successes {demos:.2f}/{1 - demos:.2f}, "
+            f"UTD {online.utd}, no critic"
+        )
+    else:
+        print(
+            f"online fine-tuning task {task} ({names[task]}) in {args.env}: prior/target/online "
+            f"{online.mix_prior}/{online.mix_target}/{mix_online:.2f}, UTD {online.utd}, "
+            f"alpha {online.alpha_online}, Cal-QL {online.calql}"
+        )
     env = make_env(
         args.env,
         args.env_image_size or size,
@@ -753,7 +891,9 @@ def online_finetune(args):
         args.max_steps,
         args.port,
         args.backend,
-        args.camera,
+        args.env_camera,
+        ood=args.ood,
+        terminate_on_success=not args.classifier,
     )
     try:
         labeler = make_labeler(args)
@@ -771,6 +911,7 @@ def online_finetune(args):
             state,
             resetter,
             labeler,
+            wall,
         )
     finally:
         env.close()
@@ -783,7 +924,15 @@ def cmd_eval(args):
         sample_actions = bool(getattr(policy, "evaluation", {}).get("sample_actions", False))
     size = args.env_image_size or policy.size
     env = make_env(
-        args.env, size, policy.task_name, args.max_steps, args.port, args.backend, args.camera
+        args.env,
+        size,
+        policy.task_name,
+        args.max_steps,
+        args.port,
+        args.backend,
+        args.camera,
+        ood=args.ood,
+        terminate_on_success=not args.classifier,
     )
     video = (args.save_video, args.video_format) if args.save_video else None
     try:
@@ -809,7 +958,7 @@ def cmd_eval(args):
             f"  stage {name}: {rate_text(stage['count'], s['episodes'], stage['lo'], stage['hi'])}"
         )
     if args.json:
-        doc = {**s, "ckpt": args.ckpt, "sampled_actions": sample_actions}
+        doc = {**s, "ckpt": args.ckpt, "sampled_actions": sample_actions, "ood": args.ood}
         doc["binarized_gripper"] = bool(getattr(policy, "binarize_gripper", False))
         doc["per_episode"] = results
         atomic_write_json(doc, args.json, indent=2)  # null where a number is not finite
@@ -838,7 +987,9 @@ def cmd_export(args):
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_env_args(p):
+def add_env_args(p, camera_flag="--camera"):
+    """The environment's options. camera_flag: finetune also reads data, whose --camera
+    (train.add_data_args) names a camera of the stores, so its environment's is --env_camera."""
     p.add_argument("--env", default="binsort", choices=ENVS)
     p.add_argument(
         "--env_image_size", type=int, default=None, help="render size (default: the checkpoint's)"
@@ -848,9 +999,16 @@ def add_env_args(p):
     )
     p.add_argument("--port", default="/dev/ttyUSB0", help="widowx: the U2D2 serial port")
     p.add_argument(
-        "--camera",
+        camera_flag,
         default="0",
         help="widowx: an opencv camera index or path, or twin:<port> (twin.py's rendered frames)",
+    )
+    p.add_argument(
+        "--ood",
+        default="none",
+        choices=OOD_STARTS,
+        help="binsort: start episodes where the data never started them: objects in a strip the "
+        "demos never used, the arm at another start pose, or both (sim_binsort.OOD_STARTS)",
     )
     p.add_argument(
         "--backend", default="dynamixel", choices=["dynamixel", "interbotix"], help="widowx driver"
@@ -936,7 +1094,7 @@ def add_finetune_parser(sub):
         steps_flags=("--env_steps",),
     )
     add_data_args(f)
-    add_env_args(f)
+    add_env_args(f, camera_flag="--env_camera")
     g = f.add_argument_group("online fine-tuning (OnlineConfig)")
     add_dataclass_args(g, OnlineConfig, skip=("env_steps", "save_every"))
     add_learner_overrides(f, skip=ONLINE_SETS)

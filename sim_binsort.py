@@ -123,6 +123,17 @@ BIN_INNER = 0.058  # half width counted as "in the bin"
 IN_BIN_MAX_Z = 0.08  # an object above this is falling or carried, not in a bin
 SPAWN_LOW = np.array([0.19, -0.06])
 SPAWN_HIGH = np.array([0.32, 0.06])
+# Out-of-distribution starts (BinSortEnv(ood=...), online.py --ood): does a policy act where its
+# data never started? "objects": spawned in a strip nearer the camera than SPAWN_LOW..SPAWN_HIGH,
+# beyond the bins' far edge (x 0.315) and inside the workspace, so every object stays reachable
+# (the scripted sort solves 8 of 8 such scenes); "arm": the episode starts with the end effector
+# drawn from a box above START_POS's height, off to either side; "both". collect never sets ood,
+# so no prior or target demo starts there.
+OOD_STARTS = ("none", "objects", "arm", "both")
+OOD_SPAWN_LOW = np.array([0.345, -0.09])
+OOD_SPAWN_HIGH = np.array([0.395, 0.09])
+OOD_ARM_LOW = np.array([0.26, -0.10, 0.22])
+OOD_ARM_HIGH = np.array([0.34, 0.10, 0.28])
 MIN_GAP = 0.08  # between spawned objects, so that each can be grasped alone
 GRASP_MARGIN = 0.007  # clearance a side between an object's long side and the open fingers
 # Other objects in a pick-place scene. None by default: with one, a 64 px policy must also tell the
@@ -247,8 +258,10 @@ def task_stages(kind, goal, in_bin, held):
 class BinSortEnv:
     """reset(seed=None, task=None) -> obs; step(action) -> (obs, reward, terminated, truncated,
     info); close(). obs = {"image": uint8 (H, W, 3), "state": float32 (7,): xyz, euler relative to
-    pointing down, gripper 0..1}. task: see parse_task. Attributes client, arm, arm_joints, ee_link,
-    objects, target_pos / target_R are for tools and tests."""
+    pointing down, gripper 0..1}. task: see parse_task. ood: one of OOD_STARTS, where episodes
+    start ("none": where the data's did, drawing the same numbers as always). Attributes client,
+    arm, arm_joints, ee_link, objects, spawn_xy (where each object was placed), target_pos /
+    target_R are for tools and tests."""
 
     def __init__(
         self,
@@ -259,7 +272,11 @@ class BinSortEnv:
         sort_pair=SORT_PAIR,
         terminate_on_success=True,
         seed=None,
+        ood="none",
     ):
+        if ood not in OOD_STARTS:
+            raise ValueError(f"sim_binsort.py: ood must be one of {OOD_STARTS}, got {ood!r}")
+        self.ood = ood
         self.task = task
         self.sort_pair = tuple(sort_pair)
         parse_task(task, self.sort_pair)  # fail early on a bad name
@@ -318,14 +335,19 @@ class BinSortEnv:
             client.changeVisualShape(tray, -1, rgbaColor=[0.45, 0.5, 0.6, 1], textureUniqueId=-1)
         self.objects = {}
         self.grasp_yaw = {}
+        self.spawn_xy = {}
         placed = []
+        low, high = (SPAWN_LOW, SPAWN_HIGH)
+        if self.ood in ("objects", "both"):
+            low, high = (OOD_SPAWN_LOW, OOD_SPAWN_HIGH)
         for name in scene:
             urdf, scale, rgba = OBJECTS[name]
             for _ in range(100):  # rejection sampling keeps the objects MIN_GAP apart
-                xy = self._rng.uniform(SPAWN_LOW, SPAWN_HIGH)
+                xy = self._rng.uniform(low, high)
                 if all(np.linalg.norm(xy - p) > MIN_GAP for p in placed):
                     break
             placed.append(xy)
+            self.spawn_xy[name] = xy
             body = client.loadURDF(urdf, [0, 0, 0], globalScaling=scale)
             lo, hi = np.array(client.getAABB(body))
             self.grasp_yaw[name] = grasp_yaw(hi - lo)
@@ -351,6 +373,8 @@ class BinSortEnv:
         self.max_steps = self.max_steps_arg or MAX_STEPS[kind]
         self._build(choose_scene(self._rng, goal, self.num_distractors, self.sort_pair))
         self.target_pos = START_POS.copy()
+        if self.ood in ("arm", "both"):  # drawn after the scene, so its objects lie as without
+            self.target_pos = self._rng.uniform(OOD_ARM_LOW, OOD_ARM_HIGH)
         self.target_R = R_DOWN.copy()
         self._q = solve_ik(self.target_pos, self.target_R, [0, 0, 0, 0, np.pi / 2, 0], iters=100)
         self._grip = 1.0

@@ -931,21 +931,26 @@ def _wrap_env(monkeypatch, wrap):
 
 
 class _SucceedAt:
-    """The simulator, except that step k of every episode is a success (reward 1, terminated)."""
+    """The simulator, except that step k of every episode is a success (reward 1, terminated), or
+    of the episodes numbered in `episodes` only (counted from 0 over resets)."""
 
-    def __init__(self, env, k):
+    def __init__(self, env, k, episodes=None):
         self.env = env
         self.k = k
         self.t = 0
+        self.episodes = episodes
+        self.episode = -1
 
     def reset(self, seed=None):
         self.t = 0
+        self.episode += 1
         return self.env.reset(seed=seed)
 
     def step(self, action):
         obs, r, term, trunc, info = self.env.step(action)
         self.t += 1
-        if self.t == self.k:
+        chosen = self.episodes is None or self.episode in self.episodes
+        if self.t == self.k and chosen:
             return obs, 1.0, True, False, dict(info, success=True)
         return obs, r, term, trunc, info
 
@@ -1036,10 +1041,12 @@ def _write_png_folder(folder, value, n, rng):
 
 
 def _progress_rows(path):
-    """The rows of a progress.csv as dicts, without the columns that depend on the clock."""
+    """The rows of a progress.csv as dicts, without the columns that depend on the clock (online
+    runs: wall_<part>_s too)."""
+    clock = ("time", "steps_per_s")
     with open(path) as f:
         return [
-            {k: v for k, v in r.items() if k not in ("time", "steps_per_s")}
+            {k: v for k, v in r.items() if k not in clock and not k.startswith("wall_")}
             for r in csv.DictReader(f)
         ]
 
@@ -4590,9 +4597,11 @@ def test_twin_widowx_env_episode_sees_the_simulated_scene(make_twin):
     for _ in range(3):
         obs, _, _, truncated, _ = env.step([0.02, 0, -0.02, 0, 0, 0, 0])  # forward, down, close
     assert truncated
-    # 3 steps from the reset pose (0.25, 0, 0.18): the state read on the last tick, the arm still
-    # arriving (the test's 10 x clock leaves the profile less of the tick), then where it stops
-    np.testing.assert_allclose(obs["state"][:3], [0.31, 0, 0.12], atol=1e-2)
+    # 3 steps from the reset pose (0.25, 0, 0.18): the state read on the last tick shows the arm on
+    # its way (how far depends on how fast the physics thread ran on a loaded machine), then it
+    # stops at the target
+    x, _, z = obs["state"][:3]
+    assert 0.27 < x < 0.32 and 0.11 < z < 0.16, obs["state"][:3]
     arm.sleep(0.5)
     with arm.lock:
         np.testing.assert_allclose(arm.world.env.ee_pose()[0], [0.31, 0, 0.12], atol=2e-3)
@@ -4865,6 +4874,43 @@ def test_sim_episodes_are_deterministic():
     env.close()
 
 
+def test_sim_ood_starts_lie_outside_the_datas_and_default_resets_are_unchanged():
+    def inside(point, low, high):
+        return bool(np.all(low <= point) and np.all(point <= high))
+
+    # the default scenes are those of before the option (object positions after settling)
+    env = sb.BinSortEnv("sort", image_size=8)
+    before = {0: ([0.2728, -0.0276], [0.1921, 0.0376]), 1: ([0.2565, 0.0541], [0.3133, -0.0226])}
+    for seed, (mug, cube) in before.items():
+        obs = env.reset(seed=seed)
+        assert env.object_position("mug")[:2] == pytest.approx(mug, abs=1e-4)
+        assert env.object_position("cube")[:2] == pytest.approx(cube, abs=1e-4)
+        assert obs["state"][:3] == pytest.approx(sb.START_POS, abs=1e-4)
+    # many resets: the data's objects spawn in SPAWN_LOW..HIGH, the OOD ones never do
+    ood = sb.BinSortEnv("sort", image_size=8, ood="both")
+    assert sb.OOD_SPAWN_LOW[0] > sb.SPAWN_HIGH[0]  # the regions are apart in x
+    assert inside(sb.OOD_SPAWN_LOW, sb.WORKSPACE_LOW[:2], sb.WORKSPACE_HIGH[:2])
+    assert inside(sb.OOD_SPAWN_HIGH, sb.WORKSPACE_LOW[:2], sb.WORKSPACE_HIGH[:2])
+    for seed in range(25):
+        env.reset(seed=seed)
+        obs = ood.reset(seed=seed)
+        for name in ("mug", "cube"):
+            assert inside(env.spawn_xy[name], sb.SPAWN_LOW, sb.SPAWN_HIGH)
+            assert inside(ood.spawn_xy[name], sb.OOD_SPAWN_LOW, sb.OOD_SPAWN_HIGH)
+            assert not inside(ood.spawn_xy[name], sb.SPAWN_LOW, sb.SPAWN_HIGH)
+        # the arm starts in its box, above the data's start height, and is there
+        assert inside(ood.target_pos, sb.OOD_ARM_LOW, sb.OOD_ARM_HIGH)
+        assert ood.target_pos[2] > sb.START_POS[2] + 0.03
+        assert obs["state"][:3] == pytest.approx(ood.target_pos, abs=2e-3)
+    env.close()
+    ood.close()
+    assert online.OOD_STARTS == sb.OOD_STARTS
+    with pytest.raises(ValueError, match="ood must be one of"):
+        sb.BinSortEnv(ood="far")
+    with pytest.raises(SystemExit, match="--ood objects: only the simulator"):
+        online.make_env("widowx", 8, ood="objects")
+
+
 def test_sim_collect_writes_bridge_format(tmp_path):
     out = str(tmp_path)
     summary = sb.collect("pick_duck_to_left", 2, out, seed=3, image_size=16, min_val=1, log=None)
@@ -5130,19 +5176,88 @@ def test_online_ctrl_c_then_resume_equals_uninterrupted(online_setup, tmp_path, 
     saved = [s for s, _ in train.list_checkpoints(tmp_path / "split")]
     assert stopped.value.code == 130 and saved == [4]
     online.main(_online_finetune_args(root, tmp_path / "split", "--resume"))
-    whole = train.load_checkpoint(str(tmp_path / "whole" / "ckpt_00000008.pt"))
-    split = train.load_checkpoint(str(tmp_path / "split" / "ckpt_00000008.pt"))
-    for k, v in whole["agent"]["nets"]["critic"].items():
-        assert torch.equal(v, split["agent"]["nets"]["critic"][k]), k
-    assert whole["loop"] == split["loop"] and whole["sampler"] == split["sampler"]
-    whole_rows = _progress_rows(tmp_path / "whole" / "progress.csv")
-    assert whole_rows == _progress_rows(tmp_path / "split" / "progress.csv")
-    for name in ("episode_000000.npz", "episode_000001.npz"):
-        with (
-            np.load(tmp_path / "whole" / "episodes" / name) as a,
-            np.load(tmp_path / "split" / "episodes" / name) as b,
-        ):
-            assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    _assert_same_online_run(tmp_path / "whole", tmp_path / "split", 8)
+
+
+def _assert_same_online_run(whole, split, step):
+    """Two online runs of the same flags, one of them interrupted and resumed, ended alike at env
+    step `step`: the critic's weights, the loop state (the trajectories the buffer holds), the
+    samplers, progress.csv, and the same episode files, byte for byte: none lost, none twice."""
+    a = train.load_checkpoint(str(whole / runfolder.CKPT_PATTERN.format(step)))
+    b = train.load_checkpoint(str(split / runfolder.CKPT_PATTERN.format(step)))
+    for k, v in a["agent"]["nets"]["critic"].items():
+        assert torch.equal(v, b["agent"]["nets"]["critic"][k]), k
+    assert a["loop"] == b["loop"] and a["sampler"] == b["sampler"]
+    assert _progress_rows(whole / "progress.csv") == _progress_rows(split / "progress.csv")
+    names = sorted(os.listdir(whole / "episodes"))
+    assert sorted(os.listdir(split / "episodes")) == names and len(names) == a["loop"]["episodes"]
+    for name in names:
+        with np.load(whole / "episodes" / name) as x, np.load(split / "episodes" / name) as y:
+            assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def test_online_kill_9_then_resume_equals_uninterrupted(online_setup, tmp_path):
+    """SIGKILL saves nothing: the resumed run starts from the newest checkpoint and collects the
+    episodes after it again, over the files the killed run left."""
+    root = online_setup
+    flags = ["--env_steps", "12"]  # 3 episodes of 4 steps, checkpoints at 4, 8 and 12
+    online.main(_online_finetune_args(root, tmp_path / "whole", *flags))
+    split = tmp_path / "split"
+    argv = _online_finetune_args(root, split, *flags)
+    # the same thread count as this process, so that the two compute alike
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "online.py"), *argv],
+            cwd=HERE,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        # episode 1 is written after checkpoint 4, before checkpoint 8: kill -9 it there
+        while proc.poll() is None and not (split / "episodes" / "episode_000001.npz").exists():
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    saved = [s for s, _ in train.list_checkpoints(split)]
+    assert saved and saved[-1] < 12  # killed mid-run (the next checkpoint is 8, on a slow machine)
+    online.main(_online_finetune_args(root, split, *flags, "--resume"))
+    _assert_same_online_run(tmp_path / "whole", split, 12)
+
+
+def test_online_filtered_bc_imitates_target_demos_and_own_successes_only(
+    online_setup, tmp_path, monkeypatch, capsys
+):
+    root = online_setup
+    out = tmp_path / "bc"
+    calls = _record_updates(monkeypatch)
+    # rollouts: a failure (4 steps), a success at step 3, a failure, a success
+    _wrap_env(monkeypatch, lambda env: _SucceedAt(env, 3, episodes={1, 3}))
+    flags = ["--env_steps", "14", "--eval_every", "0", "--filtered_bc"]
+    online.main(_online_finetune_args(root, out, *flags))
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert len(calls) == 2 * 14  # the RL run's UTD: 2 updates per env step
+    # before any success the demos alone; then 0.15 / 0.65 of 10 demos, floor 2, 8 successes
+    for _, _, task, mc in calls:
+        assert task == [2] * 10  # no prior data
+        assert min(abs(g + 50.0) for g in mc) > 1e-3  # no failed trajectory: G = -1 / 0.02
+    for _, _, _, mc in calls[8:]:
+        # the successful 3-step rollouts: G = 7.624, 8.8, 10 (test_online_calql_bound...)
+        assert all(min(abs(g - e) for e in (7.624, 8.8, 10.0)) < 1e-4 for g in mc[2:])
+    ckpt = train.load_checkpoint(str(out / "ckpt_00000014.pt"))
+    assert ckpt["agent"]["config"]["algo"] == "gbc" and "critic" not in ckpt["agent"]["nets"]
+    assert ckpt["loop"]["live"] == [[1, 3], [3, 3]]  # the buffer: the successes only
+    assert len(os.listdir(out / "episodes")) == 4  # every episode is written
+    assert online.load_policy(str(out / "ckpt_00000014.pt"), "cpu").task == 2
+    # where the wall time went: progress.csv columns, summed over the run, and a summary line
+    with open(out / "progress.csv") as f:
+        last = {k: float(v) for k, v in list(csv.DictReader(f))[-1].items()}
+    parts = ("rollouts", "evaluation", "updates")
+    rollouts, evaluation, updates = (last[f"wall_{k}_s"] for k in parts)
+    assert rollouts > 0 and evaluation == 0 and updates > 0  # (no evaluation: --eval_every 0)
+    assert last["wall_total_s"] >= rollouts + updates
+    assert summary.startswith("wall time ") and "28 at " in summary  # updates
 
 
 def test_online_errors_name_the_problem(online_setup, tmp_path):
@@ -5226,7 +5341,7 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
     # the CLI prints each stage and writes them to the JSON; an env without stages reports none
     monkeypatch.setattr(online, "load_policy", lambda *a: _ZeroPolicy())
     for has_stages in (True, False):
-        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages: _StagedEnv(s))
+        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages, **k: _StagedEnv(s))
         path = tmp_path / f"eval_{has_stages}.json"
         args = ["eval", "--ckpt", "x.pt", "--episodes", "4", "--json", path, "--device", "cpu"]
         online.main([str(a) for a in args])
@@ -5245,7 +5360,7 @@ def test_online_eval_refuses_fewer_than_one_episode(tmp_path, monkeypatch, capsy
     """No episode is no success rate (0% of nothing, NaN means): one line naming --episodes, no
     JSON."""
     monkeypatch.setattr(online, "load_policy", lambda *a: _ZeroPolicy())
-    monkeypatch.setattr(online, "make_env", lambda *a: _StagedEnv())
+    monkeypatch.setattr(online, "make_env", lambda *a, **k: _StagedEnv())
     path = tmp_path / "eval.json"
     args = ["eval", "--ckpt", "x.pt", "--episodes", episodes, "--json", str(path)]
     with pytest.raises(SystemExit) as e:
@@ -5316,7 +5431,7 @@ def test_online_eval_samples_actions_only_when_asked(tmp_path, monkeypatch):
     for flag, expected in ((["--sample_actions"], False), ([], True)):
         policy = _RecordingPolicy()
         monkeypatch.setattr(online, "load_policy", lambda *a, p=policy: p)
-        monkeypatch.setattr(online, "make_env", lambda *a: _StagedEnv())
+        monkeypatch.setattr(online, "make_env", lambda *a, **k: _StagedEnv())
         path = tmp_path / f"eval_{expected}.json"
         args = ["eval", "--ckpt", "x.pt", "--episodes", "2", "--json", str(path), *flag]
         online.main(args + ["--device", "cpu"])
@@ -5571,3 +5686,109 @@ def test_binsort_experiment_test_phase_picks_dev_winners_and_tests_them_paired(t
     )
     assert "**8/12 = 67% [" in table and "Paper (Section V-E" in table
     assert "that ran the jobs: 90 min." in table
+
+
+def _online_experiment():
+    spec = importlib.util.spec_from_file_location(
+        "online_experiment", os.path.join(HERE, "scripts", "online_experiment.py")
+    )
+    oe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oe)
+    return oe
+
+
+def test_online_experiment_runs_controls_and_evaluations_on_disjoint_seeds(tmp_path):
+    oe = _online_experiment()
+    paths = dict(offline_ckpt="ft/seed_{seed}/ptr_q10", prior="data/prior", target="data/target")
+    p = oe.OnlineProtocol(**paths, env_steps=40, eval_every=20, seeds="0,1", sacfd=1)
+    jobs = {job.name: job for job in oe.build_jobs(p, str(tmp_path))}
+
+    def flag(name, key):
+        cmd = jobs[name].cmd
+        return cmd[cmd.index(key) + 1]
+
+    # every run starts from the checkpoint select_ckpt.py chose in its seed's offline run
+    assert flag("s1/calql", "--ckpt") == "SELECTED:ft/seed_1/ptr_q10"
+    for run in ("calql", "filtered_bc", "sacfd", "calql_clf"):
+        name = f"s0/{run}"
+        keys = ("--utd", "--env_steps", "--save_every", "--eval_every", "--seed", "--mix_prior")
+        assert [flag(name, k) for k in keys] == ["10", "40", "20", "0", "0", "0.35"]
+        assert "--binarize_gripper" in jobs[name].cmd and jobs[name].cmd[-1] == "--resume"
+    calql, sacfd = jobs["s0/calql"].cmd, jobs["s0/sacfd"].cmd
+    assert flag("s0/calql", "--bc_steps") == str(oe.KEEP_IMITATING) and "--filtered_bc" not in calql
+    assert "--filtered_bc" in jobs["s0/filtered_bc"].cmd and "--no-calql" in sacfd
+    assert flag("s0/sacfd", "--alpha_online") == "0" and "--bc_steps" not in sacfd
+    assert flag("s0/calql_clf", "--classifier") == str(tmp_path / "seed_0" / "classifier.pt")
+    assert jobs["s0/calql_clf"].deps == ("s0/clf",) and flag("s0/clf", "--pos_last") == "3"
+    collect = jobs["s0/clf_data"].cmd[2].split(" && ")
+    assert "--seed 7000" in collect[0] and "--style teleop --imperfect 1" in collect[1]
+    # the offline checkpoint and each run's at 20 and 40 env steps, on the same two seed sets
+    dev = jobs["s0/eval_dev_calql_000020"].cmd
+    assert flag("s0/eval_dev_calql_000020", "--ckpt") == f"FIRST_AT:{tmp_path}/seed_0/calql:20"
+    assert flag("s0/eval_dev_calql_000020", "--seed") == "300000" and "--ood" not in dev
+    assert "--sample_actions" in dev and jobs["s0/eval_dev_calql_000020"].deps == ("s0/calql",)
+    assert flag("s1/eval_ood_offline", "--ood") == "objects"
+    assert flag("s1/eval_ood_offline", "--seed") == "400000"
+    assert len([name for name in jobs if name.startswith("s0/eval_")]) == 2 * (1 + 4 * 2)
+    # no two seed sets overlap: the offline protocol's, the rollouts' (online.rollout_seed)
+    assert list(oe.rollout_seeds(p, 1))[5] == online.rollout_seed(1, 5)
+    with pytest.raises(SystemExit, match="development seeds 1000..1049 and the offline"):
+        oe.build_jobs(dataclasses.replace(p, dev_seed=1000), str(tmp_path))
+    with pytest.raises(SystemExit, match="out-of-distribution seeds .* seed 0's rollout"):
+        oe.build_jobs(dataclasses.replace(p, ood_seed=1_000_010), str(tmp_path))
+    with pytest.raises(SystemExit, match="a multiple of --eval_every 20"):
+        oe.build_jobs(dataclasses.replace(p, env_steps=50), str(tmp_path))
+    # an online run is done once a checkpoint reaches env_steps; evaluations take the first
+    # checkpoint at or after their step
+    folder = tmp_path / "seed_0" / "calql"
+    folder.mkdir(parents=True)
+    (folder / "ckpt_00000023.pt").write_bytes(b"")
+    assert not jobs["s0/calql"].done()
+    (folder / "ckpt_00000041.pt").write_bytes(b"")
+    assert jobs["s0/calql"].done()
+    resolved = oe.offline.resolve([f"FIRST_AT:{folder}:20", f"FIRST_AT:{folder}:40"])
+    assert resolved == [str(folder / "ckpt_00000023.pt"), str(folder / "ckpt_00000041.pt")]
+
+
+def test_online_experiment_results_pair_each_run_with_the_offline_start(tmp_path):
+    oe = _online_experiment()
+    p = oe.OnlineProtocol(offline_ckpt="x.pt", prior="p", target="t", env_steps=20, eval_every=10)
+    p.seeds = "0,1"
+    outcomes = {
+        "offline": [1, 0, 0, 0, 0, 0],
+        "calql": [1, 1, 1, 1, 0, 0],
+        "filtered_bc": [1, 1, 0, 0, 0, 0],
+        "calql_clf": [0, 0, 0, 0, 0, 0],
+    }
+    for seed in (0, 1):
+        for condition in ("dev", "ood"):
+            for run, x in outcomes.items():
+                labels = ["offline"] if run == "offline" else [f"{run}_000010", f"{run}_000020"]
+                for label in labels:
+                    _fake_eval(tmp_path / f"seed_{seed}" / "eval" / f"{condition}_{label}.json", x)
+    # the classifier's run: one false positive, then a missed success
+    episodes = tmp_path / "seed_0" / "calql_clf" / "episodes"
+    episodes.mkdir(parents=True)
+    np.savez(episodes / "episode_000000.npz", rewards=[0, 1, 1], env_rewards=[0, 0, 1])
+    np.savez(episodes / "episode_000001.npz", rewards=[0, 0, 0], env_rewards=[0, 0, 1])
+    columns = "step,grad_steps,wall_total_s,wall_rollouts_s,wall_evaluation_s,wall_updates_s"
+    (tmp_path / "seed_0" / "calql").mkdir()
+    (tmp_path / "seed_0" / "calql" / "progress.csv").write_text(f"{columns}\n21,210,120,6,0,105\n")
+    oe.write_results(p, str(tmp_path), seconds=600)
+    table = (tmp_path / "results.md").read_text()
+    # calql succeeds in 3 episodes of each seed that the offline checkpoint fails, never the reverse
+    raw = [stats.mcnemar_exact_p(*bc) for bc in ((6, 0), (2, 0), (0, 2), (4, 0))]
+    holm = stats.holm(raw)
+    assert f"| calql vs no fine-tuning | 6 | 0 | {raw[0]:.2g} | {holm[0]:.2g} |" in table
+    assert f"| calql vs filtered_bc | 4 | 0 | {raw[3]:.2g} | {holm[3]:.2g} |" in table
+    assert "| calql | 8/12 = 67% [" in table and "| calql | ood | 2/12 | 8/12 | 8/12 |" in table
+    assert "| 0 | - | 6 | 1 (16.7%) | 1 (16.7%) | 1/2 |" in table
+    assert "| calql | 0 | 120 s | 6 s | 0 s | 105 s | 3.50 | 2.00 |" in table
+    with open(tmp_path / "learning_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    calql = [r for r in rows if (r["run"], r["condition"], r["seed"]) == ("calql", "dev", "pooled")]
+    assert [(r["env_step"], r["successes"], r["episodes"]) for r in calql] == [
+        ("0", "2", "12"),
+        ("10", "8", "12"),
+        ("20", "8", "12"),
+    ]

@@ -358,13 +358,18 @@ def build_jobs(p, out):
 
 
 def resolve(cmd):
-    """Checkpoint placeholders filled in once the job that writes them is done."""
+    """Checkpoint placeholders filled in once the job that writes them is done: SELECTED:<run>
+    (select_ckpt.py's choice), LAST:<run>, FIRST_AT:<run>:<step> (the run's first checkpoint at
+    or after that step: online runs save at the first episode end past each multiple)."""
     resolved = []
     for arg in cmd:
         if arg.startswith("SELECTED:"):
             arg = json.load(open(os.path.join(arg[9:], "selection.json")))["chosen"]
         elif arg.startswith("LAST:"):
             arg = list_checkpoints(arg[5:])[-1][1]
+        elif arg.startswith("FIRST_AT:"):
+            run_dir, step = arg[9:].rsplit(":", 1)
+            arg = next(path for s, path in list_checkpoints(run_dir) if s >= int(step))
         resolved.append(arg)
     return resolved
 
