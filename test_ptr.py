@@ -3385,32 +3385,42 @@ def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_
     assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2, 4]
 
 
-def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, monkeypatch):
-    _, prior, _ = pipe_data
+@contextlib.contextmanager
+def _sigterm_during_update(monkeypatch, n=3):
+    """Inside the block, train.Agent.update sends this process a SIGTERM during its n-th call, as a
+    job scheduler stopping the job would; a SIGTERM that reaches the test's own handler (a run that
+    ignores it) raises instead of killing pytest. Yields that handler; afterwards the real update
+    and the previous handler are back."""
     real_update = train.Agent.update
     calls = []
 
     def update(self, batch):
         calls.append(1)
-        if len(calls) == 3:  # a job scheduler stops the job during the third update
+        if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_update(self, batch)
 
-    def unhandled(signum, frame):  # what a run that ignores SIGTERM meets (instead of pytest dying)
+    def unhandled(signum, frame):
         raise RuntimeError("SIGTERM reached the test's handler")
 
     monkeypatch.setattr(train.Agent, "update", update)
     previous = signal.signal(signal.SIGTERM, unhandled)
-    args = ["--data", str(prior), "--out", str(tmp_path / "run"), "--steps", "5", *TINY]
     try:
+        yield unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.setattr(train.Agent, "update", real_update)
+
+
+def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, monkeypatch):
+    _, prior, _ = pipe_data
+    args = ["--data", str(prior), "--out", str(tmp_path / "run"), "--steps", "5", *TINY]
+    with _sigterm_during_update(monkeypatch) as unhandled:
         with pytest.raises(SystemExit) as e:
             train.main([*args, "--save_every", "10"])
         assert signal.getsignal(signal.SIGTERM) is unhandled  # the run put the handler back
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     # the third update finishes, is saved, and the exit status is the shell's for SIGTERM (128 + 15)
     assert e.value.code == 143 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3]
-    monkeypatch.setattr(train.Agent, "update", real_update)
     train.main([*args, "--save_every", "10", "--resume"])
     assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3, 5]
 
@@ -3691,31 +3701,13 @@ def test_pipeline_finetune_stop_checkpoint_is_no_candidate(
     validation loss (the resume adds none either): select_ckpt.py chooses among the checkpoints an
     uninterrupted run writes."""
     _, prior, target = pipe_data
-    real_update = train.Agent.update
-    calls = []
-
-    def update(self, batch):
-        calls.append(1)
-        if len(calls) == 3:  # a job scheduler stops the job during the third update
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_update(self, batch)
-
-    def unhandled(signum, frame):  # what a run that ignores SIGTERM meets (instead of pytest dying)
-        raise RuntimeError("SIGTERM reached the test's handler")
-
     out = tmp_path / "ft"
     flags = ["--steps", "4", "--save_every", "2"]
     args = _finetune_args(pipe_pretrained / "ckpt_00000004.pt", prior, target, out, *flags)
-    monkeypatch.setattr(train.Agent, "update", update)
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
-        with pytest.raises(SystemExit):
-            finetune.main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _sigterm_during_update(monkeypatch), pytest.raises(SystemExit):
+        finetune.main(args)
     assert [s for s, _ in train.list_checkpoints(out)] == [2, 3]
     assert train.load_checkpoint(str(out / train.CKPT_PATTERN.format(3)))["stopped"] is True
-    monkeypatch.setattr(train.Agent, "update", real_update)
     finetune.main([*args, "--resume"])
     assert [s for s, _ in train.list_checkpoints(out)] == [2, 3, 4]
     for pattern in (runfolder.QTRACE_PATTERN, runfolder.VALLOSS_PATTERN):

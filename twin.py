@@ -84,22 +84,11 @@ from dynamixel import (
     rad_to_ticks,
     split_packet,
 )
-from robot import FRAME_HEADER, twin_camera_socket
+from robot import FRAME_HEADER, SERVO_NAMES, twin_camera_socket
 from sim_binsort import PHYSICS_HZ, BinSortEnv, quiet_stdout
 from widowx import FINGER_MAX, JOINT_HIGH, JOINT_LOW, SLEEP_JOINTS, VELOCITY_LIMIT
 
 # ---- the arm as its servos see it (SPEC 6) -------------------------------------------------------
-SERVO_NAMES = {
-    1: "waist",
-    2: "shoulder",
-    3: "shoulder_shadow",
-    4: "elbow",
-    5: "elbow_shadow",
-    6: "forearm_roll",
-    7: "wrist_angle",
-    8: "wrist_rotate",
-    9: "gripper",
-}
 JOINT_OF = {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 4, 8: 5}  # servo -> joint of the kinematics
 MASTERS = (1, 2, 4, 6, 7, 8)  # the servo that answers for each joint, in joint order
 SHADOWS = {3: 2, 5: 4}  # shadow -> master: its Secondary ID

@@ -649,16 +649,23 @@ def write_critic_diagnostics(p, out):
         atomic_write_text(text, os.path.join(out, "critic_diagnostics.csv"))
 
 
+def wall_time_lines(out, seconds=None):
+    """Markdown lines with the wall time of the last invocation that ran jobs: `seconds` is kept in
+    wall_time.json, so that --table, which runs nothing, still reports it."""
+    wall_time = os.path.join(out, "wall_time.json")
+    if seconds is not None:
+        atomic_write_text(json.dumps({"seconds": round(seconds)}) + "\n", wall_time)
+    if not os.path.exists(wall_time):
+        return []
+    minutes = json.load(open(wall_time))["seconds"] / 60
+    return [f"Wall time of the last invocation that ran the jobs: {minutes:.0f} min.", ""]
+
+
 def write_table(p, out, seconds=None):
     """results.md: the development tables, the final table when it exists, the commands."""
     lines = ["# Offline RL against matched imitation on the simulated bin-sort (CPU)", ""]
     lines += [f"Protocol: `{json.dumps(p.__dict__)}`", ""]
-    wall_time = os.path.join(out, "wall_time.json")
-    if seconds is not None:
-        atomic_write_text(json.dumps({"seconds": round(seconds)}) + "\n", wall_time)
-    if os.path.exists(wall_time):  # kept for --table, which runs nothing
-        minutes = json.load(open(wall_time))["seconds"] / 60
-        lines += [f"Wall time of the last invocation that ran the jobs: {minutes:.0f} min.", ""]
+    lines += wall_time_lines(out, seconds)
     lines += dev_table(p, out)
     if p.test:
         lines += [""] + test_table(p, out)

@@ -503,12 +503,7 @@ def write_results(p, out, seconds=None):
     runs = list(online_runs(p, "classifier.pt"))
     lines = ["# Online fine-tuning on the simulated bin-sort (paper Section V-F)", ""]
     lines += [f"Protocol: `{json.dumps(asdict(p))}`", ""]
-    wall_time = os.path.join(out, "wall_time.json")
-    if seconds is not None:
-        atomic_write_text(json.dumps({"seconds": round(seconds)}) + "\n", wall_time)
-    if os.path.exists(wall_time):  # kept for --table, which runs nothing
-        minutes = json.load(open(wall_time))["seconds"] / 60
-        lines += [f"Wall time of the last invocation that ran the jobs: {minutes:.0f} min.", ""]
+    lines += offline.wall_time_lines(out, seconds)
     lines += ["| run | method |", "|---|---|"]
     lines += [f"| no fine-tuning | the offline checkpoint ({p.offline_ckpt}) |"]
     for run, (description, _) in online_runs(p, "classifier.pt").items():
