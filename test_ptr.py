@@ -4184,6 +4184,25 @@ def test_robot_record_writes_the_bridge_format(robot_bus, tmp_path):
     assert len(np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)) == 2  # appended
 
 
+def test_robot_ctrl_c_during_record_keeps_completed_demos_and_no_partial_one(robot_bus, tmp_path):
+    env = _fake_env(robot_bus)
+    keys = iter(["w", "\n", "w", "w"])  # one demo kept, then Ctrl-C two steps into the next
+
+    def key():
+        try:
+            return next(keys)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    task = tmp_path / "task"
+    with pytest.raises(KeyboardInterrupt):
+        robot.record(env, str(task), 3, key, val_every=5, log=lambda *a: None)
+    kept = np.load(task / "train" / "out.npy", allow_pickle=True)
+    assert len(kept) == 1 and kept[0]["actions"].shape == (1, 7)
+    assert os.listdir(task / "train") == ["out.npy"]  # no temporary file of a half-written save
+    assert len(np.load(task / "val" / "out.npy", allow_pickle=True)) == 0
+
+
 def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "serial", None)
     monkeypatch.setitem(sys.modules, "cv2", None)
