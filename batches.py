@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bridge import describe, image_hw
+
 # Rescaled data actions are clipped to +-ACTION_CLIP, inside the open interval of the tanh policy;
 # online.py clips the policy's executed actions there too, so an executed action is a storable one.
 ACTION_CLIP = 0.99
@@ -41,23 +43,6 @@ class RewardConfig:
     scale: float = 11.0
     shift: float = -1.0
     use_terminals: bool = False
-
-
-# describe() and image_hw() serve data.py too: the lower file in the import order owns them
-def describe(x):
-    """What a value is, for an error message: 'float64 array of shape (3, 7)' or its type's name."""
-    if isinstance(x, np.ndarray):
-        return f"{x.dtype} array of shape {x.shape}"
-    return type(x).__name__
-
-
-def image_hw(image_size):
-    """An image size as (height, width): an int is a square size; None stays None (keep it)."""
-    if image_size is None:
-        return None
-    if np.ndim(image_size):
-        return tuple(image_size)
-    return (image_size, image_size)
 
 
 # -------------------- task ids, actions, returns, batches

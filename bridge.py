@@ -14,7 +14,6 @@ import re
 
 import numpy as np
 
-from batches import describe, image_hw
 from cli import ExpectedError
 from fileio import FormatError
 
@@ -26,6 +25,23 @@ class BridgeFormatError(ExpectedError, FormatError):
     the trajectory (its index in the file), the field, what was expected and what was found."""
 
     unit = "trajectory"  # FormatError's message: "<file>: trajectory <i>: field ..."
+
+
+# describe() and image_hw() serve data.py and batches.py too: the lowest file that needs them
+def describe(x):
+    """What a value is, for an error message: 'float64 array of shape (3, 7)' or its type's name."""
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array of shape {x.shape}"
+    return type(x).__name__
+
+
+def image_hw(image_size):
+    """An image size as (height, width): an int is a square size; None stays None (keep it)."""
+    if image_size is None:
+        return None
+    if np.ndim(image_size):
+        return tuple(image_size)
+    return (image_size, image_size)
 
 
 def synthetic_trajectory(T, image_size, rng, cameras=("images0",)):

@@ -43,7 +43,7 @@ from PIL import Image
 
 import lerobot
 import rlds
-from batches import describe, image_hw
+from bridge import describe, image_hw
 from bridge import (
     SOURCE_NAME,
     BridgeFormatError,
