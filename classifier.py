@@ -25,11 +25,53 @@ from cli import add_dataclass_args, dataclass_from_args, run_cli
 from batches import Sampler, augment
 from data import load_store, resize_image
 from fileio import atomic_write
-from model import ARCHS, HEADS, NORMS
+from model import ARCHS, HEADS, NORMS, SuccessClassifier, make_encoder
 
-# the classifier file's format and network, which online.py reads (SPEC section 2: online.py may
-# not import this file)
-from online import CLF_FORMAT, THRESHOLD, build_classifier, classifier_logits
+
+# ------------------------------------------------------------ success classifier files (Appendix F)
+# this file writes them; online.py reads them (load_labeler) to label real-arm rollouts
+CLF_FORMAT = 1
+THRESHOLD = 0.5  # P(success) above which a frame is labelled a success
+
+
+def build_classifier(cfg):
+    """cfg: a dict with arch, head, norm and image_size (as the classifier file stores it)."""
+    return SuccessClassifier(make_encoder(cfg["arch"], cfg["head"], cfg["norm"], cfg["image_size"]))
+
+
+@torch.no_grad()
+def classifier_logits(clf, images, device, chunk=256):
+    """uint8 (N, H, W, 3) numpy images -> (N,) CPU logits, a chunk at a time."""
+    logits = []
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(images[i : i + chunk]).permute(0, 3, 1, 2).to(device)
+        logits.append(clf(x).float().cpu())
+    return torch.cat(logits)
+
+
+def load_labeler(path, device):
+    """Rollout rewards from a trained classifier: r_t = 1 when the observation AFTER action t is a
+    success. Returns labeler(frames) -> float32 (T,) rewards for T + 1 frames."""
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: cannot read the classifier ({e})") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("kind") != "classifier"
+        or doc.get("format") != CLF_FORMAT
+    ):
+        raise SystemExit(f"{path}: not a success classifier written by classifier.py")
+    clf = build_classifier(doc["config"]).to(device).eval()
+    clf.load_state_dict(doc["model"])
+    size = doc["config"]["image_size"]
+
+    def labeler(frames):
+        images = np.stack([resize_image(f, size) for f in frames[1:]])
+        p_success = torch.sigmoid(classifier_logits(clf, images, device))
+        return (p_success > doc["threshold"]).float().numpy()
+
+    return labeler
 
 
 @dataclass

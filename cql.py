@@ -39,15 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# SuccessClassifier is re-exported for online.py, which may import cql but not
-# model (SPEC section 2)
-from model import (  # noqa: F401
-    BCPolicy,
-    QNetwork,
-    SuccessClassifier,
-    TanhGaussianPolicy,
-    make_encoder,
-)
+from model import BCPolicy, QNetwork, TanhGaussianPolicy, make_encoder
 
 ALGOS = ("cql", "bc", "awbc", "gbc")
 # the networks each algo trains: an algo switch (set_config) stays within one family

@@ -60,9 +60,10 @@ from batches import ACTION_CLIP, MixedSampler, ReplayBuffer, rescale_actions, un
 from data import resize_image
 from fileio import atomic_write, atomic_write_json
 from finetune import assign_target_slots, open_run, task_samplers
+from classifier import load_labeler
 from runfolder import CKPT_PATTERN, EPISODE_PATTERN
 from stats import wilson_interval
-from cql import Agent, SuccessClassifier, make_encoder
+from cql import Agent
 from train import (
     RUN_RULES,
     CheckpointError,
@@ -471,52 +472,6 @@ def load_policy(path, device, task=None, binarize_gripper=None):
     if saved:
         print(f"{path}: evaluated as exported, {saved} (flags given here take precedence)")
     return policy
-
-
-# ------------------------------------------------------------ success classifier files (Appendix F)
-# classifier.py trains and writes them; this file reads them to label real-arm rollouts
-CLF_FORMAT = 1
-THRESHOLD = 0.5  # P(success) above which a frame is labelled a success
-
-
-def build_classifier(cfg):
-    """cfg: a dict with arch, head, norm and image_size (as the classifier file stores it)."""
-    return SuccessClassifier(make_encoder(cfg["arch"], cfg["head"], cfg["norm"], cfg["image_size"]))
-
-
-@torch.no_grad()
-def classifier_logits(clf, images, device, chunk=256):
-    """uint8 (N, H, W, 3) numpy images -> (N,) CPU logits, a chunk at a time."""
-    logits = []
-    for i in range(0, len(images), chunk):
-        x = torch.from_numpy(images[i : i + chunk]).permute(0, 3, 1, 2).to(device)
-        logits.append(clf(x).float().cpu())
-    return torch.cat(logits)
-
-
-def load_labeler(path, device):
-    """Rollout rewards from a trained classifier: r_t = 1 when the observation AFTER action t is a
-    success. Returns labeler(frames) -> float32 (T,) rewards for T + 1 frames."""
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path}: cannot read the classifier ({e})") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("kind") != "classifier"
-        or doc.get("format") != CLF_FORMAT
-    ):
-        raise SystemExit(f"{path}: not a success classifier written by classifier.py")
-    clf = build_classifier(doc["config"]).to(device).eval()
-    clf.load_state_dict(doc["model"])
-    size = doc["config"]["image_size"]
-
-    def labeler(frames):
-        images = np.stack([resize_image(f, size) for f in frames[1:]])
-        p_success = torch.sigmoid(classifier_logits(clf, images, device))
-        return (p_success > doc["threshold"]).float().numpy()
-
-    return labeler
 
 
 def make_labeler(args):
