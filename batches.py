@@ -5,7 +5,8 @@ PTR (Kumar et al., RSS 2023) labels the last n = 3 steps of every demo with rewa
 id (Sec. IV-A "Handling task identifiers"), mixes prior and target data in each batch (tau; 0.35 /
 0.15 / 0.5 prior / target / online, Sec. V-F and App. E) and trains with random crop + color jitter
 (Table X). This file holds those steps, top to bottom:
-  target_task_ids() assigns the one-hot slots; rescale_actions() / unscale_actions() map raw actions
+  target_task_ids() assigns the one-hot slots and assign_target_slots() does so in a model's task
+  list with its reserved slots; rescale_actions() / unscale_actions() map raw actions
   to the policy's [-1, 1] and back; mc_returns() gives the Cal-QL bound; Sampler relabels a store's
   transitions (RewardConfig) and draws batches, MixedSampler mixes samplers by fraction,
   ReplayBuffer keeps online trajectories in a ring, Prefetcher draws batches ahead on a thread;
@@ -28,6 +29,9 @@ from bridge import describe, image_hw
 # Rescaled data actions are clipped to +-ACTION_CLIP, inside the open interval of the tanh policy;
 # online.py clips the policy's executed actions there too, so an executed action is a storable one.
 ACTION_CLIP = 0.99
+# The name of a one-hot slot that pre-training (train.py --extra_tasks) keeps free for a future
+# target task (Sec. IV-A); assign_target_slots gives it to the first new task.
+RESERVED_TASK = "<reserved {}>"
 _GRAY = (0.2989, 0.587, 0.114)  # luma weights of torchvision's rgb_to_grayscale
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
@@ -58,6 +62,30 @@ def target_task_ids(prior_tasks, target_tasks, target="new"):
             f"target: expected 'new' or one of the prior tasks {list(prior_tasks)}, got {target!r}"
         )
     return np.full(len(target_tasks), list(prior_tasks).index(target), np.int64), len(prior_tasks)
+
+
+def is_reserved(task_name):
+    """Whether a one-hot slot is one train.py --extra_tasks reserved (RESERVED_TASK), not a task."""
+    return task_name.startswith(RESERVED_TASK.format("")[:-1])
+
+
+def assign_target_slots(task_names, target_names, target="new"):
+    """The one-hot slots of a target store's tasks in a model with these task names (Sec. IV-A),
+    for joint training, offline and online fine-tuning: target="new" gives target task i the
+    fresh slot len(real tasks) + i, which takes a reserved slot where one is left (they sit right
+    after the real tasks) and otherwise widens the one-hot; a task name re-targets that task's slot
+    (target_task_ids). Returns (global index per target task as ints, task names after the
+    assignment)."""
+    real = [n for n in task_names if not is_reserved(n)]
+    ids, _ = target_task_ids(real, list(target_names), target)
+    names = list(task_names)
+    if target == "new":
+        for name, slot in zip(target_names, ids):
+            if slot < len(names):
+                names[slot] = name
+            else:
+                names.append(name)
+    return [int(i) for i in ids], names
 
 
 def _as_bounds(a, low, high):

@@ -6,13 +6,15 @@ next_observations, actions, terminals; an observation holds images0.. uint8 (H, 
 7-d state). read_bridge_file() is the only place that unpickles; parse_trajectory() checks one
 trajectory and names the file, the trajectory, the field, what was expected and what was found;
 trajectory_success() reads whether it succeeded from its optional `rewards`.
-fileio.py writes the format; data.py finds the files and converts them into a store.
+fileio.py writes the format; data.py finds the files and converts them into a store, resizing
+the images with resize_image(), which rollout.py also uses for the camera's frames.
 """
 
 import os
 import re
 
 import numpy as np
+from PIL import Image
 
 from cli import ExpectedError
 from fileio import FormatError
@@ -42,6 +44,25 @@ def image_hw(image_size):
     if np.ndim(image_size):
         return tuple(image_size)
     return (image_size, image_size)
+
+
+def resize_image(image, size):
+    """One uint8 (H, W, 3) image to `size` (an int for a square, or (H, W)), PIL's LANCZOS filter;
+    returned as it is when it has that size already. The store's frames (data.py) and the env's camera
+    images (rollout.py) both go through here: a policy sees images resized as its training data were."""
+    image = np.asarray(image, dtype=np.uint8)
+    size = image_hw(size)
+    if size is None or image.shape[:2] == size:
+        return image
+    return np.array(Image.fromarray(image).resize(size[::-1], Image.Resampling.LANCZOS))
+
+
+def resize_images(frames, size):
+    """uint8 frames (N, H, W, 3) to `size` (see resize_image); as they are if size is theirs."""
+    size = image_hw(size)
+    if size is None or frames.shape[1:3] == size:
+        return frames
+    return np.stack([resize_image(frame, size) for frame in frames])
 
 
 def synthetic_trajectory(T, image_size, rng, cameras=("images0",)):

@@ -7,8 +7,8 @@ trained with BCE on success / failure images, augmented like the RL data.
 --pos / --neg: a folder of png/jpg images, or Bridge-format data (every frame, or with --pos_last N
 the last N frames of each trajectory). A fraction val_frac of each class is held out by group (an
 image file, or a whole trajectory), and the balanced held-out accuracy is reported and stored with
-the weights. online.py loads the file with load_labeler(): r_t = 1 when the observation after action
-t is a success; it owns the file's format and the network's builder, which this file imports.
+the weights. This file owns the classifier file's format and the network's builder; online.py
+labels rollouts with load_labeler(): r_t = 1 when the observation after action t is a success.
 """
 
 import argparse
@@ -23,15 +23,32 @@ from PIL import Image
 
 from cli import add_dataclass_args, dataclass_from_args, run_cli
 from batches import Sampler, augment
-from data import load_store, resize_image
+from bridge import resize_image
+from data import load_store
 from fileio import atomic_write
 from model import ARCHS, HEADS, NORMS, SuccessClassifier, make_encoder
 
 
-# ------------------------------------------------------------ success classifier files (Appendix F)
-# this file writes them; online.py reads them (load_labeler) to label real-arm rollouts
-CLF_FORMAT = 1
+CLF_FORMAT = 1  # the success classifier file's format (save_classifier, load_labeler)
 THRESHOLD = 0.5  # P(success) above which a frame is labelled a success
+
+
+@dataclass
+class ClassifierConfig:
+    """Success classifier (Appendix F, "Reward classifier"): ResNet-34 -> head -> logit, BCE."""
+
+    arch: str = "resnet34"  # encoder (the paper's: ResNet-34)
+    head: str = "spatial"  # encoder output: spatial | avgpool | softmax
+    norm: str = "group"  # normalisation: group | batch
+    image_size: int = 128  # images are resized to this square size
+    steps: int = 2_000  # gradient steps
+    batch_size: int = 64  # half positives, half negatives
+    lr: float = 1e-4  # Adam learning rate
+    val_frac: float = 0.2  # fraction of each class's groups held out for the accuracy
+
+
+# ------------------------------------------------------------ success classifier files (Appendix F)
+# this file writes them (save_classifier); online.py reads them (load_labeler) to label rollouts
 
 
 def build_classifier(cfg):
@@ -72,20 +89,6 @@ def load_labeler(path, device):
         return (p_success > doc["threshold"]).float().numpy()
 
     return labeler
-
-
-@dataclass
-class ClassifierConfig:
-    """Success classifier (Appendix F, "Reward classifier"): ResNet-34 -> head -> logit, BCE."""
-
-    arch: str = "resnet34"  # encoder (the paper's: ResNet-34)
-    head: str = "spatial"  # encoder output: spatial | avgpool | softmax
-    norm: str = "group"  # normalisation: group | batch
-    image_size: int = 128  # images are resized to this square size
-    steps: int = 2_000  # gradient steps
-    batch_size: int = 64  # half positives, half negatives
-    lr: float = 1e-4  # Adam learning rate
-    val_frac: float = 0.2  # fraction of each class's groups held out for the accuracy
 
 
 # ----------------------------------------------------------------------------- images

@@ -29,6 +29,11 @@ class ExpectedError(Exception):
     reported in one line."""
 
 
+class MissingPackageError(ExpectedError, ImportError):
+    """An optional package a command needs (pyserial, opencv, Interbotix's API, a format reader's)
+    is not installed; the message names it, and the pip command where there is one."""
+
+
 # What a user can cause and fix. OSError covers missing files and pyserial's SerialException.
 EXPECTED = (ExpectedError, ValueError, OSError, FloatingPointError)
 EXIT_ERROR = 2

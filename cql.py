@@ -726,7 +726,8 @@ class Agent:
         """Load a state_dict() of an agent with the same STRUCTURE fields (the algo may differ
         where the networks allow: a BC policy in the checkpoint is created here). strict=False
         accepts a checkpoint that lacks some of this agent's networks (e.g. an awbc agent from a cql
-        checkpoint); returns the names left as built."""
+        checkpoint); returns the names left as built. d has the current layout: checkpoint.py
+        upgrades the layouts of older files when it loads them."""
         saved = d["config"]
         diff = [
             f"{k}: checkpoint {saved.get(k)!r}, agent {getattr(self.cfg, k)!r}"
@@ -758,17 +759,7 @@ class Agent:
             )
         for k, net in self.nets.items():
             if k in d["nets"]:
-                sd = d["nets"][k]
-                if hasattr(net, "state_norm") and "state_norm.mean" not in sd:
-                    # written before policies normalized their state: the identity
-                    # keeps them as they were
-                    dim = net.state_norm.mean.numel()
-                    sd = {
-                        **sd,
-                        "state_norm.mean": torch.zeros(dim),
-                        "state_norm.std": torch.ones(dim),
-                    }
-                net.load_state_dict(sd)
+                net.load_state_dict(d["nets"][k])
         for k, opt in self.optimizers.items():
             if k not in d["optimizers"]:
                 continue
@@ -833,7 +824,7 @@ class Agent:
         new tasks start from the task-agnostic part of the network. Each widened weight becomes a
         new Parameter that takes the old one's place in its module, its optimizer's param group and
         its optimizer state; Adam's moment buffers get zero rows there and the shared step count is
-        kept. Old weights so continue exactly as before; new rows start with zero moments under a
+        kept. Old weights so continue unchanged; new rows start with zero moments under a
         bias correction of ~1, so their first few hundred steps are up to a few times lr (as in Adam
         without bias correction) - small for one-hot rows, and no state of old rows is lost."""
         old = self.cfg.num_tasks

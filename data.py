@@ -39,16 +39,17 @@ import time
 import zlib
 
 import numpy as np
-from PIL import Image
 
 import lerobot
 import rlds
-from bridge import describe, image_hw
 from bridge import (
     SOURCE_NAME,
     BridgeFormatError,
+    describe,
+    image_hw,
     parse_trajectory,
     read_source,
+    resize_images,
     trajectory_success,
 )
 from cli import ExpectedError, run_cli
@@ -88,25 +89,6 @@ class StoreError(ExpectedError, ValueError):
         self.file = file
         self.problem = problem
         super().__init__(f"{os.path.join(store, file)}: {problem}; rebuild the store: {rebuild}")
-
-
-def resize_image(image, size):
-    """One uint8 (H, W, 3) image to `size` (an int for a square, or (H, W)), PIL's LANCZOS filter;
-    returned as it is when it has that size already. The store's frames and online.py's camera
-    images both go through here: a policy sees images resized as its training data were."""
-    image = np.asarray(image, dtype=np.uint8)
-    size = image_hw(size)
-    if size is None or image.shape[:2] == size:
-        return image
-    return np.array(Image.fromarray(image).resize(size[::-1], Image.Resampling.LANCZOS))
-
-
-def resize_images(frames, size):
-    """uint8 frames (N, H, W, 3) to `size` (see resize_image); as they are if size is theirs."""
-    size = image_hw(size)
-    if size is None or frames.shape[1:3] == size:
-        return frames
-    return np.stack([resize_image(frame, size) for frame in frames])
 
 
 # -------------------- the Bridge numpy format (SPEC section 5)

@@ -28,32 +28,41 @@ import sys
 import numpy as np
 import torch
 
-from cli import FRACTION, check_flags, run_cli
-from cql import ALGO_FAMILY
-from batches import MixedSampler, Sampler, target_task_ids
-from fileio import atomic_write_text
-from runfolder import QTRACE_PATTERN, VALLOSS_PATTERN, list_checkpoints
-from train import (
-    MIX_TAU,
-    RUN_RULES,
+from batches import MixedSampler, Sampler, assign_target_slots, is_reserved
+from checkpoint import (
     CheckpointError,
-    add_data_args,
-    add_learner_overrides,
-    add_run_args,
     agent_from_checkpoint,
     check_same_data,
     ckpt_config,
-    claim_run_folder,
-    is_reserved,
-    learner_overrides,
     load_checkpoint,
-    open_store,
     restore_run,
     resume_state,
+    run_payload,
+    source_ckpt,
     source_record,
+)
+from cli import FRACTION, check_flags, dataclass_from_args, run_cli
+from cql import ALGO_FAMILY
+from fileio import atomic_write_text
+from runfolder import (
+    QTRACE_PATTERN,
+    VALLOSS_PATTERN,
+    claim_run_folder,
+    list_checkpoints,
+    write_config,
+)
+from train import (
+    MIX_TAU,
+    RUN_RULES,
+    DataOptions,
+    RunConfig,
+    add_data_args,
+    add_learner_overrides,
+    add_run_args,
+    learner_overrides,
+    open_store,
     store_task_ids,
     train_loop,
-    write_config,
 )
 
 FINETUNE_KEEP_LAST = 0  # every checkpoint stays: select_ckpt.py chooses among them (Section IV-B)
@@ -144,21 +153,18 @@ def write_missing_q_traces(out, val_sampler, val_ids, task, device):
         print(f"wrote the missing Q-value trace of {path}")
 
 
-def assign_target_slots(task_names, target_names, task):
-    """Global one-hot index of each target task, and the checkpoint's task list
-    after the assignment."""
+def target_slots(agent, task_names, target_names, task):
+    """The target's one-hot slots in a checkpoint whose tasks are task_names (--task: 'new' or a
+    task to re-target; batches.assign_target_slots), with the agent's one-hot widened where the new
+    slots need it (cql.Agent.grow_tasks). Returns (global index of each target task, the task
+    names after the assignment)."""
     real = [n for n in task_names if not is_reserved(n)]
     if task != "new" and task not in real:
         raise SystemExit(f"--task {task!r}: not a task of the checkpoint; its tasks are {real}")
-    ids, _ = target_task_ids(real, list(target_names), task)
-    names = list(task_names)
-    if task == "new":  # reserved slots sit right after the real tasks, so they are taken first
-        for name, slot in zip(target_names, ids):
-            if slot < len(names):
-                names[slot] = name
-            else:
-                names.append(name)
-    return [int(i) for i in ids], names
+    target_ids, names = assign_target_slots(task_names, target_names, task)
+    if len(names) > agent.cfg.num_tasks:
+        agent.grow_tasks(len(names))
+    return target_ids, names
 
 
 def finetune_config(cfg, overrides):
@@ -179,29 +185,29 @@ def open_run(args):
     """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint
     (--ckpt, or with --resume the newest in --out), and the prior and target stores opened at its
     image size. Returns (the resumed checkpoint or None, the source checkpoint, its path, prior
-    store, target store). The caller owns args.out already (train.claim_run_folder)."""
-    resumed = resume_state(args, {})
+    store, target store, the image size). The caller owns args.out already
+    (runfolder.claim_run_folder)."""
+    resumed = resume_state(args.out, args.resume, {})
     if resumed is None and not args.ckpt:
         raise SystemExit(
             f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning"
         )
     source = resumed if resumed is not None else load_checkpoint(args.ckpt)
     source_path = args.ckpt or args.out
-    cfg = ckpt_config(source)
-    if args.image_size is not None and args.image_size != cfg["image_size"]:
+    size = ckpt_config(source)["image_size"]
+    if args.image_size is not None and args.image_size != size:
         raise CheckpointError(
-            f"{source_path}: checkpoint has image_size={cfg['image_size']} but --image_size is "
-            f"{args.image_size}"
+            f"{source_path}: checkpoint has image_size={size} but --image_size is {args.image_size}"
         )
-    args.image_size = cfg["image_size"]
-    target = open_store(args.target, args, args.target_store, prior=False)
-    prior = open_store(args.prior, args, args.prior_store)
-    return resumed, source, source_path, prior, target
+    options = dataclass_from_args(DataOptions, args, image_size=size)
+    target = open_store(args.target, options, args.target_store, prior=False)
+    prior = open_store(args.prior, options, args.prior_store)
+    return resumed, source, source_path, prior, target, size
 
 
 def run_data(args, prior, target):
     """What a fine-tuning run trains on, kept in its checkpoints so that --resume refuses other data
-    (train.check_same_data): both sources, the batch mix and the target's slot."""
+    (checkpoint.check_same_data): both sources, the batch mix and the target's slot."""
     return {
         **source_record("--prior", args.prior, prior),
         **source_record("--target", args.target, target),
@@ -267,7 +273,7 @@ def main(argv=None):
 def finetune(args):
     """Offline fine-tuning in a run folder this process owns (module docstring)."""
     device = args.device
-    resumed, source, source_path, prior, target = open_run(args)
+    resumed, source, source_path, prior, target, size = open_run(args)
     data = run_data(args, prior, target)
     if resumed is not None:
         check_same_data(resumed, args.out, data)
@@ -279,9 +285,7 @@ def finetune(args):
     if resumed is not None:
         names, target_ids = resumed["task_names"], resumed["target_task_ids"]
     else:
-        target_ids, names = assign_target_slots(source["task_names"], target.task_names, args.task)
-        if len(names) > agent.cfg.num_tasks:
-            agent.grow_tasks(len(names))
+        target_ids, names = target_slots(agent, source["task_names"], target.task_names, args.task)
         before = source["task_names"]
         reserved = [i for i in target_ids if i < len(before) and is_reserved(before[i])]
         if args.zero_target_slot and reserved:
@@ -318,26 +322,24 @@ def finetune(args):
         start = restore_run(resumed, agent, sampler)
         if len(val_ids) and agent.critic is not None:
             write_missing_q_traces(args.out, val_sampler, val_ids, target_ids[0], device)
-    payload = {
-        "kind": "finetune",
-        "task_names": names,
-        "action_low": low,
-        "action_high": high,
-        "target_task_ids": target_ids,
-        "target_tasks": list(target.task_names),
-        "source_ckpt": str(source.get("source_ckpt", source_path)),
-        "data": data,
-    }
-    write_config(
-        args.out,
-        args,
-        {
-            "num_tasks": agent.cfg.num_tasks,
-            "task_names": names,
-            "target_task_ids": target_ids,
-            "algo": algo,
-        },
+    payload = run_payload(
+        "finetune",
+        names,
+        low,
+        high,
+        target_task_ids=target_ids,
+        target_tasks=list(target.task_names),
+        source_ckpt=source_ckpt(source, source_path),
+        data=data,
     )
+    derived = {
+        "num_tasks": agent.cfg.num_tasks,
+        "task_names": names,
+        "target_task_ids": target_ids,
+        "algo": algo,
+        "image_size": size,
+    }
+    write_config(args.out, {**vars(args), **derived})
     print(
         f"fine-tuning {agent.cfg.arch} on {list(target.task_names)} -> one-hot {target_ids} "
         f"of {agent.cfg.num_tasks}; {target.num_transitions('train')} target / "
@@ -350,7 +352,8 @@ def finetune(args):
         if len(val_ids) and agent.critic is not None:
             write_q_traces(agent, val_sampler, val_ids, step, args.out, target_ids[0])
 
-    train_loop(agent, sampler, args, payload, start_step=start, on_save=on_save)
+    run = dataclass_from_args(RunConfig, args)
+    train_loop(agent, sampler, run, payload, start_step=start, on_save=on_save)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from cli import ExpectedError
+from cli import MissingPackageError
 from fileio import FormatError, atomic_write_text, bridge_trajectory, choose_camera
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -39,10 +39,6 @@ CHUNKS_SIZE = 1000  # files per chunk folder, LeRobot's default
 # How far (seconds) a frame's time may be from its row's: LeRobot's own loader's tolerance_s, so
 # that what LeRobot reads is read here too, and a frame one step off never is
 TIME_TOLERANCE = 1e-4
-
-
-class MissingPackageError(ExpectedError, ImportError):
-    """An optional package this reader needs is not installed: the message names the pip command."""
 
 
 def _require(module):

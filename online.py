@@ -11,10 +11,9 @@ rollouts is trained by classifier.py; this file reads its files (load_labeler).
     python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt \
         --reset_ckpt reset.pt
 
-Evaluation reports full success with its 95% Wilson interval and, where the environment reports them
-in info["stages"] (the simulator: grasped, first_in_bin, both_in_bins for the sort; grasped, placed
-for pick-place), each stage's rate: was it ever reached in the episode (Appendix A discusses the
-first segment).
+`eval` and `export` are thin commands: rollout.py runs the episodes (full success with its 95%
+Wilson interval, and each stage's rate where the environment reports stages), and `export` writes
+the checkpoint's actors alone.
 
 Online fine-tuning alternates (Section IV-A, "Phase 2"): collect ONE trajectory with the current
 stochastic policy into a replay buffer (MC returns computed on add), then take --utd (10) gradient
@@ -34,8 +33,8 @@ Resets: the simulator resets itself; on the robot --reset_ckpt runs a reset poli
 episode (Section V-F), otherwise the program waits for Enter. A kill -9 loses what came after the
 newest checkpoint: --resume collects those episodes again, the same ones, over their files.
 
---classifier in the simulator: its labels are the rewards, the simulator no longer ends an episode
-at its own success, and each episode file keeps the simulator's rewards (env_rewards) beside them.
+--classifier in the simulator: its labels are the rewards, the simulator does not end an episode at
+its own success, and each episode file keeps the simulator's rewards (env_rewards) beside them.
 --ood (simulator): episodes start where the data never did (sim_binsort.py, OOD_STARTS).
 --filtered_bc: the control of online fine-tuning: the same loop, but the checkpoint's actor only
 imitates the target demos and the online trajectories that succeeded (imitation_learner), no
@@ -45,6 +44,7 @@ updates, total) and a summary line at the end.
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import os
 import sys
@@ -53,45 +53,56 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cli import POSITIVE, add_dataclass_args, check_flags, dataclass_from_args, run_cli
-from batches import ACTION_CLIP, MixedSampler, ReplayBuffer, rescale_actions, unscale_actions
-from data import resize_image
+from batches import MixedSampler, ReplayBuffer
 from fileio import atomic_write, atomic_write_json
-from finetune import assign_target_slots, open_run, task_samplers
-from classifier import load_labeler
-from runfolder import CKPT_PATTERN, EPISODE_PATTERN
-from stats import wilson_interval
-from cql import Agent
-from train import (
-    RUN_RULES,
+from checkpoint import (
     CheckpointError,
-    RunLog,
-    StopFlag,
-    add_data_args,
-    add_learner_overrides,
-    add_run_args,
     agent_from_checkpoint,
     atomic_torch_save,
     build_checkpoint,
     capture_rng,
-    claim_run_folder,
-    learner_overrides,
     load_checkpoint,
     policy_checkpoint,
-    prune_checkpoints,
     restore_rng,
-    train_step,
+    run_payload,
+    source_ckpt,
+)
+from finetune import open_run, target_slots, task_samplers
+from classifier import load_labeler
+from rollout import (
+    ENVS,
+    OOD_STARTS,
+    Policy,
+    evaluate,
+    load_policy,
+    make_env,
+    make_resetter,
+    no_reset,
+    rate_text,
+    run_episode,
+    summarize,
+)
+from runfolder import (
+    CKPT_PATTERN,
+    EPISODE_PATTERN,
+    RunLog,
+    claim_run_folder,
+    prune_checkpoints,
     write_config,
 )
+from cql import Agent
+from train import (
+    RUN_RULES,
+    StopFlag,
+    add_data_args,
+    add_learner_overrides,
+    add_run_args,
+    learner_overrides,
+    train_step,
+)
 
-ENVS = ("binsort", "widowx")
-# the simulator's out-of-distribution starts (sim_binsort.OOD_STARTS; named here so that the flag
-# needs no pybullet): none, objects in a strip the data never used, another arm start, or both
-OOD_STARTS = ("none", "objects", "arm", "both")
-GRIPPER = 6  # the gripper's index in the 7-d Bridge action
-GRIPPER_THRESHOLD = 0.5  # absolute gripper command: closed below it, open at or above (sim, robot)
 # Learner fields that online fine-tuning sets itself (online_learner), so they
 # have no override flag.
 ONLINE_SETS = ("algo", "alpha", "calql")
@@ -152,6 +163,21 @@ class WallTime:
     total: float = 0.0  # the whole loop; the rest is checkpoints, episode files and logs
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What online_loop reads of the run's own options (train.add_run_args, --max_steps): where
+    it writes, what it keeps, how it logs, its batch size, seed and episode length cap."""
+
+    out: str  # the run folder
+    seed: int = 0  # online trajectory n resets with rollout_seed(seed, n)
+    batch_size: int = 64  # transitions per gradient step
+    max_steps: int = 0  # episode length cap (0: the env's own limit)
+    log_every: int = 1  # a progress row every N environment steps
+    keep_last: int = 0  # keep the newest N checkpoints, delete older ones (0: keep all)
+    keep_steps: tuple = ()  # checkpoints (by env step) that keep_last never deletes
+    tensorboard: bool = False  # also log to TensorBoard
+
+
 def wall_summary(wall, env_steps, grad_steps):
     """One line: where a run's wall time went, with the rates of its two main parts."""
 
@@ -168,318 +194,15 @@ def wall_summary(wall, env_steps, grad_steps):
     )
 
 
-# ---------------------------------------------------------------------------- policies and episodes
+# ---------------------------------------------------------------------------- rewards
 
 
-class Policy:
-    """A checkpoint's actor as a controller: (image at the network's size, state) -> (raw action
-    for env.step, [-1, 1] action for the buffer); the [-1, 1] action is clipped to +-0.99 like
-    the data's, then unscaled."""
-
-    def __init__(
-        self, agent, action_low, action_high, task, task_name=None, binarize_gripper=False
-    ):
-        self.agent = agent
-        self.task = int(task)
-        self.task_name = task_name
-        self.size = agent.cfg.image_size
-        self.low = np.asarray(action_low, np.float32)
-        self.high = np.asarray(action_high, np.float32)
-        # The Bridge gripper command is absolute, 0 closed .. 1 open, and the demos command 0 or 1;
-        # a regression policy can average the two near a grasp (0.3-0.9 dithering opens the fingers
-        # again). Binarizing at 0.5 executes the nearer of the two, as the Open X-Embodiment Bridge
-        # transform does for the data. Off by default: results/binsort_round2/report.md measures
-        # both.
-        self.binarize_gripper = binarize_gripper
-
-    def __call__(self, image, state, deterministic=True):
-        action = self.agent.act(
-            torch.from_numpy(image).permute(2, 0, 1)[None],
-            torch.from_numpy(state)[None],
-            torch.tensor([self.task]),
-            deterministic=deterministic,
-        )  # act() moves them
-        scaled = np.clip(action[0].float().cpu().numpy(), -ACTION_CLIP, ACTION_CLIP)
-        raw = unscale_actions(scaled, self.low, self.high)
-        if self.binarize_gripper:
-            closed = raw[GRIPPER] < GRIPPER_THRESHOLD
-            raw[GRIPPER] = 0.0 if closed else 1.0
-            # the buffer keeps the action executed, rescaled like the data's (clipped at +-0.99)
-            scaled = rescale_actions(raw, self.low, self.high).astype(np.float32)
-        return raw, scaled
-
-
-def run_episode(
-    env, policy, seed, deterministic=True, max_steps=0, stop=None, keep_frames=False, labeler=None
-):
-    """One episode from env.reset(seed); None when a stop was requested before it ended (the caller
-    drops it). Rewards: binary, the env's or the labeler's; success: info["success"] at any step, or
-    a labelled reward. stages: {name: reached at any step} from info["stages"], where the env
-    reports them (else empty). frames: the env's own images (for videos and the classifier).
-    env_rewards: the env's own binary rewards, which a labeler's replace in rewards."""
-    obs = env.reset(seed=seed)
-    success = False
-    done = False
-    stages = {}
-    images = []
-    states = []
-    actions = []
-    rewards = []
-    frames = []
-    while True:
-        images.append(resize_image(obs["image"], policy.size))
-        states.append(np.asarray(obs["state"], np.float32))
-        frames.append(obs["image"] if keep_frames or labeler else None)
-        if done:
-            break
-        if stop is not None and stop.requested:
-            return None
-        raw, scaled = policy(images[-1], states[-1], deterministic)
-        obs, reward, terminated, truncated, info = env.step(raw)
-        actions.append(scaled)
-        rewards.append(float(reward))
-        success = success or bool(info.get("success", False))
-        for name, reached in info.get("stages", {}).items():
-            stages[name] = stages.get(name, False) or bool(reached)
-        done = terminated or truncated or (max_steps and len(actions) >= max_steps)
-    env_rewards = (np.asarray(rewards) > 0).astype(np.float32)
-    if labeler:
-        rewards = labeler(frames)
-        success = bool(rewards.any())
-    else:
-        rewards = env_rewards
-    return {
-        "images": np.stack(images),
-        "states": np.stack(states),
-        "actions": np.stack(actions).astype(np.float32),
-        "rewards": rewards,
-        "env_rewards": env_rewards,
-        "success": success,
-        "stages": stages,
-        "return": float(rewards.sum()),
-        "length": len(actions),
-        "frames": frames,
-    }
-
-
-def rate_text(count, n, lo, hi):
-    return (
-        f"{count}/{n} = {100 * count / max(n, 1):.1f}% "
-        f"(95% CI, Wilson: {100 * lo:.1f}% .. {100 * hi:.1f}%)"
-    )
-
-
-def stage_summary(episodes):
-    """{stage: {count, rate, lo, hi}} over episodes, stages in the order the env reports them:
-    count = episodes that reached the stage at any step, lo .. hi its 95% Wilson interval."""
-    names = []
-    for e in episodes:
-        names.extend(name for name in e.get("stages", {}) if name not in names)
-    n = len(episodes)
-    summary = {}
-    for name in names:
-        count = sum(bool(e.get("stages", {}).get(name, False)) for e in episodes)
-        lo, hi = wilson_interval(count, n)
-        summary[name] = {"count": count, "rate": count / max(n, 1), "lo": lo, "hi": hi}
-    return summary
-
-
-def summarize(episodes):
-    """Success rate with its Wilson interval, mean return and length, and the stage rates."""
-    n = len(episodes)
-    k = sum(e["success"] for e in episodes)
-    lo, hi = wilson_interval(k, n)
-    mean_return = float(np.mean([e["return"] for e in episodes])) if n else float("nan")
-    mean_length = float(np.mean([e["length"] for e in episodes])) if n else float("nan")
-    return {
-        "success": k / max(n, 1),
-        "success_lo": lo,
-        "success_hi": hi,
-        "successes": k,
-        "episodes": n,
-        "return": mean_return,
-        "length": mean_length,
-        "stages": stage_summary(episodes),
-        "text": f"success {rate_text(k, n, lo, hi)}",
-    }
-
-
-def save_video(frames, path, fmt="gif", fps=5, strip_frames=10):
-    """An animated GIF of the episode (Bridge runs at 5 Hz), or a PNG strip of up to 10
-    evenly spaced frames."""
-    images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
-    if fmt == "gif":
-
-        def write(f):
-            images[0].save(
-                f,
-                format="GIF",
-                save_all=True,
-                append_images=images[1:],
-                duration=int(1000 / fps),
-                loop=0,
-            )
-
-    else:
-        count = min(strip_frames, len(images))
-        picks = np.unique(np.linspace(0, len(images) - 1, count).round().astype(int))
-        strip = Image.new("RGB", (images[0].width * len(picks), images[0].height))
-        for i, j in enumerate(picks):
-            strip.paste(images[j], (i * images[0].width, 0))
-
-        def write(f):
-            strip.save(f, format="PNG")
-
-    atomic_write(path, write)
-
-
-def no_reset():
-    """The simulator resets itself in env.reset()."""
-
-
-def evaluate(
-    env,
-    policy,
-    episodes,
-    seed,
-    max_steps=0,
-    resetter=no_reset,
-    stop=None,
-    video=None,
-    labeler=None,
-    log=print,
-    deterministic=True,
-):
-    """Episodes from env.reset(seed + i): reproducible. deterministic: the actor's mean action
-    (False: a sample, drawn from the agent's seeded generator). video: (folder, "gif" | "png").
-    Returns [{success, return, length (, stages)}] per episode, or None when stopped."""
-    results = []
-    for i in range(episodes):
-        keep = bool(video)
-        ep = run_episode(env, policy, seed + i, deterministic, max_steps, stop, keep, labeler)
-        if ep is None:  # stopped: no reset either
-            return None
-        resetter()
-        outcome = "success" if ep["success"] else "fail"
-        if video:
-            name = f"episode_{i:03d}_{outcome}.{video[1]}"
-            save_video(ep["frames"], os.path.join(video[0], name), video[1])
-        reached = [name for name, hit in ep["stages"].items() if hit]
-        stages = f" (reached: {', '.join(reached)})" if reached else ""
-        log(
-            f"episode {i:3d} seed {seed + i}: return {ep['return']:.2f}, length {ep['length']}, "
-            f"{'success' if ep['success'] else 'failure'}{stages}"
-        )
-        record = {k: ep[k] for k in ("success", "return", "length")}
-        if ep["stages"]:  # an env without stages reports none
-            record["stages"] = ep["stages"]
-        results.append(record)
-    return results
-
-
-# -------------------------------------------------------------------------- environments and resets
-
-
-def make_env(
-    name,
-    image_size,
-    task=None,
-    max_steps=0,
-    port="/dev/ttyUSB0",
-    backend="dynamixel",
-    camera="0",
-    ood="none",
-    terminate_on_success=True,
-):
-    """binsort: the simulator on `task` when it knows that name (e.g. sort_mug_cube),
-    else its target sort task; ood: its out-of-distribution starts (OOD_STARTS);
-    terminate_on_success False: episodes run to their step limit, as on the arm, so that a
-    classifier's rewards are all a run learns of success (not where the simulator ended it);
-    widowx: the real arm (or twin.py's simulated one behind `port`), its images from `camera` (an
-    opencv index or path, or twin:<port>). Imported here, so nothing else needs pybullet or
-    pyserial."""
-    if name == "widowx" and ood != "none":
-        raise SystemExit(f"--ood {ood}: only the simulator (--env binsort) has such starts")
-    if name == "widowx":  # (argparse's choices keep name in ENVS)
-        import robot
-
-        kw = {"max_steps": max_steps} if max_steps else {}  # else robot.py's (40 steps, as Bridge)
-        camera = robot.camera_arg(str(camera))
-        return robot.WidowXEnv(port, backend=backend, image_size=image_size, camera=camera, **kw)
-    import sim_binsort
-
-    try:
-        sim_binsort.parse_task(task)
-    except (ValueError, AttributeError):  # not a task the simulator knows (or None): the sort task
-        task = "sort"
-    starts = "" if ood == "none" else f", out-of-distribution starts: {ood}"
-    print(f"environment: simulated bin-sort, task {task}, {image_size}px{starts}")
-    return sim_binsort.BinSortEnv(
-        task=task,
-        image_size=image_size,
-        max_steps=max_steps or None,
-        terminate_on_success=terminate_on_success,
-        ood=ood,
-    )
-
-
-def make_resetter(args, env):
-    """After each episode, on the robot: a fixed reset policy (Appendix F: a PTR close-door
-    policy) or Enter."""
-    if args.env == "binsort":
-        return no_reset
-    if args.reset_ckpt:
-        reset_policy = load_policy(args.reset_ckpt, args.device)
-
-        def run_reset_policy():
-            run_episode(env, reset_policy, None, True)
-
-        return run_reset_policy
-
-    def wait_for_a_person():
-        input("reset the scene, then press Enter ")
-
-    return wait_for_a_person
-
-
-def load_policy(path, device, task=None, binarize_gripper=None):
-    """The actor of any PTR checkpoint; task by name or index. What is left None comes from the
-    checkpoint's "evaluation" entry (online.py export), so a shared policy acts as its results
-    were measured; otherwise the task is the fine-tuned (or online) target and the gripper is
-    executed as predicted. The entry stays on the policy as .evaluation."""
-    ckpt = load_checkpoint(path)
-    agent = agent_from_checkpoint(ckpt, device, path, acting_only=True)
-    names = ckpt["task_names"]
-    saved = ckpt.get("evaluation", {})
-    if binarize_gripper is None:
-        binarize_gripper = bool(saved.get("binarize_gripper", False))
-    if task is None:
-        task = saved.get("task")
-    if task is None:
-        task = ckpt.get("online_task", (ckpt.get("target_task_ids") or [0])[0])
-    elif task in names:
-        task = names.index(task)
-    elif not (str(task).isdigit() and int(task) < agent.cfg.num_tasks):
-        raise SystemExit(
-            f"--task {task!r}: not a task of {path}; its tasks are {names} (or an index)"
-        )
-    name = names[int(task)] if int(task) < len(names) else None
-    print(f"{path}: {agent.cfg.arch} at {agent.cfg.image_size}px, task {task} ({name})")
-    low = ckpt["action_low"]
-    high = ckpt["action_high"]
-    policy = Policy(agent, low, high, int(task), name, binarize_gripper)
-    policy.evaluation = saved
-    if saved:
-        print(f"{path}: evaluated as exported, {saved} (flags given here take precedence)")
-    return policy
-
-
-def make_labeler(args):
-    """Rewards where the env gives none (the real arm): the classifier, else a person
-    judges each episode."""
-    if args.classifier:
-        return load_labeler(args.classifier, args.device)
-    if args.env != "widowx":
+def make_labeler(env_name, classifier=None, device="cpu"):
+    """Rewards where the env gives none (the real arm): the classifier file `classifier` run on
+    `device`, else a person judges each episode. None: the env's own rewards (the simulator)."""
+    if classifier:
+        return load_labeler(classifier, device)
+    if env_name != "widowx":
         return None
 
     def ask(frames):  # success: the last transition gets r = 1
@@ -551,7 +274,7 @@ def online_loop(
     buffer,
     mixed,
     offline,
-    args,
+    run,
     online,
     payload,
     state,
@@ -560,13 +283,14 @@ def online_loop(
     wall=None,
 ):
     """Collect a trajectory, then online.utd gradient steps per transition, until online.env_steps
-    (module docstring). state: the LoopState, saved in every checkpoint, so a resumed run continues
-    exactly. args: the run's options (batch size, episode length cap, seed, out folder, logging,
-    retention). wall: the WallTime so far (a resumed run's), added to here. online.filtered_bc:
-    only the successful trajectories enter the buffer (every one is written to episodes/), and
-    while the buffer is empty the updates draw from `offline`."""
-    log = RunLog(args.out, online.env_steps, state.env_steps, tensorboard=args.tensorboard)
-    wall = wall or WallTime()
+    (module docstring). run: the RunOptions. state: the LoopState to start from (a resumed run's),
+    saved in every checkpoint, so a resumed run continues exactly. wall: the WallTime so far (a
+    resumed run's). state and wall are copied, not changed; returns the final LoopState.
+    online.filtered_bc: only the successful trajectories enter the buffer (every one is written to
+    episodes/), and while the buffer is empty the updates draw from `offline`."""
+    state = copy.deepcopy(state)
+    wall = dataclasses.replace(wall) if wall else WallTime()
+    log = RunLog(run.out, online.env_steps, state.env_steps, tensorboard=run.tensorboard)
     started = time.perf_counter() - wall.total
 
     @contextlib.contextmanager
@@ -581,7 +305,7 @@ def online_loop(
 
     def update(sampler):
         with timed("updates"):
-            info = train_step(agent, sampler, args.batch_size, state.grad_steps + 1)
+            info = train_step(agent, sampler, run.batch_size, state.grad_steps + 1)
         state.grad_steps += 1
         state.sums = {k: state.sums.get(k, 0.0) + float(v) for k, v in info.items()}
         state.n_updates += 1
@@ -629,8 +353,8 @@ def online_loop(
             loop=asdict(state),
             wall=asdict(clock()),
         )
-        atomic_torch_save(ckpt, os.path.join(args.out, CKPT_PATTERN.format(state.env_steps)))
-        prune_checkpoints(args.out, args.keep_last, args.keep_steps)
+        atomic_torch_save(ckpt, os.path.join(run.out, CKPT_PATTERN.format(state.env_steps)))
+        prune_checkpoints(run.out, run.keep_last, run.keep_steps)
 
     def evaluation_due(done):
         if not online.eval_every:
@@ -659,7 +383,7 @@ def online_loop(
                         policy,
                         online.eval_episodes,
                         online.eval_seed,
-                        args.max_steps,
+                        run.max_steps,
                         resetter,
                         stop,
                         labeler=labeler,
@@ -673,7 +397,7 @@ def online_loop(
                 print(f"env step {steps}: evaluation {evaluation['text']}", flush=True)
             if evaluation or (state.rollouts and (steps >= state.next_log or done)):
                 write_row(evaluation)
-                state.next_log = next_multiple(steps, args.log_every)
+                state.next_log = next_multiple(steps, run.log_every)
             if steps >= state.next_save or done:
                 save()
                 state.next_save = next_multiple(steps, online.save_every)
@@ -682,15 +406,15 @@ def online_loop(
             # policy noise comes from the agent's generator: both are rewound if
             # the rollout is dropped
             rng_before_rollout = (capture_rng(), agent.generator.get_state())
-            seed = rollout_seed(args.seed, state.episodes)
+            seed = rollout_seed(run.seed, state.episodes)
             with timed("rollouts"):
-                ep = run_episode(env, policy, seed, False, args.max_steps, stop, labeler=labeler)
+                ep = run_episode(env, policy, seed, False, run.max_steps, stop, labeler=labeler)
                 if ep is not None:
                     resetter()
             if ep is None:
                 break
             traj = (ep["images"], ep["states"], ep["actions"], ep["rewards"], policy.task)
-            path = os.path.join(args.out, EPISODE_PATTERN.format(state.episodes))
+            path = os.path.join(run.out, EPISODE_PATTERN.format(state.episodes))
             # a labelled episode also keeps the simulator's own rewards, to compare the labels with
             save_episode(path, *traj, env_rewards=ep["env_rewards"] if labeler else None)
             if ep["success"] or not online.filtered_bc:
@@ -747,9 +471,7 @@ def target_assignment(source, source_path, target, agent, task):
                 f"{list(target.task_names)}"
             )
         return list(source["task_names"]), list(source["target_task_ids"])
-    target_ids, names = assign_target_slots(source["task_names"], target.task_names, task)
-    if len(names) > agent.cfg.num_tasks:
-        agent.grow_tasks(len(names))
+    target_ids, names = target_slots(agent, source["task_names"], target.task_names, task)
     return names, target_ids
 
 
@@ -768,8 +490,7 @@ def online_finetune(args):
         raise SystemExit(
             f"--mix_prior {online.mix_prior} --mix_target {online.mix_target}: expected a sum <= 1"
         )
-    resumed, source, source_path, prior, target = open_run(args)
-    size = args.image_size
+    resumed, source, source_path, prior, target, size = open_run(args)
     agent = agent_from_checkpoint(source, args.device, source_path)
     if online.filtered_bc:
         agent = imitation_learner(agent, source_path)
@@ -811,22 +532,25 @@ def online_finetune(args):
         mixed.load_state_dict(resumed["sampler"])
         restore_rng(resumed["rng"])
         state = LoopState(**resumed["loop"])
-        wall = WallTime(**resumed.get("wall", {}))  # (checkpoints before it had none)
-    payload = {
-        "kind": "online",
-        "task_names": names,
-        "action_low": low,
-        "action_high": high,
-        "target_task_ids": target_ids,
-        "target_tasks": list(target.task_names),
-        "online_task": task,
-        "source_ckpt": str(source.get("source_ckpt", source_path)),
-    }
-    write_config(
-        args.out,
-        args,
-        dict(task_names=names, target_task_ids=target_ids, online_task=task, capacity=capacity),
+        wall = WallTime(**resumed.get("wall", {}))  # none saved: the clock starts at zero
+    payload = run_payload(
+        "online",
+        names,
+        low,
+        high,
+        target_task_ids=target_ids,
+        target_tasks=list(target.task_names),
+        online_task=task,
+        source_ckpt=source_ckpt(source, source_path),
     )
+    derived = dict(
+        task_names=names,
+        target_task_ids=target_ids,
+        online_task=task,
+        capacity=capacity,
+        image_size=size,
+    )
+    write_config(args.out, {**vars(args), **derived})
     if online.filtered_bc:
         print(
             f"filtered BC online, task {task} ({names[task]}) in {args.env}: "
@@ -851,8 +575,9 @@ def online_finetune(args):
         terminate_on_success=not args.classifier,
     )
     try:
-        labeler = make_labeler(args)
-        resetter = make_resetter(args, env)
+        labeler = make_labeler(args.env, args.classifier, args.device)
+        resetter = make_resetter(args.env, env, args.reset_ckpt, args.device)
+        run = dataclass_from_args(RunOptions, args, keep_steps=tuple(args.keep_steps))
         online_loop(
             agent,
             env,
@@ -860,7 +585,7 @@ def online_finetune(args):
             buffer,
             mixed,
             offline,
-            args,
+            run,
             online,
             payload,
             state,
@@ -891,8 +616,8 @@ def cmd_eval(args):
     )
     video = (args.save_video, args.video_format) if args.save_video else None
     try:
-        labeler = make_labeler(args)
-        resetter = make_resetter(args, env)
+        labeler = make_labeler(args.env, args.classifier, args.device)
+        resetter = make_resetter(args.env, env, args.reset_ckpt, args.device)
         results = evaluate(
             env,
             policy,
@@ -921,7 +646,7 @@ def cmd_eval(args):
 
 
 def cmd_export(args):
-    """Write the checkpoint's actors alone (train.policy_checkpoint), atomically, with how to
+    """Write the checkpoint's actors alone (checkpoint.policy_checkpoint), atomically, with how to
     evaluate them (task, sampled or mean actions, binarized gripper), which `eval` then uses."""
     ckpt = policy_checkpoint(load_checkpoint(args.ckpt))
     ckpt["source_ckpt"] = os.path.abspath(args.ckpt)
@@ -1005,9 +730,8 @@ def add_eval_parser(sub):
     )
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # Measured on the bin-sort (results/binsort_round4/report.md): an imitating tanh-Gaussian
-    # actor's mean gripper command stops at 0.5-0.8 where the demos close, the arm stands still
-    # and the mean action never changes; a sample crosses the threshold.
+    # An imitating tanh-Gaussian actor's mean gripper command can stall at 0.5-0.8 where the demos
+    # close: the arm stands still and the mean action never changes; a sample crosses the threshold.
     e.add_argument(
         "--sample_actions",
         action=argparse.BooleanOptionalAction,

@@ -22,13 +22,11 @@ import math
 import os
 import pathlib
 import re
-import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import types
 
@@ -38,8 +36,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import arm as wxarm
 import batches
+import binsort_env as benv
 import bridge
+import checkpoint
 import classifier
 import cli
 import cql
@@ -52,6 +53,7 @@ import model
 import online
 import rlds
 import robot
+import rollout
 import runfolder
 import select_ckpt
 import sim_binsort as sb
@@ -60,6 +62,7 @@ import train
 import twin
 import widowx
 from cql import Agent, AgentConfig
+from fakes import MECH, FakeBus, RedCamera, SerialException, TwinPort, fake_interbotix
 
 # The networks here are tiny: one thread beats two that spend their time synchronising, and a busy
 # machine (CI, a laptop) does not turn a 3-second test into a 100-second one.
@@ -114,233 +117,23 @@ def _rot(axis, angle):
     return R
 
 
-# ---- dynamixel.py, robot.py: servos behind a pseudo-terminal, a camera, Interbotix's API ---------
-class _PtyPort:
-    """The driver's end of the pseudo-terminal, with the methods of a serial port that it uses."""
-
-    def __init__(self, fd):
-        self.fd = fd
-        self.name = "/dev/pts/fake"
-
-    def read(self, n):
-        return os.read(self.fd, n) if select.select([self.fd], [], [], 0.01)[0] else b""
-
-    def write(self, data):
-        os.write(self.fd, data)
-
-    def reset_input_buffer(self):
-        import termios
-
-        termios.tcflush(self.fd, termios.TCIFLUSH)
-
-    def close(self):
-        os.close(self.fd)
-
-
-_MECH = {3: 7, 5: -5}  # how far each shadow's horn sits from its mirrored master (ticks)
+# ---- dynamixel.py, arm.py, robot.py: an arm and an env on fakes.py's servos ----------------------
 # generous: the fake's thread shares 2 busy cores; only the timeout test uses a short one
 _BUS_TIMEOUT = 0.5
 
 
-class _FakeBus:
-    """Servos 1-9 of a WidowX 250 behind a pseudo-terminal, served by a thread.
-
-    Each servo has a control table (factory defaults), a raw encoder position and the XM430 rules
-    the driver depends on: Present Position = raw + Homing Offset, mirrored when Drive Mode bit 0
-    is set; EEPROM (< 64) locked while torque is on; goals beyond the position limits refused; a
-    Secondary ID executes writes silently. Shadows 3 and 5 are bolted to their masters (mirrored, a
-    few ticks off): a shadow whose goal disagrees with where it is gets a recorded fight.
-    offset_mode: where a reversed servo adds its Homing Offset ("before" the mirroring, as
-    Interbotix assumes, "after", or "ignored"); grip_stops: where PWM drives the gripper (rad,
-    closed and open). Faults: the servos in `silent` never answer (they still obey), those in
-    `garbled` answer with a bad CRC; `corrupt` garbles the next n replies of any servo."""
-
-    def __init__(self, joints=widowx.SLEEP_JOINTS):
-        import tty
-
-        master, slave = os.openpty()
-        tty.setraw(slave)  # bytes as they are: no echo, no newline translation
-        self.fd = master
-        self.port = _PtyPort(slave)
-        self.table = {i: bytearray(256) for i in robot.ALL_IDS}
-        for i, t in self.table.items():
-            struct.pack_into("<H", t, 0, 1060 if i == robot.GRIPPER_ID else 1020)  # model number
-            t[6] = 45  # firmware version
-            t[7] = i  # ID
-            t[9] = 250  # return delay time
-            t[11] = 3  # operating mode
-            t[12] = 255  # secondary ID
-            t[146] = 38  # present temperature (C)
-            struct.pack_into("<i", t, 48, 4095)
-        ticks = dynamixel.rad_to_ticks(joints)
-        self.raw = {i: int(t) for i, t in zip(robot.JOINT_IDS, ticks)}
-        # the wrist angle is mounted mirrored: it reads right once reversed
-        self.raw[7] = 4095 - self.raw[7]
-        self.raw[robot.GRIPPER_ID] = 2048
-        self._couple()
-        self.packets = []
-        self.raw_in = b""
-        self.fights = []
-        self.silent = set()
-        self.garbled = set()
-        self.corrupt = 0
-        self._stop = threading.Event()
-        self.offset_mode = "before"
-        self.grip_stops = (-0.6, 1.3)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _couple(self):
-        for shadow, master in robot.SHADOWS.items():
-            self.raw[shadow] = 4095 - self.raw[master] + _MECH[shadow]
-
-    def get(self, i, addr, size):
-        return struct.unpack_from({1: "<B", 2: "<h", 4: "<i"}[size], self.table[i], addr)[0]
-
-    def present(self, i):
-        p = self.raw[i]
-        off = self.get(i, 20, 4)
-        if not self.get(i, 10, 1) & 1:
-            return p + off
-        mirrored = {"before": 4095 - (p + off), "after": 4095 - p + off, "ignored": 4095 - p}
-        return mirrored[self.offset_mode]
-
-    def fail(self, i, bits):
-        """A latched hardware error: the alert bit on every reply, torque off."""
-        self.table[i][70] = bits
-        self.table[i][64] = 0
-
-    def close(self):
-        self._stop.set()
-        self.thread.join()
-        os.close(self.fd)
-        self.port.close()
-
-    def _serve(self):
-        buf = b""
-        while not self._stop.is_set():
-            if not select.select([self.fd], [], [], 0.01)[0]:
-                continue
-            data = os.read(self.fd, 4096)
-            self.raw_in += data
-            buf += data
-            while True:
-                try:
-                    got, buf, _ = dynamixel.split_packet(buf)
-                except dynamixel.PacketError:  # drop the broken packet's header and look further
-                    buf = buf[buf.find(dynamixel.HEADER) + 1 :]
-                    continue
-                if got is None:
-                    break
-                self.packets.append(got)
-                for reply in self._handle(*got):
-                    if self.corrupt:
-                        self.corrupt -= 1
-                        reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])
-                    os.write(self.fd, reply)
-
-    def _status(self, i, error=0, data=b""):
-        if i in self.silent:
-            return []
-        error |= 0x80 if self.table[i][70] else 0
-        packet = dynamixel.make_packet(i, dynamixel.STATUS, bytes([error]) + data)
-        if i in self.garbled:
-            packet = packet[:-1] + bytes([packet[-1] ^ 0xFF])  # the CRC's high byte
-        return [packet]
-
-    def _write(self, target, addr, data):
-        """Apply a write addressed to `target` -> error code for each primary servo {id: code}."""
-        codes = {}
-        servos = [i for i in robot.ALL_IDS if target in (i, self.table[i][12], dynamixel.BROADCAST)]
-        # masters move first, then shadows check
-        for i in sorted(servos, key=lambda i: i in robot.SHADOWS):
-            t = self.table[i]
-            code = 0
-            if addr < 64 and t[64]:
-                code = 7
-            elif addr == 116:
-                goal = struct.unpack_from("<i", data)[0]
-                if not self.get(i, 52, 4) <= goal <= self.get(i, 48, 4):
-                    code = 6
-                else:
-                    t[116:120] = data
-                    if t[64] and i in robot.SHADOWS and abs(self.present(i) - goal) > 3:
-                        self.fights.append((i, goal, self.present(i)))
-                    elif t[64] and i not in robot.SHADOWS:
-                        off = self.get(i, 20, 4)
-                        self.raw[i] = (4095 - goal if t[10] & 1 else goal) - off
-                        self._couple()
-            else:
-                t[addr : addr + len(data)] = data
-                if addr == 100 and t[64]:  # PWM: the gripper runs to an end of its travel
-                    pwm = self.get(i, 100, 2)
-                    if pwm:
-                        self.raw[i] = int(dynamixel.rad_to_ticks(self.grip_stops[pwm > 0]))
-            if target == i:
-                codes[i] = code
-        return codes
-
-    def _handle(self, target, inst, params):
-        if inst == dynamixel.SYNC_READ:
-            addr, size = struct.unpack_from("<HH", params)
-            return [r for i in params[4:] for r in self._read(i, addr, size)]
-        if inst == dynamixel.SYNC_WRITE:
-            addr, size = struct.unpack_from("<HH", params)
-            for k in range(4, len(params), size + 1):
-                self._write(params[k], addr, params[k + 1 : k + 1 + size])
-            return []
-        if inst == dynamixel.WRITE:
-            codes = self._write(target, struct.unpack_from("<H", params)[0], params[2:])
-            return [r for i, c in codes.items() for r in self._status(i, c)]
-        if target not in self.table:
-            return []
-        if inst == dynamixel.PING:
-            model_and_firmware = bytes(self.table[target][0:2]) + bytes([self.table[target][6]])
-            return self._status(target, 0, model_and_firmware)
-        if inst == dynamixel.READ:
-            return self._read(target, *struct.unpack_from("<HH", params))
-        if inst == dynamixel.REBOOT:
-            self.table[target][70] = 0
-            return self._status(target)
-        return self._status(target, 2)
-
-    def _read(self, i, addr, size):
-        struct.pack_into("<i", self.table[i], 132, self.present(i))
-        return self._status(i, 0, bytes(self.table[i][addr : addr + size]))
-
-    def sent(self, inst, addr=None):
-        """Packets the driver sent with this instruction (and start address): [(target, params)]."""
-        return [
-            (t, p)
-            for t, i, p in self.packets
-            if i == inst and (addr is None or struct.unpack_from("<H", p)[0] == addr)
-        ]
-
-
 @pytest.fixture
 def robot_bus():
-    """A _FakeBus for one test, closed after it."""
+    """A FakeBus for one test, closed after it."""
     pytest.importorskip("termios")  # pseudo-terminals: Linux and macOS
-    bus = _FakeBus()
+    bus = FakeBus()
     yield bus
     bus.close()
 
 
-class _RedCamera:
-    """A camera (cv2.VideoCapture's read) that sees a red image of size (H, W)."""
-
-    def __init__(self, size):
-        self.frame = np.zeros(size + (3,), np.uint8)
-        self.frame[..., 0] = 10  # BGR: a red image
-        self.frame[..., 2] = 200
-
-    def read(self):
-        return True, self.frame.copy()
-
-
 def _fake_arm(fake, **kw):
     """A DynamixelArm on the fake bus (kw: the arm's options, e.g. log)."""
-    return robot.DynamixelArm(robot.open_bus(fake.port, timeout=_BUS_TIMEOUT), **kw)
+    return wxarm.DynamixelArm(wxarm.open_bus(fake.port, timeout=_BUS_TIMEOUT), **kw)
 
 
 def _fake_env(fake, **kw):
@@ -348,7 +141,7 @@ def _fake_env(fake, **kw):
     arm = _fake_arm(fake, log=lambda *a: None)
     arm.velocity_limit = 1e3  # the fake arrives at once: moves need not take the real arm's time
     kw = dict(
-        camera=_RedCamera((32, 32)),
+        camera=RedCamera((32, 32)),
         image_size=32,
         control_hz=100.0,
         watchdog_s=0,
@@ -362,12 +155,12 @@ def _fake_env(fake, **kw):
 def _timed_arm(fake, monkeypatch, clock=None, **kw):
     """A quiet arm on the fake bus and the list of its sleeps -> (arm, slept).
 
-    robot.time's sleep records instead of sleeping; its monotonic runs `clock[0]` s ahead."""
+    arm.py's time: its sleep records instead of sleeping, its monotonic runs `clock[0]` s ahead."""
     slept = []
     if clock is None:
         clock = [0.0]
     monkeypatch.setattr(
-        robot,
+        wxarm,
         "time",
         types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock[0], sleep=slept.append),
     )
@@ -402,10 +195,6 @@ def _moving_packets(fake, since):
     return [(t, i, p) for t, i, p in fake.packets[since:] if i in moving]
 
 
-class _SerialException(OSError):
-    """What pyserial raises (serial.SerialException is an IOError) for a port that fails."""
-
-
 def _main_on(fake, monkeypatch, **options):
     """robot.main() on the fake bus; the fake's port stays open when main closes its bus."""
     port = types.SimpleNamespace(
@@ -418,10 +207,12 @@ def _main_on(fake, monkeypatch, **options):
 
     def open_bus(path, baud):
         return dynamixel.DynamixelBus(
-            port, baud, names=robot.SERVO_NAMES, **{"timeout": _BUS_TIMEOUT, **options}
+            port, baud, names=wxarm.SERVO_NAMES, **{"timeout": _BUS_TIMEOUT, **options}
         )
 
+    # check opens its bus in robot.py, the other commands through arm.make_arm
     monkeypatch.setattr(robot, "open_bus", open_bus)
+    monkeypatch.setattr(wxarm, "open_bus", open_bus)
     return port
 
 
@@ -433,60 +224,15 @@ def _run_robot_cli(argv, capsys):
     return e.value.code, out, err
 
 
-def _fake_interbotix(monkeypatch):
-    """Installs a stand-in for Interbotix's ROS 2 Python API -> the list of calls it receives."""
-    calls = []
-
-    class Core:
-        q = widowx.SLEEP_JOINTS.copy()
-
-        def robot_get_joint_states(self):
-            fingers = ["gripper", "left_finger", "right_finger"]
-            names = [robot.SERVO_NAMES[i] for i in robot.JOINT_IDS] + fingers
-            return types.SimpleNamespace(name=names, position=list(self.q) + [0.0, 0.037, -0.037])
-
-        def robot_torque_enable(self, cmd_type, name, enable):
-            calls.append(("torque", cmd_type, name, enable))
-
-    class Manipulator:  # bot.core, bot.arm, bot.gripper.release / grasp
-        def __init__(self, model, group, gripper):
-            assert (model, group, gripper) == ("wx250s", "arm", "gripper")
-            self.core = Core()
-            self.arm = types.SimpleNamespace(set_joint_positions=self.move)
-            self.gripper = types.SimpleNamespace(
-                release=lambda delay: calls.append(("release", delay)),
-                grasp=lambda delay: calls.append(("grasp", delay)),
-            )
-
-        def move(self, q, moving_time, accel_time, blocking):
-            calls.append(("joints", np.array(q), moving_time))
-            self.core.q = np.array(q)
-
-    module = types.ModuleType("interbotix_xs_modules.xs_robot.arm")
-    module.InterbotixManipulatorXS = Manipulator
-    for name in ("interbotix_xs_modules", "interbotix_xs_modules.xs_robot"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "interbotix_xs_modules.xs_robot.arm", module)
-    return calls
-
-
 # ---- twin.py: the simulated arm behind a pseudo-terminal -----------------------------------------
 # the twin's world runs 10 x real time, and robot.py's clock is the twin's: a 2 s move takes 0.2 s
 _TWIN_SPEED = 10.0
 
 
-class _TwinPort(_PtyPort):
-    """The driver's end of a twin's pseudo-terminal, opened by its path as pyserial would."""
-
-    def __init__(self, path):
-        super().__init__(os.open(path, os.O_RDWR | os.O_NOCTTY))
-        self.name = path
-
-
 @pytest.fixture
 def make_twin(monkeypatch):
-    """-> start(**options of twin.Twin): a running twin at _TWIN_SPEED whose clock robot.py's
-    sleeps and timestamps follow. Every twin started is closed after the test."""
+    """-> start(**options of twin.Twin): a running twin at _TWIN_SPEED whose clock the sleeps and
+    timestamps of robot.py and arm.py follow. Every twin started is closed after the test."""
     pytest.importorskip("termios")  # pseudo-terminals: Linux and macOS
     twins = []
 
@@ -495,6 +241,7 @@ def make_twin(monkeypatch):
         twins.append(arm)
         clock = types.SimpleNamespace(monotonic=arm.clock, sleep=arm.sleep)
         monkeypatch.setattr(robot, "time", clock)
+        monkeypatch.setattr(wxarm, "time", clock)
         return arm
 
     yield start
@@ -504,8 +251,8 @@ def make_twin(monkeypatch):
 
 def _twin_bus(arm, timeout=0.1, retries=3):
     """A DynamixelBus on the twin's port (a path, as robot.py opens a U2D2)."""
-    port = _TwinPort(arm.port)
-    return dynamixel.DynamixelBus(port, timeout=timeout, retries=retries, names=robot.SERVO_NAMES)
+    port = TwinPort(arm.port)
+    return dynamixel.DynamixelBus(port, timeout=timeout, retries=retries, names=wxarm.SERVO_NAMES)
 
 
 def _twin_cli(monkeypatch):
@@ -515,11 +262,12 @@ def _twin_cli(monkeypatch):
         return _twin_bus(types.SimpleNamespace(port=path))
 
     monkeypatch.setattr(robot, "open_bus", open_bus)
+    monkeypatch.setattr(wxarm, "open_bus", open_bus)
 
 
 def _twin_env(arm, **options):
     """A quiet WidowXEnv on the twin, with the twin's camera: 32 px, 0.5 s moves, no watchdog."""
-    driver = robot.DynamixelArm(_twin_bus(arm), log=lambda *a: None)
+    driver = wxarm.DynamixelArm(_twin_bus(arm), log=lambda *a: None)
     kw = dict(image_size=32, watchdog_s=0, move_s=0.5, log=lambda *a: None, **options)
     return robot.WidowXEnv(arm=driver, camera=f"twin:{arm.port}", **kw)
 
@@ -805,7 +553,7 @@ def _finetune_args(ckpt, prior, target, out, *flags):
 
 def _ckpt_agent(path):
     """The agent's state of a checkpoint file, as a dict."""
-    return {k: v for k, v in train.load_checkpoint(str(path))["agent"].items()}
+    return {k: v for k, v in checkpoint.load_checkpoint(str(path))["agent"].items()}
 
 
 def _deep_equal(a, b):
@@ -863,7 +611,7 @@ def online_setup(tmp_path_factory):
     prior = data.load_store(str(root / "prior"), log=lambda *a: None)
     cfg = AgentConfig(num_tasks=3, arch="small", image_size=32, gamma=_ONLINE_GAMMA, alpha=1.0)
     ckpt = {
-        "format": train.CKPT_FORMAT,
+        "format": checkpoint.CKPT_FORMAT,
         "kind": "finetune",
         "step": 0,
         "agent": Agent(cfg).state_dict(),
@@ -873,7 +621,7 @@ def online_setup(tmp_path_factory):
         "target_task_ids": [2],
         "target_tasks": ["sort_mug_cube"],
     }
-    train.atomic_torch_save(ckpt, str(root / "ft.pt"))
+    checkpoint.atomic_torch_save(ckpt, str(root / "ft.pt"))
     return root
 
 
@@ -915,7 +663,7 @@ class _ReplayAgent:
 
 
 class _ZeroPolicy:
-    """A stand-in for online.Policy on 8 px images: every action is zero."""
+    """A stand-in for rollout.Policy on 8 px images: every action is zero."""
 
     size = 8
     task_name = None
@@ -1154,7 +902,7 @@ def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path)
     out = tmp_path / "run"
     common = ["--data", str(prior), "--out", str(out), "--save_every", "1", *TINY]
     train.main([*common, "--steps", "5", "--keep_last", "2", "--keep_steps", "2"])
-    assert [s for s, _ in train.list_checkpoints(out)] == [2, 4, 5]
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [2, 4, 5]
     # the phases' defaults: pre-training keeps its newest 5, fine-tuning all (select_ckpt.py needs
     # them)
     assert train.PRETRAIN_KEEP_LAST == 5 and finetune.FINETUNE_KEEP_LAST == 0
@@ -1168,11 +916,13 @@ def test_pipeline_retention_keeps_the_newest_and_the_marked(pipe_data, tmp_path)
 def test_widowx_is_the_one_kinematics_of_the_sim_and_the_robot():
     # one owner: the simulator and the robot use widowx.py's objects, not copies
     # (the simulator's arm model, arm_urdf, is built in widowx.py from the same screw axes)
-    for name in ("R_DOWN", "FINGER_MAX", "ARM_JOINTS"):
-        assert getattr(sb, name) is getattr(widowx, name), name
-    for name in ("euler_to_mat", "mat_to_euler", "fk_and_jacobian", "solve_ik", "arm_urdf"):
-        assert getattr(sb, name) is getattr(widowx, name), name
-    for name in ("JOINT_LOW", "JOINT_HIGH", "R_DOWN", "SLEEP_JOINTS", "euler_to_mat"):
+    for name in ("R_DOWN", "FINGER_MAX", "ARM_JOINTS", "GRIPPER_CLOSED_BELOW"):
+        assert getattr(benv, name) is getattr(widowx, name), name
+    for name in ("euler_to_mat", "mat_to_euler", "solve_ik", "arm_urdf"):
+        assert getattr(benv, name) is getattr(widowx, name), name
+    for name in ("JOINT_LOW", "JOINT_HIGH", "SLEEP_JOINTS", "VELOCITY_LIMIT"):
+        assert getattr(wxarm, name) is getattr(widowx, name), name
+    for name in ("R_DOWN", "SLEEP_JOINTS", "euler_to_mat"):
         assert getattr(robot, name) is getattr(widowx, name), name
     assert robot.inverse_kinematics is widowx.inverse_kinematics
     assert robot.forward_kinematics is widowx.forward_kinematics
@@ -1246,7 +996,7 @@ def test_robot_packets_match_the_spec_vectors(robot_bus):
     assert dynamixel.make_packet(1, dynamixel.PING) == ping
     assert dynamixel.make_packet(1, dynamixel.READ, bytes([0x84, 0, 4, 0])) == read
     assert dynamixel.crc16(bytes.fromhex("FF FF FD 00 01 03 00 01")) == 0x4E19
-    bus = robot.open_bus(robot_bus.port, timeout=_BUS_TIMEOUT)
+    bus = wxarm.open_bus(robot_bus.port, timeout=_BUS_TIMEOUT)
     assert bus.read(1, dynamixel.PRESENT_POSITION) == 2048  # waist at 0 rad
     assert robot_bus.raw_in == read  # on the wire
     assert bus.ping(9) == 1060 and bus.ping(4) == 1020
@@ -1924,7 +1674,7 @@ def test_core_state_statistics_travel_with_checkpoints_and_old_ones_load_as_iden
     for net in old["nets"].values():
         net.pop("state_norm.mean", None)
         net.pop("state_norm.std", None)
-    legacy = Agent.from_state_dict(old)
+    legacy = Agent.from_state_dict(checkpoint.upgrade_agent_state(old))
     assert torch.equal(legacy.policy.state_norm.mean, torch.zeros(7))
     assert torch.equal(legacy.policy.state_norm.std, torch.ones(7))
     x = cql.random_batch(cfg, 4, seed=1)
@@ -2815,9 +2565,9 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
     )
     with pytest.raises(fileio.FormatError, match=old_version):
         data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
-    with pytest.raises(lerobot.MissingPackageError, match="needs no_such_package: pip install no_"):
+    with pytest.raises(cli.MissingPackageError, match="needs no_such_package: pip install no_"):
         lerobot._require("no_such_package")
-    assert issubclass(lerobot.MissingPackageError, cli.ExpectedError)  # one line from run_cli
+    assert issubclass(cli.MissingPackageError, cli.ExpectedError)  # one line from run_cli
 
 
 # the fixture of LEROBOT_DAMAGE: 3 episodes of 4 frames at 10 fps (v3.0: all in one file)
@@ -3205,15 +2955,15 @@ def test_perf_prefetcher_batches_and_resume_are_exact(tmp_path):
 
 def test_pipeline_pretrain_writes_run_folder(pipe_pretrained):
     out = pipe_pretrained
-    assert [s for s, _ in train.list_checkpoints(out)] == [2, 4]
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [2, 4]
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "small" and config["num_tasks"] == 4 and config["image_size"] == 32
     assert len(config["task_names"]) == 4 and config["task_names"][3] == "<reserved 0>"
     rows = (out / "progress.csv").read_text().strip().splitlines()
     steps = [r.split(",")[0] for r in rows[1:]]
     assert rows[0].startswith("step,time,steps_per_s") and steps == ["1", "2", "3", "4"]
-    ckpt = train.load_checkpoint(str(out / "ckpt_00000004.pt"))
-    assert ckpt["step"] == 4 and train.ckpt_config(ckpt)["num_tasks"] == 4
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt_00000004.pt"))
+    assert ckpt["step"] == 4 and checkpoint.ckpt_config(ckpt)["num_tasks"] == 4
     assert len(ckpt["action_low"]) == 7
 
 
@@ -3227,7 +2977,7 @@ def test_pipeline_policy_state_statistics_are_the_train_split_s(pipe_data, pipe_
             frames = [*traj["observations"], traj["next_observations"][-1]]
             states += [step["state"] for step in frames]
     states = np.array(states, np.float64)
-    ckpt = train.load_checkpoint(str(pipe_pretrained / "ckpt_00000004.pt"))
+    ckpt = checkpoint.load_checkpoint(str(pipe_pretrained / "ckpt_00000004.pt"))
     norm = ckpt["agent"]["nets"]["policy"]
     assert len(states) == 3 * 4 * 9  # 3 tasks x 4 train trajectories x (8 + 1) frames
     np.testing.assert_allclose(norm["state_norm.mean"].numpy(), states.mean(0), rtol=1e-5)
@@ -3269,9 +3019,9 @@ def test_perf_train_prefetch_and_compile_resume_like_a_plain_run(pipe_data, tmp_
     train.main([*common, *split, "--steps", "4", "--resume", "--compile"])
     assert modes == ["default"]
     for step in (2, 4):
-        name = train.CKPT_PATTERN.format(step)
-        a = train.load_checkpoint(str(tmp_path / "plain" / name))
-        b = train.load_checkpoint(str(tmp_path / "split" / name))
+        name = runfolder.CKPT_PATTERN.format(step)
+        a = checkpoint.load_checkpoint(str(tmp_path / "plain" / name))
+        b = checkpoint.load_checkpoint(str(tmp_path / "split" / name))
         assert _deep_equal(a["sampler"], b["sampler"]) and _deep_equal(a["rng"], b["rng"])
         for net, weights in a["agent"]["nets"].items():
             for k, x in weights.items():
@@ -3301,10 +3051,10 @@ def test_pipeline_torchrun_two_processes_gloo(pipe_data, tmp_path):
             break
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert [s for s, _ in train.list_checkpoints(out)] == [2]
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [2]
     # every rank's random streams are kept (an exact torchrun resume), and they differ: data
     # parallel
-    states = train.load_checkpoint(str(out / "ckpt_00000002.pt"))["rank_states"]
+    states = checkpoint.load_checkpoint(str(out / "ckpt_00000002.pt"))["rank_states"]
     assert len(states) == 2 and states[0]["sampler"] != states[1]["sampler"]
 
 
@@ -3315,14 +3065,14 @@ def test_pipeline_joint_training_records_the_target_slot(pipe_data, tmp_path):
     out = tmp_path / "joint"
     args = ["--data", str(prior), "--target", str(target), "--out", str(out), "--steps", "1"]
     train.main([*args, "--save_every", "1", "--algo", "bc", *TINY])
-    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt_00000001.pt"))
     assert ckpt["task_names"][ckpt["target_task_ids"][0]] == "sort_ab"
-    policy = online.load_policy(str(out / "ckpt_00000001.pt"), "cpu")
+    policy = rollout.load_policy(str(out / "ckpt_00000001.pt"), "cpu")
     assert policy.task_name == "sort_ab"
 
 
 def test_pipeline_progress_line_hides_nan_losses_and_never_reads_160_of_100(tmp_path, capsys):
-    log = train.RunLog(str(tmp_path), 100, 0)
+    log = runfolder.RunLog(str(tmp_path), 100, 0)
     log.log(0, {"critic_loss": float("nan"), "eval_success": 0.0})  # a row before any update
     log.log(160, {"critic_loss": 2.5, "eval_success": 0.0})  # the last trajectory ran past 100
     first, last = capsys.readouterr().out.splitlines()
@@ -3331,7 +3081,7 @@ def test_pipeline_progress_line_hides_nan_losses_and_never_reads_160_of_100(tmp_
 
 
 def test_pipeline_progress_csv_gains_a_column_that_starts_mid_run(tmp_path):
-    log = train.RunLog(str(tmp_path), 100, 0)
+    log = runfolder.RunLog(str(tmp_path), 100, 0)
     log.log(10, {"actor_loss": 1.0})
     log.log(20, {"actor_loss": 0.5, "actor_q": 3.0})  # the Q term starts after its warm-up
     with open(tmp_path / "progress.csv") as f:
@@ -3360,7 +3110,7 @@ def test_pipeline_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(
         train.main(
             ["--data", str(prior), "--out", str(out), "--steps", "5", "--save_every", "2", *TINY]
         )
-    assert [s for s, _ in train.list_checkpoints(out)] == [2]
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [2]
 
 
 def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_path, monkeypatch):
@@ -3379,10 +3129,10 @@ def test_pipeline_ctrl_c_saves_a_checkpoint_and_resume_continues(pipe_data, tmp_
     args = ["--data", str(prior), "--out", str(run), "--steps", "4", "--save_every", "10", *TINY]
     with pytest.raises(SystemExit) as e:
         train.main(args)
-    assert e.value.code == 130 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2]
+    assert e.value.code == 130 and [s for s, _ in runfolder.list_checkpoints(run)] == [2]
     monkeypatch.setattr(train.Agent, "update", real_update)
     train.main([*args, "--resume"])
-    assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [2, 4]
+    assert [s for s, _ in runfolder.list_checkpoints(tmp_path / "run")] == [2, 4]
 
 
 @contextlib.contextmanager
@@ -3420,9 +3170,10 @@ def test_pipeline_sigterm_saves_a_checkpoint_like_ctrl_c(pipe_data, tmp_path, mo
             train.main([*args, "--save_every", "10"])
         assert signal.getsignal(signal.SIGTERM) is unhandled  # the run put the handler back
     # the third update finishes, is saved, and the exit status is the shell's for SIGTERM (128 + 15)
-    assert e.value.code == 143 and [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3]
+    assert e.value.code == 143
+    assert [s for s, _ in runfolder.list_checkpoints(tmp_path / "run")] == [3]
     train.main([*args, "--save_every", "10", "--resume"])
-    assert [s for s, _ in train.list_checkpoints(tmp_path / "run")] == [3, 5]
+    assert [s for s, _ in runfolder.list_checkpoints(tmp_path / "run")] == [3, 5]
 
 
 def test_pipeline_a_second_run_on_the_same_out_stops(pipe_data, tmp_path):
@@ -3433,15 +3184,17 @@ def test_pipeline_a_second_run_on_the_same_out_stops(pipe_data, tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / "run.lock").write_text(f"{other.pid}\n")
-        with pytest.raises(train.RunFolderBusy, match=f"in use by another run \\(pid {other.pid}"):
+        busy = f"in use by another run \\(pid {other.pid}"
+        with pytest.raises(runfolder.RunFolderBusy, match=busy):
             train.main(args)
-        assert not train.list_checkpoints(out)
+        assert not runfolder.list_checkpoints(out)
     finally:
         other.kill()
         other.wait()
     train.main(args)  # the owner died: its lock is stale and taken over, then released at the end
-    assert [s for s, _ in train.list_checkpoints(out)] == [1] and not (out / "run.lock").exists()
-    assert issubclass(train.RunFolderBusy, cli.ExpectedError)
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [1]
+    assert not (out / "run.lock").exists()
+    assert issubclass(runfolder.RunFolderBusy, cli.ExpectedError)
 
 
 def test_pipeline_failed_saves_leave_no_temporary_files(pipe_data, tmp_path, monkeypatch):
@@ -3517,7 +3270,7 @@ def test_pipeline_resume_refuses_other_data(pipe_data, tmp_path, change):
     common = ["--out", str(out), "--save_every", "2", *TINY]
     train.main([*first, "--steps", "2", *common])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(train.CheckpointError, match=re.escape(differs)):
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(differs)):
         train.main([*again, "--steps", "4", "--resume", *common])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -3533,10 +3286,10 @@ def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretraine
     ft_new = root / "ft_new"
     flags = ["--task", "new", "--steps", "4", "--save_every", "2"]
     _run_script("finetune.py", *_finetune_args(ckpt, prior, target, ft_new, *flags))
-    new = train.load_checkpoint(str(ft_new / "ckpt_00000004.pt"))
+    new = checkpoint.load_checkpoint(str(ft_new / "ckpt_00000004.pt"))
     # the target takes the slot reserved at pre-training: the one-hot size does not change
     assert new["task_names"][3] == "sort_ab" and new["target_task_ids"] == [3]
-    assert train.ckpt_config(new)["num_tasks"] == 4 and new["kind"] == "finetune"
+    assert checkpoint.ckpt_config(new)["num_tasks"] == 4 and new["kind"] == "finetune"
     traces = json.loads((ft_new / "qvalues_00000002.json").read_text())
     n_val = len(traces["trajectories"])
     assert n_val >= 1 and len(traces["trajectories"][0]["q"]) == 2
@@ -3549,7 +3302,7 @@ def test_pipeline_cli_finetune_new_retarget_and_select(pipe_data, pipe_pretraine
     ft_re = root / "ft_retarget"
     flags = ["--task", "pick_b", "--steps", "2", "--save_every", "2"]
     _run_script("finetune.py", *_finetune_args(ckpt, prior, target, ft_re, *flags))
-    retarget = train.load_checkpoint(str(ft_re / "ckpt_00000002.pt"))
+    retarget = checkpoint.load_checkpoint(str(ft_re / "ckpt_00000002.pt"))
     assert retarget["target_task_ids"] == [2]
     assert retarget["task_names"] == new["task_names"][:3] + ["<reserved 0>"]
 
@@ -3570,8 +3323,8 @@ def test_pipeline_finetune_grows_one_hot_without_reserved_slot(pipe_data, tmp_pa
     out = tmp_path / "ft"
     flags = ["--steps", "1", "--save_every", "1"]
     finetune.main(_finetune_args(pre / "ckpt_00000001.pt", prior, target, out, *flags))
-    ckpt = train.load_checkpoint(str(out / "ckpt_00000001.pt"))
-    assert train.ckpt_config(ckpt)["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt_00000001.pt"))
+    assert checkpoint.ckpt_config(ckpt)["num_tasks"] == 4 and ckpt["target_task_ids"] == [3]
 
 
 def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_path):
@@ -3590,7 +3343,7 @@ def test_pipeline_seed_reaches_the_networks_and_bc_finetune_runs(pipe_data, tmp_
     finetune.main(
         _finetune_args(bc / "ckpt_00000001.pt", prior, target, tmp_path / "bc_ft", *flags)
     )
-    assert [s for s, _ in train.list_checkpoints(tmp_path / "bc_ft")] == [1, 2]
+    assert [s for s, _ in runfolder.list_checkpoints(tmp_path / "bc_ft")] == [1, 2]
     # a BC learner has no Q-values to trace; its rule is the validation error on the held-out demos
     assert not list((tmp_path / "bc_ft").glob("qvalues_*.json"))
     losses = {}
@@ -3625,15 +3378,15 @@ def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrai
     root, prior, target = pipe_data
     ckpt = pipe_pretrained / "ckpt_00000002.pt"
     ft = tmp_path / "ft"
-    with pytest.raises(train.CheckpointError, match="no such checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
         finetune.main(_finetune_args(tmp_path / "missing.pt", prior, target, ft, "--steps", "1"))
     cut = tmp_path / "cut.pt"
     cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    with pytest.raises(train.CheckpointError, match="truncated"):
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
         finetune.main(_finetune_args(cut, prior, target, ft, "--steps", "1"))
     other_size = ["--steps", "1", "--image_size", "48", "--batch_size", "8"]
     paths = ["--ckpt", str(ckpt), "--prior", str(prior), "--target", str(target), "--out", str(ft)]
-    with pytest.raises(train.CheckpointError, match="image_size=32 but --image_size is 48"):
+    with pytest.raises(checkpoint.CheckpointError, match="image_size=32 but --image_size is 48"):
         finetune.main([*paths, *other_size])
     native = data.load_store(prior, log=lambda *_: None).path  # a store of the 40x40 images
     with pytest.raises(SystemExit, match="a store of 40x40 images, but 32x32 are needed"):
@@ -3647,9 +3400,11 @@ def test_pipeline_errors_are_clear_and_overwrite_nothing(pipe_data, pipe_pretrai
     # they were
     before = {p.name: p.read_bytes() for p in pipe_pretrained.iterdir() if p.suffix == ".pt"}
     args = ["--data", str(prior), "--out", str(pipe_pretrained), "--steps", "6", "--resume", *TINY]
-    with pytest.raises(train.CheckpointError, match="arch='small' but this run uses arch='impala'"):
+    arch = "arch='small' but this run uses arch='impala'"
+    with pytest.raises(checkpoint.CheckpointError, match=arch):
         train.main([*args, "--arch", "impala"])
-    with pytest.raises(train.CheckpointError, match="num_tasks=4 but this run uses num_tasks=5"):
+    tasks = "num_tasks=4 but this run uses num_tasks=5"
+    with pytest.raises(checkpoint.CheckpointError, match=tasks):
         train.main([*args, "--extra_tasks", "2"])
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         train.main([*args[: -len(TINY) - 1], *TINY])
@@ -3689,7 +3444,7 @@ def test_pipeline_finetune_resume_refuses_other_data(pipe_data, pipe_pretrained,
         "task": (target, ["--task", "pick_b"], "--task 'pick_b' (checkpoint: 'new')"),
     }
     again, flags, differs = changes[change]
-    with pytest.raises(train.CheckpointError, match=re.escape(differs)):
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(differs)):
         finetune.main(_finetune_args(ckpt, prior, again, out, "--steps", "4", "--resume", *flags))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -3706,10 +3461,11 @@ def test_pipeline_finetune_stop_checkpoint_is_no_candidate(
     args = _finetune_args(pipe_pretrained / "ckpt_00000004.pt", prior, target, out, *flags)
     with _sigterm_during_update(monkeypatch), pytest.raises(SystemExit):
         finetune.main(args)
-    assert [s for s, _ in train.list_checkpoints(out)] == [2, 3]
-    assert train.load_checkpoint(str(out / train.CKPT_PATTERN.format(3)))["stopped"] is True
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [2, 3]
+    stopped = checkpoint.load_checkpoint(str(out / runfolder.CKPT_PATTERN.format(3)))
+    assert stopped["stopped"] is True
     finetune.main([*args, "--resume"])
-    assert [s for s, _ in train.list_checkpoints(out)] == [2, 3, 4]
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [2, 3, 4]
     for pattern in (runfolder.QTRACE_PATTERN, runfolder.VALLOSS_PATTERN):
         assert [p.name for p in out.glob(pattern.replace("{:08d}", "*"))] != []
         assert not (out / pattern.format(3)).exists()
@@ -3806,7 +3562,7 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
     flags = "--arch small --image_size 32 --steps 40 --batch_size 16 --lr 1e-3 --device cpu"
     accuracy = classifier.main([*folders, "--out", str(clf), *flags.split()])
     assert accuracy >= 0.9
-    labeler = online.load_labeler(str(clf), "cpu")
+    labeler = classifier.load_labeler(str(clf), "cpu")
     dark = np.full((40, 40, 3), 30, np.uint8)
     bright = np.full((40, 40, 3), 220, np.uint8)
     # r_t labels the observation after action t: frames (dark, bright, dark) -> rewards (1, 0)
@@ -3843,10 +3599,10 @@ def test_robot_setup_configures_the_arm_like_interbotix(robot_bus):
     g = robot_bus.get
     present = robot_bus.present
     # drive modes: reverse 3, 5, 7; time profile
-    assert [g(i, 10, 1) for i in robot.ALL_IDS] == [4, 4, 5, 4, 5, 4, 5, 4, 0]
-    assert [g(i, 12, 1) for i in robot.ALL_IDS] == [255, 255, 2, 255, 4, 255, 255, 255, 255]
-    assert [g(i, 11, 1) for i in robot.ALL_IDS] == [3] * 8 + [16]
-    assert [g(i, 64, 1) for i in robot.ALL_IDS] == [1] * 9 and g(1, 9, 1) == 0
+    assert [g(i, 10, 1) for i in wxarm.ALL_IDS] == [4, 4, 5, 4, 5, 4, 5, 4, 0]
+    assert [g(i, 12, 1) for i in wxarm.ALL_IDS] == [255, 255, 2, 255, 4, 255, 255, 255, 255]
+    assert [g(i, 11, 1) for i in wxarm.ALL_IDS] == [3] * 8 + [16]
+    assert [g(i, 64, 1) for i in wxarm.ALL_IDS] == [1] * 9 and g(1, 9, 1) == 0
     assert (g(2, 52, 4), g(2, 48, 4)) == (819, 3344)  # shoulder -108..114 deg in ticks
     assert (g(3, 52, 4), g(3, 48, 4)) == (819, 3344)  # a shadow takes its master's limits
     assert (g(3, 20, 4), g(5, 20, 4)) == (-7, 5)  # reversed shadows: offset = shadow - master
@@ -3866,7 +3622,7 @@ def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
     arm.command(q, seconds=0.2)
     joints, grip = arm.read()  # a round trip: the fake has handled the SYNC_WRITE before it
     ticks = dynamixel.rad_to_ticks(q)
-    assert [robot_bus.present(i) for i in robot.JOINT_IDS] == ticks.tolist()
+    assert [robot_bus.present(i) for i in wxarm.JOINT_IDS] == ticks.tolist()
     # shadows followed their IDs
     assert robot_bus.present(3) == ticks[1] and robot_bus.present(5) == ticks[2]
     assert robot_bus.fights == []
@@ -3885,7 +3641,7 @@ def test_robot_sync_read_and_write_move_masters_and_shadows(robot_bus):
 
 
 def test_robot_error_and_timeout_paths(robot_bus):
-    short = robot.open_bus(robot_bus.port, timeout=0.02, retries=2)
+    short = wxarm.open_bus(robot_bus.port, timeout=0.02, retries=2)
     robot_bus.silent.add(4)
     n = len(robot_bus.packets)
     with pytest.raises(dynamixel.NoStatusError) as e:
@@ -3894,9 +3650,9 @@ def test_robot_error_and_timeout_paths(robot_bus):
         assert part in str(e.value)
     assert len(robot_bus.packets) - n == 2  # bounded retry
     with pytest.raises(dynamixel.NoStatusError, match="servo ID 4 "):
-        short.sync_read(robot.JOINT_IDS, dynamixel.PRESENT_POSITION)
+        short.sync_read(wxarm.JOINT_IDS, dynamixel.PRESENT_POSITION)
     robot_bus.silent.clear()
-    bus = robot.open_bus(robot_bus.port, timeout=_BUS_TIMEOUT)
+    bus = wxarm.open_bus(robot_bus.port, timeout=_BUS_TIMEOUT)
     robot_bus.corrupt = 1  # one corrupted reply: the driver asks again
     assert bus.read(2, dynamixel.DRIVE_MODE) == 0 and robot_bus.corrupt == 0
     bus.write(1, dynamixel.TORQUE_ENABLE, 1)
@@ -3911,14 +3667,14 @@ def test_robot_error_and_timeout_paths(robot_bus):
     messages = dynamixel.hardware_messages(bus.read(4, dynamixel.HARDWARE_ERROR))
     assert messages == ["overload (too much load for too long)"]
     lines = []
-    assert robot.check(bus, reboot=True, log=lines.append) is True
+    assert wxarm.check(bus, reboot=True, log=lines.append) is True
     assert "XM430-W350" in lines[0] and "XL430-W250" in lines[8]
     assert "overload" in lines[3] and "rebooted" in lines[3]
     assert robot_bus.table[4][70] == 0 and bus.alerts == set()
     robot_bus.silent.add(6)
     lines.clear()
-    slow = robot.open_bus(robot_bus.port, timeout=0.3, retries=1)
-    assert robot.check(slow, log=lines.append) is False
+    slow = wxarm.open_bus(robot_bus.port, timeout=0.3, retries=1)
+    assert wxarm.check(slow, log=lines.append) is False
     assert "ID 6 forearm_roll" in lines[5] and "no reply" in lines[5]
     assert "latency_timer" in lines[5]
 
@@ -3929,12 +3685,12 @@ def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
     arm.command(robot.HOME_JOINTS, seconds=0.5)  # where `python robot.py home` leaves it: torque on
     # a round trip: sync writes get no reply, so only now has the fake surely applied them
     arm.read()
-    home = [robot_bus.present(i) for i in robot.ALL_IDS]
+    home = [robot_bus.present(i) for i in wxarm.ALL_IDS]
     n = len(robot_bus.packets)
     arm.setup()  # configured: reads only, the torque stays on, the arm stays up
     sync_writes = [p for t, i, p in robot_bus.packets[n:] if i == dynamixel.SYNC_WRITE]
     assert not [p for p in sync_writes if p[:2] == b"\x40\x00"]
-    assert [robot_bus.present(i) for i in robot.ALL_IDS] == home and slept == []
+    assert [robot_bus.present(i) for i in wxarm.ALL_IDS] == home and slept == []
     # the waist lost its time profile (another tool): EEPROM to write, torque on
     robot_bus.table[1][10] = 0
     n = len(robot_bus.packets)
@@ -3943,7 +3699,7 @@ def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
     off = _packet_index(robot_bus, dynamixel.SYNC_WRITE, 64, n)
     # sleep pose, torque off, write
     assert goal < off < _packet_index(robot_bus, dynamixel.WRITE, 10, n, target=1)
-    sleep_goals = dict(zip(robot.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS)))
+    sleep_goals = dict(zip(wxarm.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS)))
     assert _sync_goals(robot_bus, n)[0] == sleep_goals
     # the waist's velocity profile: 20 x 0.229 rpm = 0.48 rad/s, so the shoulder's 1.80 rad take
     # 1.80 / 0.48 + 0.5 s
@@ -3955,7 +3711,7 @@ def test_robot_setup_never_drops_a_holding_arm(robot_bus, monkeypatch):
     )
     profile = {p[k]: struct.unpack_from("<ii", p, k + 1) for k in range(4, len(p), 9)}
     assert profile[1] == (5, 20) and profile[2][1] == round(1000 * slept[0] / 1.1)
-    torque = [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS]
+    torque = [robot_bus.get(i, 64, 1) for i in wxarm.ALL_IDS]
     assert robot_bus.get(1, 10, 1) == 4 and torque == [1] * 9
     shoulder_asleep = dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS[1])
     assert robot_bus.present(2) == shoulder_asleep and robot_bus.fights == []
@@ -3975,20 +3731,18 @@ def test_robot_shadow_offset_sign_checks_itself(robot_bus, monkeypatch):
     # Interbotix's sign first, checked, the other
     assert written(3) == [0, -7, 7] and written(5) == [0, 5, -5]
     assert present(3) == present(2) and present(5) == present(4)
-    monkeypatch.setitem(_MECH, 3, 7 + 4)  # a horn that flexed by 4 ticks: within the tolerance
+    monkeypatch.setitem(MECH, 3, 7 + 4)  # a horn that flexed by 4 ticks: within the tolerance
     robot_bus._couple()
     n = len(robot_bus.packets)
     arm.setup()
     writes = [p for t, i, p in robot_bus.packets[n:] if i == dynamixel.WRITE]
     assert not [p for p in writes if struct.unpack_from("<H", p)[0] < 64]
-    monkeypatch.setitem(
-        _MECH, 3, 7 + 9
-    )  # 9 ticks: calibrated again (torque on: via the sleep pose)
+    monkeypatch.setitem(MECH, 3, 7 + 9)  # 9 ticks: calibrated again (torque on: via the sleep pose)
     robot_bus._couple()
     arm.setup()
     assert written(3)[3:] == [0, -16, 16] and present(3) == present(2) and len(slept) == 1
     robot_bus.offset_mode = "ignored"  # neither sign helps: stop, with the numbers
-    monkeypatch.setitem(_MECH, 3, 30)
+    monkeypatch.setitem(MECH, 3, 30)
     robot_bus._couple()
     with pytest.raises(
         dynamixel.DynamixelError,
@@ -4027,12 +3781,12 @@ def test_robot_gripper_stall_guard(robot_bus, monkeypatch):
 
 
 def test_robot_moves_respect_the_velocity_limit(robot_bus, monkeypatch):
-    assert robot.move_seconds(np.full(6, 0.3), np.zeros(6), 2.0) == 2.0
+    assert wxarm.move_seconds(np.full(6, 0.3), np.zeros(6), 2.0) == 2.0
     waist_only = [3.0, 0, 0, 0, 0, 0]
     back = [-3.0, 0, 0, 0, 0, 0]
-    assert robot.move_seconds(waist_only, back, 2.0) == pytest.approx(1.5 * 6 / np.pi)
+    assert wxarm.move_seconds(waist_only, back, 2.0) == pytest.approx(1.5 * 6 / np.pi)
     far = [4.0, 0, 0, 0, 0, 0]
-    assert robot.move_seconds(far, np.zeros(6), 1.0) == pytest.approx(1.5)  # clipped to pi
+    assert wxarm.move_seconds(far, np.zeros(6), 1.0) == pytest.approx(1.5)  # clipped to pi
     arm, slept = _timed_arm(robot_bus, monkeypatch)
     arm.setup()
     arm.command([-3.0, 0, 0, 0, 0, 0])
@@ -4062,7 +3816,7 @@ def test_robot_env_moves_the_target_clips_and_limits(robot_bus):
     # a big yaw: at most 0.3 rad per joint a tick
     obs, _, _, truncated, info = env.step([0, 0, 0, 0, 0, 1.2, 1])
     (goal,) = _sync_goals(robot_bus, n)
-    moved = dynamixel.ticks_to_rad([goal[i] for i in robot.JOINT_IDS]) - before
+    moved = dynamixel.ticks_to_rad([goal[i] for i in wxarm.JOINT_IDS]) - before
     # IK wanted more: clipped
     assert "ik_error" not in info and abs(np.abs(moved).max() - 0.3) < 2e-3
     assert not truncated
@@ -4073,7 +3827,7 @@ def test_robot_env_moves_the_target_clips_and_limits(robot_bus):
     with pytest.raises(ValueError, match="7 finite numbers"):
         env.step([0, 0, 0, np.nan, 0, 0, 1])
     env.arm.bus.ping(1)  # a round trip: the fake has handled every packet before it
-    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
+    assert [robot_bus.get(i, 64, 1) for i in wxarm.ALL_IDS] == [0] * 9
 
 
 def test_robot_env_holds_when_ik_fails_and_on_the_watchdog(robot_bus):
@@ -4088,7 +3842,7 @@ def test_robot_env_holds_when_ik_fails_and_on_the_watchdog(robot_bus):
     assert "did not converge" in info["ik_error"]
     (goal,) = _sync_goals(robot_bus, n)
     # held where it was
-    assert [goal[i] for i in robot.JOINT_IDS] == dynamixel.rad_to_ticks(q).tolist()
+    assert [goal[i] for i in wxarm.JOINT_IDS] == dynamixel.rad_to_ticks(q).tolist()
     env._target = widowx.forward_kinematics(q)
     env.step([0, 0, 0, 0, 0, 0, 0])  # closing
     # pretend the gripper is opening half way
@@ -4129,13 +3883,13 @@ def test_robot_safe_stop_on_an_injected_hardware_error(robot_bus):
         and p[:2] == b"\x74\x00"
         and [struct.unpack_from("<i", p, 5 + 5 * j)[0] for j in range(6)] == sleep
     ]
-    all_off = struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)
+    all_off = struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in wxarm.ALL_IDS)
     torque_off = [
         k for k, (t, i, p) in enumerate(after) if i == dynamixel.SYNC_WRITE and p == all_off
     ]
     # open, sleep pose, torque off
     assert pwm and goals and torque_off and pwm[0] < goals[0] < torque_off[-1]
-    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
+    assert [robot_bus.get(i, 64, 1) for i in wxarm.ALL_IDS] == [0] * 9
     with pytest.raises(RuntimeError, match="reset"):
         env.step([0, 0, 0, 0, 0, 0, 1])
 
@@ -4151,7 +3905,7 @@ def test_robot_ctrl_c_inside_step_stops_safely(robot_bus, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         env.step([0, 0, 0, 0, 0, 0, 1])
     env.arm.bus.ping(1)
-    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9 and not env._ready
+    assert [robot_bus.get(i, 64, 1) for i in wxarm.ALL_IDS] == [0] * 9 and not env._ready
 
 
 def test_robot_record_writes_the_bridge_format(robot_bus, tmp_path):
@@ -4207,13 +3961,13 @@ def test_robot_missing_optional_parts_say_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "serial", None)
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ImportError, match="pip install pyserial"):
-        robot.open_bus("/dev/ttyUSB0")
+        wxarm.open_bus("/dev/ttyUSB0")
     with pytest.raises(ImportError, match="pip install opencv-python"):
         robot.open_camera(0)
     with pytest.raises(ImportError, match="interbotix_xs_modules"):
-        robot.InterbotixArm()
+        wxarm.InterbotixArm()
     with pytest.raises(ValueError, match="'dynamixel' or 'interbotix'"):
-        robot.make_arm("ros")
+        wxarm.make_arm("ros")
     with pytest.raises(SystemExit):
         robot.main(["record", "--help"])
     assert "w/s forward/back" in capsys.readouterr().out
@@ -4235,7 +3989,7 @@ def test_robot_home_and_sleep_refuse_to_move_with_a_latched_hardware_error(
         assert "reboot it with: python robot.py check --port /dev/pts/fake --reboot" in err
         assert _moving_packets(robot_bus, n) == []  # pings and reads only
     n = len(robot_bus.packets)  # the environment refuses the same way, and does not safe-stop
-    with pytest.raises(robot.RefusedToMove, match=r"ID 4 \(elbow\): overload"):
+    with pytest.raises(wxarm.RefusedToMove, match=r"ID 4 \(elbow\): overload"):
         env.reset()
     # not ready: close() moves nothing
     assert _moving_packets(robot_bus, n) == [] and not env._ready
@@ -4247,7 +4001,7 @@ def test_robot_env_reset_refuses_on_a_ready_arm(robot_bus):
     robot_bus.fail(1, 0x01 | 0x08)  # between episodes: the waist's supply dips, its encoder fails
     n = len(robot_bus.packets)
     with pytest.raises(
-        robot.RefusedToMove,
+        wxarm.RefusedToMove,
         match=r"ID 1 \(waist\): input voltage out of range \(check the 12 V supply\), motor "
         r"encoder error\. .*check --port /dev/pts/fake --reboot",
     ):
@@ -4283,7 +4037,7 @@ def test_robot_missing_port_gives_one_line(monkeypatch, capsys):
     assert needs in err
 
     def serial_port(path, baud, timeout):  # pyserial's behaviour on a missing device
-        raise _SerialException(2, f"could not open port {path}: No such file or directory")
+        raise SerialException(2, f"could not open port {path}: No such file or directory")
 
     module = types.ModuleType("serial")
     module.Serial = serial_port
@@ -4301,7 +4055,7 @@ def test_robot_bus_dying_mid_command_gives_one_line(robot_bus, monkeypatch, caps
     def write(data):  # the U2D2 unplugged after 3 packets
         writes.append(data)
         if len(writes) > 3:
-            raise _SerialException("write failed: [Errno 5] Input/output error")
+            raise SerialException("write failed: [Errno 5] Input/output error")
         robot_bus.port.write(data)
 
     port.write = write
@@ -4310,7 +4064,7 @@ def test_robot_bus_dying_mid_command_gives_one_line(robot_bus, monkeypatch, caps
     failed = "error: the serial port /dev/pts/fake failed: write failed: [Errno 5] Input/output"
     assert failed in err
     _main_on(robot_bus, monkeypatch, timeout=0.1, retries=1)
-    robot_bus.silent.update(robot.ALL_IDS)  # the 12 V supply off: no servo answers
+    robot_bus.silent.update(wxarm.ALL_IDS)  # the 12 V supply off: no servo answers
     status, _, err = _run_robot_cli(["sleep"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert "error: no status packet from servo ID 1 (waist) on /dev/pts/fake" in err
@@ -4323,7 +4077,7 @@ def test_robot_env_on_a_dead_port_logs_one_line(robot_bus, monkeypatch):
     env.log = logs.append
 
     def dead(data):
-        raise _SerialException("write failed: [Errno 5] Input/output error")
+        raise SerialException("write failed: [Errno 5] Input/output error")
 
     monkeypatch.setattr(env.arm.bus.port, "write", dead)
     with pytest.raises(dynamixel.PortError, match="/dev/pts/fake failed: write failed"):
@@ -4380,19 +4134,19 @@ def test_robot_safe_stop_reaches_sleep_without_the_failed_servo(
     goals = [
         k for k, (t, i, p) in enumerate(after) if i == dynamixel.SYNC_WRITE and p[:2] == b"\x74\x00"
     ]
-    all_off = struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in robot.ALL_IDS)
+    all_off = struct.pack("<HH", 64, 1) + b"".join(bytes([j, 0]) for j in wxarm.ALL_IDS)
     off = [k for k, (t, i, p) in enumerate(after) if i == dynamixel.SYNC_WRITE and p == all_off]
     # open, sleep pose, torque off
     assert opened and off and opened[0] < goals[-1] < off[-1]
-    sleep = dict(zip(robot.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS).tolist()))
+    sleep = dict(zip(wxarm.JOINT_IDS, dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS).tolist()))
     assert _sync_goals(robot_bus, n)[-1] == sleep
     # the arm rests asleep (the failed elbow too: it still obeys), open, torque off
-    assert {i: robot_bus.present(i) for i in robot.JOINT_IDS} == sleep
+    assert {i: robot_bus.present(i) for i in wxarm.JOINT_IDS} == sleep
     assert robot_bus.raw[9] == dynamixel.rad_to_ticks(robot_bus.grip_stops[1])
-    assert [robot_bus.get(i, 64, 1) for i in robot.ALL_IDS] == [0] * 9
+    assert [robot_bus.get(i, 64, 1) for i in wxarm.ALL_IDS] == [0] * 9
     assert not [line for line in logs if "sleep pose failed" in line]
     lines = []
-    assert robot.check(env.arm.bus, log=lines.append) is False
+    assert wxarm.check(env.arm.bus, log=lines.append) is False
     assert [line.split()[2] for line in lines if how in line] == ["elbow"]
 
 
@@ -4418,7 +4172,7 @@ def test_robot_joint_beyond_its_limit_is_reported_and_never_driven(robot_bus, mo
     status, _, err = _run_robot_cli(["home"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert f"error: not moving the arm: {beyond}" in err
-    with pytest.raises(robot.RefusedToMove, match=re.escape(beyond)):
+    with pytest.raises(wxarm.RefusedToMove, match=re.escape(beyond)):
         env.reset()
     assert _moving_packets(robot_bus, n) == [] and robot_bus.raw[4] == elbow and not env._ready
     robot_bus.raw[4] = int(dynamixel.rad_to_ticks(1.5))  # moved back inside by hand
@@ -4443,7 +4197,7 @@ def test_robot_record_onto_a_damaged_file_says_one_line_and_keeps_it(
     train.write_bytes(damaged)
     env = _fake_env(robot_bus)
     _main_on(robot_bus, monkeypatch)
-    monkeypatch.setattr(robot, "open_camera", lambda camera, size=(0, 0): _RedCamera((32, 32)))
+    monkeypatch.setattr(robot, "open_camera", lambda camera, size=(0, 0): RedCamera((32, 32)))
 
     def no_keys():
         raise AssertionError("no episode may start on a damaged task folder")
@@ -4466,7 +4220,7 @@ def test_robot_record_onto_a_damaged_file_says_one_line_and_keeps_it(
 
 
 def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
-    calls = _fake_interbotix(monkeypatch)
+    calls = fake_interbotix(monkeypatch)
     env = robot.WidowXEnv(
         backend="interbotix",
         camera=None,
@@ -4490,7 +4244,7 @@ def test_robot_interbotix_backend_through_a_fake_api(monkeypatch):
 
 
 def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
-    _fake_interbotix(monkeypatch)
+    fake_interbotix(monkeypatch)
     clock = [100.0]
     slept = []
 
@@ -4498,9 +4252,9 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
         slept.append(round(seconds, 6))
         clock[0] += seconds
 
-    monkeypatch.setattr(
-        robot, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep)
-    )
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep)
+    monkeypatch.setattr(robot, "time", fake_time)
+    monkeypatch.setattr(wxarm, "time", fake_time)
     env = robot.WidowXEnv(
         backend="interbotix",
         camera=None,
@@ -4528,8 +4282,8 @@ def test_online_widowx_env_takes_the_camera_flag(monkeypatch):
     as it is."""
     seen = []
     monkeypatch.setattr(robot, "WidowXEnv", lambda port, **kw: seen.append((port, kw["camera"])))
-    online.make_env("widowx", 64, port="/dev/pts/9", camera="twin:/dev/pts/9")
-    online.make_env("widowx", 64, camera="2")
+    rollout.make_env("widowx", 64, port="/dev/pts/9", camera="twin:/dev/pts/9")
+    rollout.make_env("widowx", 64, camera="2")
     assert seen == [("/dev/pts/9", "twin:/dev/pts/9"), ("/dev/ttyUSB0", 2)]
     parser = online.argparse.ArgumentParser()
     online.add_env_args(parser)
@@ -4548,13 +4302,13 @@ def test_twin_answers_the_protocol_from_its_control_table(make_twin):
         [(_, status)] = arm.answer(*instruction)
         assert status == dynamixel.make_packet(1, dynamixel.STATUS, b"\x00" + reply)
     bus = _twin_bus(arm, timeout=0.05, retries=1)
-    assert [bus.ping(i) for i in robot.ALL_IDS] == [1020] * 7 + [1060] * 2  # XM430, XL430
+    assert [bus.ping(i) for i in wxarm.ALL_IDS] == [1020] * 7 + [1060] * 2  # XM430, XL430
     with pytest.raises(dynamixel.NoStatusError, match="servo ID 10 "):
         bus.ping(10)
     # the arm at rest on its sleep pose, the shadows calibrated onto their masters
     ticks = dynamixel.rad_to_ticks(widowx.SLEEP_JOINTS)
-    position = bus.sync_read(robot.ALL_IDS, dynamixel.PRESENT_POSITION)
-    assert np.abs(np.array([position[i] for i in robot.JOINT_IDS]) - ticks).max() <= 2
+    position = bus.sync_read(wxarm.ALL_IDS, dynamixel.PRESENT_POSITION)
+    assert np.abs(np.array([position[i] for i in wxarm.JOINT_IDS]) - ticks).max() <= 2
     assert (position[3], position[5]) == (position[2], position[4])
     # a value holding FF FF FD travels stuffed both ways
     bus.write(1, (112, 4), 0x00FDFFFF)
@@ -4592,9 +4346,9 @@ def test_twin_check_home_and_sleep_move_the_simulated_arm(make_twin, monkeypatch
     for command, pose in (("home", widowx.M_HOME), ("sleep", [0.1227, 0, 0.0813])):
         assert _run_robot_cli([command, "--port", arm.port], capsys)[0] == 0
         bus = _twin_bus(arm)
-        ticks = bus.sync_read(robot.JOINT_IDS, dynamixel.PRESENT_POSITION)
+        ticks = bus.sync_read(wxarm.JOINT_IDS, dynamixel.PRESENT_POSITION)
         bus.close()
-        q = dynamixel.ticks_to_rad([ticks[i] for i in robot.JOINT_IDS])
+        q = dynamixel.ticks_to_rad([ticks[i] for i in wxarm.JOINT_IDS])
         np.testing.assert_allclose(widowx.forward_kinematics(q)[:3, 3], pose, atol=2e-3)
         with arm.lock:
             np.testing.assert_allclose(arm.world.env.ee_pose()[0], pose, atol=2e-3)
@@ -4647,7 +4401,7 @@ def test_twin_faults_end_in_the_safe_state(make_twin, kind, servo, error):
     held = _twin_state(arm)[0]
     with pytest.raises(error) as e:
         env.step([0.01, 0, 0, 0, 0, 0, 0])
-    name = f"ID {servo} ({robot.SERVO_NAMES[servo]})"
+    name = f"ID {servo} ({wxarm.SERVO_NAMES[servo]})"
     assert "\n" not in str(e.value) and re.findall(r"ID \d \(\w+\)", str(e.value)) == [name]
     q, width, torques = _twin_state(arm)
     asleep = widowx.SLEEP_JOINTS.copy()
@@ -4712,7 +4466,7 @@ def test_twin_command_prints_its_port_first_and_stops_on_sigterm(command):
 def test_sim_fk_matches_poe_at_random_joints():
     # the reference is widowx.py's product of exponentials (robot.forward_kinematics), itself
     # checked against hand-derived poses
-    env = sb.BinSortEnv("sort", image_size=8)
+    env = benv.BinSortEnv("sort", image_size=8)
     env.reset(seed=0)
     for q in np.random.default_rng(0).uniform(_ARM_LOW, _ARM_HIGH, (25, 6)):
         for j, qj in zip(env.arm_joints, q):
@@ -4722,13 +4476,13 @@ def test_sim_fk_matches_poe_at_random_joints():
         # the issue asks for 1 mm; exact up to rounding is better
         assert np.abs(pos - T[:3, 3]).max() < 1e-5, q
         assert np.abs(R - T[:3, :3]).max() < 1e-5, q
-        q_ik = sb.solve_ik(T[:3, 3], T[:3, :3], q + 0.05)  # IK from a nearby start: the same pose
+        q_ik = benv.solve_ik(T[:3, 3], T[:3, :3], q + 0.05)  # IK from a nearby start: the same pose
         assert np.abs(robot.forward_kinematics(q_ik)[:3, 3] - T[:3, 3]).max() < 1e-3
     env.close()
 
 
 def test_sim_reset_step_shapes_and_action_semantics():
-    env = sb.BinSortEnv("pick_cube_to_left", image_size=24, max_steps=8)
+    env = benv.BinSortEnv("pick_cube_to_left", image_size=24, max_steps=8)
     obs = env.reset(seed=1)
     image = obs["image"]
     assert image.dtype == np.uint8 and image.shape == (24, 24, 3) and image.std() > 5
@@ -4740,14 +4494,14 @@ def test_sim_reset_step_shapes_and_action_semantics():
     assert (reward, terminated, truncated) == (0.0, False, False) and isinstance(reward, float)
     assert info["success"] is False and info["task"] == "pick_cube_to_left" and info["held"] is None
     assert set(info["in_bin"]) == set(env.objects) and "cube" in info["in_bin"]
-    assert len(env.objects) == 1 + sb.DISTRACTORS
+    assert len(env.objects) == 1 + benv.DISTRACTORS
     assert np.allclose(obs["state"][:3], [0.25, -0.02, 0.18], atol=3e-3)
     assert np.allclose(obs["state"][3:6], [0, 0, 0.25], atol=5e-3)
     # then roll about the WORLD x axis: R = Rx(0.25) @ Rz(0.25) (pitch -0.061; composing the other
     # way gives 0), and move along the BASE x axis although the gripper is now turned (in its own
     # frame y would change by 7 mm)
     obs = env.step(np.array([0.03, 0, 0, 0.25, 0, 0, 1.0]))[0]
-    expected = sb.mat_to_euler(_rot(0, 0.25) @ _rot(2, 0.25))
+    expected = benv.mat_to_euler(_rot(0, 0.25) @ _rot(2, 0.25))
     assert abs(expected[1] + 0.0612) < 1e-3 and np.allclose(obs["state"][3:6], expected, atol=5e-3)
     assert np.allclose(obs["state"][:3], [0.28, -0.02, 0.18], atol=3e-3)
     # gripper absolute: closing on nothing shuts the fingers; the target is clipped to the workspace
@@ -4763,9 +4517,9 @@ def test_sim_reset_step_shapes_and_action_semantics():
 
 
 def test_sim_bad_action_errors():
-    env = sb.BinSortEnv("sort", image_size=8)
+    env = benv.BinSortEnv("sort", image_size=8)
     env.reset(seed=0)
-    short = r"sim_binsort.py: action must have shape \(7,\).*got shape \(6,\)"
+    short = r"binsort_env.py: action must have shape \(7,\).*got shape \(6,\)"
     with pytest.raises(ValueError, match=short):
         env.step(np.zeros(6))
     with pytest.raises(ValueError, match=r"got shape \(1, 7\)"):
@@ -4777,32 +4531,33 @@ def test_sim_bad_action_errors():
     with pytest.raises(ValueError, match="7-d numeric vector"):
         env.step(["a"] * 7)
     with pytest.raises(ValueError, match="task must be.*'duck'"):
-        sb.BinSortEnv("pick_dragon_to_left")
+        benv.BinSortEnv("pick_dragon_to_left")
     env.close()
 
 
 def test_sim_scenes_never_hold_the_sort_pair_in_pickplace():
     rng = np.random.default_rng(0)
-    for target in sb.OBJECTS:
+    pair = benv.SORT_PAIR
+    for target in benv.OBJECTS:
         for k in range(60):
-            scene = sb.choose_scene(rng, {target: "left"}, 1 + k % 3, sb.SORT_PAIR)
+            scene = benv.choose_scene(rng, {target: "left"}, 1 + k % 3, pair)
             assert scene[0] == target and len(set(scene)) == len(scene) == 2 + k % 3
-            assert not set(sb.SORT_PAIR) <= set(scene), scene
-    sort_bins = dict(zip(sb.SORT_PAIR, ("left", "right")))
-    assert sb.choose_scene(rng, sort_bins, 1, sb.SORT_PAIR) == list(sb.SORT_PAIR)
-    assert sb.parse_task("sort") == ("sort", {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"})
-    assert sb.parse_task("pick_duck_to_right") == ("pick", {"duck": "right"})
-    assert sb.parse_task("pickplace")[1] is None
-    assert sb.task_name(*sb.parse_task("sort_lego_ball")) == "sort_lego_ball"
+            assert not set(pair) <= set(scene), scene
+    sort_bins = dict(zip(pair, ("left", "right")))
+    assert benv.choose_scene(rng, sort_bins, 1, pair) == list(pair)
+    assert benv.parse_task("sort") == ("sort", {pair[0]: "left", pair[1]: "right"})
+    assert benv.parse_task("pick_duck_to_right") == ("pick", {"duck": "right"})
+    assert benv.parse_task("pickplace")[1] is None
+    assert benv.task_name(*benv.parse_task("sort_lego_ball")) == "sort_lego_ball"
 
 
 def test_sim_scripted_pickplace_succeeds():
-    env = sb.BinSortEnv("pickplace", image_size=8, terminate_on_success=False)
-    wins = [sb.run_episode(env, "pickplace", seed, noise=0.1)[3] for seed in range(5)]
+    env = benv.BinSortEnv("pickplace", image_size=8, terminate_on_success=False)
+    wins = [sb.scripted_episode(env, "pickplace", seed, noise=0.1)[3] for seed in range(5)]
     assert sum(wins) >= 4, wins
     # the default env ends the episode at its first successful step, with reward 1 and the object
     # in its bin
-    env = sb.BinSortEnv("pick_lego_to_right", image_size=8)
+    env = benv.BinSortEnv("pick_lego_to_right", image_size=8)
     obs = env.reset(seed=5)
     policy = sb.ScriptedPolicy(env, 0.1, np.random.default_rng(5))
     for _ in range(40):
@@ -4814,14 +4569,14 @@ def test_sim_scripted_pickplace_succeeds():
 
 
 def test_sim_scripted_sort_succeeds():
-    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
+    env = benv.BinSortEnv("sort", image_size=8, terminate_on_success=False)
     wins = []
     for seed in range(3):
-        observations, actions, rewards, ok = sb.run_episode(env, "sort", seed, noise=0.1)
+        observations, actions, rewards, ok = sb.scripted_episode(env, "sort", seed, noise=0.1)
         wins.append(ok)
         assert len(actions) > 40  # two pick-and-places: longer than any pick-place demo
     assert sum(wins) >= 2, wins
-    in_their_bins = {sb.SORT_PAIR[0]: "left", sb.SORT_PAIR[1]: "right"}
+    in_their_bins = {benv.SORT_PAIR[0]: "left", benv.SORT_PAIR[1]: "right"}
     assert env.info()["in_bin"] == in_their_bins or not wins[-1]
     env.close()
 
@@ -4831,9 +4586,11 @@ def test_sim_scripted_demo_gives_each_view_one_gripper_label():
     lifts on the first view that holds the object. With the switch a step late (rounds 1-7) the arm
     stood at the bottom, "open" was recorded there and "close" from the same view a step later, and
     a deterministic policy averaged the two and hovered."""
-    env = sb.BinSortEnv("pick_cube_to_left", image_size=8)
+    env = benv.BinSortEnv("pick_cube_to_left", image_size=8)
     for seed in range(3):
-        observations, actions, _, ok = sb.run_episode(env, "pick_cube_to_left", seed, noise=0.0)
+        observations, actions, _, ok = sb.scripted_episode(
+            env, "pick_cube_to_left", seed, noise=0.0
+        )
         assert ok
         states = np.stack([o["state"] for o in observations])
         close = int(np.flatnonzero(actions[:, 6] < 0.5)[0])
@@ -4847,19 +4604,19 @@ def test_sim_scripted_demo_gives_each_view_one_gripper_label():
 
 def test_sim_grasp_yaw_turns_only_for_objects_too_long_for_the_opening():
     # the opening is 2 * FINGER_MAX = 7.4 cm; with 7 mm a side an object up to 6.0 cm long fits
-    assert sb.grasp_yaw([0.060, 0.020, 0.01]) is None
-    assert sb.grasp_yaw([0.045, 0.045, 0.04]) is None
+    assert benv.grasp_yaw([0.060, 0.020, 0.01]) is None
+    assert benv.grasp_yaw([0.045, 0.045, 0.04]) is None
     # longer along x: the fingers (closing along y at yaw 0) go across its short side
-    assert sb.grasp_yaw([0.065, 0.020, 0.01]) == 0.0
-    assert sb.grasp_yaw([0.020, 0.065, 0.01]) == pytest.approx(np.pi / 2)
+    assert benv.grasp_yaw([0.065, 0.020, 0.01]) == 0.0
+    assert benv.grasp_yaw([0.020, 0.065, 0.01]) == pytest.approx(np.pi / 2)
 
 
 def test_sim_every_object_fits_the_opening_at_any_yaw():
-    """The sizes in OBJECTS are chosen so that no demo has to turn the gripper (sim_binsort.py,
+    """The sizes in OBJECTS are chosen so that no demo has to turn the gripper (binsort_env.py,
     OBJECTS): every object's long side, as loaded, is at most 6 cm."""
-    env = sb.BinSortEnv(image_size=16)
+    env = benv.BinSortEnv(image_size=16)
     try:
-        for name in sb.OBJECTS:
+        for name in benv.OBJECTS:
             env.reset(seed=0, task=f"pick_{name}_to_left")
             assert env.grasp_yaw[name] is None, name
     finally:
@@ -4869,7 +4626,7 @@ def test_sim_every_object_fits_the_opening_at_any_yaw():
 def test_sim_episodes_are_deterministic():
     """Same seed, same episode (collection with several workers relies on it); another seed,
     another scene."""
-    env = sb.BinSortEnv("pickplace", image_size=24)  # large enough to show where the object is
+    env = benv.BinSortEnv("pickplace", image_size=24)  # large enough to show where the object is
     runs = []
     for seed in (7, 7, 8):
         obs = env.reset(seed=seed)
@@ -4890,36 +4647,36 @@ def test_sim_ood_starts_lie_outside_the_datas_and_default_resets_are_unchanged()
         return bool(np.all(low <= point) and np.all(point <= high))
 
     # the default scenes are those of before the option (object positions after settling)
-    env = sb.BinSortEnv("sort", image_size=8)
+    env = benv.BinSortEnv("sort", image_size=8)
     before = {0: ([0.2728, -0.0276], [0.1921, 0.0376]), 1: ([0.2565, 0.0541], [0.3133, -0.0226])}
     for seed, (mug, cube) in before.items():
         obs = env.reset(seed=seed)
         assert env.object_position("mug")[:2] == pytest.approx(mug, abs=1e-4)
         assert env.object_position("cube")[:2] == pytest.approx(cube, abs=1e-4)
-        assert obs["state"][:3] == pytest.approx(sb.START_POS, abs=1e-4)
+        assert obs["state"][:3] == pytest.approx(benv.START_POS, abs=1e-4)
     # many resets: the data's objects spawn in SPAWN_LOW..HIGH, the OOD ones never do
-    ood = sb.BinSortEnv("sort", image_size=8, ood="both")
-    assert sb.OOD_SPAWN_LOW[0] > sb.SPAWN_HIGH[0]  # the regions are apart in x
-    assert inside(sb.OOD_SPAWN_LOW, sb.WORKSPACE_LOW[:2], sb.WORKSPACE_HIGH[:2])
-    assert inside(sb.OOD_SPAWN_HIGH, sb.WORKSPACE_LOW[:2], sb.WORKSPACE_HIGH[:2])
+    ood = benv.BinSortEnv("sort", image_size=8, ood="both")
+    assert benv.OOD_SPAWN_LOW[0] > benv.SPAWN_HIGH[0]  # the regions are apart in x
+    assert inside(benv.OOD_SPAWN_LOW, benv.WORKSPACE_LOW[:2], benv.WORKSPACE_HIGH[:2])
+    assert inside(benv.OOD_SPAWN_HIGH, benv.WORKSPACE_LOW[:2], benv.WORKSPACE_HIGH[:2])
     for seed in range(25):
         env.reset(seed=seed)
         obs = ood.reset(seed=seed)
         for name in ("mug", "cube"):
-            assert inside(env.spawn_xy[name], sb.SPAWN_LOW, sb.SPAWN_HIGH)
-            assert inside(ood.spawn_xy[name], sb.OOD_SPAWN_LOW, sb.OOD_SPAWN_HIGH)
-            assert not inside(ood.spawn_xy[name], sb.SPAWN_LOW, sb.SPAWN_HIGH)
+            assert inside(env.spawn_xy[name], benv.SPAWN_LOW, benv.SPAWN_HIGH)
+            assert inside(ood.spawn_xy[name], benv.OOD_SPAWN_LOW, benv.OOD_SPAWN_HIGH)
+            assert not inside(ood.spawn_xy[name], benv.SPAWN_LOW, benv.SPAWN_HIGH)
         # the arm starts in its box, above the data's start height, and is there
-        assert inside(ood.target_pos, sb.OOD_ARM_LOW, sb.OOD_ARM_HIGH)
-        assert ood.target_pos[2] > sb.START_POS[2] + 0.03
+        assert inside(ood.target_pos, benv.OOD_ARM_LOW, benv.OOD_ARM_HIGH)
+        assert ood.target_pos[2] > benv.START_POS[2] + 0.03
         assert obs["state"][:3] == pytest.approx(ood.target_pos, abs=2e-3)
     env.close()
     ood.close()
-    assert online.OOD_STARTS == sb.OOD_STARTS
+    assert rollout.OOD_STARTS == benv.OOD_STARTS
     with pytest.raises(ValueError, match="ood must be one of"):
-        sb.BinSortEnv(ood="far")
+        benv.BinSortEnv(ood="far")
     with pytest.raises(SystemExit, match="--ood objects: only the simulator"):
-        online.make_env("widowx", 8, ood="objects")
+        rollout.make_env("widowx", 8, ood="objects")
 
 
 def test_sim_collect_writes_bridge_format(tmp_path):
@@ -4934,12 +4691,12 @@ def test_sim_collect_writes_bridge_format(tmp_path):
         for traj in trajs:
             assert {"observations", "next_observations", "actions", "terminals"} <= set(traj)
             T = len(traj["actions"])
-            assert 15 <= T <= sb.MAX_STEPS["pick"]
+            assert 15 <= T <= benv.MAX_STEPS["pick"]
             assert len(traj["observations"]) == len(traj["next_observations"]) == T
             actions = traj["actions"]
             assert actions.dtype == np.float32 and actions.shape == (T, 7)
-            assert np.all(sb.ACTION_LOW - 1e-6 <= actions) and np.all(
-                actions <= sb.ACTION_HIGH + 1e-6
+            assert np.all(benv.ACTION_LOW - 1e-6 <= actions) and np.all(
+                actions <= benv.ACTION_HIGH + 1e-6
             )
             assert traj["terminals"].shape == (T,) and not traj["terminals"].any()
             # ends 3 steps in
@@ -4973,12 +4730,12 @@ def test_sim_default_style_is_the_scripted_demos(tmp_path):
     detours or extra noise acts as the scripted policy, draw for draw."""
     name = "pick_cube_to_left"
     sb.collect(name, 2, str(tmp_path), seed=4, image_size=16, min_val=1, log=None)
-    env = sb.BinSortEnv(name, image_size=16, terminate_on_success=False)
+    env = benv.BinSortEnv(name, image_size=16, terminate_on_success=False)
     for split in ("train", "val"):
         written = np.load(tmp_path / name / split / "out.npy", allow_pickle=True)
         for i, traj in enumerate(written):
             seeds = (sb.demo_seed(4, name, split, i, attempt) for attempt in range(20))
-            episodes = (sb.run_episode(env, name, key) for key in seeds)
+            episodes = (sb.scripted_episode(env, name, key) for key in seeds)
             observations, actions, rewards, _ = next(e for e in episodes if e[3])
             want = fileio.bridge_trajectory(observations, actions, rewards)
             for got, expected in zip(_bridge_frames(traj), _bridge_frames(want)):
@@ -4987,8 +4744,8 @@ def test_sim_default_style_is_the_scripted_demos(tmp_path):
             assert np.array_equal(traj["rewards"], rewards)
     plain = sb.TeleopStyle(teleop_noise=0.1, pause_prob=0, detour_prob=0)
     key = sb.demo_seed(4, name, "train", 0)
-    scripted = sb.run_episode(env, name, key)
-    teleop = sb.run_episode(env, name, key, teleop=plain)
+    scripted = sb.scripted_episode(env, name, key)
+    teleop = sb.scripted_episode(env, name, key, teleop=plain)
     assert np.array_equal(scripted[1], teleop[1]) and np.array_equal(scripted[2], teleop[2])
     env.close()
 
@@ -5008,7 +4765,7 @@ def test_sim_teleop_style_keeps_imperfect_attempts_with_zero_reward_and_pauses(t
         kept = np.load(tmp_path / "pick_duck_to_left" / split / "out.npy", allow_pickle=True)
         imperfect = [t for t in kept if not (t["rewards"] > 0).any()]
         assert len(imperfect) == n_imperfect
-        assert all(len(t["actions"]) <= sb.MAX_STEPS["pick"] for t in imperfect)
+        assert all(len(t["actions"]) <= benv.MAX_STEPS["pick"] for t in imperfect)
         succeeded = [t for t in kept if (t["rewards"] > 0).any()]
         assert all(t["rewards"][-1] == 1 for t in succeeded)  # success at the end, as scripted
         trajectories += list(kept)
@@ -5034,9 +4791,9 @@ def test_sim_teleop_style_keeps_imperfect_attempts_with_zero_reward_and_pauses(t
 def test_sim_recorded_actions_replayed_open_loop_reproduce_the_success():
     """The scripted demos' recorded actions, executed open loop from the same reset seed, give the
     same episode again: the data's actions ARE what was executed (at the size training uses)."""
-    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
+    env = benv.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
     for seed in range(3):
-        observations, actions, _, ok = sb.run_episode(env, "pick_cube_to_left", seed)
+        observations, actions, _, ok = sb.scripted_episode(env, "pick_cube_to_left", seed)
         assert ok
         replayed, info = sb.replay_actions(env, "pick_cube_to_left", seed, actions)
         assert info["success"] and info["stages"] == {"grasped": False, "placed": True}
@@ -5051,10 +4808,10 @@ def test_sim_stages_on_a_scripted_sort():
     """info["stages"] of a scripted sort: grasped before either object is in its bin, first_in_bin
     before both_in_bins, and both_in_bins == success at the end. The demo sorts in the goal's order
     (the mug is in its bin first) unless told which object goes first."""
-    env = sb.BinSortEnv("sort", image_size=8, terminate_on_success=False)
+    env = benv.BinSortEnv("sort", image_size=8, terminate_on_success=False)
     for first_object, in_bin_first in ((None, {"mug": "left"}), ("cube", {"cube": "right"})):
         obs = env.reset(seed=3)
-        assert list(env.goal) == list(sb.SORT_PAIR)
+        assert list(env.goal) == list(benv.SORT_PAIR)
         none = {"grasped": False, "first_in_bin": False, "both_in_bins": False}
         assert env.info()["stages"] == none
         policy = sb.ScriptedPolicy(env, 0.0, np.random.default_rng(3), first=first_object)
@@ -5073,9 +4830,9 @@ def test_sim_stages_on_a_scripted_sort():
         assert first["grasped"] < first["first_in_bin"] < first["both_in_bins"]
     with pytest.raises(ValueError, match="first='duck' is not an object of"):
         sb.ScriptedPolicy(env, first="duck")
-    placed = sb.task_stages("pick", {"cube": "left"}, {"cube": "left", "duck": None}, None)
+    placed = benv.task_stages("pick", {"cube": "left"}, {"cube": "left", "duck": None}, None)
     assert placed == {"grasped": False, "placed": True}
-    assert sb.task_stages("pick", {"cube": "left"}, {"cube": None}, "cube")["grasped"]
+    assert benv.task_stages("pick", {"cube": "left"}, {"cube": None}, "cube")["grasped"]
     env.close()
 
 
@@ -5087,12 +4844,12 @@ def test_sim_stages_on_a_scripted_sort():
 def test_online_wilson_interval_matches_hand_values():
     # z = 1.96, n = 10: center = (p + z^2/20) / (1 + z^2/10),
     # half = z / (1 + z^2/10) * sqrt(p(1-p)/10 + z^2/400)
-    assert online.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert online.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert online.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert rollout.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert rollout.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert rollout.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     won = {"success": True, "return": 1.0, "length": 3}
     lost = {"success": False, "return": 0.0, "length": 5}
-    s = online.summarize([won, lost])
+    s = rollout.summarize([won, lost])
     assert (s["successes"], s["success"], s["return"], s["length"]) == (1, 0.5, 0.5, 4.0)
 
 
@@ -5129,10 +4886,10 @@ def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_p
         # a failed online episode has the constant MC return R / (1 - gamma) = -1 / 0.02 at every
         # step
         assert mc[4:] == pytest.approx([-50.0] * 6) and mc[3] != pytest.approx(-50.0)
-    assert [s for s, _ in train.list_checkpoints(out)] == [4, 8]
-    ckpt = train.load_checkpoint(str(out / "ckpt_00000008.pt"))
+    assert [s for s, _ in runfolder.list_checkpoints(out)] == [4, 8]
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt_00000008.pt"))
     assert ckpt["kind"] == "online" and ckpt["grad_steps"] == 16 and ckpt["online_task"] == 2
-    assert train.ckpt_config(ckpt)["calql"] and ckpt["target_task_ids"] == [2]
+    assert checkpoint.ckpt_config(ckpt)["calql"] and ckpt["target_task_ids"] == [2]
     assert ckpt["loop"]["live"] == [[0, 4], [1, 4]]  # the buffer holds both trajectories
     assert sorted(os.listdir(out / "episodes")) == ["episode_000000.npz", "episode_000001.npz"]
     with np.load(out / "episodes" / "episode_000001.npz") as z:
@@ -5144,7 +4901,7 @@ def test_online_finetune_in_sim_mixes_batches_and_writes_run(online_setup, tmp_p
     assert [r["step"] for r in rows] == ["0", "4", "8"] and grad_steps == ["0.0", "8.0", "16.0"]
     assert all(r["eval_success"] == "0.0" for r in rows) and rows[0]["critic_loss"] == "nan"
     assert rows[2]["buffer_transitions"] == "8.0" and float(rows[2]["critic_loss"]) > 0
-    assert online.load_policy(str(out / "ckpt_00000008.pt"), "cpu").task == 2
+    assert rollout.load_policy(str(out / "ckpt_00000008.pt"), "cpu").task == 2
 
 
 def test_online_calql_bound_uses_mc_returns_of_online_successes(
@@ -5160,7 +4917,7 @@ def test_online_calql_bound_uses_mc_returns_of_online_successes(
     # the warm-up runs before any online data: alpha_offline, prior / target only at 0.7 / 0.3
     assert [c[0] for c in calls] == [5.0, 5.0] + [0.5] * 12 and all(c[1] for c in calls)
     assert set(calls[0][2][:7]) <= {0, 1} and calls[0][2][7:] == [2, 2, 2]
-    live = train.load_checkpoint(str(out / "ckpt_00000006.pt"))["loop"]["live"]
+    live = checkpoint.load_checkpoint(str(out / "ckpt_00000006.pt"))["loop"]["live"]
     assert live == [[1, 3]]  # the first trajectory was dropped from the buffer (its file stays)
     with np.load(out / "episodes" / "episode_000000.npz") as z:
         assert z["rewards"].tolist() == [0, 0, 1]
@@ -5184,7 +4941,7 @@ def test_online_ctrl_c_then_resume_equals_uninterrupted(online_setup, tmp_path, 
         _wrap_env(m, lambda env: _CtrlCAt(env, 14))
         with pytest.raises(SystemExit) as stopped:
             online.main(_online_finetune_args(root, tmp_path / "split"))
-    saved = [s for s, _ in train.list_checkpoints(tmp_path / "split")]
+    saved = [s for s, _ in runfolder.list_checkpoints(tmp_path / "split")]
     assert stopped.value.code == 130 and saved == [4]
     online.main(_online_finetune_args(root, tmp_path / "split", "--resume"))
     _assert_same_online_run(tmp_path / "whole", tmp_path / "split", 8)
@@ -5194,8 +4951,8 @@ def _assert_same_online_run(whole, split, step):
     """Two online runs of the same flags, one of them interrupted and resumed, ended alike at env
     step `step`: the critic's weights, the loop state (the trajectories the buffer holds), the
     samplers, progress.csv, and the same episode files, byte for byte: none lost, none twice."""
-    a = train.load_checkpoint(str(whole / runfolder.CKPT_PATTERN.format(step)))
-    b = train.load_checkpoint(str(split / runfolder.CKPT_PATTERN.format(step)))
+    a = checkpoint.load_checkpoint(str(whole / runfolder.CKPT_PATTERN.format(step)))
+    b = checkpoint.load_checkpoint(str(split / runfolder.CKPT_PATTERN.format(step)))
     for k, v in a["agent"]["nets"]["critic"].items():
         assert torch.equal(v, b["agent"]["nets"]["critic"][k]), k
     assert a["loop"] == b["loop"] and a["sampler"] == b["sampler"]
@@ -5231,7 +4988,7 @@ def test_online_kill_9_then_resume_equals_uninterrupted(online_setup, tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
-    saved = [s for s, _ in train.list_checkpoints(split)]
+    saved = [s for s, _ in runfolder.list_checkpoints(split)]
     assert saved and saved[-1] < 12  # killed mid-run (the next checkpoint is 8, on a slow machine)
     online.main(_online_finetune_args(root, split, *flags, "--resume"))
     _assert_same_online_run(tmp_path / "whole", split, 12)
@@ -5256,11 +5013,11 @@ def test_online_filtered_bc_imitates_target_demos_and_own_successes_only(
     for _, _, _, mc in calls[8:]:
         # the successful 3-step rollouts: G = 7.624, 8.8, 10 (test_online_calql_bound...)
         assert all(min(abs(g - e) for e in (7.624, 8.8, 10.0)) < 1e-4 for g in mc[2:])
-    ckpt = train.load_checkpoint(str(out / "ckpt_00000014.pt"))
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt_00000014.pt"))
     assert ckpt["agent"]["config"]["algo"] == "gbc" and "critic" not in ckpt["agent"]["nets"]
     assert ckpt["loop"]["live"] == [[1, 3], [3, 3]]  # the buffer: the successes only
     assert len(os.listdir(out / "episodes")) == 4  # every episode is written
-    assert online.load_policy(str(out / "ckpt_00000014.pt"), "cpu").task == 2
+    assert rollout.load_policy(str(out / "ckpt_00000014.pt"), "cpu").task == 2
     # where the wall time went: progress.csv columns, summed over the run, and a summary line
     with open(out / "progress.csv") as f:
         last = {k: float(v) for k, v in list(csv.DictReader(f))[-1].items()}
@@ -5284,27 +5041,25 @@ def test_online_errors_name_the_problem(online_setup, tmp_path):
         paths = ["--ckpt", root / "ft.pt", "--prior", root / "prior", "--target", root / "prior"]
         online.main(["finetune", *map(str, paths), "--out", str(tmp_path / "x"), "--device", "cpu"])
     missing = "episode_000003.npz: missing, but the checkpoint's replay buffer"
-    with pytest.raises(train.CheckpointError, match=missing):
+    with pytest.raises(checkpoint.CheckpointError, match=missing):
         online.refill_buffer(batches.ReplayBuffer(10, 32, gamma=0.9), str(tmp_path), [[3, 4]])
 
 
 def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
-    args = types.SimpleNamespace(classifier=None, env="widowx", device="cpu")
     answers = iter(["y", "", "no"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
-    ask = online.make_labeler(args)
+    ask = online.make_labeler("widowx", classifier=None, device="cpu")
     frames = [None] * 5  # 4 transitions
     assert ask(frames).tolist() == [0, 0, 0, 1] and ask(frames).tolist() == [0, 0, 0, 0]
     assert ask(frames).sum() == 0
-    in_sim = types.SimpleNamespace(classifier=None, env="binsort", device="cpu")
-    assert online.make_labeler(in_sim) is None
+    assert online.make_labeler("binsort", classifier=None, device="cpu") is None
 
 
 # ---- the loop between the data and the environment ----------------------------
 @pytest.mark.parametrize("store_size", [64, 32])
 def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tmp_path, store_size):
     """Collect one demo, convert it (at the env's size, and resized to 32 px), then drive
-    online.py's Policy with the demo's stored [-1, 1] actions: the policy is shown exactly the
+    rollout.py's Policy with the demo's stored [-1, 1] actions: the policy is shown exactly the
     stored images and states, the actions go rescale -> Policy (clip +-0.99) -> unscale -> env
     with the gripper on the same side of 0.5 at every step, and the episode succeeds again."""
     sb.collect("pick_cube_to_left", 1, str(tmp_path), image_size=64, min_val=0, log=None)
@@ -5318,10 +5073,10 @@ def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tm
     one_percent = 0.01 * (store.action_high - store.action_low).max()
     assert np.abs(executed[:, :6] - raw[:, :6]).max() < one_percent
     agent = _ReplayAgent(demo["action"].numpy(), store_size)
-    policy = online.Policy(agent, store.action_low, store.action_high, task=0)
-    env = sb.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
+    policy = rollout.Policy(agent, store.action_low, store.action_high, task=0)
+    env = benv.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
     seed = sb.env_seed_of(sb.demo_seed(0, "pick_cube_to_left", "train", 0))
-    episode = online.run_episode(env, policy, seed, max_steps=len(raw))
+    episode = rollout.run_episode(env, policy, seed, max_steps=len(raw))
     env.close()
     assert episode["success"]
     stored_images = _nhwc(demo["obs"])
@@ -5336,11 +5091,11 @@ def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tm
 
 # ---- stage-wise success ----------------------------------------------------
 def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch, capsys):
-    results = online.evaluate(_StagedEnv(), _ZeroPolicy(), 4, seed=0, log=print)
+    results = rollout.evaluate(_StagedEnv(), _ZeroPolicy(), 4, seed=0, log=print)
     # a stage counts when it was reached at any step, even if lost again
     reached = [{"grasped": True, "placed": s % 2 == 0} for s in range(4)]
     assert [r["stages"] for r in results] == reached
-    stages = online.summarize(results)["stages"]
+    stages = rollout.summarize(results)["stages"]
     assert list(stages) == ["grasped", "placed"]
     # Wilson by hand, n = 4, z = 1.96: 2/4 -> 0.5 +- 0.35, 4/4 -> center 0.755, half 0.245
     placed = {"count": 2, "rate": 0.5, "lo": 0.150, "hi": 0.850}
@@ -5399,12 +5154,12 @@ def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(onli
     root = online_setup
     small = tmp_path / "policy.pt"
     online.main(["export", "--ckpt", str(root / "ft.pt"), "--out", str(small)])
-    ckpt = train.load_checkpoint(str(small))
+    ckpt = checkpoint.load_checkpoint(str(small))
     assert ckpt["kind"] == "policy" and list(ckpt["agent"]["nets"]) == ["policy"]
     assert ckpt["agent"]["optimizers"] == {} and "sampler" not in ckpt
     assert os.path.getsize(small) < 0.5 * os.path.getsize(root / "ft.pt")
-    original = online.load_policy(str(root / "ft.pt"), "cpu")
-    exported = online.load_policy(str(small), "cpu")
+    original = rollout.load_policy(str(root / "ft.pt"), "cpu")
+    exported = rollout.load_policy(str(small), "cpu")
     assert (
         (exported.task, exported.task_name)
         == (original.task, original.task_name)
@@ -5419,12 +5174,12 @@ def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(onli
     mode = tmp_path / "mode.pt"
     flags = ["--sample_actions", "--binarize_gripper", "--task", "sort_mug_cube"]
     online.main(["export", "--ckpt", str(root / "ft.pt"), "--out", str(mode), *flags])
-    policy = online.load_policy(str(mode), "cpu")
+    policy = rollout.load_policy(str(mode), "cpu")
     assert (policy.task_name, policy.binarize_gripper) == ("sort_mug_cube", True)
     assert policy.evaluation["sample_actions"] is True
-    policy = online.load_policy(str(mode), "cpu", task=0, binarize_gripper=False)
+    policy = rollout.load_policy(str(mode), "cpu", task=0, binarize_gripper=False)
     assert (policy.task, policy.binarize_gripper) == (0, False)
-    assert online.load_policy(str(small), "cpu").binarize_gripper is False
+    assert rollout.load_policy(str(small), "cpu").binarize_gripper is False
     with pytest.raises(SystemExit, match="--task 'nope': not a task of"):
         online.main(["export", "--ckpt", str(root / "ft.pt"), "--out", str(mode), "--task", "nope"])
     argv = _online_finetune_args(root, tmp_path / "run")
@@ -5437,7 +5192,7 @@ def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(onli
 
 def test_online_eval_samples_actions_only_when_asked(tmp_path, monkeypatch):
     policy = _RecordingPolicy()
-    online.evaluate(_StagedEnv(), policy, 2, seed=0, log=lambda line: None)
+    rollout.evaluate(_StagedEnv(), policy, 2, seed=0, log=lambda line: None)
     assert policy.flags == [True] * 8  # 2 episodes of 4 steps, the actor's mean
     for flag, expected in ((["--sample_actions"], False), ([], True)):
         policy = _RecordingPolicy()
@@ -5460,11 +5215,11 @@ def test_online_binarized_gripper_executes_zero_or_one():
         raw_action = np.array([0.01, 0, 0, 0, 0, 0, gripper], np.float32)
         action = batches.rescale_actions(raw_action, low, high)
         agent = _ReplayAgent(action[None], 8)
-        plain = online.Policy(agent, low, high, task=0)
+        plain = rollout.Policy(agent, low, high, task=0)
         raw, _ = plain(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))
         assert raw[6] == pytest.approx(gripper, abs=1e-6)
         agent.seen.clear()
-        binary = online.Policy(agent, low, high, task=0, binarize_gripper=True)
+        binary = rollout.Policy(agent, low, high, task=0, binarize_gripper=True)
         raw, scaled = binary(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))
         assert raw[6] == executed and raw[0] == pytest.approx(0.01, abs=1e-6)
         assert scaled[6] == pytest.approx(0.99 if executed else -0.99)
@@ -5507,7 +5262,8 @@ def test_perf_cql_bench_prints_eager_compiled_and_their_ratio(tmp_path):
 
 
 def test_pipeline_every_script_reports_expected_failures_in_one_line(tmp_path):
-    assert issubclass(train.CheckpointError, cli.ExpectedError) and train.run_cli is cli.run_cli
+    assert issubclass(checkpoint.CheckpointError, cli.ExpectedError)
+    assert train.run_cli is cli.run_cli
     missing = tmp_path / "missing.pt"
     runs = [
         (
@@ -5543,7 +5299,7 @@ def test_stats_mcnemar_holm_fisher_and_wilson_by_hand():
     )
     assert stats.fisher_exact_p(5, 10, 5, 10) == pytest.approx(1.0)
     assert stats.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert online.wilson_interval is stats.wilson_interval
+    assert rollout.wilson_interval is stats.wilson_interval
 
 
 def _binsort_experiment():

@@ -51,6 +51,8 @@ import tty
 
 import numpy as np
 
+from arm import SERVO_NAMES
+from binsort_env import PHYSICS_HZ, BinSortEnv, quiet_stdout
 from cli import run_cli
 from dynamixel import (
     ALERT,
@@ -84,8 +86,7 @@ from dynamixel import (
     rad_to_ticks,
     split_packet,
 )
-from robot import FRAME_HEADER, SERVO_NAMES, twin_camera_socket
-from sim_binsort import PHYSICS_HZ, BinSortEnv, quiet_stdout
+from robot import FRAME_HEADER, twin_camera_socket
 from widowx import FINGER_MAX, JOINT_HIGH, JOINT_LOW, SLEEP_JOINTS, VELOCITY_LIMIT
 
 # ---- the arm as its servos see it (SPEC 6) -------------------------------------------------------

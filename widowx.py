@@ -35,6 +35,9 @@ VELOCITY_LIMIT = np.pi  # rad/s, every joint
 SLEEP_JOINTS = np.array([0.0, -1.80, 1.55, 0.0, 0.8, 0.0])  # Interbotix's sleep pose, on the cradle
 # the gripper pointing down: Bridge's zero rotation, which the state's euler angles are relative to
 R_DOWN = np.array([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])
+# The Bridge gripper command is absolute (0 closed .. 1 open) and binary in effect: a command below
+# this closes the gripper, one at or above it opens it.
+GRIPPER_CLOSED_BELOW = 0.5
 
 
 class IKError(ValueError):

@@ -13,13 +13,14 @@ import time
 import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sim_binsort import BinSortEnv, collect, run_episode  # noqa: E402
+from binsort_env import BinSortEnv  # noqa: E402
+from sim_binsort import collect, scripted_episode  # noqa: E402
 
 
 def bench(image_size=128, episodes=6, workers=2):
     env = BinSortEnv("pickplace", image_size, terminate_on_success=False)
     t0 = time.perf_counter()
-    steps = sum(len(run_episode(env, "pickplace", seed)[1]) for seed in range(episodes))
+    steps = sum(len(scripted_episode(env, "pickplace", seed)[1]) for seed in range(episodes))
     seconds = time.perf_counter() - t0
     render_ms = timeit.timeit(env.render, number=20) / 20 * 1e3
     env.close()

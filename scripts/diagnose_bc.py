@@ -17,8 +17,8 @@ valmse  Does a policy use what the image shows? Its action error on the store's 
         actions (printed as the baseline).
 labels  Does each view get one gripper label? For every demo, how far above the view that first
         commands "close" the view before it (which commanded "open") was: 0 cm means the arm stood
-        at the grasp height and the same view was recorded both open and closed (round 7's demos);
-        and the demos' mean length.
+        at the grasp height and the same view was recorded both open and closed (two labels for
+        one view); and the demos' mean length.
 rollout Where does an episode break? One deterministic episode in the simulator (gripper
         binarized, as the protocol evaluates), a line per step: fingertip position, finger
         opening, the commanded translation and gripper, each goal object's position, what the
@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import batches  # noqa: E402
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
-import train  # noqa: E402
 
 GRIPPER = 6
 CLOSED_BELOW = 0.5  # a raw gripper command under this closes
@@ -143,8 +143,8 @@ def valmse(args):
     store = data.Store(args.store)
     first_actions = []
     for path in args.ckpt:
-        ckpt = train.load_checkpoint(path)
-        agent = train.agent_from_checkpoint(ckpt, "cpu", path)
+        ckpt = checkpoint.load_checkpoint(path)
+        agent = checkpoint.agent_from_checkpoint(ckpt, "cpu", path)
         low = np.asarray(ckpt["action_low"])
         high = np.asarray(ckpt["action_high"])
         before, after, first = [], [], []
@@ -177,10 +177,10 @@ def valmse(args):
 
 
 def rollout(args):
-    import online  # the simulator and the policy wrapper: only this subcommand needs them
+    from rollout import load_policy  # the policy wrapper: only this subcommand needs it
     import sim_binsort
 
-    policy = online.load_policy(args.ckpt, "cpu", task=args.task, binarize_gripper=True)
+    policy = load_policy(args.ckpt, "cpu", task=args.task, binarize_gripper=True)
     env = sim_binsort.BinSortEnv(task=args.task, image_size=policy.size)
     obs = env.reset(seed=args.seed)
     actions = "sampled" if args.sample_actions else "the mean"

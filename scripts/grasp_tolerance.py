@@ -1,6 +1,6 @@
 """How forgiving is the simulator's grasp? For each object: move the fingertips above it with an
 offset, descend to a closing height, close, lift, and count the grasps
-(results/binsort_round2/report.md, "the loop").
+(results/grasp_tolerance.txt; binsort_env.py, "Grasp assist").
 
     python scripts/grasp_tolerance.py --objects cube mug duck ball lego --resets 3
 """
@@ -13,6 +13,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import binsort_env  # noqa: E402
 import sim_binsort  # noqa: E402
 
 MAX_STEP = 0.025  # m per control step, as the scripted demos move
@@ -48,7 +49,7 @@ def main():
         "--resets", type=int, default=3, help="resets per cell, offsets in 3 directions"
     )
     args = ap.parse_args()
-    env = sim_binsort.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
+    env = binsort_env.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
     print(
         "grasps out of resets; rows: object, columns: (offset from the centre m, closing height m)"
     )

@@ -1,5 +1,5 @@
 """scripts/twin_agreement.py: how closely the real-robot path on the twin (twin.py, driven through
-robot.py's WidowXEnv) follows the simulator the twin is built from (sim_binsort.BinSortEnv).
+robot.py's WidowXEnv) follows the simulator the twin is built from (binsort_env.BinSortEnv).
 
 One scripted sort demo runs in BinSortEnv; its actions are then replayed through WidowXEnv on a
 twin of the same scene, from the same start joints and with the simulator's workspace box. Printed:
@@ -24,9 +24,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import binsort_env  # noqa: E402
 import robot  # noqa: E402
 import sim_binsort  # noqa: E402
 import twin  # noqa: E402
+from arm import DynamixelArm, open_bus  # noqa: E402
 
 STEPS_COMPARED = (10, 40)
 
@@ -54,8 +56,8 @@ class PtyPort:
 
 def simulator_run(seed, steps):
     """A scripted sort demo in BinSortEnv -> (its actions, states, start joints, env seed)."""
-    env = sim_binsort.BinSortEnv("sort", image_size=64, terminate_on_success=False)
-    observations, actions, _, _ = sim_binsort.run_episode(
+    env = binsort_env.BinSortEnv("sort", image_size=64, terminate_on_success=False)
+    observations, actions, _, _ = sim_binsort.scripted_episode(
         env, "sort", seed, extra_success_steps=steps
     )
     env.reset(seed=sim_binsort.env_seed_of(seed), task="sort")
@@ -69,13 +71,13 @@ def twin_run(actions, start, scene_seed, slow_servo=None, slow_s=0.0):
     """The actions through WidowXEnv on a twin of the scene -> (states, step return times)."""
     faults = [twin.Fault("slow", slow_servo)] if slow_servo else []
     with twin.Twin("sort", scene_seed, faults=faults, slow_s=slow_s, log=lambda line: None) as arm:
-        bus = robot.open_bus(PtyPort(arm.port))
+        bus = open_bus(PtyPort(arm.port))
         env = robot.WidowXEnv(
-            arm=robot.DynamixelArm(bus, log=lambda *a: None),
+            arm=DynamixelArm(bus, log=lambda *a: None),
             camera=f"twin:{arm.port}",
             image_size=64,
             max_steps=len(actions),
-            workspace=(sim_binsort.WORKSPACE_LOW, sim_binsort.WORKSPACE_HIGH),
+            workspace=(binsort_env.WORKSPACE_LOW, binsort_env.WORKSPACE_HIGH),
             reset_joints=start,
             log=print,
         )
@@ -99,7 +101,7 @@ def loop_figures(times):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0, help="the scripted demo (run_episode's seed)")
+    p.add_argument("--seed", type=int, default=0, help="the scripted demo's seed")
     p.add_argument("--slow_ms", type=float, default=50.0, help="how late the slow servo answers")
     p.add_argument("--slow_servo", type=int, default=4)
     args = p.parse_args(argv)
