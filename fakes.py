@@ -2,8 +2,8 @@
 
 Stand-ins for the hardware that robot.py, arm.py and dynamixel.py talk to, so that their tests run
 on any Linux or macOS machine: a WidowX 250's nine servos behind a pseudo-terminal (FakeBus, the
-XM430 rules the driver depends on), the driver's end of a pseudo-terminal as a serial port (PtyPort,
-TwinPort for twin.py's), a camera that sees red, pyserial's exception, and Interbotix's Python API.
+XM430 rules the driver depends on), the driver's end of its pseudo-terminal as a serial port
+(PtyPort; twin.PtyPort opens a twin's by path), a camera that sees red, pyserial's exception, and Interbotix's Python API.
 """
 
 import os
@@ -16,6 +16,7 @@ import types
 import numpy as np
 
 import dynamixel
+import twin
 import widowx
 from arm import ALL_IDS, GRIPPER_ID, JOINT_IDS, SERVO_NAMES, SHADOWS
 
@@ -23,34 +24,12 @@ from arm import ALL_IDS, GRIPPER_ID, JOINT_IDS, SERVO_NAMES, SHADOWS
 MECH = {3: 7, 5: -5}  # how far each shadow's horn sits from its mirrored master (ticks)
 
 
-class PtyPort:
-    """The driver's end of the pseudo-terminal, with the methods of a serial port that it uses."""
+class PtyPort(twin.PtyPort):
+    """The driver's end of a pseudo-terminal already open (fd), as twin.PtyPort opens one by path."""
 
     def __init__(self, fd):
         self.fd = fd
         self.name = "/dev/pts/fake"
-
-    def read(self, n):
-        return os.read(self.fd, n) if select.select([self.fd], [], [], 0.01)[0] else b""
-
-    def write(self, data):
-        os.write(self.fd, data)
-
-    def reset_input_buffer(self):
-        import termios
-
-        termios.tcflush(self.fd, termios.TCIFLUSH)
-
-    def close(self):
-        os.close(self.fd)
-
-
-class TwinPort(PtyPort):
-    """The driver's end of a twin's pseudo-terminal, opened by its path as pyserial would."""
-
-    def __init__(self, path):
-        super().__init__(os.open(path, os.O_RDWR | os.O_NOCTTY))
-        self.name = path
 
 
 class FakeBus:

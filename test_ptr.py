@@ -62,7 +62,7 @@ import train
 import twin
 import widowx
 from cql import Agent, AgentConfig
-from fakes import MECH, FakeBus, RedCamera, SerialException, TwinPort, fake_interbotix
+from fakes import MECH, FakeBus, RedCamera, SerialException, fake_interbotix
 
 # The networks here are tiny: one thread beats two that spend their time synchronising, and a busy
 # machine (CI, a laptop) does not turn a 3-second test into a 100-second one.
@@ -251,7 +251,7 @@ def make_twin(monkeypatch):
 
 def _twin_bus(arm, timeout=0.1, retries=3):
     """A DynamixelBus on the twin's port (a path, as robot.py opens a U2D2)."""
-    port = TwinPort(arm.port)
+    port = twin.PtyPort(arm.port)
     return dynamixel.DynamixelBus(port, timeout=timeout, retries=retries, names=wxarm.SERVO_NAMES)
 
 

@@ -45,6 +45,7 @@ import signal
 import socketserver
 import struct
 import sys
+import termios
 import threading
 import time
 import tty
@@ -841,6 +842,28 @@ class Twin:
             heapq.heappush(self._pending, (time.monotonic() + servo.delay, self._sent, packet))
             return
         os.write(self.master, packet)
+
+
+class PtyPort:
+    """The driver's end of the twin's pseudo-terminal, opened by its path, with the serial-port
+    methods dynamixel.DynamixelBus uses, so that scripts and tests reach the twin without pyserial
+    (robot.py's commands open the same path with pyserial, as they open the U2D2)."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        self.name = path
+
+    def read(self, n):
+        return os.read(self.fd, n) if select.select([self.fd], [], [], 0.01)[0] else b""
+
+    def write(self, data):
+        os.write(self.fd, data)
+
+    def reset_input_buffer(self):
+        termios.tcflush(self.fd, termios.TCIFLUSH)
+
+    def close(self):
+        os.close(self.fd)
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -15,9 +15,7 @@ The twin runs in real time; the script takes about a minute.
 
 import argparse
 import os
-import select
 import sys
-import termios
 import time
 
 import numpy as np
@@ -31,27 +29,6 @@ import twin  # noqa: E402
 from arm import DynamixelArm, open_bus  # noqa: E402
 
 STEPS_COMPARED = (10, 40)
-
-
-class PtyPort:
-    """The driver's end of the twin's pseudo-terminal, with the serial-port methods DynamixelBus
-    uses (pyserial is not needed)."""
-
-    def __init__(self, path):
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-        self.name = path
-
-    def read(self, n):
-        return os.read(self.fd, n) if select.select([self.fd], [], [], 0.01)[0] else b""
-
-    def write(self, data):
-        os.write(self.fd, data)
-
-    def reset_input_buffer(self):
-        termios.tcflush(self.fd, termios.TCIFLUSH)
-
-    def close(self):
-        os.close(self.fd)
 
 
 def simulator_run(seed, steps):
@@ -71,7 +48,7 @@ def twin_run(actions, start, scene_seed, slow_servo=None, slow_s=0.0):
     """The actions through WidowXEnv on a twin of the scene -> (states, step return times)."""
     faults = [twin.Fault("slow", slow_servo)] if slow_servo else []
     with twin.Twin("sort", scene_seed, faults=faults, slow_s=slow_s, log=lambda line: None) as arm:
-        bus = open_bus(PtyPort(arm.port))
+        bus = open_bus(twin.PtyPort(arm.port))
         env = robot.WidowXEnv(
             arm=DynamixelArm(bus, log=lambda *a: None),
             camera=f"twin:{arm.port}",
