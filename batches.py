@@ -11,10 +11,10 @@ id (Sec. IV-A "Handling task identifiers"), mixes prior and target data in each 
   transitions (RewardConfig) and draws batches, MixedSampler mixes samplers by fraction,
   ReplayBuffer keeps online trajectories in a ring, Prefetcher draws batches ahead on a thread;
   augment() shifts and color-jitters a batch's images on its device.
-A leaf (SPEC section 2): it imports nothing from the project. A sampler reads the store it is given
+Level 2 (SPEC section 2): of the project it imports only bridge.py. A sampler reads the store given
 (data.Store) through its arrays and index: images, states, actions, terminals, traj_length,
-traj_start, traj_task, traj_success, task names, action bounds. torch is imported inside the functions that make
-tensors, so that `python data.py convert` never loads it.
+traj_start, traj_task, traj_success, task names, action bounds. torch is imported inside the
+functions that make tensors, so that `python data.py convert` never loads it.
 """
 
 import math
@@ -27,7 +27,7 @@ import numpy as np
 from bridge import describe, image_hw
 
 # Rescaled data actions are clipped to +-ACTION_CLIP, inside the open interval of the tanh policy;
-# online.py clips the policy's executed actions there too, so an executed action is a storable one.
+# rollout.py clips the policy's executed actions there too, so an executed action is a storable one.
 ACTION_CLIP = 0.99
 # The name of a one-hot slot that pre-training (train.py --extra_tasks) keeps free for a future
 # target task (Sec. IV-A); assign_target_slots gives it to the first new task.

@@ -264,11 +264,6 @@ class BinSortEnv:
         self._view = pb.computeViewMatrix([0.58, 0.14, 0.50], [0.24, 0.0, 0.0], [0, 0, 1])
         self._proj = pb.computeProjectionMatrixFOV(48, 1.0, 0.05, 3.0)
 
-    @property
-    def pb(self):
-        """The PyBullet client (the older name of `client`, kept for tools written against it)."""
-        return self.client
-
     def _build(self, scene):
         client = self.client
         # a fresh world per episode: episodes are independent of what ran before

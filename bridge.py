@@ -48,8 +48,9 @@ def image_hw(image_size):
 
 def resize_image(image, size):
     """One uint8 (H, W, 3) image to `size` (an int for a square, or (H, W)), PIL's LANCZOS filter;
-    returned as it is when it has that size already. The store's frames (data.py) and the env's camera
-    images (rollout.py) both go through here: a policy sees images resized as its training data were."""
+    returned as it is when it has that size already. The store's frames (data.py) and the env's
+    camera images (rollout.py) both go through here: a policy sees images resized as its training
+    data were."""
     image = np.asarray(image, dtype=np.uint8)
     size = image_hw(size)
     if size is None or image.shape[:2] == size:

@@ -246,7 +246,7 @@ def resume_state(out, resume, expected):
 def restore_run(ckpt, agent, sampler, rank=0):
     """Weights, optimizers and this rank's random streams. A rank the checkpoint has no streams
     for (a Ctrl-C checkpoint of a torchrun run, or more processes than before) keeps its fresh
-    seed + rank streams: still data-parallel, no longer bit-exact. Returns the checkpoint's step."""
+    seed + rank streams: still data-parallel, not bit-exact. Returns the checkpoint's step."""
     agent.load_state_dict(ckpt["agent"])
     states = ckpt.get("rank_states") or [{"sampler": ckpt["sampler"], "rng": ckpt["rng"]}]
     if rank < len(states):

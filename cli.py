@@ -9,11 +9,13 @@ Set PTR_TRACEBACK=1 to see the traceback anyway (for a bug report).
 
 add_dataclass_args() turns a config dataclass into command-line flags, one per field, with the
 field's default and its trailing comment as the help text, so a default is written once (in the
-dataclass). check_flags() refuses a value out of its range (a batch of 0, a mix of 1.5) in one line
-naming the flag, before a script does any work.
+dataclass); a field no flag can give (a dict, say) is an error when the parser is built, never a
+flag silently missing. check_flags() refuses a value out of its range (a batch of 0, a mix of 1.5)
+in one line naming the flag, before a script does any work.
 """
 
 import argparse
+import collections.abc
 import dataclasses
 import inspect
 import io
@@ -83,8 +85,13 @@ def run_cli(main, argv=None):
 
 
 def field_comments(cls):
-    """{field: its trailing comment} from a dataclass's source (on the field's own lines)."""
-    source = inspect.getsource(cls)
+    """{field: its trailing comment} from a dataclass's source (on the field's own lines); {} when
+    the source cannot be found (a class made at run time, a module loaded from a file path and not
+    registered): the flags are the same, their help shows the defaults alone."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
     comments = {}
     field, indent, expect_colon = None, None, False
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -104,12 +111,18 @@ def field_comments(cls):
     return comments
 
 
+SCALARS = (int, float, str)  # the field types a flag's text converts to
+
+
 def _parse_type(hint):
-    """argparse `type` for a field's annotation; `X | None` also accepts the word none."""
+    """argparse `type` for a scalar annotation; `X | None` also accepts the word none. None for a
+    type no flag can give."""
+    if hint in SCALARS:
+        return hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-    if not optional:
-        return hint
+    if not (optional and len(args) == 1 and args[0] in SCALARS):
+        return None
 
     def parse(text):
         return None if text.lower() == "none" else args[0](text)
@@ -118,12 +131,57 @@ def _parse_type(hint):
     return parse
 
 
-def add_dataclass_args(parser, cls, skip=(), choices=None, defaults=None, default_help=None):
+def _item_type(hint):
+    """The item type of a list annotation (list, list[X], tuple[X, ...], Sequence[X]; X a scalar,
+    str when not named), or None for any other annotation."""
+    origin = typing.get_origin(hint) or hint
+    if origin not in (list, tuple, collections.abc.Sequence):
+        return None
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    if len(args) > 1 or (args and args[0] not in SCALARS):
+        return None
+    return args[0] if args else str
+
+
+def _field_default(f, defaults):
+    if f.name in defaults:
+        return defaults[f.name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _shown(default, default_help):
+    """What a flag's help says of its default."""
+    if default is dataclasses.MISSING:
+        return "required"
+    if default_help:
+        return f"default: {default_help}"
+    if isinstance(default, (list, tuple)):
+        return "default: " + (" ".join(map(str, default)) or "none")
+    return f"default: {default}"
+
+
+def add_dataclass_args(
+    parser,
+    cls,
+    skip=(),
+    choices=None,
+    defaults=None,
+    default_help=None,
+    nargs=None,
+    switches=(),
+):
     """One flag --<field> per field of dataclass cls (fields in skip excepted): type from the
     annotation, default from the dataclass (or `defaults`, a phase's own), help from the field's
-    trailing comment; bools get --<field> / --no-<field>. choices: {field: allowed values};
-    default_help: what the help says instead of the default's value. Returns the field names
-    added."""
+    trailing comment; a field without a default is a required flag. bools get --<field> /
+    --no-<field>, or --<field> alone for those in switches; list fields (list, list[X],
+    tuple[X, ...], Sequence[X]) take any number of values (--<field> a b c), or nargs[field]
+    (argparse.REMAINDER: the rest of the line, flags included). choices: {field: allowed values};
+    default_help: what the help says instead of the default's value. A field of any other type is
+    a TypeError naming it, here, when the parser is built. Returns the field names added."""
     comments = field_comments(cls)
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
@@ -131,26 +189,32 @@ def add_dataclass_args(parser, cls, skip=(), choices=None, defaults=None, defaul
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        default = defaults.get(f.name, f.default)
-        shown = f"default: {default_help or default}"
-        text = comments.get(f.name, "")
-        help_text = f"{text} ({shown})" if text else shown
-        help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        if hints[f.name] is bool:
-            parser.add_argument(
-                f"--{f.name}",
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
+        hint = hints[f.name]
+        default = _field_default(f, defaults)
+        switch = hint is bool and f.name in switches
+        if switch and default is not False:
+            raise TypeError(f"{cls.__name__}.{f.name}: a switch must default to False")
+        if hint is bool:
+            kind = dict(action="store_true" if switch else argparse.BooleanOptionalAction)
+        elif _item_type(hint) is not None:
+            kind = dict(type=_item_type(hint), nargs=(nargs or {}).get(f.name, "*"))
+        elif _parse_type(hint) is not None:
+            kind = dict(type=_parse_type(hint), choices=(choices or {}).get(f.name))
         else:
-            parser.add_argument(
-                f"--{f.name}",
-                type=_parse_type(hints[f.name]),
-                default=default,
-                choices=(choices or {}).get(f.name),
-                help=help_text,
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: no flag can give a {hint!r} field (skip it, or give it "
+                f"a bool, int, float, str, `X | None` or list type)"
             )
+        help_text = comments.get(f.name, "")
+        if not switch:  # a switch is off unless given: no default to show
+            shown = _shown(default, default_help)
+            help_text = f"{help_text} ({shown})" if help_text else shown
+        kind["help"] = help_text.replace("%", "%%")  # argparse formats help with %
+        if default is dataclasses.MISSING:
+            kind["required"] = True
+        else:
+            kind["default"] = default
+        parser.add_argument(f"--{f.name}", **kind)
         added.append(f.name)
     return added
 

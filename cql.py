@@ -309,36 +309,40 @@ def _allreduce_mean_(params):
 
 
 class Agent:
-    """Owns the networks, the target critic, the optimizers, the entropy temperature and a sampling
-    generator. algo cql: critic (QNetwork) + target + TanhGaussianPolicy + temperature; gbc: the
-    TanhGaussianPolicy and temperature only (Gaussian BC); bc: BCPolicy only; awbc: the cql set, still trained with CQL, plus a BCPolicy trained with MSE weighted by
-    the critic's advantages; act() uses the BCPolicy. cfg.algo may switch between cql and awbc at
-    any time (finetune.py starts AW-BC from a PTR checkpoint, through set_config): the BCPolicy is
-    created then. For the paper's frozen Q-function (Table IX), start from a fine-tuned PTR
-    checkpoint and set_config with critic_lr = 0."""
+    """The learner: networks, target critic, optimizers, entropy temperature and a sampling
+    generator, all built in __init__ for cfg.algo. cql: critic (QNetwork) + target +
+    TanhGaussianPolicy + temperature; awbc: the cql set, still trained with CQL, plus a BCPolicy
+    (MSE weighted by the critic's advantages) that act() uses; gbc: TanhGaussianPolicy and
+    temperature (Gaussian BC); bc: BCPolicy. set_config switches algo within an ALGO_FAMILY (cql to
+    awbc adds the BCPolicy: finetune.py's AW-BC from a PTR checkpoint). The paper's frozen
+    Q-function (Table IX): a fine-tuned PTR checkpoint, then set_config with critic_lr = 0."""
 
     def __init__(self, cfg: AgentConfig, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
         self.cuda = self.device.type == "cuda"
+        family = ALGO_FAMILY[cfg.algo]
+        self.nets = {}  # built in this order: it fixes which seeded draws initialise which network
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(cfg.seed)
-            enc = lambda: make_encoder(cfg.arch, cfg.head, cfg.norm, cfg.image_size, cfg.embed_dim)
-            self.nets = {}
-            if ALGO_FAMILY[cfg.algo] == "critic":
+            if family == "critic":
                 self.nets["critic"] = QNetwork(
-                    enc(),
+                    self._encoder(),
                     cfg.num_tasks,
                     cfg.action_dim,
                     cfg.hidden,
                     cfg.depth,
                     cfg.action_every_layer,
                 )
-                self.nets["target_critic"] = copy.deepcopy(self.nets["critic"]).requires_grad_(
-                    False
-                )
-            if ALGO_FAMILY[cfg.algo] in ("critic", "gaussian"):
+                self.nets["target_critic"] = copy.deepcopy(self.nets["critic"])
+                self.nets["target_critic"].requires_grad_(False)
+            if family in ("critic", "gaussian"):
                 self.nets["policy"] = TanhGaussianPolicy(
-                    enc(), cfg.num_tasks, cfg.state_dim, cfg.action_dim, cfg.hidden, cfg.depth
+                    self._encoder(),
+                    cfg.num_tasks,
+                    cfg.state_dim,
+                    cfg.action_dim,
+                    cfg.hidden,
+                    cfg.depth,
                 )
         for net in self.nets.values():
             self._place(net)
@@ -350,6 +354,7 @@ class Agent:
         # sampling stream: differs per rank under torchrun (the networks' init above does not)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + rank)
+        # one Adam per name; params[name] and lr_fields[name] (the cfg field of its learning rate)
         self.params, self.optimizers, self.lr_fields = {}, {}, {}
         if self.critic is not None:
             self._add_optimizer("critic", list(self.critic.parameters()), "critic_lr")
@@ -357,11 +362,14 @@ class Agent:
             self._add_optimizer("actor", list(self.policy.parameters()), "actor_lr")
             self._add_optimizer("temp", [self.log_temp], "temp_lr")
         if cfg.algo in ("bc", "awbc"):
-            self._ensure_bc_policy()
+            self._add_bc_policy()
         self.updates = 0
-        self._training = None
-        self.compile_mode = None
-        self._losses = self._update_losses  # replaced by its compiled version in compile()
+        self._training = None  # the train / eval mode of every network (None: not yet set)
+        self.compile_mode = None  # compile() sets it and replaces self.compute_losses
+
+    def _encoder(self):
+        cfg = self.cfg
+        return make_encoder(cfg.arch, cfg.head, cfg.norm, cfg.image_size, cfg.embed_dim)
 
     def _place(self, net):
         net.to(self.device)
@@ -370,22 +378,20 @@ class Agent:
             net.encoder.channels_last = True
 
     def _add_optimizer(self, name, params, lr_field):
-        # fused Adam: one kernel over all parameters (CUDA and CPU; ~6x faster than
-        # the per-tensor loop on CPU)
+        # fused Adam: one kernel over all parameters (on CPU ~6x faster than the per-tensor loop)
         self.params[name], self.lr_fields[name] = params, lr_field
         self.optimizers[name] = torch.optim.Adam(params, lr=getattr(self.cfg, lr_field), fused=True)
 
-    def _ensure_bc_policy(self):
-        """The BCPolicy of algo bc / awbc; seeded on its own so it is the same
-        whenever it is created."""
+    def _add_bc_policy(self):
+        """The BCPolicy of algo bc and awbc, and its optimizer; set_config and load_state_dict add
+        it to a CQL agent (AW-BC). Seeded on its own: the same network whenever it is built."""
         if self.bc_policy is not None:
             return
         cfg = self.cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            enc = make_encoder(cfg.arch, cfg.head, cfg.norm, cfg.image_size, cfg.embed_dim)
             self.bc_policy = BCPolicy(
-                enc,
+                self._encoder(),
                 cfg.num_tasks,
                 cfg.state_dim,
                 cfg.action_dim,
@@ -400,47 +406,7 @@ class Agent:
         self._add_optimizer("bc", list(self.bc_policy.parameters()), "actor_lr")
         self._training = None
 
-    # -------------------------------------------------------------------------------------- helpers
-    def _mode(self, training):
-        if self._training != training:
-            for net in self.nets.values():
-                net.train(training)
-            self._training = training
-
-    def _autocast(self):
-        """bf16 autocast around the encoders on CUDA; the MLPs and losses stay in fp32
-        (Q values up to ~250)."""
-        return (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
-        )
-
-    def _onehot(self, task):
-        return F.one_hot(task.to(self.device).long(), self.cfg.num_tasks).float()
-
-    def _build_algo_networks(self):
-        """Check that the networks serve cfg.algo; create the BC policy awbc adds to CQL."""
-        algo = self.cfg.algo
-        if algo not in ALGOS:
-            raise ValueError(f"cql.py: AgentConfig.algo={algo!r}, expected one of {ALGOS}")
-        built = "critic" if self.critic is not None else "bc" if self.policy is None else "gaussian"
-        if ALGO_FAMILY[algo] != built:
-            raise ValueError(
-                f"cql.py: AgentConfig.algo={algo!r} trains {ALGO_FAMILY[algo]} networks, but this "
-                f"agent was built with {built} networks (algo in "
-                f"{[a for a, f in ALGO_FAMILY.items() if f == built]})"
-            )
-        if algo == "awbc":
-            self._ensure_bc_policy()
-
-    def _uses(self):
-        """(use the critic, use the BC policy) for the current cfg.algo."""
-        return ALGO_FAMILY[self.cfg.algo] == "critic", self.cfg.algo in ("bc", "awbc")
-
-    def _apply_learning_rates(self):
-        for name, opt in self.optimizers.items():
-            for g in opt.param_groups:
-                g["lr"] = getattr(self.cfg, self.lr_fields[name])
-
+    # ------------------------------------------------------------------------------------ helpers
     def set_config(self, cfg):
         """A new phase's learner settings (algo, alpha, Cal-QL, learning rates...): the network
         shapes (STRUCTURE) must stay; the optimizers take the new learning rates from here on."""
@@ -451,10 +417,89 @@ class Agent:
                 f"(or grow_tasks for num_tasks)"
             )
         self.cfg = replace(cfg)
-        self._build_algo_networks()
-        self._apply_learning_rates()
+        if self.cfg.algo == "awbc" and self.critic is not None:
+            self._add_bc_policy()
+        self._check_networks()
+        for name, opt in self.optimizers.items():
+            for g in opt.param_groups:
+                g["lr"] = getattr(self.cfg, self.lr_fields[name])
+
+    def _check_networks(self):
+        """Raise unless the networks built serve cfg.algo (a caller may edit cfg in place)."""
+        algo = self.cfg.algo
+        if algo not in ALGOS:
+            raise ValueError(f"cql.py: AgentConfig.algo={algo!r}, expected one of {ALGOS}")
+        built = "critic" if self.critic is not None else "bc" if self.policy is None else "gaussian"
+        if ALGO_FAMILY[algo] != built:
+            raise ValueError(
+                f"cql.py: AgentConfig.algo={algo!r} trains {ALGO_FAMILY[algo]} networks, but this "
+                f"agent was built with {built} networks (algo in "
+                f"{[a for a, f in ALGO_FAMILY.items() if f == built]})"
+            )
+        if self.bc_policy is None and algo == "awbc":
+            raise ValueError("cql.py: AgentConfig.algo='awbc' needs the BC policy set_config adds")
+
+    def _mode(self, training):
+        if self._training != training:
+            for net in self.nets.values():
+                net.train(training)
+            self._training = training
+
+    def _autocast(self):
+        """bf16 autocast around the encoders on CUDA; MLPs and losses stay fp32 (Q up to ~250)."""
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        )
+
+    def _onehot(self, task):
+        return F.one_hot(task.to(self.device).long(), self.cfg.num_tasks).float()
+
+    # ------------------------------------------------------------------------------------- update
+    def compile(self, mode="default", backend="inductor"):
+        """torch.compile compute_losses (all network passes and losses) and so its backward; the
+        all-reduce, optimizer steps and target update stay eager (fused Adam is one kernel). Shapes
+        are static; what the graph depends on (cfg.alpha, cfg.algo, grow_tasks) recompiles when it
+        changes. self.generator's draws (dynamo cannot trace a Generator) run eagerly between the
+        captured pieces, so the random stream and an exact resume are the eager ones; the BC
+        policy's dropout masks (torch's global RNG) differ. mode: one of COMPILE_MODES (inductor);
+        "reduce-overhead" replays CUDA graphs, whose outputs (the info tensors) last until the next
+        update. Losses equal the eager ones up to floating-point reassociation (test_ptr.py)."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"cql.py: compile mode={mode!r}, expected one of {COMPILE_MODES}")
+        self.compile_mode = mode
+        # the one place the compiled path enters: update() calls self.compute_losses, which this
+        # instance attribute now holds (compiled from the class's method, so compile() may repeat)
+        eager = type(self).compute_losses.__get__(self)
+        self.compute_losses = torch.compile(eager, mode=mode, backend=backend, dynamic=False)
+
+    def update(self, batch):
+        """One gradient step on every network. batch: batches.py's batch, on self.device, already
+        augmented. Returns {name: 0-d detached tensor} (no host sync)."""
+        self._check_networks()
+        self._mode(True)
+        if self.compile_mode == "reduce-overhead":
+            # a new step for the CUDA graphs: the previous update's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        # the actor imitates the data for its first cfg.bc_steps updates (gbc: always), then
+        # maximises Q; computed here, outside compute_losses, so the count never enters its graph
+        imitate = self.critic is not None and self.updates < self.cfg.bc_steps
+        q_weight = self.actor_q_weight() if imitate else 0.0
+        # a tensor, so that a compiled update does not recompile for every value of the ramp
+        q_weight = torch.tensor(q_weight, device=self.device) if q_weight > 0 else None
+        loss, info = self.compute_losses(batch, imitate, q_weight)
+        info.update(self._step(loss))
+        if self.critic is not None:  # Polyak average of the target critic
+            with torch.no_grad():
+                torch._foreach_lerp_(
+                    list(self.target_critic.parameters()), self.params["critic"], self.cfg.polyak
+                )
+                for tb, sb in zip(self.target_critic.buffers(), self.critic.buffers()):
+                    tb.copy_(sb)  # BatchNorm statistics (norm="batch") follow the online critic
+        self.updates += 1
+        return info
 
     def _step(self, loss):
+        """One backward through the summed loss, then every optimizer's step (ranks averaged)."""
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -467,52 +512,6 @@ class Agent:
             opt.step()
         return info
 
-    # --------------------------------------------------------------------------------------- update
-    def compile(self, mode="default", backend="inductor"):
-        """torch.compile the forward half of update() (all network passes and losses) and so its
-        backward; the gradient all-reduce, the optimizer steps and the target update stay eager
-        (fused Adam is one kernel already). Shapes are static (dynamic=False): batch and image
-        size are fixed in a run. A change that the captured graph depends on (cfg.alpha, cfg.algo,
-        grow_tasks) recompiles on the next update. The three draws from self.generator (dynamo
-        cannot trace a torch.Generator) run eagerly between the captured pieces, so the agent's
-        random stream, and with it an exact resume, is the eager one; the BC policy's dropout masks
-        (torch's global RNG) are drawn differently once compiled.
-        mode: one of COMPILE_MODES (inductor only); "reduce-overhead" replays CUDA graphs,
-        whose outputs (the info tensors) are valid until the next update. The arithmetic is
-        unchanged: losses equal the eager ones up to floating-point reassociation (test_ptr.py,
-        compiled update section)."""
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"cql.py: compile mode={mode!r}, expected one of {COMPILE_MODES}")
-        self.compile_mode = mode
-        self._losses = torch.compile(self._update_losses, mode=mode, backend=backend, dynamic=False)
-
-    def update(self, batch):
-        """One gradient step on every network. batch: batches.py's batch, on self.device, already
-        augmented. Each encoder runs at most once per image batch: critic on s (grad), target
-        on s', policy on s (grad) and s' (no grad); the BC policy (bc, awbc) on s. Returns
-        {name: 0-d detached tensor} (no host sync)."""
-        self._build_algo_networks()
-        use_critic, use_bc = self._uses()
-        self._mode(True)
-        if self.compile_mode == "reduce-overhead":
-            # a new step for the CUDA graphs: the previous update's outputs are no longer read
-            torch.compiler.cudagraph_mark_step_begin()
-        imitate = use_critic and self.updates < self.cfg.bc_steps
-        q_weight = self.actor_q_weight() if imitate else 0.0
-        # a tensor, so that a compiled update does not recompile for every value of the ramp
-        q_weight = torch.tensor(q_weight, device=self.device) if q_weight > 0 else None
-        loss, info = self._losses(batch, use_critic, use_bc, imitate, q_weight)
-        info.update(self._step(loss))
-        if use_critic:
-            with torch.no_grad():
-                torch._foreach_lerp_(
-                    list(self.target_critic.parameters()), self.params["critic"], self.cfg.polyak
-                )
-                for tb, sb in zip(self.target_critic.buffers(), self.critic.buffers()):
-                    tb.copy_(sb)  # BatchNorm statistics (norm="batch") follow the online critic
-        self.updates += 1
-        return info
-
     def actor_q_weight(self):
         """lambda of the imitating actor's Q term at this update: 0 before cfg.actor_q_start, then
         ramped linearly to cfg.actor_q_weight over cfg.actor_q_ramp updates."""
@@ -522,44 +521,59 @@ class Agent:
         ramp = min(1.0, (self.updates - cfg.actor_q_start + 1) / max(cfg.actor_q_ramp, 1))
         return cfg.actor_q_weight * ramp
 
-    def _update_losses(self, batch, use_critic, use_bc, imitate=False, q_weight=None):
-        """The forward half of update(): every network pass and loss, no parameter changed; this
-        is what compile() captures (the backward follows it into the compiled graph). imitate: the
-        actor's warm-up loss (cfg.bc_steps); q_weight: lambda of its Q term (None: no Q term).
-        -> (summed loss, info)."""
+    def compute_losses(self, batch, imitate=False, q_weight=None):
+        """The forward half of update(): every network pass and loss of cfg.algo, no parameter
+        changed; compile() captures this. imitate: the actor's warm-up loss (cfg.bc_steps);
+        q_weight: lambda of its Q term (None: no Q term). -> (summed loss, info)."""
+        if self.cfg.algo == "bc":
+            return self._bc_losses(batch)
+        if self.cfg.algo == "gbc":
+            return self._gaussian_bc_losses(batch)
+        return self._cql_losses(batch, imitate, q_weight)  # cql, awbc
+
+    def _bc_losses(self, batch):
+        """algo bc: the BC policy's mean squared error at the data actions."""
+        onehot = self._onehot(batch["task"])
+        with self._autocast():
+            z_bc = self.bc_policy.embed(batch["obs"]).float()
+        return bc_loss(self.bc_policy.head(z_bc, batch["state"], onehot), batch["action"])
+
+    def _gaussian_bc_losses(self, batch):
+        """algo gbc: the imitating actor and its temperature, nothing else."""
+        onehot, state, action = self._onehot(batch["task"]), batch["state"], batch["action"]
+        with self._autocast():
+            z_pi = self.policy.embed(batch["obs"]).float()
+        _, log_pi = self.policy.sample(z_pi, state, onehot, self.cfg.num_actions, self.generator)
+        log_pi_data = self.policy.log_prob(z_pi, state, onehot, action)
+        a_loss, a_info = actor_imitation_loss(log_pi, log_pi_data, self.log_temp.exp().detach())
+        t_loss, t_info = self._temperature_loss(log_pi)
+        return a_loss + t_loss, {**a_info, **t_info}
+
+    def _cql_losses(self, batch, imitate, q_weight):
+        """algo cql and awbc: critic + actor + temperature (+ AW-BC's BC policy). Each encoder runs
+        at most once per image batch: critic on s, target on s', policy on s and s', BC policy on s.
+        self.generator draws N next, N policy, N uniform actions, then _q_term_actions' samples."""
         cfg = self.cfg
         onehot, state, action = self._onehot(batch["task"]), batch["state"], batch["action"]
         b, n = action.shape[0], cfg.num_actions
         temp = self.log_temp.exp().detach()
-        target_entropy = (
-            cfg.target_entropy if cfg.target_entropy is not None else -float(cfg.action_dim)
-        )
+        use_bc = cfg.algo == "awbc"
         with self._autocast():
             z_bc = self.bc_policy.embed(batch["obs"]).float() if use_bc else None
-            z_pi = self.policy.embed(batch["obs"]).float() if self.policy is not None else None
-            if use_critic:
-                z_q = self.critic.embed(batch["obs"]).float()
-                with torch.no_grad():
-                    z_next_t = self.target_critic.embed(batch["next_obs"]).float()
-                    z_next_pi = self.policy.embed(batch["next_obs"]).float()
-        if cfg.algo == "bc":
-            return bc_loss(self.bc_policy.head(z_bc, state, onehot), action)
-        if cfg.algo == "gbc":  # the imitating actor and its temperature, nothing else
-            a_pi, log_pi = self.policy.sample(z_pi, state, onehot, n, self.generator)
-            log_pi_data = self.policy.log_prob(z_pi, state, onehot, action)
-            a_loss, info = actor_imitation_loss(log_pi, log_pi_data, temp)
-            t_loss, t_info = temperature_loss(self.log_temp, log_pi, target_entropy)
-            info.update(t_info)
-            return a_loss + t_loss, info
+            z_pi = self.policy.embed(batch["obs"]).float()
+            z_q = self.critic.embed(batch["obs"]).float()
+            with torch.no_grad():
+                z_next_t = self.target_critic.embed(batch["next_obs"]).float()
+                z_next_pi = self.policy.embed(batch["next_obs"]).float()
+        # critic: TD backup from the target critic at a' ~ pi(.|s'), CQL penalty at s
         with torch.no_grad():
             a_next, _ = self.policy.sample(
                 z_next_pi, batch["next_state"], onehot, n, self.generator
             )
             next_q = self.target_critic.heads(z_next_t, a_next, onehot)
         a_pi, log_pi = self.policy.sample(z_pi, state, onehot, n, self.generator)
-        a_rand = (
-            torch.rand(b, n, cfg.action_dim, generator=self.generator, device=self.device) * 2 - 1
-        )
+        a_rand = torch.rand(b, n, cfg.action_dim, generator=self.generator, device=self.device)
+        a_rand = a_rand * 2 - 1  # uniform in [-1, 1]^A
         # one head evaluation for the data action, N policy actions (detached: the critic loss must
         # not move the policy) and N uniform actions, all sharing the embedding of s
         q_all = self.critic.heads(
@@ -567,32 +581,38 @@ class Agent:
         )
         q_data, q_pi, q_rand = q_all[:, 0], q_all[:, 1 : n + 1], q_all[:, n + 1 :]
         c_loss, info = critic_loss(q_data, q_pi, log_pi.detach(), q_rand, next_q, batch, cfg)
+        # actor: imitate the data actions (weighted, plus lambda * Q), or maximise Q
         if imitate:
             log_pi_data = self.policy.log_prob(z_pi, state, onehot, action)
             w, w_info = self._imitation_weights(q_data.detach(), q_pi.detach())
             a_loss, a_info = actor_imitation_loss(log_pi, log_pi_data, temp, w)
             a_info.update(w_info)
             if q_weight is not None:
-                a_q = self._q_term_actions(a_pi, z_pi, state, onehot)
-                # the critic's embedding and parameters detached: this term moves the actor only
-                q_actor = self.critic.heads(z_q.detach(), a_q, onehot, detach_params=True)
+                q_actor = self._actor_q(z_q, a_pi, z_pi, state, onehot)
                 q_loss, q_info = actor_q_term(q_actor, q_data, q_weight)
                 a_loss = a_loss + q_loss
                 a_info.update(q_info, actor_loss=a_loss.detach(), actor_q_weight=q_weight.detach())
         else:
-            # actor: same embedding and heads, but detached, so this loss only reaches the policy
-            a_q = self._q_term_actions(a_pi, z_pi, state, onehot)
-            q_actor = self.critic.heads(z_q.detach(), a_q, onehot, detach_params=True)
-            a_loss, a_info = actor_loss(q_actor, log_pi, temp)
-        t_loss, t_info = temperature_loss(self.log_temp, log_pi, target_entropy)
+            a_loss, a_info = actor_loss(self._actor_q(z_q, a_pi, z_pi, state, onehot), log_pi, temp)
+        t_loss, t_info = self._temperature_loss(log_pi)
         loss = c_loss + a_loss + t_loss  # disjoint parameter sets: one backward serves all three
         info.update(a_info, **t_info, alpha=torch.full((), cfg.alpha, device=self.device))
-        if use_bc:
+        if use_bc:  # AW-BC (Section V-D): the BC policy's MSE weighted by the critic's advantages
             w = awbc_weights(q_data.detach(), q_pi.detach(), cfg.awbc_max_weight)
             b_loss, b_info = bc_loss(self.bc_policy.head(z_bc, state, onehot), action, w)
             loss = loss + b_loss
             info.update(b_info)
         return loss, info
+
+    def _temperature_loss(self, log_pi):
+        cfg = self.cfg
+        target = cfg.target_entropy if cfg.target_entropy is not None else -float(cfg.action_dim)
+        return temperature_loss(self.log_temp, log_pi, target)
+
+    def _actor_q(self, z_q, a_pi, z_pi, state, onehot):
+        """Q(s, a ~ pi) (B, N, heads), the critic's embedding and parameters detached."""
+        a_q = self._q_term_actions(a_pi, z_pi, state, onehot)
+        return self.critic.heads(z_q.detach(), a_q, onehot, detach_params=True)
 
     def _imitation_weights(self, q_data, q_pi):
         """Per-transition weights of the imitating actor's likelihood, each with mean 1 so the
@@ -619,27 +639,27 @@ class Agent:
             a_pi = torch.cat([a_pi[..., :-1], a_pi[..., -1:].detach()], -1)
         return a_pi
 
-    # ------------------------------------------------------------------------------------ inference
+    # ---------------------------------------------------------------------------------- inference
+    def _acting_embedding(self, images, state, task):
+        """The acting policy (the BCPolicy for algo bc and awbc, else the tanh-Gaussian one) in
+        eval mode, its embedding of the images, and state and one-hot on self.device."""
+        self._check_networks()
+        self._mode(False)
+        net = self.bc_policy if self.cfg.algo in ("bc", "awbc") else self.policy
+        with self._autocast():
+            z = net.embed(images.to(self.device)).float()
+        return net, z, state.to(self.device).float(), self._onehot(task)
+
     @torch.no_grad()
     def act(self, images, state, task, deterministic=True):
         """Actions in [-1, 1] (B, A) from uint8 images (B, 3, H, W), state (B, S),
         task int64 (B,)."""
-        self._build_algo_networks()
-        use_critic, use_bc = self._uses()
-        self._mode(False)
-        images, state, onehot = (
-            images.to(self.device),
-            state.to(self.device).float(),
-            self._onehot(task),
-        )
-        net = self.bc_policy if use_bc else self.policy
-        with self._autocast():
-            z = net.embed(images).float()
-        if use_bc:
-            return self.bc_policy.head(z, state, onehot).clamp(-1.0, 1.0)
+        net, z, state, onehot = self._acting_embedding(images, state, task)
+        if isinstance(net, BCPolicy):
+            return net.head(z, state, onehot).clamp(-1.0, 1.0)
         if deterministic:
-            return self.policy.deterministic(z, state, onehot)
-        return self.policy.sample(z, state, onehot, generator=self.generator)[0]
+            return net.deterministic(z, state, onehot)
+        return net.sample(z, state, onehot, generator=self.generator)[0]
 
     @torch.no_grad()
     def q_values(self, batch):
@@ -649,29 +669,21 @@ class Agent:
                 f"cql.py: q_values needs a critic, but AgentConfig.algo={self.cfg.algo!r} has none"
             )
         self._mode(False)
+        action, onehot = batch["action"].to(self.device).float(), self._onehot(batch["task"])
         with self._autocast():
             z = self.critic.embed(batch["obs"].to(self.device)).float()
-        return self.critic.heads(
-            z, batch["action"].to(self.device).float(), self._onehot(batch["task"])
-        )
+        return self.critic.heads(z, action, onehot)
 
     @torch.no_grad()
     def validation_loss(self, batch):
-        """The acting policy's imitation error on held-out (s, a) pairs, networks in eval mode (no
-        dropout): the BC policy's mean squared error (algo bc, awbc), else the tanh-Gaussian
-        policy's negative log-likelihood. The BC baselines' checkpoint rule (the paper picks BC
-        checkpoints by validation error). -> (float, metric name)."""
-        self._build_algo_networks()
-        _, use_bc = self._uses()
-        self._mode(False)
-        obs, state = batch["obs"].to(self.device), batch["state"].to(self.device).float()
-        action, onehot = batch["action"].to(self.device).float(), self._onehot(batch["task"])
-        net = self.bc_policy if use_bc else self.policy
-        with self._autocast():
-            z = net.embed(obs).float()
-        if use_bc:
-            return bc_loss(self.bc_policy.head(z, state, onehot), action)[0].item(), "mse"
-        return -self.policy.log_prob(z, state, onehot, action).mean().item(), "nll"
+        """The acting policy's imitation error on held-out (s, a) pairs in eval mode (no dropout):
+        the BC policy's MSE (algo bc, awbc), else the tanh-Gaussian policy's negative
+        log-likelihood; the paper picks BC checkpoints by it. -> (float, metric name)."""
+        net, z, state, onehot = self._acting_embedding(batch["obs"], batch["state"], batch["task"])
+        action = batch["action"].to(self.device).float()
+        if isinstance(net, BCPolicy):
+            return bc_loss(net.head(z, state, onehot), action)[0].item(), "mse"
+        return -net.log_prob(z, state, onehot, action).mean().item(), "nll"
 
     def critic_diagnostics(self, batch):
         """What tells whether the critic can steer the actor, on (s, a) pairs: the mean |dQ/da|
@@ -689,10 +701,7 @@ class Agent:
             (grad,) = torch.autograd.grad(q.sum(), action)
         with torch.no_grad():
             log_std = self.policy.dist(z_pi, state, onehot)[1]
-        return {
-            "dq_da": grad.abs().mean(0).tolist(),
-            "sigma": log_std.exp().mean(0).tolist(),
-        }
+        return {"dq_da": grad.abs().mean(0).tolist(), "sigma": log_std.exp().mean(0).tolist()}
 
     def set_state_statistics(self, mean, std):
         """The per-dimension mean and std of the training data's proprioceptive states, which every
@@ -716,8 +725,7 @@ class Agent:
 
     @classmethod
     def from_state_dict(cls, d, device="cpu", strict=True):
-        """An agent built with the checkpoint's own config, then loaded (strict: see
-        load_state_dict)."""
+        """An agent built with the checkpoint's config, then loaded strictly (load_state_dict)."""
         agent = cls(AgentConfig(**d["config"]), device)
         agent.load_state_dict(d, strict)
         return agent
@@ -736,13 +744,12 @@ class Agent:
         ]
         if diff:
             raise ValueError(
-                "cql.py: load_state_dict: checkpoint and AgentConfig disagree on "
-                + "; ".join(diff)
-                + " (build the agent with the checkpoint's config, e.g. Agent.from_state_dict, "
+                f"cql.py: load_state_dict: checkpoint and AgentConfig disagree on {'; '.join(diff)}"
+                " (build the agent with the checkpoint's config, e.g. Agent.from_state_dict, "
                 "then grow_tasks)"
             )
         if "bc_policy" in d["nets"]:
-            self._ensure_bc_policy()
+            self._add_bc_policy()
         extra = [k for k in d["nets"] if k not in self.nets]
         if extra:
             raise ValueError(
@@ -781,25 +788,18 @@ class Agent:
                 self.log_temp.copy_(d["log_temp"])
         try:
             self.generator.set_state(d["generator"])
-        except (
-            RuntimeError
-        ):  # saved on another device type (CPU vs CUDA generator): keep this stream
+        except RuntimeError:  # saved on another device type (CPU vs CUDA generator): keep this one
             pass
         self.updates = int(d["updates"])
         return missing
 
     def _task_columns(self):
         """[(module, column of one-hot slot 0 in module.weight)] of every layer that reads the task
-        one-hot: the critics' first layer ([task, action, z]) and the policies' ([z, state, task])."""
-        columns = []
-        for name in ("critic", "target_critic"):
-            if name in self.nets:
-                columns.append((self.nets[name].layers[0], 0))
-        for name in ("policy", "bc_policy"):
-            if name in self.nets:
-                first = self.nets[name].net[0]
-                columns.append((first, first.weight.shape[1] - self.cfg.num_tasks))
-        return columns
+        one-hot: the critics' first layer ([task, action, z]), the policies' ([z, state, task])."""
+        nets = self.nets
+        critics = [(nets[k].layers[0], 0) for k in ("critic", "target_critic") if k in nets]
+        policies = [nets[k].net[0] for k in ("policy", "bc_policy") if k in nets]
+        return critics + [(m, m.weight.shape[1] - self.cfg.num_tasks) for m in policies]
 
     @torch.no_grad()
     def zero_task_slots(self, slots):
@@ -820,13 +820,12 @@ class Agent:
 
     def grow_tasks(self, num_tasks):
         """Widen the task one-hot to num_tasks slots (offline fine-tuning on new tasks,
-        Section IV-A). The new input weights are zero, so outputs for old tasks are unchanged and
-        new tasks start from the task-agnostic part of the network. Each widened weight becomes a
-        new Parameter that takes the old one's place in its module, its optimizer's param group and
-        its optimizer state; Adam's moment buffers get zero rows there and the shared step count is
-        kept. Old weights so continue unchanged; new rows start with zero moments under a
-        bias correction of ~1, so their first few hundred steps are up to a few times lr (as in Adam
-        without bias correction) - small for one-hot rows, and no state of old rows is lost."""
+        Section IV-A). The new input weights are zero, so old tasks' outputs are unchanged and new
+        tasks start from the task-agnostic part of the network. Each widened weight becomes a new
+        Parameter in the old one's place (module, param group, optimizer state), its Adam moments
+        with zero rows and the shared step count, so old rows train on undisturbed; new rows, under
+        a bias correction of ~1, take steps up to a few times lr at first, small for one-hot rows.
+        """
         old = self.cfg.num_tasks
         if num_tasks < old:
             raise ValueError(

@@ -26,6 +26,7 @@ torch is imported inside the functions that make tensors: `python data.py conver
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ import struct
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,7 +54,7 @@ from bridge import (
     resize_images,
     trajectory_success,
 )
-from cli import ExpectedError, run_cli
+from cli import ExpectedError, add_dataclass_args, dataclass_from_args, run_cli
 from fileio import FormatError, pid_alive
 
 # The store layout's version (2: trajectories.npz keeps each trajectory's success). It is one of the
@@ -481,6 +483,20 @@ def _default_store(root, sources, options):
     return os.path.join(root, STORE_DIR, key), key
 
 
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """Which data a run reads and how its store is built (load_store's options): the flags of
+    `data.py convert` and of every training phase (add_data_args; the trailing comments are
+    their help)."""
+
+    image_size: int | None = None  # resize images to this square size (None: the data's own)
+    camera: str = "images0"  # imagesN | all (each a trajectory) | a camera name (RLDS, LeRobot)
+    include: Sequence[str] = ()  # keep paths with one of these (RLDS: file_path, LeRobot: task)
+    exclude: Sequence[str] = ()  # drop paths with one of these (the same)
+    aliases: str | None = None  # a JSON file mapping task names to merged names
+    skip_bad: bool = False  # skip bad trajectories and files (counted) instead of stopping
+
+
 def load_store(
     src,
     store=None,
@@ -747,6 +763,12 @@ def info(path):
     print(f"action high {np.round(store.action_high, 4)}")
 
 
+def add_data_args(parser):
+    """The flags of DataOptions (`data.py convert`, train.py, finetune.py, online.py finetune);
+    --skip_bad is a plain switch."""
+    add_dataclass_args(parser, DataOptions, switches=("skip_bad",))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="PTR data: convert Bridge out.npy trees, RLDS and LeRobot datasets; inspect "
@@ -763,52 +785,21 @@ def main(argv=None):
         "--out", default=None, help="store folder (default: <src root>/.ptr_store/<options key>)"
     )
     convert_cmd.add_argument(
-        "--image_size", type=int, default=None, help="resize to this square size (default: keep)"
-    )
-    convert_cmd.add_argument(
-        "--camera",
-        default="images0",
-        help="images0 | images1 | ... | all (each camera a trajectory); RLDS / LeRobot: imagesN is "
-        "their N-th camera, or give its name (image_1, observation.images.image_1)",
-    )
-    convert_cmd.add_argument(
         "--task_source",
         choices=rlds.TASK_SOURCES,
         default="path",
         help="RLDS: task from the episode's source out.npy path or its language instruction",
     )
-    convert_cmd.add_argument(
-        "--include",
-        nargs="*",
-        default=[],
-        help="keep files whose path contains any of these (RLDS: the episode's file_path; "
-        "LeRobot: its task)",
-    )
-    convert_cmd.add_argument(
-        "--exclude",
-        nargs="*",
-        default=[],
-        help="drop files whose path contains any of these (same)",
-    )
-    convert_cmd.add_argument(
-        "--aliases", default=None, help="JSON file mapping task name -> task name"
-    )
-    convert_cmd.add_argument(
-        "--skip_bad", action="store_true", help="skip bad trajectories / files and report the count"
-    )
+    add_data_args(convert_cmd)
     info_cmd = sub.add_parser("info", help="tasks, transitions, trajectory lengths, action bounds")
     info_cmd.add_argument("store")
     args = p.parse_args(argv)
     if args.cmd == "convert":
+        options = dataclass_from_args(DataOptions, args)
         load_store(
             args.src,
             args.out,
-            args.image_size,
-            args.camera,
-            args.include,
-            args.exclude,
-            args.aliases,
-            args.skip_bad,
+            **dataclasses.asdict(options),
             repair=True,
             task_source=args.task_source,
         )

@@ -1,6 +1,6 @@
 """dynamixel.py: ROBOTIS Dynamixel protocol 2.0 and a serial bus master for it (SPEC section 6).
 
-A leaf (imports nothing from the project; SPEC section 2): robot.py drives the WidowX 250 with it,
+A leaf (imports nothing from the project; SPEC section 2): arm.py drives the WidowX 250 with it,
 and any other Dynamixel X-series project can copy it alone. pyserial is imported only to open a port
 by its path.
 - Packets: header FF FF FD 00, ID, length (2 bytes, little endian), instruction, parameters, CRC-16

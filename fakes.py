@@ -3,17 +3,25 @@
 Stand-ins for the hardware that robot.py, arm.py and dynamixel.py talk to, so that their tests run
 on any Linux or macOS machine: a WidowX 250's nine servos behind a pseudo-terminal (FakeBus, the
 XM430 rules the driver depends on), the driver's end of its pseudo-terminal as a serial port
-(PtyPort; twin.PtyPort opens a twin's by path), a camera that sees red, pyserial's exception, and Interbotix's Python API.
+(PtyPort; twin.PtyPort opens a twin's by path), a camera that sees red (RedCamera), pyserial's
+exception (SerialException) and Interbotix's Python API (fake_interbotix).
+
+Stand-ins for what rollout.py and online.py run: policies (ReplayAgent replays given actions,
+ZeroPolicy acts zero, RecordingPolicy records whether it was asked for the mean), wrappers of the
+simulator (SucceedAt: a success at step k; CtrlCAt: a Ctrl-C at its k-th step) and environments of
+their own (BrightAtEnv: one bright frame; StagedEnv: episodes that report stages).
 """
 
 import os
 import select
+import signal
 import struct
 import sys
 import threading
 import types
 
 import numpy as np
+import torch
 
 import dynamixel
 import twin
@@ -25,7 +33,7 @@ MECH = {3: 7, 5: -5}  # how far each shadow's horn sits from its mirrored master
 
 
 class PtyPort(twin.PtyPort):
-    """The driver's end of a pseudo-terminal already open (fd), as twin.PtyPort opens one by path."""
+    """The driver's end of a pseudo-terminal already open (fd); twin.PtyPort opens one by path."""
 
     def __init__(self, fd):
         self.fd = fd
@@ -259,3 +267,142 @@ def fake_interbotix(monkeypatch):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "interbotix_xs_modules.xs_robot.arm", module)
     return calls
+
+
+# ---- rollout.py, online.py: stand-in policies and environments -----------------------------------
+class ReplayAgent:
+    """A stand-in for a trained actor that replays given rescaled actions, one per act() call.
+
+    It keeps the images and states the policy was shown, in `seen`."""
+
+    def __init__(self, scaled_actions, image_size):
+        self.cfg = types.SimpleNamespace(image_size=image_size)
+        self.actions = torch.as_tensor(scaled_actions)
+        self.seen = []
+
+    def act(self, images, state, task, deterministic=True):
+        self.seen.append((images[0].permute(1, 2, 0).numpy().copy(), state[0].numpy().copy()))
+        return self.actions[len(self.seen) - 1][None]
+
+
+class ZeroPolicy:
+    """A stand-in for rollout.Policy on 8 px images: every action is zero."""
+
+    size = 8
+    task_name = None
+
+    def __call__(self, image, state, deterministic=True):
+        return np.zeros(7, np.float32), np.zeros(7, np.float32)
+
+
+class RecordingPolicy(ZeroPolicy):
+    """ZeroPolicy that records the `deterministic` flag of every call."""
+
+    def __init__(self):
+        self.flags = []
+
+    def __call__(self, image, state, deterministic=True):
+        self.flags.append(deterministic)
+        return super().__call__(image, state, deterministic)
+
+
+class SucceedAt:
+    """The simulator, except that step k of every episode is a success (reward 1, terminated), or
+    of the episodes numbered in `episodes` only (counted from 0 over resets)."""
+
+    def __init__(self, env, k, episodes=None):
+        self.env = env
+        self.k = k
+        self.t = 0
+        self.episodes = episodes
+        self.episode = -1
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.episode += 1
+        return self.env.reset(seed=seed)
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        self.t += 1
+        chosen = self.episodes is None or self.episode in self.episodes
+        if self.t == self.k and chosen:
+            return obs, 1.0, True, False, dict(info, success=True)
+        return obs, r, term, trunc, info
+
+    def close(self):
+        self.env.close()
+
+
+class CtrlCAt:
+    """The simulator, and a Ctrl-C (SIGINT to this process) during its k-th step call, counted
+    over episodes."""
+
+    def __init__(self, env, k):
+        self.env = env
+        self.k = k
+        self.calls = 0
+        self.reset = env.reset
+        self.close = env.close
+
+    def step(self, action):
+        self.calls += 1
+        if self.calls == self.k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.env.step(action)
+
+
+class BrightAtEnv:
+    """An environment of dark 40 px images, bright at step k, 3 steps; it never rewards itself."""
+
+    def __init__(self, k):
+        self.k = k
+        self.t = 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self._obs()
+
+    def _obs(self):
+        return {
+            "image": np.full((40, 40, 3), 220 if self.t == self.k else 30, np.uint8),
+            "state": np.zeros(7, np.float32),
+        }
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 0.0, False, self.t >= 3, {"success": False}
+
+    def close(self):
+        pass
+
+
+class StagedEnv:
+    """An environment of 4 steps an episode that reports stages (stages=False: none).
+
+    'grasped' holds at step 2 only (a grasp that slips), 'placed' from step 3 on in even-seeded
+    episodes, which then succeed."""
+
+    def __init__(self, stages=True):
+        self.stages = stages
+        self.t = 0
+        self.seed = None
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.seed = seed
+        return self._obs()
+
+    def _obs(self):
+        return {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
+
+    def step(self, action):
+        self.t += 1
+        placed = self.t >= 3 and self.seed % 2 == 0
+        info = {"success": placed}
+        if self.stages:
+            info["stages"] = {"grasped": self.t == 2, "placed": placed}
+        return self._obs(), float(placed), False, self.t >= 4, info
+
+    def close(self):
+        pass

@@ -43,6 +43,7 @@ from checkpoint import (
 )
 from cli import FRACTION, check_flags, dataclass_from_args, run_cli
 from cql import ALGO_FAMILY
+from data import DataOptions, add_data_args
 from fileio import atomic_write_text
 from runfolder import (
     QTRACE_PATTERN,
@@ -54,9 +55,7 @@ from runfolder import (
 from train import (
     MIX_TAU,
     RUN_RULES,
-    DataOptions,
     RunConfig,
-    add_data_args,
     add_learner_overrides,
     add_run_args,
     learner_overrides,

@@ -35,7 +35,7 @@ newest checkpoint: --resume collects those episodes again, the same ones, over t
 
 --classifier in the simulator: its labels are the rewards, the simulator does not end an episode at
 its own success, and each episode file keeps the simulator's rewards (env_rewards) beside them.
---ood (simulator): episodes start where the data never did (sim_binsort.py, OOD_STARTS).
+--ood (simulator): episodes start where the data never did (binsort_env.OOD_STARTS).
 --filtered_bc: the control of online fine-tuning: the same loop, but the checkpoint's actor only
 imitates the target demos and the online trajectories that succeeded (imitation_learner), no
 critic, no prior data. Wall time: progress.csv's wall_<part>_s columns (rollouts, evaluation,
@@ -69,6 +69,7 @@ from checkpoint import (
     run_payload,
     source_ckpt,
 )
+from data import add_data_args
 from finetune import open_run, target_slots, task_samplers
 from classifier import load_labeler
 from rollout import (
@@ -96,7 +97,6 @@ from cql import Agent
 from train import (
     RUN_RULES,
     StopFlag,
-    add_data_args,
     add_learner_overrides,
     add_run_args,
     learner_overrides,
@@ -669,7 +669,7 @@ def cmd_export(args):
 
 def add_env_args(p, camera_flag="--camera"):
     """The environment's options. camera_flag: finetune also reads data, whose --camera
-    (train.add_data_args) names a camera of the stores, so its environment's is --env_camera."""
+    (data.add_data_args) names a camera of the stores, so its environment's is --env_camera."""
     p.add_argument("--env", default="binsort", choices=ENVS)
     p.add_argument(
         "--env_image_size", type=int, default=None, help="render size (default: the checkpoint's)"
@@ -688,7 +688,7 @@ def add_env_args(p, camera_flag="--camera"):
         default="none",
         choices=OOD_STARTS,
         help="binsort: start episodes where the data never started them: objects in a strip the "
-        "demos never used, the arm at another start pose, or both (sim_binsort.OOD_STARTS)",
+        "demos never used, the arm at another start pose, or both (binsort_env.OOD_STARTS)",
     )
     p.add_argument(
         "--backend", default="dynamixel", choices=["dynamixel", "interbotix"], help="widowx driver"
@@ -779,8 +779,8 @@ def add_finetune_parser(sub):
     add_learner_overrides(f, skip=ONLINE_SETS)
 
 
-# The flags each command checks before any work (cli.check_flags): an evaluation of no episode has no
-# success rate; online fine-tuning counts steps as train.py does.
+# The flags each command checks before any work (cli.check_flags): an evaluation of no episode has
+# no success rate; online fine-tuning counts steps as train.py does.
 COMMAND_RULES = {"eval": {"--episodes": POSITIVE}, "finetune": RUN_RULES, "export": {}}
 
 

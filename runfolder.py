@@ -1,6 +1,6 @@
 """runfolder.py: the PTR run folder without torch: the names of its files, which checkpoints a
 retention policy keeps, the lock that gives the folder to one process, the progress log and
-config.json. A level-0 file (SPEC section 2): it imports cli.py and fileio.py of the project and
+config.json. A level-1 file (SPEC section 2): it imports cli.py and fileio.py of the project and
 never torch (TensorBoard's writer is imported only when a run asks for it), so select_ckpt.py and
 the experiment scripts read a run folder cheaply.
 
@@ -129,7 +129,7 @@ def claim_run_folder(out, resume):
 
 def write_config(out, config):
     """config.json of the run folder: every resolved option of the run (a dict of the parsed flags
-    and what the run derived), sorted, atomically; a value JSON cannot hold is written as its str."""
+    and what the run derived), sorted, atomically; a value JSON cannot hold is written as a str."""
     atomic_write_text(
         json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
         os.path.join(out, CONFIG_FILE),

@@ -106,7 +106,7 @@ class TeleopStyle:
 
 
 class _Job(NamedTuple):
-    """One demo to collect: a job of the worker pool (collect's arguments, and this demo's place)."""
+    """One demo to collect, a job of the worker pool: collect's arguments and this demo's place."""
 
     name: str
     split: str
@@ -299,10 +299,10 @@ def scripted_episode(
     max_steps=None,
 ):
     """One scripted episode (reset included), stopped `extra_success_steps` steps after the task is
-    first solved; seed: int or list of ints; first: see ScriptedPolicy. teleop: a TeleopStyle, whose
-    TeleopPolicy wraps the scripted policy (and whose teleop_noise replaces `noise`); max_steps: stop
-    after this many steps at the latest (an attempt cut short; the env's limit holds too). Returns
-    (T + 1 observations, actions (T, 7), rewards (T,), success at the end).
+    first solved; seed: int or list of ints; first: see ScriptedPolicy. teleop: a TeleopStyle,
+    whose TeleopPolicy wraps the scripted policy (its teleop_noise replaces `noise`); max_steps:
+    stop after this many steps at the latest (an attempt cut short; the env's limit holds too).
+    Returns (T + 1 observations, actions (T, 7), rewards (T,), success at the end).
     env.reset(seed=env_seed_of(seed)) gives the same world again (replay_actions)."""
     env_seed, policy_seed = np.random.SeedSequence(seed).generate_state(2)
     obs = env.reset(seed=int(env_seed), task=task)

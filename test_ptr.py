@@ -1,16 +1,20 @@
 """The PTR-torch test suite: CPU only, small networks and images, about a minute on a laptop.
 
-One file, in two parts. First the fakes and builders that every section shares: synthetic
-Bridge-format trees and stores, tiny agents, run folders, stand-in policies and environments, a
-Dynamixel bus behind a pseudo-terminal. Then the tests, in the project's import order: cli.py,
-fileio.py, runfolder.py, widowx.py, dynamixel.py (the leaves; fileio.py also through the data,
-robot and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py and
-lerobot.py; batches.py (a leaf too, tested on data.py's stores); train.py; finetune.py;
-select_ckpt.py; classifier.py; robot.py; sim_binsort.py; online.py (which drives robot.py and
-sim_binsort.py); then bench.py and every script's command line. A test sits with the module whose
-behaviour it checks, even when it reaches that module through a later one."""
+One file, in two parts; the test doubles it shares are fakes.py's (a Dynamixel bus behind a
+pseudo-terminal, a camera, Interbotix's API, stand-in policies and environments). First the
+builders that every section shares: synthetic Bridge-format trees and stores, tiny agents, run
+folders, a fine-tuned checkpoint, arms and twins on fakes.py's servos. Then the tests: the layout
+(every file imports only from lower levels, SPEC section 2), then the project's files in import
+order: cli.py, fileio.py, runfolder.py, widowx.py, dynamixel.py (fileio.py also through the data,
+robot and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py
+and lerobot.py; batches.py (tested on data.py's stores); train.py with checkpoint.py; finetune.py;
+select_ckpt.py; classifier.py; arm.py and robot.py; twin.py; binsort_env.py and sim_binsort.py;
+rollout.py and online.py (which drive robot.py and binsort_env.py); then bench.py, stats.py and
+every script's command line. A test sits with the module whose behaviour it checks, even when it
+reaches that module through a later one."""
 
 import argparse
+import ast
 import contextlib
 import copy
 import csv
@@ -62,7 +66,20 @@ import train
 import twin
 import widowx
 from cql import Agent, AgentConfig
-from fakes import MECH, FakeBus, RedCamera, SerialException, fake_interbotix
+from fakes import (
+    MECH,
+    BrightAtEnv,
+    CtrlCAt,
+    FakeBus,
+    RecordingPolicy,
+    RedCamera,
+    ReplayAgent,
+    SerialException,
+    StagedEnv,
+    SucceedAt,
+    ZeroPolicy,
+    fake_interbotix,
+)
 
 # The networks here are tiny: one thread beats two that spend their time synchronising, and a busy
 # machine (CI, a laptop) does not turn a 3-second test into a 100-second one.
@@ -589,7 +606,7 @@ def _write_qtraces(folder, traces, g, reward=()):
         (folder / runfolder.QTRACE_PATTERN.format(step)).write_text(json.dumps(doc))
 
 
-# ---- online.py: a fine-tuned checkpoint, stand-in policies and environments ----------------------
+# ---- rollout.py, online.py: a fine-tuned checkpoint, short runs, wrapped environments ------------
 _ONLINE_FLAGS = (
     "--env_steps 8 --max_steps 4 --utd 2 --batch_size 10 --eval_every 4 --eval_episodes 1 "
     "--save_every 4 --device cpu"
@@ -647,137 +664,11 @@ def _record_updates(monkeypatch):
     return calls
 
 
-class _ReplayAgent:
-    """A stand-in for a trained actor that replays given rescaled actions, one per act() call.
-
-    It keeps the images and states the policy was shown, in `seen`."""
-
-    def __init__(self, scaled_actions, image_size):
-        self.cfg = types.SimpleNamespace(image_size=image_size)
-        self.actions = torch.as_tensor(scaled_actions)
-        self.seen = []
-
-    def act(self, images, state, task, deterministic=True):
-        self.seen.append((images[0].permute(1, 2, 0).numpy().copy(), state[0].numpy().copy()))
-        return self.actions[len(self.seen) - 1][None]
-
-
-class _ZeroPolicy:
-    """A stand-in for rollout.Policy on 8 px images: every action is zero."""
-
-    size = 8
-    task_name = None
-
-    def __call__(self, image, state, deterministic=True):
-        return np.zeros(7, np.float32), np.zeros(7, np.float32)
-
-
 def _wrap_env(monkeypatch, wrap):
-    """online.make_env builds its environment as before, then hands back wrap(environment)."""
+    """online.make_env builds its environment as it does unpatched, then hands back
+    wrap(environment)."""
     real = online.make_env
     monkeypatch.setattr(online, "make_env", lambda *a, **k: wrap(real(*a, **k)))
-
-
-class _SucceedAt:
-    """The simulator, except that step k of every episode is a success (reward 1, terminated), or
-    of the episodes numbered in `episodes` only (counted from 0 over resets)."""
-
-    def __init__(self, env, k, episodes=None):
-        self.env = env
-        self.k = k
-        self.t = 0
-        self.episodes = episodes
-        self.episode = -1
-
-    def reset(self, seed=None):
-        self.t = 0
-        self.episode += 1
-        return self.env.reset(seed=seed)
-
-    def step(self, action):
-        obs, r, term, trunc, info = self.env.step(action)
-        self.t += 1
-        chosen = self.episodes is None or self.episode in self.episodes
-        if self.t == self.k and chosen:
-            return obs, 1.0, True, False, dict(info, success=True)
-        return obs, r, term, trunc, info
-
-    def close(self):
-        self.env.close()
-
-
-class _CtrlCAt:
-    """The simulator, and a Ctrl-C (SIGINT to this process) during its k-th step call, counted
-    over episodes."""
-
-    def __init__(self, env, k):
-        self.env = env
-        self.k = k
-        self.calls = 0
-        self.reset = env.reset
-        self.close = env.close
-
-    def step(self, action):
-        self.calls += 1
-        if self.calls == self.k:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.env.step(action)
-
-
-class _BrightAtEnv:
-    """An environment of dark 40 px images, bright at step k, 3 steps; it never rewards itself."""
-
-    def __init__(self, k):
-        self.k = k
-        self.t = 0
-
-    def reset(self, seed=None):
-        self.t = 0
-        return self._obs()
-
-    def _obs(self):
-        return {
-            "image": np.full((40, 40, 3), 220 if self.t == self.k else 30, np.uint8),
-            "state": np.zeros(7, np.float32),
-        }
-
-    def step(self, action):
-        self.t += 1
-        return self._obs(), 0.0, False, self.t >= 3, {"success": False}
-
-    def close(self):
-        pass
-
-
-class _StagedEnv:
-    """An environment of 4 steps an episode that reports stages (stages=False: none).
-
-    'grasped' holds at step 2 only (a grasp that slips), 'placed' from step 3 on in even-seeded
-    episodes, which then succeed."""
-
-    def __init__(self, stages=True):
-        self.stages = stages
-        self.t = 0
-        self.seed = None
-
-    def reset(self, seed=None):
-        self.t = 0
-        self.seed = seed
-        return self._obs()
-
-    def _obs(self):
-        return {"image": np.zeros((8, 8, 3), np.uint8), "state": np.zeros(7, np.float32)}
-
-    def step(self, action):
-        self.t += 1
-        placed = self.t >= 3 and self.seed % 2 == 0
-        info = {"success": placed}
-        if self.stages:
-            info["stages"] = {"grasped": self.t == 2, "placed": placed}
-        return self._obs(), float(placed), False, self.t >= 4, info
-
-    def close(self):
-        pass
 
 
 def _write_png_folder(folder, value, n, rng):
@@ -797,6 +688,82 @@ def _progress_rows(path):
             {k: v for k, v in r.items() if k not in clock and not k.startswith("wall_")}
             for r in csv.DictReader(f)
         ]
+
+
+# ==================================================================================================
+# the layout: every file in its level (SPEC section 2)
+# ==================================================================================================
+LEVELS = {
+    **dict.fromkeys(["model", "widowx", "dynamixel", "cli", "fileio", "stats"], 0),
+    **dict.fromkeys(["bridge", "cql", "arm", "binsort_env", "runfolder"], 1),
+    **dict.fromkeys(["batches", "rlds", "lerobot", "checkpoint", "robot", "sim_binsort"], 2),
+    **dict.fromkeys(["data", "rollout", "select_ckpt", "bench", "twin"], 3),
+    **dict.fromkeys(["train", "classifier"], 4),
+    "finetune": 5,
+    "online": 6,
+}
+# the world's side: the arm and the simulator, their environments and their tools
+WORLD = {"arm", "binsort_env", "robot", "sim_binsort", "twin"}
+COMMAND_HANDOFFS = {("sim_binsort", "twin", "main")}  # (file, imported, function)
+ENV_FACTORY = ("rollout", "make_env")
+UNLEVELLED = {"test_ptr", "fakes"}  # level -: they may import anything, as scripts/ may
+
+
+def _project_imports(path, stems):
+    """(imported project file, line, innermost enclosing function or None) of every `import x` and
+    `from x import y` in the file, at module level and inside functions, except under
+    `if TYPE_CHECKING:`."""
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import):
+                names = [alias.name for alias in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                names = [child.module]
+            else:
+                names = []
+            found.extend((n.split(".")[0], child.lineno, function) for n in names)
+            inner = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            visit(child, child.name if inner else function)
+
+    with open(path) as f:
+        visit(ast.parse(f.read(), path), None)
+    return [(stem, line, function) for stem, line, function in found if stem in stems]
+
+
+def test_layout_every_file_imports_only_lower_levels():
+    """SPEC section 2's levels, read from the code. Every import of a project file, at module level
+    or inside a function, goes to a strictly lower level, so a level-0 file imports nothing from
+    the project. The world's side (WORLD: arm, binsort_env, robot, sim_binsort, twin) builds on
+    itself under that rule alone; any other file imports it only lazily, inside rollout.make_env
+    ("Environments are imported lazily by the env factory only"), so that training, fine-tuning and
+    evaluation import neither PyBullet nor the serial bus until an environment is made. test_ptr.py
+    and fakes.py (and scripts/) may import anything. Every .py file at the root has a level: a new
+    file must be placed in LEVELS. One command hand-off is allowed upward (COMMAND_HANDOFFS):
+    `python sim_binsort.py twin`, the documented way to start the twin, runs twin.main; twin is
+    imported in main() only, and no code of sim_binsort uses it."""
+    stems = {p.stem for p in pathlib.Path(HERE).glob("*.py")}
+    assert stems - UNLEVELLED == set(LEVELS), (
+        f"files without a level (add them to LEVELS): {sorted(stems - UNLEVELLED - set(LEVELS))}; "
+        f"levels of files that do not exist: {sorted(set(LEVELS) - stems)}"
+    )
+    broken = []
+    for stem, level in LEVELS.items():
+        for imported, line, function in _project_imports(os.path.join(HERE, f"{stem}.py"), stems):
+            where = f"{stem}.py:{line} (level {level}) imports {imported}"
+            if imported in UNLEVELLED:
+                broken.append(f"{where}, a test file")
+            elif (stem, imported, function) in COMMAND_HANDOFFS:
+                continue
+            elif LEVELS[imported] >= level:
+                broken.append(f"{where} (level {LEVELS[imported]}): not a lower level")
+            elif imported in WORLD and stem not in WORLD and (stem, function) != ENV_FACTORY:
+                inside = f"in {function}()" if function else "at module level"
+                broken.append(f"{where} {inside}: only rollout.make_env imports the world's side")
+    assert not broken, "\n".join(broken)
 
 
 # ==================================================================================================
@@ -830,6 +797,44 @@ def test_pipeline_flags_are_generated_from_the_dataclasses():
         p.parse_args(["--arch", "resnet99"])  # choices: model.ARCHS
 
 
+def test_cli_list_fields_get_flags_and_a_field_without_one_fails_at_build_time(tmp_path):
+    """A list field is a flag taking any number of values (it used to be skipped, or to get the
+    MISSING default of a default_factory); a field no flag can give is a TypeError naming it."""
+
+    @dataclasses.dataclass
+    class Listed:
+        words: list = dataclasses.field(default_factory=list)  # any words
+        sizes: tuple[int, ...] = (1, 2)  # some sizes
+
+    @dataclasses.dataclass
+    class Unflaggable:
+        table: dict = dataclasses.field(default_factory=dict)
+
+    p = argparse.ArgumentParser()
+    assert cli.add_dataclass_args(p, Listed) == ["words", "sizes"]
+    assert cli.dataclass_from_args(Listed, p.parse_args([])) == Listed()
+    args = p.parse_args(["--words", "a", "b", "--sizes", "3"])
+    assert (args.words, args.sizes) == (["a", "b"], [3])
+    with pytest.raises(TypeError, match=r"Unflaggable\.table"):
+        cli.add_dataclass_args(argparse.ArgumentParser(), Unflaggable)
+    # the data flags of every training phase and `data.py convert`, written once (DataOptions)
+    p = argparse.ArgumentParser()
+    data.add_data_args(p)
+    assert cli.dataclass_from_args(data.DataOptions, p.parse_args([])) == data.DataOptions()
+    args = p.parse_args(["--include", "a", "b", "--skip_bad", "--image_size", "64"])
+    got = cli.dataclass_from_args(data.DataOptions, args)
+    assert got == data.DataOptions(64, include=["a", "b"], skip_bad=True)
+    # binsort_experiment.py: every Protocol field is a flag; --extra reaches every train.py job
+    be = _binsort_experiment()
+    assert be.parse_args([])[0] == be.Protocol()
+    p, _ = be.parse_args(["--n_prior", "9", "--extra", "--prefetch", "--compile", "default"])
+    assert p == dataclasses.replace(
+        be.Protocol(), n_prior=9, extra=["--prefetch", "--compile", "default"]
+    )
+    train_cmds = [job.cmd for job in be.build_jobs(p, str(tmp_path)) if "train.py" in job.cmd]
+    assert train_cmds and all("--prefetch" in cmd for cmd in train_cmds)
+
+
 # ==================================================================================================
 # fileio.py
 # ==================================================================================================
@@ -857,7 +862,7 @@ def test_fileio_atomic_write_replaces_regular_files_only(tmp_path, kind, describ
     assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
     assert regular.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "results.json"]
-    fileio.atomic_write_text("new", str(regular))  # a regular file is replaced as before
+    fileio.atomic_write_text("new", str(regular))  # a regular file there is still replaced
     assert regular.read_text() == "new"
 
 
@@ -1636,13 +1641,16 @@ def test_core_bc_agent():
 
 
 def test_core_switch_cql_to_awbc():
-    """finetune.py sets cfg.algo = 'awbc' on an agent built from a cql checkpoint: the BC policy
-    appears."""
+    """finetune.py switches an agent built from a cql checkpoint to algo awbc (set_config): the BC
+    policy appears then; edited in place, cfg.algo = 'awbc' is refused at the next update."""
     cfg = _tiny_config()
     agent = Agent(cfg)
     batch = cql.random_batch(cfg, 6)
     a_cql = _act_on(agent, batch)
     agent.cfg.algo = "awbc"
+    with pytest.raises(ValueError, match="needs the BC policy set_config adds"):
+        agent.update(batch)
+    agent.set_config(dataclasses.replace(agent.cfg, algo="awbc"))
     info = agent.update(batch)
     assert agent.bc_policy is not None and "awbc_weight" in info
     assert 0 < info["awbc_weight"] <= cfg.awbc_max_weight
@@ -1666,7 +1674,8 @@ def test_core_state_statistics_travel_with_checkpoints_and_old_ones_load_as_iden
     again = Agent.from_state_dict(saved)
     assert torch.equal(again.policy.state_norm.mean, mean)
     assert torch.equal(again.policy.state_norm.std, std)
-    agent.cfg.algo = "awbc"  # the BC policy created later sees the state as the policy does
+    # the BC policy created later sees the state as the policy does
+    agent.set_config(dataclasses.replace(agent.cfg, algo="awbc"))
     agent.update(cql.random_batch(cfg, 4))
     assert torch.equal(agent.bc_policy.state_norm.mean, mean)
     # a checkpoint written before the normalizer existed: identity, so its policy acts as it did
@@ -2148,9 +2157,9 @@ def test_data_damaged_default_store_is_rebuilt_from_its_sources(tmp_path):
 
 
 def test_data_bridge_reader_copied_alone_reads_and_checks_without_torch(tmp_path):
-    """bridge.py with the leaves it imports (batches, cli, fileio) is the whole Bridge reader: it
-    unpickles, checks and reports a bad field, and never loads torch."""
-    for name in ("bridge.py", "batches.py", "cli.py", "fileio.py"):
+    """bridge.py with the leaves it imports (cli, fileio) is the whole Bridge reader: it unpickles,
+    checks and reports a bad field, and never loads torch."""
+    for name in ("bridge.py", "cli.py", "fileio.py"):
         (tmp_path / name).write_text(open(os.path.join(HERE, name)).read())
     path = tmp_path / "out.npy"
     trajectory = bridge.synthetic_trajectory(3, 8, np.random.default_rng(0))
@@ -2696,7 +2705,7 @@ def test_formats_lerobot_rows_and_frames_must_agree(tmp_path, case):
 
 
 # ==================================================================================================
-# batches.py (a leaf; its samplers are tested on data.py's stores)
+# batches.py (its samplers are tested on data.py's stores)
 # ==================================================================================================
 
 
@@ -3569,7 +3578,7 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
     assert labeler([dark, bright, dark]).tolist() == [1.0, 0.0]
     # rollouts labelled by the classifier (images resized 40 -> 32 for both networks): rewards
     # (0, 1, 0)
-    monkeypatch.setattr(online, "make_env", lambda *a, **k: _BrightAtEnv(2))
+    monkeypatch.setattr(online, "make_env", lambda *a, **k: BrightAtEnv(2))
     root = online_setup
     ev = str(tmp_path / "ev.json")
     ckpt = str(root / "ft.pt")
@@ -3588,7 +3597,7 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
 
 
 # ==================================================================================================
-# robot.py
+# arm.py, robot.py: the servo-level driver and the environment, on fakes.py's servos
 # ==================================================================================================
 
 
@@ -4459,7 +4468,7 @@ def test_twin_command_prints_its_port_first_and_stops_on_sigterm(command):
 
 
 # ==================================================================================================
-# sim_binsort.py
+# binsort_env.py, sim_binsort.py: the simulated world; scripted demos, replay and collection
 # ==================================================================================================
 
 
@@ -4470,7 +4479,7 @@ def test_sim_fk_matches_poe_at_random_joints():
     env.reset(seed=0)
     for q in np.random.default_rng(0).uniform(_ARM_LOW, _ARM_HIGH, (25, 6)):
         for j, qj in zip(env.arm_joints, q):
-            env.pb.resetJointState(env.arm, j, qj)
+            env.client.resetJointState(env.arm, j, qj)
         pos, R = env.ee_pose()
         T = robot.forward_kinematics(q)
         # the issue asks for 1 mm; exact up to rounding is better
@@ -4583,8 +4592,8 @@ def test_sim_scripted_sort_succeeds():
 
 def test_sim_scripted_demo_gives_each_view_one_gripper_label():
     """The scripted demo closes on the view that reaches the grasp height, not one step later, and
-    lifts on the first view that holds the object. With the switch a step late (rounds 1-7) the arm
-    stood at the bottom, "open" was recorded there and "close" from the same view a step later, and
+    lifts on the first view that holds the object. With the switch a step late the arm would stand
+    at the bottom, "open" was recorded there and "close" from the same view a step later, and
     a deterministic policy averaged the two and hovered."""
     env = benv.BinSortEnv("pick_cube_to_left", image_size=8)
     for seed in range(3):
@@ -4837,7 +4846,7 @@ def test_sim_stages_on_a_scripted_sort():
 
 
 # ==================================================================================================
-# online.py
+# rollout.py, online.py: episodes, rates and the env factory; online fine-tuning, eval, export
 # ==================================================================================================
 
 
@@ -4910,7 +4919,7 @@ def test_online_calql_bound_uses_mc_returns_of_online_successes(
     root = online_setup
     out = tmp_path / "run"
     calls = _record_updates(monkeypatch)
-    _wrap_env(monkeypatch, lambda env: _SucceedAt(env, 3))
+    _wrap_env(monkeypatch, lambda env: SucceedAt(env, 3))
     flags = ["--env_steps", "6", "--offline_steps", "2", "--eval_every", "0"]
     capacity = ["--buffer_capacity", "5"]  # room for one 3-step trajectory, not two
     online.main(_online_finetune_args(root, out, *flags, *capacity))
@@ -4938,7 +4947,7 @@ def test_online_ctrl_c_then_resume_equals_uninterrupted(online_setup, tmp_path, 
     with monkeypatch.context() as m:
         # step calls: evaluation at env step 0 (1-4), rollout 1 (5-8), evaluation at 4 (9-12),
         # Ctrl-C in rollout 2
-        _wrap_env(m, lambda env: _CtrlCAt(env, 14))
+        _wrap_env(m, lambda env: CtrlCAt(env, 14))
         with pytest.raises(SystemExit) as stopped:
             online.main(_online_finetune_args(root, tmp_path / "split"))
     saved = [s for s, _ in runfolder.list_checkpoints(tmp_path / "split")]
@@ -5001,7 +5010,7 @@ def test_online_filtered_bc_imitates_target_demos_and_own_successes_only(
     out = tmp_path / "bc"
     calls = _record_updates(monkeypatch)
     # rollouts: a failure (4 steps), a success at step 3, a failure, a success
-    _wrap_env(monkeypatch, lambda env: _SucceedAt(env, 3, episodes={1, 3}))
+    _wrap_env(monkeypatch, lambda env: SucceedAt(env, 3, episodes={1, 3}))
     flags = ["--env_steps", "14", "--eval_every", "0", "--filtered_bc"]
     online.main(_online_finetune_args(root, out, *flags))
     summary = capsys.readouterr().out.splitlines()[-1]
@@ -5072,7 +5081,7 @@ def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tm
     assert np.array_equal(executed[:, 6] < 0.5, raw[:, 6] < 0.5)
     one_percent = 0.01 * (store.action_high - store.action_low).max()
     assert np.abs(executed[:, :6] - raw[:, :6]).max() < one_percent
-    agent = _ReplayAgent(demo["action"].numpy(), store_size)
+    agent = ReplayAgent(demo["action"].numpy(), store_size)
     policy = rollout.Policy(agent, store.action_low, store.action_high, task=0)
     env = benv.BinSortEnv("pick_cube_to_left", image_size=64, terminate_on_success=False)
     seed = sb.env_seed_of(sb.demo_seed(0, "pick_cube_to_left", "train", 0))
@@ -5091,7 +5100,7 @@ def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tm
 
 # ---- stage-wise success ----------------------------------------------------
 def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch, capsys):
-    results = rollout.evaluate(_StagedEnv(), _ZeroPolicy(), 4, seed=0, log=print)
+    results = rollout.evaluate(StagedEnv(), ZeroPolicy(), 4, seed=0, log=print)
     # a stage counts when it was reached at any step, even if lost again
     reached = [{"grasped": True, "placed": s % 2 == 0} for s in range(4)]
     assert [r["stages"] for r in results] == reached
@@ -5105,9 +5114,9 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
     episode_1 = "episode   1 seed 1: return 0.00, length 4, failure (reached: grasped)"
     assert episode_1 in capsys.readouterr().out
     # the CLI prints each stage and writes them to the JSON; an env without stages reports none
-    monkeypatch.setattr(online, "load_policy", lambda *a: _ZeroPolicy())
+    monkeypatch.setattr(online, "load_policy", lambda *a: ZeroPolicy())
     for has_stages in (True, False):
-        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages, **k: _StagedEnv(s))
+        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages, **k: StagedEnv(s))
         path = tmp_path / f"eval_{has_stages}.json"
         args = ["eval", "--ckpt", "x.pt", "--episodes", "4", "--json", path, "--device", "cpu"]
         online.main([str(a) for a in args])
@@ -5125,8 +5134,8 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
 def test_online_eval_refuses_fewer_than_one_episode(tmp_path, monkeypatch, capsys, episodes):
     """No episode is no success rate (0% of nothing, NaN means): one line naming --episodes, no
     JSON."""
-    monkeypatch.setattr(online, "load_policy", lambda *a: _ZeroPolicy())
-    monkeypatch.setattr(online, "make_env", lambda *a, **k: _StagedEnv())
+    monkeypatch.setattr(online, "load_policy", lambda *a: ZeroPolicy())
+    monkeypatch.setattr(online, "make_env", lambda *a, **k: StagedEnv())
     path = tmp_path / "eval.json"
     args = ["eval", "--ckpt", "x.pt", "--episodes", episodes, "--json", str(path)]
     with pytest.raises(SystemExit) as e:
@@ -5135,17 +5144,6 @@ def test_online_eval_refuses_fewer_than_one_episode(tmp_path, monkeypatch, capsy
     assert e.value.code == cli.EXIT_ERROR and not path.exists()
     assert len(lines) == 1
     assert lines[0].endswith(f"error: --episodes {episodes}: expected a positive integer")
-
-
-class _RecordingPolicy(_ZeroPolicy):
-    """_ZeroPolicy that records the `deterministic` flag of every call."""
-
-    def __init__(self):
-        self.flags = []
-
-    def __call__(self, image, state, deterministic=True):
-        self.flags.append(deterministic)
-        return super().__call__(image, state, deterministic)
 
 
 def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(online_setup, tmp_path):
@@ -5191,13 +5189,13 @@ def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(onli
 
 
 def test_online_eval_samples_actions_only_when_asked(tmp_path, monkeypatch):
-    policy = _RecordingPolicy()
-    rollout.evaluate(_StagedEnv(), policy, 2, seed=0, log=lambda line: None)
+    policy = RecordingPolicy()
+    rollout.evaluate(StagedEnv(), policy, 2, seed=0, log=lambda line: None)
     assert policy.flags == [True] * 8  # 2 episodes of 4 steps, the actor's mean
     for flag, expected in ((["--sample_actions"], False), ([], True)):
-        policy = _RecordingPolicy()
+        policy = RecordingPolicy()
         monkeypatch.setattr(online, "load_policy", lambda *a, p=policy: p)
-        monkeypatch.setattr(online, "make_env", lambda *a, **k: _StagedEnv())
+        monkeypatch.setattr(online, "make_env", lambda *a, **k: StagedEnv())
         path = tmp_path / f"eval_{expected}.json"
         args = ["eval", "--ckpt", "x.pt", "--episodes", "2", "--json", str(path), *flag]
         online.main(args + ["--device", "cpu"])
@@ -5214,7 +5212,7 @@ def test_online_binarized_gripper_executes_zero_or_one():
     for gripper, executed in ((0.38, 0.0), (0.62, 1.0)):
         raw_action = np.array([0.01, 0, 0, 0, 0, 0, gripper], np.float32)
         action = batches.rescale_actions(raw_action, low, high)
-        agent = _ReplayAgent(action[None], 8)
+        agent = ReplayAgent(action[None], 8)
         plain = rollout.Policy(agent, low, high, task=0)
         raw, _ = plain(np.zeros((8, 8, 3), np.uint8), np.zeros(7, np.float32))
         assert raw[6] == pytest.approx(gripper, abs=1e-6)

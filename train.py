@@ -17,8 +17,9 @@ ckpt_<step>.pt files (checkpoint.py) written atomically every --save_every steps
 from the newest checkpoint with the same result as an uninterrupted run (step, optimizers, sampler
 and torch RNG state), and refuses data other than the checkpoint's (checkpoint.check_same_data).
 This file also holds what every training phase shares, so that a run of any phase looks the same on
-disk: opening a store (DataOptions), the data-parallel setup, the gradient step and the loop
-(train_step, train_loop with its RunConfig), and the flags of the run, the data and the learner.
+disk: opening a store (data.py's DataOptions), the data-parallel setup, the gradient step and the
+loop (train_step, train_loop with its RunConfig), and the flags of the run and the learner (the
+data's come from data.add_data_args, as those of `data.py convert` do).
 A level-4 file (SPEC section 2); finetune.py and online.py build on it.
 """
 
@@ -63,25 +64,12 @@ from cli import (
     run_cli,
 )
 from cql import ALGOS, COMPILE_MODES, STRUCTURE, Agent, AgentConfig
-from data import load_store
+from data import DataOptions, add_data_args, load_store
 from model import ARCHS, HEADS, NORMS
 from runfolder import CKPT_PATTERN, RunLog, claim_run_folder, prune_checkpoints, write_config
 
 PRETRAIN_KEEP_LAST = 5  # ours: a pre-training run keeps its 5 newest checkpoints
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataOptions:
-    """How a data source becomes a store (data.load_store): the flags of add_data_args, which give
-    the defaults; include, exclude and aliases apply to the prior data only."""
-
-    image_size: int | None  # resize images to this size (None: the data's own)
-    camera: str
-    include: Sequence[str]
-    exclude: Sequence[str]
-    aliases: str | None  # a JSON file mapping task names to merged names
-    skip_bad: bool  # skip malformed trajectories instead of stopping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +98,9 @@ def prepare_batch(batch, device):
     return batch
 
 
-def open_store(src, options, store_dir=None, prior=True):
-    """Build (first time) and open a store (options: DataOptions); include, exclude and aliases
-    select the prior data only."""
+def open_store(src, options: DataOptions, store_dir=None, prior=True):
+    """Build (first time) and open a store (options: data.DataOptions, the flags of
+    data.add_data_args); include, exclude and aliases select the prior data only."""
     store = load_store(
         src,
         store=store_dir,
@@ -257,7 +245,8 @@ class StopFlag:
 def train_loop(agent, sampler, run, payload, start_step=0, on_save=None, rank=0):
     """Shared by pre-training and offline fine-tuning: train_step, log, checkpoint, retention.
 
-    run: the RunConfig (folder, step count, batch size, schedules, retention). payload: the checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds
+    run: the RunConfig (folder, step count, batch size, schedules, retention). payload: the
+    checkpoint's fixed fields (task names, action bounds, ...); each checkpoint adds
     the step, the agent, the sampler's RNG and torch's RNG, which is all an exact resume needs.
     A checkpoint saved because the run was stopped (Ctrl-C, SIGTERM) off the --save_every schedule
     is a point to resume from, not a result: it is marked stopped=True and on_save (finetune.py's
@@ -367,23 +356,6 @@ def add_run_args(
     )
     p.add_argument(
         "--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)"
-    )
-
-
-def add_data_args(p):
-    p.add_argument(
-        "--image_size", type=int, default=None, help="resize images (default: the data's size, 128)"
-    )
-    p.add_argument("--camera", default="images0", help="images0 | images1 | images2 | all")
-    p.add_argument(
-        "--include", nargs="*", default=(), help="keep only paths containing one of these words"
-    )
-    p.add_argument(
-        "--exclude", nargs="*", default=(), help="drop paths containing one of these words"
-    )
-    p.add_argument("--aliases", default=None, help="JSON file mapping task names to merged names")
-    p.add_argument(
-        "--skip_bad", action="store_true", help="skip malformed trajectories instead of stopping"
     )
 
 

@@ -15,7 +15,7 @@ The driver cannot tell: it opens the pseudo-terminal as it opens the U2D2's seri
   the position limits is refused, a latched hardware error turns the torque off and sets the alert
   bit of every status packet until a REBOOT. PING, READ, WRITE, SYNC_READ, SYNC_WRITE, REBOOT;
   packets, CRC and byte stuffing are dynamixel.py's.
-- Behind the servos is the PyBullet world of sim_binsort.BinSortEnv (arm, table, bins, objects).
+- Behind the servos is the PyBullet world of binsort_env.BinSortEnv (arm, table, bins, objects).
   A goal position starts a trapezoidal profile from where the joint is commanded now: with Drive
   Mode bit 2 (time-based), Profile Velocity is the move's time in ms and Profile Acceleration its
   ramp; without it, they are a speed (0.229 rpm) and an acceleration (214.577 rev/min^2). The joint
@@ -24,8 +24,8 @@ The driver cannot tell: it opens the pseudo-terminal as it opens the U2D2's seri
   it is held by gearbox friction only (enough to carry the arm, so the twin needs no cradle). The
   gripper in PWM mode drives both fingers towards an end of their travel at a speed and force in
   proportion to the PWM, so they stall on an object; closed on one, it is attached as BinSortEnv's
-  grasp assist does (sim_binsort.py's docstring), and opening releases it.
-- Physics runs in a thread at sim_binsort.PHYSICS_HZ, in real time (speed 1) or `speed` times
+  grasp assist does (binsort_env.py's docstring), and opening releases it.
+- Physics runs in a thread at binsort_env.PHYSICS_HZ, in real time (speed 1) or `speed` times
   faster (tests, with the driver's clock replaced by Twin.clock and Twin.sleep).
 - The camera: a Unix socket at robot.twin_camera_socket(port) serves the env's camera view as BGR
   frames of the size asked for (robot.SocketCamera, which `--camera twin:<port>` opens).
@@ -147,7 +147,7 @@ ROOM_TEMPERATURE = 38  # C, a servo at work
 OVERHEATED = 80  # C, the XM430's Temperature Limit
 INPUT_VOLTAGE = 120  # 0.1 V
 
-# ---- the physics of the servos (the world is sim_binsort's) --------------------------------------
+# ---- the physics of the servos (the world is binsort_env's) --------------------------------------
 ARM_FORCE = 60.0  # N m the joint motors may use, as BinSortEnv's
 FRICTION = 5.0  # N m of gearbox friction holding a joint with its torque off
 POSITION_GAIN = 0.6  # PyBullet's position-control gains, tracking the profile's position and speed
@@ -400,7 +400,7 @@ def plan_profile(servo, start, goal, t0):
 
 # ---- the world behind the servos -----------------------------------------------------------------
 class World:
-    """sim_binsort's bin-sort scene with its arm driven as servos drive it: each joint follows a
+    """binsort_env's bin-sort scene with its arm driven as servos drive it: each joint follows a
     Profile, or only friction holds it (None); the fingers run at a PWM. Readings (q, qd, effort,
     width, finger force) are refreshed after every physics step. Not thread-safe: the Twin holds
     its lock around every call."""
@@ -871,7 +871,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--task", default="sort", help="the bin-sort scene (sim_binsort.parse_task)")
+    p.add_argument("--task", default="sort", help="the bin-sort scene (binsort_env.parse_task)")
     p.add_argument("--seed", type=int, default=0, help="where the scene's objects lie")
     p.add_argument(
         "--fault",

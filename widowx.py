@@ -1,5 +1,5 @@
-"""widowx.py: the WidowX 250 6-DOF (wx250s) kinematics, one copy for robot.py and sim_binsort.py,
-and the arm as a URDF for the simulator.
+"""widowx.py: the WidowX 250 6-DOF (wx250s) kinematics, one copy for the real arm
+(arm.py, robot.py) and the simulator (binsort_env.py), and the arm as a URDF for the simulator.
 
 A leaf (imports nothing from the project; SPEC section 2). The numbers are SPEC section 6:
 - Product-of-exponentials forward kinematics in the space frame (base_link), end effector
@@ -10,7 +10,7 @@ A leaf (imports nothing from the project; SPEC section 2). The numbers are SPEC 
   against it).
 - The Bridge euler convention: R = Rz(yaw) Ry(pitch) Rx(roll), extrinsic x, y, z; the Bridge state's
   euler angles are those of the gripper's rotation relative to pointing down (R_DOWN).
-- arm_urdf(): sim_binsort.py's PyBullet model of the arm, built from the same screw axes and limits
+- arm_urdf(): binsort_env.py's PyBullet model of the arm, built from the same screw axes and limits
   (pybullet_data ships no WidowX; SPEC section 7), with a two-finger prismatic gripper.
 """
 

@@ -50,6 +50,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 # the project's leaves: no torch, no pybullet
+from cli import add_dataclass_args, dataclass_from_args  # noqa: E402
 from fileio import atomic_write_text, pid_alive  # noqa: E402
 from runfolder import CKPT_PATTERN, LOCK_FILE, QTRACE_PATTERN, list_checkpoints  # noqa: E402
 from stats import discordant, holm, mcnemar_exact_p, wilson_interval  # noqa: E402
@@ -99,7 +100,7 @@ class Protocol:
     curve_runs: str = "ptr_"  # runs (or name prefixes) whose every checkpoint is evaluated
     qmax_study: int = 0  # 1: also the paper's Q-maximising actor, with each suspected cure alone
     test: int = 0  # 1: the final table on the test seeds, for every seed in --seeds
-    extra: list = field(default_factory=list)  # flags passed to every training command
+    extra: list = field(default_factory=list)  # flags for every train.py command (last on the line)
 
 
 @dataclass
@@ -727,23 +728,20 @@ def plot_dose_response(p, out):
     fig.savefig(os.path.join(out, "dose_response.png"), dpi=120)
 
 
-def main():
+def parse_args(argv=None):
+    """The command line: the Protocol (one flag per field; --extra takes the rest of the line,
+    flags and all) and the namespace, for --out, --jobs and --table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/binsort")
     ap.add_argument("--jobs", type=int, default=2, help="jobs at a time (each one thread)")
     ap.add_argument("--table", action="store_true", help="only write results.md from what exists")
-    defaults = Protocol()
-    for name, value in defaults.__dict__.items():
-        if isinstance(value, (int, float, str)):
-            ap.add_argument(f"--{name}", type=type(value), default=value)
-    ap.add_argument(
-        "--extra",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="flags passed to every training command (last on the line)",
-    )
-    args = ap.parse_args()
-    p = Protocol(**{k: getattr(args, k) for k in defaults.__dict__})
+    add_dataclass_args(ap, Protocol, nargs={"extra": argparse.REMAINDER})
+    args = ap.parse_args(argv)
+    return dataclass_from_args(Protocol, args), args
+
+
+def main(argv=None):
+    p, args = parse_args(argv)
     out = os.path.abspath(args.out)
     t0 = time.time()
     if not args.table:

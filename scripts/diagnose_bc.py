@@ -178,10 +178,10 @@ def valmse(args):
 
 def rollout(args):
     from rollout import load_policy  # the policy wrapper: only this subcommand needs it
-    import sim_binsort
+    import binsort_env
 
     policy = load_policy(args.ckpt, "cpu", task=args.task, binarize_gripper=True)
-    env = sim_binsort.BinSortEnv(task=args.task, image_size=policy.size)
+    env = binsort_env.BinSortEnv(task=args.task, image_size=policy.size)
     obs = env.reset(seed=args.seed)
     actions = "sampled" if args.sample_actions else "the mean"
     print(f"{args.ckpt}: {args.task}, seed {args.seed}, actions {actions}; positions in cm")

@@ -98,7 +98,7 @@ class OnlineProtocol:
     clf_demos: int = 20  # sort demos the classifier learns from, and as many failed attempts
     clf_steps: int = 1000  # the classifier's gradient steps
     image_size: int = 64  # the classifier's collections and images (the offline protocol's)
-    extra: list = field(default_factory=list)  # flags passed to every online.py finetune
+    extra: list = field(default_factory=list)  # flags passed to every online.py finetune (last)
 
 
 @dataclass
@@ -525,13 +525,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/online_experiment")
     ap.add_argument("--jobs", type=int, default=2, help="jobs at a time (each one thread)")
     ap.add_argument("--table", action="store_true", help="only write the results from what exists")
-    add_dataclass_args(ap, OnlineProtocol, skip=("extra",))
-    ap.add_argument(
-        "--extra",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="flags passed to every online.py finetune (last on the line)",
-    )
+    add_dataclass_args(ap, OnlineProtocol, nargs={"extra": argparse.REMAINDER})
     args = ap.parse_args(argv)
     p = dataclass_from_args(OnlineProtocol, args)
     out = os.path.abspath(args.out)
