@@ -1,5 +1,6 @@
 """Why a pick-and-place policy fails: two offline measurements on a simulator store
-(results/binsort_round3/report.md, section 2) and a per-step log of one simulated episode.
+(`git show 2ac9c78:results/binsort_round3/report.md`, section 2) and a per-step log of one
+simulated episode.
 
     python scripts/diagnose_bc.py probe  STORE [--arch small --head spatial --lr 1e-4 --steps 400]
     python scripts/diagnose_bc.py valmse STORE CKPT [CKPT ...]
