@@ -12,9 +12,9 @@ id (Sec. IV-A "Handling task identifiers"), mixes prior and target data in each 
   ReplayBuffer keeps online trajectories in a ring, Prefetcher draws batches ahead on a thread;
   augment() shifts and color-jitters a batch's images on its device.
 Level 2 (SPEC section 2): of the project it imports only bridge.py. A sampler reads the store given
-(data.Store) through its arrays and index: images, states, actions, terminals, traj_length,
-traj_start, traj_task, traj_success, task names, action bounds. torch is imported inside the
-functions that make tensors, so that `python data.py convert` never loads it.
+(store.Store) through its arrays and index: images, states, actions, terminals, traj_length,
+traj_start, traj_task, traj_success, in_split(), task names, action bounds. torch is imported
+inside the functions that make tensors, so that `python data.py convert` never loads it.
 """
 
 import math
@@ -214,7 +214,7 @@ class Sampler(_Seeded):
         self._task = self.task_ids[store.traj_task[traj]]
         # transition g of trajectory k: its obs is frame g + k, its next obs frame g + k + 1
         self._frame = np.arange(len(traj)) + traj
-        self._idx = np.flatnonzero(store._in_split(split)[traj])
+        self._idx = np.flatnonzero(store.in_split(split)[traj])
         self._rng = np.random.default_rng(seed)
 
     def sample(self, batch_size):

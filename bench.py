@@ -24,7 +24,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cql import ALGOS, COMPILE_MODES, Agent, AgentConfig, random_batch
+from cql import ALGOS, COMPILE_MODES, Agent, AgentConfig
 
 # Dense bf16 tensor-core peaks of the vendors' datasheets (TFLOP/s); the first name contained in the
 # device's name wins, so "H200 NVL" comes before "H200" (SXM).
@@ -54,6 +54,27 @@ def assumed_peak(device):
         f"CPU: {threads} threads x {CPU_GHZ} GHz x {CPU_FLOP_PER_CYCLE} fp32 FLOP/cycle "
         f"(AVX2, 2 FMA units), assumed"
     )
+
+
+def random_batch(cfg, batch_size, device="cpu", seed=0):
+    """A batch in batches.py's format (batches._make_batch) with random content for an agent of
+    cfg: what the benchmark times updates on, and the tests' stand-in for sampled data."""
+    g = torch.Generator().manual_seed(seed)
+    img = lambda: torch.randint(
+        0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8
+    )
+    batch = {
+        "obs": img(),
+        "next_obs": img(),
+        "state": torch.randn(batch_size, cfg.state_dim, generator=g),
+        "next_state": torch.randn(batch_size, cfg.state_dim, generator=g),
+        "action": torch.rand(batch_size, cfg.action_dim, generator=g) * 1.98 - 0.99,
+        "reward": torch.randint(0, 2, (batch_size,), generator=g).float() * 11 - 1,
+        "task": torch.randint(0, cfg.num_tasks, (batch_size,), generator=g),
+    }
+    batch["mask"] = (batch["reward"] < 0).float()
+    batch["mc_return"] = torch.randn(batch_size, generator=g) * 5
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def seconds(fn, cuda):

@@ -1,13 +1,21 @@
-"""The Bridge numpy format (SPEC section 5): reading and checking a release's out.npy files.
+"""The Bridge numpy format (SPEC section 5), both ways: writing, reading and checking out.npy files.
 
 PTR (Kumar et al., RSS 2023, Sec. V) pre-trains on Bridge: one folder per task, each holding
 train/ and val/ with an out.npy, an np.save'd list of trajectory dicts (observations,
 next_observations, actions, terminals; an observation holds images0.. uint8 (H, W, 3) and a
-7-d state). read_bridge_file() is the only place that unpickles; parse_trajectory() checks one
-trajectory and names the file, the trajectory, the field, what was expected and what was found;
-trajectory_success() reads whether it succeeded from its optional `rewards`.
-fileio.py writes the format; data.py finds the files and converts them into a store, resizing
-the images with resize_image(), which rollout.py also uses for the camera's frames.
+7-d state).
+- Writing: bridge_trajectory() builds one trajectory dict from T + 1 observations,
+  write_bridge_file() stores a list of them as the release does (np.save of an object array,
+  atomically). Every producer of data (sim collection, robot recording, the readers of other
+  formats, synthetic test trees) goes through these two; synthetic_trajectory() makes random ones.
+- Reading: read_bridge_file() is the only place that unpickles; parse_trajectory() checks one
+  trajectory and names the file, the trajectory, the field, what was expected and what was found;
+  trajectory_success() reads whether it succeeded from its optional `rewards`.
+- Other formats (rlds.py, lerobot.py) turn their episodes into the same dicts: FormatError names
+  the file, the episode and the field of their bad input, and choose_camera() maps a --camera
+  choice (imagesN, the Bridge names) to one of their camera features.
+data.py finds the files and converts them into a store, resizing the images with resize_image(),
+which rollout.py also uses for the camera's frames.
 """
 
 import os
@@ -17,9 +25,22 @@ import numpy as np
 from PIL import Image
 
 from cli import ExpectedError
-from fileio import FormatError
+from fileio import atomic_write
 
 SOURCE_NAME = "out.npy"  # the Bridge release's file name (SPEC section 5)
+
+
+class FormatError(ValueError):
+    """Bad input in a data source:
+    `<file>: episode <i>: field '<field>': expected <...>, got <...>`."""
+
+    unit = "episode"
+
+    def __init__(self, file, episode, field, expected, got=None):
+        where = f"{file}: " + ("" if episode is None else f"{self.unit} {episode}: ")
+        super().__init__(
+            f"{where}field '{field}': expected {expected}" + ("" if got is None else f", got {got}")
+        )
 
 
 class BridgeFormatError(ExpectedError, FormatError):
@@ -29,7 +50,7 @@ class BridgeFormatError(ExpectedError, FormatError):
     unit = "trajectory"  # FormatError's message: "<file>: trajectory <i>: field ..."
 
 
-# describe() and image_hw() serve data.py and batches.py too: the lowest file that needs them
+# describe() and image_hw() serve data.py, store.py and batches.py too: the lowest file needing them
 def describe(x):
     """What a value is, for an error message: 'float64 array of shape (3, 7)' or its type's name."""
     if isinstance(x, np.ndarray):
@@ -66,10 +87,41 @@ def resize_images(frames, size):
     return np.stack([resize_image(frame, size) for frame in frames])
 
 
+def bridge_trajectory(observations, actions, rewards=None, camera="images0"):
+    """One Bridge trajectory dict from T + 1 observations {"image", "state"} and T actions.
+    next_observations[t] IS observations[t + 1], so pickle stores each image once."""
+    actions = np.asarray(actions, dtype=np.float32)
+    if len(observations) != len(actions) + 1:
+        raise ValueError(
+            f"bridge.py: a trajectory of {len(actions)} actions needs {len(actions) + 1} "
+            f"observations, got {len(observations)}"
+        )
+    steps = [
+        {camera: o["image"], "state": np.asarray(o["state"], np.float32)} for o in observations
+    ]
+    traj = {
+        "observations": steps[:-1],
+        "next_observations": steps[1:],
+        "actions": actions,
+        "terminals": np.zeros(len(actions), np.float32),
+    }
+    if rewards is not None:
+        traj["rewards"] = np.asarray(rewards, dtype=np.float32)
+    return traj
+
+
+def write_bridge_file(path, trajectories):
+    """np.save of an object array of trajectory dicts (the Bridge release's out.npy), atomically."""
+    arr = np.empty(len(trajectories), dtype=object)
+    arr[:] = list(trajectories)
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=True))
+    return path
+
+
 def synthetic_trajectory(T, image_size, rng, cameras=("images0",)):
     """A Bridge-format trajectory of random images, states and actions in the release's ranges
-    (tests, bench). It has several cameras per step, so it builds its dict itself (fileio's
-    bridge_trajectory takes one); next_observations share their dicts with observations (the
+    (tests, bench). It has several cameras per step, so it builds its dict itself
+    (bridge_trajectory takes one); next_observations share their dicts with observations (the
     release stores two copies)."""
     height, width = image_hw(image_size)
     observations = []
@@ -245,3 +297,21 @@ def trajectory_success(traj, path, index):
         traj["rewards"], fail, "rewards", f"{T} numbers", lambda s: s == (T,), steps=True
     )
     return bool((rewards > 0).any())
+
+
+def choose_camera(cameras, camera, where):
+    """A dataset's camera feature from a --camera choice: "imagesN" is the N-th of `cameras` (so the
+    Bridge numpy format's names keep their meaning), else a feature's full name or its last part."""
+    m = re.fullmatch(r"images(\d+)", camera)
+    if m and int(m[1]) < len(cameras):
+        return cameras[int(m[1])]
+    for c in cameras:
+        if camera in (c, re.split(r"[/.]", c)[-1]):
+            return c
+    raise FormatError(
+        where,
+        None,
+        "camera",
+        f"one of {cameras} or images0..images{len(cameras) - 1}",
+        repr(camera),
+    )

@@ -8,23 +8,27 @@ A checkpoint is one dict saved with torch.save, loadable with torch.load(weights
     task_names   the one-hot's task names, slot by slot (paper Section IV-A, task identifiers)
     action_low, action_high   the per-dimension bounds the policy's [-1, 1] maps to (SPEC section 3)
     step         the run's step count when it was saved
-    agent        cql.Agent.state_dict(): config, networks, optimizers, temperature, generator
+    agent        agent_state(agent): config, networks, optimizers, temperature, generator
     sampler, rng, rank_states   the sampler's and torch's random streams, for an exact --resume
     data         what the run trained on (source_record), which --resume must find again
 and the phase's own fields (target_task_ids, target_tasks, source_ckpt, online_task, loop, ...).
-run_payload + build_checkpoint write it, load_checkpoint reads it back (a named CheckpointError for
+agent_state / load_agent_state save and restore the learner (cql.Agent), with an error that names
+every way a state does not fit the agent's network shapes or algo; run_payload + build_checkpoint
+write the checkpoint, load_checkpoint reads it back (a named CheckpointError for
 every way a file can be wrong) and upgrades the layouts older releases wrote, agent_from_checkpoint
-builds the learner it holds, policy_checkpoint cuts it down to the actors for sharing, and
-capture_rng / restore_rng / restore_run carry the random state that makes a resume exact. A level-2
-file (SPEC section 2): it imports cli.py, fileio.py, runfolder.py and cql.py.
+builds the learner it holds, policy_checkpoint cuts it down to the actors for sharing (export_policy
+writes that file, for `online.py export`), and capture_rng / restore_rng / restore_run carry the
+random state that makes a resume exact. A level-2 file (SPEC section 2): it imports cli.py,
+fileio.py, runfolder.py and cql.py.
 """
 
 import os
+from dataclasses import asdict
 
 import torch
 
 from cli import ExpectedError
-from cql import Agent, AgentConfig
+from cql import STRUCTURE, Agent, AgentConfig
 from fileio import atomic_write
 from runfolder import list_checkpoints
 
@@ -40,6 +44,94 @@ LAYOUT_OPTIONS = ("image_size", "format_version")
 
 class CheckpointError(ExpectedError, RuntimeError):
     """A checkpoint that is missing, damaged or does not fit the run (one line, cli.py)."""
+
+
+# ----------------------------------------------------------------------------- the agent's state
+
+
+def agent_state(agent):
+    """A cql.Agent's learner state, a checkpoint's "agent": its config, update count, entropy
+    temperature, networks, optimizers and sampling generator. Tensors and python values only
+    (torch.load(weights_only=True) safe)."""
+    return {
+        "config": asdict(agent.cfg),
+        "updates": agent.updates,
+        "log_temp": agent.log_temp.detach().clone(),
+        "nets": {k: v.state_dict() for k, v in agent.nets.items()},
+        "optimizers": {k: v.state_dict() for k, v in agent.optimizers.items()},
+        "generator": agent.generator.get_state(),
+    }
+
+
+def agent_from_state(d, device="cpu", strict=True):
+    """An agent built with the state's config, then loaded (load_agent_state)."""
+    agent = Agent(AgentConfig(**d["config"]), device)
+    load_agent_state(agent, d, strict)
+    return agent
+
+
+def load_agent_state(agent, d, strict=True):
+    """Load an agent_state() into an agent with the same STRUCTURE fields (the algo may differ
+    where the networks allow: a BC policy in the state is added to the agent). strict=False
+    accepts a state that lacks some of the agent's networks (e.g. an awbc agent from a cql
+    checkpoint); returns the names left as built. d has the current layout: load_checkpoint
+    upgrades the layouts of older files (upgrade_agent_state)."""
+    saved = d["config"]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, agent {getattr(agent.cfg, k)!r}"
+        for k in STRUCTURE
+        if saved.get(k) != getattr(agent.cfg, k)
+    ]
+    if diff:
+        raise ValueError(
+            f"checkpoint.py: load_agent_state: checkpoint and AgentConfig disagree on "
+            f"{'; '.join(diff)} (build the agent with the checkpoint's config, e.g. "
+            "agent_from_state, then grow_tasks)"
+        )
+    if "bc_policy" in d["nets"]:
+        agent.add_bc_policy()
+    extra = [k for k in d["nets"] if k not in agent.nets]
+    if extra:
+        raise ValueError(
+            f"checkpoint.py: load_agent_state: checkpoint has {extra}, "
+            f"which an agent built with algo={agent.cfg.algo!r} lacks"
+        )
+    missing = [k for k in agent.nets if k not in d["nets"]] + [
+        f"{k} optimizer" for k in agent.optimizers if k not in d["optimizers"]
+    ]
+    if missing and strict:
+        raise ValueError(
+            f"checkpoint.py: load_agent_state: checkpoint (algo={saved.get('algo')!r}) has no "
+            f"{missing}; pass strict=False to keep them as initialised"
+        )
+    for k, net in agent.nets.items():
+        if k in d["nets"]:
+            net.load_state_dict(d["nets"][k])
+    for k, opt in agent.optimizers.items():
+        if k not in d["optimizers"]:
+            continue
+        sd = dict(d["optimizers"][k])
+        # keep the agent's fused/foreach choice and cfg learning rates, not the checkpoint's
+        sd["param_groups"] = [
+            {**gs, "fused": g["fused"], "foreach": g["foreach"], "lr": g["lr"]}
+            for gs, g in zip(sd["param_groups"], opt.param_groups)
+        ]
+        opt.load_state_dict(sd)
+        # the moments keep the layout they were saved with (channels_last on CUDA): fused Adam
+        # needs the parameter's own layout, so a checkpoint can move between CPU and GPU
+        for p, st in opt.state.items():
+            for key, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[key] = torch.empty_like(p).copy_(v)
+    if "temp" in agent.optimizers and "temp" in d["optimizers"]:
+        with torch.no_grad():
+            agent.log_temp.copy_(d["log_temp"])
+    try:
+        agent.generator.set_state(d["generator"])
+    except RuntimeError:  # saved on another device type (CPU vs CUDA generator): keep the agent's
+        pass
+    agent.updates = int(d["updates"])
+    return missing
 
 
 # ----------------------------------------------------------------------------- writing
@@ -72,7 +164,7 @@ def build_checkpoint(payload, step, agent, sampler_state, rng, **extra):
         payload,
         format=CKPT_FORMAT,
         step=step,
-        agent=agent.state_dict(),
+        agent=agent_state(agent),
         sampler=sampler_state,
         rng=rng,
         **extra,
@@ -129,7 +221,7 @@ def load_checkpoint(path):
 
 
 def upgrade_agent_state(state):
-    """An agent's state as the current cql.Agent loads it, from any layout a release wrote. A
+    """An agent's state as load_agent_state loads it, from any layout a release wrote. A
     policy saved before policies normalized their state (model.StateNormalizer) gets the identity
     normalizer (mean 0, std 1), so it acts as it did. Returns a new dict; `state` is not changed."""
     dim = state["config"].get("state_dim", AgentConfig.state_dim)
@@ -205,11 +297,31 @@ def agent_from_checkpoint(ckpt, device, path="checkpoint", acting_only=False):
             "from; use the run folder's ckpt_*.pt"
         )
     try:
-        return Agent.from_state_dict(ckpt["agent"], device, strict=not policy_only)
+        return agent_from_state(ckpt["agent"], device, strict=not policy_only)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{path}: weights do not fit the network its config describes ({e})"
         ) from None
+
+
+# ----------------------------------------------------------------------------- exporting
+
+
+def export_policy(src, dst, evaluation):
+    """Write the actors of the checkpoint file `src` alone (policy_checkpoint) to `dst`, atomically,
+    with how to evaluate them: `evaluation` = {sample_actions, binarize_gripper, and task (one of
+    src's task names) where one is chosen}, the entry rollout.load_policy reads. Returns the
+    checkpoint written; `evaluation` is copied, not kept."""
+    ckpt = policy_checkpoint(load_checkpoint(src))
+    task = evaluation.get("task")
+    if task is not None and task not in ckpt["task_names"]:
+        raise CheckpointError(
+            f"task {task!r}: not a task of {src}; its tasks are {ckpt['task_names']}"
+        )
+    ckpt["source_ckpt"] = os.path.abspath(src)
+    ckpt["evaluation"] = dict(evaluation)
+    atomic_torch_save(ckpt, dst)
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -247,7 +359,7 @@ def restore_run(ckpt, agent, sampler, rank=0):
     """Weights, optimizers and this rank's random streams. A rank the checkpoint has no streams
     for (a Ctrl-C checkpoint of a torchrun run, or more processes than before) keeps its fresh
     seed + rank streams: still data-parallel, not bit-exact. Returns the checkpoint's step."""
-    agent.load_state_dict(ckpt["agent"])
+    load_agent_state(agent, ckpt["agent"])
     states = ckpt.get("rank_states") or [{"sampler": ckpt["sampler"], "rng": ckpt["rng"]}]
     if rank < len(states):
         sampler.load_state_dict(states[rank]["sampler"])

@@ -33,13 +33,20 @@ live in AgentConfig below:
 import contextlib
 import copy
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import BCPolicy, QNetwork, TanhGaussianPolicy, make_encoder
+from model import (
+    BCPolicy,
+    QNetwork,
+    TanhGaussianPolicy,
+    grow_task_inputs,
+    make_encoder,
+    zero_task_inputs,
+)
 
 ALGOS = ("cql", "bc", "awbc", "gbc")
 # the networks each algo trains: an algo switch (set_config) stays within one family
@@ -283,15 +290,6 @@ def awbc_weights(q_data, q_samples, max_weight):
 
 
 # ============================================================================================ agent
-def _insert_zeros(t, dim, index, count):
-    shape = list(t.shape)
-    shape[dim] = count
-    return torch.cat(
-        [t.narrow(dim, 0, index), t.new_zeros(shape), t.narrow(dim, index, t.shape[dim] - index)],
-        dim,
-    )
-
-
 def _allreduce_mean_(params):
     """Average gradients over ranks (torchrun / DDP mode) in one flat all_reduce per optimizer."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
@@ -315,7 +313,8 @@ class Agent:
     (MSE weighted by the critic's advantages) that act() uses; gbc: TanhGaussianPolicy and
     temperature (Gaussian BC); bc: BCPolicy. set_config switches algo within an ALGO_FAMILY (cql to
     awbc adds the BCPolicy: finetune.py's AW-BC from a PTR checkpoint). The paper's frozen
-    Q-function (Table IX): a fine-tuned PTR checkpoint, then set_config with critic_lr = 0."""
+    Q-function (Table IX): a fine-tuned PTR checkpoint, then set_config with critic_lr = 0. Its
+    state is saved and restored by checkpoint.py (agent_state, load_agent_state)."""
 
     def __init__(self, cfg: AgentConfig, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
@@ -362,7 +361,7 @@ class Agent:
             self._add_optimizer("actor", list(self.policy.parameters()), "actor_lr")
             self._add_optimizer("temp", [self.log_temp], "temp_lr")
         if cfg.algo in ("bc", "awbc"):
-            self._add_bc_policy()
+            self.add_bc_policy()
         self.updates = 0
         self._training = None  # the train / eval mode of every network (None: not yet set)
         self.compile_mode = None  # compile() sets it and replaces self.compute_losses
@@ -382,9 +381,10 @@ class Agent:
         self.params[name], self.lr_fields[name] = params, lr_field
         self.optimizers[name] = torch.optim.Adam(params, lr=getattr(self.cfg, lr_field), fused=True)
 
-    def _add_bc_policy(self):
-        """The BCPolicy of algo bc and awbc, and its optimizer; set_config and load_state_dict add
-        it to a CQL agent (AW-BC). Seeded on its own: the same network whenever it is built."""
+    def add_bc_policy(self):
+        """The BCPolicy of algo bc and awbc, and its optimizer; set_config, and loading a state that
+        holds one (checkpoint.load_agent_state), add it to a CQL agent (AW-BC). Seeded on its own:
+        the same network whenever it is built."""
         if self.bc_policy is not None:
             return
         cfg = self.cfg
@@ -418,7 +418,7 @@ class Agent:
             )
         self.cfg = replace(cfg)
         if self.cfg.algo == "awbc" and self.critic is not None:
-            self._add_bc_policy()
+            self.add_bc_policy()
         self._check_networks()
         for name, opt in self.optimizers.items():
             for g in opt.param_groups:
@@ -711,171 +711,27 @@ class Agent:
             if name in self.nets:
                 self.nets[name].state_norm.set_statistics(mean, std)
 
-    # ---------------------------------------------------------------------------------- checkpoints
-    def state_dict(self):
-        """Tensors and python values only (torch.load(weights_only=True) safe)."""
-        return {
-            "config": asdict(self.cfg),
-            "updates": self.updates,
-            "log_temp": self.log_temp.detach().clone(),
-            "nets": {k: v.state_dict() for k, v in self.nets.items()},
-            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
-            "generator": self.generator.get_state(),
-        }
-
-    @classmethod
-    def from_state_dict(cls, d, device="cpu", strict=True):
-        """An agent built with the checkpoint's config, then loaded strictly (load_state_dict)."""
-        agent = cls(AgentConfig(**d["config"]), device)
-        agent.load_state_dict(d, strict)
-        return agent
-
-    def load_state_dict(self, d, strict=True):
-        """Load a state_dict() of an agent with the same STRUCTURE fields (the algo may differ
-        where the networks allow: a BC policy in the checkpoint is created here). strict=False
-        accepts a checkpoint that lacks some of this agent's networks (e.g. an awbc agent from a cql
-        checkpoint); returns the names left as built. d has the current layout: checkpoint.py
-        upgrades the layouts of older files when it loads them."""
-        saved = d["config"]
-        diff = [
-            f"{k}: checkpoint {saved.get(k)!r}, agent {getattr(self.cfg, k)!r}"
-            for k in STRUCTURE
-            if saved.get(k) != getattr(self.cfg, k)
-        ]
-        if diff:
-            raise ValueError(
-                f"cql.py: load_state_dict: checkpoint and AgentConfig disagree on {'; '.join(diff)}"
-                " (build the agent with the checkpoint's config, e.g. Agent.from_state_dict, "
-                "then grow_tasks)"
-            )
-        if "bc_policy" in d["nets"]:
-            self._add_bc_policy()
-        extra = [k for k in d["nets"] if k not in self.nets]
-        if extra:
-            raise ValueError(
-                f"cql.py: load_state_dict: checkpoint has {extra}, "
-                f"which an agent built with algo={self.cfg.algo!r} lacks"
-            )
-        missing = [k for k in self.nets if k not in d["nets"]] + [
-            f"{k} optimizer" for k in self.optimizers if k not in d["optimizers"]
-        ]
-        if missing and strict:
-            raise ValueError(
-                f"cql.py: load_state_dict: checkpoint (algo={saved.get('algo')!r}) has no "
-                f"{missing}; pass strict=False to keep them as initialised"
-            )
-        for k, net in self.nets.items():
-            if k in d["nets"]:
-                net.load_state_dict(d["nets"][k])
-        for k, opt in self.optimizers.items():
-            if k not in d["optimizers"]:
-                continue
-            sd = dict(d["optimizers"][k])
-            # keep this agent's fused/foreach choice and cfg learning rates, not the checkpoint's
-            sd["param_groups"] = [
-                {**gs, "fused": g["fused"], "foreach": g["foreach"], "lr": g["lr"]}
-                for gs, g in zip(sd["param_groups"], opt.param_groups)
-            ]
-            opt.load_state_dict(sd)
-            # the moments keep the layout they were saved with (channels_last on CUDA): fused Adam
-            # needs the parameter's own layout, so a checkpoint can move between CPU and GPU
-            for p, st in opt.state.items():
-                for key, v in st.items():
-                    if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                        st[key] = torch.empty_like(p).copy_(v)
-        if "temp" in self.optimizers and "temp" in d["optimizers"]:
-            with torch.no_grad():
-                self.log_temp.copy_(d["log_temp"])
-        try:
-            self.generator.set_state(d["generator"])
-        except RuntimeError:  # saved on another device type (CPU vs CUDA generator): keep this one
-            pass
-        self.updates = int(d["updates"])
-        return missing
-
-    def _task_columns(self):
-        """[(module, column of one-hot slot 0 in module.weight)] of every layer that reads the task
-        one-hot: the critics' first layer ([task, action, z]), the policies' ([z, state, task])."""
-        nets = self.nets
-        critics = [(nets[k].layers[0], 0) for k in ("critic", "target_critic") if k in nets]
-        policies = [nets[k].net[0] for k in ("policy", "bc_policy") if k in nets]
-        return critics + [(m, m.weight.shape[1] - self.cfg.num_tasks) for m in policies]
-
-    @torch.no_grad()
+    # --------------------------------------------------------------------------------- task slots
     def zero_task_slots(self, slots):
         """Set the input weights of these one-hot slots (and their Adam moments) to zero, which is
         how grow_tasks creates a slot: a new task then starts from the task-agnostic part of every
         network. A slot reserved at pre-training (train.py --extra_tasks) saw no data, so it still
         holds its random initial weights, an arbitrary offset for the task fine-tuning gives it."""
-        owner = {id(p): opt for name, opt in self.optimizers.items() for p in self.params[name]}
-        for module, first in self._task_columns():
-            opt = owner.get(id(module.weight))
-            moments = opt.state.get(module.weight, {}) if opt is not None else {}
-            for slot in slots:
-                assert 0 <= slot < self.cfg.num_tasks, (slot, self.cfg.num_tasks)
-                module.weight[:, first + slot] = 0
-                for v in moments.values():
-                    if torch.is_tensor(v) and v.shape == module.weight.shape:
-                        v[:, first + slot] = 0
+        zero_task_inputs(self.nets.values(), slots, self.optimizers.values())
 
     def grow_tasks(self, num_tasks):
         """Widen the task one-hot to num_tasks slots (offline fine-tuning on new tasks,
         Section IV-A). The new input weights are zero, so old tasks' outputs are unchanged and new
-        tasks start from the task-agnostic part of the network. Each widened weight becomes a new
-        Parameter in the old one's place (module, param group, optimizer state), its Adam moments
-        with zero rows and the shared step count, so old rows train on undisturbed; new rows, under
-        a bias correction of ~1, take steps up to a few times lr at first, small for one-hot rows.
-        """
+        tasks start from the task-agnostic part of the network. Each widened weight is a new
+        Parameter in the old one's place (model.grow_task_inputs), its Adam moments with zero rows
+        and the shared step count, so old rows train on undisturbed; new rows, under a bias
+        correction of ~1, take steps up to a few times lr at first, small for one-hot rows."""
         old = self.cfg.num_tasks
         if num_tasks < old:
             raise ValueError(
                 f"cql.py: grow_tasks({num_tasks}) cannot shrink the one-hot from {old} tasks"
             )
-        owner = {id(p): opt for name, opt in self.optimizers.items() for p in self.params[name]}
-        dim = 1  # the one-hot's columns in module.weight; new slots go after the old ones
-        for module, first in self._task_columns():
-            index = first + old
-            old_p = module.weight
-            new_p = torch.nn.Parameter(
-                _insert_zeros(old_p.detach(), dim, index, num_tasks - old), old_p.requires_grad
-            )
-            module.weight = new_p
-            opt = owner.get(id(old_p))
-            if opt is None:  # the target critic has no optimizer
-                continue
-            for group in opt.param_groups:
-                group["params"] = [new_p if p is old_p else p for p in group["params"]]
-            state = opt.state.pop(old_p, {})
-            # grow the moments (tensors shaped like the parameter), keep the step count
-            opt.state[new_p] = {
-                k: _insert_zeros(v, dim, index, num_tasks - old)
-                if torch.is_tensor(v) and v.shape == old_p.shape
-                else v
-                for k, v in state.items()
-            }
-            for name, params in self.params.items():
-                self.params[name] = [new_p if p is old_p else p for p in params]
-        for net in self.nets.values():
-            net.num_tasks = num_tasks
+        grow_task_inputs(self.nets.values(), num_tasks, self.optimizers.values())
+        for name, opt in self.optimizers.items():  # the widened weights are in the param groups
+            self.params[name] = [p for group in opt.param_groups for p in group["params"]]
         self.cfg.num_tasks = num_tasks
-
-
-# =================================================================================== random batches
-def random_batch(cfg, batch_size, device="cpu", seed=0):
-    """A batch in batches.py's format (batches._make_batch), random content (tests, bench.py)."""
-    g = torch.Generator().manual_seed(seed)
-    img = lambda: torch.randint(
-        0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8
-    )
-    batch = {
-        "obs": img(),
-        "next_obs": img(),
-        "state": torch.randn(batch_size, cfg.state_dim, generator=g),
-        "next_state": torch.randn(batch_size, cfg.state_dim, generator=g),
-        "action": torch.rand(batch_size, cfg.action_dim, generator=g) * 1.98 - 0.99,
-        "reward": torch.randint(0, 2, (batch_size,), generator=g).float() * 11 - 1,
-        "task": torch.randint(0, cfg.num_tasks, (batch_size,), generator=g),
-    }
-    batch["mask"] = (batch["reward"] < 0).float()
-    batch["mc_return"] = torch.randn(batch_size, generator=g) * 5
-    return {k: v.to(device) for k, v in batch.items()}

@@ -6,15 +6,10 @@ train.py; SPEC section 2).
   `<path>.tmp-<pid>` in the same folder and renamed over `path`; on any failure (disk full, Ctrl-C,
   SIGTERM) the temporary file is removed. It replaces a regular file only, never a symbolic link,
   a FIFO, a device or a directory, and a full disk is one AtomicWriteError naming the file.
-  sweep_stale_tmp(folder) removes the temporaries that killed processes (kill -9) left behind.
   atomic_write_json writes null where a number is not finite (JSON has no NaN).
-- The Bridge numpy format (SPEC section 5): bridge_trajectory() builds one trajectory dict
-  from T + 1 observations, write_bridge_file() stores a list of them as the release does
-  (np.save of an object array). Every producer of data (sim collection, robot recording, synthetic
-  test trees) goes through these two.
-- Readers of other formats (rlds.py, lerobot.py) turn their episodes into the same dicts;
-  FormatError names the file, the episode and the field of bad input, and choose_camera maps a
-  --camera choice to a feature.
+- sweep_stale_tmp(folder) removes the temporaries that killed processes (kill -9) left behind;
+  pid_alive() is how it (and the run folder's lock, data.py's store folders) tells a dead writer.
+The Bridge numpy format, its writer included, is bridge.py's.
 """
 
 import errno
@@ -22,10 +17,7 @@ import glob
 import json
 import math
 import os
-import re
 import stat
-
-import numpy as np
 
 TMP_SUFFIX = ".tmp-"  # <path>.tmp-<pid>: the pid says whether the writer is still alive
 # What an atomic write names instead of "not a regular file", by the type bits of os.lstat.
@@ -148,65 +140,3 @@ def sweep_stale_tmp(folder, pattern="*"):
             except FileNotFoundError:  # another sweeper was quicker
                 pass
     return removed
-
-
-def bridge_trajectory(observations, actions, rewards=None, camera="images0"):
-    """One Bridge trajectory dict from T + 1 observations {"image", "state"} and T actions.
-    next_observations[t] IS observations[t + 1], so pickle stores each image once."""
-    actions = np.asarray(actions, dtype=np.float32)
-    if len(observations) != len(actions) + 1:
-        raise ValueError(
-            f"fileio.py: a trajectory of {len(actions)} actions needs {len(actions) + 1} "
-            f"observations, got {len(observations)}"
-        )
-    steps = [
-        {camera: o["image"], "state": np.asarray(o["state"], np.float32)} for o in observations
-    ]
-    traj = {
-        "observations": steps[:-1],
-        "next_observations": steps[1:],
-        "actions": actions,
-        "terminals": np.zeros(len(actions), np.float32),
-    }
-    if rewards is not None:
-        traj["rewards"] = np.asarray(rewards, dtype=np.float32)
-    return traj
-
-
-def write_bridge_file(path, trajectories):
-    """np.save of an object array of trajectory dicts (the Bridge release's out.npy), atomically."""
-    arr = np.empty(len(trajectories), dtype=object)
-    arr[:] = list(trajectories)
-    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=True))
-    return path
-
-
-class FormatError(ValueError):
-    """Bad input in a data source:
-    `<file>: episode <i>: field '<field>': expected <...>, got <...>`."""
-
-    unit = "episode"
-
-    def __init__(self, file, episode, field, expected, got=None):
-        where = f"{file}: " + ("" if episode is None else f"{self.unit} {episode}: ")
-        super().__init__(
-            f"{where}field '{field}': expected {expected}" + ("" if got is None else f", got {got}")
-        )
-
-
-def choose_camera(cameras, camera, where):
-    """A dataset's camera feature from a --camera choice: "imagesN" is the N-th of `cameras` (so the
-    Bridge numpy format's names keep their meaning), else a feature's full name or its last part."""
-    m = re.fullmatch(r"images(\d+)", camera)
-    if m and int(m[1]) < len(cameras):
-        return cameras[int(m[1])]
-    for c in cameras:
-        if camera in (c, re.split(r"[/.]", c)[-1]):
-            return c
-    raise FormatError(
-        where,
-        None,
-        "camera",
-        f"one of {cameras} or images0..images{len(cameras) - 1}",
-        repr(camera),
-    )

@@ -15,9 +15,10 @@ transitions; its task is its first frame's entry in the task table. Rows and ima
 time, and every link of that pairing is checked (see "frames" below): a disagreement is an error
 naming the file, the episode and the field, never a state stored beside another step's image.
 
-Imports from the project only the leaves fileio.py (the Bridge format, FormatError) and cli.py.
-pyarrow and PyAV are imported by the functions that need them. The writers at the end make fixtures
-for the tests and scripts/bench_formats.py (throughput and peak memory against the numpy reader).
+Imports from the project bridge.py (the Bridge format, FormatError, choose_camera), fileio.py
+(atomic writes) and cli.py. pyarrow and PyAV are imported by the functions that need them. The
+writers at the end make fixtures for the tests and scripts/bench_formats.py (throughput and peak
+memory against the numpy reader).
 """
 
 import glob
@@ -30,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from cli import MissingPackageError
-from fileio import FormatError, atomic_write_text, bridge_trajectory, choose_camera
+from fileio import atomic_write_text
+from bridge import FormatError, bridge_trajectory, choose_camera
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 STATE_KEY = "observation.state"

@@ -1,5 +1,6 @@
 """PTR networks: image encoders, the Q-network, the tanh-Gaussian policy, the BC policy,
-the success classifier.
+the success classifier; and the surgery on the task one-hot that a new task needs (widen it, zero
+a slot), which carries each changed weight's optimizer state along.
 
 Kumar, Singh, Ebert et al., "Pre-Training for Robots: Offline RL Enables Learning New Tasks
 from a Handful of Trials", RSS 2023 (paper/ptr_rss2023.txt). Section IV-B and Figure 2 give
@@ -479,3 +480,79 @@ class SuccessClassifier(nn.Module):
 
     def forward(self, images):
         return self.net(self.encoder(images).float()).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------- task one-hot slots
+def task_input(net):
+    """(layer, column of one-hot slot 0 in layer.weight) of the one layer of net that reads the task
+    one-hot, whose slots are columns along dim 1 of its weight: a QNetwork's first head layer
+    ([task, action, z], weight (heads, in, out)), a policy's first MLP layer ([z, state, task],
+    weight (out, in))."""
+    if isinstance(net, QNetwork):
+        return net.layers[0], 0
+    if isinstance(net, (TanhGaussianPolicy, BCPolicy)):
+        layer = net.net[0]
+        return layer, layer.weight.shape[1] - net.num_tasks
+    raise TypeError(f"model.py: {type(net).__name__} has no task one-hot")
+
+
+def insert_zeros(t, dim, index, count):
+    """t with `count` zero slices inserted along dim before position index."""
+    shape = list(t.shape)
+    shape[dim] = count
+    return torch.cat(
+        [t.narrow(dim, 0, index), t.new_zeros(shape), t.narrow(dim, index, t.shape[dim] - index)],
+        dim,
+    )
+
+
+def _optimizer_of(weight, optimizers):
+    """The optimizer among these whose param groups hold weight, or None (a target network)."""
+    for opt in optimizers:
+        if any(p is weight for group in opt.param_groups for p in group["params"]):
+            return opt
+    return None
+
+
+@torch.no_grad()
+def zero_task_inputs(nets, slots, optimizers=()):
+    """Set the input weights of these one-hot slots to zero in every net, and the same entries of
+    the optimizer state shaped like the weight (Adam's moments), so the slot restarts from nothing:
+    a task on it starts from the task-agnostic part of every network."""
+    for net in nets:
+        layer, first = task_input(net)
+        opt = _optimizer_of(layer.weight, optimizers)
+        moments = opt.state.get(layer.weight, {}) if opt is not None else {}
+        for slot in slots:
+            assert 0 <= slot < net.num_tasks, (slot, net.num_tasks)
+            layer.weight[:, first + slot] = 0
+            for v in moments.values():
+                if torch.is_tensor(v) and v.shape == layer.weight.shape:
+                    v[:, first + slot] = 0
+
+
+def grow_task_inputs(nets, num_tasks, optimizers=()):
+    """Widen every net's task one-hot to num_tasks slots, the new slots after the old ones with zero
+    input weights, so the old tasks' outputs stay as they were. A widened weight is a new Parameter,
+    so it takes the old one's place everywhere the old one was: in its module, in its optimizer's
+    param group, and in that optimizer's state, where tensors shaped like the weight (Adam's
+    moments) get zero slots and the rest (the step count) stays."""
+    for net in nets:
+        layer, first = task_input(net)
+        index, count = first + net.num_tasks, num_tasks - net.num_tasks
+        old = layer.weight
+        new = nn.Parameter(insert_zeros(old.detach(), 1, index, count), old.requires_grad)
+        layer.weight = new
+        net.num_tasks = num_tasks
+        opt = _optimizer_of(old, optimizers)
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = opt.state.pop(old, {})
+        opt.state[new] = {
+            k: insert_zeros(v, 1, index, count)
+            if torch.is_tensor(v) and v.shape == old.shape
+            else v
+            for k, v in state.items()
+        }

@@ -11,9 +11,13 @@ rollouts is trained by classifier.py; this file reads its files (load_labeler).
     python online.py finetune ... --env widowx --port /dev/ttyUSB0 --classifier clf.pt \
         --reset_ckpt reset.pt
 
-`eval` and `export` are thin commands: rollout.py runs the episodes (full success with its 95%
-Wilson interval, and each stage's rate where the environment reports stages), and `export` writes
-the checkpoint's actors alone.
+`eval` and `export` are thin commands: rollout.run_evaluation runs the episodes (full success with
+its 95% Wilson interval, and each stage's rate where the environment reports stages), and
+checkpoint.export_policy writes the checkpoint's actors alone. --env binsort (the simulator), widowx
+(the arm), or module:Class: a simulator of your own with SPEC section 2's interface, made as
+Class(image_size=<render size>, max_steps=<--max_steps, when given>), whose rewards count unless
+--classifier labels them and which resets itself unless --reset_ckpt is given (rollout.make_env):
+    python online.py eval --ckpt policy.pt --env mysim.envs:MyEnv --episodes 20
 
 Online fine-tuning alternates (Section IV-A, "Phase 2"): collect ONE trajectory with the current
 stochastic policy into a replay buffer (MC returns computed on add), then take --utd (10) gradient
@@ -56,15 +60,16 @@ import torch
 
 from cli import POSITIVE, add_dataclass_args, check_flags, dataclass_from_args, run_cli
 from batches import MixedSampler, ReplayBuffer
-from fileio import atomic_write, atomic_write_json
+from fileio import atomic_write
 from checkpoint import (
     CheckpointError,
     agent_from_checkpoint,
+    agent_from_state,
+    agent_state,
     atomic_torch_save,
     build_checkpoint,
     capture_rng,
-    load_checkpoint,
-    policy_checkpoint,
+    export_policy,
     restore_rng,
     run_payload,
     source_ckpt,
@@ -73,16 +78,17 @@ from data import add_data_args
 from finetune import open_run, target_slots, task_samplers
 from classifier import load_labeler
 from rollout import (
-    ENVS,
-    OOD_STARTS,
+    EvalConfig,
     Policy,
+    add_env_args,
+    add_eval_args,
+    close_env,
     evaluate,
-    load_policy,
     make_env,
     make_resetter,
     no_reset,
-    rate_text,
     run_episode,
+    run_evaluation,
     summarize,
 )
 from runfolder import (
@@ -93,7 +99,6 @@ from runfolder import (
     prune_checkpoints,
     write_config,
 )
-from cql import Agent
 from train import (
     RUN_RULES,
     StopFlag,
@@ -452,12 +457,12 @@ def imitation_learner(agent, path):
     algo, nets, optimizers = ("gbc", ["policy"], ["actor", "temp"])
     if agent.cfg.algo == "awbc":  # act() uses its BC policy
         algo, nets, optimizers = ("bc", ["bc_policy"], ["bc"])
-    saved = agent.state_dict()
+    saved = agent_state(agent)
     saved["config"]["algo"] = algo
     saved["nets"] = {k: saved["nets"][k] for k in nets}
     saved["optimizers"] = {k: saved["optimizers"][k] for k in optimizers}
     print(f"{path}: filtered BC trains its {agent.cfg.algo} actor as {algo}, without the critic")
-    return Agent.from_state_dict(saved, agent.device)
+    return agent_from_state(saved, agent.device)
 
 
 def target_assignment(source, source_path, target, agent, task):
@@ -594,72 +599,22 @@ def online_finetune(args):
             wall,
         )
     finally:
-        env.close()
+        close_env(env)
 
 
 def cmd_eval(args):
-    policy = load_policy(args.ckpt, args.device, args.task, args.binarize_gripper)
-    sample_actions = args.sample_actions
-    if sample_actions is None:  # as exported (online.py export --sample_actions), else the mean
-        sample_actions = bool(getattr(policy, "evaluation", {}).get("sample_actions", False))
-    size = args.env_image_size or policy.size
-    env = make_env(
-        args.env,
-        size,
-        policy.task_name,
-        args.max_steps,
-        args.port,
-        args.backend,
-        args.camera,
-        ood=args.ood,
-        terminate_on_success=not args.classifier,
-    )
-    video = (args.save_video, args.video_format) if args.save_video else None
-    try:
-        labeler = make_labeler(args.env, args.classifier, args.device)
-        resetter = make_resetter(args.env, env, args.reset_ckpt, args.device)
-        results = evaluate(
-            env,
-            policy,
-            args.episodes,
-            args.seed,
-            args.max_steps,
-            resetter,
-            video=video,
-            labeler=labeler,
-            deterministic=not sample_actions,
-        )
-    finally:
-        env.close()
-    s = summarize(results)
-    print(f"{s['text']}, mean return {s['return']:.2f}, mean length {s['length']:.1f}")
-    for name, stage in s["stages"].items():
-        print(
-            f"  stage {name}: {rate_text(stage['count'], s['episodes'], stage['lo'], stage['hi'])}"
-        )
-    if args.json:
-        doc = {**s, "ckpt": args.ckpt, "sampled_actions": sample_actions, "ood": args.ood}
-        doc["binarized_gripper"] = bool(getattr(policy, "binarize_gripper", False))
-        doc["per_episode"] = results
-        atomic_write_json(doc, args.json, indent=2)  # null where a number is not finite
-    return s
+    """rollout.run_evaluation, with the rewards of --classifier or a person (make_labeler)."""
+    cfg = dataclass_from_args(EvalConfig, args)
+    return run_evaluation(cfg, make_labeler(cfg.env, cfg.classifier, cfg.device))
 
 
 def cmd_export(args):
-    """Write the checkpoint's actors alone (checkpoint.policy_checkpoint), atomically, with how to
-    evaluate them (task, sampled or mean actions, binarized gripper), which `eval` then uses."""
-    ckpt = policy_checkpoint(load_checkpoint(args.ckpt))
-    ckpt["source_ckpt"] = os.path.abspath(args.ckpt)
+    """Write the checkpoint's actors alone (checkpoint.export_policy) with how to evaluate them
+    (task, sampled or mean actions, binarized gripper), which `eval` then uses."""
     evaluation = {"sample_actions": args.sample_actions, "binarize_gripper": args.binarize_gripper}
     if args.task is not None:
-        names = ckpt["task_names"]
-        if args.task not in names:
-            raise SystemExit(
-                f"--task {args.task!r}: not a task of {args.ckpt}; its tasks are {names}"
-            )
         evaluation["task"] = args.task
-    ckpt["evaluation"] = evaluation
-    atomic_torch_save(ckpt, args.out)
+    export_policy(args.ckpt, args.out, evaluation)
     size = os.path.getsize(args.out) / 1e6
     print(f"wrote {args.out} ({size:.1f} MB): the actors of {args.ckpt}, for online.py eval")
 
@@ -667,80 +622,24 @@ def cmd_export(args):
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_env_args(p, camera_flag="--camera"):
-    """The environment's options. camera_flag: finetune also reads data, whose --camera
-    (data.add_data_args) names a camera of the stores, so its environment's is --env_camera."""
-    p.add_argument("--env", default="binsort", choices=ENVS)
-    p.add_argument(
-        "--env_image_size", type=int, default=None, help="render size (default: the checkpoint's)"
-    )
-    p.add_argument(
-        "--max_steps", type=int, default=0, help="episode length cap (default: the env's own limit)"
-    )
-    p.add_argument("--port", default="/dev/ttyUSB0", help="widowx: the U2D2 serial port")
-    p.add_argument(
-        camera_flag,
-        default="0",
-        help="widowx: an opencv camera index or path, or twin:<port> (twin.py's rendered frames)",
-    )
-    p.add_argument(
-        "--ood",
-        default="none",
-        choices=OOD_STARTS,
-        help="binsort: start episodes where the data never started them: objects in a strip the "
-        "demos never used, the arm at another start pose, or both (binsort_env.OOD_STARTS)",
-    )
-    p.add_argument(
-        "--backend", default="dynamixel", choices=["dynamixel", "interbotix"], help="widowx driver"
-    )
-    p.add_argument(
-        "--reset_ckpt",
-        default=None,
-        help="widowx: a reset policy run after every episode (else Enter)",
-    )
-    p.add_argument(
-        "--classifier",
-        default=None,
-        help="rewards from this success classifier (written by classifier.py)",
-    )
-    p.add_argument(
-        "--binarize_gripper",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="execute the gripper command as 0 or 1 (threshold 0.5), as the demos command it",
-    )
-
-
 def add_eval_parser(sub):
     e = sub.add_parser(
         "eval", help="reproducible episodes: success rate with a 95%% Wilson interval"
     )
-    e.add_argument("--ckpt", required=True, help="a PTR checkpoint of any phase")
-    e.add_argument("--episodes", type=int, default=OnlineConfig.eval_episodes)
-    e.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i")
-    e.add_argument(
-        "--task", default=None, help="task name or index (default: the checkpoint's target task)"
+    add_eval_args(e)
+
+
+def add_export_parser(sub):
+    x = sub.add_parser("export", help="a checkpoint's actors alone, to share: `eval` loads it")
+    x.add_argument("--ckpt", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--task", default=None, help="the task eval runs (default: the target)")
+    x.add_argument(
+        "--sample_actions", action="store_true", help="eval samples actions (see eval's flag)"
     )
-    e.add_argument("--save_video", default=None, help="folder for one animation per episode")
-    e.add_argument(
-        "--video_format",
-        default="gif",
-        choices=["gif", "png"],
-        help="animated GIF or PNG film strip",
+    x.add_argument(
+        "--binarize_gripper", action="store_true", help="eval binarizes the gripper command"
     )
-    e.add_argument("--json", default=None, help="also write the results to this JSON file")
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # An imitating tanh-Gaussian actor's mean gripper command can stall at 0.5-0.8 where the demos
-    # close: the arm stands still and the mean action never changes; a sample crosses the threshold.
-    e.add_argument(
-        "--sample_actions",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="draw each action from the actor (tanh-Gaussian) instead of taking its mean; "
-        "a BC policy is deterministic either way (default: as exported, else the mean)",
-    )
-    add_env_args(e)
-    e.set_defaults(binarize_gripper=None)  # as exported, else as predicted
 
 
 def add_finetune_parser(sub):
@@ -791,16 +690,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     add_eval_parser(sub)
     add_finetune_parser(sub)
-    x = sub.add_parser("export", help="a checkpoint's actors alone, to share: `eval` loads it")
-    x.add_argument("--ckpt", required=True)
-    x.add_argument("--out", required=True)
-    x.add_argument("--task", default=None, help="the task eval runs (default: the target)")
-    x.add_argument(
-        "--sample_actions", action="store_true", help="eval samples actions (see eval's flag)"
-    )
-    x.add_argument(
-        "--binarize_gripper", action="store_true", help="eval binarizes the gripper command"
-    )
+    add_export_parser(sub)
     args = p.parse_args(argv)
     check_flags(args, COMMAND_RULES[args.cmd])
     commands = {

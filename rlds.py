@@ -20,9 +20,9 @@ the T observations. The task of a Bridge episode is taken from its source out.np
 (episode_metadata/file_path) by the numpy release's rule (`task_from_file_path`), or from
 its language instruction.
 
-Imports from the project only fileio.py (a leaf: the Bridge format, FormatError). The writers
-at the end make fixtures for the tests and scripts/bench_formats.py (throughput and peak memory
-against the numpy reader).
+Imports from the project bridge.py (the Bridge format, FormatError, choose_camera) and fileio.py
+(atomic writes). The writers at the end make fixtures for the tests and scripts/bench_formats.py
+(throughput and peak memory against the numpy reader).
 """
 
 import glob
@@ -36,7 +36,8 @@ import struct
 import numpy as np
 from PIL import Image
 
-from fileio import FormatError, atomic_write, atomic_write_text, bridge_trajectory, choose_camera
+from bridge import FormatError, bridge_trajectory, choose_camera
+from fileio import atomic_write, atomic_write_text
 
 STATE_KEY = "steps/observation/state"
 ACTION_KEY = "steps/action"

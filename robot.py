@@ -35,10 +35,9 @@ import time
 import numpy as np
 
 from arm import RefusedToMove, check, hardware_error_message, make_arm, move_seconds, open_bus
-from bridge import parse_trajectory, read_bridge_file
+from bridge import bridge_trajectory, parse_trajectory, read_bridge_file, write_bridge_file
 from cli import MissingPackageError, run_cli
 from dynamixel import HardwareError, PortError
-from fileio import bridge_trajectory, write_bridge_file
 from widowx import (
     R_DOWN,
     SLEEP_JOINTS,

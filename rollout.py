@@ -1,7 +1,7 @@
 """Running a PTR policy in an environment (SPEC section 2, level 3): episodes, their success and
-stage rates with 95% Wilson intervals, videos, and the environment factory. online.py's `eval`
-runs evaluate() on a checkpoint's actor; its online fine-tuning (paper Section V-F) collects its
-trajectories with run_episode().
+stage rates with 95% Wilson intervals, videos, the environment factory, and the evaluation of a
+checkpoint (EvalConfig, run_evaluation), which `online.py eval` runs; online.py's fine-tuning
+(paper Section V-F) collects its trajectories with run_episode().
 
 An episode starts from env.reset(seed), so a list of seeds fixes a list of episodes: two policies
 evaluated on the same seeds meet the same starts. Evaluation reports full success with its 95%
@@ -11,11 +11,16 @@ stage's rate: was it ever reached in the episode (Appendix A discusses the first
 
 Environments share one interface (SPEC section 2): reset(seed) -> obs, step(action) -> (obs,
 reward, terminated, truncated, info), obs = {"image": uint8 (H, W, 3), "state": float32 (7,)}.
-make_env() imports them (robot.py, binsort_env.py) when asked for one, so nothing else here needs
-pybullet or pyserial.
+make_env() imports them (robot.py, binsort_env.py, or a user's module:Class) when asked for one,
+so nothing else here needs pybullet or pyserial.
 """
 
+import argparse
+import importlib
+import inspect
 import os
+import sys
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -24,11 +29,14 @@ from PIL import Image
 from batches import ACTION_CLIP, rescale_actions, unscale_actions
 from checkpoint import agent_from_checkpoint, load_checkpoint
 from bridge import resize_image
-from fileio import atomic_write
+from cli import FlagError, add_dataclass_args
+from fileio import atomic_write, atomic_write_json
 from stats import wilson_interval
 from widowx import GRIPPER_CLOSED_BELOW
 
-ENVS = ("binsort", "widowx")
+ENVS = ("binsort", "widowx")  # the environments named; --env also takes module:Class (make_env)
+ENV_FORMS = "binsort, widowx or module:Class"
+VIDEO_FORMATS = ("gif", "png")  # an animated GIF or a PNG film strip per episode (save_video)
 # the simulator's out-of-distribution starts (binsort_env.OOD_STARTS; named here so that the flag
 # needs no pybullet): none, objects in a strip the data never used, another arm start, or both
 OOD_STARTS = ("none", "objects", "arm", "both")
@@ -298,11 +306,13 @@ def make_env(
     terminate_on_success False: episodes run to their step limit, as on the arm, so that a
     classifier's rewards are all a run learns of success (not where the simulator ended it);
     widowx: the real arm (or twin.py's simulated one behind `port`), its images from `camera` (an
-    opencv index or path, or twin:<port>). Imported here, so nothing else needs pybullet or
-    pyserial."""
-    if name == "widowx" and ood != "none":
+    opencv index or path, or twin:<port>); module:Class: a user's environment (env_from_module).
+    Imported here, so nothing else needs pybullet or pyserial."""
+    if name != "binsort" and ood != "none":
         raise SystemExit(f"--ood {ood}: only the simulator (--env binsort) has such starts")
-    if name == "widowx":  # (argparse's choices keep name in ENVS)
+    if name not in ENVS:
+        return env_from_module(name, image_size, max_steps)
+    if name == "widowx":
         import robot
 
         kw = {"max_steps": max_steps} if max_steps else {}  # else robot.py's (40 steps, as Bridge)
@@ -325,9 +335,69 @@ def make_env(
     )
 
 
+def module_env_parts(name):
+    """(module, class) of an --env module:Class (e.g. mysim.envs:MyEnv), else None."""
+    module, colon, cls = name.partition(":")
+    return (module, cls) if colon and module and cls and ":" not in cls else None
+
+
+def env_from_module(name, image_size, max_steps=0):
+    """--env module:Class: a user's environment with SPEC section 2's interface (module docstring),
+    made as Class(image_size=image_size), plus max_steps=max_steps when a cap is given (> 0; the
+    episodes are capped at it either way). The module is imported here, from sys.path (the
+    working directory is searched last). Its own rewards and info["success"] (and info["stages"],
+    where given) are the episode's, unless a classifier labels them; it resets itself in reset(),
+    and close() is called when it has one. Every way the flag can be wrong is one FlagError."""
+    parts = module_env_parts(name)
+    if parts is None:
+        raise FlagError(f"--env {name}: expected {ENV_FORMS} (e.g. mysim.envs:MyEnv)")
+    module_name, class_name = parts
+    if os.getcwd() not in sys.path:  # `python online.py` puts the script's folder there, not this
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise FlagError(
+            f"--env {name}: cannot import {module_name} ({e}); expected a module on PYTHONPATH "
+            f"or in the working directory"
+        ) from None
+    if not hasattr(module, class_name):
+        raise FlagError(f"--env {name}: module {module_name} has no {class_name}")
+    factory = getattr(module, class_name)
+    if not callable(factory):
+        kind = type(factory).__name__
+        raise FlagError(f"--env {name}: {module_name}.{class_name} is a {kind}, not a class")
+    kw = {"image_size": image_size, **({"max_steps": max_steps} if max_steps else {})}
+    try:
+        inspect.signature(factory).bind(**kw)
+    except TypeError as e:
+        given = ", ".join(f"{k}={v}" for k, v in kw.items())
+        raise FlagError(f"--env {name}: {class_name}({given}) cannot be made ({e})") from None
+    except ValueError:  # no signature to read (a builtin): the call itself will say
+        pass
+    env = factory(**kw)
+    missing = [m for m in ("reset", "step") if not callable(getattr(env, m, None))]
+    if missing:
+        raise FlagError(
+            f"--env {name}: a {type(env).__name__} has no {' or '.join(missing)}(); expected an "
+            f"environment with reset(seed=None) -> obs and step(action) -> (obs, reward, "
+            f"terminated, truncated, info)"
+        )
+    print(f"environment: {name}, {image_size}px")
+    return env
+
+
+def close_env(env):
+    """env.close(), where the environment has one (a module:Class one need not)."""
+    close = getattr(env, "close", None)
+    if callable(close):
+        close()
+
+
 def make_resetter(env_name, env, reset_ckpt=None, device="cpu"):
     """After each episode, on the robot: a fixed reset policy, reset_ckpt's actor on `device`
-    (Appendix F: a PTR close-door policy), or Enter. The simulator resets itself."""
+    (Appendix F: a PTR close-door policy), or Enter. The simulator resets itself; so does a
+    module:Class environment, unless a reset_ckpt is given."""
     if env_name == "binsort":
         return no_reset
     if reset_ckpt:
@@ -337,8 +407,182 @@ def make_resetter(env_name, env, reset_ckpt=None, device="cpu"):
             run_episode(env, reset_policy, None, True)
 
         return run_reset_policy
+    if env_name != "widowx":
+        return no_reset
 
     def wait_for_a_person():
         input("reset the scene, then press Enter ")
 
     return wait_for_a_person
+
+
+# ------------------------------------------------------------------------ a checkpoint's evaluation
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """An evaluation of a checkpoint's actor: `online.py eval`'s flags (the trailing comments are
+    their help). None in task, sample_actions, binarize_gripper: as the checkpoint's evaluation
+    entry says (online.py export), else the default named."""
+
+    ckpt: str  # a PTR checkpoint of any phase
+    episodes: int = 10  # episodes to run (Figure 8: 10 trials)
+    seed: int = 0  # episode i resets with seed + i
+    video_format: str = "gif"  # animated GIF or PNG film strip
+    device: str = "cpu"  # where the actor runs
+    task: str | None = None  # task name or index (default: the checkpoint's target task)
+    save_video: str | None = None  # folder for one animation per episode
+    json: str | None = None  # also write the results to this JSON file
+    sample_actions: bool | None = None  # a sample of the actor, not its mean (default: the mean)
+    env: str = "binsort"  # binsort, widowx or module:Class (make_env)
+    env_image_size: int | None = None  # render size (default: the checkpoint's)
+    max_steps: int = 0  # episode length cap (0: the env's own limit)
+    port: str = "/dev/ttyUSB0"  # widowx: the U2D2 serial port
+    camera: str = "0"  # widowx: an opencv camera index or path, or twin:<port>
+    ood: str = "none"  # binsort: out-of-distribution starts (OOD_STARTS)
+    backend: str = "dynamixel"  # widowx: its driver, dynamixel or interbotix
+    reset_ckpt: str | None = None  # widowx: a reset policy run after every episode (else Enter)
+    classifier: str | None = None  # rewards from this success classifier (its labeler given)
+    binarize_gripper: bool | None = None  # the gripper command executed as 0 or 1
+
+
+def run_evaluation(cfg, labeler=None, log=print):
+    """`online.py eval`: cfg.episodes reproducible episodes of cfg.ckpt's actor (EvalConfig), its
+    mean action unless sampled ones are asked for or exported; the summary printed, and written
+    with every episode to cfg.json when given. labeler: the rewards of cfg.classifier
+    (classifier.load_labeler, a level above this file), or a person's; None: the env's own.
+    Returns the summary (summarize)."""
+    policy = load_policy(cfg.ckpt, cfg.device, cfg.task, cfg.binarize_gripper)
+    sample_actions = cfg.sample_actions
+    if sample_actions is None:  # as exported (online.py export --sample_actions), else the mean
+        sample_actions = bool(getattr(policy, "evaluation", {}).get("sample_actions", False))
+    env = make_env(
+        cfg.env,
+        cfg.env_image_size or policy.size,
+        policy.task_name,
+        cfg.max_steps,
+        cfg.port,
+        cfg.backend,
+        cfg.camera,
+        ood=cfg.ood,
+        terminate_on_success=not cfg.classifier,
+    )
+    video = (cfg.save_video, cfg.video_format) if cfg.save_video else None
+    try:
+        resetter = make_resetter(cfg.env, env, cfg.reset_ckpt, cfg.device)
+        results = evaluate(
+            env,
+            policy,
+            cfg.episodes,
+            cfg.seed,
+            cfg.max_steps,
+            resetter,
+            video=video,
+            labeler=labeler,
+            log=log,
+            deterministic=not sample_actions,
+        )
+    finally:
+        close_env(env)
+    s = summarize(results)
+    log(f"{s['text']}, mean return {s['return']:.2f}, mean length {s['length']:.1f}")
+    for name, stage in s["stages"].items():
+        log(f"  stage {name}: {rate_text(stage['count'], s['episodes'], stage['lo'], stage['hi'])}")
+    if cfg.json:
+        doc = {**s, "ckpt": cfg.ckpt, "sampled_actions": sample_actions, "ood": cfg.ood}
+        doc["binarized_gripper"] = bool(getattr(policy, "binarize_gripper", False))
+        doc["per_episode"] = results
+        atomic_write_json(doc, cfg.json, indent=2)  # null where a number is not finite
+    return s
+
+
+# ---------------------------------------------------------- the flags (online.py eval and finetune)
+# EvalConfig's fields that add_dataclass_args makes flags of; the others are written out below, as a
+# generated str | None flag would also take the word none, and no generated flag is a bool | None
+GENERATED_EVAL_FLAGS = ("ckpt", "episodes", "seed", "video_format", "device")
+
+
+def env_flag(text):
+    """--env's values: a name in ENVS or module:Class, which argparse's choices cannot say."""
+    if text in ENVS or module_env_parts(text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {ENV_FORMS})")
+
+
+def add_env_args(p, camera_flag="--camera"):
+    """The environment's options. camera_flag: finetune also reads data, whose --camera
+    (data.add_data_args) names a camera of the stores, so its environment's is --env_camera."""
+    p.add_argument(
+        "--env",
+        default="binsort",
+        type=env_flag,
+        metavar="{binsort,widowx,module:Class}",
+        help="the simulator, the arm, or your own environment: Class(image_size=..., max_steps=... "
+        "when given) from an importable module, with reset(seed=None) and step(action)",
+    )
+    p.add_argument(
+        "--env_image_size", type=int, default=None, help="render size (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--max_steps", type=int, default=0, help="episode length cap (default: the env's own limit)"
+    )
+    p.add_argument("--port", default="/dev/ttyUSB0", help="widowx: the U2D2 serial port")
+    p.add_argument(
+        camera_flag,
+        default="0",
+        help="widowx: an opencv camera index or path, or twin:<port> (twin.py's rendered frames)",
+    )
+    p.add_argument(
+        "--ood",
+        default="none",
+        choices=OOD_STARTS,
+        help="binsort: start episodes where the data never started them: objects in a strip the "
+        "demos never used, the arm at another start pose, or both (binsort_env.OOD_STARTS)",
+    )
+    p.add_argument(
+        "--backend", default="dynamixel", choices=["dynamixel", "interbotix"], help="widowx driver"
+    )
+    p.add_argument(
+        "--reset_ckpt",
+        default=None,
+        help="widowx: a reset policy run after every episode (else Enter)",
+    )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="rewards from this success classifier (written by classifier.py)",
+    )
+    p.add_argument(
+        "--binarize_gripper",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="execute the gripper command as 0 or 1 (threshold 0.5), as the demos command it",
+    )
+
+
+def add_eval_args(p):
+    """`online.py eval`'s flags, one per EvalConfig field (run_evaluation)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    add_dataclass_args(
+        p,
+        EvalConfig,
+        skip=[f.name for f in fields(EvalConfig) if f.name not in GENERATED_EVAL_FLAGS],
+        choices={"video_format": VIDEO_FORMATS},
+        defaults={"device": device},
+    )
+    p.add_argument(
+        "--task", default=None, help="task name or index (default: the checkpoint's target task)"
+    )
+    p.add_argument("--save_video", default=None, help="folder for one animation per episode")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    # An imitating tanh-Gaussian actor's mean gripper command can stall at 0.5-0.8 where the demos
+    # close: the arm stands still and the mean action never changes; a sample crosses the threshold.
+    p.add_argument(
+        "--sample_actions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw each action from the actor (tanh-Gaussian) instead of taking its mean; "
+        "a BC policy is deterministic either way (default: as exported, else the mean)",
+    )
+    add_env_args(p)
+    p.set_defaults(binarize_gripper=None)  # as exported, else as predicted

@@ -51,8 +51,9 @@ from binsort_env import (
     parse_task,
     task_name,
 )
+from bridge import bridge_trajectory, write_bridge_file
 from cli import add_dataclass_args, dataclass_from_args
-from fileio import atomic_write, bridge_trajectory, write_bridge_file
+from fileio import atomic_write
 from widowx import R_DOWN, euler_to_mat, mat_to_euler
 
 # ---------------------------------------------------------------- constants and dataclasses

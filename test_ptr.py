@@ -6,12 +6,12 @@ builders that every section shares: synthetic Bridge-format trees and stores, ti
 folders, a fine-tuned checkpoint, arms and twins on fakes.py's servos. Then the tests: the layout
 (every file imports only from lower levels, SPEC section 2), then the project's files in import
 order: cli.py, fileio.py, runfolder.py, widowx.py, dynamixel.py (fileio.py also through the data,
-robot and simulator tests); model.py; cql.py; data.py with its format readers bridge.py, rlds.py
-and lerobot.py; batches.py (tested on data.py's stores); train.py with checkpoint.py; finetune.py;
-select_ckpt.py; classifier.py; arm.py and robot.py; twin.py; binsort_env.py and sim_binsort.py;
-rollout.py and online.py (which drive robot.py and binsort_env.py); then bench.py, stats.py and
-every script's command line. A test sits with the module whose behaviour it checks, even when it
-reaches that module through a later one."""
+robot and simulator tests); model.py; cql.py; data.py with store.py and its format readers
+bridge.py, rlds.py and lerobot.py; batches.py (tested on data.py's stores); train.py with
+checkpoint.py; finetune.py; select_ckpt.py; classifier.py; arm.py and robot.py; twin.py;
+binsort_env.py and sim_binsort.py; rollout.py and online.py (which drive robot.py and
+binsort_env.py); then bench.py, stats.py and every script's command line. A test sits with the
+module whose behaviour it checks, even when it reaches that module through a later one."""
 
 import argparse
 import ast
@@ -42,6 +42,7 @@ from PIL import Image
 
 import arm as wxarm
 import batches
+import bench
 import binsort_env as benv
 import bridge
 import checkpoint
@@ -60,6 +61,7 @@ import robot
 import rollout
 import runfolder
 import select_ckpt
+import servos
 import sim_binsort as sb
 import stats
 import train
@@ -71,6 +73,7 @@ from fakes import (
     BrightAtEnv,
     CtrlCAt,
     FakeBus,
+    ModuleEnv,
     RecordingPolicy,
     RedCamera,
     ReplayAgent,
@@ -80,6 +83,7 @@ from fakes import (
     ZeroPolicy,
     fake_interbotix,
 )
+from store import FORMAT_VERSION, Store, StoreError
 
 # The networks here are tiny: one thread beats two that spend their time synchronising, and a busy
 # machine (CI, a laptop) does not turn a 3-second test into a 100-second one.
@@ -358,7 +362,7 @@ def _write_tree(root, tasks, n_traj=4, T=5, H=8, n_val=1, cameras=("images0",), 
                     bridge.synthetic_trajectory(int(lengths[i % len(lengths)]), H, rng, cameras)
                     for i in range(n)
                 ]
-                fileio.write_bridge_file(os.path.join(root, task, split, "out.npy"), trajs)
+                bridge.write_bridge_file(os.path.join(root, task, split, "out.npy"), trajs)
                 written[task][split] = trajs
     return written
 
@@ -472,7 +476,7 @@ def _stored_steps(traj):
     """What a T-step RLDS / LeRobot episode made from traj holds, as a Bridge trajectory: the T
     observations and T - 1 actions (the release's final next observation is not stored)."""
     obs = [{"image": o["images0"], "state": o["state"]} for o in traj["observations"]]
-    return fileio.bridge_trajectory(obs, traj["actions"][:-1])
+    return bridge.bridge_trajectory(obs, traj["actions"][:-1])
 
 
 def _write_rlds(folder, n=5, T=(4, 6, 5), H=16, num_shards=2, split="train", seed=0):
@@ -493,7 +497,7 @@ def _store_trajectories(st):
     states = np.asarray(st.states)
     out = []
     for k, (start, length) in enumerate(zip(st.traj_start, st.traj_length)):
-        frames = slice(start + k, start + k + length + 1)  # T + 1 frames, see data.py's docstring
+        frames = slice(start + k, start + k + length + 1)  # T + 1 frames, see store.py's docstring
         out.append(
             (
                 st.task_names[st.traj_task[k]],
@@ -631,7 +635,7 @@ def online_setup(tmp_path_factory):
         "format": checkpoint.CKPT_FORMAT,
         "kind": "finetune",
         "step": 0,
-        "agent": Agent(cfg).state_dict(),
+        "agent": checkpoint.agent_state(Agent(cfg)),
         "task_names": ["pick_a", "pick_b", "sort_mug_cube"],
         "action_low": prior.action_low.tolist(),
         "action_high": prior.action_high.tolist(),
@@ -695,15 +699,16 @@ def _progress_rows(path):
 # ==================================================================================================
 LEVELS = {
     **dict.fromkeys(["model", "widowx", "dynamixel", "cli", "fileio", "stats"], 0),
-    **dict.fromkeys(["bridge", "cql", "arm", "binsort_env", "runfolder"], 1),
+    **dict.fromkeys(["bridge", "cql", "arm", "binsort_env", "runfolder", "servos"], 1),
     **dict.fromkeys(["batches", "rlds", "lerobot", "checkpoint", "robot", "sim_binsort"], 2),
+    "store": 2,
     **dict.fromkeys(["data", "rollout", "select_ckpt", "bench", "twin"], 3),
     **dict.fromkeys(["train", "classifier"], 4),
     "finetune": 5,
     "online": 6,
 }
 # the world's side: the arm and the simulator, their environments and their tools
-WORLD = {"arm", "binsort_env", "robot", "sim_binsort", "twin"}
+WORLD = {"arm", "binsort_env", "robot", "servos", "sim_binsort", "twin"}
 COMMAND_HANDOFFS = {("sim_binsort", "twin", "main")}  # (file, imported, function)
 ENV_FACTORY = ("rollout", "make_env")
 UNLEVELLED = {"test_ptr", "fakes"}  # level -: they may import anything, as scripts/ may
@@ -737,8 +742,8 @@ def _project_imports(path, stems):
 def test_layout_every_file_imports_only_lower_levels():
     """SPEC section 2's levels, read from the code. Every import of a project file, at module level
     or inside a function, goes to a strictly lower level, so a level-0 file imports nothing from
-    the project. The world's side (WORLD: arm, binsort_env, robot, sim_binsort, twin) builds on
-    itself under that rule alone; any other file imports it only lazily, inside rollout.make_env
+    the project. The world's side (WORLD: arm, binsort_env, robot, servos, sim_binsort, twin) builds
+    on itself under that rule alone; any other file imports it only lazily, inside rollout.make_env
     ("Environments are imported lazily by the env factory only"), so that training, fine-tuning and
     evaluation import neither PyBullet nor the serial bus until an environment is made. test_ptr.py
     and fakes.py (and scripts/) may import anything. Every .py file at the root has a level: a new
@@ -1310,7 +1315,7 @@ def test_core_actor_imitation_warm_up():
     # critic's gradient out of the actor; afterwards the actor follows Q again
     cfg = _tiny_config(bc_steps=3, actor_lr=1e-3)
     agent = Agent(cfg)
-    batch = cql.random_batch(cfg, 8)
+    batch = bench.random_batch(cfg, 8)
 
     def z():
         return agent.policy.embed(batch["obs"])
@@ -1329,11 +1334,13 @@ def test_core_actor_imitation_warm_up():
         _tiny_config(actor_lr=1e-3)
     )  # bc_steps 0: the paper's actor from the first step
     assert not torch.equal(reference.update(batch)["actor_loss"], infos[0]["actor_loss"])
-    saved = agent.state_dict()
-    still_imitating = Agent.from_state_dict(
+    saved = checkpoint.agent_state(agent)
+    still_imitating = checkpoint.agent_from_state(
         {**saved, "config": {**saved["config"], "bc_steps": 10}}
     )
-    never_imitated = Agent.from_state_dict({**saved, "config": {**saved["config"], "bc_steps": 0}})
+    never_imitated = checkpoint.agent_from_state(
+        {**saved, "config": {**saved["config"], "bc_steps": 0}}
+    )
     fourth = agent.update(batch)["actor_loss"]  # update 4: the Q-maximising loss again
     assert torch.equal(fourth, never_imitated.update(batch)["actor_loss"])
     assert not torch.equal(fourth, still_imitating.update(batch)["actor_loss"])
@@ -1376,7 +1383,7 @@ def test_core_actor_q_term_and_awr_weights_by_hand():
 
 
 def test_core_imitating_actor_with_lambda_zero_is_imitation_exactly():
-    batch = cql.random_batch(_tiny_config(), 8)
+    batch = bench.random_batch(_tiny_config(), 8)
 
     def run(**kw):
         agent = Agent(_tiny_config(bc_steps=10, actor_lr=1e-3, **kw))
@@ -1406,7 +1413,7 @@ def test_core_actor_q_term_ramp_and_gradient_stops():
         agent.updates = updates
         weights.append(agent.actor_q_weight())
     assert weights == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
-    batch = cql.random_batch(agent.cfg, 4)
+    batch = bench.random_batch(agent.cfg, 4)
     onehot = agent._onehot(batch["task"])
     z = agent.policy.embed(batch["obs"])
     a_pi = torch.zeros(4, 2, 7, requires_grad=True)
@@ -1423,7 +1430,7 @@ def test_core_actor_q_term_ramp_and_gradient_stops():
 def test_core_zero_task_slots_makes_a_slot_task_agnostic_as_grow_tasks_does():
     cfg = _tiny_config(actor_lr=1e-3)
     agent = Agent(cfg)
-    batch = cql.random_batch(cfg, 6)
+    batch = bench.random_batch(cfg, 6)
     batch["task"] = torch.tensor([0, 1, 2, 2, 1, 0])
     for _ in range(2):  # Adam moments on every slot's columns
         agent.update(batch)
@@ -1459,7 +1466,7 @@ def test_core_gaussian_bc_agent_is_the_imitating_actor_without_a_critic():
     cfg = _tiny_config(algo="gbc", actor_lr=1e-3)
     agent = Agent(cfg)
     assert set(agent.nets) == {"policy"} and set(agent.optimizers) == {"actor", "temp"}
-    batch = cql.random_batch(cfg, 8)
+    batch = bench.random_batch(cfg, 8)
     onehot = agent._onehot(batch["task"])
     generator = torch.Generator().set_state(agent.generator.get_state())
     with torch.no_grad():  # the first update's loss, by hand from the same sampling stream
@@ -1476,7 +1483,7 @@ def test_core_gaussian_bc_agent_is_the_imitating_actor_without_a_critic():
     assert _act_on(agent, batch).shape == (8, 7)
     with pytest.raises(ValueError, match="algo='gbc' has none"):
         agent.q_values(batch)
-    again = Agent.from_state_dict(agent.state_dict())
+    again = checkpoint.agent_from_state(checkpoint.agent_state(agent))
     assert torch.equal(_act_on(again, batch), _act_on(agent, batch))
     agent.cfg.algo = "cql"
     with pytest.raises(ValueError, match="algo='cql' trains critic networks"):
@@ -1525,7 +1532,7 @@ def test_core_update_runs_each_encoder_once():
             calls[n] = calls.get(n, 0) + 1
 
         net.encoder.register_forward_hook(count)
-    info = agent.update(cql.random_batch(agent.cfg, 4))
+    info = agent.update(bench.random_batch(agent.cfg, 4))
     assert calls == {"critic": 1, "target_critic": 1, "policy": 2, "bc_policy": 1}
     keys = "critic_loss td_loss cql_penalty q_data cql_gap actor_loss temperature alpha bc_loss"
     for key in keys.split() + ["grad_norm_critic", "grad_norm_actor", "grad_norm_bc"]:
@@ -1561,14 +1568,14 @@ def test_core_conservatism_after_training():
 
 def test_core_save_load_continue_identical(tmp_path):
     cfg = _tiny_config()
-    batches = [cql.random_batch(cfg, 6, seed=s) for s in range(4)]
+    batches = [bench.random_batch(cfg, 6, seed=s) for s in range(4)]
     a = Agent(cfg)
     for b in batches[:2]:
         a.update(b)
-    torch.save(a.state_dict(), tmp_path / "agent.pt")
+    torch.save(checkpoint.agent_state(a), tmp_path / "agent.pt")
     d = torch.load(tmp_path / "agent.pt", weights_only=True)
     b_agent = Agent(_tiny_config(seed=7))  # different init: everything must come from the file
-    b_agent.load_state_dict(d)
+    checkpoint.load_agent_state(b_agent, d)
     x = batches[0]
     assert torch.equal(a.q_values(x), b_agent.q_values(x))
     assert torch.equal(_act_on(a, x), _act_on(b_agent, x))
@@ -1581,19 +1588,19 @@ def test_core_save_load_continue_identical(tmp_path):
             assert torch.equal(p, q), (name, k)
     assert torch.equal(a.log_temp, b_agent.log_temp) and a.updates == b_agent.updates == 4
     with pytest.raises(ValueError, match="num_tasks: checkpoint 3, agent 5"):
-        Agent(_tiny_config(num_tasks=5)).load_state_dict(d)
+        checkpoint.load_agent_state(Agent(_tiny_config(num_tasks=5)), d)
     no_bc = r"checkpoint \(algo='cql'\) has no \['bc_policy', 'bc optimizer'\]"
     with pytest.raises(ValueError, match=no_bc):
-        Agent(_tiny_config(algo="awbc")).load_state_dict(d)
+        checkpoint.load_agent_state(Agent(_tiny_config(algo="awbc")), d)
     aw = Agent(_tiny_config(algo="awbc", seed=7))  # AW-BC on a PTR checkpoint: critic from the file
-    assert aw.load_state_dict(d, strict=False) == ["bc_policy", "bc optimizer"]
-    assert torch.equal(aw.q_values(x), Agent.from_state_dict(d).q_values(x))
+    assert checkpoint.load_agent_state(aw, d, strict=False) == ["bc_policy", "bc optimizer"]
+    assert torch.equal(aw.q_values(x), checkpoint.agent_from_state(d).q_values(x))
 
 
 def test_core_grow_tasks_keeps_old_outputs():
     cfg = _tiny_config(algo="awbc", num_tasks=2)
     agent = Agent(cfg)
-    batch = cql.random_batch(cfg, 6)
+    batch = bench.random_batch(cfg, 6)
     agent.update(batch)
     q_before = agent.q_values(batch)
     a_before = _act_on(agent, batch)
@@ -1629,7 +1636,7 @@ def test_core_bc_agent():
     agent = Agent(cfg)
     dropout = agent.nets["bc_policy"].net[2]  # after the first ReLU
     assert set(agent.nets) == {"bc_policy"} and dropout.p == 0.4
-    batch = cql.random_batch(cfg, 8)
+    batch = bench.random_batch(cfg, 8)
     losses = [agent.update(batch)["bc_loss"].item() for _ in range(15)]
     assert losses[-1] < losses[0]
     act = _act_on(agent, batch)
@@ -1645,7 +1652,7 @@ def test_core_switch_cql_to_awbc():
     policy appears then; edited in place, cfg.algo = 'awbc' is refused at the next update."""
     cfg = _tiny_config()
     agent = Agent(cfg)
-    batch = cql.random_batch(cfg, 6)
+    batch = bench.random_batch(cfg, 6)
     a_cql = _act_on(agent, batch)
     agent.cfg.algo = "awbc"
     with pytest.raises(ValueError, match="needs the BC policy set_config adds"):
@@ -1656,7 +1663,7 @@ def test_core_switch_cql_to_awbc():
     assert 0 < info["awbc_weight"] <= cfg.awbc_max_weight
     a_bc = _act_on(agent, batch)
     assert a_bc.shape == a_cql.shape and not torch.allclose(a_bc, a_cql)
-    again = Agent.from_state_dict(agent.state_dict())
+    again = checkpoint.agent_from_state(checkpoint.agent_state(agent))
     assert again.cfg.algo == "awbc" and torch.equal(_act_on(again, batch), a_bc)
     bc = Agent(_tiny_config(algo="bc"))
     bc.cfg.algo = "cql"
@@ -1670,24 +1677,24 @@ def test_core_state_statistics_travel_with_checkpoints_and_old_ones_load_as_iden
     mean = torch.linspace(-1.0, 1.0, 7)
     std = torch.linspace(0.1, 0.7, 7)
     agent.set_state_statistics(mean, std)
-    saved = agent.state_dict()
-    again = Agent.from_state_dict(saved)
+    saved = checkpoint.agent_state(agent)
+    again = checkpoint.agent_from_state(saved)
     assert torch.equal(again.policy.state_norm.mean, mean)
     assert torch.equal(again.policy.state_norm.std, std)
     # the BC policy created later sees the state as the policy does
     agent.set_config(dataclasses.replace(agent.cfg, algo="awbc"))
-    agent.update(cql.random_batch(cfg, 4))
+    agent.update(bench.random_batch(cfg, 4))
     assert torch.equal(agent.bc_policy.state_norm.mean, mean)
     # a checkpoint written before the normalizer existed: identity, so its policy acts as it did
     old = copy.deepcopy(saved)
     for net in old["nets"].values():
         net.pop("state_norm.mean", None)
         net.pop("state_norm.std", None)
-    legacy = Agent.from_state_dict(checkpoint.upgrade_agent_state(old))
+    legacy = checkpoint.agent_from_state(checkpoint.upgrade_agent_state(old))
     assert torch.equal(legacy.policy.state_norm.mean, torch.zeros(7))
     assert torch.equal(legacy.policy.state_norm.std, torch.ones(7))
-    x = cql.random_batch(cfg, 4, seed=1)
-    unnormalized = Agent.from_state_dict(saved)
+    x = bench.random_batch(cfg, 4, seed=1)
+    unnormalized = checkpoint.agent_from_state(saved)
     unnormalized.set_state_statistics(torch.zeros(7), torch.ones(7))
     assert torch.equal(_act_on(legacy, x), _act_on(unnormalized, x))
     assert not torch.equal(_act_on(again, x), _act_on(legacy, x))
@@ -1698,18 +1705,18 @@ def test_core_optimizer_state_takes_the_parameters_layout_on_load():
     parameter's layout."""
     cfg = _tiny_config()
     a = Agent(cfg)
-    batch = cql.random_batch(cfg, 4)
+    batch = bench.random_batch(cfg, 4)
     a.update(batch)
     # as torch.load gives it: no tensor shared with a's live optimizer
-    sd = copy.deepcopy(a.state_dict())
+    sd = copy.deepcopy(checkpoint.agent_state(a))
     for st in sd["optimizers"]["critic"]["state"].values():
         for k, v in st.items():
             if torch.is_tensor(v) and v.dim() == 4:
                 st[k] = v.contiguous(memory_format=torch.channels_last)
     b = Agent(cfg)
     c = Agent(cfg)
-    b.load_state_dict(sd)
-    c.load_state_dict(copy.deepcopy(a.state_dict()))
+    checkpoint.load_agent_state(b, sd)
+    checkpoint.load_agent_state(c, copy.deepcopy(checkpoint.agent_state(a)))
     for opt in b.optimizers.values():
         for p, st in opt.state.items():
             moments = [v for v in st.values() if torch.is_tensor(v) and v.shape == p.shape]
@@ -1728,7 +1735,7 @@ def test_pipeline_a_phase_switch_is_one_config_change():
     assert agent.cfg == frozen and agent.cfg is not frozen
     assert [g["lr"] for g in agent.optimizers["critic"].param_groups] == [0.0]
     before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
-    agent.update(cql.random_batch(cfg, 4))
+    agent.update(bench.random_batch(cfg, 4))
     assert all(torch.equal(v, agent.critic.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match=r"set_config cannot change \['hidden'\]"):
         agent.set_config(dataclasses.replace(cfg, hidden=cfg.hidden * 2))
@@ -1755,7 +1762,7 @@ def test_perf_compiled_update_equals_eager():
     counter = CompileCounterWithBackend("aot_eager")
     compiled.compile(backend=counter)
     for seed in range(2):
-        batch = cql.random_batch(cfg, 6, seed=seed)
+        batch = bench.random_batch(cfg, 6, seed=seed)
         want = _loss_entries(eager.update(batch))
         got = _loss_entries(compiled.update(batch))
         assert want.keys() == got.keys() and "critic_loss" in want
@@ -1905,11 +1912,11 @@ def test_data_two_processes_converting_the_same_files(tmp_path, monkeypatch):
             sources, root, str(store), st.meta["key"], st.meta["options"], log=lambda *_: None
         )
     # kept, no ENOTEMPTY
-    assert (store / "first").exists() and data.Store(store).num_transitions() == 10
+    assert (store / "first").exists() and Store(store).num_transitions() == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]  # our tmp folder is gone
     data.convert(sources, root, str(store), "other", st.meta["options"], log=lambda *_: None)
     # an old store is replaced
-    assert not (store / "first").exists() and data.Store(store).meta["key"] == "other"
+    assert not (store / "first").exists() and Store(store).meta["key"] == "other"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "tree"]
 
 
@@ -1918,87 +1925,118 @@ def test_data_empty_split_file_counts_as_absent(tmp_path):
     # still holds one out
     _write_tree(tmp_path / "tree", ["k/a"], n_traj=4, n_val=0)
     _write_tree(tmp_path / "tree", ["k/b"], n_traj=0, n_val=4)
-    fileio.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
-    fileio.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
+    bridge.write_bridge_file(str(tmp_path / "tree" / "k" / "a" / "val" / "out.npy"), [])
+    bridge.write_bridge_file(str(tmp_path / "tree" / "k" / "b" / "train" / "out.npy"), [])
     st = data.load_store(tmp_path / "tree", log=lambda *_: None)
     assert st.task_names == ["a", "b"]
     assert np.bincount(st.traj_task[st.trajectory_ids("val")]).tolist() == [1, 1]
     assert np.bincount(st.traj_task[st.trajectory_ids("train")]).tolist() == [3, 3]
 
 
-def test_data_bad_input_errors(tmp_path):
-    t = _good_trajectory()
-    del t["actions"]
-    _assert_bad_input(
-        tmp_path, [_good_trajectory(), t], r"trajectory 1: field 'actions': expected a key"
-    )
-    t = _good_trajectory()
-    t["next_observations"] = t["next_observations"][:2]
-    _assert_bad_input(
-        tmp_path,
-        [t],
+def _with_step(traj, key, step, **fields):
+    """A copy of traj whose observation `step` of `key` (observations, next_observations) has
+    `fields` changed."""
+    steps = list(traj[key])
+    steps[step] = dict(steps[step], **fields)
+    return dict(traj, **{key: steps})
+
+
+def _without(traj, key):
+    return {k: v for k, v in traj.items() if k != key}
+
+
+# id, the out.npy's content made from a good trajectory t, the error, load_store's options
+BAD_INPUTS = [
+    (
+        "actions-missing",
+        lambda t: [t, _without(t, "actions")],
+        r"trajectory 1: field 'actions': expected a key",
+        {},
+    ),
+    (
+        "next-observations-short",
+        lambda t: [dict(t, next_observations=t["next_observations"][:2])],
         r"trajectory 0: field 'next_observations': expected a list of 3 .* got 2 entries",
-    )
-    t = _good_trajectory()
-    t["observations"][1] = dict(t["observations"][1], images0=np.zeros((8, 9, 3), np.uint8))
-    _assert_bad_input(
-        tmp_path,
-        [t],
+        {},
+    ),
+    (
+        "image-other-size",
+        lambda t: [_with_step(t, "observations", 1, images0=np.zeros((8, 9, 3), np.uint8))],
         r"field 'observations\[1\].images0': expected a uint8 image of shape \(8, 8, 3\)",
-    )
-    t = _good_trajectory()
-    t["observations"][0] = dict(t["observations"][0], images0=np.zeros((8, 8, 3), np.float32))
-    _assert_bad_input(
-        tmp_path, [t], r"'observations\[0\].images0': expected a uint8 image .* got float32"
-    )
-    t = _good_trajectory()
-    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.zeros(6))
-    _assert_bad_input(tmp_path, [t], r"'next_observations\[2\].state': expected 7 floats")
-    _assert_bad_input(
-        tmp_path,
-        [_good_trajectory(), _good_trajectory(0)],
+        {},
+    ),
+    (
+        "image-float",
+        lambda t: [_with_step(t, "observations", 0, images0=np.zeros((8, 8, 3), np.float32))],
+        r"'observations\[0\].images0': expected a uint8 image .* got float32",
+        {},
+    ),
+    (
+        "final-state-6d",
+        lambda t: [_with_step(t, "next_observations", -1, state=np.zeros(6))],
+        r"'next_observations\[2\].state': expected 7 floats",
+        {},
+    ),
+    (
+        "no-steps",
+        lambda t: [t, _good_trajectory(0)],
         r"trajectory 1: field 'actions': .* got float64 array of shape \(0, 7\)",
-    )
-    t = _good_trajectory()
-    t["actions"] = [list(a) for a in t["actions"]][:2] + [[0.0] * 6]
-    _assert_bad_input(
-        tmp_path,
-        [t],
+        {},
+    ),
+    (
+        "actions-ragged",
+        lambda t: [dict(t, actions=[list(a) for a in t["actions"]][:2] + [[0.0] * 6])],
         r"trajectory 0: field 'actions': expected a \(T, 7\) float .* got a ragged list",
-    )
-    t = _good_trajectory()
-    t["observations"][2] = dict(t["observations"][2], state=["up"] * 7)
-    _assert_bad_input(
-        tmp_path,
-        [t],
+        {},
+    ),
+    (
+        "state-words",
+        lambda t: [_with_step(t, "observations", 2, state=["up"] * 7)],
         r"'observations\[2\].state': expected 7 floats .* got <U2 array of shape \(7,\)",
-    )
-    t = _good_trajectory()
-    t["observations"][0] = dict(t["observations"][0], state=[[0.0] * 3, [0.0] * 4])
-    _assert_bad_input(
-        tmp_path, [t], r"'observations\[0\].state': expected 7 floats .* got a ragged list"
-    )
-    _assert_bad_input(
-        tmp_path,
-        [dict(_good_trajectory(), terminals=[None] * 3)],
+        {},
+    ),
+    (
+        "state-ragged",
+        lambda t: [_with_step(t, "observations", 0, state=[[0.0] * 3, [0.0] * 4])],
+        r"'observations\[0\].state': expected 7 floats .* got a ragged list",
+        {},
+    ),
+    (
+        "terminals-none",
+        lambda t: [dict(t, terminals=[None] * 3)],
         r"'terminals': expected 3 numbers, got object array",
-    )
-    _assert_bad_input(
-        tmp_path,
-        [_good_trajectory(), ["not", "a", "dict"]],
+        {},
+    ),
+    (
+        "trajectory-not-a-dict",
+        lambda t: [t, ["not", "a", "dict"]],
         r"trajectory 1: field '<trajectory>': expected a dict",
-    )
-    _assert_bad_input(
-        tmp_path,
-        np.zeros(3),
+        {},
+    ),
+    (
+        "file-not-a-list",
+        lambda t: np.zeros(3),
         r"field '<file>': expected a list of trajectory dicts, got float64 array",
-    )
-    _assert_bad_input(
-        tmp_path,
-        [_good_trajectory()],
+        {},
+    ),
+    (
+        "camera-missing",
+        lambda t: [t],
         r"field 'observations\[0\].images1': expected .*camera missing",
-        camera="images1",
-    )
+        {"camera": "images1"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "content, match, options",
+    [pytest.param(*case, id=name) for name, *case in BAD_INPUTS],
+)
+def test_data_bad_input_errors(tmp_path, content, match, options):
+    _assert_bad_input(tmp_path, content(_good_trajectory()), match, **options)
+
+
+def test_data_truncated_file_error(tmp_path):
     path = tmp_path / "bad" / "k" / "a" / "train" / "out.npy"
     _save_npy(str(path), [_good_trajectory(), _good_trajectory()])
     path.write_bytes(path.read_bytes()[:-500])  # truncated
@@ -2046,7 +2084,7 @@ def test_data_store_marks_failed_attempts_by_their_rewards(tmp_path, capsys):
     succeeded["rewards"] = np.array([0, 0, 1, 1], np.float32)
     failed["rewards"] = np.zeros(4, np.float32)
     source = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
-    fileio.write_bridge_file(str(source), [demo, succeeded, failed])
+    bridge.write_bridge_file(str(source), [demo, succeeded, failed])
     st = data.load_store(tmp_path / "tree", log=lambda *_: None)
     assert st.traj_success.tolist() == [True, True, False]
     data.info(st.path)
@@ -2065,40 +2103,60 @@ def test_data_store_marks_failed_attempts_by_their_rewards(tmp_path, capsys):
     with np.load(old / "trajectories.npz") as z:
         index = {name: z[name] for name in z.files if name != "success"}
     np.savez(old / "trajectories.npz", **index)
-    version = f"'format_version': expected {data.FORMAT_VERSION}, got 1"
-    with pytest.raises(data.StoreError, match=version):
-        data.Store(old)
+    version = f"'format_version': expected {FORMAT_VERSION}, got 1"
+    with pytest.raises(StoreError, match=version):
+        Store(old)
     logs = []
     again = data.load_store(tmp_path / "tree", log=logs.append)
     assert logs[0].startswith("converting 1 files") and again.traj_success.tolist() == [1, 1, 0]
 
 
 # ---- non-finite values, damaged stores, one-line failures -----------------------------
-def test_data_non_finite_values_rejected_and_skipped(tmp_path):
-    t = _good_trajectory()
-    t["actions"][1, 4] = np.nan
-    _assert_bad_input(
-        tmp_path,
-        [_good_trajectory(), t],
+def _with_action(traj, step, dim, value):
+    """A copy of traj with one entry of its actions changed."""
+    actions = np.array(traj["actions"])
+    actions[step, dim] = value
+    return dict(traj, actions=actions)
+
+
+# id, the out.npy's content made from a good trajectory t, the error
+NON_FINITE_INPUTS = [
+    (
+        "action-nan",
+        lambda t: [t, _with_action(t, 1, 4, np.nan)],
         r"trajectory 1: field 'actions': expected finite numbers, got nan at step 1, dimension 4",
-    )
-    t = _good_trajectory()
-    t["observations"][2] = dict(t["observations"][2], state=np.r_[np.inf, np.zeros(6)])
-    _assert_bad_input(
-        tmp_path,
-        [t],
+    ),
+    (
+        "state-inf",
+        lambda t: [_with_step(t, "observations", 2, state=np.r_[np.inf, np.zeros(6)])],
         r"field 'observations\[2\].state': expected finite numbers, got inf in dimension 0",
-    )
-    t = _good_trajectory()
-    t["next_observations"][-1] = dict(t["next_observations"][-1], state=np.r_[np.zeros(6), -np.inf])
-    _assert_bad_input(tmp_path, [t], r"'next_observations\[2\].state': .* got -inf in dimension 6")
-    t = dict(_good_trajectory(), terminals=[0.0, np.nan, 0.0])
-    _assert_bad_input(tmp_path, [t], r"'terminals': .* got nan at step 1")
-    t = _good_trajectory()
-    t["actions"][2, 0] = 1e39  # a float64 that the store's float32 would keep as inf
-    _assert_bad_input(
-        tmp_path, [t], r"'actions': expected finite numbers, got inf at step 2, dimension 0"
-    )
+    ),
+    (
+        "final-state-minus-inf",
+        lambda t: [_with_step(t, "next_observations", -1, state=np.r_[np.zeros(6), -np.inf])],
+        r"'next_observations\[2\].state': .* got -inf in dimension 6",
+    ),
+    (
+        "terminal-nan",
+        lambda t: [dict(t, terminals=[0.0, np.nan, 0.0])],
+        r"'terminals': .* got nan at step 1",
+    ),
+    (
+        "action-beyond-float32",  # a float64 that the store's float32 would keep as inf
+        lambda t: [_with_action(t, 2, 0, 1e39)],
+        r"'actions': expected finite numbers, got inf at step 2, dimension 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "content, match", [pytest.param(*case, id=name) for name, *case in NON_FINITE_INPUTS]
+)
+def test_data_non_finite_values_rejected(tmp_path, content, match):
+    _assert_bad_input(tmp_path, content(_good_trajectory()), match)
+
+
+def test_data_non_finite_values_skipped(tmp_path):
     # --skip_bad skips them like any other bad trajectory: the action bounds stay finite
     bad = _good_trajectory(4)
     bad["actions"][0, 0] = np.nan
@@ -2123,14 +2181,14 @@ def test_data_damaged_store_given_is_an_error_with_the_rebuild_command(tmp_path)
         shutil.copytree(built, store)
         _damage_store(store, case)
         rebuild = f"rebuild the store: python data.py convert {tmp_path / 'tree'} --out {store}"
-        with pytest.raises(data.StoreError, match=match) as e:
+        with pytest.raises(StoreError, match=match) as e:
             data.load_store(tmp_path / "tree", store=store, log=lambda *_: None)
         assert str(e.value).startswith(str(store)) and str(e.value).endswith(rebuild), case
-        with pytest.raises(data.StoreError, match=match):  # a store passed as data
+        with pytest.raises(StoreError, match=match):  # a store passed as data
             data.load_store(store, log=lambda *_: None)
         # the command it names rebuilds it
         data.main(["convert", str(tmp_path / "tree"), "--out", str(store)])
-        assert data.Store(store).num_transitions() == 9, case
+        assert Store(store).num_transitions() == 9, case
     proc = _run_script("data.py", "info", built, expect_ok=False)
     assert proc.returncode == 0
     # a garbage meta.json was misread as a source tree: "expected at least one out.npy"
@@ -2163,7 +2221,7 @@ def test_data_bridge_reader_copied_alone_reads_and_checks_without_torch(tmp_path
         (tmp_path / name).write_text(open(os.path.join(HERE, name)).read())
     path = tmp_path / "out.npy"
     trajectory = bridge.synthetic_trajectory(3, 8, np.random.default_rng(0))
-    fileio.write_bridge_file(str(path), [trajectory, {**trajectory, "actions": np.zeros((3, 6))}])
+    bridge.write_bridge_file(str(path), [trajectory, {**trajectory, "actions": np.zeros((3, 6))}])
     script = (
         "import sys, bridge\n"
         f"good, bad = bridge.read_bridge_file({str(path)!r})\n"
@@ -2189,7 +2247,7 @@ def test_data_source_reader_seam(tmp_path, monkeypatch):
     # a reader may yield trajectory dicts lazily and fail part-way: what it yielded before stays
     rng = np.random.default_rng(0)
     path = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
-    fileio.write_bridge_file(str(path), [])
+    bridge.write_bridge_file(str(path), [])
 
     def reader(source):
         yield bridge.synthetic_trajectory(3, 8, rng)
@@ -2318,7 +2376,7 @@ def test_formats_rlds_round_trip_tasks_and_cameras(tmp_path):
     assert by_instruction == [instruction for *_, instruction in episodes]
     file_path = "/a/bridge/toykitchen2/put_sushi_in_pot/train/out.npy"
     assert rlds.task_from_file_path(file_path) == "put_sushi_in_pot"
-    with pytest.raises(fileio.FormatError, match=r"features.json: field 'camera': expected one of"):
+    with pytest.raises(bridge.FormatError, match=r"features.json: field 'camera': expected one of"):
         next(rlds.read_shard(shards[0][0], features, cameras, "wrist"))
 
 
@@ -2334,7 +2392,7 @@ def test_formats_rlds_store_equals_numpy_store(tmp_path):
             by_file.setdefault(file_path.split("/")[-4], []).append(_stored_steps(traj))
         for task, trajs in by_file.items():
             path = tmp_path / "tree" / "k" / task / split / "out.npy"
-            fileio.write_bridge_file(str(path), trajs)
+            bridge.write_bridge_file(str(path), trajs)
     quiet = {"image_size": 8, "log": lambda *_: None}
     from_rlds = _store_trajectories(data.load_store(tmp_path / "ds", **quiet))
     from_numpy = _store_trajectories(data.load_store(tmp_path / "tree", **quiet))
@@ -2356,7 +2414,7 @@ def test_formats_rlds_bad_input_and_skip_bad(tmp_path, capsys):
     store = tmp_path / "store"
 
     def fails(pattern, **kw):
-        with pytest.raises(fileio.FormatError, match=pattern):
+        with pytest.raises(bridge.FormatError, match=pattern):
             data.load_store(tmp_path / "ds", store=store, log=lambda *_: None, **kw)
         assert not os.path.exists(store)  # nothing half-written
 
@@ -2498,10 +2556,10 @@ def test_formats_rlds_incomplete_or_damaged_shards(tmp_path, case):
     _write_rlds(tmp_path / "ds", n=6, num_shards=2)
     damage(tmp_path / "ds", [path for path, _ in rlds.find_shards(tmp_path / "ds")])
     quiet = {"store": tmp_path / "store", "log": lambda *_: None}
-    with pytest.raises(fileio.FormatError, match=error):
+    with pytest.raises(bridge.FormatError, match=error):
         data.load_store(tmp_path / "ds", **quiet)
     if kept is None:
-        with pytest.raises(fileio.FormatError, match=error):
+        with pytest.raises(bridge.FormatError, match=error):
             data.load_store(tmp_path / "ds", skip_bad=True, **quiet)
         return
     st = data.load_store(tmp_path / "ds", skip_bad=True, **quiet)
@@ -2561,7 +2619,7 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
     video = videos / "observation.images.image_0" / "episode_000001.mp4"
     video.write_bytes(video.read_bytes()[:200])
     with pytest.raises(
-        fileio.FormatError, match=r"episode_000001.mp4: episode 1: field '<video>': expected"
+        bridge.FormatError, match=r"episode_000001.mp4: episode 1: field '<video>': expected"
     ):
         data.load_store(tmp_path / "le", log=lambda *_: None)
     st = data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
@@ -2572,7 +2630,7 @@ def test_formats_lerobot_bad_input_and_skip_bad(tmp_path):
         r"info.json: field 'codebase_version': expected one of \('v2.0', 'v2.1', 'v3.0'\), "
         r"got 'v1.6'"
     )
-    with pytest.raises(fileio.FormatError, match=old_version):
+    with pytest.raises(bridge.FormatError, match=old_version):
         data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
     with pytest.raises(cli.MissingPackageError, match="needs no_such_package: pip install no_"):
         lerobot._require("no_such_package")
@@ -2692,10 +2750,10 @@ def test_formats_lerobot_rows_and_frames_must_agree(tmp_path, case):
     episodes = [(_smooth_trajectory(4, 32, rng, episode=k), "wipe") for k in range(3)]
     lerobot.write_lerobot(tmp_path / "le", episodes, version=version, episodes_per_file=3)
     damage(tmp_path / "le")
-    with pytest.raises(fileio.FormatError, match=error):
+    with pytest.raises(bridge.FormatError, match=error):
         data.load_store(tmp_path / "le", log=lambda *_: None)
     if not kept:
-        with pytest.raises(fileio.FormatError, match="expected at least one valid trajectory"):
+        with pytest.raises(bridge.FormatError, match="expected at least one valid trajectory"):
             data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
         return
     st = data.load_store(tmp_path / "le", skip_bad=True, log=lambda *_: None)
@@ -2739,7 +2797,7 @@ def test_batches_failed_attempt_is_never_relabelled_by_hand(tmp_path):
     succeeded, failed = (bridge.synthetic_trajectory(T, 8, rng) for T in (5, 4))
     failed["rewards"] = np.zeros(4, np.float32)
     source = tmp_path / "tree" / "k" / "a" / "train" / "out.npy"
-    fileio.write_bridge_file(str(source), [succeeded, failed])
+    bridge.write_bridge_file(str(source), [succeeded, failed])
     store = data.load_store(tmp_path / "tree", log=lambda *_: None)
     sampler = batches.Sampler(store, None, gamma=0.9)
     t = sampler.trajectory(1)
@@ -2761,11 +2819,11 @@ def test_batches_all_success_data_gives_the_batches_of_relabelling_every_traject
     that relabels the last n_last steps of every trajectory, so the same batches."""
     rng = np.random.default_rng(0)
     trajectories = [bridge.synthetic_trajectory(T, 8, rng) for T in (5, 3, 7)]
-    fileio.write_bridge_file(str(tmp_path / "plain" / "k" / "a" / "out.npy"), trajectories)
+    bridge.write_bridge_file(str(tmp_path / "plain" / "k" / "a" / "out.npy"), trajectories)
     for traj in trajectories:  # as sim collection stores them: 1 on the steps that succeed
         T = len(traj["actions"])
         traj["rewards"] = (np.arange(T) >= T - 3).astype(np.float32)
-    fileio.write_bridge_file(str(tmp_path / "sim" / "k" / "a" / "out.npy"), trajectories)
+    bridge.write_bridge_file(str(tmp_path / "sim" / "k" / "a" / "out.npy"), trajectories)
     configs = [
         batches.RewardConfig(),
         batches.RewardConfig(n_last=1, scale=1, shift=0),
@@ -3578,7 +3636,8 @@ def test_online_classifier_separates_bright_from_dark_and_labels_rollouts(
     assert labeler([dark, bright, dark]).tolist() == [1.0, 0.0]
     # rollouts labelled by the classifier (images resized 40 -> 32 for both networks): rewards
     # (0, 1, 0)
-    monkeypatch.setattr(online, "make_env", lambda *a, **k: BrightAtEnv(2))
+    for module in (rollout, online):  # eval's env factory, then online fine-tuning's
+        monkeypatch.setattr(module, "make_env", lambda *a, **k: BrightAtEnv(2))
     root = online_setup
     ev = str(tmp_path / "ev.json")
     ckpt = str(root / "ft.pt")
@@ -4201,7 +4260,7 @@ def test_robot_record_onto_a_damaged_file_says_one_line_and_keeps_it(
     task = tmp_path / "task"
     train = task / "train" / "out.npy"
     trajectory = bridge.synthetic_trajectory(3, 32, np.random.default_rng(0))
-    fileio.write_bridge_file(str(train), [trajectory])
+    bridge.write_bridge_file(str(train), [trajectory])
     damaged = train.read_bytes()[:-100]  # a copy cut short
     train.write_bytes(damaged)
     env = _fake_env(robot_bus)
@@ -4218,8 +4277,8 @@ def test_robot_record_onto_a_damaged_file_says_one_line_and_keeps_it(
     assert train.read_bytes() == damaged and not (task / "val").exists()
     val = task / "val" / "out.npy"
     broken = {k: v for k, v in trajectory.items() if k != "actions"}
-    fileio.write_bridge_file(str(train), [trajectory])
-    fileio.write_bridge_file(str(val), [trajectory, broken])
+    bridge.write_bridge_file(str(train), [trajectory])
+    bridge.write_bridge_file(str(val), [trajectory, broken])
     written = val.read_bytes()
     where = re.escape(f"{val}: trajectory 1: field 'actions'")
     with pytest.raises(bridge.BridgeFormatError, match=where):
@@ -4282,7 +4341,7 @@ def test_robot_env_keeps_5_hz_and_gives_the_arm_half_a_tick(monkeypatch):
 
 
 # ==================================================================================================
-# twin.py: the simulated arm behind a pseudo-terminal, driven by robot.py unchanged
+# twin.py, servos.py: the simulated arm behind a pseudo-terminal, driven by robot.py unchanged
 # ==================================================================================================
 
 
@@ -4304,7 +4363,7 @@ def test_twin_answers_the_protocol_from_its_control_table(make_twin):
     # SPEC 6's instruction vectors, byte for byte: ping ID 1, read its Present Position
     waist = arm.present(arm.servos[1])  # the arm lies still, torque off
     for vector, reply in (
-        ("FF FF FD 00 01 03 00 01 19 4E", struct.pack("<HB", 1020, twin.FIRMWARE)),
+        ("FF FF FD 00 01 03 00 01 19 4E", struct.pack("<HB", 1020, servos.FIRMWARE)),
         ("FF FF FD 00 01 07 00 02 84 00 04 00 1D 15", struct.pack("<i", waist)),
     ):
         instruction, _, _ = dynamixel.split_packet(bytes.fromhex(vector))
@@ -4746,7 +4805,7 @@ def test_sim_default_style_is_the_scripted_demos(tmp_path):
             seeds = (sb.demo_seed(4, name, split, i, attempt) for attempt in range(20))
             episodes = (sb.scripted_episode(env, name, key) for key in seeds)
             observations, actions, rewards, _ = next(e for e in episodes if e[3])
-            want = fileio.bridge_trajectory(observations, actions, rewards)
+            want = bridge.bridge_trajectory(observations, actions, rewards)
             for got, expected in zip(_bridge_frames(traj), _bridge_frames(want)):
                 assert np.array_equal(got, expected)
             assert np.array_equal(traj["actions"], actions)
@@ -5114,9 +5173,9 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
     episode_1 = "episode   1 seed 1: return 0.00, length 4, failure (reached: grasped)"
     assert episode_1 in capsys.readouterr().out
     # the CLI prints each stage and writes them to the JSON; an env without stages reports none
-    monkeypatch.setattr(online, "load_policy", lambda *a: ZeroPolicy())
+    monkeypatch.setattr(rollout, "load_policy", lambda *a: ZeroPolicy())
     for has_stages in (True, False):
-        monkeypatch.setattr(online, "make_env", lambda *a, s=has_stages, **k: StagedEnv(s))
+        monkeypatch.setattr(rollout, "make_env", lambda *a, s=has_stages, **k: StagedEnv(s))
         path = tmp_path / f"eval_{has_stages}.json"
         args = ["eval", "--ckpt", "x.pt", "--episodes", "4", "--json", path, "--device", "cpu"]
         online.main([str(a) for a in args])
@@ -5134,8 +5193,8 @@ def test_online_eval_reports_stages_with_wilson_intervals(tmp_path, monkeypatch,
 def test_online_eval_refuses_fewer_than_one_episode(tmp_path, monkeypatch, capsys, episodes):
     """No episode is no success rate (0% of nothing, NaN means): one line naming --episodes, no
     JSON."""
-    monkeypatch.setattr(online, "load_policy", lambda *a: ZeroPolicy())
-    monkeypatch.setattr(online, "make_env", lambda *a, **k: StagedEnv())
+    monkeypatch.setattr(rollout, "load_policy", lambda *a: ZeroPolicy())
+    monkeypatch.setattr(rollout, "make_env", lambda *a, **k: StagedEnv())
     path = tmp_path / "eval.json"
     args = ["eval", "--ckpt", "x.pt", "--episodes", episodes, "--json", str(path)]
     with pytest.raises(SystemExit) as e:
@@ -5178,7 +5237,7 @@ def test_online_export_keeps_the_actor_that_eval_loads_and_refuses_training(onli
     policy = rollout.load_policy(str(mode), "cpu", task=0, binarize_gripper=False)
     assert (policy.task, policy.binarize_gripper) == (0, False)
     assert rollout.load_policy(str(small), "cpu").binarize_gripper is False
-    with pytest.raises(SystemExit, match="--task 'nope': not a task of"):
+    with pytest.raises(checkpoint.CheckpointError, match="task 'nope': not a task of"):
         online.main(["export", "--ckpt", str(root / "ft.pt"), "--out", str(mode), "--task", "nope"])
     argv = _online_finetune_args(root, tmp_path / "run")
     argv[argv.index("--ckpt") + 1] = str(small)
@@ -5194,13 +5253,70 @@ def test_online_eval_samples_actions_only_when_asked(tmp_path, monkeypatch):
     assert policy.flags == [True] * 8  # 2 episodes of 4 steps, the actor's mean
     for flag, expected in ((["--sample_actions"], False), ([], True)):
         policy = RecordingPolicy()
-        monkeypatch.setattr(online, "load_policy", lambda *a, p=policy: p)
-        monkeypatch.setattr(online, "make_env", lambda *a, **k: StagedEnv())
+        monkeypatch.setattr(rollout, "load_policy", lambda *a, p=policy: p)
+        monkeypatch.setattr(rollout, "make_env", lambda *a, **k: StagedEnv())
         path = tmp_path / f"eval_{expected}.json"
         args = ["eval", "--ckpt", "x.pt", "--episodes", "2", "--json", str(path), *flag]
         online.main(args + ["--device", "cpu"])
         assert policy.flags == [expected] * 8
         assert json.loads(path.read_text())["sampled_actions"] is not expected
+
+
+def test_online_eval_and_finetune_in_an_env_of_ones_own_module(online_setup, tmp_path):
+    """--env module:Class: the factory imports the module and makes Class(image_size=<render
+    size>), plus max_steps=<--max_steps> when one is given; its own rewards and success count, it
+    resets itself, and it need not have close()."""
+    root = online_setup
+    ModuleEnv.made.clear()
+    path = tmp_path / "eval.json"
+    argv = ["eval", "--ckpt", str(root / "ft.pt"), "--env", "fakes:ModuleEnv", "--episodes", "2"]
+    online.main([*argv, "--json", str(path), "--device", "cpu"])
+    per_episode = json.loads(path.read_text())["per_episode"]
+    # seed 0 succeeds at step 2, seed 1 runs to the env's own limit (5 steps)
+    assert per_episode == [
+        {"success": True, "return": 1.0, "length": 2},
+        {"success": False, "return": 0.0, "length": 5},
+    ]
+    online.main([*argv, "--max_steps", "3", "--env_image_size", "48", "--device", "cpu"])
+    online.main(_online_finetune_args(root, tmp_path / "run", "--env", "fakes:ModuleEnv"))
+    assert ModuleEnv.made == [
+        {"image_size": 32, "max_steps": None},
+        {"image_size": 48, "max_steps": 3},
+        {"image_size": 32, "max_steps": 4},
+    ]
+    # the run's last checkpoint: its trajectories ended at steps 2 or 4
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt_*.pt"))[-1] == "ckpt_00000010.pt"
+
+
+def test_online_env_module_class_errors_name_the_flag(tmp_path, monkeypatch, capsys):
+    expected = "expected an environment with reset(seed=None) -> obs and step(action) -> (obs,"
+    for spec, message in (
+        ("mysim", "--env mysim: expected binsort, widowx or module:Class"),
+        ("fakes:", "--env fakes:: expected binsort, widowx or module:Class"),
+        ("no_such_module_xyz:Env", "--env no_such_module_xyz:Env: cannot import no_such_module_"),
+        ("fakes:NoSuchEnv", "--env fakes:NoSuchEnv: module fakes has no NoSuchEnv"),
+        ("fakes:MECH", "--env fakes:MECH: fakes.MECH is a dict, not a class"),
+        ("fakes:StagedEnv", "StagedEnv(image_size=8) cannot be made (got an unexpected keyword"),
+        ("types:SimpleNamespace", f"a SimpleNamespace has no reset or step(); {expected}"),
+    ):
+        with pytest.raises(cli.FlagError) as e:
+            rollout.make_env(spec, 8)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(SystemExit, match="--ood arm: only the simulator"):
+        rollout.make_env("fakes:ModuleEnv", 8, ood="arm")
+    # the command line: a name that is neither is argparse's usage error, a module:Class that
+    # cannot be made one line (exit status 2)
+    with pytest.raises(SystemExit):
+        online.main(["eval", "--ckpt", "x.pt", "--env", "mysim"])
+    refused = "argument --env: invalid choice: 'mysim' (choose from binsort, widowx or module:"
+    assert refused in capsys.readouterr().err
+    monkeypatch.setattr(rollout, "load_policy", lambda *a: ZeroPolicy())
+    with pytest.raises(SystemExit) as e:
+        argv = ["eval", "--ckpt", "x.pt", "--env", "fakes:NoSuchEnv", "--device", "cpu"]
+        cli.run_cli(online.main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == cli.EXIT_ERROR and len(lines) == 1
+    assert lines[0].endswith("error: --env fakes:NoSuchEnv: module fakes has no NoSuchEnv")
 
 
 def test_online_binarized_gripper_executes_zero_or_one():

@@ -25,9 +25,8 @@ from bench_formats import DATA_PY, LAUNCHER  # this folder: the peak-RSS launche
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batches import Sampler, augment  # noqa: E402
-from bridge import read_bridge_file, synthetic_trajectory  # noqa: E402
-from data import Store  # noqa: E402
-from fileio import write_bridge_file  # noqa: E402
+from bridge import read_bridge_file, synthetic_trajectory, write_bridge_file  # noqa: E402
+from store import Store  # noqa: E402
 
 
 def bench(transitions=20000, image_size=128, B=64):

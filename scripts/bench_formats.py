@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fileio  # noqa: E402
+import bridge  # noqa: E402
 import lerobot  # noqa: E402
 import rlds  # noqa: E402
 
@@ -42,7 +42,7 @@ def episode(T, size, rng):
         base = np.stack([x, y, (x + y) / 2], -1) * 150 + 40 + 2 * t
         image = (base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8)
         obs.append({"image": image, "state": rng.normal(size=7).astype(np.float32)})
-    return fileio.bridge_trajectory(obs, rng.uniform(-1, 1, (T, 7)))
+    return bridge.bridge_trajectory(obs, rng.uniform(-1, 1, (T, 7)))
 
 
 def folder_bytes(folder):
@@ -76,7 +76,7 @@ def main():
         sources = {"numpy out.npy": os.path.join(tmp, "tree")}
         for k in range(TASKS):
             path = os.path.join(tmp, "tree", "kitchen", f"task_{k}", "train", "out.npy")
-            fileio.write_bridge_file(path, trajs[k::TASKS])
+            bridge.write_bridge_file(path, trajs[k::TASKS])
         paths = [f"/bridge/kitchen/task_{k % TASKS}/{k}/train/out.npy" for k in range(len(trajs))]
         episodes = [(t, path, "put it in the pot") for t, path in zip(trajs, paths)]
         sources["RLDS (4 shards)"] = os.path.join(tmp, "rlds")

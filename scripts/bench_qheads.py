@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import bench  # noqa: E402
 import cql  # noqa: E402
 import model  # noqa: E402
 
@@ -38,7 +39,7 @@ def main():
     args = ap.parse_args()
     cfg = cql.AgentConfig(arch=args.arch, image_size=args.image_size, num_tasks=args.num_tasks)
     agent = cql.Agent(cfg)
-    batch = cql.random_batch(cfg, args.batch)
+    batch = bench.random_batch(cfg, args.batch)
     factored = model.QNetwork.heads
     times = {"factored": [], "concatenated": []}
     for round_ in range(args.rounds + 1):  # round 0 warms up

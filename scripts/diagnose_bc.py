@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import batches  # noqa: E402
 import checkpoint  # noqa: E402
-import data  # noqa: E402
 import model  # noqa: E402
+from store import SPLITS, Store  # noqa: E402
 
 GRIPPER = 6
 CLOSED_BELOW = 0.5  # a raw gripper command under this closes
@@ -69,7 +69,7 @@ def probe_labels(store):
     frames = []
     labels = []
     splits = []
-    for split in data.SPLITS:
+    for split in SPLITS:
         for _, frame0, start, length in trajectories(store, split):
             close = first_close(np.asarray(store.actions[start : start + length]))
             if close is None:
@@ -83,7 +83,7 @@ def probe_labels(store):
 
 
 def probe(args):
-    store = data.Store(args.store)
+    store = Store(args.store)
     frames, labels, splits = probe_labels(store)
     train_rows = np.flatnonzero(splits == "train")
     val_rows = np.flatnonzero(splits == "val")
@@ -122,7 +122,7 @@ def probe(args):
 
 
 def labels(args):
-    store = data.Store(args.store)
+    store = Store(args.store)
     heights = []
     lengths = []
     for _, frame0, start, length in trajectories(store):
@@ -141,7 +141,7 @@ def labels(args):
 
 
 def valmse(args):
-    store = data.Store(args.store)
+    store = Store(args.store)
     first_actions = []
     for path in args.ckpt:
         ckpt = checkpoint.load_checkpoint(path)
