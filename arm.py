@@ -46,7 +46,7 @@ from dynamixel import (
     rad_to_ticks,
     ticks_to_rad,
 )
-from widowx import JOINT_HIGH, JOINT_LOW, SLEEP_JOINTS, VELOCITY_LIMIT
+from widowx import GRIPPER_CLOSED_BELOW, JOINT_HIGH, JOINT_LOW, SLEEP_JOINTS, VELOCITY_LIMIT
 
 # ---- the arm's servos (SPEC 6) -------------------------------------------------------------------
 SERVO_NAMES = {
@@ -347,8 +347,8 @@ class DynamixelArm(Arm):
 
     def command(self, q, grip=None, seconds=None):
         """Goal joints, clipped to the limits whatever the caller computed, reached in `seconds`
-        (time-based profile: Profile Velocity = the time in ms, acceleration a quarter); grip >= 0.5
-        opens, else closes."""
+        (time-based profile: Profile Velocity = the time in ms, acceleration a quarter); grip at or
+        above widowx.GRIPPER_CLOSED_BELOW opens, below it closes."""
         q = np.asarray(q, float)
         if q.shape != (6,) or not np.all(np.isfinite(q)):
             raise ValueError(f"a joint command is 6 finite angles, got {q}")
@@ -360,7 +360,7 @@ class DynamixelArm(Arm):
         # the shadows follow their masters through their Secondary IDs
         self.bus.sync_write(GOAL_POSITION, dict(zip(JOINT_IDS, ticks)))
         if grip is not None:
-            self.set_gripper(1 if grip >= 0.5 else -1)
+            self.set_gripper(1 if grip >= GRIPPER_CLOSED_BELOW else -1)
 
     def set_gripper(self, direction):
         """PWM mode has no position limits: stop at the ends of the travel (as Interbotix does);
@@ -437,7 +437,7 @@ class InterbotixArm(Arm):
             blocking=False,
         )
         if grip is not None:
-            self.set_gripper(1 if grip >= 0.5 else -1)
+            self.set_gripper(1 if grip >= GRIPPER_CLOSED_BELOW else -1)
 
     def set_gripper(self, direction):
         if direction not in self.GRIPPER_METHODS:  # 0 (stop) is their node's to do

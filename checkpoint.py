@@ -30,7 +30,7 @@ import torch
 from cli import ExpectedError
 from cql import STRUCTURE, Agent, AgentConfig
 from fileio import atomic_write
-from runfolder import list_checkpoints
+from runfolder import CKPT_PATTERN, list_checkpoints, prune_checkpoints
 
 CKPT_FORMAT = 1
 POLICY_KIND = "policy"  # a checkpoint cut down to its actors (policy_checkpoint)
@@ -174,6 +174,16 @@ def build_checkpoint(payload, step, agent, sampler_state, rng, **extra):
 def atomic_torch_save(obj, path):
     """A checkpoint appears whole or not at all; a failed save leaves no temporary file."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_checkpoint(ckpt, run, on_save=None):
+    """How every training loop saves (train.train_loop, online.OnlineLoop): ckpt_<step>.pt in the
+    run folder run.out, atomically; on_save(step), which writes that checkpoint's own files
+    (finetune.py's Q-value traces); then the run's retention (run.keep_last, run.keep_steps)."""
+    atomic_torch_save(ckpt, os.path.join(run.out, CKPT_PATTERN.format(ckpt["step"])))
+    if on_save is not None:
+        on_save(ckpt["step"])
+    prune_checkpoints(run.out, run.keep_last, run.keep_steps)
 
 
 def policy_checkpoint(ckpt):

@@ -180,28 +180,42 @@ def finetune_config(cfg, overrides):
     return new
 
 
-def open_run(args):
+def open_run(out, resume, ckpt, prior, target, data, prior_store=None, target_store=None):
     """What a fine-tuning run starts from (offline here, online in online.py): the checkpoint
-    (--ckpt, or with --resume the newest in --out), and the prior and target stores opened at its
-    image size. Returns (the resumed checkpoint or None, the source checkpoint, its path, prior
-    store, target store, the image size). The caller owns args.out already
-    (runfolder.claim_run_folder)."""
-    resumed = resume_state(args.out, args.resume, {})
-    if resumed is None and not args.ckpt:
+    (ckpt, or with resume the newest in out), and the prior and target stores opened at its image
+    size (data: the DataOptions of the flags; an image_size there must be the checkpoint's).
+    Returns (the resumed checkpoint or None, the source checkpoint, its path, prior store, target
+    store, the image size). The caller owns out already (runfolder.claim_run_folder)."""
+    resumed = resume_state(out, resume, {})
+    if resumed is None and not ckpt:
         raise SystemExit(
-            f"--resume: {args.out} holds no checkpoint yet; pass --ckpt to start the fine-tuning"
+            f"--resume: {out} holds no checkpoint yet; pass --ckpt to start the fine-tuning"
         )
-    source = resumed if resumed is not None else load_checkpoint(args.ckpt)
-    source_path = args.ckpt or args.out
+    source = resumed if resumed is not None else load_checkpoint(ckpt)
+    source_path = ckpt or out
     size = ckpt_config(source)["image_size"]
-    if args.image_size is not None and args.image_size != size:
+    if data.image_size is not None and data.image_size != size:
         raise CheckpointError(
-            f"{source_path}: checkpoint has image_size={size} but --image_size is {args.image_size}"
+            f"{source_path}: checkpoint has image_size={size} but --image_size is {data.image_size}"
         )
-    options = dataclass_from_args(DataOptions, args, image_size=size)
-    target = open_store(args.target, options, args.target_store, prior=False)
-    prior = open_store(args.prior, options, args.prior_store)
-    return resumed, source, source_path, prior, target, size
+    options = dataclasses.replace(data, image_size=size)
+    target_store_ = open_store(target, options, target_store, prior=False)
+    prior_store_ = open_store(prior, options, prior_store)
+    return resumed, source, source_path, prior_store_, target_store_, size
+
+
+def open_run_from_flags(args):
+    """open_run with the flags of finetune.py and online.py finetune."""
+    return open_run(
+        args.out,
+        args.resume,
+        args.ckpt,
+        args.prior,
+        args.target,
+        dataclass_from_args(DataOptions, args),
+        args.prior_store,
+        args.target_store,
+    )
 
 
 def run_data(args, prior, target):
@@ -272,7 +286,7 @@ def main(argv=None):
 def finetune(args):
     """Offline fine-tuning in a run folder this process owns (module docstring)."""
     device = args.device
-    resumed, source, source_path, prior, target, size = open_run(args)
+    resumed, source, source_path, prior, target, size = open_run_from_flags(args)
     data = run_data(args, prior, target)
     if resumed is not None:
         check_same_data(resumed, args.out, data)

@@ -53,6 +53,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -66,16 +67,16 @@ from checkpoint import (
     agent_from_checkpoint,
     agent_from_state,
     agent_state,
-    atomic_torch_save,
     build_checkpoint,
     capture_rng,
     export_policy,
     restore_rng,
     run_payload,
+    save_checkpoint,
     source_ckpt,
 )
 from data import add_data_args
-from finetune import open_run, target_slots, task_samplers
+from finetune import open_run_from_flags, target_slots, task_samplers
 from classifier import load_labeler
 from rollout import (
     EvalConfig,
@@ -92,11 +93,9 @@ from rollout import (
     summarize,
 )
 from runfolder import (
-    CKPT_PATTERN,
     EPISODE_PATTERN,
     RunLog,
     claim_run_folder,
-    prune_checkpoints,
     write_config,
 )
 from train import (
@@ -170,7 +169,7 @@ class WallTime:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What online_loop reads of the run's own options (train.add_run_args, --max_steps): where
+    """What OnlineLoop reads of the run's own options (train.add_run_args, --max_steps): where
     it writes, what it keeps, how it logs, its batch size, seed and episode length cap."""
 
     out: str  # the run folder
@@ -272,178 +271,262 @@ def next_multiple(step, every):
     return (step // every + 1) * every
 
 
-def online_loop(
-    agent,
-    env,
-    policy,
-    buffer,
-    mixed,
-    offline,
-    run,
-    online,
-    payload,
-    state,
-    resetter=no_reset,
-    labeler=None,
-    wall=None,
-):
-    """Collect a trajectory, then online.utd gradient steps per transition, until online.env_steps
-    (module docstring). run: the RunOptions. state: the LoopState to start from (a resumed run's),
-    saved in every checkpoint, so a resumed run continues exactly. wall: the WallTime so far (a
-    resumed run's). state and wall are copied, not changed; returns the final LoopState.
+@dataclass
+class OnlineLoop:
+    """Online fine-tuning's loop (module docstring): collect a trajectory, then online.utd gradient
+    steps per transition, until online.env_steps. loop() runs it; the methods before it are its
+    parts, in the order it calls them. state (a resumed run's LoopState) and wall (its WallTime so
+    far) are copied, not changed; every checkpoint saves them, so a resumed run continues exactly.
     online.filtered_bc: only the successful trajectories enter the buffer (every one is written to
     episodes/), and while the buffer is empty the updates draw from `offline`."""
-    state = copy.deepcopy(state)
-    wall = dataclasses.replace(wall) if wall else WallTime()
-    log = RunLog(run.out, online.env_steps, state.env_steps, tensorboard=run.tensorboard)
-    started = time.perf_counter() - wall.total
+
+    agent: object  # the learner (cql.Agent)
+    env: object  # the environment (rollout.make_env)
+    policy: Policy  # the agent acting in env
+    buffer: ReplayBuffer  # the online trajectories
+    mixed: MixedSampler  # the batches once the buffer holds data
+    offline: MixedSampler  # the batches before: the warm-up; filtered BC before its first success
+    run: RunOptions
+    online: OnlineConfig
+    payload: dict  # every checkpoint's fixed fields (checkpoint.run_payload)
+    state: LoopState
+    resetter: Callable = no_reset  # runs after every episode (rollout.make_resetter)
+    labeler: Callable | None = None  # the rewards where the env gives none (make_labeler)
+    wall: WallTime | None = None
+
+    def __post_init__(self):
+        self.state = copy.deepcopy(self.state)
+        self.wall = dataclasses.replace(self.wall) if self.wall else WallTime()
+        self.log = RunLog(
+            self.run.out,
+            self.online.env_steps,
+            self.state.env_steps,
+            tensorboard=self.run.tensorboard,
+        )
+        self.started = time.perf_counter() - self.wall.total
+        self.stop = StopFlag()
+        # torch's and the agent's random state before the rollout under way (None: no rollout is),
+        # to rewind to if that rollout is dropped
+        self.rng_before_rollout = None
 
     @contextlib.contextmanager
-    def timed(part):
+    def timed(self, part):
+        """Adds the seconds of the block to wall.<part>."""
         start = time.perf_counter()
         yield
-        setattr(wall, part, getattr(wall, part) + time.perf_counter() - start)
+        setattr(self.wall, part, getattr(self.wall, part) + time.perf_counter() - start)
 
-    def clock():
-        wall.total = time.perf_counter() - started
-        return wall
+    def clock(self):
+        """The WallTime, its total brought up to now."""
+        self.wall.total = time.perf_counter() - self.started
+        return self.wall
 
-    def update(sampler):
-        with timed("updates"):
-            info = train_step(agent, sampler, run.batch_size, state.grad_steps + 1)
+    def enter_phase(self):
+        """The learner of the buffer's phase (online_learner): alpha changes when it first fills."""
+        cfg = online_learner(self.agent.cfg, self.online, buffer_filled=len(self.buffer) > 0)
+        if cfg != self.agent.cfg:
+            self.agent.set_config(cfg)
+
+    def update(self, sampler):
+        """One gradient step on a batch of `sampler`; its losses are summed for the next row."""
+        state = self.state
+        with self.timed("updates"):
+            info = train_step(self.agent, sampler, self.run.batch_size, state.grad_steps + 1)
         state.grad_steps += 1
         state.sums = {k: state.sums.get(k, 0.0) + float(v) for k, v in info.items()}
         state.n_updates += 1
         state.train_keys = sorted(info)
 
-    def enter_phase():
-        cfg = online_learner(agent.cfg, online, buffer_filled=len(buffer) > 0)
-        if cfg != agent.cfg:
-            agent.set_config(cfg)
+    def take_owed_updates(self):
+        """The warm-up's updates not yet taken, then those owed to the last trajectory (UTD); a stop
+        ends them at the next step."""
+        state = self.state
+        while state.offline_done < self.online.offline_steps and not self.stop.requested:
+            self.update(self.offline)
+            state.offline_done += 1
+        while state.pending > 0 and not self.stop.requested:
+            self.update(
+                self.mixed if len(self.buffer) else self.offline
+            )  # (filtered BC: no success)
+            state.pending -= 1
 
-    def write_row(evaluation):
+    def evaluation_due(self, done):
+        """Every online.eval_every env steps from step 0, and at the end."""
+        if not self.online.eval_every:
+            return False
+        state = self.state
+        return state.env_steps >= state.next_eval or (done and state.last_eval != state.env_steps)
+
+    def evaluate(self):
+        """Deterministic episodes at this env step: their summary (rollout.summarize), or None when
+        a stop ended them."""
+        steps = self.state.env_steps
+        with self.timed("evaluation"):
+            results = evaluate(
+                self.env,
+                self.policy,
+                self.online.eval_episodes,
+                self.online.eval_seed,
+                self.run.max_steps,
+                self.resetter,
+                self.stop,
+                labeler=self.labeler,
+                log=lambda line: None,
+            )
+        if results is None:
+            return None
+        evaluation = summarize(results)
+        self.state.next_eval = next_multiple(steps, self.online.eval_every)
+        self.state.last_eval = steps
+        print(f"env step {steps}: evaluation {evaluation['text']}", flush=True)
+        return evaluation
+
+    def progress_row(self, evaluation):
+        """progress.csv's row: the losses averaged since the last row, the counts, the rollouts'
+        means, the evaluation's results (NaN without one) and the wall time."""
+        state = self.state
         rollouts = np.array(state.rollouts, np.float64).reshape(-1, 3)
         row = {k: v / state.n_updates for k, v in state.sums.items()}
         row.update(
             grad_steps=state.grad_steps,
             episodes=state.episodes,
-            buffer_transitions=len(buffer),
-            alpha=agent.cfg.alpha,
+            buffer_transitions=len(self.buffer),
+            alpha=self.agent.cfg.alpha,
         )
         for i, k in enumerate(("return", "success", "length")):
             row[f"rollout_{k}"] = rollouts[:, i].mean() if len(rollouts) else float("nan")
         for k in ("success", "success_lo", "success_hi", "return", "length"):
             row[f"eval_{k}"] = evaluation[k] if evaluation else float("nan")
-        for part, seconds in asdict(clock()).items():
+        for part, seconds in asdict(self.clock()).items():
             row[f"wall_{part}_s"] = round(seconds, 3)
+        return row
+
+    def write_row(self, evaluation):
+        """Log progress_row and start the next one's sums. RunLog fixes its columns at the first
+        row: rows are held until an update has named the losses."""
+        state = self.state
+        row = self.progress_row(evaluation)
         state.sums = {}
         state.n_updates = 0
         state.rollouts = []
         state.held_rows.append([state.env_steps, row])
-        if (
-            state.train_keys
-        ):  # RunLog fixes its columns at the first row: hold rows until losses exist
+        if state.train_keys:
             for step, held in state.held_rows:
-                log.log(step, {**{k: float("nan") for k in state.train_keys}, **held})
+                self.log.log(step, {**{k: float("nan") for k in state.train_keys}, **held})
             state.held_rows = []
 
-    def save():
+    def log_on_schedule(self, evaluation, done):
+        """A row with every evaluation, every run.log_every env steps when trajectories came in,
+        and at the end."""
+        state = self.state
+        if evaluation or (state.rollouts and (state.env_steps >= state.next_log or done)):
+            self.write_row(evaluation)
+            state.next_log = next_multiple(state.env_steps, self.run.log_every)
+
+    def save(self):
+        """ckpt_<env step>.pt with the loop state and wall time, then retention."""
+        state = self.state
         ckpt = build_checkpoint(
-            payload,
+            self.payload,
             state.env_steps,
-            agent,
-            mixed.state_dict(),
+            self.agent,
+            self.mixed.state_dict(),
             capture_rng(),
             grad_steps=state.grad_steps,
             loop=asdict(state),
-            wall=asdict(clock()),
+            wall=asdict(self.clock()),
         )
-        atomic_torch_save(ckpt, os.path.join(run.out, CKPT_PATTERN.format(state.env_steps)))
-        prune_checkpoints(run.out, run.keep_last, run.keep_steps)
+        save_checkpoint(ckpt, self.run)
 
-    def evaluation_due(done):
-        if not online.eval_every:
-            return False
-        return state.env_steps >= state.next_eval or (done and state.last_eval != state.env_steps)
+    def save_on_schedule(self, done):
+        """A checkpoint every online.save_every env steps, and at the end."""
+        state = self.state
+        if state.env_steps >= state.next_save or done:
+            self.save()
+            state.next_save = next_multiple(state.env_steps, self.online.save_every)
 
-    enter_phase()
-    rng_before_rollout = None
-    with StopFlag() as stop:
-        while True:
-            while state.offline_done < online.offline_steps and not stop.requested:
-                update(offline)
-                state.offline_done += 1
-            while state.pending > 0 and not stop.requested:
-                update(mixed if len(buffer) else offline)  # (filtered BC: no success yet)
-                state.pending -= 1
-            if stop.requested:
-                break
-            steps = state.env_steps
-            done = steps >= online.env_steps
-            evaluation = None
-            if evaluation_due(done):
-                with timed("evaluation"):
-                    results = evaluate(
-                        env,
-                        policy,
-                        online.eval_episodes,
-                        online.eval_seed,
-                        run.max_steps,
-                        resetter,
-                        stop,
-                        labeler=labeler,
-                        log=lambda line: None,
-                    )
-                if results is None:
+    def collect_episode(self):
+        """One trajectory of the stochastic policy, the env reset after it; None when a stop
+        dropped it."""
+        # policy noise comes from the agent's generator: both are rewound if the rollout is dropped
+        self.rng_before_rollout = (capture_rng(), self.agent.generator.get_state())
+        seed = rollout_seed(self.run.seed, self.state.episodes)
+        with self.timed("rollouts"):
+            episode = run_episode(
+                self.env,
+                self.policy,
+                seed,
+                False,
+                self.run.max_steps,
+                self.stop,
+                labeler=self.labeler,
+            )
+            if episode is not None:
+                self.resetter()
+        return episode
+
+    def add_episode(self, ep):
+        """Write the trajectory to episodes/, add it to the buffer (filtered BC: a success only),
+        and owe online.utd updates per step of it."""
+        state = self.state
+        traj = (ep["images"], ep["states"], ep["actions"], ep["rewards"], self.policy.task)
+        path = os.path.join(self.run.out, EPISODE_PATTERN.format(state.episodes))
+        # a labelled episode also keeps the simulator's own rewards, to compare the labels with
+        save_episode(path, *traj, env_rewards=ep["env_rewards"] if self.labeler else None)
+        if ep["success"] or not self.online.filtered_bc:
+            self.buffer.add_trajectory(*traj)
+            state.live.append([state.episodes, ep["length"]])
+        self.enter_phase()
+        while sum(n for _, n in state.live) > len(self.buffer):  # the buffer dropped the oldest
+            state.live.pop(0)
+        self.rng_before_rollout = None
+        state.env_steps += ep["length"]
+        state.episodes += 1
+        state.pending = self.online.utd * ep["length"]
+        state.rollouts.append([ep["return"], float(ep["success"]), ep["length"]])
+
+    def save_stopped(self):
+        """Ctrl-C or SIGTERM: save where the loop stands and exit with the signal's status. A
+        dropped rollout's random state is rewound first, so that a resumed run collects that same
+        episode again."""
+        if self.rng_before_rollout is not None:
+            restore_rng(self.rng_before_rollout[0])
+            self.agent.generator.set_state(self.rng_before_rollout[1])
+        self.save()
+        print(
+            f"stopped at env step {self.state.env_steps}; continue with --resume", file=sys.stderr
+        )
+        raise SystemExit(self.stop.exit_status)
+
+    def loop(self):
+        """Until online.env_steps (the last trajectory may run past it) or a stop (save_stopped);
+        returns the final LoopState."""
+        self.enter_phase()
+        with self.stop:
+            while True:
+                self.take_owed_updates()
+                if self.stop.requested:
                     break
-                evaluation = summarize(results)
-                state.next_eval = next_multiple(steps, online.eval_every)
-                state.last_eval = steps
-                print(f"env step {steps}: evaluation {evaluation['text']}", flush=True)
-            if evaluation or (state.rollouts and (steps >= state.next_log or done)):
-                write_row(evaluation)
-                state.next_log = next_multiple(steps, run.log_every)
-            if steps >= state.next_save or done:
-                save()
-                state.next_save = next_multiple(steps, online.save_every)
-            if done:
-                break
-            # policy noise comes from the agent's generator: both are rewound if
-            # the rollout is dropped
-            rng_before_rollout = (capture_rng(), agent.generator.get_state())
-            seed = rollout_seed(run.seed, state.episodes)
-            with timed("rollouts"):
-                ep = run_episode(env, policy, seed, False, run.max_steps, stop, labeler=labeler)
-                if ep is not None:
-                    resetter()
-            if ep is None:
-                break
-            traj = (ep["images"], ep["states"], ep["actions"], ep["rewards"], policy.task)
-            path = os.path.join(run.out, EPISODE_PATTERN.format(state.episodes))
-            # a labelled episode also keeps the simulator's own rewards, to compare the labels with
-            save_episode(path, *traj, env_rewards=ep["env_rewards"] if labeler else None)
-            if ep["success"] or not online.filtered_bc:
-                buffer.add_trajectory(*traj)
-                state.live.append([state.episodes, ep["length"]])
-            enter_phase()
-            while sum(n for _, n in state.live) > len(buffer):  # the buffer dropped the oldest
-                state.live.pop(0)
-            rng_before_rollout = None
-            state.env_steps += ep["length"]
-            state.episodes += 1
-            state.pending = online.utd * ep["length"]
-            state.rollouts.append([ep["return"], float(ep["success"]), ep["length"]])
-        print(wall_summary(clock(), state.env_steps, state.grad_steps), flush=True)
-        if stop.requested:
-            if rng_before_rollout is not None:
-                # the rollout was dropped: rewind the RNGs to before it, so that a resumed run
-                # collects that same episode again
-                restore_rng(rng_before_rollout[0])
-                agent.generator.set_state(rng_before_rollout[1])
-            save()
-            print(f"stopped at env step {state.env_steps}; continue with --resume", file=sys.stderr)
-            raise SystemExit(stop.exit_status)
-    return state
+                done = self.state.env_steps >= self.online.env_steps
+                evaluation = None
+                if self.evaluation_due(done):
+                    evaluation = self.evaluate()
+                    if evaluation is None:  # stopped mid-evaluation
+                        break
+                self.log_on_schedule(evaluation, done)
+                self.save_on_schedule(done)
+                if done:
+                    break
+                episode = self.collect_episode()
+                if episode is None:  # stopped mid-rollout
+                    break
+                self.add_episode(episode)
+            print(
+                wall_summary(self.clock(), self.state.env_steps, self.state.grad_steps), flush=True
+            )
+            if self.stop.requested:
+                self.save_stopped()
+        return self.state
 
 
 def imitation_learner(agent, path):
@@ -495,7 +578,7 @@ def online_finetune(args):
         raise SystemExit(
             f"--mix_prior {online.mix_prior} --mix_target {online.mix_target}: expected a sum <= 1"
         )
-    resumed, source, source_path, prior, target, size = open_run(args)
+    resumed, source, source_path, prior, target, size = open_run_from_flags(args)
     agent = agent_from_checkpoint(source, args.device, source_path)
     if online.filtered_bc:
         agent = imitation_learner(agent, source_path)
@@ -583,7 +666,7 @@ def online_finetune(args):
         labeler = make_labeler(args.env, args.classifier, args.device)
         resetter = make_resetter(args.env, env, args.reset_ckpt, args.device)
         run = dataclass_from_args(RunOptions, args, keep_steps=tuple(args.keep_steps))
-        online_loop(
+        OnlineLoop(
             agent,
             env,
             policy,
@@ -597,7 +680,7 @@ def online_finetune(args):
             resetter,
             labeler,
             wall,
-        )
+        ).loop()
     finally:
         close_env(env)
 

@@ -45,13 +45,13 @@ from batches import (
     augment,
 )
 from checkpoint import (
-    atomic_torch_save,
     build_checkpoint,
     capture_rng,
     check_same_data,
     restore_run,
     resume_state,
     run_payload,
+    save_checkpoint,
     source_record,
 )
 from cli import (
@@ -66,7 +66,7 @@ from cli import (
 from cql import ALGOS, COMPILE_MODES, STRUCTURE, Agent, AgentConfig
 from data import DataOptions, add_data_args, load_store
 from model import ARCHS, HEADS, NORMS
-from runfolder import CKPT_PATTERN, RunLog, claim_run_folder, prune_checkpoints, write_config
+from runfolder import CKPT_PATTERN, RunLog, claim_run_folder, write_config
 
 PRETRAIN_KEEP_LAST = 5  # ours: a pre-training run keeps its 5 newest checkpoints
 MIX_TAU = 0.9  # fraction of each batch from the prior data (SPEC section 3; paper 0.7-0.9)
@@ -206,8 +206,9 @@ def train_step(agent, sampler, batch_size, step):
 
 class StopFlag:
     """Ctrl-C (SIGINT) or a job scheduler's SIGTERM: stop at the next step boundary (never
-    mid-update) and save; a second signal aborts at once (KeyboardInterrupt). Installed in the main
-    thread only."""
+    mid-update) and save; a second signal interrupts at once (KeyboardInterrupt), and the loop
+    keeps what it can (train_loop: a checkpoint of the updates that finished; the online loop:
+    the checkpoints it saved before). Installed in the main thread only."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -228,7 +229,7 @@ class StopFlag:
         self.signum = signum
         print(
             f"\n{signal.Signals(signum).name}: stopping at the next step and saving "
-            f"(a second signal aborts without saving)",
+            f"(a second signal interrupts at once)",
             file=sys.stderr,
         )
 
@@ -277,10 +278,7 @@ def train_loop(agent, sampler, run, payload, start_step=0, on_save=None, rank=0)
                 rank_states=states,
                 stopped=stopped,
             )
-            atomic_torch_save(ckpt, os.path.join(run.out, CKPT_PATTERN.format(step)))
-            if on_save is not None and not stopped:
-                on_save(step)
-            prune_checkpoints(run.out, run.keep_last, run.keep_steps)
+            save_checkpoint(ckpt, run, on_save=None if stopped else on_save)
 
     def save_on_stop(step):
         if step > start_step and not os.path.exists(
