@@ -7,8 +7,9 @@ trained with BCE on success / failure images, augmented like the RL data.
 --pos / --neg: a folder of png/jpg images, or Bridge-format data (every frame, or with --pos_last N
 the last N frames of each trajectory). A fraction val_frac of each class is held out by group (an
 image file, or a whole trajectory), and the balanced held-out accuracy is reported and stored with
-the weights. This file owns the classifier file's format and the network's builder; online.py
-labels rollouts with load_labeler(): r_t = 1 when the observation after action t is a success.
+the weights. This file owns the classifier file's format and the network's builder, and the rewards
+where the environment gives none (make_labeler, for online.py): the classifier's labels
+(load_labeler: r_t = 1 when the observation after action t is a success), else a person's answer.
 """
 
 import argparse
@@ -48,7 +49,7 @@ class ClassifierConfig:
 
 
 # ------------------------------------------------------------ success classifier files (Appendix F)
-# this file writes them (save_classifier); online.py reads them (load_labeler) to label rollouts
+# this file writes them (save_classifier) and reads them (load_labeler) to label rollouts
 
 
 def build_classifier(cfg):
@@ -89,6 +90,23 @@ def load_labeler(path, device):
         return (p_success > doc["threshold"]).float().numpy()
 
     return labeler
+
+
+def make_labeler(env_name, classifier=None, device="cpu"):
+    """Rewards where the env gives none (the real arm): the classifier file `classifier` run on
+    `device`, else a person judges each episode. None: the env's own rewards (the simulator)."""
+    if classifier:
+        return load_labeler(classifier, device)
+    if env_name != "widowx":
+        return None
+
+    def ask(frames):  # success: the last transition gets r = 1
+        rewards = np.zeros(len(frames) - 1, np.float32)
+        answer = input("episode over: did the robot succeed? [y/N] ")
+        rewards[-1] = float(answer.strip().lower().startswith("y"))
+        return rewards
+
+    return ask
 
 
 # ----------------------------------------------------------------------------- images

@@ -32,6 +32,8 @@ from batches import MixedSampler, Sampler, assign_target_slots, is_reserved
 from checkpoint import (
     CheckpointError,
     agent_from_checkpoint,
+    agent_from_state,
+    agent_state,
     check_same_data,
     ckpt_config,
     load_checkpoint,
@@ -166,6 +168,21 @@ def target_slots(agent, task_names, target_names, task):
     return target_ids, names
 
 
+def target_assignment(source, source_path, target, agent, task):
+    """(task names, target one-hot ids) of a run that starts from the checkpoint `source` (online.py
+    finetune): a fine-tuned (or online) checkpoint keeps its own, for the same target tasks only; a
+    pre-trained one gives the target its slots (target_slots, growing the one-hot if needed)."""
+    if "target_task_ids" in source:
+        if list(source["target_tasks"]) != list(target.task_names):
+            raise SystemExit(
+                f"{source_path} was fine-tuned on {source['target_tasks']}, but --target holds "
+                f"{list(target.task_names)}"
+            )
+        return list(source["task_names"]), list(source["target_task_ids"])
+    target_ids, names = target_slots(agent, source["task_names"], target.task_names, task)
+    return names, target_ids
+
+
 def finetune_config(cfg, overrides):
     """Phase 2's learner (Section IV-A): the checkpoint's AgentConfig with the learner flags given
     here, e.g. --alpha 5, or --algo awbc to start advantage-weighted BC from a PTR checkpoint. BC,
@@ -178,6 +195,25 @@ def finetune_config(cfg, overrides):
             f"learners have different networks)"
         )
     return new
+
+
+def imitation_learner(agent, path):
+    """Filtered BC's learner (online.py --filtered_bc): the checkpoint's acting policy trained by
+    imitation alone, no critic. A CQL checkpoint's tanh-Gaussian actor becomes a Gaussian BC agent
+    (algo gbc: likelihood and entropy temperature), an AW-BC checkpoint's BC policy a BC agent
+    (MSE); weights, optimizer moments, update count and sampling generator are kept. A BC or
+    Gaussian BC agent already is one."""
+    if agent.critic is None:
+        return agent
+    algo, nets, optimizers = ("gbc", ["policy"], ["actor", "temp"])
+    if agent.cfg.algo == "awbc":  # act() uses its BC policy
+        algo, nets, optimizers = ("bc", ["bc_policy"], ["bc"])
+    saved = agent_state(agent)
+    saved["config"]["algo"] = algo
+    saved["nets"] = {k: saved["nets"][k] for k in nets}
+    saved["optimizers"] = {k: saved["optimizers"][k] for k in optimizers}
+    print(f"{path}: filtered BC trains its {agent.cfg.algo} actor as {algo}, without the critic")
+    return agent_from_state(saved, agent.device)
 
 
 def open_run(out, resume, ckpt, prior, target, data, prior_store=None, target_store=None):

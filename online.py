@@ -1,6 +1,6 @@
 """PTR in an environment: evaluate a policy and fine-tune it online with the Cal-QL bound (paper
 Section V-F and Appendix F; SPEC section 3 "Online"). The success classifier that labels real-robot
-rollouts is trained by classifier.py; this file reads its files (load_labeler).
+rollouts is trained by classifier.py, which also gives the rewards (classifier.make_labeler).
 
     python online.py eval --ckpt runs/ft/ckpt_00005000.pt --env binsort --episodes 50 \
         --save_video videos/
@@ -41,8 +41,8 @@ newest checkpoint: --resume collects those episodes again, the same ones, over t
 its own success, and each episode file keeps the simulator's rewards (env_rewards) beside them.
 --ood (simulator): episodes start where the data never did (binsort_env.OOD_STARTS).
 --filtered_bc: the control of online fine-tuning: the same loop, but the checkpoint's actor only
-imitates the target demos and the online trajectories that succeeded (imitation_learner), no
-critic, no prior data. Wall time: progress.csv's wall_<part>_s columns (rollouts, evaluation,
+imitates the target demos and the online trajectories that succeeded (finetune.imitation_learner),
+no critic, no prior data. Wall time: progress.csv's wall_<part>_s columns (rollouts, evaluation,
 updates, total) and a summary line at the end.
 """
 
@@ -61,12 +61,9 @@ import torch
 
 from cli import POSITIVE, add_dataclass_args, check_flags, dataclass_from_args, run_cli
 from batches import MixedSampler, ReplayBuffer
-from fileio import atomic_write
 from checkpoint import (
     CheckpointError,
     agent_from_checkpoint,
-    agent_from_state,
-    agent_state,
     build_checkpoint,
     capture_rng,
     export_policy,
@@ -76,8 +73,8 @@ from checkpoint import (
     source_ckpt,
 )
 from data import add_data_args
-from finetune import open_run_from_flags, target_slots, task_samplers
-from classifier import load_labeler
+from finetune import imitation_learner, open_run_from_flags, target_assignment, task_samplers
+from classifier import make_labeler
 from rollout import (
     EvalConfig,
     Policy,
@@ -93,10 +90,12 @@ from rollout import (
     summarize,
 )
 from runfolder import (
-    EPISODE_PATTERN,
     RunLog,
     claim_run_folder,
+    episode_path,
+    read_episode,
     write_config,
+    write_episode,
 )
 from train import (
     RUN_RULES,
@@ -198,26 +197,6 @@ def wall_summary(wall, env_steps, grad_steps):
     )
 
 
-# ---------------------------------------------------------------------------- rewards
-
-
-def make_labeler(env_name, classifier=None, device="cpu"):
-    """Rewards where the env gives none (the real arm): the classifier file `classifier` run on
-    `device`, else a person judges each episode. None: the env's own rewards (the simulator)."""
-    if classifier:
-        return load_labeler(classifier, device)
-    if env_name != "widowx":
-        return None
-
-    def ask(frames):  # success: the last transition gets r = 1
-        rewards = np.zeros(len(frames) - 1, np.float32)
-        answer = input("episode over: did the robot succeed? [y/N] ")
-        rewards[-1] = float(answer.strip().lower().startswith("y"))
-        return rewards
-
-    return ask
-
-
 # ----------------------------------------------------------------------------- online fine-tuning
 
 
@@ -232,32 +211,16 @@ def online_learner(cfg, online, buffer_filled):
     return dataclasses.replace(cfg, calql=online.calql, alpha=alpha)
 
 
-def save_episode(path, images, states, actions, rewards, task, env_rewards=None):
-    """Each online trajectory is written once, when collected (the checkpoint lists the
-    ones its buffer holds). env_rewards: the env's own rewards beside a labeler's, if given."""
-    arrays = dict(images=images, states=states, actions=actions, rewards=rewards)
-    if env_rewards is not None:
-        arrays["env_rewards"] = env_rewards
-
-    def write(f):  # a file object: np.savez would append .npz to a name
-        np.savez(f, **arrays, task=np.int64(task))
-
-    atomic_write(path, write)
-
-
 def refill_buffer(buffer, run_dir, live):
     """Re-add the trajectories [episode, length] a checkpoint's buffer held, oldest first
     (its FIFO drops whole)."""
     for episode, _ in live:
-        path = os.path.join(run_dir, EPISODE_PATTERN.format(episode))
+        path = episode_path(run_dir, episode)
         if not os.path.isfile(path):
             raise CheckpointError(
                 f"{path}: missing, but the checkpoint's replay buffer holds this online trajectory"
             )
-        with np.load(path, allow_pickle=False) as z:
-            buffer.add_trajectory(
-                z["images"], z["states"], z["actions"], z["rewards"], int(z["task"])
-            )
+        buffer.add_trajectory(*read_episode(path))
 
 
 def rollout_seed(run_seed, episode):
@@ -291,7 +254,7 @@ class OnlineLoop:
     payload: dict  # every checkpoint's fixed fields (checkpoint.run_payload)
     state: LoopState
     resetter: Callable = no_reset  # runs after every episode (rollout.make_resetter)
-    labeler: Callable | None = None  # the rewards where the env gives none (make_labeler)
+    labeler: Callable | None = None  # rewards where the env gives none (classifier.make_labeler)
     wall: WallTime | None = None
 
     def __post_init__(self):
@@ -345,9 +308,8 @@ class OnlineLoop:
             self.update(self.offline)
             state.offline_done += 1
         while state.pending > 0 and not self.stop.requested:
-            self.update(
-                self.mixed if len(self.buffer) else self.offline
-            )  # (filtered BC: no success)
+            # the offline batches while the buffer is empty (filtered BC: no success yet)
+            self.update(self.mixed if len(self.buffer) else self.offline)
             state.pending -= 1
 
     def evaluation_due(self, done):
@@ -470,9 +432,9 @@ class OnlineLoop:
         and owe online.utd updates per step of it."""
         state = self.state
         traj = (ep["images"], ep["states"], ep["actions"], ep["rewards"], self.policy.task)
-        path = os.path.join(self.run.out, EPISODE_PATTERN.format(state.episodes))
+        path = episode_path(self.run.out, state.episodes)
         # a labelled episode also keeps the simulator's own rewards, to compare the labels with
-        save_episode(path, *traj, env_rewards=ep["env_rewards"] if self.labeler else None)
+        write_episode(path, *traj, env_rewards=ep["env_rewards"] if self.labeler else None)
         if ep["success"] or not self.online.filtered_bc:
             self.buffer.add_trajectory(*traj)
             state.live.append([state.episodes, ep["length"]])
@@ -527,40 +489,6 @@ class OnlineLoop:
             if self.stop.requested:
                 self.save_stopped()
         return self.state
-
-
-def imitation_learner(agent, path):
-    """Filtered BC's learner: the checkpoint's acting policy trained by imitation alone, no critic.
-    A CQL checkpoint's tanh-Gaussian actor becomes a Gaussian BC agent (algo gbc: likelihood and
-    entropy temperature), an AW-BC checkpoint's BC policy a BC agent (MSE); weights, optimizer
-    moments, update count and sampling generator are kept. A BC or Gaussian BC agent already is
-    one."""
-    if agent.critic is None:
-        return agent
-    algo, nets, optimizers = ("gbc", ["policy"], ["actor", "temp"])
-    if agent.cfg.algo == "awbc":  # act() uses its BC policy
-        algo, nets, optimizers = ("bc", ["bc_policy"], ["bc"])
-    saved = agent_state(agent)
-    saved["config"]["algo"] = algo
-    saved["nets"] = {k: saved["nets"][k] for k in nets}
-    saved["optimizers"] = {k: saved["optimizers"][k] for k in optimizers}
-    print(f"{path}: filtered BC trains its {agent.cfg.algo} actor as {algo}, without the critic")
-    return agent_from_state(saved, agent.device)
-
-
-def target_assignment(source, source_path, target, agent, task):
-    """(task names, target one-hot ids) of the run: a fine-tuned (or online) checkpoint keeps its
-    own; a pre-trained one gives the target its slots as finetune.py does (growing the one-hot if
-    needed)."""
-    if "target_task_ids" in source:
-        if list(source["target_tasks"]) != list(target.task_names):
-            raise SystemExit(
-                f"{source_path} was fine-tuned on {source['target_tasks']}, but --target holds "
-                f"{list(target.task_names)}"
-            )
-        return list(source["task_names"]), list(source["target_task_ids"])
-    target_ids, names = target_slots(agent, source["task_names"], target.task_names, task)
-    return names, target_ids
 
 
 def cmd_finetune(args):

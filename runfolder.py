@@ -1,8 +1,8 @@
 """runfolder.py: the PTR run folder without torch: the names of its files, which checkpoints a
-retention policy keeps, the lock that gives the folder to one process, the progress log and
-config.json. A level-1 file (SPEC section 2): it imports cli.py and fileio.py of the project and
-never torch (TensorBoard's writer is imported only when a run asks for it), so select_ckpt.py and
-the experiment scripts read a run folder cheaply.
+retention policy keeps, the lock that gives the folder to one process, the progress log,
+config.json and the online trajectories' episode files. A level-1 file (SPEC section 2): it imports
+cli.py and fileio.py of the project and never torch (TensorBoard's writer is imported only when a
+run asks for it), so select_ckpt.py and the experiment scripts read a run folder cheaply.
 
 A run folder (--out of train.py, finetune.py, online.py finetune) holds:
     config.json               every resolved option of the run (write_config)
@@ -12,7 +12,7 @@ A run folder (--out of train.py, finetune.py, online.py finetune) holds:
     qvalues_<step>.json       finetune.py: Q-values on the held-out target demos at that checkpoint
     valloss_<step>.json       finetune.py: the policy's imitation error on those demos
     selection.json            select_ckpt.py: the ranking and the chosen checkpoint
-    episodes/episode_<n>.npz  online.py: each online trajectory, written once
+    episodes/episode_<n>.npz  online.py: each online trajectory, written once (write_episode)
 """
 
 import contextlib
@@ -24,8 +24,10 @@ import os
 import re
 import time
 
+import numpy as np
+
 from cli import ExpectedError
-from fileio import atomic_write_text, pid_alive, sweep_stale_tmp
+from fileio import atomic_write, atomic_write_text, pid_alive, sweep_stale_tmp
 
 CKPT_PATTERN = "ckpt_{:08d}.pt"
 QTRACE_PATTERN = "qvalues_{:08d}.json"
@@ -134,6 +136,31 @@ def write_config(out, config):
         json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
         os.path.join(out, CONFIG_FILE),
     )
+
+
+def episode_path(out, episode):
+    """The file of online trajectory `episode` in the run folder `out`."""
+    return os.path.join(out, EPISODE_PATTERN.format(episode))
+
+
+def write_episode(path, images, states, actions, rewards, task, env_rewards=None):
+    """An online trajectory's file, written once, atomically, when it is collected (a checkpoint
+    lists the ones its buffer holds). env_rewards: the env's own rewards beside a labeler's, if
+    given."""
+    arrays = dict(images=images, states=states, actions=actions, rewards=rewards)
+    if env_rewards is not None:
+        arrays["env_rewards"] = env_rewards
+
+    def write(f):  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays, task=np.int64(task))
+
+    atomic_write(path, write)
+
+
+def read_episode(path):
+    """(images, states, actions, rewards, task) of an episode file (write_episode)."""
+    with np.load(path, allow_pickle=False) as z:
+        return z["images"], z["states"], z["actions"], z["rewards"], int(z["task"])
 
 
 class RunLog:

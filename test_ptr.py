@@ -5116,11 +5116,11 @@ def test_online_errors_name_the_problem(online_setup, tmp_path):
 def test_online_real_arm_without_classifier_asks_a_person(monkeypatch):
     answers = iter(["y", "", "no"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
-    ask = online.make_labeler("widowx", classifier=None, device="cpu")
+    ask = classifier.make_labeler("widowx", classifier=None, device="cpu")
     frames = [None] * 5  # 4 transitions
     assert ask(frames).tolist() == [0, 0, 0, 1] and ask(frames).tolist() == [0, 0, 0, 0]
     assert ask(frames).sum() == 0
-    assert online.make_labeler("binsort", classifier=None, device="cpu") is None
+    assert classifier.make_labeler("binsort", classifier=None, device="cpu") is None
 
 
 # ---- the loop between the data and the environment ----------------------------
