@@ -19,6 +19,8 @@ import numpy as np
 
 from cli import MissingPackageError
 from dynamixel import (
+    BAUD,
+    PORT,
     DRIVE_MODE,
     GOAL_POSITION,
     GOAL_PWM,
@@ -85,7 +87,7 @@ class RefusedToMove(DynamixelError):
     software limit), so the command moved nothing; the message names the servo and the fix."""
 
 
-def open_bus(port="/dev/ttyUSB0", baud=1_000_000, **options):
+def open_bus(port=PORT, baud=BAUD, **options):
     """The arm's DynamixelBus on a serial port path (or a port object), with the servos' names.
     options: DynamixelBus's timeout and retries."""
     try:
@@ -156,7 +158,7 @@ class Arm:
     opening = False  # the gripper is being driven open
     log = print
     velocity_limit = VELOCITY_LIMIT  # rad/s: move_seconds
-    port = "/dev/ttyUSB0"  # for the messages
+    port = PORT  # for the messages
 
     def hardware_errors(self):
         return {}
@@ -454,7 +456,10 @@ class InterbotixArm(Arm):
         self.torque(True)
 
 
-def make_arm(backend="dynamixel", port="/dev/ttyUSB0", baud=1_000_000, log=print):
+BACKENDS = ("dynamixel", "interbotix")  # make_arm's: the servos directly, or Interbotix's API
+
+
+def make_arm(backend="dynamixel", port=PORT, baud=BAUD, log=print):
     """-> the Arm of `backend`: a DynamixelArm on the bus at `port`, or an InterbotixArm."""
     if backend == "dynamixel":
         return DynamixelArm(open_bus(port, baud), log=log)

@@ -114,8 +114,9 @@ def field_comments(cls):
 SCALARS = (int, float, str)  # the field types a flag's text converts to
 
 
-def _parse_type(hint):
-    """argparse `type` for a scalar annotation; `X | None` also accepts the word none. None for a
+def _parse_type(hint, literal=False):
+    """argparse `type` for a scalar annotation; `X | None` also accepts the word none, unless
+    literal (a `str | None` whose text is always the value: None is the flag left out). None for a
     type no flag can give."""
     if hint in SCALARS:
         return hint
@@ -123,6 +124,8 @@ def _parse_type(hint):
     optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
     if not (optional and len(args) == 1 and args[0] in SCALARS):
         return None
+    if literal:
+        return args[0]
 
     def parse(text):
         return None if text.lower() == "none" else args[0](text)
@@ -173,13 +176,16 @@ def add_dataclass_args(
     default_help=None,
     nargs=None,
     switches=(),
+    literal=(),
 ):
     """One flag --<field> per field of dataclass cls (fields in skip excepted): type from the
     annotation, default from the dataclass (or `defaults`, a phase's own), help from the field's
     trailing comment; a field without a default is a required flag. bools get --<field> /
     --no-<field>, or --<field> alone for those in switches; list fields (list, list[X],
     tuple[X, ...], Sequence[X]) take any number of values (--<field> a b c), or nargs[field]
-    (argparse.REMAINDER: the rest of the line, flags included). choices: {field: allowed values};
+    (argparse.REMAINDER: the rest of the line, flags included); a `str | None` field in literal
+    takes its text as it is, the word none too (a file or task may be called that), its None being
+    the flag left out (its help: the comment alone). choices: {field: allowed values};
     default_help: what the help says instead of the default's value. A field of any other type is
     a TypeError naming it, here, when the parser is built. Returns the field names added."""
     comments = field_comments(cls)
@@ -194,19 +200,24 @@ def add_dataclass_args(
         switch = hint is bool and f.name in switches
         if switch and default is not False:
             raise TypeError(f"{cls.__name__}.{f.name}: a switch must default to False")
+        if f.name in literal and set(typing.get_args(hint)) != {str, type(None)}:
+            raise TypeError(f"{cls.__name__}.{f.name}: only a `str | None` field can be literal")
         if hint is bool:
             kind = dict(action="store_true" if switch else argparse.BooleanOptionalAction)
         elif _item_type(hint) is not None:
             kind = dict(type=_item_type(hint), nargs=(nargs or {}).get(f.name, "*"))
         elif _parse_type(hint) is not None:
-            kind = dict(type=_parse_type(hint), choices=(choices or {}).get(f.name))
+            parse = _parse_type(hint, literal=f.name in literal)
+            kind = dict(type=parse, choices=(choices or {}).get(f.name))
         else:
             raise TypeError(
                 f"{cls.__name__}.{f.name}: no flag can give a {hint!r} field (skip it, or give it "
                 f"a bool, int, float, str, `X | None` or list type)"
             )
         help_text = comments.get(f.name, "")
-        if not switch:  # a switch is off unless given: no default to show
+        # no default to show: a switch is off unless given; a literal field's None is the flag
+        # left out, which its comment says in words
+        if not switch and not (f.name in literal and default is None):
             shown = _shown(default, default_help)
             help_text = f"{help_text} ({shown})" if help_text else shown
         kind["help"] = help_text.replace("%", "%%")  # argparse formats help with %

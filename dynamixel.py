@@ -25,6 +25,8 @@ HEADER = b"\xff\xff\xfd\x00"
 BROADCAST = 0xFE  # the ID every servo listens to
 STATUS = 0x55  # the instruction of a status packet (a servo's reply)
 ALERT = 0x80  # bit 7 of a status packet's error byte: a latched hardware error
+PORT = "/dev/ttyUSB0"  # where a U2D2 usually appears (Linux): the default of every --port
+BAUD = 1_000_000  # the WidowX 250's servos
 
 # instructions
 PING = 0x01
@@ -217,7 +219,7 @@ class DynamixelBus:
     write(data), reset_input_buffer() and close(). names: {id: name} for the messages. alerts: the
     IDs whose last status packet had the alert bit set (a latched hardware error)."""
 
-    def __init__(self, port="/dev/ttyUSB0", baud=1_000_000, timeout=0.1, retries=3, names=None):
+    def __init__(self, port=PORT, baud=BAUD, timeout=0.1, retries=3, names=None):
         if isinstance(port, str):
             self.name = port
             port = open_serial(port, baud)

@@ -22,6 +22,7 @@ Usage:
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import select
@@ -34,10 +35,18 @@ import time
 
 import numpy as np
 
-from arm import RefusedToMove, check, hardware_error_message, make_arm, move_seconds, open_bus
+from arm import (
+    BACKENDS,
+    RefusedToMove,
+    check,
+    hardware_error_message,
+    make_arm,
+    move_seconds,
+    open_bus,
+)
 from bridge import bridge_trajectory, parse_trajectory, read_bridge_file, write_bridge_file
-from cli import MissingPackageError, run_cli
-from dynamixel import HardwareError, PortError
+from cli import MissingPackageError, add_dataclass_args, dataclass_from_args, run_cli
+from dynamixel import BAUD, PORT, HardwareError, PortError
 from widowx import (
     R_DOWN,
     SLEEP_JOINTS,
@@ -154,10 +163,10 @@ class WidowXEnv:
 
     def __init__(
         self,
-        port="/dev/ttyUSB0",
+        port=PORT,
         *,
         backend="dynamixel",
-        baud=1_000_000,
+        baud=BAUD,
         camera=0,
         image_size=128,
         control_hz=5.0,
@@ -391,7 +400,17 @@ episode and keeps it, Backspace discards it, q quits (kept episodes are saved), 
 safely (sleep pose, torque off)."""
 
 
-def record_episode(env, keys, max_steps=100, step_m=0.02, step_rad=0.08):
+@dataclasses.dataclass(frozen=True)
+class RecordOptions:
+    """What `robot.py record` records (each field is a flag of it): record's and the camera's."""
+
+    episodes: int = 10  # episodes to record
+    max_steps: int = 100  # steps of one episode at most
+    val_every: int = 5  # every n-th kept episode goes to val/
+    camera: str = "0"  # opencv index or path, or twin:<port> for twin.py's simulated camera
+
+
+def record_episode(env, keys, max_steps=RecordOptions.max_steps, step_m=0.02, step_rad=0.08):
     """One teleoperated episode -> (Bridge trajectory, or None when discarded or empty; quit?).
     keys() -> the characters typed since the last call."""
     observations = [env.reset()]
@@ -428,26 +447,27 @@ def read_recorded(path):
     return trajectories
 
 
-def record(env, out_dir, episodes, keys, max_steps=100, val_every=5, log=print):
-    """Record `episodes` more episodes into out_dir (every val_every-th to val/), saving after each
-    one, atomically: a crash loses only the episode at hand. Returns the number kept. The episodes
-    already there are read and checked first: a damaged file stops it before the arm moves, and is
-    never overwritten."""
+def record(env, out_dir, keys, options=RecordOptions(), log=print):
+    """Record options.episodes more episodes of at most options.max_steps steps into out_dir (every
+    options.val_every-th to val/), saving after each one, atomically: a crash loses only the episode
+    at hand. Returns the number kept. The episodes already there are read and checked first: a
+    damaged file stops it before the arm moves, and is never overwritten."""
     paths = {split: os.path.join(out_dir, split, "out.npy") for split in ("train", "val")}
     splits = {split: read_recorded(path) for split, path in paths.items()}
     already = f"{len(splits['train'])} train + {len(splits['val'])} val episodes already there"
     log(f"{out_dir}: {already}")
     log(TELEOP_HELP)
+    episodes = options.episodes
     for n in range(episodes):
         log(f"episode {n + 1}/{episodes}: moving to the start pose ...")
         trajectory = None
         quit_ = False
         while trajectory is None and not quit_:
-            trajectory, quit_ = record_episode(env, keys, max_steps)
+            trajectory, quit_ = record_episode(env, keys, options.max_steps)
         if trajectory is None:
             return n
         count = len(splits["train"]) + len(splits["val"]) + 1
-        splits["val" if count % val_every == 0 else "train"].append(trajectory)
+        splits["val" if count % options.val_every == 0 else "train"].append(trajectory)
         for split, trajectories in splits.items():
             write_bridge_file(paths[split], trajectories)
         log(
@@ -479,6 +499,16 @@ def terminal_keys():
 
 
 # ---- the command line ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ArmOptions:
+    """How robot.py's commands reach the arm (each field is a flag of check, sleep, home and
+    record): make_arm's and WidowXEnv's arguments."""
+
+    port: str = PORT  # the U2D2's serial port
+    baud: int = BAUD  # the servos' baud rate
+    backend: str = "dynamixel"  # the servos directly, or Interbotix's API (not check's)
+
+
 def camera_arg(text):
     """--camera: an opencv index (digits), a path, or twin:<port> (twin.py's camera)."""
     return int(text) if text.isdigit() else text
@@ -498,9 +528,7 @@ def build_parser():
     }
     for cmd, text in commands.items():
         c = sub.add_parser(cmd, help=text.split("\n")[0], description=text)
-        c.add_argument("--port", default="/dev/ttyUSB0", help="the U2D2's serial port")
-        c.add_argument("--baud", type=int, default=1_000_000)
-        c.add_argument("--backend", choices=("dynamixel", "interbotix"), default="dynamixel")
+        add_dataclass_args(c, ArmOptions, choices={"backend": BACKENDS})
     sub.choices["check"].add_argument(
         "--reboot", action="store_true", help="reboot servos with a hardware error"
     )
@@ -508,25 +536,18 @@ def build_parser():
     r.add_argument(
         "--out", required=True, help="task folder: writes OUT/train/out.npy and OUT/val/out.npy"
     )
-    r.add_argument("--episodes", type=int, default=10)
-    r.add_argument("--max_steps", type=int, default=100)
-    r.add_argument("--val_every", type=int, default=5, help="every n-th kept episode goes to val/")
-    r.add_argument(
-        "--camera",
-        default=0,
-        type=camera_arg,
-        help="opencv index or path, or twin:<port> for twin.py's simulated camera",
-    )
+    add_dataclass_args(r, RecordOptions)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    options = dataclass_from_args(ArmOptions, args)
     if args.cmd == "check":  # talks to the servos directly (stop the Interbotix node first)
-        with contextlib.closing(open_bus(args.port, args.baud)) as bus:
+        with contextlib.closing(open_bus(options.port, options.baud)) as bus:
             return 0 if check(bus, args.reboot) else 1
     if args.cmd in ("sleep", "home"):
-        with contextlib.closing(make_arm(args.backend, args.port, args.baud)) as arm:
+        with contextlib.closing(make_arm(options.backend, options.port, options.baud)) as arm:
             arm.setup()
             if args.cmd == "sleep":  # resting on its cradle; home keeps holding
                 arm.move(SLEEP_JOINTS)
@@ -534,15 +555,16 @@ def main(argv=None):
             else:
                 arm.move(HOME_JOINTS)
         return 0
+    recording = dataclass_from_args(RecordOptions, args)
     env = WidowXEnv(
-        args.port,
-        backend=args.backend,
-        baud=args.baud,
-        camera=args.camera,
-        max_steps=args.max_steps,
+        options.port,
+        backend=options.backend,
+        baud=options.baud,
+        camera=camera_arg(recording.camera),
+        max_steps=recording.max_steps,
     )
     with env, terminal_keys() as keys:
-        record(env, args.out, args.episodes, keys, args.max_steps, args.val_every)
+        record(env, args.out, keys, recording)
     return 0
 
 

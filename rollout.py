@@ -30,6 +30,7 @@ from batches import ACTION_CLIP, rescale_actions, unscale_actions
 from checkpoint import agent_from_checkpoint, load_checkpoint
 from bridge import resize_image
 from cli import FlagError, add_dataclass_args
+from dynamixel import PORT
 from fileio import atomic_write, atomic_write_json
 from stats import wilson_interval
 from widowx import GRIPPER_CLOSED_BELOW
@@ -295,7 +296,7 @@ def make_env(
     image_size,
     task=None,
     max_steps=0,
-    port="/dev/ttyUSB0",
+    port=PORT,
     backend="dynamixel",
     camera="0",
     ood="none",
@@ -437,7 +438,7 @@ class EvalConfig:
     env: str = "binsort"  # binsort, widowx or module:Class (make_env)
     env_image_size: int | None = None  # render size (default: the checkpoint's)
     max_steps: int = 0  # episode length cap (0: the env's own limit)
-    port: str = "/dev/ttyUSB0"  # widowx: the U2D2 serial port
+    port: str = PORT  # widowx: the U2D2 serial port
     camera: str = "0"  # widowx: an opencv camera index or path, or twin:<port>
     ood: str = "none"  # binsort: out-of-distribution starts (OOD_STARTS)
     backend: str = "dynamixel"  # widowx: its driver, dynamixel or interbotix
@@ -497,9 +498,12 @@ def run_evaluation(cfg, labeler=None, log=print):
 
 
 # ---------------------------------------------------------- the flags (online.py eval and finetune)
-# EvalConfig's fields that add_dataclass_args makes flags of; the others are written out below, as a
-# generated str | None flag would also take the word none, and no generated flag is a bool | None
-GENERATED_EVAL_FLAGS = ("ckpt", "episodes", "seed", "video_format", "device")
+# EvalConfig's fields that add_dataclass_args makes flags of (the str | None ones literal: a task or
+# a file may be called none). The others are written out below: no generated flag is a bool | None
+# (--sample_actions), and the environment's (add_env_args) are online.py finetune's too, which
+# renames --camera and gives --binarize_gripper another default.
+LITERAL_EVAL_FLAGS = ("task", "save_video", "json")
+GENERATED_EVAL_FLAGS = ("ckpt", "episodes", "seed", "video_format", "device", *LITERAL_EVAL_FLAGS)
 
 
 def env_flag(text):
@@ -526,7 +530,7 @@ def add_env_args(p, camera_flag="--camera"):
     p.add_argument(
         "--max_steps", type=int, default=0, help="episode length cap (default: the env's own limit)"
     )
-    p.add_argument("--port", default="/dev/ttyUSB0", help="widowx: the U2D2 serial port")
+    p.add_argument("--port", default=PORT, help="widowx: the U2D2 serial port")
     p.add_argument(
         camera_flag,
         default="0",
@@ -569,12 +573,8 @@ def add_eval_args(p):
         skip=[f.name for f in fields(EvalConfig) if f.name not in GENERATED_EVAL_FLAGS],
         choices={"video_format": VIDEO_FORMATS},
         defaults={"device": device},
+        literal=LITERAL_EVAL_FLAGS,
     )
-    p.add_argument(
-        "--task", default=None, help="task name or index (default: the checkpoint's target task)"
-    )
-    p.add_argument("--save_video", default=None, help="folder for one animation per episode")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     # An imitating tanh-Gaussian actor's mean gripper command can stall at 0.5-0.8 where the demos
     # close: the arm stands still and the mean action never changes; a sample crosses the threshold.
     p.add_argument(

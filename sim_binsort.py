@@ -34,7 +34,7 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -104,6 +104,27 @@ class TeleopStyle:
                 raise ValueError(
                     f"sim_binsort.py: --{name} {value}: expected a value in [{low}, {high:g}]"
                 )
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    """How `collect` makes its demos (collect's arguments; each field is a flag of collect, seed,
+    image_size and noise also of show)."""
+
+    seed: int = 0  # every demo's attempts draw from seeds derived from it (demo_seed); show's seed
+    image_size: int = 128  # rendered images' size (px)
+    noise: float = SCRIPTED_NOISE  # action noise std in normalized units (teleop: --teleop_noise)
+    workers: int = 1  # worker processes
+    keep_failures: bool = False  # keep failed first attempts (their rewards key is 0)
+    val_frac: float = 0.1  # held-out demos per task, as a fraction of its training demos
+    min_val: int = 3  # held-out demos per task at least
+    sort_pair: str = ",".join(SORT_PAIR)  # a,b: a goes to the left bin, b to the right
+    distractors: int = DISTRACTORS  # distractor objects in pick-place scenes
+    max_attempts: int = 20  # attempts at one demo before collect gives up
+    first: str | None = None  # sort demos: the object placed first (default: sort_pair's first)
+
+
+SHOW_FLAGS = ("seed", "image_size", "noise")  # CollectOptions' fields that are flags of show too
 
 
 class _Job(NamedTuple):
@@ -420,30 +441,16 @@ def imperfect_demos(seed, slots, fraction):
     return chosen
 
 
-def collect(
-    task,
-    n,
-    out,
-    seed=0,
-    workers=1,
-    image_size=128,
-    noise=SCRIPTED_NOISE,
-    keep_failures=False,
-    val_frac=0.1,
-    min_val=3,
-    sort_pair=SORT_PAIR,
-    num_distractors=DISTRACTORS,
-    max_attempts=20,
-    log=sys.stderr,
-    first=None,
-    teleop=None,
-):
+def collect(task, n, out, options=CollectOptions(), log=sys.stderr, teleop=None):
     """Scripted demos into <out>/<task name>/{train,val}/out.npy. The n training demos are split
-    evenly over the tasks; each task also gets max(min_val, round(val_frac * its n)) held-out demos.
-    first: the object sort demos place first (ScriptedPolicy). teleop: a TeleopStyle for demos that
+    evenly over the tasks; each task also gets max(min_val, round(val_frac * its n)) held-out demos
+    (options: CollectOptions). first: the object sort demos place first (ScriptedPolicy), sort_pair
+    "a,b" the objects of a sort scene. teleop: a TeleopStyle for demos that
     look teleoperated (--style teleop), a fraction teleop.imperfect of each split's demos imperfect
     attempts kept with their zero rewards (imperfect_demos); None: the scripted style. Returns a
     summary, with the count of each outcome (OUTCOMES) of the kept demos."""
+    seed, val_frac, min_val = options.seed, options.val_frac, options.min_val
+    sort_pair = tuple(options.sort_pair.split(","))
     parse_task(
         "sort_" + "_".join(sort_pair), sort_pair
     )  # a bad --sort_pair fails here, not in a worker
@@ -452,9 +459,9 @@ def collect(
     else:
         names = [task_name(*parse_task(task, sort_pair))]
     env_kwargs = {
-        "image_size": image_size,
+        "image_size": options.image_size,
         "sort_pair": sort_pair,
-        "num_distractors": num_distractors,
+        "num_distractors": options.distractors,
     }
     counts = {}
     for k, name in enumerate(names):
@@ -478,16 +485,17 @@ def collect(
             split=split,
             index=i,
             seed=seed,
-            noise=noise,
-            keep_failures=keep_failures,
-            max_attempts=max_attempts,
+            noise=options.noise,
+            keep_failures=options.keep_failures,
+            max_attempts=options.max_attempts,
             env_kwargs=env_kwargs,
-            first=first,
+            first=options.first,
             teleop=teleop,
             imperfect=(name, split, i) in imperfect,
         )
         jobs.append(job)
     # spawn, not fork: a forked PyBullet client is not safe
+    workers = options.workers
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     # imap keeps the job order, whoever ran a job
     results = pool.imap(_collect_job, jobs) if pool else map(_collect_job, jobs)
@@ -547,12 +555,23 @@ def collect_report(summary, out, teleop=None):
 
 
 # ---------------------------------------------------------------- show, command line
-def show(out, task="sort", seed=0, image_size=128, frames=12, noise=SCRIPTED_NOISE):
-    """A PNG film strip (one row, 2 px white gaps) of one scripted episode."""
+@dataclass(frozen=True)
+class ShowOptions:
+    """The film strip `show` draws (each field is a flag of show)."""
+
+    out: str = "strip.png"  # the PNG to write
+    task: str = "sort"  # the episode's task (binsort_env.parse_task)
+    frames: int = 12  # frames in the strip, evenly spaced over the episode
+
+
+def show(strip=ShowOptions(), options=CollectOptions()):
+    """A PNG film strip (one row, 2 px white gaps) of one scripted episode; options: its seed,
+    image_size and noise."""
     from PIL import Image  # pillow: only this subcommand needs it
 
+    out, task, frames, image_size = strip.out, strip.task, strip.frames, options.image_size
     env = BinSortEnv(task, image_size, terminate_on_success=False)
-    observations, actions, _, ok = scripted_episode(env, task, seed, noise)
+    observations, actions, _, ok = scripted_episode(env, task, options.seed, options.noise)
     env.close()
     picks = np.unique(np.linspace(0, len(observations) - 1, frames).round().astype(int))
     gap = np.full((image_size, 2, 3), 255, np.uint8)
@@ -571,14 +590,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--image_size", type=int, default=128)
-    common.add_argument(
-        "--noise",
-        type=float,
-        default=SCRIPTED_NOISE,
-        help="action noise std in normalized action units (--style teleop: --teleop_noise)",
-    )
+    collect_only = [f.name for f in fields(CollectOptions) if f.name not in SHOW_FLAGS]
+    add_dataclass_args(common, CollectOptions, skip=collect_only)
     c = sub.add_parser(
         "collect", parents=[common], help="scripted demos in the Bridge numpy format"
     )
@@ -588,31 +601,9 @@ def main(argv=None):
     c.add_argument(
         "--n", type=int, required=True, help="training demos in all, split evenly over the tasks"
     )
-    c.add_argument("--out", required=True)
-    c.add_argument("--workers", type=int, default=1)
-    c.add_argument(
-        "--keep_failures",
-        action="store_true",
-        help="keep failed first attempts (their rewards key is 0)",
-    )
-    c.add_argument("--val_frac", type=float, default=0.1)
-    c.add_argument("--min_val", type=int, default=3, help="held-out demos per task at least")
-    c.add_argument(
-        "--sort_pair",
-        default=",".join(SORT_PAIR),
-        help="a,b: a goes to the left bin, b to the right",
-    )
-    c.add_argument(
-        "--distractors",
-        type=int,
-        default=DISTRACTORS,
-        help="distractor objects in pick-place scenes",
-    )
-    c.add_argument("--max_attempts", type=int, default=20)
-    c.add_argument(
-        "--first",
-        default=None,
-        help="sort demos: the object placed first (default: the sort pair's first, the left one)",
+    c.add_argument("--out", required=True, help="writes OUT/<task name>/{train,val}/out.npy")
+    add_dataclass_args(
+        c, CollectOptions, skip=SHOW_FLAGS, switches=("keep_failures",), literal=("first",)
     )
     c.add_argument(
         "--style",
@@ -622,9 +613,7 @@ def main(argv=None):
     )
     add_dataclass_args(c.add_argument_group("--style teleop (TeleopStyle)"), TeleopStyle)
     s = sub.add_parser("show", parents=[common], help="PNG film strip of one scripted episode")
-    s.add_argument("--out", default="strip.png")
-    s.add_argument("--task", default="sort")
-    s.add_argument("--frames", type=int, default=12)
+    add_dataclass_args(s, ShowOptions)
     # prefix "+": every flag after `twin` is twin.py's, passed on as it is
     t = sub.add_parser("twin", prefix_chars="+", help="python twin.py: the arm behind a pty")
     t.add_argument("twin_args", nargs="*", help="twin.py's flags (python twin.py -h)")
@@ -636,26 +625,11 @@ def main(argv=None):
         run_cli(twin.main, args.twin_args)
     if args.cmd == "collect":
         teleop = dataclass_from_args(TeleopStyle, args) if args.style == "teleop" else None
-        summary = collect(
-            args.task,
-            args.n,
-            args.out,
-            args.seed,
-            args.workers,
-            args.image_size,
-            args.noise,
-            args.keep_failures,
-            args.val_frac,
-            args.min_val,
-            tuple(args.sort_pair.split(",")),
-            args.distractors,
-            args.max_attempts,
-            first=args.first,
-            teleop=teleop,
-        )
+        options = dataclass_from_args(CollectOptions, args)
+        summary = collect(args.task, args.n, args.out, options, teleop=teleop)
         print(collect_report(summary, args.out, teleop))
     else:
-        show(args.out, args.task, args.seed, args.image_size, args.frames, args.noise)
+        show(dataclass_from_args(ShowOptions, args), dataclass_from_args(CollectOptions, args))
 
 
 if __name__ == "__main__":

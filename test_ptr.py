@@ -776,6 +776,18 @@ def test_layout_every_file_imports_only_lower_levels():
 # ==================================================================================================
 
 
+def test_cli_literal_str_or_none_flag_takes_the_word_none_as_its_text():
+    # a task or a file may be called none: a literal `str | None` flag's None is the flag left out
+    fields = dict(path=(str | None, None), size=(int | None, None))
+    config = dataclasses.make_dataclass("Config", [(k, *v) for k, v in fields.items()])
+    p = argparse.ArgumentParser()
+    cli.add_dataclass_args(p, config, literal=("path",))
+    assert (p.parse_args([]).path, p.parse_args(["--path", "none"]).path) == (None, "none")
+    assert p.parse_args(["--size", "none"]).size is None  # not literal: the word none is None
+    with pytest.raises(TypeError, match="Config.size: only a `str | None` field can be literal"):
+        cli.add_dataclass_args(argparse.ArgumentParser(), config, literal=("size",))
+
+
 def test_pipeline_flags_are_generated_from_the_dataclasses():
     assert cli.field_comments(_Flags) == {
         "lr": "step size, 100% of it",
@@ -3983,7 +3995,8 @@ def test_robot_record_writes_the_bridge_format(robot_bus, tmp_path):
     episode_3 = ["r", "\n"]  # 1 step, kept
     script = iter(episode_1 + episode_2 + episode_3)
     task = str(tmp_path / "task")
-    kept = robot.record(env, task, 2, lambda: next(script), val_every=2, log=lambda *a: None)
+    two = robot.RecordOptions(episodes=2, val_every=2)
+    kept = robot.record(env, task, lambda: next(script), two, log=lambda *a: None)
     assert kept == 2
     train_trajs = np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)
     val_trajs = np.load(tmp_path / "task" / "val" / "out.npy", allow_pickle=True)
@@ -4002,7 +4015,8 @@ def test_robot_record_writes_the_bridge_format(robot_bus, tmp_path):
     np.testing.assert_array_equal(t["terminals"], np.zeros(4))
     np.testing.assert_allclose(val_trajs[0]["actions"], [[0, 0, 0.02, 0, 0, 0, 1]])
     script = iter(["s", "\n"])
-    robot.record(env, task, 1, lambda: next(script), val_every=2, log=lambda *a: None)
+    one = robot.RecordOptions(episodes=1, val_every=2)
+    robot.record(env, task, lambda: next(script), one, log=lambda *a: None)
     assert len(np.load(tmp_path / "task" / "train" / "out.npy", allow_pickle=True)) == 2  # appended
 
 
@@ -4018,7 +4032,7 @@ def test_robot_ctrl_c_during_record_keeps_completed_demos_and_no_partial_one(rob
 
     task = tmp_path / "task"
     with pytest.raises(KeyboardInterrupt):
-        robot.record(env, str(task), 3, key, val_every=5, log=lambda *a: None)
+        robot.record(env, str(task), key, robot.RecordOptions(episodes=3), log=lambda *a: None)
     kept = np.load(task / "train" / "out.npy", allow_pickle=True)
     assert len(kept) == 1 and kept[0]["actions"].shape == (1, 7)
     assert os.listdir(task / "train") == ["out.npy"]  # no temporary file of a half-written save
@@ -4282,7 +4296,7 @@ def test_robot_record_onto_a_damaged_file_says_one_line_and_keeps_it(
     written = val.read_bytes()
     where = re.escape(f"{val}: trajectory 1: field 'actions'")
     with pytest.raises(bridge.BridgeFormatError, match=where):
-        robot.record(env, str(task), 1, no_keys, log=lambda *a: None)
+        robot.record(env, str(task), no_keys, robot.RecordOptions(episodes=1), log=lambda *a: None)
     assert val.read_bytes() == written and not env._ready
     assert _moving_packets(robot_bus, 0) == []
 
@@ -4749,7 +4763,8 @@ def test_sim_ood_starts_lie_outside_the_datas_and_default_resets_are_unchanged()
 
 def test_sim_collect_writes_bridge_format(tmp_path):
     out = str(tmp_path)
-    summary = sb.collect("pick_duck_to_left", 2, out, seed=3, image_size=16, min_val=1, log=None)
+    options = sb.CollectOptions(seed=3, image_size=16, min_val=1)
+    summary = sb.collect("pick_duck_to_left", 2, out, options, log=None)
     assert summary["tasks"] == {"pick_duck_to_left": {"train": 2, "val": 1}}
     for split, n in (("train", 2), ("val", 1)):
         folder = tmp_path / "pick_duck_to_left" / split
@@ -4797,7 +4812,9 @@ def test_sim_default_style_is_the_scripted_demos(tmp_path):
     seeds (demo_seed), attempt after attempt, as it always has; the teleop wrapper without pauses,
     detours or extra noise acts as the scripted policy, draw for draw."""
     name = "pick_cube_to_left"
-    sb.collect(name, 2, str(tmp_path), seed=4, image_size=16, min_val=1, log=None)
+    sb.collect(
+        name, 2, str(tmp_path), sb.CollectOptions(seed=4, image_size=16, min_val=1), log=None
+    )
     env = benv.BinSortEnv(name, image_size=16, terminate_on_success=False)
     for split in ("train", "val"):
         written = np.load(tmp_path / name / split / "out.npy", allow_pickle=True)
@@ -5130,7 +5147,8 @@ def test_sim_policy_sees_what_collection_stored_and_its_actions_reach_the_env(tm
     rollout.py's Policy with the demo's stored [-1, 1] actions: the policy is shown exactly the
     stored images and states, the actions go rescale -> Policy (clip +-0.99) -> unscale -> env
     with the gripper on the same side of 0.5 at every step, and the episode succeeds again."""
-    sb.collect("pick_cube_to_left", 1, str(tmp_path), image_size=64, min_val=0, log=None)
+    options = sb.CollectOptions(image_size=64, min_val=0)
+    sb.collect("pick_cube_to_left", 1, str(tmp_path), options, log=None)
     store = data.load_store(str(tmp_path), image_size=store_size, log=lambda *a: None)
     sampler = batches.Sampler(store, "train", gamma=0.98)
     demo = sampler.trajectory(0)

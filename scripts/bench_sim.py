@@ -14,7 +14,7 @@ import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from binsort_env import BinSortEnv  # noqa: E402
-from sim_binsort import collect, scripted_episode  # noqa: E402
+from sim_binsort import CollectOptions, collect, scripted_episode  # noqa: E402
 
 
 def bench(image_size=128, episodes=6, workers=2):
@@ -33,9 +33,7 @@ def bench(image_size=128, episodes=6, workers=2):
             "pickplace",
             episodes * workers,
             d,
-            workers=workers,
-            image_size=image_size,
-            min_val=0,
+            CollectOptions(workers=workers, image_size=image_size, min_val=0),
             log=None,
         )
     print(
